@@ -1,0 +1,30 @@
+# The README's quick start: `make demo` and `make test`, each self-sufficient on a
+# fresh machine (creates .venv and installs what it needs).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test bench clean
+
+$(VENV)/.runtime: requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/.runtime requirements-test.txt
+	$(PY) -m pip install -q -r requirements-test.txt
+	touch $@
+
+demo: $(VENV)/.runtime
+	$(PY) -m ppllava_jax.demo --out out/demo
+
+test: $(VENV)/.test
+	$(PY) -m pytest tests
+
+bench: $(VENV)/.test
+	$(PY) benchmarks/pooling.py --scale
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

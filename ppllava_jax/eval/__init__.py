@@ -1,0 +1,1 @@
+"""Evaluation: inference loops, benchmark scorers and pictures of relevance."""
