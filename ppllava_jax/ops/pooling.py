@@ -43,7 +43,7 @@ def _check_inputs(x, probs, fn: str) -> None:
                      f"{tuple(x.shape)}, got shape {tuple(probs.shape)}")
 
 
-# Axes whose windows tile them (kernel == stride) and are wider than this are
+# Axes whose windows tile them (kernel == stride) and are at least this wide are
 # reduced over a reshaped view; narrower or overlapping ones are summed over kernel
 # offsets. Offset sums are the fastest form on CPU (one fused pass, measured in
 # benchmarks/pooling.py), but a whole-frame window (1, 24, 24) would unroll into
