@@ -1,0 +1,1 @@
+"""Checkpoint conversion: one streaming loader, one key table per checkpoint family."""

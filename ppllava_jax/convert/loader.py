@@ -1,0 +1,210 @@
+"""One strict, streaming safetensors <-> NNX loader driven by per-family rule tables.
+
+It imports no model: the tables beside it are data, and models call it from their
+``from_pretrained`` / ``save_pretrained``.
+
+A ``Rule`` pairs a Hugging Face key template with our parameter-path template and a
+``Transform`` (how the tensor is laid out on each side). Templates use ``{name}`` for
+one dotted segment, ``{name*}`` for one or more, and ``{name:a|b}`` for a choice, so
+the same table maps names both ways (load and save). Rules are tried in order.
+
+Loading fills an abstract model (``nnx.eval_shape``: no random init of billions of
+weights) tensor by tensor; it fails with one error listing every unexpected key,
+every parameter left unfilled and every shape mismatch. Nothing is skipped silently:
+keys that checkpoints carry but models do not need are ignored only by an explicit
+``Rule(hf, None)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.flax import save_file
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class Transform(enum.Enum):
+  COPY = "copy"
+  LINEAR = "linear"  # torch (out, in) <-> ours (in, out)
+  CONV = "conv"  # torch (out, in, kh, kw) <-> ours (kh, kw, in, out)
+
+  def to_ours(self, x: jax.Array) -> jax.Array:
+    if self is Transform.LINEAR:
+      return x.T
+    if self is Transform.CONV:
+      return x.transpose(2, 3, 1, 0)
+    return x
+
+  def to_hf(self, x: jax.Array) -> jax.Array:
+    if self is Transform.LINEAR:
+      return x.T
+    if self is Transform.CONV:
+      return x.transpose(3, 2, 0, 1)
+    return x
+
+
+_PLACEHOLDER = re.compile(r"\{(\w+)(\*)?(?::([^}]*))?\}")
+
+
+def _template_regex(template: str) -> re.Pattern:
+  parts, pos = [], 0
+  for m in _PLACEHOLDER.finditer(template):
+    parts.append(re.escape(template[pos:m.start()]))
+    name, many, choices = m.groups()
+    body = choices if choices else (r".+" if many else r"[^.]+")
+    parts.append(f"(?P<{name}>{body})")
+    pos = m.end()
+  parts.append(re.escape(template[pos:]))
+  return re.compile("".join(parts))
+
+
+def _fill(template: str, groups: dict[str, str]) -> str:
+  return _PLACEHOLDER.sub(lambda m: groups[m.group(1)], template)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  hf: str
+  ours: str | None  # None: a key checkpoints carry that has no parameter (ignored, explicitly)
+  transform: Transform = Transform.COPY
+
+
+def _match(name: str, rules: Sequence[Rule], side: str) -> tuple[Rule, dict[str, str]] | None:
+  for rule in rules:
+    template = getattr(rule, side)
+    if template is None:
+      continue
+    m = _template_regex(template).fullmatch(name)
+    if m:
+      return rule, m.groupdict()
+  return None
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that does not fit the model; the message lists every problem."""
+
+
+def checkpoint_files(path: str | Path) -> list[Path]:
+  """The safetensors files of a checkpoint folder (single file or sharded with an index)."""
+  path = Path(path)
+  if not path.is_dir():
+    raise CheckpointError(f"checkpoint folder not found: {path}")
+  if (path / INDEX_FILE).is_file():
+    index = json.loads((path / INDEX_FILE).read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    missing = [s for s in shards if not (path / s).is_file()]
+    if missing:
+      raise CheckpointError(f"{path / INDEX_FILE} names shards that are not there: {missing}")
+    return [path / s for s in shards]
+  if (path / SINGLE_FILE).is_file():
+    return [path / SINGLE_FILE]
+  found = sorted(p.name for p in path.iterdir())
+  raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path} (found: {found}); "
+                        "only safetensors checkpoints are read")
+
+
+def checkpoint_keys(path: str | Path) -> set[str]:
+  """Every tensor name in the checkpoint at ``path``, read from the headers only."""
+  keys = set()
+  for file in checkpoint_files(path):
+    with safe_open(file, framework="flax") as f:
+      keys.update(f.keys())
+  return keys
+
+
+def iter_tensors(files: Sequence[Path]) -> Iterator[tuple[str, jax.Array]]:
+  """Streams (key, array) one tensor at a time, dtypes as stored (bf16 stays bf16)."""
+  for file in files:
+    with safe_open(file, framework="flax") as f:
+      for key in f.keys():
+        yield key, f.get_tensor(key)
+
+
+def _param_paths(state: nnx.State) -> dict[str, tuple]:
+  return {".".join(map(str, path)): path for path, _ in nnx.to_flat_state(state)}
+
+
+def load_into(abstract_model: nnx.Module, path: str | Path, rules: Sequence[Rule],
+              dtype: jnp.dtype | None = None) -> nnx.Module:
+  """Fills ``abstract_model`` (from ``nnx.eval_shape``) from the checkpoint at ``path``.
+
+  ``dtype`` casts floating tensors; by default each keeps its stored dtype.
+  """
+  graphdef, state = nnx.split(abstract_model)
+  flat = dict(nnx.to_flat_state(state))
+  wanted = _param_paths(state)
+  filled: dict[tuple, jax.Array] = {}
+  unexpected, mismatched, mismatched_names = [], [], set()
+  files = checkpoint_files(path)
+  for key, tensor in iter_tensors(files):
+    hit = _match(key, rules, "hf")
+    if hit is None:
+      unexpected.append(key)
+      continue
+    rule, groups = hit
+    if rule.ours is None:
+      continue
+    name = _fill(rule.ours, groups)
+    if name not in wanted:
+      unexpected.append(f"{key} (-> {name}, which the model does not have)")
+      continue
+    value = rule.transform.to_ours(tensor)
+    target = flat[wanted[name]]
+    if tuple(value.shape) != tuple(target.shape):
+      mismatched.append(f"{key}: checkpoint {tuple(tensor.shape)} -> {tuple(value.shape)}, "
+                        f"model {name} expects {tuple(target.shape)}")
+      mismatched_names.add(name)
+      continue
+    if dtype is not None and jnp.issubdtype(value.dtype, jnp.floating):
+      value = value.astype(dtype)
+    filled[wanted[name]] = value
+  missing = sorted(name for name, p in wanted.items()
+                   if p not in filled and name not in mismatched_names)
+  if unexpected or missing or mismatched:
+    lines = [f"checkpoint {Path(path)} does not fit {type(abstract_model).__name__}:"]
+    for title, items in (("missing (model parameters no key fills)", missing),
+                         ("unexpected (keys no parameter takes)", unexpected),
+                         ("shape mismatches", mismatched)):
+      if items:
+        lines.append(f"  {title}: {len(items)}")
+        lines += [f"    {item}" for item in items[:50]]
+        if len(items) > 50:
+          lines.append(f"    ... and {len(items) - 50} more")
+    raise CheckpointError("\n".join(lines))
+  for p, value in filled.items():
+    flat[p].set_value(value)
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def hf_tensors(model: nnx.Module, rules: Sequence[Rule]) -> dict[str, jax.Array]:
+  """The model's parameters under their Hugging Face names and layouts."""
+  out = {}
+  for path, variable in nnx.to_flat_state(nnx.state(model)):
+    name = ".".join(map(str, path))
+    hit = _match(name, rules, "ours")
+    if hit is None:
+      raise CheckpointError(f"no rule names parameter {name} for saving")
+    rule, groups = hit
+    out[_fill(rule.hf, groups)] = rule.transform.to_hf(jnp.asarray(variable[...]))
+  return out
+
+
+def save_tensors(tensors: dict[str, jax.Array], path: str | Path) -> Path:
+  path = Path(path)
+  path.mkdir(parents=True, exist_ok=True)
+  # safetensors wants contiguous host buffers; transposed views are materialised here.
+  save_file({k: jnp.asarray(np.array(jax.device_get(v), order="C")) for k, v in tensors.items()},
+            str(path / SINGLE_FILE), metadata={"format": "pt"})
+  return path / SINGLE_FILE

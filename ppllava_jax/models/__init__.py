@@ -1,0 +1,6 @@
+"""Flax NNX networks. Each takes arrays (never paths) in ``__call__``; checkpoints are
+read and written by ``from_pretrained`` / ``save_pretrained``."""
+
+from ppllava_jax.models.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+
+__all__ = ["CLIPConfig", "CLIPModel", "CLIPTextConfig", "CLIPVisionConfig"]

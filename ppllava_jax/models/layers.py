@@ -1,0 +1,136 @@
+"""Transformer primitives shared by the CLIP and SigLIP towers (pre-LN ViT blocks).
+
+Parameter names mirror transformers' (``q_proj``, ``layer_norm1``, ``fc1``...) so the
+conversion tables read as one-to-one maps. Shapes: ``b`` batch, ``l`` sequence,
+``d`` model width, ``h`` heads, ``k`` head width.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class Frozen(nnx.Variable):
+  """A loaded tensor that is never trained (optimisers built with wrt=nnx.Param skip it)."""
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "quick_gelu": quick_gelu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+  if name not in ACTIVATIONS:
+    raise ValueError(f"unsupported activation {name!r}; known: {sorted(ACTIVATIONS)}")
+  return ACTIVATIONS[name]
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm with float32 statistics whatever the activation dtype."""
+
+  def __init__(self, dim: int, eps: float, *, dtype=jnp.float32):
+    self.eps = eps
+    self.weight = nnx.Param(jnp.ones((dim,), dtype))
+    self.bias = nnx.Param(jnp.zeros((dim,), dtype))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    return (y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class Linear(nnx.Module):
+  """y = x @ kernel + bias, kernel stored (in, out)."""
+
+  def __init__(self, d_in: int, d_out: int, *, use_bias: bool = True, rngs: nnx.Rngs,
+               dtype=jnp.float32):
+    self.kernel = nnx.Param(jax.random.normal(rngs.params(), (d_in, d_out), dtype) * d_in**-0.5)
+    self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if use_bias else None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = x @ self.kernel[...].astype(x.dtype)
+    return y if self.bias is None else y + self.bias[...].astype(x.dtype)
+
+
+def attend(q_blhk: jax.Array, k_blhk: jax.Array, v_blhk: jax.Array,
+           mask_bqk: jax.Array | None) -> jax.Array:
+  """Softmax attention with an optional boolean mask (True = may attend); f32 softmax."""
+  scale = q_blhk.shape[-1] ** -0.5
+  scores_bhqk = jnp.einsum("bqhk,bshk->bhqs", q_blhk, k_blhk).astype(jnp.float32) * scale
+  if mask_bqk is not None:
+    scores_bhqk = jnp.where(mask_bqk[:, None], scores_bhqk, jnp.finfo(jnp.float32).min)
+  probs_bhqk = jax.nn.softmax(scores_bhqk, axis=-1).astype(v_blhk.dtype)
+  return jnp.einsum("bhqs,bshk->bqhk", probs_bhqk, v_blhk)
+
+
+class SelfAttention(nnx.Module):
+
+  def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs):
+    if dim % num_heads:
+      raise ValueError(f"hidden size {dim} is not divisible by {num_heads} heads")
+    self.num_heads = num_heads
+    self.q_proj = Linear(dim, dim, rngs=rngs)
+    self.k_proj = Linear(dim, dim, rngs=rngs)
+    self.v_proj = Linear(dim, dim, rngs=rngs)
+    self.out_proj = Linear(dim, dim, rngs=rngs)
+
+  def __call__(self, x_bld: jax.Array, mask_bqk: jax.Array | None = None) -> jax.Array:
+    b, l, d = x_bld.shape
+    heads = lambda t: t.reshape(b, l, self.num_heads, d // self.num_heads)
+    out_blhk = attend(heads(self.q_proj(x_bld)), heads(self.k_proj(x_bld)),
+                      heads(self.v_proj(x_bld)), mask_bqk)
+    return self.out_proj(out_blhk.reshape(b, l, d))
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, dim: int, hidden: int, act: str, *, rngs: nnx.Rngs):
+    self.act = activation(act)
+    self.fc1 = Linear(dim, hidden, rngs=rngs)
+    self.fc2 = Linear(hidden, dim, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.fc2(self.act(self.fc1(x)))
+
+
+class EncoderLayer(nnx.Module):
+  """Pre-LN block: x + attn(ln1(x)), then + mlp(ln2(x))."""
+
+  def __init__(self, dim: int, hidden: int, num_heads: int, act: str, eps: float, *,
+               rngs: nnx.Rngs):
+    self.layer_norm1 = LayerNorm(dim, eps)
+    self.self_attn = SelfAttention(dim, num_heads, rngs=rngs)
+    self.layer_norm2 = LayerNorm(dim, eps)
+    self.mlp = MLP(dim, hidden, act, rngs=rngs)
+
+  def __call__(self, x_bld: jax.Array, mask_bqk: jax.Array | None = None) -> jax.Array:
+    x_bld = x_bld + self.self_attn(self.layer_norm1(x_bld), mask_bqk)
+    return x_bld + self.mlp(self.layer_norm2(x_bld))
+
+
+class Encoder(nnx.Module):
+  """A stack of EncoderLayers returning every hidden state (input first, like HF)."""
+
+  def __init__(self, num_layers: int, dim: int, hidden: int, num_heads: int, act: str,
+               eps: float, *, rngs: nnx.Rngs):
+    self.layers = nnx.List([EncoderLayer(dim, hidden, num_heads, act, eps, rngs=rngs)
+                            for _ in range(num_layers)])
+
+  def __call__(self, x_bld: jax.Array, mask_bqk: jax.Array | None = None) -> list[jax.Array]:
+    hidden = [x_bld]
+    for layer in self.layers:
+      hidden.append(layer(hidden[-1], mask_bqk))
+    return hidden

@@ -1,0 +1,54 @@
+"""Tiny random transformers models saved as real safetensors checkpoints.
+
+Shapes are chosen to catch layout bugs: hidden sizes not multiples of 64, odd head
+counts, image sizes other than 336.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def save_hf(model, path: Path) -> Path:
+  model.save_pretrained(path, safe_serialization=True)
+  return path
+
+
+def tiny_clip_config(kind: str):
+  from transformers import CLIPConfig
+  if kind == "a":  # odd heads, widths not multiples of 64, 77 text positions (extendable)
+    vision = dict(hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=3,
+                  image_size=30, patch_size=6)
+    text = dict(vocab_size=99, hidden_size=40, intermediate_size=72, num_hidden_layers=2,
+                num_attention_heads=5, max_position_embeddings=77, eos_token_id=98,
+                bos_token_id=97, pad_token_id=0)
+  else:  # legacy eos (id 2, pooled at argmax id), even heads, another image size
+    vision = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=32, patch_size=8)
+    text = dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=20, eos_token_id=2,
+                bos_token_id=1, pad_token_id=0)
+  return CLIPConfig(vision_config=vision, text_config=text, projection_dim=24)
+
+
+def make_clip(kind: str, path: Path, seed: int = 0):
+  from transformers import CLIPModel
+  torch.manual_seed(seed)
+  model = CLIPModel(tiny_clip_config(kind)).eval()
+  with torch.no_grad():  # HF zero-inits some tensors; randomise everything so parity bites
+    for p in model.parameters():
+      p.add_(torch.randn_like(p) * 0.02)
+  return model, save_hf(model, path)
+
+
+def text_batch(vocab: int, eos: int, lengths, total: int, seed: int = 0):
+  """Right-padded ids with EOS at each row's end, and the attention mask."""
+  rng = np.random.default_rng(seed)
+  ids = np.zeros((len(lengths), total), np.int64)
+  mask = np.zeros((len(lengths), total), np.int64)
+  for i, n in enumerate(lengths):
+    ids[i, :n - 1] = rng.integers(3, vocab - 3, n - 1)
+    ids[i, n - 1] = eos if eos != 2 else vocab - 1  # legacy: EOS is the largest id
+    mask[i, :n] = 1
+  return ids, mask
