@@ -32,14 +32,40 @@ def tiny_clip_config(kind: str):
   return CLIPConfig(vision_config=vision, text_config=text, projection_dim=24)
 
 
-def make_clip(kind: str, path: Path, seed: int = 0):
-  from transformers import CLIPModel
+def tiny_siglip_config(kind: str):
+  from transformers import SiglipConfig
+  if kind == "a":  # odd heads, 64 text positions (extendable to 196 like PPLLaVA's Qwen model)
+    vision = dict(hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=3,
+                  image_size=30, patch_size=6)
+    text = dict(vocab_size=99, hidden_size=40, intermediate_size=72, num_hidden_layers=2,
+                num_attention_heads=5, max_position_embeddings=64, projection_size=36,
+                bos_token_id=97, eos_token_id=98, pad_token_id=1)
+  else:  # no pooling head, another image size
+    vision = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=32, patch_size=8, vision_use_head=False)
+    text = dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=16, bos_token_id=47,
+                eos_token_id=48, pad_token_id=1)
+  return SiglipConfig(vision_config=vision, text_config=text)
+
+
+def _randomised(model_cls, config, path: Path, seed: int):
   torch.manual_seed(seed)
-  model = CLIPModel(tiny_clip_config(kind)).eval()
+  model = model_cls(config).eval()
   with torch.no_grad():  # HF zero-inits some tensors; randomise everything so parity bites
     for p in model.parameters():
       p.add_(torch.randn_like(p) * 0.02)
   return model, save_hf(model, path)
+
+
+def make_clip(kind: str, path: Path, seed: int = 0):
+  from transformers import CLIPModel
+  return _randomised(CLIPModel, tiny_clip_config(kind), path, seed)
+
+
+def make_siglip(kind: str, path: Path, seed: int = 0):
+  from transformers import SiglipModel
+  return _randomised(SiglipModel, tiny_siglip_config(kind), path, seed)
 
 
 def text_batch(vocab: int, eos: int, lengths, total: int, seed: int = 0):

@@ -2,5 +2,10 @@
 read and written by ``from_pretrained`` / ``save_pretrained``."""
 
 from ppllava_jax.models.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+from ppllava_jax.models.siglip import (SiglipConfig, SiglipModel, SiglipTextConfig,
+                                       SiglipVisionConfig)
 
-__all__ = ["CLIPConfig", "CLIPModel", "CLIPTextConfig", "CLIPVisionConfig"]
+__all__ = [
+    "CLIPConfig", "CLIPModel", "CLIPTextConfig", "CLIPVisionConfig",
+    "SiglipConfig", "SiglipModel", "SiglipTextConfig", "SiglipVisionConfig",
+]

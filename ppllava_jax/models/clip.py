@@ -10,18 +10,17 @@ by ``ops.extend_positions`` (reference section 3).
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ppllava_jax import ops
 from ppllava_jax.convert.clip import CLIP_RULES
-from ppllava_jax.convert.loader import CheckpointError, checkpoint_keys
 from ppllava_jax.models import pretrained
-from ppllava_jax.models.layers import Encoder, Frozen, LayerNorm, Linear
+from ppllava_jax.models.layers import (Embedding, Encoder, LayerNorm, Linear, PatchEmbedding,
+                                       nchw_to_nhwc)
+from ppllava_jax.models.text import TextEmbeddings, truncate_to_positions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,8 +71,10 @@ class CLIPConfig:
     full = HFCLIPConfig.from_dict(hf)
     pick = lambda dc, src: dc(**{f.name: getattr(src, f.name) for f in dataclasses.fields(dc)
                                  if hasattr(src, f.name)})
+    text = pick(CLIPTextConfig, full.text_config)
+    keep = hf.get("text_config", {}).get(pretrained.EXTEND_KEEP_KEY)
     return cls(vision=pick(CLIPVisionConfig, full.vision_config),
-               text=pick(CLIPTextConfig, full.text_config),
+               text=dataclasses.replace(text, extend_keep=keep),
                projection_dim=full.projection_dim,
                logit_scale_init_value=full.logit_scale_init_value)
 
@@ -84,41 +85,8 @@ class CLIPConfig:
                       projection_dim=self.projection_dim,
                       logit_scale_init_value=self.logit_scale_init_value).to_dict()
     if self.text.extend_keep is not None:
-      hf["text_config"]["ppllava_extend_keep"] = self.text.extend_keep
+      hf["text_config"][pretrained.EXTEND_KEEP_KEY] = self.text.extend_keep
     return hf
-
-
-class Embedding(nnx.Module):
-
-  def __init__(self, num: int, dim: int, *, rngs: nnx.Rngs):
-    self.weight = nnx.Param(jax.random.normal(rngs.params(), (num, dim)) * 0.02)
-
-  def __call__(self, ids: jax.Array) -> jax.Array:
-    return jnp.take(self.weight[...], ids, axis=0)
-
-
-class PatchEmbedding(nnx.Module):
-  """Non-overlapping patch projection, NHWC: (B, H, W, C) -> (B, H/p * W/p, D) row-major."""
-
-  def __init__(self, channels: int, dim: int, patch: int, *, use_bias: bool, rngs: nnx.Rngs):
-    self.patch = patch
-    self.kernel = nnx.Param(jax.random.normal(rngs.params(), (patch, patch, channels, dim)) * 0.02)
-    self.bias = nnx.Param(jnp.zeros((dim,))) if use_bias else None
-
-  def __call__(self, x_bhwc: jax.Array) -> jax.Array:
-    y = jax.lax.conv_general_dilated(
-        x_bhwc, self.kernel[...].astype(x_bhwc.dtype), (self.patch, self.patch), "VALID",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    if self.bias is not None:
-      y = y + self.bias[...].astype(y.dtype)
-    return y.reshape(y.shape[0], -1, y.shape[-1])
-
-
-def nchw_to_nhwc(pixel_values: jax.Array, channels: int, size: int) -> jax.Array:
-  if pixel_values.ndim != 4 or pixel_values.shape[1:] != (channels, size, size):
-    raise ValueError(f"pixel_values must be (B, {channels}, {size}, {size}) (NCHW, as HF image "
-                     f"processors give), got shape {tuple(pixel_values.shape)}")
-  return pixel_values.transpose(0, 2, 3, 1)
 
 
 class CLIPVisionEmbeddings(nnx.Module):
@@ -153,50 +121,15 @@ class CLIPVisionTransformer(nnx.Module):
     return self.encoder(self.pre_layrnorm(self.embeddings(x_bhwc)))
 
 
-class CLIPTextEmbeddings(nnx.Module):
-
-  def __init__(self, cfg: CLIPTextConfig, *, rngs: nnx.Rngs):
-    self.keep = cfg.extend_keep
-    self.token_embedding = Embedding(cfg.vocab_size, cfg.hidden_size, rngs=rngs)
-    if self.keep is None:
-      self.position_embedding = Embedding(cfg.max_position_embeddings, cfg.hidden_size, rngs=rngs)
-    else:
-      table = jax.random.normal(rngs.params(), (cfg.max_position_embeddings, cfg.hidden_size))
-      self.position_embedding = Frozen(table * 0.01)  # read at positions < keep
-      self.position_embedding_res = nnx.Param(table * 0.01)  # read at positions >= keep
-
-  def __call__(self, ids_bl: jax.Array) -> jax.Array:
-    x_bld = self.token_embedding(ids_bl)
-    length = ids_bl.shape[1]
-    if self.keep is None:
-      pos_ld = self.position_embedding.weight[:length]
-    else:
-      below = (jnp.arange(length) < self.keep)[:, None]
-      pos_ld = jnp.where(below, self.position_embedding[:length],
-                         self.position_embedding_res[:length])
-    return x_bld + pos_ld.astype(x_bld.dtype)
-
-
 class CLIPTextTransformer(nnx.Module):
 
   def __init__(self, cfg: CLIPTextConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    self.embeddings = CLIPTextEmbeddings(cfg, rngs=rngs)
+    self.embeddings = TextEmbeddings(cfg.vocab_size, cfg.hidden_size,
+                                     cfg.max_position_embeddings, cfg.extend_keep, rngs=rngs)
     self.encoder = Encoder(cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size,
                            cfg.num_attention_heads, cfg.hidden_act, cfg.layer_norm_eps, rngs=rngs)
     self.final_layer_norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
-
-  def fit_length(self, ids_bl: jax.Array, mask_bl: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Truncates inputs longer than the position table, with a warning; the EOS stays last."""
-    limit = self.cfg.max_position_embeddings
-    if ids_bl.shape[1] <= limit:
-      return ids_bl, mask_bl
-    warnings.warn(f"CLIP text input of {ids_bl.shape[1]} tokens is longer than the "
-                  f"{limit} positions of the text encoder: truncated to {limit} tokens "
-                  "(the rest is ignored; the last kept token becomes EOS).", stacklevel=3)
-    ids_bl, mask_bl = ids_bl[:, :limit], mask_bl[:, :limit]
-    cut = mask_bl[:, -1].astype(bool)  # rows that were still running at the cut
-    return ids_bl.at[:, -1].set(jnp.where(cut, self.cfg.eos_token_id, ids_bl[:, -1])), mask_bl
 
   def __call__(self, ids_bl: jax.Array, mask_bl: jax.Array | None = None):
     """(hidden states, last (B, L, D) after final_layer_norm, pooled (B, D)).
@@ -207,7 +140,8 @@ class CLIPTextTransformer(nnx.Module):
     if ids_bl.ndim != 2:
       raise ValueError(f"input_ids must be (B, L), got shape {tuple(ids_bl.shape)}")
     mask_bl = jnp.ones(ids_bl.shape, bool) if mask_bl is None else mask_bl
-    ids_bl, mask_bl = self.fit_length(ids_bl, mask_bl)
+    ids_bl, mask_bl = truncate_to_positions(ids_bl, mask_bl, self.cfg.max_position_embeddings,
+                                            self.cfg.eos_token_id)
     length = ids_bl.shape[1]
     causal_qk = jnp.tril(jnp.ones((length, length), bool))
     mask_bqk = causal_qk[None] & mask_bl.astype(bool)[:, None, :]
@@ -262,42 +196,8 @@ class CLIPModel(nnx.Module):
     ``4 * 77 - 3 * keep`` positions (248 for keep=20) after loading. A checkpoint
     that already holds the two extended tables is read as extended.
     """
-    path = pretrained.resolve_checkpoint(path)
-    hf = pretrained.read_config(path, ["clip"])
-    cfg = CLIPConfig.from_hf(hf)
-    stored_keep = hf.get("text_config", {}).get("ppllava_extend_keep")
-    if stored_keep is not None:
-      text = dataclasses.replace(cfg.text, extend_keep=stored_keep)
-      cfg = dataclasses.replace(cfg, text=text)
-    elif "text_model.embeddings.position_embedding_res" in checkpoint_keys(path):
-      raise CheckpointError(f"{path} holds extended text positions but its config.json has no "
-                            "text_config.ppllava_extend_keep; add it (20 for PPLLaVA)")
-    model = pretrained.load_pretrained(lambda: cls(cfg, rngs=nnx.Rngs(0)), path, CLIP_RULES,
-                                       dtype)
-    if extend_text is not None:
-      if cfg.text.extend_keep is not None:
-        raise ValueError(f"{path} is already extended (keep={cfg.text.extend_keep})")
-      model = extend_text_positions(model, keep=extend_text)
-    return model
+    return pretrained.from_pretrained(cls, CLIPConfig.from_hf, path, ["clip"], CLIP_RULES, dtype,
+                                      extend_text)
 
   def save_pretrained(self, path: str | Path) -> Path:
     return pretrained.save_pretrained(self, path, CLIP_RULES, self.cfg.to_hf())
-
-
-def extend_text_positions(model: CLIPModel, keep: int = 20, ratio: int = 4) -> CLIPModel:
-  """A copy of ``model`` whose text tower reads ``ratio*L - (ratio-1)*keep`` positions."""
-  table = model.text_model.embeddings.position_embedding.weight[...]
-  extended = ops.extend_positions(table, keep=keep, ratio=ratio)
-  text_cfg = dataclasses.replace(model.cfg.text, extend_keep=keep,
-                                 max_position_embeddings=extended.shape[0])
-  cfg = dataclasses.replace(model.cfg, text=text_cfg)
-  new = nnx.eval_shape(lambda: CLIPModel(cfg, rngs=nnx.Rngs(0)))
-  old_state = nnx.to_flat_state(nnx.state(model))
-  new_graph, new_state = nnx.split(new)
-  flat = dict(nnx.to_flat_state(new_state))
-  for path, var in old_state:
-    if path in flat and path[:3] != ("text_model", "embeddings", "position_embedding"):
-      flat[path].set_value(var[...])
-  flat[("text_model", "embeddings", "position_embedding")].set_value(extended)
-  flat[("text_model", "embeddings", "position_embedding_res")].set_value(extended)
-  return nnx.merge(new_graph, nnx.from_flat_state(flat))

@@ -134,3 +134,36 @@ class Encoder(nnx.Module):
     for layer in self.layers:
       hidden.append(layer(hidden[-1], mask_bqk))
     return hidden
+
+
+class Embedding(nnx.Module):
+
+  def __init__(self, num: int, dim: int, *, rngs: nnx.Rngs):
+    self.weight = nnx.Param(jax.random.normal(rngs.params(), (num, dim)) * 0.02)
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    return jnp.take(self.weight[...], ids, axis=0)
+
+
+class PatchEmbedding(nnx.Module):
+  """Non-overlapping patch projection, NHWC: (B, H, W, C) -> (B, H/p * W/p, D) row-major."""
+
+  def __init__(self, channels: int, dim: int, patch: int, *, use_bias: bool, rngs: nnx.Rngs):
+    self.patch = patch
+    self.kernel = nnx.Param(jax.random.normal(rngs.params(), (patch, patch, channels, dim)) * 0.02)
+    self.bias = nnx.Param(jnp.zeros((dim,))) if use_bias else None
+
+  def __call__(self, x_bhwc: jax.Array) -> jax.Array:
+    y = jax.lax.conv_general_dilated(
+        x_bhwc, self.kernel[...].astype(x_bhwc.dtype), (self.patch, self.patch), "VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(y.dtype)
+    return y.reshape(y.shape[0], -1, y.shape[-1])
+
+
+def nchw_to_nhwc(pixel_values: jax.Array, channels: int, size: int) -> jax.Array:
+  if pixel_values.ndim != 4 or pixel_values.shape[1:] != (channels, size, size):
+    raise ValueError(f"pixel_values must be (B, {channels}, {size}, {size}) (NCHW, as HF image "
+                     f"processors give), got shape {tuple(pixel_values.shape)}")
+  return pixel_values.transpose(0, 2, 3, 1)

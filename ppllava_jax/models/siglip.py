@@ -1,0 +1,214 @@
+"""SigLIP dual encoder (google/siglip-so400m-patch14-384 family) in Flax NNX.
+
+Matches transformers 5.23 ``SiglipModel``: no CLS token, ``post_layernorm`` on every
+patch, an attention-pooling head (a learned probe attending over the patches) for
+image features, a bidirectional text encoder with padding mask whose pooled output
+is the **last** position (padding included, as transformers does: SigLIP expects
+``padding="max_length"``). PPLLaVA's Qwen model extends the text context 64 -> 196.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ppllava_jax.convert.siglip import SIGLIP_RULES
+from ppllava_jax.models import pretrained
+from ppllava_jax.models.layers import (MLP, Embedding, Encoder, LayerNorm, Linear, PatchEmbedding,
+                                       attend, nchw_to_nhwc)
+from ppllava_jax.models.text import TextEmbeddings, truncate_to_positions
+
+
+@dataclasses.dataclass(frozen=True)
+class SiglipVisionConfig:
+  hidden_size: int = 1152
+  intermediate_size: int = 4304
+  num_hidden_layers: int = 27
+  num_attention_heads: int = 16
+  image_size: int = 384
+  patch_size: int = 14
+  num_channels: int = 3
+  hidden_act: str = "gelu_pytorch_tanh"
+  layer_norm_eps: float = 1e-6
+  vision_use_head: bool = True
+
+  @property
+  def grid(self) -> int:
+    return self.image_size // self.patch_size
+
+
+@dataclasses.dataclass(frozen=True)
+class SiglipTextConfig:
+  vocab_size: int = 32000
+  hidden_size: int = 1152
+  intermediate_size: int = 4304
+  num_hidden_layers: int = 27
+  num_attention_heads: int = 16
+  max_position_embeddings: int = 64
+  hidden_act: str = "gelu_pytorch_tanh"
+  layer_norm_eps: float = 1e-6
+  projection_size: int = 1152
+  pad_token_id: int = 1
+  bos_token_id: int = 49406
+  eos_token_id: int = 49407
+  extend_keep: int | None = None  # as CLIPTextConfig.extend_keep (PPLLaVA Qwen: 64 -> 196)
+
+
+@dataclasses.dataclass(frozen=True)
+class SiglipConfig:
+  vision: SiglipVisionConfig = SiglipVisionConfig()
+  text: SiglipTextConfig = SiglipTextConfig()
+
+  @classmethod
+  def from_hf(cls, hf: dict) -> "SiglipConfig":
+    from transformers import SiglipConfig as HFSiglipConfig  # parses defaults the file omits
+    full = HFSiglipConfig.from_dict(hf)
+    pick = lambda dc, src: dc(**{f.name: getattr(src, f.name) for f in dataclasses.fields(dc)
+                                 if hasattr(src, f.name)})
+    text = pick(SiglipTextConfig, full.text_config)
+    keep = hf.get("text_config", {}).get(pretrained.EXTEND_KEEP_KEY)
+    return cls(vision=pick(SiglipVisionConfig, full.vision_config),
+               text=dataclasses.replace(text, extend_keep=keep))
+
+  def to_hf(self) -> dict:
+    from transformers import SiglipConfig as HFSiglipConfig
+    text = {k: v for k, v in dataclasses.asdict(self.text).items() if k != "extend_keep"}
+    hf = HFSiglipConfig(text_config=text, vision_config=dataclasses.asdict(self.vision)).to_dict()
+    if self.text.extend_keep is not None:
+      hf["text_config"][pretrained.EXTEND_KEEP_KEY] = self.text.extend_keep
+    return hf
+
+
+class SiglipVisionEmbeddings(nnx.Module):
+
+  def __init__(self, cfg: SiglipVisionConfig, *, rngs: nnx.Rngs):
+    self.patch_embedding = PatchEmbedding(cfg.num_channels, cfg.hidden_size, cfg.patch_size,
+                                          use_bias=True, rngs=rngs)
+    self.position_embedding = Embedding(cfg.grid**2, cfg.hidden_size, rngs=rngs)
+
+  def __call__(self, x_bhwc: jax.Array) -> jax.Array:
+    x_bld = self.patch_embedding(x_bhwc)
+    return x_bld + self.position_embedding.weight[...].astype(x_bld.dtype)
+
+
+class PoolingAttention(nnx.Module):
+  """torch.nn.MultiheadAttention's math with packed q|k|v input projection."""
+
+  def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs):
+    self.num_heads = num_heads
+    self.in_proj = Linear(dim, 3 * dim, rngs=rngs)
+    self.out_proj = Linear(dim, dim, rngs=rngs)
+
+  def value(self, x_bld: jax.Array) -> jax.Array:
+    """The v projection alone (PPLLaVA scores each patch with it, reference 1b)."""
+    d = x_bld.shape[-1]
+    kernel, bias = self.in_proj.kernel[...], self.in_proj.bias[...]
+    return x_bld @ kernel[:, 2 * d:].astype(x_bld.dtype) + bias[2 * d:].astype(x_bld.dtype)
+
+  def __call__(self, q_bqd: jax.Array, x_bld: jax.Array) -> jax.Array:
+    d = x_bld.shape[-1]
+    heads = lambda t: t.reshape(t.shape[0], t.shape[1], self.num_heads, d // self.num_heads)
+    q = self.in_proj(q_bqd)[..., :d]
+    kv = self.in_proj(x_bld)
+    out_bqhk = attend(heads(q), heads(kv[..., d:2 * d]), heads(kv[..., 2 * d:]), None)
+    return self.out_proj(out_bqhk.reshape(q_bqd.shape))
+
+
+class SiglipPoolingHead(nnx.Module):
+  """A learned probe attends over the patches, then a residual MLP: (B, L, D) -> (B, D)."""
+
+  def __init__(self, cfg: SiglipVisionConfig, *, rngs: nnx.Rngs):
+    self.probe = nnx.Param(jax.random.normal(rngs.params(), (1, 1, cfg.hidden_size)) * 0.02)
+    self.attention = PoolingAttention(cfg.hidden_size, cfg.num_attention_heads, rngs=rngs)
+    self.layernorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
+    self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, rngs=rngs)
+
+  def __call__(self, x_bld: jax.Array) -> jax.Array:
+    probe_b1d = jnp.broadcast_to(self.probe[...].astype(x_bld.dtype), (x_bld.shape[0], 1,
+                                                                       x_bld.shape[-1]))
+    h_b1d = self.attention(probe_b1d, x_bld)
+    return (h_b1d + self.mlp(self.layernorm(h_b1d)))[:, 0]
+
+
+class SiglipVisionTransformer(nnx.Module):
+
+  def __init__(self, cfg: SiglipVisionConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embeddings = SiglipVisionEmbeddings(cfg, rngs=rngs)
+    self.encoder = Encoder(cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size,
+                           cfg.num_attention_heads, cfg.hidden_act, cfg.layer_norm_eps, rngs=rngs)
+    self.post_layernorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
+    self.head = SiglipPoolingHead(cfg, rngs=rngs) if cfg.vision_use_head else None
+
+  def __call__(self, pixel_values: jax.Array) -> list[jax.Array]:
+    """Every hidden state (B, grid^2, D): the embeddings, then each layer (no final norm)."""
+    x_bhwc = nchw_to_nhwc(pixel_values, self.cfg.num_channels, self.cfg.image_size)
+    return self.encoder(self.embeddings(x_bhwc))
+
+
+class SiglipTextTransformer(nnx.Module):
+
+  def __init__(self, cfg: SiglipTextConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embeddings = TextEmbeddings(cfg.vocab_size, cfg.hidden_size,
+                                     cfg.max_position_embeddings, cfg.extend_keep, rngs=rngs)
+    self.encoder = Encoder(cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size,
+                           cfg.num_attention_heads, cfg.hidden_act, cfg.layer_norm_eps, rngs=rngs)
+    self.final_layer_norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
+    self.head = Linear(cfg.hidden_size, cfg.projection_size, rngs=rngs)
+
+  def __call__(self, ids_bl: jax.Array, mask_bl: jax.Array | None = None):
+    """(hidden states, last (B, L, D) after final_layer_norm, pooled (B, P) = head(last[:, -1]))."""
+    if ids_bl.ndim != 2:
+      raise ValueError(f"input_ids must be (B, L), got shape {tuple(ids_bl.shape)}")
+    mask_bl = jnp.ones(ids_bl.shape, bool) if mask_bl is None else mask_bl
+    ids_bl, mask_bl = truncate_to_positions(ids_bl, mask_bl, self.cfg.max_position_embeddings,
+                                            None)
+    mask_bqk = jnp.broadcast_to(mask_bl.astype(bool)[:, None, :],
+                                (ids_bl.shape[0], ids_bl.shape[1], ids_bl.shape[1]))
+    hidden = self.encoder(self.embeddings(ids_bl), mask_bqk)
+    last_bld = self.final_layer_norm(hidden[-1])
+    return hidden, last_bld, self.head(last_bld[:, -1])
+
+
+class SiglipModel(nnx.Module):
+  """SigLIP with ``get_image_features`` / ``get_text_features`` like transformers."""
+
+  def __init__(self, cfg: SiglipConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.vision_model = SiglipVisionTransformer(cfg.vision, rngs=rngs)
+    self.text_model = SiglipTextTransformer(cfg.text, rngs=rngs)
+    self.logit_scale = nnx.Param(jnp.zeros((1,), jnp.float32))
+    self.logit_bias = nnx.Param(jnp.zeros((1,), jnp.float32))
+
+  def vision_hidden_states(self, pixel_values: jax.Array) -> list[jax.Array]:
+    """Like HF ``output_hidden_states``: embeddings output, then each layer's, (B, P, D)."""
+    return self.vision_model(pixel_values)
+
+  def get_image_features(self, pixel_values: jax.Array) -> jax.Array:
+    if self.vision_model.head is None:
+      raise ValueError("this SigLIP vision tower has no pooling head (vision_use_head=False)")
+    last_bld = self.vision_model.post_layernorm(self.vision_model(pixel_values)[-1])
+    return self.vision_model.head(last_bld)
+
+  def text_hidden_states(self, input_ids: jax.Array,
+                         attention_mask: jax.Array | None = None) -> list[jax.Array]:
+    return self.text_model(input_ids, attention_mask)[0]
+
+  def get_text_features(self, input_ids: jax.Array,
+                        attention_mask: jax.Array | None = None) -> jax.Array:
+    return self.text_model(input_ids, attention_mask)[2]
+
+  @classmethod
+  def from_pretrained(cls, path: str | Path, dtype: jnp.dtype | None = None,
+                      extend_text: int | None = None) -> "SiglipModel":
+    """Loads a transformers SigLIP folder (or hub id when online); see CLIPModel.from_pretrained."""
+    return pretrained.from_pretrained(cls, SiglipConfig.from_hf, path, ["siglip"], SIGLIP_RULES,
+                                      dtype, extend_text)
+
+  def save_pretrained(self, path: str | Path) -> Path:
+    return pretrained.save_pretrained(self, path, SIGLIP_RULES, self.cfg.to_hf())
