@@ -196,3 +196,17 @@ def test_pixel_values_must_be_nchw(clip_pair):
   x = pixels(hf).transpose(0, 2, 3, 1)
   with pytest.raises(ValueError, match="pixel_values must be \\(B, 3, .*NCHW"):
     ours.get_image_features(jnp.asarray(x))
+
+
+def test_pure_jit_equals_eager_and_bf16_is_close(clip_pair):
+  import jax
+  from ppllava_jax.models.pure import pure
+  hf, _, ours = clip_pair
+  x = jnp.asarray(pixels(hf))
+  fn, state = pure(ours, "get_image_features")
+  eager = np.asarray(ours.get_image_features(x))
+  np.testing.assert_allclose(np.asarray(jax.jit(fn)(state, x)), eager, rtol=0, atol=1e-5)
+  bf16_state = jax.tree.map(lambda a: a.astype(jnp.bfloat16), state)
+  got = np.asarray(jax.jit(fn)(bf16_state, x.astype(jnp.bfloat16)), np.float32)
+  # bf16 weights and activations (f32 norms and softmax): ~2^-8 relative per op.
+  assert np.abs(got - eager).max() <= 0.05 * np.abs(eager).max()
