@@ -10,17 +10,16 @@ by ``ops.extend_positions`` (reference section 3).
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from ppllava_jax.convert.clip import CLIP_RULES
-from ppllava_jax.models import pretrained
+from ppllava_jax.models.dual_encoder import DualEncoder, towers_from_hf, towers_to_hf
 from ppllava_jax.models.layers import (Embedding, Encoder, LayerNorm, Linear, PatchEmbedding,
                                        nchw_to_nhwc)
-from ppllava_jax.models.text import TextEmbeddings, truncate_to_positions
+from ppllava_jax.models.text import TextEmbeddings, prepare_text_inputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,26 +66,15 @@ class CLIPConfig:
 
   @classmethod
   def from_hf(cls, hf: dict) -> "CLIPConfig":
-    from transformers import CLIPConfig as HFCLIPConfig  # parses defaults the file omits
-    full = HFCLIPConfig.from_dict(hf)
-    pick = lambda dc, src: dc(**{f.name: getattr(src, f.name) for f in dataclasses.fields(dc)
-                                 if hasattr(src, f.name)})
-    text = pick(CLIPTextConfig, full.text_config)
-    keep = hf.get("text_config", {}).get(pretrained.EXTEND_KEEP_KEY)
-    return cls(vision=pick(CLIPVisionConfig, full.vision_config),
-               text=dataclasses.replace(text, extend_keep=keep),
-               projection_dim=full.projection_dim,
+    from transformers import CLIPConfig as HFCLIPConfig
+    full, vision, text = towers_from_hf(HFCLIPConfig, hf, CLIPVisionConfig, CLIPTextConfig)
+    return cls(vision=vision, text=text, projection_dim=full.projection_dim,
                logit_scale_init_value=full.logit_scale_init_value)
 
   def to_hf(self) -> dict:
     from transformers import CLIPConfig as HFCLIPConfig
-    text = {k: v for k, v in dataclasses.asdict(self.text).items() if k != "extend_keep"}
-    hf = HFCLIPConfig(text_config=text, vision_config=dataclasses.asdict(self.vision),
-                      projection_dim=self.projection_dim,
-                      logit_scale_init_value=self.logit_scale_init_value).to_dict()
-    if self.text.extend_keep is not None:
-      hf["text_config"][pretrained.EXTEND_KEEP_KEY] = self.text.extend_keep
-    return hf
+    return towers_to_hf(HFCLIPConfig, self.vision, self.text, projection_dim=self.projection_dim,
+                        logit_scale_init_value=self.logit_scale_init_value)
 
 
 class CLIPVisionEmbeddings(nnx.Module):
@@ -137,11 +125,8 @@ class CLIPTextTransformer(nnx.Module):
     Hidden states are HF's: embeddings, then each layer, no final norm. ``pooled`` is
     the last state at the EOS position exactly as transformers 5.23 picks it.
     """
-    if ids_bl.ndim != 2:
-      raise ValueError(f"input_ids must be (B, L), got shape {tuple(ids_bl.shape)}")
-    mask_bl = jnp.ones(ids_bl.shape, bool) if mask_bl is None else mask_bl
-    ids_bl, mask_bl = truncate_to_positions(ids_bl, mask_bl, self.cfg.max_position_embeddings,
-                                            self.cfg.eos_token_id)
+    ids_bl, mask_bl = prepare_text_inputs(ids_bl, mask_bl, self.cfg.max_position_embeddings,
+                                          self.cfg.eos_token_id)
     length = ids_bl.shape[1]
     causal_qk = jnp.tril(jnp.ones((length, length), bool))
     mask_bqk = causal_qk[None] & mask_bl.astype(bool)[:, None, :]
@@ -155,8 +140,12 @@ class CLIPTextTransformer(nnx.Module):
     return hidden, last_bld, pooled_bd
 
 
-class CLIPModel(nnx.Module):
+class CLIPModel(DualEncoder):
   """CLIP with ``get_image_features`` / ``get_text_features`` like transformers."""
+
+  config_class = CLIPConfig
+  model_types = ("clip",)
+  rules = CLIP_RULES
 
   def __init__(self, cfg: CLIPConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -168,36 +157,10 @@ class CLIPModel(nnx.Module):
                                   rngs=rngs)
     self.logit_scale = nnx.Param(jnp.asarray(cfg.logit_scale_init_value, jnp.float32))
 
-  def vision_hidden_states(self, pixel_values: jax.Array) -> list[jax.Array]:
-    """Like HF ``output_hidden_states``: embeddings output, then each layer's, (B, 1+P, D)."""
-    return self.vision_model(pixel_values)
-
   def get_image_features(self, pixel_values: jax.Array) -> jax.Array:
     last_bld = self.vision_model(pixel_values)[-1]
     return self.visual_projection(self.vision_model.post_layernorm(last_bld[:, 0]))
 
-  def text_hidden_states(self, input_ids: jax.Array,
-                         attention_mask: jax.Array | None = None) -> list[jax.Array]:
-    """Like HF ``output_hidden_states``: embeddings output, then each layer's, (B, L, D)."""
-    return self.text_model(input_ids, attention_mask)[0]
-
   def get_text_features(self, input_ids: jax.Array,
                         attention_mask: jax.Array | None = None) -> jax.Array:
     return self.text_projection(self.text_model(input_ids, attention_mask)[2])
-
-  # ---- checkpoints -------------------------------------------------------------------
-
-  @classmethod
-  def from_pretrained(cls, path: str | Path, dtype: jnp.dtype | None = None,
-                      extend_text: int | None = None) -> "CLIPModel":
-    """Loads a transformers CLIP folder (or hub id when online).
-
-    ``extend_text=keep`` extends a plain 77-position text tower to PPLLaVA's
-    ``4 * 77 - 3 * keep`` positions (248 for keep=20) after loading. A checkpoint
-    that already holds the two extended tables is read as extended.
-    """
-    return pretrained.from_pretrained(cls, CLIPConfig.from_hf, path, ["clip"], CLIP_RULES, dtype,
-                                      extend_text)
-
-  def save_pretrained(self, path: str | Path) -> Path:
-    return pretrained.save_pretrained(self, path, CLIP_RULES, self.cfg.to_hf())

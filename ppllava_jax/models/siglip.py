@@ -10,17 +10,16 @@ is the **last** position (padding included, as transformers does: SigLIP expects
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from ppllava_jax.convert.siglip import SIGLIP_RULES
-from ppllava_jax.models import pretrained
+from ppllava_jax.models.dual_encoder import DualEncoder, towers_from_hf, towers_to_hf
 from ppllava_jax.models.layers import (MLP, Embedding, Encoder, LayerNorm, Linear, PatchEmbedding,
                                        attend, nchw_to_nhwc)
-from ppllava_jax.models.text import TextEmbeddings, truncate_to_positions
+from ppllava_jax.models.text import TextEmbeddings, prepare_text_inputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,22 +64,13 @@ class SiglipConfig:
 
   @classmethod
   def from_hf(cls, hf: dict) -> "SiglipConfig":
-    from transformers import SiglipConfig as HFSiglipConfig  # parses defaults the file omits
-    full = HFSiglipConfig.from_dict(hf)
-    pick = lambda dc, src: dc(**{f.name: getattr(src, f.name) for f in dataclasses.fields(dc)
-                                 if hasattr(src, f.name)})
-    text = pick(SiglipTextConfig, full.text_config)
-    keep = hf.get("text_config", {}).get(pretrained.EXTEND_KEEP_KEY)
-    return cls(vision=pick(SiglipVisionConfig, full.vision_config),
-               text=dataclasses.replace(text, extend_keep=keep))
+    from transformers import SiglipConfig as HFSiglipConfig
+    _, vision, text = towers_from_hf(HFSiglipConfig, hf, SiglipVisionConfig, SiglipTextConfig)
+    return cls(vision=vision, text=text)
 
   def to_hf(self) -> dict:
     from transformers import SiglipConfig as HFSiglipConfig
-    text = {k: v for k, v in dataclasses.asdict(self.text).items() if k != "extend_keep"}
-    hf = HFSiglipConfig(text_config=text, vision_config=dataclasses.asdict(self.vision)).to_dict()
-    if self.text.extend_keep is not None:
-      hf["text_config"][pretrained.EXTEND_KEEP_KEY] = self.text.extend_keep
-    return hf
+    return towers_to_hf(HFSiglipConfig, self.vision, self.text)
 
 
 class SiglipVisionEmbeddings(nnx.Module):
@@ -163,11 +153,8 @@ class SiglipTextTransformer(nnx.Module):
 
   def __call__(self, ids_bl: jax.Array, mask_bl: jax.Array | None = None):
     """(hidden states, last (B, L, D) after final_layer_norm, pooled (B, P) = head(last[:, -1]))."""
-    if ids_bl.ndim != 2:
-      raise ValueError(f"input_ids must be (B, L), got shape {tuple(ids_bl.shape)}")
-    mask_bl = jnp.ones(ids_bl.shape, bool) if mask_bl is None else mask_bl
-    ids_bl, mask_bl = truncate_to_positions(ids_bl, mask_bl, self.cfg.max_position_embeddings,
-                                            None)
+    ids_bl, mask_bl = prepare_text_inputs(ids_bl, mask_bl, self.cfg.max_position_embeddings,
+                                          None)
     mask_bqk = jnp.broadcast_to(mask_bl.astype(bool)[:, None, :],
                                 (ids_bl.shape[0], ids_bl.shape[1], ids_bl.shape[1]))
     hidden = self.encoder(self.embeddings(ids_bl), mask_bqk)
@@ -175,8 +162,12 @@ class SiglipTextTransformer(nnx.Module):
     return hidden, last_bld, self.head(last_bld[:, -1])
 
 
-class SiglipModel(nnx.Module):
+class SiglipModel(DualEncoder):
   """SigLIP with ``get_image_features`` / ``get_text_features`` like transformers."""
+
+  config_class = SiglipConfig
+  model_types = ("siglip",)
+  rules = SIGLIP_RULES
 
   def __init__(self, cfg: SiglipConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -185,30 +176,12 @@ class SiglipModel(nnx.Module):
     self.logit_scale = nnx.Param(jnp.zeros((1,), jnp.float32))
     self.logit_bias = nnx.Param(jnp.zeros((1,), jnp.float32))
 
-  def vision_hidden_states(self, pixel_values: jax.Array) -> list[jax.Array]:
-    """Like HF ``output_hidden_states``: embeddings output, then each layer's, (B, P, D)."""
-    return self.vision_model(pixel_values)
-
   def get_image_features(self, pixel_values: jax.Array) -> jax.Array:
     if self.vision_model.head is None:
       raise ValueError("this SigLIP vision tower has no pooling head (vision_use_head=False)")
     last_bld = self.vision_model.post_layernorm(self.vision_model(pixel_values)[-1])
     return self.vision_model.head(last_bld)
 
-  def text_hidden_states(self, input_ids: jax.Array,
-                         attention_mask: jax.Array | None = None) -> list[jax.Array]:
-    return self.text_model(input_ids, attention_mask)[0]
-
   def get_text_features(self, input_ids: jax.Array,
                         attention_mask: jax.Array | None = None) -> jax.Array:
     return self.text_model(input_ids, attention_mask)[2]
-
-  @classmethod
-  def from_pretrained(cls, path: str | Path, dtype: jnp.dtype | None = None,
-                      extend_text: int | None = None) -> "SiglipModel":
-    """Loads a transformers SigLIP folder (or hub id when online); see CLIPModel.from_pretrained."""
-    return pretrained.from_pretrained(cls, SiglipConfig.from_hf, path, ["siglip"], SIGLIP_RULES,
-                                      dtype, extend_text)
-
-  def save_pretrained(self, path: str | Path) -> Path:
-    return pretrained.save_pretrained(self, path, SIGLIP_RULES, self.cfg.to_hf())

@@ -41,19 +41,27 @@ class TextEmbeddings(nnx.Module):
     return x_bld + pos_ld.astype(x_bld.dtype)
 
 
-def truncate_to_positions(ids_bl: jax.Array, mask_bl: jax.Array, limit: int,
-                          eos_id: int | None) -> tuple[jax.Array, jax.Array]:
-  """Cuts inputs longer than ``limit`` positions, with a warning (never silently).
+def prepare_text_inputs(ids_bl: jax.Array, mask_bl: jax.Array | None, limit: int,
+                        eos_id: int | None) -> tuple[jax.Array, jax.Array]:
+  """Checks (B, L) ids, defaults the mask to all ones, and cuts inputs longer than
+  ``limit`` positions with a warning (never silently).
 
   With ``eos_id``, rows still running at the cut end in EOS, as a tokenizer
   truncating at ``limit`` would give, so EOS pooling still finds one.
   """
+  if ids_bl.ndim != 2:
+    raise ValueError(f"input_ids must be (B, L), got shape {tuple(ids_bl.shape)}")
+  if mask_bl is None:
+    mask_bl = jnp.ones(ids_bl.shape, bool)
+  elif mask_bl.shape != ids_bl.shape:
+    raise ValueError(f"attention_mask must match input_ids {tuple(ids_bl.shape)}, "
+                     f"got shape {tuple(mask_bl.shape)}")
   if ids_bl.shape[1] <= limit:
     return ids_bl, mask_bl
   warnings.warn(f"text input of {ids_bl.shape[1]} tokens is longer than the {limit} positions "
                 f"of the text encoder: truncated to {limit} tokens (the rest is ignored"
                 + ("; the last kept token becomes EOS)." if eos_id is not None else ")."),
-                stacklevel=4)
+                stacklevel=5)
   ids_bl, mask_bl = ids_bl[:, :limit], mask_bl[:, :limit]
   if eos_id is not None:
     running = mask_bl[:, -1].astype(bool)
