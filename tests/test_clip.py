@@ -210,3 +210,16 @@ def test_pure_jit_equals_eager_and_bf16_is_close(clip_pair):
   got = np.asarray(jax.jit(fn)(bf16_state, x.astype(jnp.bfloat16)), np.float32)
   # bf16 weights and activations (f32 norms and softmax): ~2^-8 relative per op.
   assert np.abs(got - eager).max() <= 0.05 * np.abs(eager).max()
+
+
+def test_sharded_checkpoint_loads_and_a_missing_shard_is_named(clip_a, tmp_path):
+  hf, _ = clip_a
+  hf.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+  shards = sorted((tmp_path / "sharded").glob("model-*.safetensors"))
+  assert len(shards) > 1 and (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+  ours = CLIPModel.from_pretrained(tmp_path / "sharded")
+  np.testing.assert_array_equal(np.asarray(ours.text_projection.kernel[...]),
+                                hf.text_projection.weight.detach().numpy().T)
+  shards[-1].unlink()
+  with pytest.raises(CheckpointError, match=f"names shards that are not there: .*{shards[-1].name}"):
+    CLIPModel.from_pretrained(tmp_path / "sharded")
