@@ -78,3 +78,14 @@ def text_batch(vocab: int, eos: int, lengths, total: int, seed: int = 0):
     ids[i, n - 1] = eos if eos != 2 else vocab - 1  # legacy: EOS is the largest id
     mask[i, :n] = 1
   return ids, mask
+
+
+def rewrite_checkpoint(src: Path, dst: Path, edit) -> Path:
+  """A copy of the single-file checkpoint ``src`` whose tensor dict ``edit`` changed."""
+  from safetensors.numpy import load_file, save_file
+  dst.mkdir()
+  tensors = load_file(src / "model.safetensors")
+  edit(tensors)
+  save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+  (dst / "config.json").write_text((src / "config.json").read_text())
+  return dst

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 from safetensors.torch import save_file as save_torch_file
 
 from btadapter_reference import BTAdapterTower
-from hf_fixtures import make_clip
+from hf_fixtures import make_clip, rewrite_checkpoint
 from ppllava_jax.convert.loader import CheckpointError
 from ppllava_jax.models.btadapter import BTAdapterConfig, CLIPVisionBTAdapter, TemporalBlock
 from ppllava_jax.models.clip import CLIPModel, CLIPVisionConfig
@@ -232,13 +232,6 @@ def test_save_load_round_trip_is_bit_exact_in_the_original_layout(tower, tmp_pat
     np.testing.assert_array_equal(saved[k], original[k], err_msg=k)
 
 
-def _rewrite(src, dst, edit):
-  dst.mkdir()
-  tensors = load_file(src / "model.safetensors")
-  edit(tensors)
-  save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
-  (dst / "config.json").write_text((src / "config.json").read_text())
-  return dst
 
 
 def test_missing_adapter_keys_are_named(tower, tmp_path):
@@ -250,7 +243,7 @@ def test_missing_adapter_keys_are_named(tower, tmp_path):
 
   with pytest.raises(CheckpointError, match=r"missing .*: 2\n\s+vision_model\.btadapter_T_layers"
                      r"\.1\.temporal_fc\.kernel\n\s+vision_model\.btadapter_cls_token"):
-    CLIPVisionBTAdapter.from_pretrained(_rewrite(path, tmp_path / "bad", edit))
+    CLIPVisionBTAdapter.from_pretrained(rewrite_checkpoint(path, tmp_path / "bad", edit))
 
 
 def test_wrong_adapter_shape_is_named(tower, tmp_path):
@@ -262,7 +255,7 @@ def test_wrong_adapter_shape_is_named(tower, tmp_path):
   with pytest.raises(CheckpointError, match=r"vision_model\.btadapter_time_embed\.weight: "
                      r"checkpoint \(9, 45\) -> \(9, 45\), model "
                      r"vision_model\.btadapter_time_embed\.weight expects \(8, 45\)"):
-    CLIPVisionBTAdapter.from_pretrained(_rewrite(path, tmp_path / "bad", edit))
+    CLIPVisionBTAdapter.from_pretrained(rewrite_checkpoint(path, tmp_path / "bad", edit))
 
 
 def test_bad_inputs_are_refused(tower):

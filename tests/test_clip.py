@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import numpy_reference as ref
-from hf_fixtures import make_clip, text_batch
+from hf_fixtures import make_clip, rewrite_checkpoint, text_batch
 from ppllava_jax.convert.loader import CheckpointError
 from ppllava_jax.models import CLIPModel
 
@@ -139,19 +139,11 @@ def test_extended_text_runs_248_and_warns_past_it(clip_a, tmp_path):
 # ---- bad checkpoints ------------------------------------------------------------------
 
 
-def _rewrite(src, dst, edit):
-  from safetensors.numpy import load_file, save_file
-  dst.mkdir()
-  tensors = load_file(src / "model.safetensors")
-  edit(tensors)
-  save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
-  (dst / "config.json").write_text((src / "config.json").read_text())
-  return dst
 
 
 def test_missing_key_is_named(clip_a, tmp_path):
   _, path = clip_a
-  bad = _rewrite(path, tmp_path / "bad", lambda t: t.pop("vision_model.post_layernorm.bias"))
+  bad = rewrite_checkpoint(path, tmp_path / "bad", lambda t: t.pop("vision_model.post_layernorm.bias"))
   with pytest.raises(CheckpointError, match=r"missing .*: 1\n\s+vision_model\.post_layernorm\.bias"):
     CLIPModel.from_pretrained(bad)
 
@@ -163,7 +155,7 @@ def test_wrong_shape_and_unexpected_key_are_named(clip_a, tmp_path):
     t["text_projection.weight"] = np.zeros((24, 41), np.float32)
     t["vision_model.extra_head.weight"] = np.zeros((2,), np.float32)
 
-  bad = _rewrite(path, tmp_path / "bad", edit)
+  bad = rewrite_checkpoint(path, tmp_path / "bad", edit)
   with pytest.raises(CheckpointError) as err:
     CLIPModel.from_pretrained(bad)
   msg = str(err.value)

@@ -36,23 +36,16 @@ INDEX_FILE = "model.safetensors.index.json"
 
 
 class Transform(enum.Enum):
-  COPY = "copy"
-  LINEAR = "linear"  # torch (out, in) <-> ours (in, out)
-  CONV = "conv"  # torch (out, in, kh, kw) <-> ours (kh, kw, in, out)
+  """How a tensor's axes are laid out in torch vs here, as the permutation to ours."""
+  COPY = None
+  LINEAR = (1, 0)  # torch (out, in) -> ours (in, out)
+  CONV = (2, 3, 1, 0)  # torch (out, in, kh, kw) -> ours (kh, kw, in, out)
 
   def to_ours(self, x: jax.Array) -> jax.Array:
-    if self is Transform.LINEAR:
-      return x.T
-    if self is Transform.CONV:
-      return x.transpose(2, 3, 1, 0)
-    return x
+    return x if self.value is None else x.transpose(self.value)
 
   def to_hf(self, x: jax.Array) -> jax.Array:
-    if self is Transform.LINEAR:
-      return x.T
-    if self is Transform.CONV:
-      return x.transpose(3, 2, 0, 1)
-    return x
+    return x if self.value is None else x.transpose(tuple(np.argsort(self.value)))
 
 
 _PLACEHOLDER = re.compile(r"\{(\w+)(\*)?(?::([^}]*))?\}")
