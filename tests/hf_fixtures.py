@@ -89,3 +89,46 @@ def rewrite_checkpoint(src: Path, dst: Path, edit) -> Path:
   save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
   (dst / "config.json").write_text((src / "config.json").read_text())
   return dst
+
+
+def tiny_llm_config(kind: str):
+  """Tiny decoders: GQA everywhere, rope scaling variants, Qwen2 biases and tied heads."""
+  from transformers import LlamaConfig, Qwen2Config
+  common = dict(vocab_size=64, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
+                pad_token_id=0)
+  if kind == "llama_linear":
+    return LlamaConfig(hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, **common,
+                       rope_parameters=dict(rope_type="linear", factor=2.0, rope_theta=10000.0))
+  if kind == "llama3":
+    return LlamaConfig(hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=1, **common,
+                       rope_parameters=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                            high_freq_factor=4.0, rope_theta=500000.0,
+                                            original_max_position_embeddings=16))
+  if kind == "qwen2":
+    return Qwen2Config(hidden_size=40, intermediate_size=72, num_hidden_layers=2,
+                       num_attention_heads=5, num_key_value_heads=1, tie_word_embeddings=True,
+                       **common)
+  raise ValueError(kind)
+
+
+def make_llm(kind: str, path: Path, seed: int = 0):
+  from transformers import AutoModelForCausalLM
+  config = tiny_llm_config(kind)
+  torch.manual_seed(seed)
+  model = AutoModelForCausalLM.from_config(config).eval()
+  with torch.no_grad():  # randomise biases and norms too, so parity bites
+    for p in model.parameters():
+      p.add_(torch.randn_like(p) * 0.05)
+  return model, save_hf(model, path)
+
+
+def left_padded(vocab: int, lengths, total: int, seed: int = 0):
+  rng = np.random.default_rng(seed)
+  ids = np.zeros((len(lengths), total), np.int64)
+  mask = np.zeros((len(lengths), total), np.int64)
+  for i, n in enumerate(lengths):
+    ids[i, total - n:] = rng.integers(3, vocab, n)
+    mask[i, total - n:] = 1
+  return ids, mask

@@ -52,13 +52,17 @@ class LayerNorm(nnx.Module):
     return (y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
 
 
+Axes = tuple[str | None, ...]  # logical axis names of a parameter (see models/sharding.py)
+
+
 class Linear(nnx.Module):
-  """y = x @ kernel + bias, kernel stored (in, out)."""
+  """y = x @ kernel + bias, kernel stored (in, out); ``axes`` names (in, out) logically."""
 
   def __init__(self, d_in: int, d_out: int, *, use_bias: bool = True, rngs: nnx.Rngs,
-               dtype=jnp.float32):
-    self.kernel = nnx.Param(jax.random.normal(rngs.params(), (d_in, d_out), dtype) * d_in**-0.5)
-    self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if use_bias else None
+               axes: Axes = (None, None), dtype=jnp.float32):
+    self.kernel = nnx.Param(jax.random.normal(rngs.params(), (d_in, d_out), dtype) * d_in**-0.5,
+                            axes=axes)
+    self.bias = nnx.Param(jnp.zeros((d_out,), dtype), axes=axes[1:]) if use_bias else None
 
   def __call__(self, x: jax.Array) -> jax.Array:
     y = x @ self.kernel[...].astype(x.dtype)
@@ -138,8 +142,8 @@ class Encoder(nnx.Module):
 
 class Embedding(nnx.Module):
 
-  def __init__(self, num: int, dim: int, *, rngs: nnx.Rngs):
-    self.weight = nnx.Param(jax.random.normal(rngs.params(), (num, dim)) * 0.02)
+  def __init__(self, num: int, dim: int, *, rngs: nnx.Rngs, axes: Axes = (None, None)):
+    self.weight = nnx.Param(jax.random.normal(rngs.params(), (num, dim)) * 0.02, axes=axes)
 
   def __call__(self, ids: jax.Array) -> jax.Array:
     return jnp.take(self.weight[...], ids, axis=0)

@@ -1,0 +1,322 @@
+"""LLaMA (Vicuna) and Qwen2 decoders in Flax NNX, with a preallocated KV cache.
+
+Both are the same network: RMSNorm, rotary positions (rotate-half, as transformers),
+grouped-query attention, SwiGLU. Qwen2 adds biases to q/k/v. Numerics follow
+transformers 5.23 (RMSNorm in f32, softmax in f32, RoPE tables in f32).
+
+Attention always runs over *slots*: without a cache the slots are the input's own
+positions; with a ``KVCache`` the new keys/values are written at ``cache.index`` with
+``lax.dynamic_update_slice`` and the queries attend over every slot of the cache that
+holds a real token and is not after them. Shapes stay static under jit: prefill and
+each decode step are the same code. Shapes: ``b`` batch, ``t`` new tokens, ``s``
+cache slots, ``h`` query heads, ``k`` kv heads, ``g`` queries per kv head, ``e`` head
+width, ``d`` model width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from ppllava_jax.convert.llm import LLM_RULES
+from ppllava_jax.convert.loader import load_into
+from ppllava_jax.models import pretrained
+from ppllava_jax.models.generate import generate
+from ppllava_jax.models.layers import Embedding, Linear
+from ppllava_jax.models.sharding import constrain
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+  vocab_size: int = 32000
+  hidden_size: int = 4096
+  intermediate_size: int = 11008
+  num_hidden_layers: int = 32
+  num_attention_heads: int = 32
+  num_key_value_heads: int = 32
+  head_dim: int = 128
+  max_position_embeddings: int = 4096
+  rms_norm_eps: float = 1e-6
+  # transformers 5.x `rope_parameters`, as sorted (key, value) pairs so the config hashes.
+  rope: tuple[tuple[str, object], ...] = (("rope_theta", 10000.0), ("rope_type", "default"))
+  hidden_act: str = "silu"
+  qkv_bias: bool = False
+  o_bias: bool = False
+  mlp_bias: bool = False
+  tie_word_embeddings: bool = False
+  bos_token_id: int | None = 1
+  eos_token_id: tuple[int, ...] = (2,)
+  pad_token_id: int | None = None
+  model_type: str = "llama"
+
+  @classmethod
+  def from_hf(cls, hf: dict) -> "DecoderConfig":
+    """From a config.json dict of model_type llama or qwen2 (transformers fills defaults)."""
+    from transformers import AutoConfig
+    full = AutoConfig.for_model(**hf)
+    if getattr(full, "use_sliding_window", False):
+      raise ValueError("Qwen2 sliding-window attention (use_sliding_window=true) is not supported")
+    qwen2 = full.model_type == "qwen2"
+    eos = full.eos_token_id
+    return cls(
+        vocab_size=full.vocab_size, hidden_size=full.hidden_size,
+        intermediate_size=full.intermediate_size, num_hidden_layers=full.num_hidden_layers,
+        num_attention_heads=full.num_attention_heads,
+        num_key_value_heads=full.num_key_value_heads or full.num_attention_heads,
+        head_dim=getattr(full, "head_dim", None) or full.hidden_size // full.num_attention_heads,
+        max_position_embeddings=full.max_position_embeddings, rms_norm_eps=full.rms_norm_eps,
+        rope=tuple(sorted(dict(full.rope_parameters).items())), hidden_act=full.hidden_act,
+        qkv_bias=True if qwen2 else full.attention_bias,
+        o_bias=False if qwen2 else full.attention_bias,
+        mlp_bias=False if qwen2 else full.mlp_bias,
+        tie_word_embeddings=full.tie_word_embeddings, bos_token_id=full.bos_token_id,
+        eos_token_id=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
+        pad_token_id=full.pad_token_id, model_type=full.model_type)
+
+  def to_hf(self) -> dict:
+    from transformers import AutoConfig
+    fields = dict(
+        vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+        intermediate_size=self.intermediate_size, num_hidden_layers=self.num_hidden_layers,
+        num_attention_heads=self.num_attention_heads, num_key_value_heads=self.num_key_value_heads,
+        head_dim=self.head_dim, max_position_embeddings=self.max_position_embeddings,
+        rms_norm_eps=self.rms_norm_eps, rope_parameters=dict(self.rope),
+        hidden_act=self.hidden_act, tie_word_embeddings=self.tie_word_embeddings,
+        bos_token_id=self.bos_token_id, pad_token_id=self.pad_token_id,
+        eos_token_id=list(self.eos_token_id) if len(self.eos_token_id) != 1 else self.eos_token_id[0])
+    if self.model_type == "llama":
+      fields.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
+    return AutoConfig.for_model(self.model_type, **fields).to_dict()
+
+
+def rope_inv_freq(cfg: DecoderConfig) -> tuple[jax.Array, float]:
+  """Inverse frequencies (head_dim/2,) and the cos/sin scale, per rope_type."""
+  rope = dict(cfg.rope)
+  kind = rope.get("rope_type", "default")
+  dim = int(cfg.head_dim * rope.get("partial_rotary_factor", 1.0))
+  inv = 1.0 / (rope["rope_theta"] ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+  if kind == "default":
+    return inv, 1.0
+  if kind == "linear":
+    return inv / rope["factor"], 1.0
+  if kind == "llama3":
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    old = rope["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    scaled = jnp.where(wavelen > old / low, inv / factor, inv)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old / high) & (wavelen <= old / low)
+    return jnp.where(medium, smoothed, scaled), 1.0
+  raise NotImplementedError(f"rope_type {kind!r} is not supported (default, linear, llama3 are)")
+
+
+def apply_rope(x_bthe: jax.Array, positions_bt: jax.Array, inv_freq: jax.Array,
+               scale: float) -> jax.Array:
+  freqs_bte = positions_bt[..., None].astype(jnp.float32) * inv_freq
+  angles = jnp.concatenate([freqs_bte, freqs_bte], axis=-1)[:, :, None, :]
+  cos, sin = (jnp.cos(angles) * scale).astype(x_bthe.dtype), (jnp.sin(angles) * scale).astype(x_bthe.dtype)
+  half = x_bthe.shape[-1] // 2
+  rotated = jnp.concatenate([-x_bthe[..., half:], x_bthe[..., :half]], axis=-1)
+  return x_bthe * cos + rotated * sin
+
+
+@struct.dataclass
+class KVCache:
+  """Keys/values of every layer, (layers, B, S, kv_heads, head_dim); which slots hold
+  real tokens (B, S); the next slot to write (scalar int32)."""
+  k: jax.Array
+  v: jax.Array
+  valid: jax.Array
+  index: jax.Array
+
+  @classmethod
+  def init(cls, cfg: DecoderConfig, batch: int, length: int, dtype=jnp.float32) -> "KVCache":
+    shape = (cfg.num_hidden_layers, batch, length, cfg.num_key_value_heads, cfg.head_dim)
+    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+               jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32))
+
+
+class RMSNorm(nnx.Module):
+
+  def __init__(self, dim: int, eps: float):
+    self.eps = eps
+    self.weight = nnx.Param(jnp.ones((dim,)), axes=("embed",))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return self.weight[...].astype(x.dtype) * y.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
+    h, k, e, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
+    if h % k:
+      raise ValueError(f"{h} attention heads are not a multiple of {k} key/value heads")
+    self.cfg = cfg
+    self.q_proj = Linear(d, h * e, use_bias=cfg.qkv_bias, axes=("embed", "heads"), rngs=rngs)
+    self.k_proj = Linear(d, k * e, use_bias=cfg.qkv_bias, axes=("embed", "kv_heads"), rngs=rngs)
+    self.v_proj = Linear(d, k * e, use_bias=cfg.qkv_bias, axes=("embed", "kv_heads"), rngs=rngs)
+    self.o_proj = Linear(h * e, d, use_bias=cfg.o_bias, axes=("heads", "embed"), rngs=rngs)
+
+  def __call__(self, x_btd, positions_bt, rope, key_mask_bts, kv_cache):
+    """kv_cache: None, or (k_bske, v_bske, index) of this layer to write into and read."""
+    cfg = self.cfg
+    b, t, _ = x_btd.shape
+    h, k, e = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    q_bthe = apply_rope(self.q_proj(x_btd).reshape(b, t, h, e), positions_bt, *rope)
+    k_btke = apply_rope(self.k_proj(x_btd).reshape(b, t, k, e), positions_bt, *rope)
+    v_btke = self.v_proj(x_btd).reshape(b, t, k, e)
+    if kv_cache is not None:
+      cache_k, cache_v, index = kv_cache
+      k_bske = jax.lax.dynamic_update_slice(cache_k, k_btke.astype(cache_k.dtype), (0, index, 0, 0))
+      v_bske = jax.lax.dynamic_update_slice(cache_v, v_btke.astype(cache_v.dtype), (0, index, 0, 0))
+    else:
+      k_bske, v_bske = k_btke, v_btke
+    q_btkge = q_bthe.reshape(b, t, k, h // k, e)
+    scores = jnp.einsum("btkge,bske->bkgts", q_btkge, k_bske.astype(q_btkge.dtype))
+    scores = scores.astype(jnp.float32) * e**-0.5
+    scores = jnp.where(key_mask_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_bske.dtype)
+    out_btkge = jnp.einsum("bkgts,bske->btkge", probs, v_bske).astype(x_btd.dtype)
+    return self.o_proj(out_btkge.reshape(b, t, h * e)), (k_bske, v_bske)
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
+    if cfg.hidden_act != "silu":
+      raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported (silu is)")
+    d, m, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+    self.gate_proj = Linear(d, m, use_bias=bias, axes=("embed", "mlp"), rngs=rngs)
+    self.up_proj = Linear(d, m, use_bias=bias, axes=("embed", "mlp"), rngs=rngs)
+    self.down_proj = Linear(m, d, use_bias=bias, axes=("mlp", "embed"), rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+
+  def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
+    self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+    self.self_attn = Attention(cfg, rngs=rngs)
+    self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+    self.mlp = MLP(cfg, rngs=rngs)
+
+  def __call__(self, x_btd, positions_bt, rope, key_mask_bts, kv_cache):
+    attn, kv = self.self_attn(self.input_layernorm(x_btd), positions_bt, rope, key_mask_bts,
+                              kv_cache)
+    x_btd = x_btd + attn
+    x_btd = x_btd + self.mlp(self.post_attention_layernorm(x_btd))
+    return constrain(x_btd, ("batch", "length", "embed")), kv
+
+
+class Decoder(nnx.Module):
+
+  def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
+    self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, axes=("vocab", "embed"),
+                                  rngs=rngs)
+    self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+    self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+@struct.dataclass
+class CausalLMOutput:
+  logits: jax.Array  # (B, T, vocab) float32
+  cache: KVCache | None = None
+
+
+def positions_from_mask(mask_bt: jax.Array) -> jax.Array:
+  """Left-padding-aware positions, as transformers' generate: cumsum(mask) - 1, pads at 1."""
+  mask_bt = mask_bt.astype(jnp.int32)
+  return jnp.where(mask_bt > 0, jnp.cumsum(mask_bt, axis=1) - 1, 1)
+
+
+class CausalLM(nnx.Module):
+  """A decoder with its LM head; ``LlamaForCausalLM`` and ``Qwen2ForCausalLM`` name it."""
+
+  model_types: tuple[str, ...] = ("llama", "qwen2")
+
+  def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.model = Decoder(cfg, rngs=rngs)
+    self.lm_head = None if cfg.tie_word_embeddings else Linear(
+        cfg.hidden_size, cfg.vocab_size, use_bias=False, axes=("embed", "vocab"), rngs=rngs)
+
+  def embed(self, input_ids: jax.Array) -> jax.Array:
+    return self.model.embed_tokens(input_ids)
+
+  def __call__(self, input_ids: jax.Array | None = None, attention_mask: jax.Array | None = None,
+               position_ids: jax.Array | None = None, inputs_embeds: jax.Array | None = None,
+               cache: KVCache | None = None) -> CausalLMOutput:
+    """Logits (B, T, vocab) for ``input_ids`` (or ``inputs_embeds`` (B, T, D)).
+
+    ``attention_mask`` (B, T) marks real tokens (left or right padding); positions
+    default to ``positions_from_mask``. With ``cache``, the tokens are written at
+    ``cache.index`` and attend to every earlier real slot; the updated cache is returned.
+    """
+    if (input_ids is None) == (inputs_embeds is None):
+      raise ValueError("give exactly one of input_ids or inputs_embeds")
+    x_btd = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+    b, t = x_btd.shape[:2]
+    mask_bt = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+    if position_ids is None:
+      position_ids = positions_from_mask(mask_bt)
+    if cache is None:
+      valid_bs, slot_s, q_slot_t = mask_bt, jnp.arange(t), jnp.arange(t)
+    else:
+      valid_bs = jax.lax.dynamic_update_slice(cache.valid, mask_bt, (0, cache.index))
+      slot_s, q_slot_t = jnp.arange(valid_bs.shape[1]), cache.index + jnp.arange(t)
+    key_mask_bts = valid_bs[:, None, :] & (slot_s[None, None, :] <= q_slot_t[None, :, None])
+    rope = rope_inv_freq(self.cfg)
+    x_btd = constrain(x_btd, ("batch", "length", "embed"))
+    new_k, new_v = [], []
+    for i, layer in enumerate(self.model.layers):
+      kv = None if cache is None else (cache.k[i], cache.v[i], cache.index)
+      x_btd, (k_bske, v_bske) = layer(x_btd, position_ids, rope, key_mask_bts, kv)
+      new_k.append(k_bske)
+      new_v.append(v_bske)
+    x_btd = self.model.norm(x_btd)
+    if self.lm_head is None:
+      logits = x_btd @ self.model.embed_tokens.weight[...].T.astype(x_btd.dtype)
+    else:
+      logits = self.lm_head(x_btd)
+    logits = constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+    if cache is not None:
+      cache = KVCache(jnp.stack(new_k), jnp.stack(new_v), valid_bs, cache.index + t)
+    return CausalLMOutput(logits, cache)
+
+  def init_cache(self, batch: int, length: int, dtype=jnp.float32) -> KVCache:
+    return KVCache.init(self.cfg, batch, length, dtype)
+
+  def generate(self, input_ids, attention_mask=None, **kwargs):
+    """Token ids (B, T + max_new_tokens): see ``ppllava_jax.models.generate.generate``."""
+    return generate(self, input_ids, attention_mask, **kwargs)
+
+  @classmethod
+  def from_pretrained(cls, path: str | Path, dtype: jnp.dtype | None = None):
+    """Reads a transformers LlamaForCausalLM / Qwen2ForCausalLM folder (or hub id)."""
+    path = pretrained.resolve_checkpoint(path)
+    cfg = DecoderConfig.from_hf(pretrained.read_config(path, cls.model_types))
+    return load_into(nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0))), path, LLM_RULES, dtype)
+
+  def save_pretrained(self, path: str | Path) -> Path:
+    """Writes model.safetensors and config.json in the transformers layout."""
+    return pretrained.save_pretrained(self, path, LLM_RULES, self.cfg.to_hf())
+
+
+class LlamaForCausalLM(CausalLM):
+  model_types = ("llama",)
+
+
+class Qwen2ForCausalLM(CausalLM):
+  model_types = ("qwen2",)

@@ -1,0 +1,74 @@
+"""Logical axis names -> mesh axes, in one rules table (as MaxText / big_vision do).
+
+Parameters carry logical names as ``axes`` metadata (``nnx.Param(..., axes=("embed",
+"mlp"))``); activations are constrained with ``constrain(x, ("batch", "length",
+"embed"))``. A mesh with axes ``data``, ``fsdp`` and ``tensor`` then shards the model
+through ``LOGICAL_RULES`` alone, so training code never edits the model to shard it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
+
+LOGICAL_RULES: Rules = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+)
+
+
+def logical_to_spec(axes: Sequence[str | None], rules: Rules = LOGICAL_RULES) -> PartitionSpec:
+  """PartitionSpec for logical ``axes``. A mesh axis serves one dimension only: an axis
+  already taken by an earlier dimension is dropped (so activations (batch, length,
+  embed) shard the batch over data+fsdp and leave embed whole), as MaxText resolves it."""
+  table = dict(rules)
+  unknown = [a for a in axes if a is not None and a not in table]
+  if unknown:
+    raise ValueError(f"logical axes {unknown} have no rule; rules cover {sorted(table)}")
+  used, spec = set(), []
+  for axis in axes:
+    target = table.get(axis) if axis is not None else None
+    mesh_axes = (target,) if isinstance(target, str) else tuple(target or ())
+    free = tuple(m for m in mesh_axes if m not in used)
+    used.update(free)
+    spec.append(None if not free else free[0] if len(free) == 1 else free)
+  return PartitionSpec(*spec)
+
+
+def param_shardings(model: nnx.Module, mesh: Mesh,
+                    rules: Rules = LOGICAL_RULES) -> dict[tuple, NamedSharding]:
+  """A NamedSharding per variable path of ``model``: by its ``axes``, replicated without."""
+  out = {}
+  for path, var in nnx.to_flat_state(nnx.state(model)):
+    axes = var.get_metadata().get("axes")
+    out[path] = NamedSharding(mesh, PartitionSpec() if axes is None
+                              else logical_to_spec(axes, rules))
+  return out
+
+
+def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules = LOGICAL_RULES) -> nnx.Module:
+  """Places every variable of ``model`` on ``mesh`` by the rules (in place; returns it)."""
+  shardings = param_shardings(model, mesh, rules)
+  flat = nnx.to_flat_state(nnx.state(model))
+  for path, var in flat:
+    var.set_value(jax.device_put(var[...], shardings[path]))
+  nnx.update(model, nnx.from_flat_state(flat))
+  return model
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None], rules: Rules = LOGICAL_RULES) -> jax.Array:
+  """Sharding hint for an activation; a no-op unless traced under a mesh (``jax.set_mesh``)."""
+  if jax.sharding.get_abstract_mesh().empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, rules))
