@@ -132,3 +132,34 @@ def left_padded(vocab: int, lengths, total: int, seed: int = 0):
     ids[i, total - n:] = rng.integers(3, vocab, n)
     mask[i, total - n:] = 1
   return ids, mask
+
+
+LLAVA_IMAGE_TOKEN, LLAVA_VIDEO_TOKEN = 62, 63
+LLAVA_PINPOINTS = [[24, 48], [48, 24], [48, 48]]
+
+
+def make_llava_next_video(path: Path, seed: int = 0):
+  """Tiny LLaVA-NeXT-Video: 24 px tiles of 6x6 patches, odd vision heads, GQA LLM."""
+  from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
+  config = LlavaNextVideoConfig(
+      vision_config=dict(model_type="clip_vision_model", hidden_size=24, intermediate_size=40,
+                         num_hidden_layers=3, num_attention_heads=3, image_size=24, patch_size=4),
+      text_config=dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       bos_token_id=1, eos_token_id=2, pad_token_id=0),
+      image_token_index=LLAVA_IMAGE_TOKEN, video_token_index=LLAVA_VIDEO_TOKEN,
+      image_grid_pinpoints=LLAVA_PINPOINTS)
+  return _randomised(LlavaNextVideoForConditionalGeneration, config, path, seed)
+
+
+def make_scorer_clip(path: Path, seed: int = 1):
+  """A CLIP whose vision width (24) matches the tiny LLaVA's, as PPLLaVA's scorer."""
+  from transformers import CLIPConfig, CLIPModel
+  config = CLIPConfig(
+      vision_config=dict(hidden_size=24, intermediate_size=40, num_hidden_layers=1,
+                         num_attention_heads=3, image_size=24, patch_size=4),
+      text_config=dict(vocab_size=99, hidden_size=20, intermediate_size=40, num_hidden_layers=1,
+                       num_attention_heads=2, max_position_embeddings=16, eos_token_id=98,
+                       bos_token_id=97, pad_token_id=0),
+      projection_dim=12)
+  return _randomised(CLIPModel, config, path, seed)

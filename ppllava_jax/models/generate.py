@@ -44,10 +44,11 @@ def choose(logits_bv: jax.Array, rng: jax.Array, sampling: Sampling) -> jax.Arra
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling"))
-def _generate(graphdef, state, input_ids, attention_mask, rng, *, sampling: Sampling):
+def _generate(graphdef, state, input_ids, attention_mask, rng, media, *, sampling: Sampling):
   model = nnx.merge(graphdef, state)
   b, t = input_ids.shape
-  out = model(input_ids, attention_mask, cache=model.init_cache(b, t + sampling.max_new_tokens))
+  out = model(input_ids, attention_mask, cache=model.init_cache(b, t + sampling.max_new_tokens),
+              **media)
   positions_b = jnp.sum(attention_mask, axis=1).astype(jnp.int32)  # next position per row
   stops = jnp.asarray(sampling.stop_tokens or (-1,), jnp.int32)
   tokens = jnp.full((b, sampling.max_new_tokens), sampling.pad_token_id, jnp.int32)
@@ -73,12 +74,13 @@ def _generate(graphdef, state, input_ids, attention_mask, rng, *, sampling: Samp
 def generate(model: nnx.Module, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
              max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
              stop_tokens: Sequence[int] | None = None, pad_token_id: int | None = None,
-             rng: jax.Array | None = None) -> jax.Array:
+             rng: jax.Array | None = None, media: dict | None = None) -> jax.Array:
   """(B, T + max_new_tokens) ids: the prompt, then the generated tokens (pad after a stop).
 
   ``stop_tokens`` default to the model config's EOS ids; ``pad_token_id`` to its pad id
   (or 0). ``model`` is anything with ``__call__(ids, mask, positions, cache=)`` and
-  ``init_cache(batch, length)``, such as ``LlamaForCausalLM``.
+  ``init_cache(batch, length)``, such as ``LlamaForCausalLM``; ``media`` (arrays) go to
+  the prefill call only, e.g. a PPLLaVA video.
   """
   input_ids = jnp.asarray(input_ids, jnp.int32)
   if input_ids.ndim != 2:
@@ -87,12 +89,12 @@ def generate(model: nnx.Module, input_ids: jax.Array, attention_mask: jax.Array 
                                                                                     bool)
   if not bool(jnp.all(mask[:, -1])):
     raise ValueError("prompts must be left-padded: the last position of every row must be real")
-  cfg = model.cfg
+  cfg = getattr(model.cfg, "text", model.cfg)  # a multimodal model's LLM config
   sampling = Sampling(
       max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p),
       stop_tokens=tuple(cfg.eos_token_id if stop_tokens is None else stop_tokens),
       pad_token_id=int(pad_token_id if pad_token_id is not None else (cfg.pad_token_id or 0)))
   graphdef, state = nnx.split(model)
   rng = jax.random.key(0) if rng is None else rng
-  new = _generate(graphdef, state, input_ids, mask, rng, sampling=sampling)
+  new = _generate(graphdef, state, input_ids, mask, rng, media or {}, sampling=sampling)
   return jnp.concatenate([input_ids, new], axis=1)

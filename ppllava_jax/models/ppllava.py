@@ -1,0 +1,272 @@
+"""PPLLaVA: a LLaVA-NeXT model whose visual tokens are pooled under the prompt's guidance.
+
+The composition (reference sections 1-5):
+
+  frames/tiles -> vision tower -> hidden state ``vision_feature_layer`` (-2), CLS dropped
+    -> relevance: scorer CLIP's post_layernorm + visual_projection of those patches
+       against the scorer's text features of the prompt (``ops.relevance_scores``,
+       softmax over all frames/tiles of one item)
+    -> MLP projector on every patch (pooling runs in LLM space, after it, as the code does)
+    -> ``ops.prompt_guided_pool`` (video (2,3,3); image tiles (1,3,3), then anyres packing)
+    -> written into the text embeddings at the placeholder ids (``ops.merge_media``)
+    -> the LLM.
+
+Pooling modes (``PoolingConfig.mode``): ``"ppllava"`` (the released code: softmax of
+the probabilities at temperature 0.01 per window), ``"paper"`` (Eq. 3, probability-
+weighted sum), ``"average"`` (the same windows, plain mean: PLLaVA-style), and the
+baselines ``"llava_next_video"`` (2x2 spatial mean *before* the projector, images
+unpooled, exactly transformers' LlavaNextVideo) and ``"none"`` (every token). Only
+the first two need the scorer CLIP.
+
+Media layout: ``pixel_values_videos`` (V, T, 3, H, W), one video per run of video
+placeholders; ``pixel_values`` (N, max_tiles, 3, H, W) with ``image_sizes`` (N, 2)
+(height, width) as LLaVA-NeXT processors give, one image per run of image
+placeholders. Runs of one kind must be separated by at least one other token (any
+prompt template does this); the k-th run belongs to the k-th item. The scorer's text,
+one row per sample, arrives as ``clip_input_ids`` / ``clip_attention_mask``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ppllava_jax import ops
+from ppllava_jax.convert.llava import LLAVA_NEXT_RULES
+from ppllava_jax.convert.loader import load_into
+from ppllava_jax.models import pretrained
+from ppllava_jax.models.clip import CLIPModel, CLIPVisionConfig, CLIPVisionTransformer
+from ppllava_jax.models.generate import generate
+from ppllava_jax.models.layers import Linear
+from ppllava_jax.models.llm import CausalLM, CausalLMOutput, DecoderConfig, KVCache
+
+POOLING_MODES = ("ppllava", "paper", "average", "llava_next_video", "none")
+_SCORED = {"ppllava": "softmax", "paper": "weighted_sum"}
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolingConfig:
+  mode: str = "ppllava"
+  video_kernel: tuple[int, int, int] = (2, 3, 3)
+  image_kernel: tuple[int, int, int] = (1, 3, 3)
+  temperature: float = 0.01
+  llava_next_stride: int = 2  # "llava_next_video": the spatial mean's window
+
+  def __post_init__(self):
+    if self.mode not in POOLING_MODES:
+      raise ValueError(f"pooling mode must be one of {POOLING_MODES}, got {self.mode!r}")
+    if self.image_kernel[0] != 1:
+      raise ValueError(f"image tiles are pooled per tile: image_kernel must be (1, k, k), "
+                       f"got {self.image_kernel}")
+
+  @property
+  def scored(self) -> bool:
+    return self.mode in _SCORED
+
+
+@dataclasses.dataclass(frozen=True)
+class PPLLaVAConfig:
+  vision: CLIPVisionConfig
+  text: DecoderConfig
+  image_token_index: int
+  video_token_index: int
+  grid_pinpoints: tuple[tuple[int, int], ...]
+  vision_feature_layer: int = -2
+  projector_bias: bool = True
+  pooling: PoolingConfig = PoolingConfig()
+
+  @classmethod
+  def from_hf(cls, hf: dict, pooling: PoolingConfig) -> "PPLLaVAConfig":
+    """From a llava-hf LLaVA-NeXT / LLaVA-NeXT-Video config.json dict."""
+    from transformers import AutoConfig
+    full = AutoConfig.for_model(**hf)
+    if full.vision_feature_select_strategy != "default" or not isinstance(
+        full.vision_feature_layer, int) or full.projector_hidden_act != "gelu":
+      raise ValueError("only vision_feature_select_strategy='default', one int "
+                       "vision_feature_layer and projector_hidden_act='gelu' are supported; got "
+                       f"{full.vision_feature_select_strategy!r}, {full.vision_feature_layer!r}, "
+                       f"{full.projector_hidden_act!r}")
+    vision = full.vision_config
+    stride = getattr(full, "spatial_pool_stride", pooling.llava_next_stride)
+    return cls(
+        vision=CLIPVisionConfig(**{f.name: getattr(vision, f.name)
+                                   for f in dataclasses.fields(CLIPVisionConfig)}),
+        text=DecoderConfig.from_hf(full.text_config.to_dict()),
+        image_token_index=full.image_token_index,
+        video_token_index=getattr(full, "video_token_index", -1),
+        grid_pinpoints=tuple(tuple(p) for p in full.image_grid_pinpoints),
+        vision_feature_layer=full.vision_feature_layer,
+        projector_bias=getattr(full, "multimodal_projector_bias", True),
+        pooling=dataclasses.replace(pooling, llava_next_stride=stride))
+
+
+class Projector(nnx.Module):
+  """LLaVA's MLP: linear -> GELU -> linear, vision width to LLM width."""
+
+  def __init__(self, d_vision: int, d_text: int, bias: bool, *, rngs: nnx.Rngs):
+    self.linear_1 = Linear(d_vision, d_text, use_bias=bias, axes=(None, "embed"), rngs=rngs)
+    self.linear_2 = Linear(d_text, d_text, use_bias=bias, axes=("embed", "embed"), rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.linear_2(jax.nn.gelu(self.linear_1(x), approximate=False))
+
+
+def _media_owners(input_ids_bl: jax.Array, token: int, count: int) -> jax.Array:
+  """The batch row of each of the first ``count`` placeholder runs, in row-major order."""
+  is_tok = input_ids_bl == token
+  starts = is_tok & ~jnp.pad(is_tok, ((0, 0), (1, 0)))[:, :-1]
+  flat = jnp.nonzero(starts.reshape(-1), size=count, fill_value=0)[0]
+  return flat // input_ids_bl.shape[1]
+
+
+class PPLLaVA(nnx.Module):
+
+  def __init__(self, cfg: PPLLaVAConfig, scorer: CLIPModel | None = None, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.vision_tower = CLIPVisionTransformer(cfg.vision, rngs=rngs)
+    self.multi_modal_projector = Projector(cfg.vision.hidden_size, cfg.text.hidden_size,
+                                           cfg.projector_bias, rngs=rngs)
+    self.language_model = CausalLM(cfg.text, rngs=rngs)
+    self.image_newline = nnx.Param(jnp.zeros((cfg.text.hidden_size,)), axes=("embed",))
+    # The relevance CLIP, needed by the "ppllava" / "paper" modes; a submodule even when
+    # attached later (nnx.data), so it splits, jits and shards with the rest.
+    self.scorer = nnx.data(scorer)
+
+  # ---- media -> LLM tokens ------------------------------------------------------------
+
+  def patch_features(self, pixels_nchw: jax.Array) -> jax.Array:
+    """(N, 3, H, W) -> (N, g, g, D_vision): the chosen layer's patches, CLS dropped."""
+    hidden = self.vision_tower(pixels_nchw)[self.cfg.vision_feature_layer][:, 1:]
+    g = self.cfg.vision.grid
+    return hidden.reshape(hidden.shape[0], g, g, hidden.shape[-1])
+
+  def relevance(self, feats_btggv: jax.Array, text_be: jax.Array) -> jax.Array:
+    """Eq. 1 over all (t, h, w) of each item: (B, T, g, g) probabilities."""
+    scorer = self.scorer
+    patch_e = scorer.visual_projection(scorer.vision_model.post_layernorm(feats_btggv))
+    return ops.relevance_scores(patch_e, text_be, scorer.logit_scale[...])
+
+  def _pool(self, feats_btggv: jax.Array, text_be: jax.Array | None, kernel) -> jax.Array:
+    """Projected and pooled tokens (B, T', g', g', D) for the PPLLaVA-family modes."""
+    pooling = self.cfg.pooling
+    x_btggd = self.multi_modal_projector(feats_btggv)
+    if pooling.mode == "none":
+      return x_btggd
+    if pooling.mode == "average":
+      probs = jnp.ones(x_btggd.shape[:4], jnp.float32)
+      return ops.prompt_guided_pool(x_btggd, probs, kernel, mode="average")
+    probs = self.relevance(feats_btggv, text_be)
+    return ops.prompt_guided_pool(x_btggd, probs, kernel, mode=_SCORED[pooling.mode],
+                                  temperature=pooling.temperature)
+
+  def encode_videos(self, videos_btchw: jax.Array, text_be: jax.Array | None) -> jax.Array:
+    """(V, T, 3, H, W) -> (V, tokens, D)."""
+    v, t = videos_btchw.shape[:2]
+    feats = self.patch_features(videos_btchw.reshape(v * t, *videos_btchw.shape[2:]))
+    feats_btggv = feats.reshape(v, t, *feats.shape[1:])
+    if self.cfg.pooling.mode == "llava_next_video":
+      s = self.cfg.pooling.llava_next_stride
+      ones = jnp.ones(feats_btggv.shape[:4], jnp.float32)
+      pooled = ops.prompt_guided_pool(feats_btggv, ones, (1, s, s), mode="average")
+      tokens = self.multi_modal_projector(pooled)
+    else:
+      tokens = self._pool(feats_btggv, text_be, self.cfg.pooling.video_kernel)
+    return tokens.reshape(v, -1, tokens.shape[-1])
+
+  def encode_images(self, images_ntchw: jax.Array, image_sizes, text_be: jax.Array | None
+                    ) -> list[jax.Array]:
+    """Anyres images -> one (tokens_i, D) array each. Sizes are host values (static)."""
+    cfg = self.cfg
+    sizes = [tuple(int(x) for x in s) for s in np.asarray(image_sizes)]
+    tiles = [1 + int(np.prod(ops.anyres_grid_shape(s, cfg.grid_pinpoints, cfg.vision.image_size)))
+             for s in sizes]
+    feats = [self.patch_features(images_ntchw[i, :n]) for i, n in enumerate(tiles)]
+    if cfg.pooling.mode in ("llava_next_video", "none"):  # LLaVA-NeXT never pools images
+      per_image, pool = [self.multi_modal_projector(f) for f in feats], 1
+    else:  # tiles share one relevance softmax: they go on the T axis of one item
+      pool = cfg.pooling.image_kernel[1]
+      per_image = [self._pool(f[None], None if text_be is None else text_be[i:i + 1],
+                              cfg.pooling.image_kernel)[0] for i, f in enumerate(feats)]
+    per_image = [x.reshape(x.shape[0], -1, x.shape[-1]) for x in per_image]
+    return ops.pack_image_features(per_image, sizes, cfg.grid_pinpoints, cfg.vision.image_size,
+                                   cfg.vision.patch_size, self.image_newline[...], pool=pool)
+
+  # ---- forward ------------------------------------------------------------------------
+
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+               position_ids: jax.Array | None = None, cache: KVCache | None = None, *,
+               pixel_values: jax.Array | None = None, image_sizes=None,
+               pixel_values_videos: jax.Array | None = None,
+               clip_input_ids: jax.Array | None = None,
+               clip_attention_mask: jax.Array | None = None) -> CausalLMOutput:
+    """Logits (B, L, vocab) with media merged at their placeholders (module doc)."""
+    cfg = self.cfg
+    emb_bld = self.language_model.embed(input_ids)
+    text_be = None
+    if cfg.pooling.scored and (pixel_values is not None or pixel_values_videos is not None):
+      if self.scorer is None:
+        raise ValueError(f"pooling mode {cfg.pooling.mode!r} scores relevance with CLIP: attach "
+                         "a scorer (PPLLaVA.from_pretrained(path, clip=...))")
+      if clip_input_ids is None:
+        raise ValueError(f"pooling mode {cfg.pooling.mode!r} needs the prompt for the scorer: "
+                         "pass clip_input_ids (one row per sample)")
+      text_be = self.scorer.get_text_features(clip_input_ids, clip_attention_mask)
+    if pixel_values_videos is not None:
+      owners = _media_owners(input_ids, cfg.video_token_index, pixel_values_videos.shape[0])
+      tokens = self.encode_videos(pixel_values_videos, None if text_be is None else text_be[owners])
+      flat = tokens.reshape(-1, tokens.shape[-1])
+      emb_bld = ops.merge_media(emb_bld, input_ids, flat, jnp.ones(flat.shape[0], bool),
+                                cfg.video_token_index)
+    if pixel_values is not None:
+      if image_sizes is None:
+        raise ValueError("pixel_values need image_sizes (N, 2) (height, width), as LLaVA-NeXT "
+                         "processors give")
+      owners = _media_owners(input_ids, cfg.image_token_index, pixel_values.shape[0])
+      packed = self.encode_images(pixel_values, image_sizes,
+                                  None if text_be is None else text_be[owners])
+      flat = jnp.concatenate(packed, axis=0)
+      emb_bld = ops.merge_media(emb_bld, input_ids, flat, jnp.ones(flat.shape[0], bool),
+                                cfg.image_token_index)
+    return self.language_model(inputs_embeds=emb_bld, attention_mask=attention_mask,
+                               position_ids=position_ids, cache=cache)
+
+  def init_cache(self, batch: int, length: int, dtype=jnp.float32) -> KVCache:
+    return self.language_model.init_cache(batch, length, dtype)
+
+  def generate(self, input_ids, attention_mask=None, *, pixel_values_videos=None,
+               clip_input_ids=None, clip_attention_mask=None, **kwargs):
+    """Token ids (B, L + max_new_tokens); videos / text prompts (images: call the model)."""
+    media = {k: v for k, v in dict(pixel_values_videos=pixel_values_videos,
+                                   clip_input_ids=clip_input_ids,
+                                   clip_attention_mask=clip_attention_mask).items()
+             if v is not None}
+    return generate(self, input_ids, attention_mask, media=media, **kwargs)
+
+  # ---- checkpoints --------------------------------------------------------------------
+
+  @classmethod
+  def from_pretrained(cls, path: str | Path, clip: str | Path | CLIPModel | None = None,
+                      pooling: PoolingConfig = PoolingConfig(),
+                      dtype: jnp.dtype | None = None) -> "PPLLaVA":
+    """A llava-hf LLaVA-NeXT or LLaVA-NeXT-Video folder, plus a CLIP folder (or model) as
+    the relevance scorer for the ``"ppllava"`` / ``"paper"`` modes."""
+    path = pretrained.resolve_checkpoint(path)
+    cfg = PPLLaVAConfig.from_hf(
+        pretrained.read_config(path, ["llava_next", "llava_next_video"]), pooling)
+    scorer = None
+    if cfg.pooling.scored:
+      if clip is None:
+        raise ValueError(f"pooling mode {pooling.mode!r} needs clip= (a CLIP folder or CLIPModel)")
+      scorer = clip if isinstance(clip, CLIPModel) else CLIPModel.from_pretrained(clip, dtype)
+      if scorer.cfg.vision.hidden_size != cfg.vision.hidden_size:
+        raise ValueError(f"the scorer CLIP's vision width {scorer.cfg.vision.hidden_size} does "
+                         f"not match the vision tower's {cfg.vision.hidden_size}")
+    model = load_into(nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0))), path,
+                      LLAVA_NEXT_RULES, dtype)
+    model.scorer = nnx.data(scorer)  # a separate checkpoint: attached after the strict load
+    return model

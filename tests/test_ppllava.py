@@ -1,0 +1,146 @@
+"""The PPLLaVA composition against transformers' LlavaNextVideo on the same tiny weights."""
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import numpy_reference as ref
+from hf_fixtures import (LLAVA_IMAGE_TOKEN, LLAVA_PINPOINTS, LLAVA_VIDEO_TOKEN, make_llava_next_video,
+                         make_scorer_clip, text_batch)
+from ppllava_jax import ops
+from ppllava_jax.models.ppllava import PPLLaVA, PoolingConfig
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+  return make_llava_next_video(tmp_path_factory.mktemp("llava"))
+
+
+@pytest.fixture(scope="module")
+def scorer_path(tmp_path_factory):
+  return make_scorer_clip(tmp_path_factory.mktemp("scorer"))[1]
+
+
+def video_prompt(frames: int, tokens_per_frame: int, seed=0):
+  rng = np.random.default_rng(seed)
+  ids = np.concatenate([[1], rng.integers(3, 60, 4), [LLAVA_VIDEO_TOKEN] * (frames * tokens_per_frame),
+                        rng.integers(3, 60, 5)])[None]
+  video = rng.standard_normal((1, frames, 3, 24, 24)).astype(np.float32)
+  return ids.astype(np.int64), video
+
+
+def test_video_logits_match_llava_next_video(llava):
+  hf, path = llava
+  ours = PPLLaVA.from_pretrained(path, pooling=PoolingConfig("llava_next_video"))
+  ids, video = video_prompt(4, 9)  # 6x6 patches, 2x2 mean -> 3x3 per frame
+  with torch.no_grad():
+    want = hf(input_ids=torch.from_numpy(ids), pixel_values_videos=torch.from_numpy(video)).logits
+  got = ours(jnp.asarray(ids), pixel_values_videos=jnp.asarray(video)).logits
+  assert np.abs(np.asarray(got) - want.numpy()).max() <= TOL
+
+
+@pytest.mark.parametrize("size", [(30, 50), (50, 20)])
+def test_anyres_image_logits_match_llava_next_video(llava, size):
+  hf, path = llava
+  ours = PPLLaVA.from_pretrained(path, pooling=PoolingConfig("llava_next_video"))
+  rng = np.random.default_rng(1)
+  n_tokens = ops.num_image_features(size, LLAVA_PINPOINTS, 24, 4)
+  tiles = 1 + int(np.prod(ops.anyres_grid_shape(size, LLAVA_PINPOINTS, 24)))
+  ids = np.concatenate([[1, 5, 6], [LLAVA_IMAGE_TOKEN] * n_tokens, [7, 8]])[None].astype(np.int64)
+  pixels = rng.standard_normal((1, 5, 3, 24, 24)).astype(np.float32)  # padded to 5 tiles
+  sizes = np.asarray([size])
+  with torch.no_grad():
+    want = hf(input_ids=torch.from_numpy(ids), pixel_values=torch.from_numpy(pixels[:, :tiles]),
+              image_sizes=torch.from_numpy(sizes)).logits
+  got = ours(jnp.asarray(ids), pixel_values=jnp.asarray(pixels), image_sizes=sizes).logits
+  assert np.abs(np.asarray(got) - want.numpy()).max() <= TOL
+
+
+def test_video_generation_matches_transformers(llava):
+  hf, path = llava
+  ours = PPLLaVA.from_pretrained(path, pooling=PoolingConfig("llava_next_video"))
+  ids, video = video_prompt(2, 9, seed=2)
+  with torch.no_grad():
+    want = hf.generate(input_ids=torch.from_numpy(ids), pixel_values_videos=torch.from_numpy(video),
+                       max_new_tokens=20, do_sample=False, pad_token_id=0).numpy()
+  got = np.asarray(ours.generate(jnp.asarray(ids), pixel_values_videos=jnp.asarray(video),
+                                 max_new_tokens=20))
+  np.testing.assert_array_equal(got[:, :want.shape[1]], want)
+
+
+def test_uniform_relevance_makes_ppllava_equal_average(llava, scorer_path):
+  from ppllava_jax.models import CLIPModel
+  _, path = llava
+  scorer = CLIPModel.from_pretrained(scorer_path)
+  # A zero visual projection gives every patch the same (zero) cosine: uniform relevance.
+  scorer.visual_projection.kernel.set_value(jnp.zeros_like(scorer.visual_projection.kernel[...]))
+  ppl = PPLLaVA.from_pretrained(path, clip=scorer, pooling=PoolingConfig("ppllava"))
+  avg = PPLLaVA.from_pretrained(path, pooling=PoolingConfig("average"))
+  ids, video = video_prompt(4, 2, seed=3)  # (2,3,3) on 4x6x6 -> 2x2x2 = 8 tokens
+  clip_ids, clip_mask = text_batch(99, 98, [6], 8)
+  a = ppl(jnp.asarray(ids), pixel_values_videos=jnp.asarray(video),
+          clip_input_ids=jnp.asarray(clip_ids), clip_attention_mask=jnp.asarray(clip_mask)).logits
+  b = avg(jnp.asarray(ids), pixel_values_videos=jnp.asarray(video)).logits
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5)
+
+
+def test_relevance_follows_the_prompt(llava, scorer_path):
+  """Frames showing what the prompt names take the relevance, exactly.
+
+  Frames 0, 2, 3 show picture X (every patch feature e_0), frame 1 picture Y (e_1).
+  With the scorer's post_layernorm the identity, its visual projection maps
+  ln(e_0) to +axis and the prompt's text feature is that axis, so X patches have
+  cosine +1 and Y patches -1: at CLIP's scale (exp 4.6 ~ 100) frame 1 gets e^-200 of
+  the weight of an X frame, and the three X frames share the rest equally.
+  """
+  from ppllava_jax.models import CLIPModel
+  _, path = llava
+  scorer = CLIPModel.from_pretrained(scorer_path)
+  model = PPLLaVA.from_pretrained(path, clip=scorer, pooling=PoolingConfig("ppllava"))
+  scorer.logit_scale.set_value(jnp.asarray(4.6052, jnp.float32))  # CLIP's trained value
+  ln = scorer.vision_model.post_layernorm
+  ln.weight.set_value(jnp.ones(24))
+  ln.bias.set_value(jnp.zeros(24))
+  feats = np.zeros((1, 4, 6, 6, 24), np.float32)
+  feats[0, [0, 2, 3], ..., 0] = 1.0
+  feats[0, 1, ..., 1] = 1.0
+  x_dir = np.asarray(ln(jnp.asarray(feats[0, 0, 0, 0])))
+  kernel = np.zeros((24, 12), np.float32)
+  kernel[:, 0] = x_dir / (x_dir @ x_dir)  # ln(e_0) -> +axis; ln(e_1) -> -1/23 axis
+  scorer.visual_projection.kernel.set_value(jnp.asarray(kernel))
+  clip_ids, clip_mask = text_batch(99, 98, [5], 8)
+  pooled = np.asarray(scorer.text_model(jnp.asarray(clip_ids), jnp.asarray(clip_mask))[2])[0]
+  axis = np.eye(12, dtype=np.float32)[0]
+  scorer.text_projection.kernel.set_value(jnp.asarray(np.outer(pooled, axis) / (pooled @ pooled)))
+  text = scorer.get_text_features(jnp.asarray(clip_ids), jnp.asarray(clip_mask))
+  np.testing.assert_allclose(np.asarray(text)[0], axis, atol=1e-5)
+  probs = np.asarray(model.relevance(jnp.asarray(feats), text))
+  patch_e = np.asarray(scorer.visual_projection(ln(jnp.asarray(feats))))
+  np.testing.assert_allclose(probs, ref.relevance(patch_e, np.asarray(text),
+                                                  float(scorer.logit_scale[...])),
+                             rtol=1e-4, atol=1e-30)
+  per_frame = probs[0].sum((1, 2))
+  assert per_frame[1] < 1e-30
+  np.testing.assert_allclose(per_frame[[0, 2, 3]], 1 / 3, rtol=1e-5)
+
+
+def test_placeholder_count_mismatch_names_both_counts(llava):
+  _, path = llava
+  ours = PPLLaVA.from_pretrained(path, pooling=PoolingConfig("llava_next_video"))
+  ids, video = video_prompt(4, 9)
+  ids = np.delete(ids, [5, 6, 7], axis=1)  # three of the 36 video placeholders
+  with pytest.raises(ValueError, match="33 placeholder tokens .* but 36 media tokens"):
+    ours(jnp.asarray(ids), pixel_values_videos=jnp.asarray(video))
+
+
+def test_scored_modes_need_a_scorer(llava):
+  _, path = llava
+  with pytest.raises(ValueError, match="needs clip="):
+    PPLLaVA.from_pretrained(path, pooling=PoolingConfig("ppllava"))
+  with pytest.raises(ValueError, match="pooling mode must be one of"):
+    PoolingConfig("mean")
