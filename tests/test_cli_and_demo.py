@@ -13,8 +13,7 @@ from ppllava_jax.demo import DemoConfig, run
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("cli, what", [("train.py", "training"), ("eval.py", "evaluation"),
-                                       ("convert.py", "checkpoint conversion")])
+@pytest.mark.parametrize("cli, what", [("train.py", "training"), ("eval.py", "evaluation")])
 def test_unfinished_clis_say_so_and_exit_2(cli, what):
   done = subprocess.run([sys.executable, str(ROOT / cli)], capture_output=True, text=True,
                         cwd=ROOT, check=False)

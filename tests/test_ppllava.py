@@ -144,3 +144,19 @@ def test_scored_modes_need_a_scorer(llava):
     PPLLaVA.from_pretrained(path, pooling=PoolingConfig("ppllava"))
   with pytest.raises(ValueError, match="pooling mode must be one of"):
     PoolingConfig("mean")
+
+
+def test_save_load_round_trip_with_scorer(llava, scorer_path, tmp_path):
+  import flax.nnx as nnx
+  from transformers import LlavaNextVideoForConditionalGeneration
+  hf, path = llava
+  model = PPLLaVA.from_pretrained(path, clip=scorer_path, pooling=PoolingConfig("ppllava"))
+  model.save_pretrained(tmp_path / "saved")
+  again = PPLLaVA.from_pretrained(tmp_path / "saved", pooling=PoolingConfig("ppllava"))
+  assert again.scorer is not None  # found in saved/scorer
+  theirs = dict(nnx.to_flat_state(nnx.state(again)))
+  for p, var in nnx.to_flat_state(nnx.state(model)):
+    np.testing.assert_array_equal(np.asarray(var[...]), np.asarray(theirs[p][...]), err_msg=str(p))
+  back = LlavaNextVideoForConditionalGeneration.from_pretrained(tmp_path / "saved").state_dict()
+  for name, p in hf.state_dict().items():
+    torch.testing.assert_close(p, back[name], rtol=0, atol=0, msg=name)

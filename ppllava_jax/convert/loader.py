@@ -21,7 +21,7 @@ import dataclasses
 import enum
 import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import jax
@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 from safetensors import safe_open
 from safetensors.flax import save_file
+from tqdm.auto import tqdm
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -130,7 +131,7 @@ def _param_paths(state: nnx.State) -> dict[str, tuple]:
 
 
 def load_into(abstract_model: nnx.Module, path: str | Path, rules: Sequence[Rule],
-              dtype: jnp.dtype | None = None) -> nnx.Module:
+              dtype: jnp.dtype | None = None, progress: bool = False) -> nnx.Module:
   """Fills ``abstract_model`` (from ``nnx.eval_shape``) from the checkpoint at ``path``.
 
   ``dtype`` casts floating tensors; by default each keeps its stored dtype.
@@ -141,7 +142,8 @@ def load_into(abstract_model: nnx.Module, path: str | Path, rules: Sequence[Rule
   filled: dict[tuple, jax.Array] = {}
   unexpected, mismatched, mismatched_names = [], [], set()
   files = checkpoint_files(path)
-  for key, tensor in iter_tensors(files):
+  for key, tensor in tqdm(iter_tensors(files), desc=f"reading {Path(path).name}", unit="tensor",
+                          disable=not progress):
     hit = _match(key, rules, "hf")
     if hit is None:
       unexpected.append(key)
@@ -181,23 +183,51 @@ def load_into(abstract_model: nnx.Module, path: str | Path, rules: Sequence[Rule
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def hf_tensors(model: nnx.Module, rules: Sequence[Rule]) -> dict[str, jax.Array]:
-  """The model's parameters under their Hugging Face names and layouts."""
-  out = {}
+def hf_tensors(model: nnx.Module, rules: Sequence[Rule]) -> Iterator[tuple[str, jax.Array]]:
+  """The model's parameters under their Hugging Face names and layouts, one at a time."""
   for path, variable in nnx.to_flat_state(nnx.state(model)):
     name = ".".join(map(str, path))
     hit = _match(name, rules, "ours")
     if hit is None:
       raise CheckpointError(f"no rule names parameter {name} for saving")
     rule, groups = hit
-    out[_fill(rule.hf, groups)] = rule.transform.to_hf(jnp.asarray(variable[...]))
-  return out
+    yield _fill(rule.hf, groups), rule.transform.to_hf(jnp.asarray(variable[...]))
 
 
-def save_tensors(tensors: dict[str, jax.Array], path: str | Path) -> Path:
+def save_tensors(tensors: Iterable[tuple[str, jax.Array]], path: str | Path,
+                 max_shard_bytes: int = 5 * 2**30, progress: bool = False) -> list[Path]:
+  """Writes (name, array) pairs as safetensors, streaming: at most one shard in memory.
+
+  One shard is ``model.safetensors``; more are ``model-0000i-of-0000n.safetensors`` with
+  a ``model.safetensors.index.json``, as transformers writes them.
+  """
   path = Path(path)
   path.mkdir(parents=True, exist_ok=True)
-  # safetensors wants contiguous host buffers; transposed views are materialised here.
-  save_file({k: jnp.asarray(np.array(jax.device_get(v), order="C")) for k, v in tensors.items()},
-            str(path / SINGLE_FILE), metadata={"format": "pt"})
-  return path / SINGLE_FILE
+  shards, current, size = [], {}, 0
+
+  def flush():
+    nonlocal current, size
+    file = path / f"shard-{len(shards):05d}.tmp"
+    save_file(current, str(file), metadata={"format": "pt"})
+    shards.append((file, list(current)))
+    current, size = {}, 0
+
+  for name, value in tqdm(tensors, desc=f"writing {path.name}", unit="tensor", disable=not progress):
+    # safetensors wants contiguous host buffers; transposed views are materialised here.
+    host = jnp.asarray(np.array(jax.device_get(value), order="C"))
+    if current and size + host.nbytes > max_shard_bytes:
+      flush()
+    current[name] = host
+    size += host.nbytes
+  if current or not shards:
+    flush()
+  if len(shards) == 1:
+    final = [shards[0][0].rename(path / SINGLE_FILE)]
+  else:
+    n = len(shards)
+    final = [file.rename(path / f"model-{i + 1:05d}-of-{n:05d}.safetensors")
+             for i, (file, _) in enumerate(shards)]
+    weight_map = {name: f.name for f, (_, names) in zip(final, shards) for name in names}
+    (path / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map},
+                                              indent=2, sort_keys=True) + "\n")
+  return final

@@ -104,6 +104,18 @@ class PPLLaVAConfig:
         projector_bias=getattr(full, "multimodal_projector_bias", True),
         pooling=dataclasses.replace(pooling, llava_next_stride=stride))
 
+  def to_hf(self) -> dict:
+    """A LLaVA-NeXT-Video config.json (the superset of LLaVA-NeXT's)."""
+    from transformers import LlavaNextVideoConfig
+    vision = dict(dataclasses.asdict(self.vision), model_type="clip_vision_model")
+    return LlavaNextVideoConfig(
+        vision_config=vision, text_config=self.text.to_hf(),
+        image_token_index=self.image_token_index, video_token_index=self.video_token_index,
+        image_grid_pinpoints=[list(p) for p in self.grid_pinpoints],
+        vision_feature_layer=self.vision_feature_layer, vision_feature_select_strategy="default",
+        multimodal_projector_bias=self.projector_bias,
+        spatial_pool_stride=self.pooling.llava_next_stride).to_dict()
+
 
 class Projector(nnx.Module):
   """LLaVA's MLP: linear -> GELU -> linear, vision width to LLM width."""
@@ -249,13 +261,18 @@ class PPLLaVA(nnx.Module):
 
   # ---- checkpoints --------------------------------------------------------------------
 
+  SCORER_DIR = "scorer"  # where save_pretrained puts the scorer CLIP, and loading looks
+
   @classmethod
   def from_pretrained(cls, path: str | Path, clip: str | Path | CLIPModel | None = None,
                       pooling: PoolingConfig = PoolingConfig(),
                       dtype: jnp.dtype | None = None) -> "PPLLaVA":
     """A llava-hf LLaVA-NeXT or LLaVA-NeXT-Video folder, plus a CLIP folder (or model) as
-    the relevance scorer for the ``"ppllava"`` / ``"paper"`` modes."""
+    the relevance scorer for the ``"ppllava"`` / ``"paper"`` modes (default: the
+    folder's ``scorer/`` subfolder, where ``save_pretrained`` writes it)."""
     path = pretrained.resolve_checkpoint(path)
+    if clip is None and (path / cls.SCORER_DIR / "config.json").is_file():
+      clip = path / cls.SCORER_DIR
     cfg = PPLLaVAConfig.from_hf(
         pretrained.read_config(path, ["llava_next", "llava_next_video"]), pooling)
     scorer = None
@@ -270,3 +287,15 @@ class PPLLaVA(nnx.Module):
                       LLAVA_NEXT_RULES, dtype)
     model.scorer = nnx.data(scorer)  # a separate checkpoint: attached after the strict load
     return model
+
+  def save_pretrained(self, path: str | Path) -> Path:
+    """The llava-hf layout (hub vision-tower names), plus ``scorer/`` when one is attached."""
+    path = Path(path)
+    scorer, self.scorer = self.scorer, nnx.data(None)  # saved on its own, below
+    try:
+      pretrained.save_pretrained(self, path, LLAVA_NEXT_RULES, self.cfg.to_hf())
+    finally:
+      self.scorer = nnx.data(scorer)
+    if scorer is not None:
+      scorer.save_pretrained(path / self.SCORER_DIR)
+    return path

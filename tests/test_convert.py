@@ -1,0 +1,63 @@
+"""convert.py: transformers folder -> Orbax -> transformers folder, losslessly."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import flax.nnx as nnx
+import numpy as np
+import torch
+
+from hf_fixtures import make_llava_next_video, make_llm
+from ppllava_jax import checkpoints
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args) -> str:
+  done = subprocess.run([sys.executable, str(ROOT / "convert.py"), *map(str, args)],
+                        capture_output=True, text=True, cwd=ROOT, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  return done.stdout
+
+
+def assert_same_state(a, b):
+  theirs = dict(nnx.to_flat_state(nnx.state(b)))
+  for path, var in nnx.to_flat_state(nnx.state(a)):
+    np.testing.assert_array_equal(np.asarray(var[...]), np.asarray(theirs[path][...]),
+                                  err_msg=str(path))
+
+
+def test_llava_next_video_round_trip_through_orbax_with_shards(tmp_path):
+  from transformers import LlavaNextVideoForConditionalGeneration
+  hf, src = make_llava_next_video(tmp_path / "src")
+  out = run_cli("to-orbax", src, tmp_path / "orbax")
+  assert "llava_next_video:" in out and "language_model" in out and "vision_tower" in out
+  counts = checkpoints.parameter_counts(checkpoints.load_hf(src)[0])
+  assert f"{sum(counts.values()):,} parameters" in out
+  assert sum(counts.values()) == sum(p.numel() for p in hf.parameters())
+  run_cli("to-hf", tmp_path / "orbax", tmp_path / "back", "--max-shard-gb", 2e-5)  # ~21 KB shards
+  assert len(list((tmp_path / "back").glob("model-*-of-*.safetensors"))) > 1
+  assert_same_state(checkpoints.load_hf(src)[0], checkpoints.load_hf(tmp_path / "back")[0])
+  back = LlavaNextVideoForConditionalGeneration.from_pretrained(tmp_path / "back").state_dict()
+  for name, p in hf.state_dict().items():
+    torch.testing.assert_close(p, back[name], rtol=0, atol=0, msg=name)
+
+
+def test_tied_qwen2_round_trip(tmp_path):
+  _, src = make_llm("qwen2", tmp_path / "src")
+  model, hf = checkpoints.load_hf(src)
+  checkpoints.save_orbax(model, hf, tmp_path / "orbax")
+  again, hf_again = checkpoints.load_orbax(tmp_path / "orbax")
+  assert hf_again == hf
+  assert_same_state(model, again)
+  checkpoints.save_hf(again, hf, tmp_path / "back")
+  assert (tmp_path / "back" / "model.safetensors").is_file()
+  assert_same_state(model, checkpoints.load_hf(tmp_path / "back")[0])
+
+
+def test_not_an_orbax_checkpoint(tmp_path):
+  import pytest
+  from ppllava_jax.convert.loader import CheckpointError
+  with pytest.raises(CheckpointError, match="not an Orbax checkpoint"):
+    checkpoints.load_orbax(tmp_path)
