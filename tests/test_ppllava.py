@@ -93,23 +93,21 @@ def test_relevance_follows_the_prompt(llava, scorer_path):
   """Frames showing what the prompt names take the relevance, exactly.
 
   Frames 0, 2, 3 show picture X (every patch feature e_0), frame 1 picture Y (e_1).
-  With the scorer's post_layernorm the identity, its visual projection maps
-  ln(e_0) to +axis and the prompt's text feature is that axis, so X patches have
-  cosine +1 and Y patches -1: at CLIP's scale (exp 4.6 ~ 100) frame 1 gets e^-200 of
-  the weight of an X frame, and the three X frames share the rest equally.
+  With the scorer's visual LayerNorm the identity, its visual projection maps ln(e_0)
+  to +axis and the prompt's text feature is that axis, so X patches have cosine +1
+  and Y patches -1: at CLIP's scale (exp 4.6 ~ 100) frame 1 gets e^-200 of the weight
+  of an X frame, and the three X frames share the rest equally.
   """
-  from ppllava_jax.models import CLIPModel
   _, path = llava
-  scorer = CLIPModel.from_pretrained(scorer_path)
-  model = PPLLaVA.from_pretrained(path, clip=scorer, pooling=PoolingConfig("ppllava"))
+  model = PPLLaVA.from_pretrained(path, clip=scorer_path, clip_extend_keep=None)
+  scorer = model.scorer
   scorer.logit_scale.set_value(jnp.asarray(4.6052, jnp.float32))  # CLIP's trained value
-  ln = scorer.vision_model.post_layernorm
-  ln.weight.set_value(jnp.ones(24))
-  ln.bias.set_value(jnp.zeros(24))
+  scorer.visual_ln.weight.set_value(jnp.ones(24))
+  scorer.visual_ln.bias.set_value(jnp.zeros(24))
   feats = np.zeros((1, 4, 6, 6, 24), np.float32)
   feats[0, [0, 2, 3], ..., 0] = 1.0
   feats[0, 1, ..., 1] = 1.0
-  x_dir = np.asarray(ln(jnp.asarray(feats[0, 0, 0, 0])))
+  x_dir = np.asarray(scorer.visual_ln(jnp.asarray(feats[0, 0, 0, 0])))
   kernel = np.zeros((24, 12), np.float32)
   kernel[:, 0] = x_dir / (x_dir @ x_dir)  # ln(e_0) -> +axis; ln(e_1) -> -1/23 axis
   scorer.visual_projection.kernel.set_value(jnp.asarray(kernel))
@@ -117,10 +115,10 @@ def test_relevance_follows_the_prompt(llava, scorer_path):
   pooled = np.asarray(scorer.text_model(jnp.asarray(clip_ids), jnp.asarray(clip_mask))[2])[0]
   axis = np.eye(12, dtype=np.float32)[0]
   scorer.text_projection.kernel.set_value(jnp.asarray(np.outer(pooled, axis) / (pooled @ pooled)))
-  text = scorer.get_text_features(jnp.asarray(clip_ids), jnp.asarray(clip_mask))
+  text = scorer.text_features(jnp.asarray(clip_ids), jnp.asarray(clip_mask))
   np.testing.assert_allclose(np.asarray(text)[0], axis, atol=1e-5)
-  probs = np.asarray(model.relevance(jnp.asarray(feats), text))
-  patch_e = np.asarray(scorer.visual_projection(ln(jnp.asarray(feats))))
+  probs = np.asarray(scorer(jnp.asarray(feats), text))
+  patch_e = np.asarray(scorer.patch_embeddings(jnp.asarray(feats)))
   np.testing.assert_allclose(probs, ref.relevance(patch_e, np.asarray(text),
                                                   float(scorer.logit_scale[...])),
                              rtol=1e-4, atol=1e-30)
@@ -140,20 +138,21 @@ def test_placeholder_count_mismatch_names_both_counts(llava):
 
 def test_scored_modes_need_a_scorer(llava):
   _, path = llava
-  with pytest.raises(ValueError, match="needs clip="):
+  with pytest.raises(ValueError, match="needs the relevance scorer"):
     PPLLaVA.from_pretrained(path, pooling=PoolingConfig("ppllava"))
   with pytest.raises(ValueError, match="pooling mode must be one of"):
     PoolingConfig("mean")
 
 
-def test_save_load_round_trip_with_scorer(llava, scorer_path, tmp_path):
+def test_save_load_round_trip_with_scorer_inside(llava, scorer_path, tmp_path):
   import flax.nnx as nnx
   from transformers import LlavaNextVideoForConditionalGeneration
   hf, path = llava
-  model = PPLLaVA.from_pretrained(path, clip=scorer_path, pooling=PoolingConfig("ppllava"))
+  model = PPLLaVA.from_pretrained(path, clip=scorer_path, clip_extend_keep=4)  # 16 -> 52 positions
+  assert model.scorer.text_model.embeddings.position_embedding_res[...].shape == (52, 20)
   model.save_pretrained(tmp_path / "saved")
-  again = PPLLaVA.from_pretrained(tmp_path / "saved", pooling=PoolingConfig("ppllava"))
-  assert again.scorer is not None  # found in saved/scorer
+  again = PPLLaVA.from_pretrained(tmp_path / "saved")
+  assert again.cfg.scorer == model.cfg.scorer  # saved inside, as PPLLaVA's own checkpoints
   theirs = dict(nnx.to_flat_state(nnx.state(again)))
   for p, var in nnx.to_flat_state(nnx.state(model)):
     np.testing.assert_array_equal(np.asarray(var[...]), np.asarray(theirs[p][...]), err_msg=str(p))

@@ -4,6 +4,7 @@ Checkpoints store the vision tower as ``vision_tower.vision_model.*`` (the hub's
 llava-hf folders, and PPLLaVA's) or as ``vision_tower.*`` (what transformers 5.23
 writes); both load, and saving writes the first. The language model keeps its
 ``language_model.model.*`` / ``language_model.lm_head`` names, which are ours too.
+PPLLaVA's relevance scorer sits under the original projector's ``clip_*`` names.
 """
 
 from collections.abc import Iterable
@@ -34,6 +35,14 @@ LLAVA_NEXT_RULES = (
     Rule("{p*}.position_ids", None),
     *vision_tower_rules("vision_tower.vision_model."),
     *vision_tower_rules("vision_tower."),
+    # PPLLaVA's relevance scorer, under the original projector's names.
+    Rule("multi_modal_projector.clip_text_model.{p*}.{lin:" + LINEARS + "}.weight",
+         "scorer.text_model.{p*}.{lin}.kernel", Transform.LINEAR),
+    Rule("multi_modal_projector.clip_text_model.{p*}", "scorer.text_model.{p*}"),
+    Rule("multi_modal_projector.clip_visual_ln.{p*}", "scorer.visual_ln.{p*}"),
+    Rule("multi_modal_projector.clip_{proj:visual_projection|text_projection}.weight",
+         "scorer.{proj}.kernel", Transform.LINEAR),
+    Rule("multi_modal_projector.logit_scale", "scorer.logit_scale"),
     Rule("multi_modal_projector.{l:linear_1|linear_2}.weight", "multi_modal_projector.{l}.kernel",
          Transform.LINEAR),
     Rule("multi_modal_projector.{p*}", "multi_modal_projector.{p*}"),

@@ -3,9 +3,9 @@
 The composition (reference sections 1-5):
 
   frames/tiles -> vision tower -> hidden state ``vision_feature_layer`` (-2), CLS dropped
-    -> relevance: scorer CLIP's post_layernorm + visual_projection of those patches
-       against the scorer's text features of the prompt (``ops.relevance_scores``,
-       softmax over all frames/tiles of one item)
+    -> relevance (``RelevanceScorer``: CLIP's post_layernorm + visual_projection of
+       those patches against CLIP's text features of the prompt, ``ops.relevance_scores``,
+       one softmax over all frames/tiles of an item)
     -> MLP projector on every patch (pooling runs in LLM space, after it, as the code does)
     -> ``ops.prompt_guided_pool`` (video (2,3,3); image tiles (1,3,3), then anyres packing)
     -> written into the text embeddings at the placeholder ids (``ops.merge_media``)
@@ -16,7 +16,7 @@ the probabilities at temperature 0.01 per window), ``"paper"`` (Eq. 3, probabili
 weighted sum), ``"average"`` (the same windows, plain mean: PLLaVA-style), and the
 baselines ``"llava_next_video"`` (2x2 spatial mean *before* the projector, images
 unpooled, exactly transformers' LlavaNextVideo) and ``"none"`` (every token). Only
-the first two need the scorer CLIP.
+the first two need the scorer.
 
 Media layout: ``pixel_values_videos`` (V, T, 3, H, W), one video per run of video
 placeholders; ``pixel_values`` (N, max_tiles, 3, H, W) with ``image_sizes`` (N, 2)
@@ -43,8 +43,10 @@ from ppllava_jax.models import pretrained
 from ppllava_jax.models.clip import CLIPModel, CLIPVisionConfig, CLIPVisionTransformer
 from ppllava_jax.models.generate import generate
 from ppllava_jax.models.layers import Linear
+from ppllava_jax.models.scorer import RelevanceScorer, ScorerConfig
 from ppllava_jax.models.llm import CausalLM, CausalLMOutput, DecoderConfig, KVCache
 
+SCORER_KEY = "ppllava_scorer"
 POOLING_MODES = ("ppllava", "paper", "average", "llava_next_video", "none")
 _SCORED = {"ppllava": "softmax", "paper": "weighted_sum"}
 
@@ -79,6 +81,7 @@ class PPLLaVAConfig:
   vision_feature_layer: int = -2
   projector_bias: bool = True
   pooling: PoolingConfig = PoolingConfig()
+  scorer: ScorerConfig | None = None  # stored in config.json as "ppllava_scorer"
 
   @classmethod
   def from_hf(cls, hf: dict, pooling: PoolingConfig) -> "PPLLaVAConfig":
@@ -102,19 +105,23 @@ class PPLLaVAConfig:
         grid_pinpoints=tuple(tuple(p) for p in full.image_grid_pinpoints),
         vision_feature_layer=full.vision_feature_layer,
         projector_bias=getattr(full, "multimodal_projector_bias", True),
-        pooling=dataclasses.replace(pooling, llava_next_stride=stride))
+        pooling=dataclasses.replace(pooling, llava_next_stride=stride),
+        scorer=ScorerConfig.from_hf(hf[SCORER_KEY]) if SCORER_KEY in hf else None)
 
   def to_hf(self) -> dict:
     """A LLaVA-NeXT-Video config.json (the superset of LLaVA-NeXT's)."""
     from transformers import LlavaNextVideoConfig
     vision = dict(dataclasses.asdict(self.vision), model_type="clip_vision_model")
-    return LlavaNextVideoConfig(
+    hf = LlavaNextVideoConfig(
         vision_config=vision, text_config=self.text.to_hf(),
         image_token_index=self.image_token_index, video_token_index=self.video_token_index,
         image_grid_pinpoints=[list(p) for p in self.grid_pinpoints],
         vision_feature_layer=self.vision_feature_layer, vision_feature_select_strategy="default",
         multimodal_projector_bias=self.projector_bias,
         spatial_pool_stride=self.pooling.llava_next_stride).to_dict()
+    if self.scorer is not None:
+      hf[SCORER_KEY] = self.scorer.to_hf()
+    return hf
 
 
 class Projector(nnx.Module):
@@ -138,16 +145,16 @@ def _media_owners(input_ids_bl: jax.Array, token: int, count: int) -> jax.Array:
 
 class PPLLaVA(nnx.Module):
 
-  def __init__(self, cfg: PPLLaVAConfig, scorer: CLIPModel | None = None, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: PPLLaVAConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     self.vision_tower = CLIPVisionTransformer(cfg.vision, rngs=rngs)
     self.multi_modal_projector = Projector(cfg.vision.hidden_size, cfg.text.hidden_size,
                                            cfg.projector_bias, rngs=rngs)
     self.language_model = CausalLM(cfg.text, rngs=rngs)
     self.image_newline = nnx.Param(jnp.zeros((cfg.text.hidden_size,)), axes=("embed",))
-    # The relevance CLIP, needed by the "ppllava" / "paper" modes; a submodule even when
-    # attached later (nnx.data), so it splits, jits and shards with the rest.
-    self.scorer = nnx.data(scorer)
+    # Needed by the "ppllava" / "paper" modes. A submodule even when attached after
+    # loading (nnx.data), so it splits, jits, shards and saves with the rest.
+    self.scorer = nnx.data(None if cfg.scorer is None else RelevanceScorer(cfg.scorer, rngs=rngs))
 
   # ---- media -> LLM tokens ------------------------------------------------------------
 
@@ -156,12 +163,6 @@ class PPLLaVA(nnx.Module):
     hidden = self.vision_tower(pixels_nchw)[self.cfg.vision_feature_layer][:, 1:]
     g = self.cfg.vision.grid
     return hidden.reshape(hidden.shape[0], g, g, hidden.shape[-1])
-
-  def relevance(self, feats_btggv: jax.Array, text_be: jax.Array) -> jax.Array:
-    """Eq. 1 over all (t, h, w) of each item: (B, T, g, g) probabilities."""
-    scorer = self.scorer
-    patch_e = scorer.visual_projection(scorer.vision_model.post_layernorm(feats_btggv))
-    return ops.relevance_scores(patch_e, text_be, scorer.logit_scale[...])
 
   def _pool(self, feats_btggv: jax.Array, text_be: jax.Array | None, kernel) -> jax.Array:
     """Projected and pooled tokens (B, T', g', g', D) for the PPLLaVA-family modes."""
@@ -172,7 +173,7 @@ class PPLLaVA(nnx.Module):
     if pooling.mode == "average":
       probs = jnp.ones(x_btggd.shape[:4], jnp.float32)
       return ops.prompt_guided_pool(x_btggd, probs, kernel, mode="average")
-    probs = self.relevance(feats_btggv, text_be)
+    probs = self.scorer(feats_btggv, text_be)
     return ops.prompt_guided_pool(x_btggd, probs, kernel, mode=_SCORED[pooling.mode],
                                   temperature=pooling.temperature)
 
@@ -227,7 +228,7 @@ class PPLLaVA(nnx.Module):
       if clip_input_ids is None:
         raise ValueError(f"pooling mode {cfg.pooling.mode!r} needs the prompt for the scorer: "
                          "pass clip_input_ids (one row per sample)")
-      text_be = self.scorer.get_text_features(clip_input_ids, clip_attention_mask)
+      text_be = self.scorer.text_features(clip_input_ids, clip_attention_mask)
     if pixel_values_videos is not None:
       owners = _media_owners(input_ids, cfg.video_token_index, pixel_values_videos.shape[0])
       tokens = self.encode_videos(pixel_values_videos, None if text_be is None else text_be[owners])
@@ -261,41 +262,40 @@ class PPLLaVA(nnx.Module):
 
   # ---- checkpoints --------------------------------------------------------------------
 
-  SCORER_DIR = "scorer"  # where save_pretrained puts the scorer CLIP, and loading looks
-
   @classmethod
   def from_pretrained(cls, path: str | Path, clip: str | Path | CLIPModel | None = None,
-                      pooling: PoolingConfig = PoolingConfig(),
-                      dtype: jnp.dtype | None = None) -> "PPLLaVA":
-    """A llava-hf LLaVA-NeXT or LLaVA-NeXT-Video folder, plus a CLIP folder (or model) as
-    the relevance scorer for the ``"ppllava"`` / ``"paper"`` modes (default: the
-    folder's ``scorer/`` subfolder, where ``save_pretrained`` writes it)."""
+                      pooling: PoolingConfig = PoolingConfig(), dtype: jnp.dtype | None = None,
+                      clip_extend_keep: int | None = 20) -> "PPLLaVA":
+    """A llava-hf LLaVA-NeXT(-Video) folder, or one ``save_pretrained`` wrote.
+
+    The ``"ppllava"`` / ``"paper"`` modes need the relevance scorer: a folder this
+    package saved holds it (``multi_modal_projector.clip_*`` tensors, as PPLLaVA's own
+    checkpoints); for a plain llava-hf folder give ``clip=`` (a CLIP folder or model),
+    whose text tower is extended to 248 positions with ``clip_extend_keep`` (PPLLaVA's
+    20; None keeps 77) when loaded from a folder.
+    """
     path = pretrained.resolve_checkpoint(path)
-    if clip is None and (path / cls.SCORER_DIR / "config.json").is_file():
-      clip = path / cls.SCORER_DIR
     cfg = PPLLaVAConfig.from_hf(
         pretrained.read_config(path, ["llava_next", "llava_next_video"]), pooling)
-    scorer = None
-    if cfg.pooling.scored:
-      if clip is None:
-        raise ValueError(f"pooling mode {pooling.mode!r} needs clip= (a CLIP folder or CLIPModel)")
-      scorer = clip if isinstance(clip, CLIPModel) else CLIPModel.from_pretrained(clip, dtype)
-      if scorer.cfg.vision.hidden_size != cfg.vision.hidden_size:
-        raise ValueError(f"the scorer CLIP's vision width {scorer.cfg.vision.hidden_size} does "
-                         f"not match the vision tower's {cfg.vision.hidden_size}")
+    if cfg.scorer is not None and clip is not None:
+      raise ValueError(f"{path} holds its own scorer; clip= would replace it (drop clip=)")
+    if cfg.scorer is None and pooling.scored and clip is None:
+      raise ValueError(f"pooling mode {pooling.mode!r} needs the relevance scorer, and {path} "
+                       "has none: give clip= (a CLIP folder or CLIPModel)")
     model = load_into(nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0))), path,
                       LLAVA_NEXT_RULES, dtype)
-    model.scorer = nnx.data(scorer)  # a separate checkpoint: attached after the strict load
+    if clip is not None:
+      if not isinstance(clip, CLIPModel):
+        clip = CLIPModel.from_pretrained(clip, dtype, extend_text=clip_extend_keep)
+      if clip.cfg.vision.hidden_size != cfg.vision.hidden_size:
+        raise ValueError(f"the CLIP's vision width {clip.cfg.vision.hidden_size} does not match "
+                         f"the vision tower's {cfg.vision.hidden_size}")
+      scorer = RelevanceScorer.from_clip(clip)
+      model.cfg = dataclasses.replace(cfg, scorer=scorer.cfg)
+      model.scorer = nnx.data(scorer)
     return model
 
   def save_pretrained(self, path: str | Path) -> Path:
-    """The llava-hf layout (hub vision-tower names), plus ``scorer/`` when one is attached."""
-    path = Path(path)
-    scorer, self.scorer = self.scorer, nnx.data(None)  # saved on its own, below
-    try:
-      pretrained.save_pretrained(self, path, LLAVA_NEXT_RULES, self.cfg.to_hf())
-    finally:
-      self.scorer = nnx.data(scorer)
-    if scorer is not None:
-      scorer.save_pretrained(path / self.SCORER_DIR)
-    return path
+    """The llava-hf layout (hub vision-tower names); a scorer goes in as PPLLaVA's
+    ``multi_modal_projector.clip_*`` tensors, its config as ``ppllava_scorer``."""
+    return pretrained.save_pretrained(self, path, LLAVA_NEXT_RULES, self.cfg.to_hf())
