@@ -159,3 +159,45 @@ def test_save_load_round_trip_with_scorer_inside(llava, scorer_path, tmp_path):
   back = LlavaNextVideoForConditionalGeneration.from_pretrained(tmp_path / "saved").state_dict()
   for name, p in hf.state_dict().items():
     torch.testing.assert_close(p, back[name], rtol=0, atol=0, msg=name)
+
+
+def test_btadapter_tower_from_a_released_style_checkpoint(llava, tmp_path, caplog):
+  """A llava checkpoint plus BT-Adapter tensors under the released names loads as a
+  BT-Adapter PPLLaVA whose patch features are the (parity-tested) tower's layer -2."""
+  import json
+  import flax.nnx as nnx
+  from safetensors.numpy import load_file, save_file
+  from ppllava_jax.convert.btadapter import BTADAPTER_RULES
+  from ppllava_jax.convert.loader import hf_tensors
+  from ppllava_jax.models import BTAdapterConfig, CLIPVisionBTAdapter
+  _, path = llava
+  base = PPLLaVA.from_pretrained(path, pooling=PoolingConfig("average"))
+  tower = CLIPVisionBTAdapter.from_clip(base.vision_tower, BTAdapterConfig(depth=2),
+                                        rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(5)
+  for block in tower.vision_model.btadapter_T_layers:  # a trained-looking, non-identity adapter
+    block.temporal_fc.kernel.set_value(jnp.asarray(rng.standard_normal((24, 24)) * 0.1,
+                                                   jnp.float32))
+  tensors = load_file(path / "model.safetensors")
+  tensors.update({f"vision_tower.{name}": np.asarray(value)
+                  for name, value in hf_tensors(tower, BTADAPTER_RULES) if "btadapter" in name})
+  (tmp_path / "released").mkdir()
+  save_file(tensors, tmp_path / "released" / "model.safetensors", metadata={"format": "pt"})
+  (tmp_path / "released" / "config.json").write_text((path / "config.json").read_text())
+  with caplog.at_level("WARNING"):
+    model = PPLLaVA.from_pretrained(tmp_path / "released", pooling=PoolingConfig("average"))
+  assert "BT-Adapter tensors found" in caplog.text and "depth=2" in caplog.text
+  assert model.cfg.btadapter == BTAdapterConfig(depth=2)
+  video = rng.standard_normal((1, 4, 3, 24, 24)).astype(np.float32)
+  got = np.asarray(model.patch_features(jnp.asarray(video)))
+  want = np.asarray(tower(jnp.asarray(video))[0][-2])[:, :, 1:].reshape(1, 4, 6, 6, 24)
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+  plain = np.asarray(base.patch_features(jnp.asarray(video)))
+  assert np.abs(got - plain).max() > 1e-3  # the adapter does change what the LLM sees
+  ids, _ = video_prompt(4, 2)
+  assert np.isfinite(np.asarray(model(jnp.asarray(ids),
+                                      pixel_values_videos=jnp.asarray(video)).logits)).all()
+  model.save_pretrained(tmp_path / "saved")  # now config.json records the adapter
+  assert json.loads((tmp_path / "saved" / "config.json").read_text())["ppllava_btadapter"]["depth"] == 2
+  again = PPLLaVA.from_pretrained(tmp_path / "saved", pooling=PoolingConfig("average"))
+  np.testing.assert_array_equal(np.asarray(again.patch_features(jnp.asarray(video))), got)

@@ -25,8 +25,8 @@ def vision_tower_rules(hf_prefix: str) -> tuple[Rule, ...]:
   return (
       Rule(hf_prefix + "embeddings.patch_embedding.weight",
            "vision_tower.embeddings.patch_embedding.kernel", Transform.CONV),
-      Rule(hf_prefix + "{p*}.{lin:" + LINEARS + "}.weight", "vision_tower.{p*}.{lin}.kernel",
-           Transform.LINEAR),
+      Rule(hf_prefix + "{p*}.{lin:" + LINEARS + "|temporal_fc}.weight",
+           "vision_tower.{p*}.{lin}.kernel", Transform.LINEAR),
       Rule(hf_prefix + "{p*}", "vision_tower.{p*}"),
   )
 

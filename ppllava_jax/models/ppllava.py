@@ -29,6 +29,7 @@ one row per sample, arrives as ``clip_input_ids`` / ``clip_attention_mask``.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import jax
@@ -38,8 +39,9 @@ from flax import nnx
 
 from ppllava_jax import ops
 from ppllava_jax.convert.llava import LLAVA_NEXT_RULES
-from ppllava_jax.convert.loader import load_into
+from ppllava_jax.convert.loader import checkpoint_keys, load_into
 from ppllava_jax.models import pretrained
+from ppllava_jax.models.btadapter import BTAdapterConfig, BTAdapterVisionTransformer
 from ppllava_jax.models.clip import CLIPModel, CLIPVisionConfig, CLIPVisionTransformer
 from ppllava_jax.models.generate import generate
 from ppllava_jax.models.layers import Linear
@@ -47,6 +49,9 @@ from ppllava_jax.models.scorer import RelevanceScorer, ScorerConfig
 from ppllava_jax.models.llm import CausalLM, CausalLMOutput, DecoderConfig, KVCache
 
 SCORER_KEY = "ppllava_scorer"
+BTADAPTER_KEY = "ppllava_btadapter"
+_BTADAPTER_TENSOR = "vision_tower.vision_model.btadapter_cls_token"
+log = logging.getLogger(__name__)
 POOLING_MODES = ("ppllava", "paper", "average", "llava_next_video", "none")
 _SCORED = {"ppllava": "softmax", "paper": "weighted_sum"}
 
@@ -82,10 +87,16 @@ class PPLLaVAConfig:
   projector_bias: bool = True
   pooling: PoolingConfig = PoolingConfig()
   scorer: ScorerConfig | None = None  # stored in config.json as "ppllava_scorer"
+  btadapter: BTAdapterConfig | None = None  # the released Vicuna models' vision tower
 
   @classmethod
-  def from_hf(cls, hf: dict, pooling: PoolingConfig) -> "PPLLaVAConfig":
-    """From a llava-hf LLaVA-NeXT / LLaVA-NeXT-Video config.json dict."""
+  def from_hf(cls, hf: dict, pooling: PoolingConfig,
+              btadapter: BTAdapterConfig | None = None) -> "PPLLaVAConfig":
+    """From a llava-hf LLaVA-NeXT / LLaVA-NeXT-Video config.json dict.
+
+    ``btadapter``: the tower's settings when the checkpoint carries BT-Adapter tensors
+    (PPLLaVA's config.json files do not record them: reference section 9).
+    """
     from transformers import AutoConfig
     full = AutoConfig.for_model(**hf)
     if full.vision_feature_select_strategy != "default" or not isinstance(
@@ -106,7 +117,8 @@ class PPLLaVAConfig:
         vision_feature_layer=full.vision_feature_layer,
         projector_bias=getattr(full, "multimodal_projector_bias", True),
         pooling=dataclasses.replace(pooling, llava_next_stride=stride),
-        scorer=ScorerConfig.from_hf(hf[SCORER_KEY]) if SCORER_KEY in hf else None)
+        scorer=ScorerConfig.from_hf(hf[SCORER_KEY]) if SCORER_KEY in hf else None,
+        btadapter=BTAdapterConfig(**hf[BTADAPTER_KEY]) if BTADAPTER_KEY in hf else btadapter)
 
   def to_hf(self) -> dict:
     """A LLaVA-NeXT-Video config.json (the superset of LLaVA-NeXT's)."""
@@ -121,6 +133,8 @@ class PPLLaVAConfig:
         spatial_pool_stride=self.pooling.llava_next_stride).to_dict()
     if self.scorer is not None:
       hf[SCORER_KEY] = self.scorer.to_hf()
+    if self.btadapter is not None:
+      hf[BTADAPTER_KEY] = dataclasses.asdict(self.btadapter)
     return hf
 
 
@@ -147,7 +161,8 @@ class PPLLaVA(nnx.Module):
 
   def __init__(self, cfg: PPLLaVAConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    self.vision_tower = CLIPVisionTransformer(cfg.vision, rngs=rngs)
+    self.vision_tower = (CLIPVisionTransformer(cfg.vision, rngs=rngs) if cfg.btadapter is None
+                         else BTAdapterVisionTransformer(cfg.vision, cfg.btadapter, rngs=rngs))
     self.multi_modal_projector = Projector(cfg.vision.hidden_size, cfg.text.hidden_size,
                                            cfg.projector_bias, rngs=rngs)
     self.language_model = CausalLM(cfg.text, rngs=rngs)
@@ -158,11 +173,20 @@ class PPLLaVA(nnx.Module):
 
   # ---- media -> LLM tokens ------------------------------------------------------------
 
-  def patch_features(self, pixels_nchw: jax.Array) -> jax.Array:
-    """(N, 3, H, W) -> (N, g, g, D_vision): the chosen layer's patches, CLS dropped."""
-    hidden = self.vision_tower(pixels_nchw)[self.cfg.vision_feature_layer][:, 1:]
+  def patch_features(self, frames_btchw: jax.Array) -> jax.Array:
+    """(B, T, 3, H, W) -> (B, T, g, g, D_vision): the chosen layer's patches, CLS dropped.
+
+    A plain CLIP tower sees every frame alone; the BT-Adapter tower sees each item's
+    frames together (images and anyres tiles are one-frame items, as in the original).
+    """
+    b, t = frames_btchw.shape[:2]
+    if self.cfg.btadapter is not None:
+      hidden = self.vision_tower(frames_btchw)[0][self.cfg.vision_feature_layer]
+    else:
+      flat = self.vision_tower(frames_btchw.reshape(b * t, *frames_btchw.shape[2:]))
+      hidden = flat[self.cfg.vision_feature_layer].reshape(b, t, *flat[0].shape[1:])
     g = self.cfg.vision.grid
-    return hidden.reshape(hidden.shape[0], g, g, hidden.shape[-1])
+    return hidden[:, :, 1:].reshape(b, t, g, g, hidden.shape[-1])
 
   def _pool(self, feats_btggv: jax.Array, text_be: jax.Array | None, kernel) -> jax.Array:
     """Projected and pooled tokens (B, T', g', g', D) for the PPLLaVA-family modes."""
@@ -179,9 +203,8 @@ class PPLLaVA(nnx.Module):
 
   def encode_videos(self, videos_btchw: jax.Array, text_be: jax.Array | None) -> jax.Array:
     """(V, T, 3, H, W) -> (V, tokens, D)."""
-    v, t = videos_btchw.shape[:2]
-    feats = self.patch_features(videos_btchw.reshape(v * t, *videos_btchw.shape[2:]))
-    feats_btggv = feats.reshape(v, t, *feats.shape[1:])
+    v = videos_btchw.shape[0]
+    feats_btggv = self.patch_features(videos_btchw)
     if self.cfg.pooling.mode == "llava_next_video":
       s = self.cfg.pooling.llava_next_stride
       ones = jnp.ones(feats_btggv.shape[:4], jnp.float32)
@@ -198,7 +221,7 @@ class PPLLaVA(nnx.Module):
     sizes = [tuple(int(x) for x in s) for s in np.asarray(image_sizes)]
     tiles = [1 + int(np.prod(ops.anyres_grid_shape(s, cfg.grid_pinpoints, cfg.vision.image_size)))
              for s in sizes]
-    feats = [self.patch_features(images_ntchw[i, :n]) for i, n in enumerate(tiles)]
+    feats = [self.patch_features(images_ntchw[i, :n, None])[:, 0] for i, n in enumerate(tiles)]
     if cfg.pooling.mode in ("llava_next_video", "none"):  # LLaVA-NeXT never pools images
       per_image, pool = [self.multi_modal_projector(f) for f in feats], 1
     else:  # tiles share one relevance softmax: they go on the T axis of one item
@@ -275,8 +298,17 @@ class PPLLaVA(nnx.Module):
     20; None keeps 77) when loaded from a folder.
     """
     path = pretrained.resolve_checkpoint(path)
-    cfg = PPLLaVAConfig.from_hf(
-        pretrained.read_config(path, ["llava_next", "llava_next_video"]), pooling)
+    hf = pretrained.read_config(path, ["llava_next", "llava_next_video"])
+    keys = checkpoint_keys(path)
+    btadapter = None
+    if _BTADAPTER_TENSOR in keys and BTADAPTER_KEY not in hf:
+      depth = len({k.split(".")[3] for k in keys if ".btadapter_S_layers." in k})
+      btadapter = BTAdapterConfig(depth=depth)
+      log.warning("%s: BT-Adapter tensors found but config.json does not describe them; using "
+                  "depth=%d (counted) and the original's max_T=%d, drop-path rates %s/%s", path,
+                  depth, btadapter.max_T, btadapter.drop_path_rate,
+                  btadapter.temporal_drop_path_rate)
+    cfg = PPLLaVAConfig.from_hf(hf, pooling, btadapter)
     if cfg.scorer is not None and clip is not None:
       raise ValueError(f"{path} holds its own scorer; clip= would replace it (drop clip=)")
     if cfg.scorer is None and pooling.scored and clip is None:
