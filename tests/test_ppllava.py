@@ -1,7 +1,5 @@
 """The PPLLaVA composition against transformers' LlavaNextVideo on the same tiny weights."""
 
-import dataclasses
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
