@@ -199,3 +199,37 @@ def test_btadapter_tower_from_a_released_style_checkpoint(llava, tmp_path, caplo
   assert json.loads((tmp_path / "saved" / "config.json").read_text())["ppllava_btadapter"]["depth"] == 2
   again = PPLLaVA.from_pretrained(tmp_path / "saved", pooling=PoolingConfig("average"))
   np.testing.assert_array_equal(np.asarray(again.patch_features(jnp.asarray(video))), got)
+
+
+@pytest.mark.parametrize("mode", ["average", "ppllava"])
+def test_mixed_batch_equals_samples_alone(llava, scorer_path, mode):
+  """Sample 0 holds a video, sample 1 two anyres images: batched logits equal each
+  sample run alone (media owners, merge order and per-sample prompts line up)."""
+  _, path = llava
+  model = PPLLaVA.from_pretrained(path, clip=scorer_path if mode == "ppllava" else None,
+                                  clip_extend_keep=None, pooling=PoolingConfig(mode))
+  rng = np.random.default_rng(6)
+  video = rng.standard_normal((1, 4, 3, 24, 24)).astype(np.float32)
+  sizes = np.asarray([(30, 50), (50, 20)])
+  images = rng.standard_normal((2, 5, 3, 24, 24)).astype(np.float32)
+  n_img = [ops.num_image_features(tuple(s), LLAVA_PINPOINTS, 24, 4, pool=3) for s in sizes]
+  row0 = [1, 5] + [LLAVA_VIDEO_TOKEN] * 8 + [6, 7]  # (2,3,3) on 4x6x6 frames -> 8 tokens
+  row1 = [1, 8] + [LLAVA_IMAGE_TOKEN] * n_img[0] + [9] + [LLAVA_IMAGE_TOKEN] * n_img[1] + [10]
+  total = max(len(row0), len(row1))
+  ids = np.zeros((2, total), np.int64)
+  mask = np.zeros((2, total), np.int64)
+  for i, row in enumerate((row0, row1)):
+    ids[i, :len(row)], mask[i, :len(row)] = row, 1
+  clip_ids, clip_mask = text_batch(99, 98, [6, 4], 8, seed=7)
+  batched = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask),
+                             pixel_values_videos=jnp.asarray(video), pixel_values=jnp.asarray(images),
+                             image_sizes=sizes, clip_input_ids=jnp.asarray(clip_ids),
+                             clip_attention_mask=jnp.asarray(clip_mask)).logits)
+  alone0 = np.asarray(model(jnp.asarray(ids[:1, :len(row0)]), pixel_values_videos=jnp.asarray(video),
+                            clip_input_ids=jnp.asarray(clip_ids[:1]),
+                            clip_attention_mask=jnp.asarray(clip_mask[:1])).logits)
+  alone1 = np.asarray(model(jnp.asarray(ids[1:, :len(row1)]), pixel_values=jnp.asarray(images),
+                            image_sizes=sizes, clip_input_ids=jnp.asarray(clip_ids[1:]),
+                            clip_attention_mask=jnp.asarray(clip_mask[1:])).logits)
+  np.testing.assert_allclose(batched[0, :len(row0)], alone0[0], rtol=0, atol=1e-5)
+  np.testing.assert_allclose(batched[1, :len(row1)], alone1[0], rtol=0, atol=1e-5)
