@@ -152,14 +152,21 @@ def make_llava_next_video(path: Path, seed: int = 0):
   return _randomised(LlavaNextVideoForConditionalGeneration, config, path, seed)
 
 
-def make_scorer_clip(path: Path, seed: int = 1):
-  """A CLIP whose vision width (24) matches the tiny LLaVA's, as PPLLaVA's scorer."""
+def make_scorer_clip(path: Path, seed: int = 1, openai_like: bool = False):
+  """A CLIP whose vision width (24) matches the tiny LLaVA's, as PPLLaVA's scorer.
+
+  ``openai_like``: OpenAI CLIP's conventions at a tiny size (64-wide heads, legacy
+  EOS id 2, room for keep=20), so a scorer config can be inferred from its tensors.
+  """
   from transformers import CLIPConfig, CLIPModel
+  text = (dict(vocab_size=99, hidden_size=64, intermediate_size=40, num_hidden_layers=2,
+               num_attention_heads=1, max_position_embeddings=24, eos_token_id=2,
+               bos_token_id=1, pad_token_id=0) if openai_like else
+          dict(vocab_size=99, hidden_size=20, intermediate_size=40, num_hidden_layers=1,
+               num_attention_heads=2, max_position_embeddings=16, eos_token_id=98,
+               bos_token_id=97, pad_token_id=0))
   config = CLIPConfig(
       vision_config=dict(hidden_size=24, intermediate_size=40, num_hidden_layers=1,
                          num_attention_heads=3, image_size=24, patch_size=4),
-      text_config=dict(vocab_size=99, hidden_size=20, intermediate_size=40, num_hidden_layers=1,
-                       num_attention_heads=2, max_position_embeddings=16, eos_token_id=98,
-                       bos_token_id=97, pad_token_id=0),
-      projection_dim=12)
+      text_config=text, projection_dim=12)
   return _randomised(CLIPModel, config, path, seed)

@@ -233,3 +233,35 @@ def test_mixed_batch_equals_samples_alone(llava, scorer_path, mode):
                             clip_attention_mask=jnp.asarray(clip_mask[1:])).logits)
   np.testing.assert_allclose(batched[0, :len(row0)], alone0[0], rtol=0, atol=1e-5)
   np.testing.assert_allclose(batched[1, :len(row1)], alone1[0], rtol=0, atol=1e-5)
+
+
+def test_released_style_folder_infers_its_scorer_and_checks_token_embeddings(llava, tmp_path,
+                                                                              caplog):
+  """PPLLaVA's own config.json files omit the scorer: it is inferred from the tensors
+  (and said so), and a given CLIP is compared, not substituted."""
+  import json
+  _, path = llava
+  clip_hf, clip_path = make_scorer_clip(tmp_path / "clip", openai_like=True)
+  model = PPLLaVA.from_pretrained(path, clip=clip_path, clip_extend_keep=20)
+  model.save_pretrained(tmp_path / "released")
+  config = json.loads((tmp_path / "released" / "config.json").read_text())
+  del config["ppllava_scorer"]  # as PPLLaVA's own checkpoints: not recorded
+  (tmp_path / "released" / "config.json").write_text(json.dumps(config))
+  with caplog.at_level("WARNING"):
+    again = PPLLaVA.from_pretrained(tmp_path / "released")
+  assert "scorer tensors found but config.json does not describe them" in caplog.text
+  assert again.cfg.scorer.text.extend_keep == 20
+  assert again.cfg.scorer.text.max_position_embeddings == 4 * 24 - 3 * 20
+  clip_ids, clip_mask = text_batch(99, 2, [30, 7], 30)  # past position 20, legacy EOS pooling
+  np.testing.assert_array_equal(
+      np.asarray(again.scorer.text_features(jnp.asarray(clip_ids), jnp.asarray(clip_mask))),
+      np.asarray(model.scorer.text_features(jnp.asarray(clip_ids), jnp.asarray(clip_mask))))
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    PPLLaVA.from_pretrained(tmp_path / "released", clip=clip_path)
+  assert "token embedding equals the given CLIP's" in caplog.text
+  caplog.clear()
+  _, other = make_scorer_clip(tmp_path / "other", seed=9, openai_like=True)
+  with caplog.at_level("WARNING"):
+    PPLLaVA.from_pretrained(tmp_path / "released", clip=other)
+  assert "token embedding differs from the given CLIP's" in caplog.text

@@ -109,13 +109,17 @@ def checkpoint_files(path: str | Path) -> list[Path]:
                         "only safetensors checkpoints are read")
 
 
-def checkpoint_keys(path: str | Path) -> set[str]:
-  """Every tensor name in the checkpoint at ``path``, read from the headers only."""
-  keys = set()
+def checkpoint_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+  """Every tensor's name and shape in the checkpoint at ``path``, from the headers only."""
+  shapes = {}
   for file in checkpoint_files(path):
     with safe_open(file, framework="flax") as f:
-      keys.update(f.keys())
-  return keys
+      shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+  return shapes
+
+
+def checkpoint_keys(path: str | Path) -> set[str]:
+  return set(checkpoint_shapes(path))
 
 
 def iter_tensors(files: Sequence[Path]) -> Iterator[tuple[str, jax.Array]]:

@@ -39,7 +39,7 @@ from flax import nnx
 
 from ppllava_jax import ops
 from ppllava_jax.convert.llava import LLAVA_NEXT_RULES
-from ppllava_jax.convert.loader import checkpoint_keys, load_into
+from ppllava_jax.convert.loader import checkpoint_shapes, load_into
 from ppllava_jax.models import pretrained
 from ppllava_jax.models.btadapter import BTAdapterConfig, BTAdapterVisionTransformer
 from ppllava_jax.models.clip import CLIPModel, CLIPVisionConfig, CLIPVisionTransformer
@@ -51,6 +51,7 @@ from ppllava_jax.models.llm import CausalLM, CausalLMOutput, DecoderConfig, KVCa
 SCORER_KEY = "ppllava_scorer"
 BTADAPTER_KEY = "ppllava_btadapter"
 _BTADAPTER_TENSOR = "vision_tower.vision_model.btadapter_cls_token"
+_SCORER_TENSOR = "multi_modal_projector.clip_text_projection.weight"
 log = logging.getLogger(__name__)
 POOLING_MODES = ("ppllava", "paper", "average", "llava_next_video", "none")
 _SCORED = {"ppllava": "softmax", "paper": "weighted_sum"}
@@ -291,15 +292,18 @@ class PPLLaVA(nnx.Module):
                       clip_extend_keep: int | None = 20) -> "PPLLaVA":
     """A llava-hf LLaVA-NeXT(-Video) folder, or one ``save_pretrained`` wrote.
 
-    The ``"ppllava"`` / ``"paper"`` modes need the relevance scorer: a folder this
-    package saved holds it (``multi_modal_projector.clip_*`` tensors, as PPLLaVA's own
-    checkpoints); for a plain llava-hf folder give ``clip=`` (a CLIP folder or model),
-    whose text tower is extended to 248 positions with ``clip_extend_keep`` (PPLLaVA's
-    20; None keeps 77) when loaded from a folder.
+    The ``"ppllava"`` / ``"paper"`` modes need the relevance scorer: PPLLaVA's own
+    folders and those this package saved hold it (``multi_modal_projector.clip_*``
+    tensors; when config.json does not describe it, it is inferred and the log says
+    so). For a plain llava-hf folder give ``clip=`` (a CLIP folder or model), whose
+    text tower is extended to 248 positions with ``clip_extend_keep`` (PPLLaVA's 20;
+    None keeps 77) when loaded from a folder. Given with a folder that holds a scorer,
+    ``clip=`` is only compared: the log says whether the token embeddings are CLIP's.
     """
     path = pretrained.resolve_checkpoint(path)
     hf = pretrained.read_config(path, ["llava_next", "llava_next_video"])
-    keys = checkpoint_keys(path)
+    shapes = checkpoint_shapes(path)
+    keys = set(shapes)
     btadapter = None
     if _BTADAPTER_TENSOR in keys and BTADAPTER_KEY not in hf:
       depth = len({k.split(".")[3] for k in keys if ".btadapter_S_layers." in k})
@@ -309,16 +313,26 @@ class PPLLaVA(nnx.Module):
                   depth, btadapter.max_T, btadapter.drop_path_rate,
                   btadapter.temporal_drop_path_rate)
     cfg = PPLLaVAConfig.from_hf(hf, pooling, btadapter)
-    if cfg.scorer is not None and clip is not None:
-      raise ValueError(f"{path} holds its own scorer; clip= would replace it (drop clip=)")
+    if cfg.scorer is None and _SCORER_TENSOR in keys:
+      cfg = dataclasses.replace(cfg, scorer=ScorerConfig.infer(shapes, cfg.vision.hidden_size))
+      log.warning("%s: scorer tensors found but config.json does not describe them; inferred "
+                  "%s (sizes from the tensors, the rest as OpenAI CLIP)", path, cfg.scorer)
     if cfg.scorer is None and pooling.scored and clip is None:
       raise ValueError(f"pooling mode {pooling.mode!r} needs the relevance scorer, and {path} "
                        "has none: give clip= (a CLIP folder or CLIPModel)")
     model = load_into(nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0))), path,
                       LLAVA_NEXT_RULES, dtype)
-    if clip is not None:
-      if not isinstance(clip, CLIPModel):
-        clip = CLIPModel.from_pretrained(clip, dtype, extend_text=clip_extend_keep)
+    if clip is not None and not isinstance(clip, CLIPModel):
+      clip = CLIPModel.from_pretrained(clip, dtype, extend_text=clip_extend_keep)
+    if clip is not None and model.scorer is not None:
+      # The original builds a fresh token table for its extended text tower and nothing
+      # copies CLIP's into it (reference section 3): say which one this checkpoint holds.
+      ours = model.scorer.text_model.embeddings.token_embedding.weight[...]
+      theirs = clip.text_model.embeddings.token_embedding.weight[...]
+      same = ours.shape == theirs.shape and bool(jnp.array_equal(ours, theirs))
+      log.warning("%s: the scorer's CLIP token embedding %s the given CLIP's; the checkpoint's "
+                  "scorer is kept", path, "equals" if same else "differs from")
+    elif clip is not None:
       if clip.cfg.vision.hidden_size != cfg.vision.hidden_size:
         raise ValueError(f"the CLIP's vision width {clip.cfg.vision.hidden_size} does not match "
                          f"the vision tower's {cfg.vision.hidden_size}")

@@ -34,6 +34,34 @@ class ScorerConfig:
   def to_hf(self) -> dict:
     return dict(dataclasses.asdict(self), text_config=dataclasses.asdict(self.text))
 
+  @classmethod
+  def infer(cls, shapes: dict[str, tuple[int, ...]], vision_width: int,
+            prefix: str = "multi_modal_projector.") -> "ScorerConfig":
+    """The config of a checkpoint's scorer tensors, for PPLLaVA's own folders, whose
+    config.json does not record it (reference section 9).
+
+    Sizes come from the tensor shapes; what shapes cannot tell follows OpenAI CLIP,
+    which every released model starts from: 64-wide heads, quick-GELU, eps 1e-5,
+    legacy EOS pooling (``eos_token_id=2``: the highest id, CLIP's EOS), and ``keep=20``
+    when the two extended position tables are there.
+    """
+    text = prefix + "clip_text_model."
+    vocab, hidden = shapes[text + "embeddings.token_embedding.weight"]
+    extended = text + "embeddings.position_embedding_res" in shapes
+    positions = shapes[text + ("embeddings.position_embedding" if extended
+                               else "embeddings.position_embedding.weight")][0]
+    layers = len({k[len(text):].split(".")[2] for k in shapes
+                  if k.startswith(text + "encoder.layers.")})
+    return cls(
+        text=CLIPTextConfig(
+            vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+            num_attention_heads=hidden // 64,
+            intermediate_size=shapes[text + "encoder.layers.0.mlp.fc1.weight"][0],
+            max_position_embeddings=positions, eos_token_id=2,
+            extend_keep=20 if extended else None),
+        vision_width=vision_width,
+        projection_dim=shapes[prefix + "clip_text_projection.weight"][0])
+
 
 class RelevanceScorer(nnx.Module):
 
