@@ -69,9 +69,7 @@ class BTAdapterConfig:
 
 def vision_config_from_hf(hf: dict) -> CLIPVisionConfig:
   from transformers import CLIPVisionConfig as HFCLIPVisionConfig  # fills omitted defaults
-  full = HFCLIPVisionConfig.from_dict(hf)
-  return CLIPVisionConfig(**{f.name: getattr(full, f.name)
-                             for f in dataclasses.fields(CLIPVisionConfig)})
+  return pretrained.pick_fields(CLIPVisionConfig, HFCLIPVisionConfig.from_dict(hf))
 
 
 def drop_path(rate: float) -> nnx.Dropout:

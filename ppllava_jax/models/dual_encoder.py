@@ -21,19 +21,15 @@ EXTEND_KEEP_KEY = "ppllava_extend_keep"
 EXTENDED_TABLE_KEY = "text_model.embeddings.position_embedding_res"
 
 
-def _pick(dc: type, src: Any):
-  return dc(**{f.name: getattr(src, f.name) for f in dataclasses.fields(dc) if hasattr(src, f.name)})
-
-
 def towers_from_hf(hf_config_cls: type, hf: dict, vision_cls: type, text_cls: type):
   """(full transformers config, vision config, text config) from a config.json dict.
 
   transformers parses it, so defaults the file omits are filled as transformers would.
   """
   full = hf_config_cls.from_dict(hf)
-  text = _pick(text_cls, full.text_config)
+  text = pretrained.pick_fields(text_cls, full.text_config)
   keep = hf.get("text_config", {}).get(EXTEND_KEEP_KEY)
-  return full, _pick(vision_cls, full.vision_config), dataclasses.replace(text, extend_keep=keep)
+  return full, pretrained.pick_fields(vision_cls, full.vision_config), dataclasses.replace(text, extend_keep=keep)
 
 
 def towers_to_hf(hf_config_cls: type, vision: Any, text: Any, **top: Any) -> dict:

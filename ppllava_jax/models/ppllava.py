@@ -106,11 +106,9 @@ class PPLLaVAConfig:
                        "vision_feature_layer and projector_hidden_act='gelu' are supported; got "
                        f"{full.vision_feature_select_strategy!r}, {full.vision_feature_layer!r}, "
                        f"{full.projector_hidden_act!r}")
-    vision = full.vision_config
     stride = getattr(full, "spatial_pool_stride", pooling.llava_next_stride)
     return cls(
-        vision=CLIPVisionConfig(**{f.name: getattr(vision, f.name)
-                                   for f in dataclasses.fields(CLIPVisionConfig)}),
+        vision=pretrained.pick_fields(CLIPVisionConfig, full.vision_config),
         text=DecoderConfig.from_hf(full.text_config.to_dict()),
         image_token_index=full.image_token_index,
         video_token_index=getattr(full, "video_token_index", -1),

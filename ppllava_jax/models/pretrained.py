@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,6 +11,11 @@ from typing import Any
 from flax import nnx
 
 from ppllava_jax.convert.loader import CheckpointError, Rule, hf_tensors, save_tensors
+
+
+def pick_fields(dc: type, src: Any):
+  """Our config dataclass ``dc`` from a parsed transformers config: same-named fields."""
+  return dc(**{f.name: getattr(src, f.name) for f in dataclasses.fields(dc) if hasattr(src, f.name)})
 
 
 def resolve_checkpoint(path_or_id: str | Path) -> Path:
