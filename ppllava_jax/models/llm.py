@@ -167,7 +167,8 @@ class Attention(nnx.Module):
     self.o_proj = Linear(h * e, d, use_bias=cfg.o_bias, axes=("heads", "embed"), rngs=rngs)
 
   def __call__(self, x_btd, positions_bt, rope, key_mask_bts, kv_cache):
-    """kv_cache: None, or (k_bske, v_bske, index) of this layer to write into and read."""
+    """kv_cache: None, or (k_lbske, v_lbske, layer, index): every layer's cache, this
+    layer's index in it, and the slot to write at. Returns (out, updated kv arrays)."""
     cfg = self.cfg
     b, t, _ = x_btd.shape
     h, k, e = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -175,9 +176,13 @@ class Attention(nnx.Module):
     k_btke = apply_rope(self.k_proj(x_btd).reshape(b, t, k, e), positions_bt, *rope)
     v_btke = self.v_proj(x_btd).reshape(b, t, k, e)
     if kv_cache is not None:
-      cache_k, cache_v, index = kv_cache
-      k_bske = jax.lax.dynamic_update_slice(cache_k, k_btke.astype(cache_k.dtype), (0, index, 0, 0))
-      v_bske = jax.lax.dynamic_update_slice(cache_v, v_btke.astype(cache_v.dtype), (0, index, 0, 0))
+      # One in-place write into the all-layer arrays (no per-step restacking of the cache).
+      k_all, v_all, layer, index = kv_cache
+      k_all = jax.lax.dynamic_update_slice(k_all, k_btke[None].astype(k_all.dtype),
+                                           (layer, 0, index, 0, 0))
+      v_all = jax.lax.dynamic_update_slice(v_all, v_btke[None].astype(v_all.dtype),
+                                           (layer, 0, index, 0, 0))
+      k_bske, v_bske, kv_cache = k_all[layer], v_all[layer], (k_all, v_all)
     else:
       k_bske, v_bske = k_btke, v_btke
     q_btkge = q_bthe.reshape(b, t, k, h // k, e)
@@ -186,7 +191,7 @@ class Attention(nnx.Module):
     scores = jnp.where(key_mask_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_bske.dtype)
     out_btkge = jnp.einsum("bkgts,bske->btkge", probs, v_bske).astype(x_btd.dtype)
-    return self.o_proj(out_btkge.reshape(b, t, h * e)), (k_bske, v_bske)
+    return self.o_proj(out_btkge.reshape(b, t, h * e)), kv_cache
 
 
 class MLP(nnx.Module):
@@ -279,12 +284,10 @@ class CausalLM(nnx.Module):
     key_mask_bts = valid_bs[:, None, :] & (slot_s[None, None, :] <= q_slot_t[None, :, None])
     rope = rope_inv_freq(self.cfg)
     x_btd = constrain(x_btd, ("batch", "length", "embed"))
-    new_k, new_v = [], []
+    kv = None if cache is None else (cache.k, cache.v)
     for i, layer in enumerate(self.model.layers):
-      kv = None if cache is None else (cache.k[i], cache.v[i], cache.index)
-      x_btd, (k_bske, v_bske) = layer(x_btd, position_ids, rope, key_mask_bts, kv)
-      new_k.append(k_bske)
-      new_v.append(v_bske)
+      x_btd, kv = layer(x_btd, position_ids, rope, key_mask_bts,
+                        None if kv is None else (*kv, i, cache.index))
     x_btd = self.model.norm(x_btd)
     if self.lm_head is None:
       logits = x_btd @ self.model.embed_tokens.weight[...].T.astype(x_btd.dtype)
@@ -292,7 +295,7 @@ class CausalLM(nnx.Module):
       logits = self.lm_head(x_btd)
     logits = constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
     if cache is not None:
-      cache = KVCache(jnp.stack(new_k), jnp.stack(new_v), valid_bs, cache.index + t)
+      cache = KVCache(kv[0], kv[1], valid_bs, cache.index + t)
     return CausalLMOutput(logits, cache)
 
   def init_cache(self, batch: int, length: int, dtype=jnp.float32) -> KVCache:
