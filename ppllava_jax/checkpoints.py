@@ -55,6 +55,7 @@ FAMILIES: dict[str, Family] = {
                     LLM_RULES),
     "llava_next": Family(_llava, LLAVA_NEXT_RULES),
     "llava_next_video": Family(_llava, LLAVA_NEXT_RULES),
+    "llava_onevision": Family(_llava, LLAVA_NEXT_RULES),
 }
 
 

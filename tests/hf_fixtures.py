@@ -170,3 +170,40 @@ def make_scorer_clip(path: Path, seed: int = 1, openai_like: bool = False):
                          num_attention_heads=3, image_size=24, patch_size=4),
       text_config=text, projection_dim=12)
   return _randomised(CLIPModel, config, path, seed)
+
+
+OV_PINPOINTS = [[28, 56], [56, 28], [56, 56]]
+
+
+def make_llava_onevision(path: Path, seed: int = 0, max_patches: int = 2):
+  """Tiny LLaVA-OneVision: SigLIP tower on 28 px tiles of 7x7 patches (an odd grid, so the
+  video's 2x downscale is a real bilinear resize), a Qwen2 LLM with GQA and biases, and
+  ``anyres_max_{max_patches}`` small enough that 2x2-tile images are downscaled."""
+  from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+  config = LlavaOnevisionConfig(
+      vision_config=dict(model_type="siglip_vision_model", hidden_size=24, intermediate_size=40,
+                         num_hidden_layers=3, num_attention_heads=3, image_size=28, patch_size=4),
+      text_config=dict(model_type="qwen2", vocab_size=64, hidden_size=32, intermediate_size=48,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       bos_token_id=1, eos_token_id=2, pad_token_id=0),
+      image_token_index=LLAVA_IMAGE_TOKEN, video_token_index=LLAVA_VIDEO_TOKEN,
+      image_grid_pinpoints=OV_PINPOINTS, vision_aspect_ratio=f"anyres_max_{max_patches}")
+  return _randomised(LlavaOnevisionForConditionalGeneration, config, path, seed)
+
+
+def make_scorer_siglip(path: Path, seed: int = 1, google_like: bool = False):
+  """A SigLIP whose vision tower matches the tiny OneVision's (width 24, 28 px, head on; the
+  text head projects to that width too, as so400m's 1152 -> 1152),
+  as the Qwen model's scorer. ``google_like``: siglip-so400m's 72-wide text heads and room
+  for keep=20, so a scorer config can be inferred from its tensors."""
+  from transformers import SiglipConfig, SiglipModel
+  text = dict(vocab_size=99, hidden_size=72 if google_like else 20, intermediate_size=40,
+              num_hidden_layers=2 if google_like else 1,
+              num_attention_heads=1 if google_like else 2,
+              max_position_embeddings=24 if google_like else 16, projection_size=24,
+              bos_token_id=97, eos_token_id=98, pad_token_id=1)
+  config = SiglipConfig(
+      vision_config=dict(hidden_size=24, intermediate_size=40, num_hidden_layers=1,
+                         num_attention_heads=3, image_size=28, patch_size=4),
+      text_config=text)
+  return _randomised(SiglipModel, config, path, seed)

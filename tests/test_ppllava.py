@@ -71,6 +71,22 @@ def test_video_generation_matches_transformers(llava):
   np.testing.assert_array_equal(got[:, :want.shape[1]], want)
 
 
+def test_anyres_image_generation_matches_transformers(llava):
+  hf, path = llava
+  ours = PPLLaVA.from_pretrained(path, pooling=PoolingConfig("llava_next_video"))
+  size = (30, 50)
+  n_tokens = ops.num_image_features(size, LLAVA_PINPOINTS, 24, 4)
+  ids = np.concatenate([[1, 5, 6], [LLAVA_IMAGE_TOKEN] * n_tokens, [7, 8]])[None].astype(np.int64)
+  pixels = np.random.default_rng(8).standard_normal((1, 5, 3, 24, 24)).astype(np.float32)
+  with torch.no_grad():
+    want = hf.generate(input_ids=torch.from_numpy(ids), pixel_values=torch.from_numpy(pixels),
+                       image_sizes=torch.tensor([size]), max_new_tokens=20, do_sample=False,
+                       pad_token_id=0).numpy()
+  got = np.asarray(ours.generate(jnp.asarray(ids), pixel_values=jnp.asarray(pixels),
+                                 image_sizes=[size], max_new_tokens=20))
+  np.testing.assert_array_equal(got[:, :want.shape[1]], want)
+
+
 def test_uniform_relevance_makes_ppllava_equal_average(llava, scorer_path):
   from ppllava_jax.models import CLIPModel
   _, path = llava
@@ -259,9 +275,9 @@ def test_released_style_folder_infers_its_scorer_and_checks_token_embeddings(lla
   caplog.clear()
   with caplog.at_level("WARNING"):
     PPLLaVA.from_pretrained(tmp_path / "released", clip=clip_path)
-  assert "token embedding equals the given CLIP's" in caplog.text
+  assert "token embedding equals the given encoder's" in caplog.text
   caplog.clear()
   _, other = make_scorer_clip(tmp_path / "other", seed=9, openai_like=True)
   with caplog.at_level("WARNING"):
     PPLLaVA.from_pretrained(tmp_path / "released", clip=other)
-  assert "token embedding differs from the given CLIP's" in caplog.text
+  assert "token embedding differs from the given encoder's" in caplog.text

@@ -43,12 +43,13 @@ def choose(logits_bv: jax.Array, rng: jax.Array, sampling: Sampling) -> jax.Arra
   return jax.random.categorical(rng, logits_bv, axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"))
-def _generate(graphdef, state, input_ids, attention_mask, rng, media, *, sampling: Sampling):
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "static_media"))
+def _generate(graphdef, state, input_ids, attention_mask, rng, media, *, sampling: Sampling,
+              static_media: tuple = ()):
   model = nnx.merge(graphdef, state)
   b, t = input_ids.shape
   out = model(input_ids, attention_mask, cache=model.init_cache(b, t + sampling.max_new_tokens),
-              **media)
+              **media, **dict(static_media))
   positions_b = jnp.sum(attention_mask, axis=1).astype(jnp.int32)  # next position per row
   stops = jnp.asarray(sampling.stop_tokens or (-1,), jnp.int32)
   tokens = jnp.full((b, sampling.max_new_tokens), sampling.pad_token_id, jnp.int32)
@@ -74,13 +75,16 @@ def _generate(graphdef, state, input_ids, attention_mask, rng, media, *, samplin
 def generate(model: nnx.Module, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
              max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
              stop_tokens: Sequence[int] | None = None, pad_token_id: int | None = None,
-             rng: jax.Array | None = None, media: dict | None = None) -> jax.Array:
+             rng: jax.Array | None = None, media: dict | None = None,
+             static_media: dict | None = None) -> jax.Array:
   """(B, T + max_new_tokens) ids: the prompt, then the generated tokens (pad after a stop).
 
   ``stop_tokens`` default to the model config's EOS ids; ``pad_token_id`` to its pad id
   (or 0). ``model`` is anything with ``__call__(ids, mask, positions, cache=)`` and
   ``init_cache(batch, length)``, such as ``LlamaForCausalLM``; ``media`` (arrays) go to
-  the prefill call only, e.g. a PPLLaVA video.
+  the prefill call only, e.g. a PPLLaVA video; ``static_media`` (hashable host values,
+  such as anyres image sizes, which fix token counts) too, as compile-time constants:
+  each distinct value compiles once.
   """
   input_ids = jnp.asarray(input_ids, jnp.int32)
   if input_ids.ndim != 2:
@@ -96,5 +100,12 @@ def generate(model: nnx.Module, input_ids: jax.Array, attention_mask: jax.Array 
       pad_token_id=int(pad_token_id if pad_token_id is not None else (cfg.pad_token_id or 0)))
   graphdef, state = nnx.split(model)
   rng = jax.random.key(0) if rng is None else rng
-  new = _generate(graphdef, state, input_ids, mask, rng, media or {}, sampling=sampling)
+  new = _generate(graphdef, state, input_ids, mask, rng, media or {}, sampling=sampling,
+                  static_media=tuple(sorted((static_media or {}).items())))
   return jnp.concatenate([input_ids, new], axis=1)
+
+
+def compilations() -> int:
+  """How many programs generation has compiled in this process (one per distinct batch
+  shape, sampling setting and static media), for evaluation logs."""
+  return _generate._cache_size()

@@ -3,9 +3,10 @@
 The composition (reference sections 1-5):
 
   frames/tiles -> vision tower -> hidden state ``vision_feature_layer`` (-2), CLS dropped
+    (LLaVA-OneVision: SigLIP, layer -1, no CLS to drop)
     -> relevance (``RelevanceScorer``: CLIP's post_layernorm + visual_projection of
        those patches against CLIP's text features of the prompt, ``ops.relevance_scores``,
-       one softmax over all frames/tiles of an item)
+       one softmax over all frames/tiles of an item; ``SiglipRelevanceScorer`` for SigLIP)
     -> MLP projector on every patch (pooling runs in LLM space, after it, as the code does)
     -> ``ops.prompt_guided_pool`` (video (2,3,3); image tiles (1,3,3), then anyres packing)
     -> written into the text embeddings at the placeholder ids (``ops.merge_media``)
@@ -15,8 +16,11 @@ Pooling modes (``PoolingConfig.mode``): ``"ppllava"`` (the released code: softma
 the probabilities at temperature 0.01 per window), ``"paper"`` (Eq. 3, probability-
 weighted sum), ``"average"`` (the same windows, plain mean: PLLaVA-style), and the
 baselines ``"llava_next_video"`` (2x2 spatial mean *before* the projector, images
-unpooled, exactly transformers' LlavaNextVideo) and ``"none"`` (every token). Only
-the first two need the scorer.
+unpooled, exactly transformers' LlavaNextVideo), ``"llava_onevision"`` (bilinear 2x
+downscale *after* the projector and one newline per video, images with the
+``anyres_max`` downscale: exactly transformers' LlavaOnevision) and ``"none"`` (every
+token). Only the first two need the scorer. PPLLaVA's own Qwen model packs images the
+LLaVA-NeXT way (no ``anyres_max`` step), as the original code does.
 
 Media layout: ``pixel_values_videos`` (V, T, 3, H, W), one video per run of video
 placeholders; ``pixel_values`` (N, max_tiles, 3, H, W) with ``image_sizes`` (N, 2)
@@ -45,15 +49,21 @@ from ppllava_jax.models.btadapter import BTAdapterConfig, BTAdapterVisionTransfo
 from ppllava_jax.models.clip import CLIPModel, CLIPVisionConfig, CLIPVisionTransformer
 from ppllava_jax.models.generate import generate
 from ppllava_jax.models.layers import Linear
-from ppllava_jax.models.scorer import RelevanceScorer, ScorerConfig
 from ppllava_jax.models.llm import CausalLM, CausalLMOutput, DecoderConfig, KVCache
+from ppllava_jax.models.scorer import (RelevanceScorer, ScorerConfig, SiglipRelevanceScorer,
+                                       SiglipScorerConfig, build_scorer, infer_scorer_config,
+                                       scorer_config_from_hf)
+from ppllava_jax.models.siglip import SiglipModel, SiglipVisionConfig, SiglipVisionTransformer
 
 SCORER_KEY = "ppllava_scorer"
 BTADAPTER_KEY = "ppllava_btadapter"
 _BTADAPTER_TENSOR = "vision_tower.vision_model.btadapter_cls_token"
-_SCORER_TENSOR = "multi_modal_projector.clip_text_projection.weight"
+_SCORER_TENSOR = "multi_modal_projector.clip_text_model.embeddings.token_embedding.weight"
 log = logging.getLogger(__name__)
-POOLING_MODES = ("ppllava", "paper", "average", "llava_next_video", "none")
+POOLING_MODES = ("ppllava", "paper", "average", "llava_next_video", "llava_onevision", "none")
+_UNPOOLED_IMAGES = ("llava_next_video", "llava_onevision", "none")  # LLaVA never pools images
+_VISION = {"clip_vision_model": CLIPVisionConfig, "siglip_vision_model": SiglipVisionConfig}
+_ANYRES_MAX = "anyres_max_"
 _SCORED = {"ppllava": "softmax", "paper": "weighted_sum"}
 
 
@@ -79,7 +89,7 @@ class PoolingConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PPLLaVAConfig:
-  vision: CLIPVisionConfig
+  vision: CLIPVisionConfig | SiglipVisionConfig
   text: DecoderConfig
   image_token_index: int
   video_token_index: int
@@ -87,28 +97,37 @@ class PPLLaVAConfig:
   vision_feature_layer: int = -2
   projector_bias: bool = True
   pooling: PoolingConfig = PoolingConfig()
-  scorer: ScorerConfig | None = None  # stored in config.json as "ppllava_scorer"
+  scorer: ScorerConfig | SiglipScorerConfig | None = None  # config.json: "ppllava_scorer"
   btadapter: BTAdapterConfig | None = None  # the released Vicuna models' vision tower
+  model_type: str = "llava_next"  # or "llava_onevision": which config.json to write
+  drop_cls: bool = True  # vision_feature_select_strategy "default" (True) / "full"
+  max_image_patches: int | None = None  # OneVision's "anyres_max_N" ("llava_onevision" mode)
 
   @classmethod
   def from_hf(cls, hf: dict, pooling: PoolingConfig,
               btadapter: BTAdapterConfig | None = None) -> "PPLLaVAConfig":
-    """From a llava-hf LLaVA-NeXT / LLaVA-NeXT-Video config.json dict.
+    """From a llava-hf LLaVA-NeXT / LLaVA-NeXT-Video / LLaVA-OneVision config.json dict.
 
     ``btadapter``: the tower's settings when the checkpoint carries BT-Adapter tensors
     (PPLLaVA's config.json files do not record them: reference section 9).
     """
     from transformers import AutoConfig
     full = AutoConfig.for_model(**hf)
-    if full.vision_feature_select_strategy != "default" or not isinstance(
+    strategy, vision_type = full.vision_feature_select_strategy, full.vision_config.model_type
+    if strategy not in ("default", "full") or not isinstance(
         full.vision_feature_layer, int) or full.projector_hidden_act != "gelu":
-      raise ValueError("only vision_feature_select_strategy='default', one int "
+      raise ValueError("only vision_feature_select_strategy 'default' or 'full', one int "
                        "vision_feature_layer and projector_hidden_act='gelu' are supported; got "
-                       f"{full.vision_feature_select_strategy!r}, {full.vision_feature_layer!r}, "
-                       f"{full.projector_hidden_act!r}")
+                       f"{strategy!r}, {full.vision_feature_layer!r}, {full.projector_hidden_act!r}")
+    if vision_type not in _VISION or (btadapter and vision_type != "clip_vision_model"):
+      raise ValueError(f"vision tower {vision_type!r} is not supported: expected one of "
+                       f"{list(_VISION)} (the BT-Adapter only on CLIP)")
+    aspect = getattr(full, "vision_aspect_ratio", None)
+    if aspect is not None and not aspect.startswith(_ANYRES_MAX):
+      raise ValueError(f"vision_aspect_ratio {aspect!r} is not supported: expected anyres_max_N")
     stride = getattr(full, "spatial_pool_stride", pooling.llava_next_stride)
     return cls(
-        vision=pretrained.pick_fields(CLIPVisionConfig, full.vision_config),
+        vision=pretrained.pick_fields(_VISION[vision_type], full.vision_config),
         text=DecoderConfig.from_hf(full.text_config.to_dict()),
         image_token_index=full.image_token_index,
         video_token_index=getattr(full, "video_token_index", -1),
@@ -116,20 +135,31 @@ class PPLLaVAConfig:
         vision_feature_layer=full.vision_feature_layer,
         projector_bias=getattr(full, "multimodal_projector_bias", True),
         pooling=dataclasses.replace(pooling, llava_next_stride=stride),
-        scorer=ScorerConfig.from_hf(hf[SCORER_KEY]) if SCORER_KEY in hf else None,
-        btadapter=BTAdapterConfig(**hf[BTADAPTER_KEY]) if BTADAPTER_KEY in hf else btadapter)
+        scorer=scorer_config_from_hf(hf[SCORER_KEY]) if SCORER_KEY in hf else None,
+        btadapter=BTAdapterConfig(**hf[BTADAPTER_KEY]) if BTADAPTER_KEY in hf else btadapter,
+        model_type="llava_onevision" if full.model_type == "llava_onevision" else "llava_next",
+        drop_cls=strategy == "default",
+        max_image_patches=None if aspect is None else int(aspect[len(_ANYRES_MAX):]))
 
   def to_hf(self) -> dict:
-    """A LLaVA-NeXT-Video config.json (the superset of LLaVA-NeXT's)."""
-    from transformers import LlavaNextVideoConfig
-    vision = dict(dataclasses.asdict(self.vision), model_type="clip_vision_model")
-    hf = LlavaNextVideoConfig(
-        vision_config=vision, text_config=self.text.to_hf(),
+    """A LLaVA-NeXT-Video config.json (the superset of LLaVA-NeXT's) or a LLaVA-OneVision one."""
+    from transformers import LlavaNextVideoConfig, LlavaOnevisionConfig
+    vision_type = next(k for k, v in _VISION.items() if isinstance(self.vision, v))
+    common = dict(
+        vision_config=dict(dataclasses.asdict(self.vision), model_type=vision_type),
+        text_config=self.text.to_hf(),
         image_token_index=self.image_token_index, video_token_index=self.video_token_index,
         image_grid_pinpoints=[list(p) for p in self.grid_pinpoints],
-        vision_feature_layer=self.vision_feature_layer, vision_feature_select_strategy="default",
-        multimodal_projector_bias=self.projector_bias,
-        spatial_pool_stride=self.pooling.llava_next_stride).to_dict()
+        vision_feature_layer=self.vision_feature_layer,
+        vision_feature_select_strategy="default" if self.drop_cls else "full",
+        multimodal_projector_bias=self.projector_bias)
+    if self.model_type == "llava_onevision":
+      hf = LlavaOnevisionConfig(**common,
+                                vision_aspect_ratio=f"{_ANYRES_MAX}{self.max_image_patches}"
+                                ).to_dict()
+    else:
+      hf = LlavaNextVideoConfig(**common,
+                                spatial_pool_stride=self.pooling.llava_next_stride).to_dict()
     if self.scorer is not None:
       hf[SCORER_KEY] = self.scorer.to_hf()
     if self.btadapter is not None:
@@ -160,20 +190,25 @@ class PPLLaVA(nnx.Module):
 
   def __init__(self, cfg: PPLLaVAConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    self.vision_tower = (CLIPVisionTransformer(cfg.vision, rngs=rngs) if cfg.btadapter is None
-                         else BTAdapterVisionTransformer(cfg.vision, cfg.btadapter, rngs=rngs))
+    if isinstance(cfg.vision, SiglipVisionConfig):
+      self.vision_tower = SiglipVisionTransformer(cfg.vision, rngs=rngs)
+    elif cfg.btadapter is not None:
+      self.vision_tower = BTAdapterVisionTransformer(cfg.vision, cfg.btadapter, rngs=rngs)
+    else:
+      self.vision_tower = CLIPVisionTransformer(cfg.vision, rngs=rngs)
     self.multi_modal_projector = Projector(cfg.vision.hidden_size, cfg.text.hidden_size,
                                            cfg.projector_bias, rngs=rngs)
     self.language_model = CausalLM(cfg.text, rngs=rngs)
     self.image_newline = nnx.Param(jnp.zeros((cfg.text.hidden_size,)), axes=("embed",))
     # Needed by the "ppllava" / "paper" modes. A submodule even when attached after
     # loading (nnx.data), so it splits, jits, shards and saves with the rest.
-    self.scorer = nnx.data(None if cfg.scorer is None else RelevanceScorer(cfg.scorer, rngs=rngs))
+    self.scorer = nnx.data(None if cfg.scorer is None else build_scorer(cfg.scorer, rngs=rngs))
 
   # ---- media -> LLM tokens ------------------------------------------------------------
 
   def patch_features(self, frames_btchw: jax.Array) -> jax.Array:
-    """(B, T, 3, H, W) -> (B, T, g, g, D_vision): the chosen layer's patches, CLS dropped.
+    """(B, T, 3, H, W) -> (B, T, g, g, D_vision): the chosen layer's patches, CLS dropped
+    (``drop_cls``; SigLIP has none).
 
     A plain CLIP tower sees every frame alone; the BT-Adapter tower sees each item's
     frames together (images and anyres tiles are one-frame items, as in the original).
@@ -185,7 +220,8 @@ class PPLLaVA(nnx.Module):
       flat = self.vision_tower(frames_btchw.reshape(b * t, *frames_btchw.shape[2:]))
       hidden = flat[self.cfg.vision_feature_layer].reshape(b, t, *flat[0].shape[1:])
     g = self.cfg.vision.grid
-    return hidden[:, :, 1:].reshape(b, t, g, g, hidden.shape[-1])
+    patches = hidden[:, :, 1:] if self.cfg.drop_cls else hidden
+    return patches.reshape(b, t, g, g, hidden.shape[-1])
 
   def _pool(self, feats_btggv: jax.Array, text_be: jax.Array | None, kernel) -> jax.Array:
     """Projected and pooled tokens (B, T', g', g', D) for the PPLLaVA-family modes."""
@@ -209,6 +245,15 @@ class PPLLaVA(nnx.Module):
       ones = jnp.ones(feats_btggv.shape[:4], jnp.float32)
       pooled = ops.prompt_guided_pool(feats_btggv, ones, (1, s, s), mode="average")
       tokens = self.multi_modal_projector(pooled)
+    elif self.cfg.pooling.mode == "llava_onevision":
+      x_btggd = self.multi_modal_projector(feats_btggv)
+      small = -(-x_btggd.shape[2] // 2)  # ceil, as transformers' apply_pooling
+      x_btssd = jax.image.resize(x_btggd.astype(jnp.float32), (*x_btggd.shape[:2], small, small,
+                                                               x_btggd.shape[-1]),
+                                 "bilinear", antialias=False).astype(x_btggd.dtype)
+      newline = jnp.broadcast_to(self.image_newline[...].astype(x_btssd.dtype),
+                                 (v, 1, x_btssd.shape[-1]))
+      return jnp.concatenate([x_btssd.reshape(v, -1, x_btssd.shape[-1]), newline], axis=1)
     else:
       tokens = self._pool(feats_btggv, text_be, self.cfg.pooling.video_kernel)
     return tokens.reshape(v, -1, tokens.shape[-1])
@@ -221,15 +266,17 @@ class PPLLaVA(nnx.Module):
     tiles = [1 + int(np.prod(ops.anyres_grid_shape(s, cfg.grid_pinpoints, cfg.vision.image_size)))
              for s in sizes]
     feats = [self.patch_features(images_ntchw[i, :n, None])[:, 0] for i, n in enumerate(tiles)]
-    if cfg.pooling.mode in ("llava_next_video", "none"):  # LLaVA-NeXT never pools images
+    if cfg.pooling.mode in _UNPOOLED_IMAGES:
       per_image, pool = [self.multi_modal_projector(f) for f in feats], 1
     else:  # tiles share one relevance softmax: they go on the T axis of one item
       pool = cfg.pooling.image_kernel[1]
       per_image = [self._pool(f[None], None if text_be is None else text_be[i:i + 1],
                               cfg.pooling.image_kernel)[0] for i, f in enumerate(feats)]
     per_image = [x.reshape(x.shape[0], -1, x.shape[-1]) for x in per_image]
+    max_patches = cfg.max_image_patches if cfg.pooling.mode == "llava_onevision" else None
     return ops.pack_image_features(per_image, sizes, cfg.grid_pinpoints, cfg.vision.image_size,
-                                   cfg.vision.patch_size, self.image_newline[...], pool=pool)
+                                   cfg.vision.patch_size, self.image_newline[...], pool=pool,
+                                   max_patches=max_patches)
 
   # ---- forward ------------------------------------------------------------------------
 
@@ -274,32 +321,42 @@ class PPLLaVA(nnx.Module):
     return self.language_model.init_cache(batch, length, dtype)
 
   def generate(self, input_ids, attention_mask=None, *, pixel_values_videos=None,
-               clip_input_ids=None, clip_attention_mask=None, **kwargs):
-    """Token ids (B, L + max_new_tokens); videos / text prompts (images: call the model)."""
+               pixel_values=None, image_sizes=None, clip_input_ids=None,
+               clip_attention_mask=None, **kwargs):
+    """Token ids (B, L + max_new_tokens): ``models.generate.generate`` with media.
+
+    Anyres image sizes fix the token layout, so they are compile-time constants: each
+    distinct set of sizes compiles once (videos, of fixed frame count, never do).
+    """
     media = {k: v for k, v in dict(pixel_values_videos=pixel_values_videos,
-                                   clip_input_ids=clip_input_ids,
+                                   pixel_values=pixel_values, clip_input_ids=clip_input_ids,
                                    clip_attention_mask=clip_attention_mask).items()
              if v is not None}
-    return generate(self, input_ids, attention_mask, media=media, **kwargs)
+    static = {}
+    if image_sizes is not None:
+      static["image_sizes"] = tuple(tuple(int(x) for x in s) for s in np.asarray(image_sizes))
+    return generate(self, input_ids, attention_mask, media=media, static_media=static, **kwargs)
 
   # ---- checkpoints --------------------------------------------------------------------
 
   @classmethod
-  def from_pretrained(cls, path: str | Path, clip: str | Path | CLIPModel | None = None,
+  def from_pretrained(cls, path: str | Path,
+                      clip: str | Path | CLIPModel | SiglipModel | None = None,
                       pooling: PoolingConfig = PoolingConfig(), dtype: jnp.dtype | None = None,
                       clip_extend_keep: int | None = 20) -> "PPLLaVA":
-    """A llava-hf LLaVA-NeXT(-Video) folder, or one ``save_pretrained`` wrote.
+    """A llava-hf LLaVA-NeXT(-Video) or LLaVA-OneVision folder, or one ``save_pretrained`` wrote.
 
     The ``"ppllava"`` / ``"paper"`` modes need the relevance scorer: PPLLaVA's own
     folders and those this package saved hold it (``multi_modal_projector.clip_*``
     tensors; when config.json does not describe it, it is inferred and the log says
-    so). For a plain llava-hf folder give ``clip=`` (a CLIP folder or model), whose
-    text tower is extended to 248 positions with ``clip_extend_keep`` (PPLLaVA's 20;
-    None keeps 77) when loaded from a folder. Given with a folder that holds a scorer,
-    ``clip=`` is only compared: the log says whether the token embeddings are CLIP's.
+    so). For a plain llava-hf folder give ``clip=``: a CLIP (LLaVA-NeXT) or SigLIP
+    (OneVision) folder or model, whose text tower is extended (77 -> 248, SigLIP
+    64 -> 196) with ``clip_extend_keep`` (PPLLaVA's 20; None keeps it) when loaded from
+    a folder. Given with a folder that holds a scorer, ``clip=`` is only compared: the
+    log says whether the token embeddings are the given model's.
     """
     path = pretrained.resolve_checkpoint(path)
-    hf = pretrained.read_config(path, ["llava_next", "llava_next_video"])
+    hf = pretrained.read_config(path, ["llava_next", "llava_next_video", "llava_onevision"])
     shapes = checkpoint_shapes(path)
     keys = set(shapes)
     btadapter = None
@@ -312,29 +369,32 @@ class PPLLaVA(nnx.Module):
                   btadapter.temporal_drop_path_rate)
     cfg = PPLLaVAConfig.from_hf(hf, pooling, btadapter)
     if cfg.scorer is None and _SCORER_TENSOR in keys:
-      cfg = dataclasses.replace(cfg, scorer=ScorerConfig.infer(shapes, cfg.vision.hidden_size))
+      cfg = dataclasses.replace(cfg, scorer=infer_scorer_config(shapes, cfg.vision))
       log.warning("%s: scorer tensors found but config.json does not describe them; inferred "
-                  "%s (sizes from the tensors, the rest as OpenAI CLIP)", path, cfg.scorer)
+                  "%s (sizes from the tensors, the rest as the released models' encoder)", path,
+                  cfg.scorer)
     if cfg.scorer is None and pooling.scored and clip is None:
       raise ValueError(f"pooling mode {pooling.mode!r} needs the relevance scorer, and {path} "
-                       "has none: give clip= (a CLIP folder or CLIPModel)")
+                       "has none: give clip= (a CLIP or SigLIP folder or model)")
     model = load_into(nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0))), path,
                       LLAVA_NEXT_RULES, dtype)
-    if clip is not None and not isinstance(clip, CLIPModel):
-      clip = CLIPModel.from_pretrained(clip, dtype, extend_text=clip_extend_keep)
+    if clip is not None and not isinstance(clip, (CLIPModel, SiglipModel)):
+      encoder = SiglipModel if isinstance(cfg.vision, SiglipVisionConfig) else CLIPModel
+      clip = encoder.from_pretrained(clip, dtype, extend_text=clip_extend_keep)
     if clip is not None and model.scorer is not None:
       # The original builds a fresh token table for its extended text tower and nothing
       # copies CLIP's into it (reference section 3): say which one this checkpoint holds.
       ours = model.scorer.text_model.embeddings.token_embedding.weight[...]
       theirs = clip.text_model.embeddings.token_embedding.weight[...]
       same = ours.shape == theirs.shape and bool(jnp.array_equal(ours, theirs))
-      log.warning("%s: the scorer's CLIP token embedding %s the given CLIP's; the checkpoint's "
+      log.warning("%s: the scorer's token embedding %s the given encoder's; the checkpoint's "
                   "scorer is kept", path, "equals" if same else "differs from")
     elif clip is not None:
       if clip.cfg.vision.hidden_size != cfg.vision.hidden_size:
-        raise ValueError(f"the CLIP's vision width {clip.cfg.vision.hidden_size} does not match "
-                         f"the vision tower's {cfg.vision.hidden_size}")
-      scorer = RelevanceScorer.from_clip(clip)
+        raise ValueError(f"the scoring encoder's vision width {clip.cfg.vision.hidden_size} does "
+                         f"not match the vision tower's {cfg.vision.hidden_size}")
+      scorer = (SiglipRelevanceScorer.from_siglip(clip) if isinstance(clip, SiglipModel)
+                else RelevanceScorer.from_clip(clip))
       model.cfg = dataclasses.replace(cfg, scorer=scorer.cfg)
       model.scorer = nnx.data(scorer)
     return model

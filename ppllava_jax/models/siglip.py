@@ -123,6 +123,12 @@ class SiglipPoolingHead(nnx.Module):
     h_b1d = self.attention(probe_b1d, x_bld)
     return (h_b1d + self.mlp(self.layernorm(h_b1d)))[:, 0]
 
+  def per_patch(self, x: jax.Array) -> jax.Array:
+    """(..., D) -> (..., D): each patch through the head's value projection (no
+    ``out_proj``) and residual MLP, as PPLLaVA's SigLIP scorer does (reference 1b)."""
+    v = self.attention.value(x)
+    return v + self.mlp(self.layernorm(v))
+
 
 class SiglipVisionTransformer(nnx.Module):
 

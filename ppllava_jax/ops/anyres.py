@@ -35,10 +35,18 @@ kept or cut whole. E.g. a 500x300 image on pinpoint 672x336 (R, C = 2, 1): unpoo
 rows 4..43 of 48 stay (1576 tokens, the processor's count); pooled by 3, rows 1..14 of
 16 stay (64 + 14*8 + 14 = 190 tokens), which cover full rows 3..44, one padding row each
 side.
+
+LLaVA-OneVision (``vision_aspect_ratio="anyres_max_N"``, ``max_patches=N`` here) adds
+one step after unpadding, as its ``pack_image_features`` does: when the unpadded (h, w)
+grid holds more than about N tiles' worth of features, i.e.
+``ratio = sqrt(h*w / (N*S*S)) > 1.1``, the grid is resized bilinearly (half-pixel
+centres, no antialiasing: torch's ``interpolate(mode="bilinear")``) to
+``(int(h // ratio), int(w // ratio))`` before the newlines are added.
 """
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Sequence
 
@@ -116,6 +124,15 @@ def _unpad_margins(original_size: Size2, grid_size: Size2) -> Size2:
   return 0, (grid_w - kept) // 2
 
 
+def _downscaled(grid: Size2, side: int, max_patches: int | None) -> Size2:
+  """The unpadded grid after OneVision's ``anyres_max`` resize (module doc)."""
+  h, w = grid
+  if max_patches is None:
+    return grid
+  ratio = math.sqrt(h * w / (max_patches * side * side))
+  return (int(h // ratio), int(w // ratio)) if ratio > 1.1 else grid
+
+
 def _packed_geometry(original_size, grid_pinpoints, tile_size: int, patch_size: int,
                      pool: int) -> tuple[Size2, int, Size2]:
   """((rows, cols) of tiles, features per tile side, (rows, cols) cut from each end)."""
@@ -129,29 +146,34 @@ def _packed_geometry(original_size, grid_pinpoints, tile_size: int, patch_size: 
 
 
 def num_image_features(original_size: Sequence[int], grid_pinpoints: Sequence[Sequence[int]],
-                       tile_size: int, patch_size: int, pool: int = 1) -> int:
+                       tile_size: int, patch_size: int, pool: int = 1,
+                       max_patches: int | None = None) -> int:
   """LLM tokens one image of ``original_size`` becomes: ``S*S + h*w + h`` (module doc).
 
   Features exclude CLS (``vision_feature_select_strategy="default"``, as in LLaVA-NeXT
   and PPLLaVA); with ``pool=1`` this is the number of ``<image>`` tokens
   ``LlavaNextProcessor`` inserts. ``pool`` > 1 counts PPLLaVA's (1, pool, pool)
   pooling of every tile, base included, with unpadding on the pooled grid.
+  ``max_patches``: LLaVA-OneVision's ``anyres_max_N`` downscale (module doc).
   """
   (rows, cols), side, (cut_h, cut_w) = _packed_geometry(original_size, grid_pinpoints,
                                                         tile_size, patch_size, pool)
-  kept_h, kept_w = rows * side - 2 * cut_h, cols * side - 2 * cut_w
+  kept_h, kept_w = _downscaled((rows * side - 2 * cut_h, cols * side - 2 * cut_w), side,
+                               max_patches)
   return side * side + kept_h * kept_w + kept_h
 
 
 def pack_image_features(features_per_image: Sequence[jax.Array],
                         image_sizes: Sequence[Sequence[int]],
                         grid_pinpoints: Sequence[Sequence[int]], tile_size: int, patch_size: int,
-                        image_newline: jax.Array, pool: int = 1) -> list[jax.Array]:
+                        image_newline: jax.Array, pool: int = 1,
+                        max_patches: int | None = None) -> list[jax.Array]:
   """Packs each image's tile features into its LLM token sequence (module doc).
 
   ``features_per_image[i]`` is (1 + R*C, S*S, D): the base tile, then the grid tiles
   row-major, each tile's S x S features row-major (after projection and, for
   ``pool`` > 1, pooling). ``image_sizes[i]`` is the original (height, width);
+  ``max_patches`` applies LLaVA-OneVision's ``anyres_max_N`` downscale;
   ``image_newline`` is (D,) and is cast to the features' dtype.
 
   Returns one (num_image_features(...), D) array per image. Lengths depend on the
@@ -179,6 +201,10 @@ def pack_image_features(features_per_image: Sequence[jax.Array],
     grid_hwd = (tiles_nld[1:].reshape(rows, cols, side, side, d)
                 .transpose(0, 2, 1, 3, 4).reshape(grid_h, grid_w, d))
     grid_hwd = grid_hwd[cut_h:grid_h - cut_h, cut_w:grid_w - cut_w]
+    small = _downscaled(grid_hwd.shape[:2], side, max_patches)
+    if small != grid_hwd.shape[:2]:
+      grid_hwd = jax.image.resize(grid_hwd.astype(jnp.float32), (*small, d), "bilinear",
+                                  antialias=False).astype(tiles_nld.dtype)
     newline_h1d = jnp.broadcast_to(image_newline.astype(tiles_nld.dtype),
                                    (grid_hwd.shape[0], 1, d))
     rows_ld = jnp.concatenate([grid_hwd, newline_h1d], axis=1).reshape(-1, d)
