@@ -23,12 +23,14 @@ from flax import nnx
 from ppllava_jax.convert.clip import CLIP_RULES
 from ppllava_jax.convert.llava import LLAVA_NEXT_RULES
 from ppllava_jax.convert.llm import LLM_RULES
-from ppllava_jax.convert.loader import CheckpointError, Rule, hf_tensors, load_into, save_tensors
+from ppllava_jax.convert.loader import (CheckpointError, Rule, checkpoint_shapes, hf_tensors,
+                                        load_into, save_tensors)
 from ppllava_jax.convert.siglip import SIGLIP_RULES
 from ppllava_jax.models import pretrained
 from ppllava_jax.models.clip import CLIPConfig, CLIPModel
 from ppllava_jax.models.llm import DecoderConfig, LlamaForCausalLM, Qwen2ForCausalLM
-from ppllava_jax.models.ppllava import PoolingConfig, PPLLaVA, PPLLaVAConfig
+from ppllava_jax.models.ppllava import (MODEL_TYPES, PoolingConfig, PPLLaVA, PPLLaVAConfig,
+                                        complete_config)
 from ppllava_jax.models.siglip import SiglipConfig, SiglipModel
 
 CONFIG_FILE = "config.json"
@@ -39,10 +41,15 @@ STATE_DIR = "state"
 class Family:
   build: Callable[[dict], nnx.Module]  # config.json dict -> a model (call under eval_shape)
   rules: tuple[Rule, ...]
+  # (config.json dict, tensor shapes, folder) -> the config that describes every tensor
+  complete: Callable[[dict, dict, Path], dict] = lambda hf, shapes, where: hf
 
 
 def _llava(hf: dict) -> PPLLaVA:  # weights do not depend on the pooling mode
   return PPLLaVA(PPLLaVAConfig.from_hf(hf, PoolingConfig("none")), rngs=nnx.Rngs(0))
+
+
+_LLAVA = Family(_llava, LLAVA_NEXT_RULES, complete_config)
 
 
 FAMILIES: dict[str, Family] = {
@@ -53,9 +60,7 @@ FAMILIES: dict[str, Family] = {
                     LLM_RULES),
     "qwen2": Family(lambda hf: Qwen2ForCausalLM(DecoderConfig.from_hf(hf), rngs=nnx.Rngs(0)),
                     LLM_RULES),
-    "llava_next": Family(_llava, LLAVA_NEXT_RULES),
-    "llava_next_video": Family(_llava, LLAVA_NEXT_RULES),
-    "llava_onevision": Family(_llava, LLAVA_NEXT_RULES),
+    **{model_type: _LLAVA for model_type in MODEL_TYPES},
 }
 
 
@@ -65,9 +70,12 @@ def _family(path: Path) -> tuple[dict, Family]:
 
 
 def load_hf(path: str | Path, progress: bool = False) -> tuple[nnx.Module, dict]:
-  """(model, config.json dict) from any supported transformers folder."""
+  """(model, config.json dict) from any supported transformers folder. For PPLLaVA's
+  own folders the dict gains the scorer / BT-Adapter entries their config.json lacks,
+  so what is saved from it rebuilds the same model."""
   path = pretrained.resolve_checkpoint(path)
   hf, family = _family(path)
+  hf = family.complete(hf, checkpoint_shapes(path), path)
   model = load_into(nnx.eval_shape(lambda: family.build(hf)), path, family.rules,
                     progress=progress)
   return model, hf

@@ -61,3 +61,25 @@ def test_not_an_orbax_checkpoint(tmp_path):
   from ppllava_jax.convert.loader import CheckpointError
   with pytest.raises(CheckpointError, match="not an Orbax checkpoint"):
     checkpoints.load_orbax(tmp_path)
+
+
+def test_released_style_onevision_folder_round_trip(tmp_path, caplog):
+  """A PPLLaVA Qwen folder whose config.json omits the scorer (as the released ones do)
+  converts to Orbax and back; the written config.json then describes the scorer."""
+  import json
+  from hf_fixtures import make_llava_onevision, make_scorer_siglip
+  from ppllava_jax.models.ppllava import PPLLaVA
+  _, src = make_llava_onevision(tmp_path / "onevision")
+  _, sig = make_scorer_siglip(tmp_path / "siglip", google_like=True)
+  PPLLaVA.from_pretrained(src, clip=sig).save_pretrained(tmp_path / "released")
+  config = json.loads((tmp_path / "released" / "config.json").read_text())
+  del config["ppllava_scorer"]
+  (tmp_path / "released" / "config.json").write_text(json.dumps(config))
+  with caplog.at_level("WARNING"):
+    model, hf = checkpoints.load_hf(tmp_path / "released")
+  assert "scorer tensors found" in caplog.text and hf["ppllava_scorer"]["kind"] == "siglip"
+  checkpoints.save_orbax(model, hf, tmp_path / "orbax")
+  again, hf_again = checkpoints.load_orbax(tmp_path / "orbax")
+  assert_same_state(model, again)
+  checkpoints.save_hf(again, hf_again, tmp_path / "back")
+  assert_same_state(model, PPLLaVA.from_pretrained(tmp_path / "back"))

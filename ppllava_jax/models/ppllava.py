@@ -60,6 +60,7 @@ BTADAPTER_KEY = "ppllava_btadapter"
 _BTADAPTER_TENSOR = "vision_tower.vision_model.btadapter_cls_token"
 _SCORER_TENSOR = "multi_modal_projector.clip_text_model.embeddings.token_embedding.weight"
 log = logging.getLogger(__name__)
+MODEL_TYPES = ("llava_next", "llava_next_video", "llava_onevision")
 POOLING_MODES = ("ppllava", "paper", "average", "llava_next_video", "llava_onevision", "none")
 _UNPOOLED_IMAGES = ("llava_next_video", "llava_onevision", "none")  # LLaVA never pools images
 _VISION = {"clip_vision_model": CLIPVisionConfig, "siglip_vision_model": SiglipVisionConfig}
@@ -104,13 +105,9 @@ class PPLLaVAConfig:
   max_image_patches: int | None = None  # OneVision's "anyres_max_N" ("llava_onevision" mode)
 
   @classmethod
-  def from_hf(cls, hf: dict, pooling: PoolingConfig,
-              btadapter: BTAdapterConfig | None = None) -> "PPLLaVAConfig":
-    """From a llava-hf LLaVA-NeXT / LLaVA-NeXT-Video / LLaVA-OneVision config.json dict.
-
-    ``btadapter``: the tower's settings when the checkpoint carries BT-Adapter tensors
-    (PPLLaVA's config.json files do not record them: reference section 9).
-    """
+  def from_hf(cls, hf: dict, pooling: PoolingConfig) -> "PPLLaVAConfig":
+    """From a llava-hf LLaVA-NeXT / LLaVA-NeXT-Video / LLaVA-OneVision config.json dict
+    (``complete_config`` adds what PPLLaVA's own folders leave out)."""
     from transformers import AutoConfig
     full = AutoConfig.for_model(**hf)
     strategy, vision_type = full.vision_feature_select_strategy, full.vision_config.model_type
@@ -119,6 +116,7 @@ class PPLLaVAConfig:
       raise ValueError("only vision_feature_select_strategy 'default' or 'full', one int "
                        "vision_feature_layer and projector_hidden_act='gelu' are supported; got "
                        f"{strategy!r}, {full.vision_feature_layer!r}, {full.projector_hidden_act!r}")
+    btadapter = BTAdapterConfig(**hf[BTADAPTER_KEY]) if BTADAPTER_KEY in hf else None
     if vision_type not in _VISION or (btadapter and vision_type != "clip_vision_model"):
       raise ValueError(f"vision tower {vision_type!r} is not supported: expected one of "
                        f"{list(_VISION)} (the BT-Adapter only on CLIP)")
@@ -136,7 +134,7 @@ class PPLLaVAConfig:
         projector_bias=getattr(full, "multimodal_projector_bias", True),
         pooling=dataclasses.replace(pooling, llava_next_stride=stride),
         scorer=scorer_config_from_hf(hf[SCORER_KEY]) if SCORER_KEY in hf else None,
-        btadapter=BTAdapterConfig(**hf[BTADAPTER_KEY]) if BTADAPTER_KEY in hf else btadapter,
+        btadapter=btadapter,
         model_type="llava_onevision" if full.model_type == "llava_onevision" else "llava_next",
         drop_cls=strategy == "default",
         max_image_patches=None if aspect is None else int(aspect[len(_ANYRES_MAX):]))
@@ -165,6 +163,29 @@ class PPLLaVAConfig:
     if self.btadapter is not None:
       hf[BTADAPTER_KEY] = dataclasses.asdict(self.btadapter)
     return hf
+
+
+def complete_config(hf: dict, shapes: dict[str, tuple[int, ...]], where: str | Path) -> dict:
+  """``hf`` plus the ``ppllava_btadapter`` / ``ppllava_scorer`` entries a checkpoint's
+  tensors call for when its config.json lacks them, as PPLLaVA's own folders do
+  (reference section 9); each one filled in is logged. ``where`` names the folder."""
+  hf = dict(hf)
+  if _BTADAPTER_TENSOR in shapes and BTADAPTER_KEY not in hf:
+    depth = len({k.split(".")[3] for k in shapes if ".btadapter_S_layers." in k})
+    btadapter = BTAdapterConfig(depth=depth)
+    hf[BTADAPTER_KEY] = dataclasses.asdict(btadapter)
+    log.warning("%s: BT-Adapter tensors found but config.json does not describe them; using "
+                "depth=%d (counted) and the original's max_T=%d, drop-path rates %s/%s", where,
+                depth, btadapter.max_T, btadapter.drop_path_rate,
+                btadapter.temporal_drop_path_rate)
+  if _SCORER_TENSOR in shapes and SCORER_KEY not in hf:
+    vision = PPLLaVAConfig.from_hf(hf, PoolingConfig("none")).vision
+    scorer = infer_scorer_config(shapes, vision)
+    hf[SCORER_KEY] = scorer.to_hf()
+    log.warning("%s: scorer tensors found but config.json does not describe them; inferred "
+                "%s (sizes from the tensors, the rest as the released models' encoder)", where,
+                scorer)
+  return hf
 
 
 class Projector(nnx.Module):
@@ -356,23 +377,8 @@ class PPLLaVA(nnx.Module):
     log says whether the token embeddings are the given model's.
     """
     path = pretrained.resolve_checkpoint(path)
-    hf = pretrained.read_config(path, ["llava_next", "llava_next_video", "llava_onevision"])
-    shapes = checkpoint_shapes(path)
-    keys = set(shapes)
-    btadapter = None
-    if _BTADAPTER_TENSOR in keys and BTADAPTER_KEY not in hf:
-      depth = len({k.split(".")[3] for k in keys if ".btadapter_S_layers." in k})
-      btadapter = BTAdapterConfig(depth=depth)
-      log.warning("%s: BT-Adapter tensors found but config.json does not describe them; using "
-                  "depth=%d (counted) and the original's max_T=%d, drop-path rates %s/%s", path,
-                  depth, btadapter.max_T, btadapter.drop_path_rate,
-                  btadapter.temporal_drop_path_rate)
-    cfg = PPLLaVAConfig.from_hf(hf, pooling, btadapter)
-    if cfg.scorer is None and _SCORER_TENSOR in keys:
-      cfg = dataclasses.replace(cfg, scorer=infer_scorer_config(shapes, cfg.vision))
-      log.warning("%s: scorer tensors found but config.json does not describe them; inferred "
-                  "%s (sizes from the tensors, the rest as the released models' encoder)", path,
-                  cfg.scorer)
+    hf = pretrained.read_config(path, MODEL_TYPES)
+    cfg = PPLLaVAConfig.from_hf(complete_config(hf, checkpoint_shapes(path), path), pooling)
     if cfg.scorer is None and pooling.scored and clip is None:
       raise ValueError(f"pooling mode {pooling.mode!r} needs the relevance scorer, and {path} "
                        "has none: give clip= (a CLIP or SigLIP folder or model)")
