@@ -1,0 +1,1 @@
+"""Model inputs: reading videos and frames, preprocessing pixels, building the text."""
