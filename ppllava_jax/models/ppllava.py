@@ -25,7 +25,10 @@ LLaVA-NeXT way (no ``anyres_max`` step), as the original code does.
 Media layout: ``pixel_values_videos`` (V, T, 3, H, W), one video per run of video
 placeholders; ``pixel_values`` (N, max_tiles, 3, H, W) with ``image_sizes`` (N, 2)
 (height, width) as LLaVA-NeXT processors give, one image per run of image
-placeholders. Runs of one kind must be separated by at least one other token (any
+placeholders. ``PPLLaVAConfig.video_tokens`` / ``image_tokens`` say how long each run
+is. Checkpoints without a video token (LLaVA-NeXT, PPLLaVA's own, where the original
+marks videos with ``<image>`` too) take videos at placeholder id -1, which only the
+processor writes and which never reaches the embedding table. Runs of one kind must be separated by at least one other token (any
 prompt template does this); the k-th run belongs to the k-th item. The scorer's text,
 one row per sample, arrives as ``clip_input_ids`` / ``clip_attention_mask``.
 """
@@ -138,6 +141,26 @@ class PPLLaVAConfig:
         model_type="llava_onevision" if full.model_type == "llava_onevision" else "llava_next",
         drop_cls=strategy == "default",
         max_image_patches=None if aspect is None else int(aspect[len(_ANYRES_MAX):]))
+
+  def video_tokens(self, frames: int) -> int:
+    """LLM tokens one video of ``frames`` frames becomes under ``pooling.mode``."""
+    g, mode = self.vision.grid, self.pooling.mode
+    if mode == "none":
+      return frames * g * g
+    if mode == "llava_next_video":
+      return frames * (g // self.pooling.llava_next_stride) ** 2
+    if mode == "llava_onevision":
+      return frames * (-(-g // 2)) ** 2 + 1
+    out, _, _ = ops.pool_geometry((frames, g, g), kernel=self.pooling.video_kernel)
+    return int(np.prod(out))
+
+  def image_tokens(self, size_hw) -> int:
+    """LLM tokens one anyres image of (height, width) ``size_hw`` becomes."""
+    unpooled = self.pooling.mode in _UNPOOLED_IMAGES
+    return ops.num_image_features(
+        size_hw, self.grid_pinpoints, self.vision.image_size, self.vision.patch_size,
+        pool=1 if unpooled else self.pooling.image_kernel[1],
+        max_patches=self.max_image_patches if self.pooling.mode == "llava_onevision" else None)
 
   def to_hf(self) -> dict:
     """A LLaVA-NeXT-Video config.json (the superset of LLaVA-NeXT's) or a LLaVA-OneVision one."""
@@ -309,7 +332,7 @@ class PPLLaVA(nnx.Module):
                clip_attention_mask: jax.Array | None = None) -> CausalLMOutput:
     """Logits (B, L, vocab) with media merged at their placeholders (module doc)."""
     cfg = self.cfg
-    emb_bld = self.language_model.embed(input_ids)
+    emb_bld = self.language_model.embed(jnp.maximum(input_ids, 0))  # -1: video placeholders
     text_be = None
     if cfg.pooling.scored and (pixel_values is not None or pixel_values_videos is not None):
       if self.scorer is None:
