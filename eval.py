@@ -1,11 +1,11 @@
-"""Evaluate PPLLaVA: jitted batch inference, MVBench / VideoMME, open-ended QA.
+"""Evaluate PPLLaVA: one video, MVBench / VideoMME multiple choice, open-ended QA.
 
-Not implemented yet (evaluation): prints its help and exits with 2.
+A thin CLI over ``ppllava_jax.eval.app`` (``python eval.py --help``).
 """
 
 import sys
 
-from ppllava_jax.cli import not_implemented
+from ppllava_jax.eval.app import main
 
 if __name__ == "__main__":
-  sys.exit(not_implemented(__doc__.splitlines()[0], "evaluation"))
+  sys.exit(main())

@@ -302,6 +302,17 @@ class PPLLaVA(nnx.Module):
       tokens = self._pool(feats_btggv, text_be, self.cfg.pooling.video_kernel)
     return tokens.reshape(v, -1, tokens.shape[-1])
 
+  def relevance_maps(self, videos_btchw: jax.Array, clip_input_ids: jax.Array,
+                     clip_attention_mask: jax.Array | None = None) -> jax.Array:
+    """(V, T, g, g) cosine of each patch with its video's prompt: what Eq. 1 turns into
+    probabilities, and what pictures should show (the probabilities are too peaked)."""
+    if self.scorer is None:
+      raise ValueError("relevance maps need the relevance scorer (a checkpoint with one, or "
+                       "clip= when loading)")
+    feats_btggv = self.patch_features(videos_btchw)
+    text_be = self.scorer.text_features(clip_input_ids, clip_attention_mask)
+    return ops.relevance_logits(self.scorer.patch_embeddings(feats_btggv), text_be)
+
   def encode_images(self, images_ntchw: jax.Array, image_sizes, text_be: jax.Array | None
                     ) -> list[jax.Array]:
     """Anyres images -> one (tokens_i, D) array each. Sizes are host values (static)."""

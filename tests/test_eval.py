@@ -1,0 +1,86 @@
+"""eval.py end to end on a checkpoint built in code: MVBench items with one missing
+video, resumption, pictures, open-ended QA; and the runner's record reading."""
+
+import json
+import logging
+
+import pytest
+
+from ppllava_jax.demo import DemoConfig, build_model, draw_video
+from ppllava_jax.data.tokenizer import char_tokenizer
+from ppllava_jax.eval import app
+from ppllava_jax.eval.runner import read_records
+
+SMALL = DemoConfig(frames=8, image_size=112, patch_size=14, vision_width=32, vision_layers=1,
+                   llm_width=64, llm_layers=1, text_width=32, text_layers=1)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  root = tmp_path_factory.mktemp("eval")
+  tokenizer = char_tokenizer()
+  checkpoint = build_model(SMALL, len(tokenizer)).save_pretrained(root / "checkpoint")
+  tokenizer.save_pretrained(checkpoint)
+  (root / "videos").mkdir()
+  for name in ("a", "b"):
+    draw_video(root / "videos" / f"{name}.mp4", 12, 48)
+  items = [dict(video=f"{name}.mp4", question=f"Where is the circle {i}?",
+                candidates=["left", "right", "up"], answer="right")
+           for i, name in enumerate(("a", "missing", "b"))]
+  (root / "tasks").mkdir()
+  (root / "tasks" / "object_shuffle.json").write_text(json.dumps(items))
+  return root, checkpoint
+
+
+def common(root, checkpoint, out):
+  return ["--checkpoint", str(checkpoint), "--scorer-tokenizer", str(checkpoint),
+          "--video-root", str(root / "videos"), "--out", str(out), "--frames", "4",
+          "--max-new-tokens", "3", "--batch-size", "2"]
+
+
+def test_mvbench_run_records_failures_scores_resumes_and_draws(setup, capsys, caplog):
+  root, checkpoint = setup
+  out = root / "mvbench"
+  argv = common(root, checkpoint, out) + ["--mvbench", str(root / "tasks"),
+                                          "--visualize", str(out / "maps")]
+  with caplog.at_level(logging.INFO, logger="ppllava_jax"):
+    assert app.main(argv) == 0
+  printed = capsys.readouterr().out
+  assert "compiled generation program #" in caplog.text
+  assert "failed: object_shuffle/1: MediaError" in printed and "missing.mp4" in printed
+  assert "MVBench, protocol original" in printed and "object_shuffle" in printed
+  results = json.loads((out / "results.json").read_text())
+  assert results["items"] == 3 and list(results["failed"]) == ["object_shuffle/1"]
+  assert results["overall"]["total"] == 2  # the failed item is reported, not scored
+  records = read_records(out / "predictions.jsonl")
+  assert {k: r["status"] for k, r in records.items()} == {
+      "object_shuffle/0": "ok", "object_shuffle/1": "failed", "object_shuffle/2": "ok"}
+  assert sorted(p.name for p in (out / "maps").iterdir()) == ["object_shuffle_0.png",
+                                                               "object_shuffle_2.png"]
+  lines = (out / "predictions.jsonl").read_text().splitlines()
+  caplog.clear()
+  with caplog.at_level(logging.INFO, logger="ppllava_jax"):
+    assert app.main(argv) == 0  # a rerun answers nothing again; it retries the failure
+  assert "2 of 3 jobs already answered, skipped" in caplog.text
+  again = (out / "predictions.jsonl").read_text().splitlines()
+  assert again[:len(lines)] == lines and len(again) == len(lines) + 1
+  assert json.loads(again[-1])["id"] == "object_shuffle/1"
+
+
+def test_open_ended_qa_writes_jsonl(setup, capsys):
+  root, checkpoint = setup
+  qa = root / "qa.jsonl"
+  qa.write_text(json.dumps(dict(id="q1", video="a.mp4", question="What moves?")) + "\n")
+  out = root / "qa"
+  assert app.main(common(root, checkpoint, out) + ["--qa", str(qa)]) == 0
+  assert "1 answers in" in capsys.readouterr().out
+  (record,) = read_records(out / "predictions.jsonl").values()
+  assert record["id"] == "q1" and record["status"] == "ok" and isinstance(record["prediction"], str)
+
+
+def test_torn_last_line_is_skipped_with_a_warning(tmp_path, caplog):
+  path = tmp_path / "predictions.jsonl"
+  path.write_text('{"id": "a", "status": "ok", "prediction": "x"}\n{"id": "b", "sta')
+  with caplog.at_level(logging.WARNING):
+    records = read_records(path)
+  assert list(records) == ["a"] and "predictions.jsonl:2: skipped an unreadable line" in caplog.text
