@@ -9,12 +9,12 @@ import torch
 from flax import nnx
 
 import numpy_reference as ref
-from hf_fixtures import (LLAVA_IMAGE_TOKEN, LLAVA_VIDEO_TOKEN, OV_PINPOINTS, make_llava_onevision,
-                         make_scorer_siglip, text_batch)
+from hf_fixtures import OV_PINPOINTS, make_llava_onevision, make_scorer_siglip, text_batch
+from llava_parity import (TOL, assert_generation_matches, assert_image_logits_match,
+                          assert_video_logits_match, image_prompt, video_prompt)
 from ppllava_jax import ops
 from ppllava_jax.models.ppllava import PPLLaVA, PoolingConfig
 
-TOL = 1e-4
 MAX_PATCHES = 2  # the fixture's anyres_max_2
 
 
@@ -28,22 +28,11 @@ def siglip(tmp_path_factory):
   return make_scorer_siglip(tmp_path_factory.mktemp("siglip"))
 
 
-def video_prompt(frames: int, tokens: int, seed=0):
-  rng = np.random.default_rng(seed)
-  ids = np.concatenate([[1], rng.integers(3, 60, 4), [LLAVA_VIDEO_TOKEN] * tokens,
-                        rng.integers(3, 60, 5)])[None]
-  video = rng.standard_normal((1, frames, 3, 28, 28)).astype(np.float32)
-  return ids.astype(np.int64), video
-
-
 def test_video_logits_match_llava_onevision(onevision):
   hf, path = onevision
   ours = PPLLaVA.from_pretrained(path, pooling=PoolingConfig("llava_onevision"))
-  ids, video = video_prompt(3, 3 * 4 * 4 + 1)  # 7x7 patches -> 4x4 bilinear, one newline
-  with torch.no_grad():
-    want = hf(input_ids=torch.from_numpy(ids), pixel_values_videos=torch.from_numpy(video)).logits
-  got = ours(jnp.asarray(ids), pixel_values_videos=jnp.asarray(video)).logits
-  assert np.abs(np.asarray(got) - want.numpy()).max() <= TOL
+  # 7x7 patches -> 4x4 bilinear, and one newline per video
+  assert_video_logits_match(hf, ours, *video_prompt(3, 3 * 4 * 4 + 1, 28))
 
 
 @pytest.mark.parametrize("size", [(30, 50), (50, 20), (60, 60)])
@@ -52,31 +41,18 @@ def test_anyres_image_logits_match_llava_onevision(onevision, size):
   (14x14 features > 2 tiles' worth) and is resized to 9x9."""
   hf, path = onevision
   ours = PPLLaVA.from_pretrained(path, pooling=PoolingConfig("llava_onevision"))
-  rng = np.random.default_rng(1)
-  n_tokens = ops.num_image_features(size, OV_PINPOINTS, 28, 4, max_patches=MAX_PATCHES)
-  plain = ops.num_image_features(size, OV_PINPOINTS, 28, 4)
-  assert (n_tokens < plain) == (size == (60, 60))
+  n_tokens = ours.cfg.image_tokens(size)
+  assert n_tokens == ops.num_image_features(size, OV_PINPOINTS, 28, 4, max_patches=MAX_PATCHES)
+  assert (n_tokens < ops.num_image_features(size, OV_PINPOINTS, 28, 4)) == (size == (60, 60))
   tiles = 1 + int(np.prod(ops.anyres_grid_shape(size, OV_PINPOINTS, 28)))
-  ids = np.concatenate([[1, 5, 6], [LLAVA_IMAGE_TOKEN] * n_tokens, [7, 8]])[None].astype(np.int64)
-  pixels = rng.standard_normal((1, 5, 3, 28, 28)).astype(np.float32)  # padded to 5 tiles
-  sizes = np.asarray([size])
-  with torch.no_grad():
-    want = hf(input_ids=torch.from_numpy(ids), pixel_values=torch.from_numpy(pixels[:, :tiles]),
-              image_sizes=torch.from_numpy(sizes)).logits
-  got = ours(jnp.asarray(ids), pixel_values=jnp.asarray(pixels), image_sizes=sizes).logits
-  assert np.abs(np.asarray(got) - want.numpy()).max() <= TOL
+  assert_image_logits_match(hf, ours, *image_prompt(n_tokens, 28), tiles, size)
 
 
 def test_video_generation_matches_transformers(onevision):
   hf, path = onevision
   ours = PPLLaVA.from_pretrained(path, pooling=PoolingConfig("llava_onevision"))
-  ids, video = video_prompt(2, 2 * 16 + 1, seed=2)
-  with torch.no_grad():
-    want = hf.generate(input_ids=torch.from_numpy(ids), pixel_values_videos=torch.from_numpy(video),
-                       max_new_tokens=20, do_sample=False, pad_token_id=0).numpy()
-  got = np.asarray(ours.generate(jnp.asarray(ids), pixel_values_videos=jnp.asarray(video),
-                                 max_new_tokens=20))
-  np.testing.assert_array_equal(got[:, :want.shape[1]], want)
+  ids, video = video_prompt(2, 2 * 16 + 1, 28, seed=2)
+  assert_generation_matches(hf, ours, ids, pixel_values_videos=video)
 
 
 def test_siglip_scorer_is_reference_1b(onevision, siglip):
@@ -119,7 +95,7 @@ def test_uniform_relevance_makes_ppllava_equal_average(onevision, siglip):
   sig.vision_model.head.attention.in_proj.bias.set_value(jnp.zeros(72))
   ppl = PPLLaVA.from_pretrained(path, clip=sig, pooling=PoolingConfig("ppllava"))
   avg = PPLLaVA.from_pretrained(path, pooling=PoolingConfig("average"))
-  ids, video = video_prompt(4, 2 * 2 * 2, seed=4)  # (2,3,3) on 4x7x7 -> 2x2x2
+  ids, video = video_prompt(4, 2 * 2 * 2, 28, seed=4)  # (2,3,3) on 4x7x7 -> 2x2x2
   clip_ids, clip_mask = text_batch(99, 98, [6], 8)
   a = ppl(jnp.asarray(ids), pixel_values_videos=jnp.asarray(video),
           clip_input_ids=jnp.asarray(clip_ids), clip_attention_mask=jnp.asarray(clip_mask)).logits

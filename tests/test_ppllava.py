@@ -5,13 +5,12 @@ import numpy as np
 import pytest
 import torch
 
+import llava_parity as parity
 import numpy_reference as ref
 from hf_fixtures import (LLAVA_IMAGE_TOKEN, LLAVA_PINPOINTS, LLAVA_VIDEO_TOKEN, make_llava_next_video,
                          make_scorer_clip, text_batch)
 from ppllava_jax import ops
 from ppllava_jax.models.ppllava import PPLLaVA, PoolingConfig
-
-TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -25,66 +24,37 @@ def scorer_path(tmp_path_factory):
 
 
 def video_prompt(frames: int, tokens_per_frame: int, seed=0):
-  rng = np.random.default_rng(seed)
-  ids = np.concatenate([[1], rng.integers(3, 60, 4), [LLAVA_VIDEO_TOKEN] * (frames * tokens_per_frame),
-                        rng.integers(3, 60, 5)])[None]
-  video = rng.standard_normal((1, frames, 3, 24, 24)).astype(np.float32)
-  return ids.astype(np.int64), video
+  return parity.video_prompt(frames, frames * tokens_per_frame, 24, seed)
 
 
 def test_video_logits_match_llava_next_video(llava):
   hf, path = llava
   ours = PPLLaVA.from_pretrained(path, pooling=PoolingConfig("llava_next_video"))
-  ids, video = video_prompt(4, 9)  # 6x6 patches, 2x2 mean -> 3x3 per frame
-  with torch.no_grad():
-    want = hf(input_ids=torch.from_numpy(ids), pixel_values_videos=torch.from_numpy(video)).logits
-  got = ours(jnp.asarray(ids), pixel_values_videos=jnp.asarray(video)).logits
-  assert np.abs(np.asarray(got) - want.numpy()).max() <= TOL
+  parity.assert_video_logits_match(hf, ours, *video_prompt(4, 9))  # 6x6 -> 2x2 mean -> 3x3
 
 
 @pytest.mark.parametrize("size", [(30, 50), (50, 20)])
 def test_anyres_image_logits_match_llava_next_video(llava, size):
   hf, path = llava
   ours = PPLLaVA.from_pretrained(path, pooling=PoolingConfig("llava_next_video"))
-  rng = np.random.default_rng(1)
   n_tokens = ops.num_image_features(size, LLAVA_PINPOINTS, 24, 4)
   tiles = 1 + int(np.prod(ops.anyres_grid_shape(size, LLAVA_PINPOINTS, 24)))
-  ids = np.concatenate([[1, 5, 6], [LLAVA_IMAGE_TOKEN] * n_tokens, [7, 8]])[None].astype(np.int64)
-  pixels = rng.standard_normal((1, 5, 3, 24, 24)).astype(np.float32)  # padded to 5 tiles
-  sizes = np.asarray([size])
-  with torch.no_grad():
-    want = hf(input_ids=torch.from_numpy(ids), pixel_values=torch.from_numpy(pixels[:, :tiles]),
-              image_sizes=torch.from_numpy(sizes)).logits
-  got = ours(jnp.asarray(ids), pixel_values=jnp.asarray(pixels), image_sizes=sizes).logits
-  assert np.abs(np.asarray(got) - want.numpy()).max() <= TOL
+  parity.assert_image_logits_match(hf, ours, *parity.image_prompt(n_tokens, 24), tiles, size)
 
 
 def test_video_generation_matches_transformers(llava):
   hf, path = llava
   ours = PPLLaVA.from_pretrained(path, pooling=PoolingConfig("llava_next_video"))
   ids, video = video_prompt(2, 9, seed=2)
-  with torch.no_grad():
-    want = hf.generate(input_ids=torch.from_numpy(ids), pixel_values_videos=torch.from_numpy(video),
-                       max_new_tokens=20, do_sample=False, pad_token_id=0).numpy()
-  got = np.asarray(ours.generate(jnp.asarray(ids), pixel_values_videos=jnp.asarray(video),
-                                 max_new_tokens=20))
-  np.testing.assert_array_equal(got[:, :want.shape[1]], want)
+  parity.assert_generation_matches(hf, ours, ids, pixel_values_videos=video)
 
 
 def test_anyres_image_generation_matches_transformers(llava):
   hf, path = llava
   ours = PPLLaVA.from_pretrained(path, pooling=PoolingConfig("llava_next_video"))
-  size = (30, 50)
-  n_tokens = ops.num_image_features(size, LLAVA_PINPOINTS, 24, 4)
-  ids = np.concatenate([[1, 5, 6], [LLAVA_IMAGE_TOKEN] * n_tokens, [7, 8]])[None].astype(np.int64)
-  pixels = np.random.default_rng(8).standard_normal((1, 5, 3, 24, 24)).astype(np.float32)
-  with torch.no_grad():
-    want = hf.generate(input_ids=torch.from_numpy(ids), pixel_values=torch.from_numpy(pixels),
-                       image_sizes=torch.tensor([size]), max_new_tokens=20, do_sample=False,
-                       pad_token_id=0).numpy()
-  got = np.asarray(ours.generate(jnp.asarray(ids), pixel_values=jnp.asarray(pixels),
-                                 image_sizes=[size], max_new_tokens=20))
-  np.testing.assert_array_equal(got[:, :want.shape[1]], want)
+  size = (30, 50)  # 1 + 2x2 tiles
+  ids, pixels = parity.image_prompt(ops.num_image_features(size, LLAVA_PINPOINTS, 24, 4), 24, 8)
+  parity.assert_generation_matches(hf, ours, ids, pixel_values=pixels, image_sizes=[size])
 
 
 def test_uniform_relevance_makes_ppllava_equal_average(llava, scorer_path):
