@@ -84,3 +84,49 @@ def test_torn_last_line_is_skipped_with_a_warning(tmp_path, caplog):
   with caplog.at_level(logging.WARNING):
     records = read_records(path)
   assert list(records) == ["a"] and "predictions.jsonl:2: skipped an unreadable line" in caplog.text
+
+
+SRT = """1
+00:00:00,000 --> 00:00:00,500
+<font color="white" size=".72c">first line</font>
+
+2
+00:00:00,500 --> 00:00:01,000
+no font tag: dropped, as the originals drop it
+
+3
+00:00:01,000 --> 00:00:01,400
+<font color="white" size=".72c">shown at frame 8</font>
+
+4
+00:00:01,000 --> 00:00:01,400
+<font color="white" size=".72c">same range, later block: kept</font>
+"""
+
+
+def test_subtitles_at_sampled_frames(tmp_path):
+  """8 fps: cue 1 covers frames 0-3, cue 2 frames 4-7, cues 3/4 frames 8-10."""
+  from ppllava_jax.data.subtitles import lines_at_frames, read_srt
+  (tmp_path / "v.srt").write_text(SRT)
+  cues = read_srt(tmp_path / "v.srt")
+  assert [c.start for c in cues] == [0.0, 0.5, 1.0]  # blocks 3 and 4 share a range
+  assert lines_at_frames(cues, [1, 9], 8.0) == ("first line", "same range, later block: kept")
+  assert lines_at_frames(cues, [4, 5, 11], 8.0) == ()
+
+
+def test_videomme_prompt_quotes_the_subtitles_of_the_sampled_frames(setup, tmp_path):
+  """The drawn video has 12 frames at 8 fps; 4 frames sampled at the segment middles
+  (1, 4, 7, 10) meet cues 1 and 3/4, and the prompt quotes exactly those lines."""
+  root, checkpoint = setup
+  (tmp_path / "subs").mkdir()
+  (tmp_path / "subs" / "a.srt").write_text(SRT)
+  item = dict(videoID="a", duration="short", question="What is shown?",
+              options=["A. x", "B. y", "C. z", "D. w"], answer="A", question_id="001-1")
+  (tmp_path / "vmme.json").write_text(json.dumps([item]))
+  out = tmp_path / "out"
+  argv = common(root, checkpoint, out) + ["--videomme", str(tmp_path / "vmme.json"),
+                                          "--subtitles", "--subtitle-root", str(tmp_path / "subs")]
+  assert app.main(argv) == 0
+  prompt = read_records(out / "predictions.jsonl")["001-1"]["prompt"]
+  assert "This video's subtitles are listed below: first line same range, later block: kept" in prompt
+  assert "dropped" not in prompt

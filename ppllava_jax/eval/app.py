@@ -18,6 +18,9 @@ Decisions:
 - Videos: MVBench items at ``--video-root/<video>`` (the item's path as written in
   its task file); VideoMME at ``--video-root/<videoID>.mp4`` (or a frame folder
   ``<videoID>/``); open-ended JSONL lines ``{"id", "video", "question"}``.
+- VideoMME with ``--subtitles``: the items' own ``subtitles`` lines, or with
+  ``--subtitle-root`` the lines of ``<videoID>.srt`` shown at the sampled frames
+  (``data.subtitles``, as the original picks them).
 - Outputs in ``--out``: ``predictions.jsonl`` (appended as answers come, so a rerun
   resumes), and for benchmarks ``results.json`` plus the printed table, which names
   the failed items and how many answers were empty or unparseable.
@@ -26,6 +29,7 @@ Decisions:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -35,7 +39,7 @@ from pathlib import Path
 from ppllava_jax.data.templates import CHATML, VICUNA, render_generation_prompt
 from ppllava_jax.data.video import VIDEO_EXTENSIONS
 from ppllava_jax.eval import mcq
-from ppllava_jax.eval.runner import Job, MediaRef, RunConfig, run
+from ppllava_jax.eval.runner import Job, MediaRef, RunConfig, Subtitled, run
 
 log = logging.getLogger("eval")
 
@@ -52,11 +56,19 @@ def _video_path(root: Path, stem: str) -> str:
   return str(root / stem) if (root / stem).is_dir() else str(root / (stem + ".mp4"))
 
 
-def mcq_jobs(items, protocol, template, root: Path, frames: int | None) -> list[Job]:
+def _mcq_text(item, protocol, template) -> tuple[str, str]:
+  question, prefix, scorer_text = mcq.build_prompt(item, protocol)
+  prompt = render_generation_prompt(template, question, prefix, scorer_text=scorer_text)
+  return prompt.text, prompt.scorer_text
+
+
+def mcq_jobs(items, protocol, template, root: Path, frames: int | None,
+             subtitle_root: Path | None = None) -> list[Job]:
+  """One job per item; with ``subtitle_root``, VideoMME prompts quote ``<videoID>.srt``."""
   jobs = []
   for index, item in enumerate(items):
-    question, prefix, scorer_text = mcq.build_prompt(item, protocol)
-    prompt = render_generation_prompt(template, question, prefix, scorer_text=scorer_text)
+    text, scorer_text = _mcq_text(item, protocol, template)
+    subtitled = None
     if isinstance(item, mcq.MVBenchItem):
       job_id, ref = f"{item.task}/{index}", MediaRef("video", str(root / item.video), item.start,
                                                       item.end)
@@ -65,7 +77,12 @@ def mcq_jobs(items, protocol, template, root: Path, frames: int | None) -> list[
       job_id = item.question_id or f"{item.video_id}/{index}"
       ref = MediaRef("video", _video_path(root, item.video_id))
       n = frames or (32 if item.duration == "short" else 64)
-    jobs.append(Job(job_id, prompt.text, prompt.scorer_text, (ref,), n, item.question))
+      if subtitle_root is not None and protocol.subtitles:
+        subtitled = Subtitled(
+            str(subtitle_root / f"{item.video_id}.srt"),
+            lambda lines, item=item: _mcq_text(dataclasses.replace(item, subtitles=lines),
+                                               protocol, template))
+    jobs.append(Job(job_id, text, scorer_text, (ref,), n, item.question, subtitled))
   return jobs
 
 
@@ -103,6 +120,8 @@ def parse_args(argv):
   p.add_argument("--videomme-extractor", choices=("2024", "2026"), default="2024",
                  help="lmms-eval's VideoMME answer extractor (2024: regex; 2026: mcq_extract)")
   p.add_argument("--subtitles", action="store_true", help="VideoMME with subtitles")
+  p.add_argument("--subtitle-root", help="folder of VideoMME's <videoID>.srt files (with "
+                 "--subtitles; else the items' own subtitle lines are used)")
   p.add_argument("--out", default="out/eval", help="folder for predictions.jsonl, results.json")
   p.add_argument("--limit", type=int, help="only the first N items")
   p.add_argument("--batch-size", type=int, default=4)
@@ -152,7 +171,8 @@ def main(argv=None) -> int:
                                           subtitles=args.subtitles))
     items = (mcq.load_mvbench(args.mvbench) if args.mvbench
              else mcq.load_videomme(args.videomme))[:args.limit]
-    jobs = mcq_jobs(items, protocol, template, root, args.frames)
+    jobs = mcq_jobs(items, protocol, template, root, args.frames,
+                    Path(args.subtitle_root) if args.subtitle_root else None)
   elif args.qa:
     jobs = qa_jobs(Path(args.qa), template, root, args.frames)[:args.limit]
   else:

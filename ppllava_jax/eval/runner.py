@@ -3,11 +3,13 @@
 Each ``Job`` is one prompt with its media files. ``run``:
 
 - appends one JSON line per finished job to ``out_path`` as it goes (``{"id", "status":
-  "ok", "prediction"}``, or ``"status": "failed"`` with the ``error``: a missing,
+  "ok", "prediction", "prompt"}``, or ``"status": "failed"`` with the ``error``: a missing,
   corrupt or empty video fails that job only, with its reason, and the run goes on).
   A rerun reads the file back and skips every job already answered; failed ones are
   tried again. The last line of an id wins.
-- reads media on a background thread, one batch ahead, while the model generates;
+- reads media on a background thread, one batch ahead, while the model generates
+  (a VideoMME prompt with subtitles is completed there, quoting the lines shown at
+  the frames actually sampled: ``data.subtitles``);
 - batches jobs of equal frame count, pads them into the processor's shape buckets and
   runs ``model.generate`` (one jitted program per bucket; each new one is logged, with
   the running count, so a long evaluation shows it compiles a handful of times);
@@ -23,7 +25,7 @@ import dataclasses
 import json
 import logging
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import jax
@@ -32,6 +34,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from ppllava_jax.data import subtitles
 from ppllava_jax.data.processor import Media, Processor, Prompt
 from ppllava_jax.data.video import MediaError, load_video
 from ppllava_jax.eval.heatmap import relevance_grid
@@ -50,6 +53,13 @@ class MediaRef:
 
 
 @dataclasses.dataclass(frozen=True)
+class Subtitled:
+  """A prompt that quotes the subtitles shown at the sampled frames (VideoMME)."""
+  path: str  # the video's .srt; a missing file means "no subtitles"
+  render: Callable[[tuple[str, ...] | None], tuple[str, str]]  # lines -> (text, scorer_text)
+
+
+@dataclasses.dataclass(frozen=True)
 class Job:
   id: str
   text: str  # the LLM prompt, rendered by a template, one placeholder per media item
@@ -57,6 +67,7 @@ class Job:
   media: tuple[MediaRef, ...] = ()
   frames: int = 32  # frames sampled per video
   title: str = ""  # for pictures: the question
+  subtitled: Subtitled | None = None  # rebuilds text / scorer_text once frames are sampled
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,11 +96,18 @@ def read_records(out_path: Path) -> dict[str, dict]:
 def _load(job: Job) -> tuple[Prompt, list[np.ndarray]]:
   """The job's prompt with decoded media, and its videos' frames (for pictures)."""
   media, videos = [], []
+  text, scorer_text = job.text, job.scorer_text
   for ref in job.media:
     if ref.kind == "video":
-      frames, _ = load_video(ref.path, job.frames, start_sec=ref.start_sec, end_sec=ref.end_sec)
+      frames, info = load_video(ref.path, job.frames, start_sec=ref.start_sec,
+                                end_sec=ref.end_sec)
       media.append(Media("video", frames))
       videos.append(frames)
+      if job.subtitled is not None:
+        srt = Path(job.subtitled.path)
+        lines = (subtitles.lines_at_frames(subtitles.read_srt(srt), info.indices, info.fps)
+                 if srt.exists() else None)
+        text, scorer_text = job.subtitled.render(lines)
     elif ref.kind == "image":
       try:
         with Image.open(ref.path) as image:
@@ -98,7 +116,7 @@ def _load(job: Job) -> tuple[Prompt, list[np.ndarray]]:
         raise MediaError(ref.path, f"cannot read the image ({err})") from err
     else:
       raise MediaError(ref.path, f"unknown media kind {ref.kind!r}")
-  return Prompt(job.text, tuple(media), job.scorer_text), videos
+  return Prompt(text, tuple(media), scorer_text), videos
 
 
 def _batches(jobs: Sequence[Job], size: int) -> Iterator[list[Job]]:
@@ -145,7 +163,7 @@ def run(model, processor: Processor, jobs: Sequence[Job], out_path: str | Path,
         if error is None:
           encoded, error = _try(processor.encode, result[0])
         if error is None:
-          good.append((job, encoded, result[1]))
+          good.append((job, encoded, result))
         else:
           _write(out, records, dict(id=job.id, status="failed", error=error))
       if good:
@@ -154,8 +172,8 @@ def run(model, processor: Processor, jobs: Sequence[Job], out_path: str | Path,
           compiled = generation.compilations()
           log.info("compiled generation program #%d (batch %d x frames %d)", compiled,
                    cfg.batch_size, batch[0].frames)
-        for (job, encoded, videos), text in zip(good, texts):
-          _write(out, records, dict(id=job.id, status="ok", prediction=text))
+        for (job, encoded, (prompt, videos)), text in zip(good, texts):
+          _write(out, records, dict(id=job.id, status="ok", prediction=text, prompt=prompt.text))
           if relevance is not None and videos:
             _picture(relevance, job, encoded, videos[0], cfg.visualize)
       bar.update(len(batch))
