@@ -49,7 +49,7 @@ def _generate(graphdef, state, input_ids, attention_mask, rng, media, *, samplin
   model = nnx.merge(graphdef, state)
   b, t = input_ids.shape
   out = model(input_ids, attention_mask, cache=model.init_cache(b, t + sampling.max_new_tokens),
-              **media, **dict(static_media))
+              last_only=True, **media, **dict(static_media))
   positions_b = jnp.sum(attention_mask, axis=1).astype(jnp.int32)  # next position per row
   stops = jnp.asarray(sampling.stop_tokens or (-1,), jnp.int32)
   tokens = jnp.full((b, sampling.max_new_tokens), sampling.pad_token_id, jnp.int32)
@@ -80,11 +80,11 @@ def generate(model: nnx.Module, input_ids: jax.Array, attention_mask: jax.Array 
   """(B, T + max_new_tokens) ids: the prompt, then the generated tokens (pad after a stop).
 
   ``stop_tokens`` default to the model config's EOS ids; ``pad_token_id`` to its pad id
-  (or 0). ``model`` is anything with ``__call__(ids, mask, positions, cache=)`` and
-  ``init_cache(batch, length)``, such as ``LlamaForCausalLM``; ``media`` (arrays) go to
-  the prefill call only, e.g. a PPLLaVA video; ``static_media`` (hashable host values,
-  such as anyres image sizes, which fix token counts) too, as compile-time constants:
-  each distinct value compiles once.
+  (or 0). ``model`` is anything with ``__call__(ids, mask, positions, cache=,
+  last_only=)`` and ``init_cache(batch, length)``, such as ``LlamaForCausalLM``;
+  ``media`` (arrays) go to the prefill call only, e.g. a PPLLaVA video; so do
+  ``static_media`` (hashable host values such as anyres image sizes, which fix token
+  counts), as compile-time constants: each distinct value compiles once.
   """
   input_ids = jnp.asarray(input_ids, jnp.int32)
   if input_ids.ndim != 2:

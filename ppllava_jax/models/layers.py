@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ppllava_jax.models.attention import attention
+
 
 class Frozen(nnx.Variable):
   """A loaded tensor that is never trained (optimisers built with wrt=nnx.Param skip it)."""
@@ -71,13 +73,9 @@ class Linear(nnx.Module):
 
 def attend(q_blhk: jax.Array, k_blhk: jax.Array, v_blhk: jax.Array,
            mask_bqk: jax.Array | None) -> jax.Array:
-  """Softmax attention with an optional boolean mask (True = may attend); f32 softmax."""
-  scale = q_blhk.shape[-1] ** -0.5
-  scores_bhqk = jnp.einsum("bqhk,bshk->bhqs", q_blhk, k_blhk).astype(jnp.float32) * scale
-  if mask_bqk is not None:
-    scores_bhqk = jnp.where(mask_bqk[:, None], scores_bhqk, jnp.finfo(jnp.float32).min)
-  probs_bhqk = jax.nn.softmax(scores_bhqk, axis=-1).astype(v_blhk.dtype)
-  return jnp.einsum("bhqs,bshk->bqhk", probs_bhqk, v_blhk)
+  """Softmax attention with an optional boolean mask (True = may attend); f32 softmax.
+  The towers' multi-head case of ``models.attention.attention``, which the LLM shares."""
+  return attention(q_blhk, k_blhk, v_blhk, mask_bqk)
 
 
 class SelfAttention(nnx.Module):

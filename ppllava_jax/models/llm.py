@@ -26,6 +26,7 @@ from flax import nnx, struct
 from ppllava_jax.convert.llm import LLM_RULES
 from ppllava_jax.convert.loader import load_into
 from ppllava_jax.models import pretrained
+from ppllava_jax.models.attention import attention
 from ppllava_jax.models.generate import generate
 from ppllava_jax.models.layers import Embedding, Linear
 from ppllava_jax.models.sharding import constrain
@@ -185,13 +186,8 @@ class Attention(nnx.Module):
       k_bske, v_bske, kv_cache = k_all[layer], v_all[layer], (k_all, v_all)
     else:
       k_bske, v_bske = k_btke, v_btke
-    q_btkge = q_bthe.reshape(b, t, k, h // k, e)
-    scores = jnp.einsum("btkge,bske->bkgts", q_btkge, k_bske.astype(q_btkge.dtype))
-    scores = scores.astype(jnp.float32) * e**-0.5
-    scores = jnp.where(key_mask_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_bske.dtype)
-    out_btkge = jnp.einsum("bkgts,bske->btkge", probs, v_bske).astype(x_btd.dtype)
-    return self.o_proj(out_btkge.reshape(b, t, h * e)), kv_cache
+    out_bthe = attention(q_bthe, k_bske, v_bske, key_mask_bts)
+    return self.o_proj(out_bthe.reshape(b, t, h * e)), kv_cache
 
 
 class MLP(nnx.Module):
@@ -262,12 +258,14 @@ class CausalLM(nnx.Module):
 
   def __call__(self, input_ids: jax.Array | None = None, attention_mask: jax.Array | None = None,
                position_ids: jax.Array | None = None, inputs_embeds: jax.Array | None = None,
-               cache: KVCache | None = None) -> CausalLMOutput:
+               cache: KVCache | None = None, last_only: bool = False) -> CausalLMOutput:
     """Logits (B, T, vocab) for ``input_ids`` (or ``inputs_embeds`` (B, T, D)).
 
     ``attention_mask`` (B, T) marks real tokens (left or right padding); positions
     default to ``positions_from_mask``. With ``cache``, the tokens are written at
     ``cache.index`` and attend to every earlier real slot; the updated cache is returned.
+    ``last_only``: logits of the last position only, (B, 1, vocab), as a prefill needs
+    (a 18k-token video prompt would otherwise spend 2.4 GB on 32k-word logits).
     """
     if (input_ids is None) == (inputs_embeds is None):
       raise ValueError("give exactly one of input_ids or inputs_embeds")
@@ -288,7 +286,7 @@ class CausalLM(nnx.Module):
     for i, layer in enumerate(self.model.layers):
       x_btd, kv = layer(x_btd, position_ids, rope, key_mask_bts,
                         None if kv is None else (*kv, i, cache.index))
-    x_btd = self.model.norm(x_btd)
+    x_btd = self.model.norm(x_btd[:, -1:] if last_only else x_btd)
     if self.lm_head is None:
       logits = x_btd @ self.model.embed_tokens.weight[...].T.astype(x_btd.dtype)
     else:

@@ -340,8 +340,10 @@ class PPLLaVA(nnx.Module):
                pixel_values: jax.Array | None = None, image_sizes=None,
                pixel_values_videos: jax.Array | None = None,
                clip_input_ids: jax.Array | None = None,
-               clip_attention_mask: jax.Array | None = None) -> CausalLMOutput:
-    """Logits (B, L, vocab) with media merged at their placeholders (module doc)."""
+               clip_attention_mask: jax.Array | None = None,
+               last_only: bool = False) -> CausalLMOutput:
+    """Logits (B, L, vocab) with media merged at their placeholders (module doc);
+    ``last_only``: the last position's (B, 1, vocab), as a prefill needs."""
     cfg = self.cfg
     emb_bld = self.language_model.embed(jnp.maximum(input_ids, 0))  # -1: video placeholders
     text_be = None
@@ -370,7 +372,7 @@ class PPLLaVA(nnx.Module):
       emb_bld = ops.merge_media(emb_bld, input_ids, flat, jnp.ones(flat.shape[0], bool),
                                 cfg.image_token_index)
     return self.language_model(inputs_embeds=emb_bld, attention_mask=attention_mask,
-                               position_ids=position_ids, cache=cache)
+                               position_ids=position_ids, cache=cache, last_only=last_only)
 
   def init_cache(self, batch: int, length: int, dtype=jnp.float32) -> KVCache:
     return self.language_model.init_cache(batch, length, dtype)
