@@ -129,17 +129,24 @@ def apply_rope(x_bthe: jax.Array, positions_bt: jax.Array, inv_freq: jax.Array,
 
 @struct.dataclass
 class KVCache:
-  """Keys/values of every layer, (layers, B, S, kv_heads, head_dim); which slots hold
-  real tokens (B, S); the next slot to write (scalar int32)."""
-  k: jax.Array
-  v: jax.Array
+  """Keys/values, one (B, S, kv_heads, head_dim) array per layer; which slots hold real
+  tokens (B, S); the next slot to write (scalar int32).
+
+  Per-layer arrays, not one stacked (layers, ...) array: inside the decode
+  ``while_loop`` XLA copied the whole stacked cache for every layer's read, which made
+  a 4-layer step at 4.7k slots take 40 ms instead of 13 ms.
+  """
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
   valid: jax.Array
   index: jax.Array
 
   @classmethod
   def init(cls, cfg: DecoderConfig, batch: int, length: int, dtype=jnp.float32) -> "KVCache":
-    shape = (cfg.num_hidden_layers, batch, length, cfg.num_key_value_heads, cfg.head_dim)
-    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+    shape = (batch, length, cfg.num_key_value_heads, cfg.head_dim)
+    layers = range(cfg.num_hidden_layers)
+    return cls(tuple(jnp.zeros(shape, dtype) for _ in layers),
+               tuple(jnp.zeros(shape, dtype) for _ in layers),
                jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32))
 
 
@@ -168,8 +175,8 @@ class Attention(nnx.Module):
     self.o_proj = Linear(h * e, d, use_bias=cfg.o_bias, axes=("heads", "embed"), rngs=rngs)
 
   def __call__(self, x_btd, positions_bt, rope, key_mask_bts, kv_cache):
-    """kv_cache: None, or (k_lbske, v_lbske, layer, index): every layer's cache, this
-    layer's index in it, and the slot to write at. Returns (out, updated kv arrays)."""
+    """kv_cache: None, or (k_bske, v_bske, index): this layer's cache and the slot to
+    write at. Returns (out, the updated (k, v) or None)."""
     cfg = self.cfg
     b, t, _ = x_btd.shape
     h, k, e = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -177,13 +184,10 @@ class Attention(nnx.Module):
     k_btke = apply_rope(self.k_proj(x_btd).reshape(b, t, k, e), positions_bt, *rope)
     v_btke = self.v_proj(x_btd).reshape(b, t, k, e)
     if kv_cache is not None:
-      # One in-place write into the all-layer arrays (no per-step restacking of the cache).
-      k_all, v_all, layer, index = kv_cache
-      k_all = jax.lax.dynamic_update_slice(k_all, k_btke[None].astype(k_all.dtype),
-                                           (layer, 0, index, 0, 0))
-      v_all = jax.lax.dynamic_update_slice(v_all, v_btke[None].astype(v_all.dtype),
-                                           (layer, 0, index, 0, 0))
-      k_bske, v_bske, kv_cache = k_all[layer], v_all[layer], (k_all, v_all)
+      k_bske, v_bske, index = kv_cache
+      k_bske = jax.lax.dynamic_update_slice(k_bske, k_btke.astype(k_bske.dtype), (0, index, 0, 0))
+      v_bske = jax.lax.dynamic_update_slice(v_bske, v_btke.astype(v_bske.dtype), (0, index, 0, 0))
+      kv_cache = (k_bske, v_bske)
     else:
       k_bske, v_bske = k_btke, v_btke
     out_bthe = attention(q_bthe, k_bske, v_bske, key_mask_bts)
@@ -282,10 +286,13 @@ class CausalLM(nnx.Module):
     key_mask_bts = valid_bs[:, None, :] & (slot_s[None, None, :] <= q_slot_t[None, :, None])
     rope = rope_inv_freq(self.cfg)
     x_btd = constrain(x_btd, ("batch", "length", "embed"))
-    kv = None if cache is None else (cache.k, cache.v)
+    new_k, new_v = [], []
     for i, layer in enumerate(self.model.layers):
       x_btd, kv = layer(x_btd, position_ids, rope, key_mask_bts,
-                        None if kv is None else (*kv, i, cache.index))
+                        None if cache is None else (cache.k[i], cache.v[i], cache.index))
+      if kv is not None:
+        new_k.append(kv[0])
+        new_v.append(kv[1])
     x_btd = self.model.norm(x_btd[:, -1:] if last_only else x_btd)
     if self.lm_head is None:
       logits = x_btd @ self.model.embed_tokens.weight[...].T.astype(x_btd.dtype)
@@ -293,7 +300,7 @@ class CausalLM(nnx.Module):
       logits = self.lm_head(x_btd)
     logits = constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
     if cache is not None:
-      cache = KVCache(kv[0], kv[1], valid_bs, cache.index + t)
+      cache = KVCache(tuple(new_k), tuple(new_v), valid_bs, cache.index + t)
     return CausalLMOutput(logits, cache)
 
   def init_cache(self, batch: int, length: int, dtype=jnp.float32) -> KVCache:
