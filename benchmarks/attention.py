@@ -27,36 +27,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
-import time
 
 import numpy as np
 
+import common
+from common import available_bytes, median_time, status_kib
+
 HEADS, HEAD_DIM = 8, 64
-
-
-def _rss_kib(field: str) -> int:
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith(field + ":"):
-        return int(line.split()[1])
-  raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _available_bytes() -> int:
-  with open("/proc/meminfo") as f:
-    return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-
-
-def _median_time(fn, reps: int) -> float:
-  fn()  # warm-up (allocator, first-touch of buffers)
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
 
 
 def _inputs(length: int, seed: int = 0):
@@ -88,19 +65,19 @@ def worker(impl: str, length: int, reps: int, block: int) -> dict:
     compiled = jax.jit(fn).lower(*args).compile()
     extra["xla_temp_mib"] = compiled.memory_analysis().temp_size_in_bytes / 2**20
     del q, k, v, mask
-    base = _rss_kib("VmRSS")
-    sec = _median_time(lambda: compiled(*args).block_until_ready(), reps)
+    base = status_kib("VmRSS")
+    sec, _ = median_time(lambda: compiled(*args).block_until_ready(), reps)
   elif impl == "torch":
     import torch
     import torch.nn.functional as F
     q, k, v = (torch.from_numpy(x).transpose(1, 2).contiguous() for x in (q, k, v))
     del mask
-    base = _rss_kib("VmRSS")
+    base = status_kib("VmRSS")
     with torch.no_grad():
-      sec = _median_time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), reps)
+      sec, _ = median_time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), reps)
   else:
     raise ValueError(impl)
-  return dict(impl=impl, seconds=sec, peak_extra_mib=max(_rss_kib("VmHWM") - base, 0) / 1024,
+  return dict(impl=impl, seconds=sec, peak_extra_mib=max(status_kib("VmHWM") - base, 0) / 1024,
               **extra)
 
 
@@ -120,13 +97,8 @@ def check_agreement(length: int = 1100) -> dict[str, float]:
 
 
 def run_worker(impl: str, length: int, reps: int, block: int) -> dict:
-  cmd = [sys.executable, __file__, "--worker", impl, "--lengths", str(length),
-         "--reps", str(reps), "--block", str(block)]
-  done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-  if done.returncode != 0:
-    lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
-    return dict(impl=impl, error=f"failed: {lines[-1]}")
-  return json.loads(done.stdout.strip().splitlines()[-1])
+  return dict(impl=impl) | common.run_worker(__file__, [
+      "--worker", impl, "--lengths", str(length), "--reps", str(reps), "--block", str(block)])
 
 
 def main() -> None:
@@ -156,9 +128,9 @@ def main() -> None:
     reps = args.reps or (5 if length <= 2048 else 3 if length <= 8192 else 2)
     scores_bytes = HEADS * length * length * 4
     for impl in ("dense", "ours", "torch"):
-      if impl == "dense" and 3 * scores_bytes > _available_bytes():
+      if impl == "dense" and 3 * scores_bytes > available_bytes():
         r = dict(impl=impl, error=f"skipped: 3 x its {scores_bytes / 2**30:.1f} GiB score "
-                 f"tensor exceed the {_available_bytes() / 2**30:.1f} GiB available")
+                 f"tensor exceed the {available_bytes() / 2**30:.1f} GiB available")
       else:
         r = run_worker(impl, length, reps, args.block)
       rows[length, impl] = r

@@ -16,32 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
-import time
 
 import numpy as np
 
+import common
+from common import median_time, status_kib
+
 KERNEL = (2, 3, 3)
 TEMPERATURE = 0.01
-
-
-def _rss_kib(field: str) -> int:
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith(field + ":"):
-        return int(line.split()[1])
-  raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _median_time(fn, reps: int) -> float:
-  fn()  # warm-up (compilation, allocator)
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
 
 
 def _probs_np(shape, seed=1):
@@ -71,8 +53,8 @@ def worker(impl: str, shape: tuple[int, ...], reps: int) -> dict:
   if impl == "copy":
     src = np.random.default_rng(0).standard_normal(b * t * h * w * d, dtype=np.float32)
     dst = np.empty_like(src)
-    base = _rss_kib("VmRSS")
-    sec = _median_time(lambda: np.copyto(dst, src), reps)
+    base = status_kib("VmRSS")
+    sec, _ = median_time(lambda: np.copyto(dst, src), reps)
     moved = 2 * src.nbytes
   elif impl == "jax":
     import jax
@@ -84,9 +66,9 @@ def worker(impl: str, shape: tuple[int, ...], reps: int) -> dict:
                                                    temperature=TEMPERATURE))
     compiled = pool.lower(x, p).compile()
     x.block_until_ready()
-    base = _rss_kib("VmRSS")
+    base = status_kib("VmRSS")
     out = compiled(x, p)
-    sec = _median_time(lambda: compiled(x, p).block_until_ready(), reps)
+    sec, _ = median_time(lambda: compiled(x, p).block_until_ready(), reps)
     moved = x.nbytes + p.nbytes + out.nbytes
     xla_temp = compiled.memory_analysis().temp_size_in_bytes
   elif impl == "torch":
@@ -94,15 +76,15 @@ def worker(impl: str, shape: tuple[int, ...], reps: int) -> dict:
     torch.manual_seed(0)
     x = torch.randn(b, d, t, h, w)
     p = torch.from_numpy(_probs_np(shape[:4]))
-    base = _rss_kib("VmRSS")
+    base = status_kib("VmRSS")
     with torch.no_grad():
       out = torch_unfold_pool(x, p, KERNEL, KERNEL, TEMPERATURE)
-      sec = _median_time(lambda: torch_unfold_pool(x, p, KERNEL, KERNEL, TEMPERATURE), reps)
+      sec, _ = median_time(lambda: torch_unfold_pool(x, p, KERNEL, KERNEL, TEMPERATURE), reps)
     moved = (x.numel() + p.numel() + out.numel()) * 4
   else:
     raise ValueError(impl)
   result = dict(impl=impl, seconds=sec, gbps=moved / sec / 1e9,
-                peak_extra_mib=max(_rss_kib("VmHWM") - base, 0) / 1024)
+                peak_extra_mib=max(status_kib("VmHWM") - base, 0) / 1024)
   if impl == "jax":
     result["xla_temp_mib"] = xla_temp / 2**20
   return result
@@ -122,12 +104,11 @@ def check_agreement() -> float:
 
 
 def run_worker(impl: str, shape, reps: int) -> dict:
-  cmd = [sys.executable, __file__, "--worker", impl, "--shape", *map(str, shape),
-         "--reps", str(reps)]
-  done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-  if done.returncode != 0:
-    raise RuntimeError(f"{impl} worker failed:\n{done.stderr[-3000:]}")
-  return json.loads(done.stdout.strip().splitlines()[-1])
+  result = common.run_worker(__file__, ["--worker", impl, "--shape", *map(str, shape),
+                                        "--reps", str(reps)])
+  if "error" in result:
+    raise RuntimeError(f"{impl} worker: {result['error']}")
+  return result
 
 
 def main() -> None:

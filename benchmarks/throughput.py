@@ -38,13 +38,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+import common
+from common import median_time, status_kib
 
 FRAMES, IMAGE, PATCH = 32, 336, 14
 VOCAB, IMAGE_TOKEN, VIDEO_TOKEN = 32064, 32001, 32000
@@ -57,22 +58,6 @@ GRID = IMAGE // PATCH  # 24 patches a side
 VIDEO_TOKENS = {"none": FRAMES * GRID**2, "llava_next_video": FRAMES * (GRID // 2)**2,
                 "ppllava": FRAMES // 2 * (GRID // 3)**2, "average": FRAMES // 2 * (GRID // 3)**2}
 MODES = tuple(VIDEO_TOKENS)
-
-
-def _peak_mib() -> float:
-  with open("/proc/self/status") as f:
-    return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
-
-
-def _median_time(fn, reps: int):
-  """(median seconds of ``reps`` timed calls after one warm-up call, the warm-up's result)."""
-  result = fn()
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return float(np.median(times)), result
 
 
 def build(folder: Path) -> None:
@@ -124,15 +109,15 @@ def jax_worker(folder: Path, mode: str, new: int, reps: int) -> dict:
   fn, state = pure(model, "__call__")
   prefill = jax.jit(lambda state, ids, media: fn(state, ids, last_only=True, **media).logits)
   prefill = prefill.lower(state, ids, media).compile()
-  t_prefill, _ = _median_time(lambda: prefill(state, ids, media).block_until_ready(), reps)
+  t_prefill, _ = median_time(lambda: prefill(state, ids, media).block_until_ready(), reps)
 
   def generate():
     return np.asarray(model.generate(ids, max_new_tokens=new, stop_tokens=(), **media))
 
-  t_new, out = _median_time(generate, reps)
+  t_new, out = median_time(generate, reps)
   return dict(prefill=t_prefill, generate=t_new, decode_tps=new / (t_new - t_prefill),
               tokens=out[0, ids.shape[1]:].tolist(),
-              peak_mib=_peak_mib(), llm_tokens=int(ids.shape[1]))
+              peak_mib=status_kib("VmHWM") / 1024, llm_tokens=int(ids.shape[1]))
 
 
 def torch_worker(folder: Path, new: int, reps: int) -> dict:
@@ -150,23 +135,17 @@ def torch_worker(folder: Path, new: int, reps: int) -> dict:
                        do_sample=False, pad_token_id=0)
 
   with torch.no_grad():
-    t_prefill, _ = _median_time(lambda: hf(input_ids=ids, pixel_values_videos=video,
+    t_prefill, _ = median_time(lambda: hf(input_ids=ids, pixel_values_videos=video,
                                            logits_to_keep=1), reps)
-    t_new, out = _median_time(generate, reps)
+    t_new, out = median_time(generate, reps)
   return dict(prefill=t_prefill, generate=t_new, decode_tps=(new - 1) / (t_new - t_prefill),
-              tokens=out[0, ids.shape[1]:].tolist(), peak_mib=_peak_mib(),
+              tokens=out[0, ids.shape[1]:].tolist(), peak_mib=status_kib("VmHWM") / 1024,
               llm_tokens=int(ids.shape[1]), attn=hf.config.text_config._attn_implementation)
 
 
 def run_worker(folder: Path, which: str, new: int, reps: int) -> dict:
-  cmd = [sys.executable, __file__, "--worker", which, "--folder", str(folder),
-         "--new-tokens", str(new), "--reps", str(reps)]
-  done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-  if done.returncode != 0:
-    lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
-    reason = "killed (out of memory?)" if done.returncode in (-9, 137) else lines[-1]
-    return dict(error=f"did not run: {reason}")
-  return json.loads(done.stdout.strip().splitlines()[-1])
+  return common.run_worker(__file__, ["--worker", which, "--folder", str(folder),
+                                      "--new-tokens", str(new), "--reps", str(reps)])
 
 
 def main() -> None:
