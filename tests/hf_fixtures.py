@@ -138,17 +138,24 @@ LLAVA_IMAGE_TOKEN, LLAVA_VIDEO_TOKEN = 62, 63
 LLAVA_PINPOINTS = [[24, 48], [48, 24], [48, 48]]
 
 
-def make_llava_next_video(path: Path, seed: int = 0):
-  """Tiny LLaVA-NeXT-Video: 24 px tiles of 6x6 patches, odd vision heads, GQA LLM."""
-  from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
-  config = LlavaNextVideoConfig(
-      vision_config=dict(model_type="clip_vision_model", hidden_size=24, intermediate_size=40,
-                         num_hidden_layers=3, num_attention_heads=3, image_size=24, patch_size=4),
-      text_config=dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48,
+def _tiny_llava(vision_type: str, text_type: str, image_size: int, pinpoints) -> dict:
+  """What both tiny LLaVAs share: a 3-layer vision tower (odd heads, 4 px patches), a GQA
+  LLM of vocabulary 64 and the placeholder ids."""
+  return dict(
+      vision_config=dict(model_type=vision_type, hidden_size=24, intermediate_size=40,
+                         num_hidden_layers=3, num_attention_heads=3, image_size=image_size,
+                         patch_size=4),
+      text_config=dict(model_type=text_type, vocab_size=64, hidden_size=32, intermediate_size=48,
                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                        bos_token_id=1, eos_token_id=2, pad_token_id=0),
       image_token_index=LLAVA_IMAGE_TOKEN, video_token_index=LLAVA_VIDEO_TOKEN,
-      image_grid_pinpoints=LLAVA_PINPOINTS)
+      image_grid_pinpoints=pinpoints)
+
+
+def make_llava_next_video(path: Path, seed: int = 0):
+  """Tiny LLaVA-NeXT-Video: 24 px tiles of 6x6 patches, odd vision heads, GQA LLM."""
+  from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
+  config = LlavaNextVideoConfig(**_tiny_llava("clip_vision_model", "llama", 24, LLAVA_PINPOINTS))
   return _randomised(LlavaNextVideoForConditionalGeneration, config, path, seed)
 
 
@@ -180,14 +187,8 @@ def make_llava_onevision(path: Path, seed: int = 0, max_patches: int = 2):
   video's 2x downscale is a real bilinear resize), a Qwen2 LLM with GQA and biases, and
   ``anyres_max_{max_patches}`` small enough that 2x2-tile images are downscaled."""
   from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
-  config = LlavaOnevisionConfig(
-      vision_config=dict(model_type="siglip_vision_model", hidden_size=24, intermediate_size=40,
-                         num_hidden_layers=3, num_attention_heads=3, image_size=28, patch_size=4),
-      text_config=dict(model_type="qwen2", vocab_size=64, hidden_size=32, intermediate_size=48,
-                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                       bos_token_id=1, eos_token_id=2, pad_token_id=0),
-      image_token_index=LLAVA_IMAGE_TOKEN, video_token_index=LLAVA_VIDEO_TOKEN,
-      image_grid_pinpoints=OV_PINPOINTS, vision_aspect_ratio=f"anyres_max_{max_patches}")
+  config = LlavaOnevisionConfig(**_tiny_llava("siglip_vision_model", "qwen2", 28, OV_PINPOINTS),
+                                vision_aspect_ratio=f"anyres_max_{max_patches}")
   return _randomised(LlavaOnevisionForConditionalGeneration, config, path, seed)
 
 

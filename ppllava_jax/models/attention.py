@@ -75,7 +75,8 @@ def attention(q_bthe: jax.Array, k_bske: jax.Array, v_bske: jax.Array,
   bk, nk = _split(s, block * block // bq)
   if nq == nk == 1:
     keep = None if mask_bts is None else mask_bts[:, None, None]
-    out_bkgte = _normalise(*_step(_init(q_bkgte), q_bkgte, k_bkse, v_bkse, keep))
+    _, l_bkgt, acc_bkgte = _step(_init(q_bkgte), q_bkgte, k_bkse, v_bkse, keep)
+    out_bkgte = acc_bkgte / l_bkgt[..., None]
   else:
     out_bkgte = _blockwise(q_bkgte, k_bkse, v_bkse, mask_bts, bq, nq, bk, nk)
   return out_bkgte.transpose(0, 3, 1, 2, 4).reshape(b, t, h, e).astype(q_bthe.dtype)
@@ -112,10 +113,6 @@ def _step(carry: Carry, q_bkgqe, k_bkse, v_bkse, keep_bkgqs) -> Carry:
           acc_bkgqe * rescale[..., None] + pv_bkgqe)
 
 
-def _normalise(m_bkgq, l_bkgq, acc_bkgqe) -> jax.Array:
-  return acc_bkgqe / l_bkgq[..., None]
-
-
 def _blockwise(q_bkgte, k_bkse, v_bkse, mask_bts, bq, nq, bk, nk):
   """``lax.map`` over query blocks of a ``lax.scan`` over key blocks (module doc)."""
   t, s = q_bkgte.shape[3], k_bkse.shape[2]
@@ -142,7 +139,7 @@ def _blockwise(q_bkgte, k_bkse, v_bkse, mask_bts, bq, nq, bk, nk):
                       carry, k0, keep_bqs[:, None, None]), None
 
     m_bkgq, l_bkgq, acc_bkgqe = lax.scan(key_block, _init(q_bkgqe), jnp.arange(nk))[0]
-    out_bkgqe = _normalise(m_bkgq, l_bkgq, acc_bkgqe)
+    out_bkgqe = acc_bkgqe / l_bkgq[..., None]
     if mask_bts is None:
       return out_bkgqe
     # A row with no key left: skipped blocks and overlaps made its sums partial, so
