@@ -34,8 +34,12 @@ kept once, overlapped keys are masked out of the later block. q, k and v are put
 heads-first once, so each block is a plain batched matmul (blocks sliced from the
 (B, T, H, E) layout took 1.7x as long at 4.6k tokens). Tried without gain: a third
 cond branch without the ``where`` for all-valid blocks, keys pre-transposed to
-(E, S), and for decode steps block-diagonal or multiply-reduce forms on the
-(B, S, K, E) cache (1.2-2.7x slower; a heads-first cache was no faster either).
+(E, S), q and k flattened to 3-D batched matmuls (1.25x slower in the scan). For
+decode steps: a block-diagonal (K·E, H) query matrix, one GEMM over the (B, S, K·E)
+cache as stored, was 1.3-7.6x faster alone but 2x slower inside the decode
+``while_loop``, where XLA fused the cache write into both this read and the carried
+cache and so copied the cache each step; a heads-first cache did the same (1.45 ms
+alone, 2x slower in the loop); multiply-reduce forms were 8x slower.
 
 Differentiation: each block step is ``jax.checkpoint``-ed, so the backward pass
 recomputes a block's scores and keeps only the running (m, l, acc) per key block,
