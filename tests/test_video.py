@@ -281,3 +281,48 @@ def test_bad_load_arguments(tmp_path):
                  dict(start_sec=2.0, end_sec=1.0)]:
     with pytest.raises(ValueError):
       load_video(path, **kwargs)
+
+
+# ---- decord, the original's decoder (optional backend) ----------------------------------
+
+@pytest.mark.parametrize("name, codec, pix_fmt, options", [
+    ("clip.mp4", "libx264", "yuv420p", {"crf": "0"}),
+    ("clip.webm", "libvpx-vp9", "yuv420p", {"lossless": "1"}),
+    ("lossy.mp4", "libx264", "yuv420p", {}),
+    ("clip.avi", "mpeg4", "yuv420p", {}),
+])
+def test_decord_reads_what_pyav_reads(tmp_path, name, codec, pix_fmt, options):
+  pytest.importorskip("decord")
+  path = write_video(tmp_path / name, codec=codec, pix_fmt=pix_fmt, **options)
+  for kwargs in [dict(), dict(start_sec=1.0, end_sec=2.5),
+                 dict(sample="random", rng=np.random.default_rng(5))]:
+    want_thwc, want = load_video(path, 8, backend="pyav", **kwargs)
+    if "rng" in kwargs:
+      kwargs["rng"] = np.random.default_rng(5)
+    got_thwc, got = load_video(path, 8, backend="decord", **kwargs)
+    assert got == want  # frame count, rate, path and the sampled indices
+    np.testing.assert_array_equal(got_thwc, want_thwc)
+
+
+def test_decord_failures_are_media_errors(tmp_path):
+  pytest.importorskip("decord")
+  (tmp_path / "noise.mp4").write_bytes(np.random.default_rng(0).bytes(3000))
+  damaged = write_video(tmp_path / "damaged.mp4", crf="0")
+  data = bytearray(damaged.read_bytes())
+  data[len(data) // 3:len(data) // 2] = bytes(len(data) // 2 - len(data) // 3)
+  damaged.write_bytes(data)
+  for path in (tmp_path / "noise.mp4", zero_frame_webm(tmp_path), damaged):
+    with pytest.raises(MediaError) as caught:
+      load_video(path, 4, backend="decord")
+    assert str(caught.value).startswith(f"{path}: not a video or corrupt (decord: ")
+  assert load_video(damaged, 4)[1].total_frames > 1  # PyAV keeps what precedes the damage
+
+
+def test_decord_backend_reads_gifs_with_pyav_and_checks_its_name(tmp_path):
+  pytest.importorskip("decord")
+  path = write_video(tmp_path / "clip.gif", codec="gif", pix_fmt="rgb8")
+  frames_thwc, info = load_video(path, 8, backend="decord")  # decord cannot count GIF frames
+  assert info.total_frames == 40
+  assert_frames_are(frames_thwc, info.indices)
+  with pytest.raises(ValueError, match="backend must be one of"):
+    load_video(path, 8, backend="opencv")

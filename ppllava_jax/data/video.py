@@ -11,10 +11,16 @@ Which frames are read follows the original PPLLaVA, as pure functions on ints:
 
 Decisions:
 
-- Decoding is PyAV only (decord, which the original used, is not needed). Frames are
-  numbered in presentation order, as decord numbers them; on variable-frame-rate video
-  seconds map to frames through the average rate, approximately, as in the original.
-- The frame count comes from the container header when it has one; many (WebM, some
+- Two decoders, ``backend=``: PyAV, the default, and decord, what the original used
+  (optional: ``pip install decord``). Both number frames in presentation order and
+  give the same frame count and frames (the tests compare them); on
+  variable-frame-rate video seconds map to frames through the average rate,
+  approximately, as in the original. PyAV is the default because it reads damaged
+  files up to the damage (below), where decord raises, and because decord 0.6.0
+  garbles some frame sizes (48x48 H.264 comes out with 4 channels and fails; such a
+  file is a ``MediaError``). GIFs are always read by PyAV (decord cannot count their
+  frames; the original read them with imageio).
+- PyAV: the frame count comes from the container header when it has one; many (WebM, some
   MKV/AVI) report 0, and then the stream is decoded once to count. Decoding stops after
   the last frame needed, with no seeking, and only the selected frames are converted to
   RGB, once each even when an index repeats. If the stream ends before the header's
@@ -49,6 +55,7 @@ VIDEO_EXTENSIONS = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", "
                               ".mpg", ".mpeg", ".3gp", ".ts", ".gif"})
 FRAME_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 SAMPLE_MODES = ("middle", "random")
+BACKENDS = ("pyav", "decord")
 DEFAULT_FOLDER_FPS = 3.0
 
 
@@ -245,16 +252,43 @@ def _read_video_file(path: Path, pick: Callable[[int, float, int], list[int]]
   raise MediaError(path, f"decoding ended at a different frame on each pass ({decoded})")
 
 
+def _decord_module():
+  """decord, or None when it is not installed."""
+  try:
+    import decord
+  except ImportError:
+    return None
+  return decord
+
+
+def _read_video_decord(decord, path: Path, pick: Callable[[int, float, int], list[int]]
+                       ) -> tuple[np.ndarray, int, float, list[int]]:
+  """decord's frame count (its index), average rate and batch read, as the original."""
+  def failed(err: Exception) -> MediaError:  # decord's first line, less its source location
+    reason = re.sub(r"\[[\d:]+\] \S+:\d+: ", "", str(err).splitlines()[0])
+    return MediaError(path, f"not a video or corrupt (decord: {reason})")
+
+  try:
+    reader = decord.VideoReader(str(path), num_threads=1)
+    total, fps = len(reader), float(reader.get_avg_fps())
+    indices = pick(total, fps, 0)
+    return reader.get_batch(indices).asnumpy(), total, fps, indices
+  except (decord.DECORDError, RuntimeError) as err:
+    raise failed(err) from err
+
+
 def load_video(path: str | Path, num_frames: int = 32, *,
                sample: Literal["middle", "random"] = "middle",
                rng: np.random.Generator | None = None, start_sec: float | None = None,
                end_sec: float | None = None, folder_fps: float = DEFAULT_FOLDER_FPS,
+               backend: Literal["pyav", "decord"] = "pyav",
                ) -> tuple[np.ndarray, VideoInfo]:
   """``num_frames`` frames of a video file or frame folder: (uint8 (T, H, W, 3) RGB, info).
 
   ``sample="middle"`` (evaluation) or ``"random"`` (training, needs ``rng``); see the
   module doc. ``start_sec`` / ``end_sec`` restrict sampling to part of the video.
   ``folder_fps`` is the frame rate of a folder of frames, used only for the bounds.
+  ``backend`` decodes video files: ``"pyav"`` or ``"decord"`` (when installed).
   Raises ``MediaError`` for what cannot be read, ``ValueError`` for bad arguments.
   """
   _check_num_frames(num_frames)
@@ -262,6 +296,11 @@ def load_video(path: str | Path, num_frames: int = 32, *,
     raise ValueError(f"sample must be one of {SAMPLE_MODES}, got {sample!r}")
   if sample == "random" and rng is None:
     raise ValueError('sample="random" needs rng, a numpy.random.Generator')
+  if backend not in BACKENDS:
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+  decord = _decord_module() if backend == "decord" else None
+  if backend == "decord" and decord is None:
+    raise ValueError('backend="decord" needs decord installed (pip install decord)')
   if start_sec is not None and end_sec is not None and start_sec >= end_sec:
     raise ValueError(f"start_sec must be < end_sec, got {start_sec} and {end_sec}")
   path = Path(path)
@@ -292,6 +331,8 @@ def load_video(path: str | Path, num_frames: int = 32, *,
   elif path.suffix.lower() not in VIDEO_EXTENSIONS:
     raise MediaError(path, f"unsupported extension {path.suffix!r}: expected a video "
                            f"({', '.join(sorted(VIDEO_EXTENSIONS))}) or a folder of frames")
+  elif decord is not None and path.suffix.lower() != ".gif":  # the original read GIFs apart
+    frames_thwc, total, fps, indices = _read_video_decord(decord, path, pick)
   else:
     frames_thwc, total, fps, indices = _read_video_file(path, pick)
   return frames_thwc, VideoInfo(str(path), total, fps, tuple(indices))

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 from ppllava_jax.data.templates import CHATML, VICUNA, render_generation_prompt
-from ppllava_jax.data.video import VIDEO_EXTENSIONS
+from ppllava_jax.data.video import BACKENDS, VIDEO_EXTENSIONS
 from ppllava_jax.eval import mcq
 from ppllava_jax.eval.runner import Job, MediaRef, RunConfig, Subtitled, run
 
@@ -132,6 +132,8 @@ def parse_args(argv):
   p.add_argument("--max-new-tokens", type=int, help="default: the protocol's (200 open-ended)")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: as stored")
   p.add_argument("--visualize", help="folder for relevance heat-map PNGs, one per item")
+  p.add_argument("--video-backend", choices=BACKENDS, default="pyav",
+                 help="video decoder: PyAV, or decord as the original (pip install decord)")
   args = p.parse_args(argv)
   if args.video and not args.question:
     p.error("--video needs --question")
@@ -182,7 +184,8 @@ def main(argv=None) -> int:
   cfg = RunConfig(batch_size=args.batch_size,
                   max_new_tokens=args.max_new_tokens or (protocol.max_new_tokens if protocol
                                                          else 200),
-                  visualize=Path(args.visualize) if args.visualize else None)
+                  visualize=Path(args.visualize) if args.visualize else None,
+                  video_backend=args.video_backend)
   start = time.perf_counter()
   records = run(model, processor, jobs, out / "predictions.jsonl", cfg)
   seconds = time.perf_counter() - start

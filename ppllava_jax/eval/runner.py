@@ -76,6 +76,7 @@ class RunConfig:
   max_new_tokens: int = 200
   length_multiple: int = 64  # prompt lengths round up to this (shape buckets)
   visualize: Path | None = None
+  video_backend: str = "pyav"  # data.video.load_video's decoder: "pyav" or "decord"
 
 
 def read_records(out_path: Path) -> dict[str, dict]:
@@ -93,14 +94,14 @@ def read_records(out_path: Path) -> dict[str, dict]:
   return records
 
 
-def _load(job: Job) -> tuple[Prompt, list[np.ndarray]]:
+def _load(job: Job, video_backend: str) -> tuple[Prompt, list[np.ndarray]]:
   """The job's prompt with decoded media, and its videos' frames (for pictures)."""
   media, videos = [], []
   text, scorer_text = job.text, job.scorer_text
   for ref in job.media:
     if ref.kind == "video":
       frames, info = load_video(ref.path, job.frames, start_sec=ref.start_sec,
-                                end_sec=ref.end_sec)
+                                end_sec=ref.end_sec, backend=video_backend)
       media.append(Media("video", frames))
       videos.append(frames)
       if job.subtitled is not None:
@@ -157,7 +158,7 @@ def run(model, processor: Processor, jobs: Sequence[Job], out_path: str | Path,
   batches = list(_batches(pending, cfg.batch_size))
   compiled = generation.compilations()
   with open(out_path, "a") as out, tqdm(total=len(pending), unit="item", desc="eval") as bar:
-    for batch, loaded in _prefetched(batches):
+    for batch, loaded in _prefetched(batches, cfg.video_backend):
       good = []
       for job, (result, error) in zip(batch, loaded):
         if error is None:
@@ -180,9 +181,10 @@ def run(model, processor: Processor, jobs: Sequence[Job], out_path: str | Path,
   return records
 
 
-def _prefetched(batches: list[list[Job]]) -> Iterator[tuple[list[Job], list]]:
+def _prefetched(batches: list[list[Job]], video_backend: str
+                ) -> Iterator[tuple[list[Job], list]]:
   """Each batch with its loaded media; the next batch loads on a thread meanwhile."""
-  load = lambda batch: [_try(_load, job) for job in batch]
+  load = lambda batch: [_try(_load, job, video_backend) for job in batch]
   with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
     ahead = pool.submit(load, batches[0]) if batches else None
     for i, batch in enumerate(batches):
@@ -191,10 +193,10 @@ def _prefetched(batches: list[list[Job]]) -> Iterator[tuple[list[Job], list]]:
       yield batch, loaded
 
 
-def _try(fn, arg):
-  """(fn(arg), None), or (None, "Error: reason") for what bad media and text raise."""
+def _try(fn, *args):
+  """(fn(*args), None), or (None, "Error: reason") for what bad media and text raise."""
   try:
-    return fn(arg), None
+    return fn(*args), None
   except (MediaError, ValueError, OSError) as err:
     return None, f"{type(err).__name__}: {err}"
 
