@@ -10,6 +10,21 @@ import numpy as np
 import torch
 
 
+def assert_same_state(ours, again) -> None:
+  """Two NNX modules hold bit-identical parameters at the same paths (a save round trip)."""
+  from flax import nnx
+  theirs = dict(nnx.to_flat_state(nnx.state(again)))
+  for path, var in nnx.to_flat_state(nnx.state(ours)):
+    np.testing.assert_array_equal(np.asarray(var[...]), np.asarray(theirs[path][...]),
+                                  err_msg=str(path))
+
+
+def assert_same_tensors(want: dict, got: dict) -> None:
+  """Every tensor of the torch state dict ``want`` is in ``got``, bit-identical."""
+  for name, p in want.items():
+    torch.testing.assert_close(p, got[name], rtol=0, atol=0, msg=name)
+
+
 def save_hf(model, path: Path) -> Path:
   model.save_pretrained(path, safe_serialization=True)
   return path

@@ -12,7 +12,7 @@ from safetensors.numpy import load_file
 from safetensors.torch import save_file as save_torch_file
 
 from btadapter_reference import BTAdapterTower
-from hf_fixtures import make_clip, rewrite_checkpoint
+from hf_fixtures import assert_same_state, make_clip, rewrite_checkpoint
 from ppllava_jax.convert.loader import CheckpointError
 from ppllava_jax.models.btadapter import BTAdapterConfig, CLIPVisionBTAdapter, TemporalBlock
 from ppllava_jax.models.clip import CLIPModel, CLIPVisionConfig
@@ -222,9 +222,7 @@ def test_save_load_round_trip_is_bit_exact_in_the_original_layout(tower, tmp_pat
   ours.save_pretrained(tmp_path / "saved")
   again = CLIPVisionBTAdapter.from_pretrained(tmp_path / "saved")
   assert again.adapter_cfg == BTAdapterConfig(depth=DEPTH, max_T=MAX_T)
-  a, b = nnx.to_flat_state(nnx.state(ours)), dict(nnx.to_flat_state(nnx.state(again)))
-  for p, var in a:
-    np.testing.assert_array_equal(np.asarray(var[...]), np.asarray(b[p][...]), err_msg=str(p))
+  assert_same_state(ours, again)
   saved = load_file(tmp_path / "saved" / "model.safetensors")
   original = load_file(path / "model.safetensors")
   assert saved.keys() == original.keys() == ref.state_dict().keys()

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import numpy_reference as ref
-from hf_fixtures import make_clip, rewrite_checkpoint, text_batch
+from hf_fixtures import (assert_same_state, assert_same_tensors, make_clip, rewrite_checkpoint,
+                         text_batch)
 from ppllava_jax.convert.loader import CheckpointError
 from ppllava_jax.models import CLIPModel
 
@@ -67,15 +68,10 @@ def test_save_load_round_trip_is_bit_exact_and_loads_in_transformers(clip_pair, 
   from transformers import CLIPModel as HFCLIPModel
   hf, _, ours = clip_pair
   ours.save_pretrained(tmp_path / "saved")
-  again = CLIPModel.from_pretrained(tmp_path / "saved")
-  import flax.nnx as nnx
-  a, b = nnx.to_flat_state(nnx.state(ours)), dict(nnx.to_flat_state(nnx.state(again)))
-  for path, var in a:
-    np.testing.assert_array_equal(np.asarray(var[...]), np.asarray(b[path][...]), err_msg=str(path))
-  back = HFCLIPModel.from_pretrained(tmp_path / "saved").eval()
-  for (name, p), (name2, q) in zip(hf.state_dict().items(), back.state_dict().items()):
-    assert name == name2
-    torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+  assert_same_state(ours, CLIPModel.from_pretrained(tmp_path / "saved"))
+  back = HFCLIPModel.from_pretrained(tmp_path / "saved").state_dict()
+  assert list(back) == list(hf.state_dict())
+  assert_same_tensors(hf.state_dict(), back)
 
 
 def test_bf16_kept_unless_asked(clip_pair, tmp_path):

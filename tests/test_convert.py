@@ -4,11 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import flax.nnx as nnx
-import numpy as np
-import torch
-
-from hf_fixtures import make_llava_next_video, make_llm
+from hf_fixtures import assert_same_state, assert_same_tensors, make_llava_next_video, make_llm
 from ppllava_jax import checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,13 +15,6 @@ def run_cli(*args) -> str:
                         capture_output=True, text=True, cwd=ROOT, check=False)
   assert done.returncode == 0, done.stderr[-3000:]
   return done.stdout
-
-
-def assert_same_state(a, b):
-  theirs = dict(nnx.to_flat_state(nnx.state(b)))
-  for path, var in nnx.to_flat_state(nnx.state(a)):
-    np.testing.assert_array_equal(np.asarray(var[...]), np.asarray(theirs[path][...]),
-                                  err_msg=str(path))
 
 
 def test_llava_next_video_round_trip_through_orbax_with_shards(tmp_path):
@@ -40,8 +29,7 @@ def test_llava_next_video_round_trip_through_orbax_with_shards(tmp_path):
   assert len(list((tmp_path / "back").glob("model-*-of-*.safetensors"))) > 1
   assert_same_state(checkpoints.load_hf(src)[0], checkpoints.load_hf(tmp_path / "back")[0])
   back = LlavaNextVideoForConditionalGeneration.from_pretrained(tmp_path / "back").state_dict()
-  for name, p in hf.state_dict().items():
-    torch.testing.assert_close(p, back[name], rtol=0, atol=0, msg=name)
+  assert_same_tensors(hf.state_dict(), back)
 
 
 def test_tied_qwen2_round_trip(tmp_path):

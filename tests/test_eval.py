@@ -72,7 +72,8 @@ def test_open_ended_qa_writes_jsonl(setup, capsys):  # decoded by decord, as the
   qa = root / "qa.jsonl"
   qa.write_text(json.dumps(dict(id="q1", video="a.mp4", question="What moves?")) + "\n")
   out = root / "qa"
-  assert app.main(common(root, checkpoint, out) + ["--qa", str(qa), "--video-backend", "decord"]) == 0
+  argv = common(root, checkpoint, out) + ["--qa", str(qa), "--video-backend", "decord"]
+  assert app.main(argv) == 0
   assert "1 answers in" in capsys.readouterr().out
   (record,) = read_records(out / "predictions.jsonl").values()
   assert record["id"] == "q1" and record["status"] == "ok" and isinstance(record["prediction"], str)

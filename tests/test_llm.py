@@ -10,7 +10,7 @@ import torch
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from hf_fixtures import left_padded, make_llm
+from hf_fixtures import assert_same_state, assert_same_tensors, left_padded, make_llm
 from ppllava_jax.convert.loader import CheckpointError
 from ppllava_jax.models import LlamaForCausalLM, Qwen2ForCausalLM
 from ppllava_jax.models.llm import positions_from_mask
@@ -88,13 +88,9 @@ def test_save_load_round_trip(llm_pair, tmp_path):
   from transformers import AutoModelForCausalLM
   kind, hf, _, ours = llm_pair
   ours.save_pretrained(tmp_path / "saved")
-  again = dict(nnx.to_flat_state(nnx.state(CLASSES[kind].from_pretrained(tmp_path / "saved"))))
-  for path, var in nnx.to_flat_state(nnx.state(ours)):
-    np.testing.assert_array_equal(np.asarray(var[...]), np.asarray(again[path][...]),
-                                  err_msg=str(path))
-  back = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval().state_dict()
-  for name, p in hf.state_dict().items():
-    torch.testing.assert_close(p, back[name], rtol=0, atol=0, msg=name)
+  assert_same_state(ours, CLASSES[kind].from_pretrained(tmp_path / "saved"))
+  assert_same_tensors(hf.state_dict(),
+                      AutoModelForCausalLM.from_pretrained(tmp_path / "saved").state_dict())
 
 
 def test_wrong_family_is_refused(llm_pair):

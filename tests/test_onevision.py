@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from flax import nnx
 
 import numpy_reference as ref
-from hf_fixtures import OV_PINPOINTS, make_llava_onevision, make_scorer_siglip, text_batch
+from hf_fixtures import (OV_PINPOINTS, assert_same_state, assert_same_tensors, make_llava_onevision,
+                         make_scorer_siglip, text_batch)
 from llava_parity import (TOL, assert_generation_matches, assert_image_logits_match,
                           assert_video_logits_match, image_prompt, video_prompt)
 from ppllava_jax import ops
@@ -118,12 +118,9 @@ def test_save_round_trip_and_released_style_inference(onevision, tmp_path, caplo
   assert config["model_type"] == "llava_onevision" and config["ppllava_scorer"]["kind"] == "siglip"
   again = PPLLaVA.from_pretrained(tmp_path / "saved")
   assert again.cfg == model.cfg
-  theirs = dict(nnx.to_flat_state(nnx.state(again)))
-  for p, var in nnx.to_flat_state(nnx.state(model)):
-    np.testing.assert_array_equal(np.asarray(var[...]), np.asarray(theirs[p][...]), err_msg=str(p))
-  back = LlavaOnevisionForConditionalGeneration.from_pretrained(tmp_path / "saved").state_dict()
-  for name, p in hf.state_dict().items():
-    torch.testing.assert_close(p, back[name], rtol=0, atol=0, msg=name)
+  assert_same_state(model, again)
+  assert_same_tensors(hf.state_dict(), LlavaOnevisionForConditionalGeneration.from_pretrained(
+      tmp_path / "saved").state_dict())
 
   del config["ppllava_scorer"]
   (tmp_path / "saved" / "config.json").write_text(json.dumps(config))

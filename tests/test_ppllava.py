@@ -3,12 +3,11 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 import llava_parity as parity
 import numpy_reference as ref
-from hf_fixtures import (LLAVA_IMAGE_TOKEN, LLAVA_PINPOINTS, LLAVA_VIDEO_TOKEN, make_llava_next_video,
-                         make_scorer_clip, text_batch)
+from hf_fixtures import (LLAVA_IMAGE_TOKEN, LLAVA_PINPOINTS, LLAVA_VIDEO_TOKEN, assert_same_state,
+                         assert_same_tensors, make_llava_next_video, make_scorer_clip, text_batch)
 from ppllava_jax import ops
 from ppllava_jax.models.ppllava import PPLLaVA, PoolingConfig
 
@@ -129,7 +128,6 @@ def test_scored_modes_need_a_scorer(llava):
 
 
 def test_save_load_round_trip_with_scorer_inside(llava, scorer_path, tmp_path):
-  import flax.nnx as nnx
   from transformers import LlavaNextVideoForConditionalGeneration
   hf, path = llava
   model = PPLLaVA.from_pretrained(path, clip=scorer_path, clip_extend_keep=4)  # 16 -> 52 positions
@@ -137,12 +135,9 @@ def test_save_load_round_trip_with_scorer_inside(llava, scorer_path, tmp_path):
   model.save_pretrained(tmp_path / "saved")
   again = PPLLaVA.from_pretrained(tmp_path / "saved")
   assert again.cfg.scorer == model.cfg.scorer  # saved inside, as PPLLaVA's own checkpoints
-  theirs = dict(nnx.to_flat_state(nnx.state(again)))
-  for p, var in nnx.to_flat_state(nnx.state(model)):
-    np.testing.assert_array_equal(np.asarray(var[...]), np.asarray(theirs[p][...]), err_msg=str(p))
-  back = LlavaNextVideoForConditionalGeneration.from_pretrained(tmp_path / "saved").state_dict()
-  for name, p in hf.state_dict().items():
-    torch.testing.assert_close(p, back[name], rtol=0, atol=0, msg=name)
+  assert_same_state(model, again)
+  assert_same_tensors(hf.state_dict(), LlavaNextVideoForConditionalGeneration.from_pretrained(
+      tmp_path / "saved").state_dict())
 
 
 def test_btadapter_tower_from_a_released_style_checkpoint(llava, tmp_path, caplog):

@@ -1,13 +1,12 @@
 """SigLIP parity with transformers' PyTorch SiglipModel on the same saved weights (f32)."""
 
-import flax.nnx as nnx
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
 import numpy_reference as ref
-from hf_fixtures import make_siglip, text_batch
+from hf_fixtures import assert_same_state, assert_same_tensors, make_siglip, text_batch
 from ppllava_jax.convert.loader import CheckpointError
 from ppllava_jax.models import SiglipModel
 
@@ -71,14 +70,8 @@ def test_save_load_round_trip_is_bit_exact_and_loads_in_transformers(siglip_pair
   from transformers import SiglipModel as HFSiglipModel
   hf, _, ours = siglip_pair
   ours.save_pretrained(tmp_path / "saved")
-  again = dict(nnx.to_flat_state(nnx.state(SiglipModel.from_pretrained(tmp_path / "saved"))))
-  for path, var in nnx.to_flat_state(nnx.state(ours)):
-    np.testing.assert_array_equal(np.asarray(var[...]), np.asarray(again[path][...]),
-                                  err_msg=str(path))
-  back = HFSiglipModel.from_pretrained(tmp_path / "saved").eval()
-  theirs = back.state_dict()
-  for name, p in hf.state_dict().items():
-    torch.testing.assert_close(p, theirs[name], rtol=0, atol=0, msg=name)
+  assert_same_state(ours, SiglipModel.from_pretrained(tmp_path / "saved"))
+  assert_same_tensors(hf.state_dict(), HFSiglipModel.from_pretrained(tmp_path / "saved").state_dict())
 
 
 def test_text_context_extension_64_to_196(tmp_path):
