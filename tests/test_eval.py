@@ -67,13 +67,16 @@ def test_mvbench_run_records_failures_scores_resumes_and_draws(setup, capsys, ca
   assert json.loads(again[-1])["id"] == "object_shuffle/1"
 
 
-def test_open_ended_qa_writes_jsonl(setup, capsys):  # decoded by decord, as the original
+def test_open_ended_qa_writes_jsonl(setup, capsys):
+  """Decoded by decord, as the original; average pooling still draws the scorer's map."""
   root, checkpoint = setup
   qa = root / "qa.jsonl"
   qa.write_text(json.dumps(dict(id="q1", video="a.mp4", question="What moves?")) + "\n")
   out = root / "qa"
-  argv = common(root, checkpoint, out) + ["--qa", str(qa), "--video-backend", "decord"]
+  argv = common(root, checkpoint, out) + ["--qa", str(qa), "--video-backend", "decord",
+                                          "--pooling", "average", "--visualize", str(out / "maps")]
   assert app.main(argv) == 0
+  assert [p.name for p in (out / "maps").iterdir()] == ["q1.png"]
   assert "1 answers in" in capsys.readouterr().out
   (record,) = read_records(out / "predictions.jsonl").values()
   assert record["id"] == "q1" and record["status"] == "ok" and isinstance(record["prediction"], str)

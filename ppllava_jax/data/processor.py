@@ -107,7 +107,7 @@ class Processor:
     for slot, run in zip(reversed(slots), reversed(runs)):  # back to front: slots stay valid
       ids[slot:slot + 1] = run
     scorer_ids = scorer_mask = None
-    if self.cfg.pooling.scored:
+    if self.scorer_tokenizer is not None:  # scored pooling, or relevance pictures
       scorer_ids, scorer_mask = self._scorer_tokens(prompt.scorer_text)
     return Encoded(np.asarray(ids, np.int32), tuple(videos), tuple(images), scorer_ids,
                    scorer_mask)

@@ -148,13 +148,11 @@ def load(args):
   model = PPLLaVA.from_pretrained(args.checkpoint, clip=args.clip,
                                   pooling=PoolingConfig(args.pooling),
                                   dtype=getattr(jnp, args.dtype) if args.dtype else None)
-  scorer_tok = None
-  if model.cfg.pooling.scored:
-    source = args.scorer_tokenizer or args.clip
-    if source is None:
-      raise SystemExit(f"pooling {args.pooling!r} needs the scorer's tokenizer: give "
-                       "--scorer-tokenizer (or --clip) with the CLIP / SigLIP folder")
-    scorer_tok = AutoTokenizer.from_pretrained(source)
+  source = args.scorer_tokenizer or args.clip
+  if model.cfg.pooling.scored and source is None:
+    raise SystemExit(f"pooling {args.pooling!r} needs the scorer's tokenizer: give "
+                     "--scorer-tokenizer (or --clip) with the CLIP / SigLIP folder")
+  scorer_tok = AutoTokenizer.from_pretrained(source) if source else None
   tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.checkpoint)
   return model, Processor(model.cfg, tokenizer, scorer_tok)
 

@@ -146,9 +146,9 @@ def run(model, processor: Processor, jobs: Sequence[Job], out_path: str | Path,
              len(jobs))
   relevance = None
   if cfg.visualize is not None:
-    if getattr(model, "scorer", None) is None:
-      log.warning("--visualize needs the relevance scorer (a ppllava / paper pooling mode); "
-                  "no pictures will be written")
+    if getattr(model, "scorer", None) is None or processor.scorer_tokenizer is None:
+      log.warning("--visualize needs the relevance scorer and its tokenizer (a checkpoint "
+                  "with one, or --clip; --scorer-tokenizer); no pictures will be written")
     else:
       cfg.visualize.mkdir(parents=True, exist_ok=True)
       fn, state = pure(model, "relevance_maps")
