@@ -14,13 +14,16 @@ def assert_same_state(ours, again) -> None:
   """Two NNX modules hold bit-identical parameters at the same paths (a save round trip)."""
   from flax import nnx
   theirs = dict(nnx.to_flat_state(nnx.state(again)))
-  for path, var in nnx.to_flat_state(nnx.state(ours)):
+  mine = list(nnx.to_flat_state(nnx.state(ours)))
+  assert {path for path, _ in mine} == set(theirs)
+  for path, var in mine:
     np.testing.assert_array_equal(np.asarray(var[...]), np.asarray(theirs[path][...]),
                                   err_msg=str(path))
 
 
 def assert_same_tensors(want: dict, got: dict) -> None:
-  """Every tensor of the torch state dict ``want`` is in ``got``, bit-identical."""
+  """The torch state dicts ``want`` and ``got`` hold the same names, bit-identical tensors."""
+  assert want.keys() == got.keys()
   for name, p in want.items():
     torch.testing.assert_close(p, got[name], rtol=0, atol=0, msg=name)
 

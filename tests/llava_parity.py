@@ -33,10 +33,11 @@ def assert_video_logits_match(hf, ours, ids, video):
   assert np.abs(np.asarray(got) - want.numpy()).max() <= TOL
 
 
-def assert_image_logits_match(hf, ours, ids, pixels, tiles: int, size):
+def assert_image_logits_match(hf, ours, ids, pixels, size):
+  """All 5 tiles go to both: each model keeps the tiles its image size needs."""
   sizes = np.asarray([size])
   with torch.no_grad():
-    want = hf(input_ids=torch.from_numpy(ids), pixel_values=torch.from_numpy(pixels[:, :tiles]),
+    want = hf(input_ids=torch.from_numpy(ids), pixel_values=torch.from_numpy(pixels),
               image_sizes=torch.from_numpy(sizes)).logits
   got = ours(jnp.asarray(ids), pixel_values=jnp.asarray(pixels), image_sizes=sizes).logits
   assert np.abs(np.asarray(got) - want.numpy()).max() <= TOL

@@ -70,4 +70,6 @@ def test_released_style_onevision_folder_round_trip(tmp_path, caplog):
   again, hf_again = checkpoints.load_orbax(tmp_path / "orbax")
   assert_same_state(model, again)
   checkpoints.save_hf(again, hf_again, tmp_path / "back")
+  written = json.loads((tmp_path / "back" / "config.json").read_text())
+  assert written["ppllava_scorer"] == hf["ppllava_scorer"]
   assert_same_state(model, PPLLaVA.from_pretrained(tmp_path / "back"))

@@ -292,7 +292,6 @@ def test_bad_load_arguments(tmp_path):
     ("clip.avi", "mpeg4", "yuv420p", {}),
 ])
 def test_decord_reads_what_pyav_reads(tmp_path, name, codec, pix_fmt, options):
-  pytest.importorskip("decord")
   path = write_video(tmp_path / name, codec=codec, pix_fmt=pix_fmt, **options)
   for kwargs in [dict(), dict(start_sec=1.0, end_sec=2.5),
                  dict(sample="random", rng=np.random.default_rng(5))]:
@@ -305,7 +304,6 @@ def test_decord_reads_what_pyav_reads(tmp_path, name, codec, pix_fmt, options):
 
 
 def test_decord_failures_are_media_errors(tmp_path):
-  pytest.importorskip("decord")
   (tmp_path / "noise.mp4").write_bytes(np.random.default_rng(0).bytes(3000))
   damaged = write_video(tmp_path / "damaged.mp4", crf="0")
   data = bytearray(damaged.read_bytes())
@@ -319,7 +317,6 @@ def test_decord_failures_are_media_errors(tmp_path):
 
 
 def test_decord_backend_reads_gifs_with_pyav_and_checks_its_name(tmp_path):
-  pytest.importorskip("decord")
   path = write_video(tmp_path / "clip.gif", codec="gif", pix_fmt="rgb8")
   frames_thwc, info = load_video(path, 8, backend="decord")  # decord cannot count GIF frames
   assert info.total_frames == 40
