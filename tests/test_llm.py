@@ -64,6 +64,22 @@ def test_cached_generation_equals_no_cache_loop(llm_pair):
   np.testing.assert_array_equal(got, np.asarray(seq))
 
 
+def test_bfloat16_model_keeps_a_bfloat16_cache(llm_pair):
+  kind, _, path, _ = llm_pair
+  ours = CLASSES[kind].from_pretrained(path, dtype=jnp.bfloat16)
+  cache = ours.init_cache(2, 8)
+  assert {a.dtype for a in cache.k + cache.v} == {jnp.dtype(jnp.bfloat16)}
+  ids, mask = left_padded(64, [6, 4], 6, seed=2)
+  got = np.asarray(ours.generate(jnp.asarray(ids), jnp.asarray(mask), max_new_tokens=2,
+                                 stop_tokens=()))
+  seq, m = jnp.asarray(ids), jnp.asarray(mask)
+  for _ in range(2):  # bf16 keys/values lose nothing in a bf16 cache: the no-cache loop's tokens
+    nxt = jnp.argmax(ours(seq, m).logits[:, -1], axis=-1)
+    seq = jnp.concatenate([seq, nxt[:, None]], axis=1)
+    m = jnp.concatenate([m, jnp.ones((2, 1), m.dtype)], axis=1)
+  np.testing.assert_array_equal(got, np.asarray(seq))
+
+
 def test_sampling_respects_top_p_and_stops(llm_pair):
   _, _, _, ours = llm_pair
   ids, mask = left_padded(64, [5, 5], 5, seed=3)

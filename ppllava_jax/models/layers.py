@@ -71,13 +71,6 @@ class Linear(nnx.Module):
     return y if self.bias is None else y + self.bias[...].astype(x.dtype)
 
 
-def attend(q_blhk: jax.Array, k_blhk: jax.Array, v_blhk: jax.Array,
-           mask_bqk: jax.Array | None) -> jax.Array:
-  """Softmax attention with an optional boolean mask (True = may attend); f32 softmax.
-  The towers' multi-head case of ``models.attention.attention``, which the LLM shares."""
-  return attention(q_blhk, k_blhk, v_blhk, mask_bqk)
-
-
 class SelfAttention(nnx.Module):
 
   def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs):
@@ -92,7 +85,7 @@ class SelfAttention(nnx.Module):
   def __call__(self, x_bld: jax.Array, mask_bqk: jax.Array | None = None) -> jax.Array:
     b, l, d = x_bld.shape
     heads = lambda t: t.reshape(b, l, self.num_heads, d // self.num_heads)
-    out_blhk = attend(heads(self.q_proj(x_bld)), heads(self.k_proj(x_bld)),
+    out_blhk = attention(heads(self.q_proj(x_bld)), heads(self.k_proj(x_bld)),
                       heads(self.v_proj(x_bld)), mask_bqk)
     return self.out_proj(out_blhk.reshape(b, l, d))
 

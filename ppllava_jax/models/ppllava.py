@@ -374,7 +374,7 @@ class PPLLaVA(nnx.Module):
     return self.language_model(inputs_embeds=emb_bld, attention_mask=attention_mask,
                                position_ids=position_ids, cache=cache, last_only=last_only)
 
-  def init_cache(self, batch: int, length: int, dtype=jnp.float32) -> KVCache:
+  def init_cache(self, batch: int, length: int, dtype=None) -> KVCache:
     return self.language_model.init_cache(batch, length, dtype)
 
   def generate(self, input_ids, attention_mask=None, *, pixel_values_videos=None,

@@ -16,9 +16,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ppllava_jax.convert.siglip import SIGLIP_RULES
+from ppllava_jax.models.attention import attention
 from ppllava_jax.models.dual_encoder import DualEncoder, towers_from_hf, towers_to_hf
 from ppllava_jax.models.layers import (MLP, Embedding, Encoder, LayerNorm, Linear, PatchEmbedding,
-                                       attend, nchw_to_nhwc)
+                                       nchw_to_nhwc)
 from ppllava_jax.models.text import TextEmbeddings, prepare_text_inputs
 
 
@@ -104,7 +105,7 @@ class PoolingAttention(nnx.Module):
     heads = lambda t: t.reshape(t.shape[0], t.shape[1], self.num_heads, d // self.num_heads)
     q = self.in_proj(q_bqd)[..., :d]
     kv = self.in_proj(x_bld)
-    out_bqhk = attend(heads(q), heads(kv[..., d:2 * d]), heads(kv[..., 2 * d:]), None)
+    out_bqhk = attention(heads(q), heads(kv[..., d:2 * d]), heads(kv[..., 2 * d:]), None)
     return self.out_proj(out_bqhk.reshape(q_bqd.shape))
 
 
