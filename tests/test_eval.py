@@ -4,10 +4,12 @@ video, resumption, pictures, open-ended QA; and the runner's record reading."""
 import json
 import logging
 
+import numpy as np
 import pytest
 
 from ppllava_jax.demo import DemoConfig, build_model, draw_video
 from ppllava_jax.data.tokenizer import char_tokenizer
+from ppllava_jax.data.video import load_video
 from ppllava_jax.eval import app
 from ppllava_jax.eval.runner import read_records
 
@@ -134,3 +136,18 @@ def test_videomme_prompt_quotes_the_subtitles_of_the_sampled_frames(setup, tmp_p
   prompt = read_records(out / "predictions.jsonl")["001-1"]["prompt"]
   assert "This video's subtitles are listed below: first line same range, later block: kept" in prompt
   assert "dropped" not in prompt
+
+
+def test_questions_on_one_video_decode_it_once(tmp_path, monkeypatch):
+  from ppllava_jax.eval import runner
+  video = draw_video(tmp_path / "v.mp4", 6, 64)
+  calls = []
+  monkeypatch.setattr(runner, "load_video",
+                      lambda *a, **k: calls.append(a) or load_video(*a, **k))
+  jobs = [runner.Job(f"q{i}", "<image> Q?", "Q?", (runner.MediaRef("video", str(video)),), 4)
+          for i in range(3)]
+  loaded = [item for _, batch in runner._prefetched([jobs[:2], jobs[2:]], "pyav")
+            for item in batch]
+  assert len(calls) == 1 and [error for _, error in loaded] == [None] * 3
+  first = loaded[0][0][1][0]
+  assert all(np.array_equal(result[1][0], first) for result, _ in loaded)

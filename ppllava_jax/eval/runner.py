@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import json
 import logging
 import re
@@ -94,14 +95,14 @@ def read_records(out_path: Path) -> dict[str, dict]:
   return records
 
 
-def _load(job: Job, video_backend: str) -> tuple[Prompt, list[np.ndarray]]:
+def _load(job: Job, read_video: Callable) -> tuple[Prompt, list[np.ndarray]]:
   """The job's prompt with decoded media, and its videos' frames (for pictures)."""
   media, videos = [], []
   text, scorer_text = job.text, job.scorer_text
   for ref in job.media:
     if ref.kind == "video":
-      frames, info = load_video(ref.path, job.frames, start_sec=ref.start_sec,
-                                end_sec=ref.end_sec, backend=video_backend)
+      frames, info = read_video(ref.path, job.frames, start_sec=ref.start_sec,
+                                end_sec=ref.end_sec)
       media.append(Media("video", frames))
       videos.append(frames)
       if job.subtitled is not None:
@@ -183,8 +184,14 @@ def run(model, processor: Processor, jobs: Sequence[Job], out_path: str | Path,
 
 def _prefetched(batches: list[list[Job]], video_backend: str
                 ) -> Iterator[tuple[list[Job], list]]:
-  """Each batch with its loaded media; the next batch loads on a thread meanwhile."""
-  load = lambda batch: [_try(_load, job, video_backend) for job in batch]
+  """Each batch with its loaded media; the next batch loads on a thread meanwhile.
+
+  The last few decoded videos are kept: VideoMME asks three questions of each video,
+  and its jobs come in order, so each video is decoded once, not three times.
+  """
+  read_video = functools.lru_cache(maxsize=2)(functools.partial(load_video,
+                                                                backend=video_backend))
+  load = lambda batch: [_try(_load, job, read_video) for job in batch]
   with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
     ahead = pool.submit(load, batches[0]) if batches else None
     for i, batch in enumerate(batches):
