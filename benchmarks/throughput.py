@@ -1,7 +1,7 @@
 """End-to-end video generation: prefill, decode and memory per pooling mode, one run.
 
 One random LLaVA-NeXT-Video checkpoint (transformers init plus N(0, 0.02) on every
-tensor, as tests/hf_fixtures.py, saved once): a LLaMA of
+tensor, as tests/support/hf_fixtures.py, saved once): a LLaMA of
 4 layers, width 512, 8 heads, MLP 1376, LLaVA's 32064-token vocabulary, behind a
 deliberately small CLIP vision tower (336 px, 14 px patches: 24x24 patches per frame,
 but width 64 and 2 layers), since the tower is the same work in every mode and would

@@ -1,5 +1,5 @@
 """BT-Adapter vision tower: parity with an independent PyTorch port of the original
-(tests/btadapter_reference.py) on the same saved weights, float32."""
+(tests/support/btadapter_reference.py) on the same saved weights, float32."""
 
 import json
 
@@ -11,8 +11,8 @@ from flax import nnx
 from safetensors.numpy import load_file
 from safetensors.torch import save_file as save_torch_file
 
-from btadapter_reference import BTAdapterTower
-from hf_fixtures import assert_same_state, make_clip, rewrite_checkpoint
+from support.btadapter_reference import BTAdapterTower
+from support.hf_fixtures import assert_same_state, make_clip, rewrite_checkpoint
 from ppllava_jax.convert.loader import CheckpointError
 from ppllava_jax.models.btadapter import BTAdapterConfig, CLIPVisionBTAdapter, TemporalBlock
 from ppllava_jax.models.clip import CLIPModel, CLIPVisionConfig

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-import numpy_reference as ref
-from hf_fixtures import assert_same_state, assert_same_tensors, make_siglip, text_batch
+from support import numpy_reference as ref
+from support.hf_fixtures import assert_same_state, assert_same_tensors, make_siglip, text_batch
 from ppllava_jax.convert.loader import CheckpointError
 from ppllava_jax.models import SiglipModel
 
@@ -94,7 +94,7 @@ def test_text_context_extension_64_to_196(tmp_path):
 
 
 def test_clip_checkpoint_is_refused(tmp_path):
-  from hf_fixtures import make_clip
+  from support.hf_fixtures import make_clip
   _, path = make_clip("b", tmp_path / "clip")
   with pytest.raises(CheckpointError, match="model_type is 'clip', expected one of \\['siglip'\\]"):
     SiglipModel.from_pretrained(path)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-import numpy_reference as ref
-from hf_fixtures import (assert_same_state, assert_same_tensors, make_clip, rewrite_checkpoint,
+from support import numpy_reference as ref
+from support.hf_fixtures import (assert_same_state, assert_same_tensors, make_clip, rewrite_checkpoint,
                          text_batch)
 from ppllava_jax.convert.loader import CheckpointError
 from ppllava_jax.models import CLIPModel

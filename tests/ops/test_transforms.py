@@ -10,7 +10,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jax.test_util import check_grads
 
-import numpy_reference as ref
+from support import numpy_reference as ref
 from ppllava_jax import ops
 
 

@@ -4,9 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import llava_parity as parity
-import numpy_reference as ref
-from hf_fixtures import (LLAVA_IMAGE_TOKEN, LLAVA_PINPOINTS, LLAVA_VIDEO_TOKEN, assert_same_state,
+from support import llava_parity as parity
+from support import numpy_reference as ref
+from support.hf_fixtures import (LLAVA_IMAGE_TOKEN, LLAVA_PINPOINTS, LLAVA_VIDEO_TOKEN, assert_same_state,
                          assert_same_tensors, make_llava_next_video, make_scorer_clip, text_batch)
 from ppllava_jax import ops
 from ppllava_jax.models.ppllava import PPLLaVA, PoolingConfig

@@ -4,10 +4,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hf_fixtures import assert_same_state, assert_same_tensors, make_llava_next_video, make_llm
+from support.hf_fixtures import assert_same_state, assert_same_tensors, make_llava_next_video, make_llm
 from ppllava_jax import checkpoints
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_cli(*args) -> str:
@@ -55,7 +55,7 @@ def test_released_style_onevision_folder_round_trip(tmp_path, caplog):
   """A PPLLaVA Qwen folder whose config.json omits the scorer (as the released ones do)
   converts to Orbax and back; the written config.json then describes the scorer."""
   import json
-  from hf_fixtures import make_llava_onevision, make_scorer_siglip
+  from support.hf_fixtures import make_llava_onevision, make_scorer_siglip
   from ppllava_jax.models.ppllava import PPLLaVA
   _, src = make_llava_onevision(tmp_path / "onevision")
   _, sig = make_scorer_siglip(tmp_path / "siglip", google_like=True)

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import numpy_reference as ref
+from support import numpy_reference as ref
 from ppllava_jax import ops
 
 CLIP_LOGIT_SCALE = 4.6052  # log(100), CLIP's trained value

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-import numpy_reference as ref
-from hf_fixtures import (OV_PINPOINTS, assert_same_state, assert_same_tensors, make_llava_onevision,
+from support import numpy_reference as ref
+from support.hf_fixtures import (OV_PINPOINTS, assert_same_state, assert_same_tensors, make_llava_onevision,
                          make_scorer_siglip, text_batch)
-from llava_parity import (TOL, assert_generation_matches, assert_image_logits_match,
+from support.llava_parity import (TOL, assert_generation_matches, assert_image_logits_match,
                           assert_video_logits_match, image_prompt, video_prompt)
 from ppllava_jax import ops
 from ppllava_jax.models.ppllava import PPLLaVA, PoolingConfig

@@ -10,7 +10,7 @@ import torch
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from hf_fixtures import assert_same_state, assert_same_tensors, left_padded, make_llm
+from support.hf_fixtures import assert_same_state, assert_same_tensors, left_padded, make_llm
 from ppllava_jax.convert.loader import CheckpointError
 from ppllava_jax.models import LlamaForCausalLM, Qwen2ForCausalLM
 from ppllava_jax.models.llm import positions_from_mask

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hf_fixtures import LLAVA_PINPOINTS, make_llava_next_video, make_scorer_clip
+from support.hf_fixtures import LLAVA_PINPOINTS, make_llava_next_video, make_scorer_clip
 from ppllava_jax.data.processor import Media, Processor, Prompt
 from ppllava_jax.data.tokenizer import char_tokenizer
 from ppllava_jax.models.ppllava import PPLLaVA, PoolingConfig

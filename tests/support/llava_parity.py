@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from hf_fixtures import LLAVA_IMAGE_TOKEN, LLAVA_VIDEO_TOKEN
+from support.hf_fixtures import LLAVA_IMAGE_TOKEN, LLAVA_VIDEO_TOKEN
 
 TOL = 1e-4  # f32 logits, max-abs-diff
 
