@@ -41,12 +41,20 @@ cache as stored, was 1.3-7.6x faster alone but 2x slower inside the decode
 cache and so copied the cache each step; a heads-first cache did the same (1.45 ms
 alone, 2x slower in the loop); multiply-reduce forms were 8x slower.
 
-Differentiation: each block step is ``jax.checkpoint``-ed, so the backward pass
-recomputes a block's scores and keeps only the running (m, l, acc) per key block,
-not every (bq, bk) block (O(T·S) again).
+Differentiation: the blockwise path has FlashAttention-2's backward as a custom VJP
+(``_flash_bwd``): the forward saves only the output and each row's log-sum-exp, and the
+backward recomputes each block's probabilities from them, so gradient memory is
+O(T + S) like the forward. Measured at 4096 causal tokens (8 x 64 heads, f32, this
+2-core CPU): 79 MiB of temporaries and 1.8-3.3 s, against 1431 MiB and 7.3-9.9 s for
+autodiff through ``jax.checkpoint``-ed key-block steps, whose carried (m, l, acc) per
+key block still grew 7x per doubling of the length (and 39.8 GiB for a 4 x 512 LLM at
+8k tokens with the checkpoint inside the block-skipping cond). The one-block path
+(up to 512 x 512) is differentiated by autodiff.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -119,8 +127,22 @@ def _step(carry: Carry, q_bkgqe, k_bkse, v_bkse, keep_bkgqs) -> Carry:
 
 def _blockwise(q_bkgte, k_bkse, v_bkse, mask_bts, bq, nq, bk, nk):
   """``lax.map`` over query blocks of a ``lax.scan`` over key blocks (module doc)."""
+  return _flash(q_bkgte, k_bkse, v_bkse, mask_bts, (bq, nq, bk, nk))
+
+
+def _key_keep(mask_bqs, k0, j, bk):
+  """Which keys of the block at ``k0`` count: not those the previous block already had,
+  and (with a mask) only those the (B, Q, S) mask rows allow. Shapes (bk,) / (B,1,1,Q,bk)."""
+  keep_s = k0 + jnp.arange(bk) >= j * bk
+  if mask_bqs is None:
+    return keep_s
+  return (lax.dynamic_slice_in_dim(mask_bqs, k0, bk, axis=2) & keep_s)[:, None, None]
+
+
+def _forward(q_bkgte, k_bkse, v_bkse, mask_bts, blocks):
+  """(out (B, K, G, T, E) f32, log-sum-exp (B, K, G, T); +inf on rows with no key)."""
+  bq, nq, bk, nk = blocks
   t, s = q_bkgte.shape[3], k_bkse.shape[2]
-  offsets_s = jnp.arange(bk)
   mean_bkge = v_bkse.astype(jnp.float32).mean(axis=2)
 
   def query_block(i):
@@ -128,31 +150,120 @@ def _blockwise(q_bkgte, k_bkse, v_bkse, mask_bts, bq, nq, bk, nk):
     q_bkgqe = lax.dynamic_slice_in_dim(q_bkgte, q0, bq, axis=3)
     mask_bqs = None if mask_bts is None else lax.dynamic_slice_in_dim(mask_bts, q0, bq, axis=1)
 
-    @jax.checkpoint
-    def step(carry, k0, keep_bkgqs):
+    def step(carry, k0, keep):
       return _step(carry, q_bkgqe, lax.dynamic_slice_in_dim(k_bkse, k0, bk, axis=2),
-                   lax.dynamic_slice_in_dim(v_bkse, k0, bk, axis=2), keep_bkgqs)
+                   lax.dynamic_slice_in_dim(v_bkse, k0, bk, axis=2), keep)
 
     def key_block(carry, j):
       k0 = jnp.minimum(j * bk, s - bk)
-      keep_s = k0 + offsets_s >= j * bk  # False on keys the previous block already had
+      keep = _key_keep(mask_bqs, k0, j, bk)
       if mask_bqs is None:
-        return step(carry, k0, keep_s), None
-      keep_bqs = lax.dynamic_slice_in_dim(mask_bqs, k0, bk, axis=2) & keep_s
-      return lax.cond(keep_bqs.any(), step, lambda carry, *_: carry,
-                      carry, k0, keep_bqs[:, None, None]), None
+        return step(carry, k0, keep), None
+      return lax.cond(keep.any(), step, lambda carry, *_: carry, carry, k0, keep), None
 
     m_bkgq, l_bkgq, acc_bkgqe = lax.scan(key_block, _init(q_bkgqe), jnp.arange(nk))[0]
-    out_bkgqe = acc_bkgqe / l_bkgq[..., None]
-    if mask_bts is None:
-      return out_bkgqe
+    valid_bkgq = m_bkgq > _NEG
     # A row with no key left: skipped blocks and overlaps made its sums partial, so
     # give it what one dense softmax over all-masked scores gives, the mean of v.
-    return jnp.where((m_bkgq > _NEG)[..., None], out_bkgqe, mean_bkge[:, :, None, None])
+    out_bkgqe = jnp.where(valid_bkgq[..., None], acc_bkgqe / l_bkgq[..., None],
+                          mean_bkge[:, :, None, None])
+    return out_bkgqe, jnp.where(valid_bkgq, m_bkgq + jnp.log(l_bkgq), jnp.inf)
 
-  out_nbkgqe = lax.map(query_block, jnp.arange(nq))
-  # The first nq - 1 blocks' rows, then the rows of the last block past them.
-  b, kv, g, e = out_nbkgqe.shape[1:4] + out_nbkgqe.shape[-1:]
-  head = out_nbkgqe[:-1].transpose(1, 2, 3, 0, 4, 5).reshape(b, kv, g, (nq - 1) * bq, e)
-  tail = out_nbkgqe[-1][:, :, :, (nq - 1) * bq - (t - bq):]
+  return tuple(_assemble(x, t, bq) for x in lax.map(query_block, jnp.arange(nq)))
+
+
+def _assemble(x_nbkgq, t, bq):
+  """Per-query-block results (N, B, K, G, Q, ...) -> (B, K, G, T, ...): the first N - 1
+  blocks' rows, then the rows of the last block past them."""
+  nq = x_nbkgq.shape[0]
+  head = jnp.moveaxis(x_nbkgq[:-1], 0, 3)
+  head = head.reshape(*head.shape[:3], (nq - 1) * bq, *head.shape[5:])
+  tail = x_nbkgq[-1][:, :, :, (nq - 1) * bq - (t - bq):]
   return jnp.concatenate([head, tail], axis=3)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _flash(q_bkgte, k_bkse, v_bkse, mask_bts, blocks):
+  return _forward(q_bkgte, k_bkse, v_bkse, mask_bts, blocks)[0]
+
+
+def _flash_fwd(q_bkgte, k_bkse, v_bkse, mask_bts, blocks):
+  out_bkgte, lse_bkgt = _forward(q_bkgte, k_bkse, v_bkse, mask_bts, blocks)
+  return out_bkgte, (q_bkgte, k_bkse, v_bkse, mask_bts, out_bkgte, lse_bkgt)
+
+
+def _flash_bwd(blocks, residuals, dout_bkgte):
+  """FlashAttention-2's backward: per (query block, key block) the probabilities are
+  recomputed from the saved log-sum-exp, ``dS = P * (dO·Vᵀ - rowsum(dO * O))``, and
+  dQ += dS·K, dK += dSᵀ·Q, dV += Pᵀ·dO. A scan over key blocks carries the whole dQ,
+  an inner scan over query blocks that key block's dK and dV: memory O(T + S), no
+  stored scores. Rows with no key are the mean of v: their gradient goes to v alone."""
+  bq, nq, bk, nk = blocks
+  q_bkgte, k_bkse, v_bkse, mask_bts, out_bkgte, lse_bkgt = residuals
+  (b, kv, g, t, e), s = q_bkgte.shape, k_bkse.shape[2]
+  scale = e**-0.5
+  valid_bkgt = jnp.isfinite(lse_bkgt)
+  do_bkgte = jnp.where(valid_bkgt[..., None], dout_bkgte.astype(jnp.float32), 0.0)
+  delta_bkgt = jnp.sum(do_bkgte * out_bkgte, axis=-1)
+  dtype = q_bkgte.dtype
+
+  def query_step(carry, i, k0, j):
+    dk_bkse, dv_bkse, dq_bkgte = carry
+    q0 = jnp.minimum(i * bq, t - bq)
+    owned_q = q0 + jnp.arange(bq) >= i * bq  # rows the previous query block already had
+    q_bkgqe = lax.dynamic_slice_in_dim(q_bkgte, q0, bq, axis=3)
+    do_bkgqe = jnp.where(owned_q[:, None], lax.dynamic_slice_in_dim(do_bkgte, q0, bq, axis=3), 0)
+    lse_bkgq = lax.dynamic_slice_in_dim(lse_bkgt, q0, bq, axis=3)
+    delta_bkgq = jnp.where(owned_q, lax.dynamic_slice_in_dim(delta_bkgt, q0, bq, axis=3), 0)
+    mask_bqs = None if mask_bts is None else lax.dynamic_slice_in_dim(mask_bts, q0, bq, axis=1)
+    keep = _key_keep(mask_bqs, k0, j, bk)
+    k_blk = lax.dynamic_slice_in_dim(k_bkse, k0, bk, axis=2)
+    v_blk = lax.dynamic_slice_in_dim(v_bkse, k0, bk, axis=2)
+
+    def step(carry):
+      dk_bkse, dv_bkse, dq_bkgte = carry
+      scores = jnp.einsum("bkgqe,bkse->bkgqs", q_bkgqe, k_blk,
+                          preferred_element_type=jnp.float32) * scale
+      p_bkgqs = jnp.exp(jnp.where(keep, scores, _NEG) - lse_bkgq[..., None])
+      dp_bkgqs = jnp.einsum("bkgqe,bkse->bkgqs", do_bkgqe.astype(dtype), v_blk,
+                            preferred_element_type=jnp.float32)
+      ds_bkgqs = (p_bkgqs * (dp_bkgqs - delta_bkgq[..., None]) * scale).astype(dtype)
+      dv_bkse = dv_bkse + jnp.einsum("bkgqs,bkgqe->bkse", p_bkgqs.astype(dtype),
+                                     do_bkgqe.astype(dtype), preferred_element_type=jnp.float32)
+      dk_bkse = dk_bkse + jnp.einsum("bkgqs,bkgqe->bkse", ds_bkgqs, q_bkgqe,
+                                     preferred_element_type=jnp.float32)
+      dq_bkgqe = jnp.einsum("bkgqs,bkse->bkgqe", ds_bkgqs, k_blk,
+                            preferred_element_type=jnp.float32)
+      return dk_bkse, dv_bkse, _add_at(dq_bkgte, dq_bkgqe, q0, axis=3)
+
+    if mask_bqs is None:
+      return step(carry), None
+    return lax.cond(keep.any(), step, lambda carry: carry, carry), None
+
+  def key_block(carry, j):
+    dk_full, dv_full, dq_bkgte = carry
+    k0 = jnp.minimum(j * bk, s - bk)
+    zeros = jnp.zeros((b, kv, bk, e), jnp.float32)
+    (dk_bkse, dv_bkse, dq_bkgte), _ = lax.scan(
+        lambda c, i: query_step(c, i, k0, j), (zeros, zeros, dq_bkgte), jnp.arange(nq))
+    return (_add_at(dk_full, dk_bkse, k0, axis=2), _add_at(dv_full, dv_bkse, k0, axis=2),
+            dq_bkgte), None
+
+  kv_zeros = jnp.zeros((b, kv, s, e), jnp.float32)
+  (dk_bkse, dv_bkse, dq_bkgte), _ = lax.scan(
+      key_block, (kv_zeros, kv_zeros, jnp.zeros(q_bkgte.shape, jnp.float32)), jnp.arange(nk))
+  # Rows with no key: out = mean over all S keys of v, so each key gets dO / S.
+  masked_do_bke = jnp.sum(jnp.where(valid_bkgt[..., None], 0.0,
+                                    dout_bkgte.astype(jnp.float32)), axis=(2, 3))
+  dv_bkse = dv_bkse + masked_do_bke[:, :, None] / s
+  return (dq_bkgte.astype(q_bkgte.dtype), dk_bkse.astype(k_bkse.dtype),
+          dv_bkse.astype(v_bkse.dtype), None)
+
+
+def _add_at(full, block, start, axis):
+  """``full`` with ``block`` added at ``start`` along ``axis`` (blocks may overlap)."""
+  current = lax.dynamic_slice_in_dim(full, start, block.shape[axis], axis=axis)
+  return lax.dynamic_update_slice_in_dim(full, current + block, start, axis=axis)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)

@@ -104,17 +104,40 @@ def test_bfloat16_inputs(block):
   np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2**-7, atol=2**-7)
 
 
-@pytest.mark.parametrize("block", [8, BLOCK])
-def test_gradients_match_dense(block):
-  q, k, v = qkv(2, 27, 35, 4, 2, seed=3)
-  mask = llm_mask(27, 35, [0, 20])
+GRAD_CASES = {  # name: (T, S, H, K, pads, block); pads of 20 leave 12 rows with no key
+    "one block": (27, 35, 4, 2, [0, 20], BLOCK),
+    "gqa, overlapping query and key blocks": (27, 35, 4, 2, [0, 20], 8),
+    "no mask, several blocks": (37, 37, 2, 2, None, 16),
+    "decode-like, few queries": (3, 50, 4, 1, [0, 30], 8),
+}
+
+
+@pytest.mark.parametrize("case", GRAD_CASES)
+def test_gradients_match_dense(case):
+  """The blockwise path's hand-written backward (FlashAttention-2's) against autodiff of
+  the dense formulation, including padded rows that see no key (their gradient is v's)."""
+  t, s, h, kv, pads, block = GRAD_CASES[case]
+  q, k, v = qkv(2, t, s, h, kv, seed=3)
+  mask = np.ones((2, t, s), bool) if pads is None else llm_mask(t, s, pads)
   cot = np.random.default_rng(4).standard_normal(q.shape).astype(np.float32)
-  loss = lambda fn: jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v, mask) * cot),
-                                     argnums=(0, 1, 2)))
-  got = loss(lambda *a: attention(*a, block=block))(q, k, v)
-  want = loss(dense)(q, k, v)
+  loss = lambda fn, m: jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v, m) * cot),
+                                        argnums=(0, 1, 2)))
+  got = loss(lambda *a: attention(*a, block=block), None if pads is None else mask)(q, k, v)
+  want = loss(dense, mask)(q, k, v)
   for name, g, w in zip("qkv", got, want):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=0, atol=2e-5, err_msg=name)
+
+
+def test_gradient_memory_grows_linearly_with_length():
+  """XLA's temporaries for the gradient: doubling the length at most doubles them (plus
+  slack), where stored per-block residuals grew them 4-7x per doubling."""
+  def temp_bytes(t):
+    x = jax.ShapeDtypeStruct((1, t, 2, 16), jnp.float32)
+    m = jax.ShapeDtypeStruct((1, t, t), jnp.bool_)
+    grad = jax.grad(lambda q, k, v, m: attention(q, k, v, m, block=64).sum(), argnums=(0, 1, 2))
+    return jax.jit(grad).lower(x, x, x, m).compile().memory_analysis().temp_size_in_bytes
+  small, large = temp_bytes(1024), temp_bytes(2048)
+  assert large < 2.3 * small, (small, large)
 
 
 def test_vmap_with_batched_masks():
