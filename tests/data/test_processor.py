@@ -56,6 +56,7 @@ def test_image_prompt_matches_llava_next_processor(llava, size):
   assert np.abs(tiles - want["pixel_values"][0, :len(tiles)]).max() <= 1e-6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["average", "ppllava"])
 def test_bucketed_batch_equals_items_alone(llava, scorer_path, mode):
   """A video item and an image item, padded to length 16k and filled to 3 rows: the

@@ -51,6 +51,7 @@ def test_greedy_generation_matches_transformers(llm_pair):
   assert (got[:, n:] == 0).all()
 
 
+@pytest.mark.slow
 def test_cached_generation_equals_no_cache_loop(llm_pair):
   _, _, _, ours = llm_pair
   ids, mask = left_padded(64, [6, 4], 6, seed=2)
@@ -64,6 +65,7 @@ def test_cached_generation_equals_no_cache_loop(llm_pair):
   np.testing.assert_array_equal(got, np.asarray(seq))
 
 
+@pytest.mark.slow
 def test_bfloat16_model_keeps_a_bfloat16_cache(llm_pair):
   kind, _, path, _ = llm_pair
   ours = CLASSES[kind].from_pretrained(path, dtype=jnp.bfloat16)

@@ -28,6 +28,7 @@ def siglip(tmp_path_factory):
   return make_scorer_siglip(tmp_path_factory.mktemp("siglip"))
 
 
+@pytest.mark.slow
 def test_video_logits_match_llava_onevision(onevision):
   hf, path = onevision
   ours = PPLLaVA.from_pretrained(path, pooling=PoolingConfig("llava_onevision"))
@@ -35,6 +36,7 @@ def test_video_logits_match_llava_onevision(onevision):
   assert_video_logits_match(hf, ours, *video_prompt(3, 3 * 4 * 4 + 1, 28))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [(30, 50), (50, 20), (60, 60)])
 def test_anyres_image_logits_match_llava_onevision(onevision, size):
   """(30, 50) and (50, 20) unpad without the anyres_max resize; (60, 60) fills 2x2 tiles,
@@ -55,6 +57,7 @@ def test_video_generation_matches_transformers(onevision):
   assert_generation_matches(hf, ours, ids, pixel_values_videos=video)
 
 
+@pytest.mark.slow
 def test_siglip_scorer_is_reference_1b(onevision, siglip):
   """Per-patch embeddings: post_layernorm, the head's v slice of in_proj (no out_proj),
   then v + mlp(layernorm(v)), computed here with transformers' own SigLIP modules; text
@@ -85,6 +88,7 @@ def test_siglip_scorer_is_reference_1b(onevision, siglip):
                              rtol=1e-4, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_uniform_relevance_makes_ppllava_equal_average(onevision, siglip):
   _, path = onevision
   from ppllava_jax.models import SiglipModel

@@ -74,6 +74,7 @@ def test_save_load_round_trip_is_bit_exact_and_loads_in_transformers(siglip_pair
   assert_same_tensors(hf.state_dict(), HFSiglipModel.from_pretrained(tmp_path / "saved").state_dict())
 
 
+@pytest.mark.slow
 def test_text_context_extension_64_to_196(tmp_path):
   hf, path = make_siglip("a", tmp_path / "ckpt")
   ext = SiglipModel.from_pretrained(path, extend_text=20)

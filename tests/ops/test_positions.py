@@ -18,6 +18,7 @@ def test_original_extension_clip_and_siglip(rng, length, dim, new_length):
   np.testing.assert_array_equal(got[20::4][:length - 20], table[20:])  # grid points kept
 
 
+@pytest.mark.slow
 @settings(max_examples=30, deadline=None)
 @given(length=st.integers(2, 40), keep=st.integers(0, 38), dim=st.integers(1, 4),
        seed=st.integers(0, 2**16))
@@ -28,6 +29,7 @@ def test_extension_rule_for_any_keep(length, keep, dim, seed):
   np.testing.assert_allclose(got, ref.extend_positions_original(table, keep=keep), atol=1e-5)
 
 
+@pytest.mark.slow
 @settings(max_examples=30, deadline=None)
 @given(length=st.integers(2, 40), new_length=st.integers(1, 300), dim=st.integers(1, 4),
        seed=st.integers(0, 2**16))

@@ -10,6 +10,7 @@ from ppllava_jax import ops
 CLIP_LOGIT_SCALE = 4.6052  # log(100), CLIP's trained value
 
 
+@pytest.mark.slow
 @settings(max_examples=25, deadline=None)
 @given(b=st.integers(1, 3), t=st.integers(1, 4), h=st.integers(1, 5), w=st.integers(1, 5),
        e=st.integers(1, 8), scale=st.floats(0.0, 4.7), seed=st.integers(0, 2**16))

@@ -54,6 +54,7 @@ def test_vmap_over_an_extra_axis(rng):
                                atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["softmax", "weighted_sum", "average"])
 def test_gradients_match_finite_differences(rng, mode):
   x, patch, text = inputs(rng, shape=(1, 3, 4, 3, 2), e=4)
