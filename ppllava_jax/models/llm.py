@@ -263,14 +263,37 @@ class CausalLM(nnx.Module):
   def __call__(self, input_ids: jax.Array | None = None, attention_mask: jax.Array | None = None,
                position_ids: jax.Array | None = None, inputs_embeds: jax.Array | None = None,
                cache: KVCache | None = None, last_only: bool = False) -> CausalLMOutput:
-    """Logits (B, T, vocab) for ``input_ids`` (or ``inputs_embeds`` (B, T, D)).
+    """Logits (B, T, vocab) float32 for ``input_ids`` (or ``inputs_embeds`` (B, T, D)).
 
     ``attention_mask`` (B, T) marks real tokens (left or right padding); positions
     default to ``positions_from_mask``. With ``cache``, the tokens are written at
     ``cache.index`` and attend to every earlier real slot; the updated cache is returned.
     ``last_only``: logits of the last position only, (B, 1, vocab), as a prefill needs
     (a 18k-token video prompt would otherwise spend 2.4 GB on 32k-word logits).
+    Training takes ``hidden_states`` and ``head_dv`` instead and never builds the
+    full logits (``ppllava_jax.train.losses``).
     """
+    x_btd, cache = self.hidden_states(input_ids, attention_mask, position_ids, inputs_embeds,
+                                      cache)
+    x_btd = x_btd[:, -1:] if last_only else x_btd
+    logits = x_btd @ self.head_dv.astype(x_btd.dtype)
+    return CausalLMOutput(constrain(logits.astype(jnp.float32), ("batch", "length", "vocab")),
+                          cache)
+
+  @property
+  def head_dv(self) -> jax.Array:
+    """The LM head as a (D, vocab) matrix: ``lm_head``, or the token table when tied."""
+    if self.lm_head is None:
+      return self.model.embed_tokens.weight[...].T
+    return self.lm_head.kernel[...]
+
+  def hidden_states(self, input_ids: jax.Array | None = None,
+                    attention_mask: jax.Array | None = None,
+                    position_ids: jax.Array | None = None,
+                    inputs_embeds: jax.Array | None = None,
+                    cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+    """The final-norm hidden states (B, T, D) and the updated cache (arguments as
+    ``__call__``)."""
     if (input_ids is None) == (inputs_embeds is None):
       raise ValueError("give exactly one of input_ids or inputs_embeds")
     x_btd = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
@@ -293,15 +316,9 @@ class CausalLM(nnx.Module):
       if kv is not None:
         new_k.append(kv[0])
         new_v.append(kv[1])
-    x_btd = self.model.norm(x_btd[:, -1:] if last_only else x_btd)
-    if self.lm_head is None:
-      logits = x_btd @ self.model.embed_tokens.weight[...].T.astype(x_btd.dtype)
-    else:
-      logits = self.lm_head(x_btd)
-    logits = constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
     if cache is not None:
       cache = KVCache(tuple(new_k), tuple(new_v), valid_bs, cache.index + t)
-    return CausalLMOutput(logits, cache)
+    return self.model.norm(x_btd), cache
 
   def init_cache(self, batch: int, length: int, dtype=None) -> KVCache:
     """An empty cache in ``dtype``, by default the model's (bf16 weights: a bf16 cache,

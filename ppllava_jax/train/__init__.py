@@ -1,0 +1,1 @@
+"""Training: losses first; the SFT and DPO trainers build on them."""
