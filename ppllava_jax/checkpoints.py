@@ -2,8 +2,9 @@
 model family ppllava-jax loads, and what ``convert.py`` prints about them.
 
 An Orbax checkpoint here is a folder with the model state (``state/``, written by
-``ocp.StandardCheckpointer``) and the source ``config.json``, so it can be rebuilt and
-written back to safetensors without the original folder. Memory: loading streams
+``ocp.StandardCheckpointer``), the source ``config.json`` and the source's tokenizer and
+processor files (``pretrained.SIDE_FILES``), so it can be rebuilt and written back to a
+complete transformers folder without the original one. Memory: loading streams
 tensor by tensor into an abstractly built model, and writing safetensors streams one
 shard at a time, so a 7B model is never held twice.
 """
@@ -111,6 +112,29 @@ def load_orbax(path: str | Path) -> tuple[nnx.Module, dict]:
   restored = ocp.StandardCheckpointer().restore(path / STATE_DIR, abstract.to_pure_dict())
   nnx.replace_by_pure_dict(abstract, restored)
   return nnx.merge(graphdef, abstract), hf
+
+
+@dataclasses.dataclass(frozen=True)
+class Conversion:
+  model: nnx.Module
+  hf: dict  # the config.json written
+  side_files: tuple[str, ...]  # the tokenizer / processor files carried along
+
+
+def to_orbax(src: str | Path, dst: str | Path, progress: bool = False) -> Conversion:
+  """The transformers folder (or hub id) ``src`` as the Orbax folder ``dst``."""
+  src = pretrained.resolve_checkpoint(src)
+  model, hf = load_hf(src, progress)
+  dst = save_orbax(model, hf, dst)
+  return Conversion(model, hf, pretrained.copy_side_files(src, dst))
+
+
+def to_hf(src: str | Path, dst: str | Path, max_shard_bytes: int = 5 * 2**30,
+          progress: bool = False) -> Conversion:
+  """The Orbax folder ``src`` (from ``to_orbax``) as the transformers folder ``dst``."""
+  model, hf = load_orbax(src)
+  save_hf(model, hf, dst, max_shard_bytes, progress)
+  return Conversion(model, hf, pretrained.copy_side_files(Path(src), Path(dst)))
 
 
 def parameter_counts(model: nnx.Module) -> dict[str, int]:

@@ -17,20 +17,25 @@ keys that checkpoints carry but models do not need are ignored only by an explic
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import json
+import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.flax import save_file
 from tqdm.auto import tqdm
+
+from ppllava_jax.files import DataFileError, read_json
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -86,8 +91,23 @@ def _match(name: str, rules: Sequence[Rule], side: str) -> tuple[Rule, dict[str,
   return None
 
 
+def _hf_key(name: str, rules: Sequence[Rule]) -> tuple[str, Rule] | None:
+  """The checkpoint key that holds our parameter ``name`` and its rule (``ours -> hf``)."""
+  hit = _match(name, rules, "ours")
+  return None if hit is None else (_fill(hit[0].hf, hit[1]), hit[0])
+
+
 class CheckpointError(ValueError):
   """A checkpoint that does not fit the model; the message lists every problem."""
+
+
+def read_checkpoint_json(file: Path) -> dict[str, Any]:
+  """The JSON object in ``file`` (config.json, the index) of a checkpoint folder; a bad
+  file fails naming itself, the line and the folder."""
+  try:
+    return read_json(file, expect=dict)
+  except DataFileError as err:
+    raise CheckpointError(f"{err}; checkpoint {file.parent} cannot be loaded") from err
 
 
 def checkpoint_files(path: str | Path) -> list[Path]:
@@ -96,8 +116,11 @@ def checkpoint_files(path: str | Path) -> list[Path]:
   if not path.is_dir():
     raise CheckpointError(f"checkpoint folder not found: {path}")
   if (path / INDEX_FILE).is_file():
-    index = json.loads((path / INDEX_FILE).read_text())
-    shards = sorted(set(index["weight_map"].values()))
+    weight_map = read_checkpoint_json(path / INDEX_FILE).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+      raise CheckpointError(f"{path / INDEX_FILE}: no \"weight_map\" object of tensor names to "
+                            f"shard files; checkpoint {path} cannot be loaded")
+    shards = sorted(set(weight_map.values()))
     missing = [s for s in shards if not (path / s).is_file()]
     if missing:
       raise CheckpointError(f"{path / INDEX_FILE} names shards that are not there: {missing}")
@@ -109,11 +132,24 @@ def checkpoint_files(path: str | Path) -> list[Path]:
                         "only safetensors checkpoints are read")
 
 
+@contextlib.contextmanager
+def _reading(file: Path):
+  """Opens a safetensors file; a damaged one (empty, truncated, a bad header) fails with
+  one error naming it, its size and its folder, not safetensors' bare message."""
+  try:
+    with safe_open(file, framework="flax") as f:
+      yield f
+  except SafetensorError as err:
+    raise CheckpointError(f"{file}: not a readable safetensors file ({file.stat().st_size:,} "
+                          f"bytes; safetensors: {err}); it may be truncated or corrupt, so "
+                          f"checkpoint {file.parent} cannot be loaded") from err
+
+
 def checkpoint_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
   """Every tensor's name and shape in the checkpoint at ``path``, from the headers only."""
   shapes = {}
   for file in checkpoint_files(path):
-    with safe_open(file, framework="flax") as f:
+    with _reading(file) as f:
       shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
   return shapes
 
@@ -125,13 +161,21 @@ def checkpoint_keys(path: str | Path) -> set[str]:
 def iter_tensors(files: Sequence[Path]) -> Iterator[tuple[str, jax.Array]]:
   """Streams (key, array) one tensor at a time, dtypes as stored (bf16 stays bf16)."""
   for file in files:
-    with safe_open(file, framework="flax") as f:
+    with _reading(file) as f:
       for key in f.keys():
         yield key, f.get_tensor(key)
 
 
 def _param_paths(state: nnx.State) -> dict[str, tuple]:
   return {".".join(map(str, path)): path for path, _ in nnx.to_flat_state(state)}
+
+
+def _missing_key(name: str, rules: Sequence[Rule]) -> str:
+  """A missing parameter as the checkpoint would spell it, beside our name when they differ."""
+  hit = _hf_key(name, rules)
+  if hit is None:
+    return f"{name} (a model parameter no rule names)"
+  return hit[0] if hit[0] == name else f"{hit[0]} (-> {name})"
 
 
 def load_into(abstract_model: nnx.Module, path: str | Path, rules: Sequence[Rule],
@@ -169,11 +213,11 @@ def load_into(abstract_model: nnx.Module, path: str | Path, rules: Sequence[Rule
     if dtype is not None and jnp.issubdtype(value.dtype, jnp.floating):
       value = value.astype(dtype)
     filled[wanted[name]] = value
-  missing = sorted(name for name, p in wanted.items()
+  missing = sorted(_missing_key(name, rules) for name, p in wanted.items()
                    if p not in filled and name not in mismatched_names)
   if unexpected or missing or mismatched:
     lines = [f"checkpoint {Path(path)} does not fit {type(abstract_model).__name__}:"]
-    for title, items in (("missing (model parameters no key fills)", missing),
+    for title, items in (("missing (keys the checkpoint lacks -> the parameter each fills)", missing),
                          ("unexpected (keys no parameter takes)", unexpected),
                          ("shape mismatches", mismatched)):
       if items:
@@ -191,11 +235,20 @@ def hf_tensors(model: nnx.Module, rules: Sequence[Rule]) -> Iterator[tuple[str, 
   """The model's parameters under their Hugging Face names and layouts, one at a time."""
   for path, variable in nnx.to_flat_state(nnx.state(model)):
     name = ".".join(map(str, path))
-    hit = _match(name, rules, "ours")
+    hit = _hf_key(name, rules)
     if hit is None:
       raise CheckpointError(f"no rule names parameter {name} for saving")
-    rule, groups = hit
-    yield _fill(rule.hf, groups), rule.transform.to_hf(jnp.asarray(variable[...]))
+    key, rule = hit
+    yield key, rule.transform.to_hf(jnp.asarray(variable[...]))
+
+
+def _ordinary_permissions(file: Path) -> None:
+  """Gives ``file`` the mode a plain ``open()`` would (0o666 less the umask). safetensors
+  0.8 writes through a temporary file created 0o600 (safetensors issue #782), which
+  would leave checkpoints readable by their writer alone."""
+  umask = os.umask(0o077)  # reading it means setting it: a strict one for that instant
+  os.umask(umask)
+  file.chmod(0o666 & ~umask)
 
 
 def save_tensors(tensors: Iterable[tuple[str, jax.Array]], path: str | Path,
@@ -213,6 +266,7 @@ def save_tensors(tensors: Iterable[tuple[str, jax.Array]], path: str | Path,
     nonlocal current, size
     file = path / f"shard-{len(shards):05d}.tmp"
     save_file(current, str(file), metadata={"format": "pt"})
+    _ordinary_permissions(file)
     shards.append((file, list(current)))
     current, size = {}, 0
 

@@ -4,13 +4,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from flax import nnx
 
-from ppllava_jax.convert.loader import CheckpointError, Rule, hf_tensors, save_tensors
+from ppllava_jax.convert.loader import (CheckpointError, Rule, hf_tensors, read_checkpoint_json,
+                                        save_tensors)
+
+
+# What a transformers folder carries beside its weights and config.json: tokenizers (fast,
+# sentencepiece, BPE, WordPiece), chat templates, image / video processors, generation
+# defaults. Conversions carry them along, so converted folders still tokenize.
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "added_tokens.json", "tokenizer.model", "spiece.model", "vocab.json",
+              "merges.txt", "vocab.txt", "chat_template.jinja", "chat_template.json",
+              "preprocessor_config.json", "video_preprocessor_config.json",
+              "processor_config.json", "generation_config.json")
 
 
 def pick_fields(dc: type, src: Any):
@@ -19,7 +31,8 @@ def pick_fields(dc: type, src: Any):
 
 
 def resolve_checkpoint(path_or_id: str | Path) -> Path:
-  """A local folder as is; otherwise a hub id, fetched (json + safetensors only) when online."""
+  """A local folder as is; otherwise a hub id, fetched when online (json, safetensors and
+  the ``SIDE_FILES``; never torch weights)."""
   path = Path(path_or_id)
   if path.is_dir():
     return path
@@ -27,7 +40,8 @@ def resolve_checkpoint(path_or_id: str | Path) -> Path:
     raise CheckpointError(f"checkpoint folder not found: {path}")
   try:
     from huggingface_hub import snapshot_download
-    return Path(snapshot_download(str(path_or_id), allow_patterns=["*.json", "*.safetensors"]))
+    return Path(snapshot_download(str(path_or_id),
+                                  allow_patterns=["*.json", "*.safetensors", *SIDE_FILES]))
   except Exception as err:  # offline, unknown repo, no permission: say which and why
     raise CheckpointError(f"{path_or_id!r} is not a local folder and could not be fetched from "
                           f"the hub ({type(err).__name__}: {err})") from err
@@ -38,7 +52,7 @@ def read_config(path: Path, model_types: Sequence[str]) -> dict[str, Any]:
   file = path / "config.json"
   if not file.is_file():
     raise CheckpointError(f"no config.json in {path}")
-  config = json.loads(file.read_text())
+  config = read_checkpoint_json(file)
   found = config.get("model_type")
   if found not in model_types:
     raise CheckpointError(f"{file}: model_type is {found!r}, expected one of {list(model_types)}")
@@ -51,3 +65,12 @@ def save_pretrained(model: nnx.Module, path: str | Path, rules: Sequence[Rule],
   save_tensors(hf_tensors(model, rules), path)
   (path / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
   return path
+
+
+def copy_side_files(src: Path, dst: Path) -> tuple[str, ...]:
+  """Copies the ``SIDE_FILES`` that ``src`` has into ``dst``; returns their names. New
+  files get the mode a plain ``open()`` gives (the source's mode is not copied)."""
+  names = tuple(name for name in SIDE_FILES if (src / name).is_file())
+  for name in names:
+    shutil.copyfile(src / name, dst / name)
+  return names

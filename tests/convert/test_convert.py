@@ -1,11 +1,16 @@
-"""convert.py: transformers folder -> Orbax -> transformers folder, losslessly."""
+"""convert.py: transformers folder -> Orbax -> transformers folder, losslessly, with the
+tokenizer and processor files."""
 
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
 
 from support.hf_fixtures import assert_same_state, assert_same_tensors, make_llava_next_video, make_llm
+from support.tokenizers import llama_sp_tokenizer
 from ppllava_jax import checkpoints
+from ppllava_jax.models.pretrained import SIDE_FILES
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -17,11 +22,23 @@ def run_cli(*args) -> str:
   return done.stdout
 
 
+def _umask() -> int:
+  umask = os.umask(0o077)
+  os.umask(umask)
+  return umask
+
+
 def test_llava_next_video_round_trip_through_orbax_with_shards(tmp_path):
-  from transformers import LlavaNextVideoForConditionalGeneration
+  """Weights, config, tokenizer and processor files go to Orbax and back; every written
+  file has the mode the umask gives (safetensors alone writes 0o600)."""
+  from transformers import AutoTokenizer, LlavaNextVideoForConditionalGeneration
   hf, src = make_llava_next_video(tmp_path / "src")
+  llama_sp_tokenizer(src)  # no tokenizer.json: the sentencepiece file must travel
+  (src / "preprocessor_config.json").write_text('{"image_processor_type": "LlavaNextImageProcessor"}')
+  side = sorted(["tokenizer.model", "tokenizer_config.json", "preprocessor_config.json"])
   out = run_cli("to-orbax", src, tmp_path / "orbax")
   assert "llava_next_video:" in out and "language_model" in out and "vision_tower" in out
+  assert f"tokenizer / processor files copied: {', '.join(sorted(side, key=SIDE_FILES.index))}" in out
   counts = checkpoints.parameter_counts(checkpoints.load_hf(src)[0])
   assert f"{sum(counts.values()):,} parameters" in out
   assert sum(counts.values()) == sum(p.numel() for p in hf.parameters())
@@ -30,6 +47,14 @@ def test_llava_next_video_round_trip_through_orbax_with_shards(tmp_path):
   assert_same_state(checkpoints.load_hf(src)[0], checkpoints.load_hf(tmp_path / "back")[0])
   back = LlavaNextVideoForConditionalGeneration.from_pretrained(tmp_path / "back").state_dict()
   assert_same_tensors(hf.state_dict(), back)
+  for name in side:
+    assert (tmp_path / "back" / name).read_bytes() == (src / name).read_bytes(), name
+  text = "the red circle falls"
+  assert AutoTokenizer.from_pretrained(tmp_path / "back")(text)["input_ids"] == \
+      AutoTokenizer.from_pretrained(src)(text)["input_ids"]
+  modes = {str(f.relative_to(tmp_path)): oct(stat.S_IMODE(f.stat().st_mode))
+           for folder in ("orbax", "back") for f in (tmp_path / folder).rglob("*") if f.is_file()}
+  assert set(modes.values()) == {oct(0o666 & ~_umask())}, modes
 
 
 def test_tied_qwen2_round_trip(tmp_path):
