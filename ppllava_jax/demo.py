@@ -145,7 +145,7 @@ def run(cfg: DemoConfig, out_dir: Path) -> dict:
   @jax.jit
   def project_and_pool(state, feats, ids, mask):
     m = nnx.merge(graphdef, state)
-    return m._pool(feats, m.scorer.text_features(ids, mask), m.cfg.pooling.video_kernel)
+    return m.pool(feats, m.scorer.text_features(ids, mask), m.cfg.pooling.video_kernel)
 
   feats, *times["vision tower"] = _timed(vision, state, videos)
   probs, *times["relevance (CLIP text + Eq. 1)"] = _timed(relevance, state, feats, clip_ids,
@@ -206,4 +206,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  # Run the imported module's main, not this __main__ copy's: config files import
+  # DemoConfig from ppllava_jax.demo, and main must check against that same class.
+  from ppllava_jax import demo
+  demo.main()

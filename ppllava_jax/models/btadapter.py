@@ -61,6 +61,14 @@ class BTAdapterConfig:
     return self.drop_path_rate * i / (self.depth - 1) if self.depth > 1 else 0.0
 
   @classmethod
+  def from_shapes(cls, shapes: dict[str, tuple[int, ...]], prefix: str) -> "BTAdapterConfig":
+    """What the adapter tensors under ``prefix`` fix (depth, max_T); drop-path rates, which
+    only training reads and no tensor records, stay the original's."""
+    pairs = {k[len(prefix):].split(".")[1] for k in shapes
+             if k.startswith(prefix + "btadapter_S_layers.")}
+    return cls(depth=len(pairs), max_T=shapes[prefix + "btadapter_time_embed.weight"][0])
+
+  @classmethod
   def from_hf(cls, vision_config: dict) -> "BTAdapterConfig":
     """Reads ``depth`` / ``max_T``, which the original stamps onto the CLIP vision config."""
     return cls(depth=vision_config.get("depth", cls.depth),

@@ -23,12 +23,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ppllava_jax import ops
-from ppllava_jax.models.clip import CLIPModel, CLIPTextConfig, CLIPTextTransformer
+from ppllava_jax.convert.loader import CheckpointError
+from ppllava_jax.models.clip import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextTransformer,
+                                     CLIPVisionConfig)
 from ppllava_jax.models.layers import LayerNorm, Linear
-from ppllava_jax.models.siglip import (SiglipModel, SiglipPoolingHead, SiglipTextConfig,
-                                       SiglipTextTransformer, SiglipVisionConfig)
+from ppllava_jax.models.siglip import (SiglipConfig, SiglipModel, SiglipPoolingHead,
+                                       SiglipTextConfig, SiglipTextTransformer, SiglipVisionConfig)
 
 _PREFIX = "multi_modal_projector."
+_TEXT = _PREFIX + "clip_text_model."
+SIGLIP_HEAD_TENSOR = _PREFIX + "clip_visual_head.probe"  # only a SigLIP scorer has one
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,33 +52,28 @@ class ScorerConfig:
     return dict(hf, text_config=hf.pop("text"))
 
   @classmethod
-  def infer(cls, shapes: dict[str, tuple[int, ...]], vision_width: int) -> "ScorerConfig":
-    """The config of a checkpoint's scorer tensors, for PPLLaVA's own folders, whose
-    config.json does not record it (reference section 9).
+  def infer(cls, shapes: dict[str, tuple[int, ...]], vision: CLIPVisionConfig,
+            where: str) -> "ScorerConfig":
+    """The last resort, when nothing describes a checkpoint's scorer tensors: sizes from
+    their shapes, the rest as OpenAI CLIP, which every released Vicuna model starts from
+    (64-wide heads, quick-GELU, legacy EOS pooling: ``eos_token_id=2``, the highest id is
+    CLIP's EOS; ``keep=20`` when extended) and the LLaVA tower's LayerNorm epsilon."""
+    projection_dim, vision_width = shapes[_PREFIX + "clip_visual_projection.weight"]
+    return cls(text=_inferred_text(CLIPTextConfig, shapes, 64, "OpenAI CLIP", where,
+                                   eos_token_id=2),
+               vision_width=vision_width, projection_dim=projection_dim,
+               layer_norm_eps=vision.layer_norm_eps)
 
-    Sizes come from the tensor shapes; what shapes cannot tell follows OpenAI CLIP,
-    which every released model starts from: 64-wide heads, quick-GELU, eps 1e-5,
-    legacy EOS pooling (``eos_token_id=2``: the highest id, CLIP's EOS), and ``keep=20``
-    when the two extended position tables are there.
-    """
-    return cls(text=CLIPTextConfig(**_text_sizes(shapes, head_dim=64), eos_token_id=2),
-               vision_width=vision_width,
-               projection_dim=shapes[_PREFIX + "clip_text_projection.weight"][0])
-
-
-def _text_sizes(shapes: dict[str, tuple[int, ...]], head_dim: int) -> dict:
-  """A stored text tower's sizes, from its tensor shapes (``keep=20`` when extended)."""
-  text = _PREFIX + "clip_text_model."
-  vocab, hidden = shapes[text + "embeddings.token_embedding.weight"]
-  extended = text + "embeddings.position_embedding_res" in shapes
-  positions = shapes[text + ("embeddings.position_embedding" if extended
-                             else "embeddings.position_embedding.weight")][0]
-  layers = len({k[len(text):].split(".")[2] for k in shapes
-                if k.startswith(text + "encoder.layers.")})
-  return dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
-              num_attention_heads=hidden // head_dim,
-              intermediate_size=shapes[text + "encoder.layers.0.mlp.fc1.weight"][0],
-              max_position_embeddings=positions, extend_keep=20 if extended else None)
+  @classmethod
+  def from_encoder(cls, clip: CLIPConfig, shapes: dict[str, tuple[int, ...]], where: str,
+                   source: str) -> "ScorerConfig":
+    """The scorer ``clip`` (the CLIP it was trained from, named by ``source``) describes:
+    its settings, the tensors' sizes, which must agree with it."""
+    projection_dim, vision_width = shapes[_PREFIX + "clip_visual_projection.weight"]
+    text = _described_text(clip.text, shapes, where, source, {
+        "vision.hidden_size": (clip.vision.hidden_size, vision_width),
+        "projection_dim": (clip.projection_dim, projection_dim)})
+    return cls(text, vision_width, projection_dim, clip.vision.layer_norm_eps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,13 +91,86 @@ class SiglipScorerConfig:
                 vision_config=dataclasses.asdict(self.vision))
 
   @classmethod
-  def infer(cls, shapes: dict[str, tuple[int, ...]],
-            vision: SiglipVisionConfig) -> "SiglipScorerConfig":
+  def infer(cls, shapes: dict[str, tuple[int, ...]], vision: SiglipVisionConfig,
+            where: str) -> "SiglipScorerConfig":
     """As ``ScorerConfig.infer``, following google/siglip-so400m-patch14-384 (72-wide
-    heads, tanh GELU, eps 1e-6), which the released Qwen model starts from."""
-    text = SiglipTextConfig(**_text_sizes(shapes, head_dim=72),
-                            projection_size=shapes[_PREFIX + "clip_text_model.head.weight"][0])
+    heads, tanh GELU, eps 1e-6), which the released Qwen model starts from; the head
+    takes the LLaVA tower's settings."""
+    text = _inferred_text(SiglipTextConfig, shapes, 72, "siglip-so400m", where,
+                          projection_size=shapes[_TEXT + "head.weight"][0])
     return cls(text=text, vision=vision)
+
+  @classmethod
+  def from_encoder(cls, siglip: SiglipConfig, shapes: dict[str, tuple[int, ...]], where: str,
+                   source: str) -> "SiglipScorerConfig":
+    """As ``ScorerConfig.from_encoder``, for the SigLIP the scorer was trained from."""
+    if not siglip.vision.vision_use_head:
+      raise CheckpointError(f"{where}: {source} has no vision pooling head "
+                            "(vision_use_head=False), which the SigLIP scorer is made of")
+    text = _described_text(siglip.text, shapes, where, source, {
+        "text.projection_size": (siglip.text.projection_size, shapes[_TEXT + "head.weight"][0]),
+        "vision.hidden_size": (siglip.vision.hidden_size, shapes[SIGLIP_HEAD_TENSOR][-1]),
+        "vision.intermediate_size": (siglip.vision.intermediate_size,
+                                     shapes[_PREFIX + "clip_visual_head.mlp.fc1.weight"][0])})
+    return cls(text=text, vision=siglip.vision)
+
+
+def _stored_text(shapes: dict[str, tuple[int, ...]]) -> tuple[dict, bool]:
+  """The sizes a stored text tower's tensors fix, and whether it holds the two extended
+  position tables (then ``max_position_embeddings`` is the extended length)."""
+  vocab, hidden = shapes[_TEXT + "embeddings.token_embedding.weight"]
+  extended = _TEXT + "embeddings.position_embedding_res" in shapes
+  positions = shapes[_TEXT + ("embeddings.position_embedding" if extended
+                              else "embeddings.position_embedding.weight")][0]
+  layers = len({k[len(_TEXT):].split(".")[2] for k in shapes
+                if k.startswith(_TEXT + "encoder.layers.")})
+  return dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+              intermediate_size=shapes[_TEXT + "encoder.layers.0.mlp.fc1.weight"][0],
+              max_position_embeddings=positions), extended
+
+
+def _inferred_text(text_cls: type, shapes: dict[str, tuple[int, ...]], head_dim: int, model: str,
+                   where: str, **fixed):
+  """The stored text tower under ``model``'s conventions: ``head_dim``-wide heads, keep 20."""
+  sizes, extended = _stored_text(shapes)
+  hidden = sizes["hidden_size"]
+  if hidden % head_dim:
+    raise CheckpointError(
+        f"{where}: the scorer's text width {hidden} is not a multiple of the {head_dim}-wide "
+        f"heads of {model}, which inference assumes when nothing else describes the scorer: "
+        "give clip= (the encoder the scorer was trained from), or name its folder as "
+        "clip_weight in config.json")
+  return text_cls(**sizes, num_attention_heads=hidden // head_dim,
+                  extend_keep=20 if extended else None, **fixed)
+
+
+def _described_text(text, shapes: dict[str, tuple[int, ...]], where: str, source: str,
+                    checked: dict[str, tuple[int, int]]):
+  """``text`` (from ``source``) with the stored tower's sizes, once they and ``checked``
+  ({field: (source's, stored)}) agree. An extended tower's ``keep`` follows from ``text``'s
+  unextended length L and the stored one, ``4 L - 3 keep`` (reference section 3)."""
+  sizes, extended = _stored_text(shapes)
+  stored = sizes["max_position_embeddings"]
+  length = text.max_position_embeddings if text.extend_keep is None else (
+      text.max_position_embeddings + 3 * text.extend_keep) // 4
+  checked = {f"text.{k}": (getattr(text, k), v) for k, v in sizes.items()
+             if k != "max_position_embeddings"} | checked
+  if not extended:  # else keep says whether the lengths fit
+    checked["text.max_position_embeddings"] = (length, stored)
+  _check_sizes(where, source, checked)
+  keep, rest = divmod(4 * length - stored, 3)
+  if extended and (rest or not 0 <= keep < length):
+    raise CheckpointError(f"{where}: the scorer's {stored} extended text positions are no "
+                          f"extension (4 L - 3 keep) of the {length} of {source}")
+  return dataclasses.replace(text, **sizes, extend_keep=keep if extended else None)
+
+
+def _check_sizes(where: str, source: str, checked: dict[str, tuple[int, int]]) -> None:
+  wrong = [f"{k}: {ours} there, {stored} in the tensors" for k, (ours, stored) in checked.items()
+           if ours != stored]
+  if wrong:
+    raise CheckpointError(f"{where}: {source} does not describe the scorer's tensors: "
+                          + "; ".join(wrong))
 
 
 def scorer_config_from_hf(hf: dict) -> ScorerConfig | SiglipScorerConfig:
@@ -106,13 +178,21 @@ def scorer_config_from_hf(hf: dict) -> ScorerConfig | SiglipScorerConfig:
   return (SiglipScorerConfig if hf.get("kind") == "siglip" else ScorerConfig).from_hf(hf)
 
 
-def infer_scorer_config(shapes: dict[str, tuple[int, ...]],
-                        vision) -> ScorerConfig | SiglipScorerConfig:
-  """The scorer of a checkpoint whose config.json does not describe it: SigLIP's when it
-  holds the pooling head, CLIP's otherwise."""
-  if _PREFIX + "clip_visual_head.probe" in shapes:
-    return SiglipScorerConfig.infer(shapes, vision)
-  return ScorerConfig.infer(shapes, vision.hidden_size)
+def stored_scorer_config(shapes: dict[str, tuple[int, ...]], vision, where: str,
+                         encoder: CLIPConfig | SiglipConfig | None = None,
+                         source: str = "") -> ScorerConfig | SiglipScorerConfig:
+  """The config of a checkpoint's scorer tensors (SigLIP's when they hold the pooling head,
+  CLIP's otherwise) that its config.json does not give: described by ``encoder`` (the
+  dual encoder's config, from ``source``) when there is one, else inferred."""
+  siglip = SIGLIP_HEAD_TENSOR in shapes
+  cls = SiglipScorerConfig if siglip else ScorerConfig
+  if encoder is None:
+    return cls.infer(shapes, vision, where)
+  if isinstance(encoder, SiglipConfig) != siglip:
+    kinds = ("CLIP", "SigLIP") if siglip else ("SigLIP", "CLIP")
+    raise CheckpointError(f"{where}: {source} is a {kinds[0]}, but the scorer tensors are "
+                          f"{kinds[1]}'s")
+  return cls.from_encoder(encoder, shapes, where, source)
 
 
 def build_scorer(cfg: ScorerConfig | SiglipScorerConfig, *, rngs: nnx.Rngs) -> nnx.Module:
@@ -123,10 +203,14 @@ def build_scorer(cfg: ScorerConfig | SiglipScorerConfig, *, rngs: nnx.Rngs) -> n
 class _Scorer(nnx.Module):
   """Eq. 1 from ``patch_embeddings`` and ``text_features``, which subclasses define."""
 
-  def __call__(self, feats_btggv: jax.Array, text_be: jax.Array) -> jax.Array:
-    """Eq. 1 over all (t, h, w) of each item: (B, T, g, g) probabilities."""
+  def __call__(self, feats_btggv: jax.Array, text_be: jax.Array,
+               mask_bt: jax.Array | None = None) -> jax.Array:
+    """Eq. 1 over all (t, h, w) of each item: (B, T, g, g) probabilities; frames that
+    ``mask_bt`` (B, T) marks False (padding) get 0."""
+    mask = None if mask_bt is None else jnp.broadcast_to(mask_bt[:, :, None, None],
+                                                         feats_btggv.shape[:4])
     return ops.relevance_scores(self.patch_embeddings(feats_btggv), text_be,
-                                self.logit_scale[...].reshape(()))
+                                self.logit_scale[...].reshape(()), mask)
 
 
 class RelevanceScorer(_Scorer):

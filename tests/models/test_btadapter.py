@@ -240,7 +240,8 @@ def test_missing_adapter_keys_are_named(tower, tmp_path):
     t.pop("vision_model.btadapter_cls_token")
 
   with pytest.raises(CheckpointError, match=r"missing .*: 2\n\s+vision_model\.btadapter_T_layers"
-                     r"\.1\.temporal_fc\.kernel\n\s+vision_model\.btadapter_cls_token"):
+                     r"\.1\.temporal_fc\.weight \(-> vision_model\.btadapter_T_layers\.1\."
+                     r"temporal_fc\.kernel\)\n\s+vision_model\.btadapter_cls_token"):
     CLIPVisionBTAdapter.from_pretrained(rewrite_checkpoint(path, tmp_path / "bad", edit))
 
 

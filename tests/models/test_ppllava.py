@@ -267,3 +267,45 @@ def test_released_style_folder_infers_its_scorer_and_checks_token_embeddings(lla
   with caplog.at_level("WARNING"):
     PPLLaVA.from_pretrained(tmp_path / "released", clip=other)
   assert "token embedding differs from the given encoder's" in caplog.text
+
+
+def test_embed_then_the_llm_is_the_forward(llava, scorer_path):
+  """``embed`` gives what the forward feeds the LLM: the text's embeddings with the media
+  tokens at their placeholders, and the mask (DPO encodes media once with it)."""
+  _, path = llava
+  model = PPLLaVA.from_pretrained(path, clip=scorer_path, clip_extend_keep=None)
+  ids, video = video_prompt(4, 2, seed=3)
+  clip_ids, clip_mask = text_batch(99, 98, [6], 8)
+  media = dict(pixel_values_videos=jnp.asarray(video), clip_input_ids=jnp.asarray(clip_ids),
+               clip_attention_mask=jnp.asarray(clip_mask))
+  emb_bld, mask_bl = model.embed(jnp.asarray(ids), **media)
+  assert emb_bld.shape == (*ids.shape, 32) and mask_bl.dtype == bool and bool(mask_bl.all())
+  text_bld = np.asarray(model.language_model.embed(jnp.asarray(np.maximum(ids, 0))))
+  media_l = ids[0] == LLAVA_VIDEO_TOKEN
+  np.testing.assert_array_equal(np.asarray(emb_bld)[:, ~media_l], text_bld[:, ~media_l])
+  text_be = model.scorer.text_features(media["clip_input_ids"], media["clip_attention_mask"])
+  np.testing.assert_array_equal(np.asarray(emb_bld)[0, media_l],
+                                np.asarray(model.encode_videos(jnp.asarray(video), text_be))[0])
+  np.testing.assert_array_equal(
+      np.asarray(model.language_model(inputs_embeds=emb_bld, attention_mask=mask_bl).logits),
+      np.asarray(model(jnp.asarray(ids), **media).logits))
+
+
+def test_every_pooling_mode_makes_the_tokens_it_counts(llava, scorer_path):
+  """Per mode, a video's and an anyres image's tokens number what ``video_tokens`` /
+  ``image_tokens`` say (the processor writes that many placeholders)."""
+  import dataclasses
+  from ppllava_jax.models.ppllava import POOLING_MODES
+  _, path = llava
+  model = PPLLaVA.from_pretrained(path, clip=scorer_path, clip_extend_keep=None)
+  rng = np.random.default_rng(8)
+  video = jnp.asarray(rng.standard_normal((1, 4, 3, 24, 24)), jnp.float32)
+  tiles = jnp.asarray(rng.standard_normal((1, 5, 3, 24, 24)), jnp.float32)
+  clip_ids, clip_mask = text_batch(99, 98, [6], 8)
+  text = model.scorer.text_features(jnp.asarray(clip_ids), jnp.asarray(clip_mask))
+  cfg = model.cfg
+  for mode in POOLING_MODES:
+    model.cfg = dataclasses.replace(cfg, pooling=PoolingConfig(mode))
+    assert model.encode_videos(video, text).shape[1] == model.cfg.video_tokens(4), mode
+    image, = model.encode_images(tiles, [(30, 50)], text)
+    assert image.shape[0] == model.cfg.image_tokens((30, 50)), mode

@@ -226,3 +226,23 @@ def make_scorer_siglip(path: Path, seed: int = 1, google_like: bool = False):
                          num_attention_heads=3, image_size=28, patch_size=4),
       text_config=text)
   return _randomised(SiglipModel, config, path, seed)
+
+
+# The original's pooling keys (farewellthree/PPLLaVA, llava_interleave.py); our
+# PPLLaVA.save_pretrained writes them too.
+ORIGINAL_POOLING_KEYS = ("pooling_kernel", "pooling_stride", "pllava_pooling_shape",
+                         "image_pooling_kernel", "image_pooling_stride", "pooling_temp")
+
+
+def as_released(saved: Path, dst: Path, **keys) -> Path:
+  """``saved`` (a folder holding a PPLLaVA checkpoint) as the original writes one, at ``dst``:
+  the same tensors (linked, not copied), config.json without our ``ppllava_*`` entries and
+  pooling keys, plus the original's ``keys``."""
+  import json
+  dst.mkdir(parents=True)
+  (dst / "model.safetensors").symlink_to((saved / "model.safetensors").resolve())
+  config = json.loads((saved / "config.json").read_text())
+  for key in ("ppllava_scorer", "ppllava_btadapter", *ORIGINAL_POOLING_KEYS):
+    config.pop(key, None)
+  (dst / "config.json").write_text(json.dumps(config | keys))
+  return dst
