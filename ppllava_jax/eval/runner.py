@@ -1,12 +1,13 @@
 """Batched, resumable generation over a list of jobs: the loop behind ``eval.py``.
 
-Each ``Job`` is one prompt with its media files. ``run``:
+``run``:
 
-- appends one JSON line per finished job to ``out_path`` as it goes (``{"id", "status":
-  "ok", "prediction", "prompt"}``, or ``"status": "failed"`` with the ``error``: a missing,
-  corrupt or empty video fails that job only, with its reason, and the run goes on).
-  A rerun reads the file back and skips every job already answered; failed ones are
-  tried again. The last line of an id wins.
+- appends one record per finished job to ``out_path`` as it goes (``eval.records``): a
+  missing, corrupt or empty video, or a prompt longer than the LLM's context, fails
+  that job only, with its reason, and the run goes on;
+- reuses a saved answer only for a job with the same id *and* fingerprint
+  (``eval.fingerprint``: prompt, media files, frame count, model, settings); every other
+  job is generated, failed ones again, and the result counts what was reused and redone;
 - reads media on a background thread, one batch ahead, while the model generates
   (a VideoMME prompt with subtitles is completed there, quoting the lines shown at
   the frames actually sampled: ``data.subtitles``);
@@ -16,18 +17,24 @@ Each ``Job`` is one prompt with its media files. ``run``:
 - shows a progress bar with items/s;
 - with ``visualize``, writes one PNG per video job: the sampled frames under the
   relevance map (cosines, ``PPLLaVA.relevance_maps``), titled with the question.
+
+Prompt length: the prompt's tokens (placeholders expanded) plus ``max_new_tokens`` must
+fit the LLM's ``max_position_embeddings``. It is known only once the media are read
+(frames, subtitles, image tiles decide it), so a prompt that does not fit fails its
+own job; ``max_new_tokens`` alone not fitting fails the run before anything is read.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import functools
-import json
 import logging
 import re
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,39 +43,16 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from ppllava_jax.data import subtitles
-from ppllava_jax.data.processor import Media, Processor, Prompt
+from ppllava_jax.data.processor import Encoded, Media, Processor, Prompt
 from ppllava_jax.data.video import MediaError, load_video
+from ppllava_jax.eval import records as saved
+from ppllava_jax.eval.fingerprint import job_fingerprint
 from ppllava_jax.eval.heatmap import relevance_grid
+from ppllava_jax.eval.jobs import Job
 from ppllava_jax.models import generate as generation
 from ppllava_jax.models.pure import pure
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class MediaRef:
-  kind: str  # "video" (a file or a folder of frames) or "image"
-  path: str
-  start_sec: float | None = None  # bounds within a video (MVBench)
-  end_sec: float | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class Subtitled:
-  """A prompt that quotes the subtitles shown at the sampled frames (VideoMME)."""
-  path: str  # the video's .srt; a missing file means "no subtitles"
-  render: Callable[[tuple[str, ...] | None], tuple[str, str]]  # lines -> (text, scorer_text)
-
-
-@dataclasses.dataclass(frozen=True)
-class Job:
-  id: str
-  text: str  # the LLM prompt, rendered by a template, one placeholder per media item
-  scorer_text: str = ""
-  media: tuple[MediaRef, ...] = ()
-  frames: int = 32  # frames sampled per video
-  title: str = ""  # for pictures: the question
-  subtitled: Subtitled | None = None  # rebuilds text / scorer_text once frames are sampled
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,26 +62,37 @@ class RunConfig:
   length_multiple: int = 64  # prompt lengths round up to this (shape buckets)
   visualize: Path | None = None
   video_backend: str = "pyav"  # data.video.load_video's decoder: "pyav" or "decord"
+  model_key: str = ""  # what built the model (fingerprint.model_key)
+
+  @property
+  def settings(self) -> dict[str, Any]:
+    """What, besides the job, decides its answer: part of every fingerprint."""
+    return dict(model=self.model_key, max_new_tokens=self.max_new_tokens,
+                video_backend=self.video_backend, backend=jax.default_backend())
 
 
-def read_records(out_path: Path) -> dict[str, dict]:
-  """The JSON lines of a previous run, by id (the last line of an id wins)."""
-  records: dict[str, dict] = {}
-  if out_path.exists():
-    for number, line in enumerate(out_path.read_text().splitlines(), 1):
-      if line.strip():
-        try:
-          record = json.loads(line)
-        except json.JSONDecodeError as err:  # a run killed mid-write leaves a torn last line
-          log.warning("%s:%d: skipped an unreadable line (%s)", out_path, number, err)
-          continue
-        records[str(record["id"])] = record
-  return records
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+  records: dict[str, dict]  # by job id: the reused or the new record of each job
+  reused: int  # saved answers with the job's fingerprint
+  redone: int  # jobs whose saved records had failed or came from other settings
+  path: Path
+
+  def summary(self) -> str:
+    new = len(self.records) - self.reused - self.redone
+    return (f"{self.reused} answers reused, {self.redone} redone (failed before, or made "
+            f"under other settings), {new} new: {self.path}")
 
 
-def _load(job: Job, read_video: Callable) -> tuple[Prompt, list[np.ndarray]]:
-  """The job's prompt with decoded media, and its videos' frames (for pictures)."""
-  media, videos = [], []
+class _Loaded(NamedTuple):
+  prompt: Prompt
+  videos: list[np.ndarray]  # each video's frames, for pictures
+  frame_indices: list[list[int]]  # each video's sampled frame indices, for the record
+
+
+def _load(job: Job, read_video: Callable) -> _Loaded:
+  """The job's prompt with decoded media."""
+  media, videos, indices = [], [], []
   text, scorer_text = job.text, job.scorer_text
   for ref in job.media:
     if ref.kind == "video":
@@ -105,6 +100,7 @@ def _load(job: Job, read_video: Callable) -> tuple[Prompt, list[np.ndarray]]:
                                 end_sec=ref.end_sec)
       media.append(Media("video", frames))
       videos.append(frames)
+      indices.append([int(i) for i in info.indices])
       if job.subtitled is not None:
         srt = Path(job.subtitled.path)
         lines = (subtitles.lines_at_frames(subtitles.read_srt(srt), info.indices, info.fps)
@@ -118,7 +114,16 @@ def _load(job: Job, read_video: Callable) -> tuple[Prompt, list[np.ndarray]]:
         raise MediaError(ref.path, f"cannot read the image ({err})") from err
     else:
       raise MediaError(ref.path, f"unknown media kind {ref.kind!r}")
-  return Prompt(text, tuple(media), scorer_text), videos
+  return _Loaded(Prompt(text, tuple(media), scorer_text), videos, indices)
+
+
+def _encode(processor: Processor, prompt: Prompt, max_new_tokens: int, context: int) -> Encoded:
+  encoded = processor.encode(prompt)
+  if len(encoded.input_ids) + max_new_tokens > context:
+    raise ValueError(f"the prompt has {len(encoded.input_ids)} tokens, and with "
+                     f"{max_new_tokens} new tokens needs {len(encoded.input_ids) + max_new_tokens}"
+                     f" positions; the LLM's context is {context} (max_position_embeddings)")
+  return encoded
 
 
 def _batches(jobs: Sequence[Job], size: int) -> Iterator[list[Job]]:
@@ -136,15 +141,25 @@ def _picture_name(job_id: str) -> str:
 
 
 def run(model, processor: Processor, jobs: Sequence[Job], out_path: str | Path,
-        cfg: RunConfig = RunConfig()) -> dict[str, dict]:
-  """Answers every job not answered in ``out_path`` yet; returns all records by id."""
+        cfg: RunConfig = RunConfig()) -> RunResult:
+  """Answers every job without a reusable answer in ``out_path``; returns a record per job."""
   out_path = Path(out_path)
-  out_path.parent.mkdir(parents=True, exist_ok=True)
-  records = read_records(out_path)
-  pending = [job for job in jobs if records.get(job.id, {}).get("status") != "ok"]
-  if len(pending) < len(jobs):
-    log.info("%s: %d of %d jobs already answered, skipped", out_path, len(jobs) - len(pending),
-             len(jobs))
+  duplicates = [i for i, n in collections.Counter(job.id for job in jobs).items() if n > 1]
+  if duplicates:
+    raise ValueError(f"job ids must be unique; repeated: {duplicates[:5]}")
+  context = model.cfg.text.max_position_embeddings
+  if cfg.max_new_tokens >= context:
+    raise ValueError(f"max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in the "
+                     f"LLM's context of {context} positions (max_position_embeddings)")
+  fingerprints = {job.id: job_fingerprint(job, cfg.settings) for job in jobs}
+  previous = saved.read_records(out_path)
+  answers = {(str(r.get("id")), r.get("fingerprint")): r for r in previous
+             if r.get("status") == "ok"}
+  records = {job.id: answers[job.id, fingerprints[job.id]] for job in jobs
+             if (job.id, fingerprints[job.id]) in answers}
+  pending = [job for job in jobs if job.id not in records]
+  before = {str(r.get("id")) for r in previous}
+  reused, redone = len(records), sum(job.id in before for job in pending)
   relevance = None
   if cfg.visualize is not None:
     if getattr(model, "scorer", None) is None or processor.scorer_tokenizer is None:
@@ -158,28 +173,34 @@ def run(model, processor: Processor, jobs: Sequence[Job], out_path: str | Path,
   cfg = dataclasses.replace(cfg, batch_size=max(1, min(cfg.batch_size, len(pending))))
   batches = list(_batches(pending, cfg.batch_size))
   compiled = generation.compilations()
-  with open(out_path, "a") as out, tqdm(total=len(pending), unit="item", desc="eval") as bar:
+  with saved.open_for_append(out_path) as out, tqdm(total=len(pending), unit="item",
+                                                    desc="eval") as bar:
+    def write(job: Job, **fields) -> None:
+      records[job.id] = dict(id=job.id, fingerprint=fingerprints[job.id], **fields)
+      saved.append(out, records[job.id])
+
     for batch, loaded in _prefetched(batches, cfg.video_backend):
       good = []
-      for job, (result, error) in zip(batch, loaded):
+      for job, (item, error) in zip(batch, loaded):
         if error is None:
-          encoded, error = _try(processor.encode, result[0])
+          encoded, error = _try(_encode, processor, item.prompt, cfg.max_new_tokens, context)
         if error is None:
-          good.append((job, encoded, result))
+          good.append((job, encoded, item))
         else:
-          _write(out, records, dict(id=job.id, status="failed", error=error))
+          write(job, status="failed", error=error)
       if good:
         texts = _generate(model, processor, [e for _, e, _ in good], cfg)
         if generation.compilations() > compiled:
           compiled = generation.compilations()
           log.info("compiled generation program #%d (batch %d x frames %d)", compiled,
                    cfg.batch_size, batch[0].frames)
-        for (job, encoded, (prompt, videos)), text in zip(good, texts):
-          _write(out, records, dict(id=job.id, status="ok", prediction=text, prompt=prompt.text))
-          if relevance is not None and videos:
-            _picture(relevance, job, encoded, videos[0], cfg.visualize)
+        for (job, encoded, item), text in zip(good, texts):
+          write(job, status="ok", prediction=text, prompt=item.prompt.text,
+                frame_indices=item.frame_indices)
+          if relevance is not None and item.videos:
+            _picture(relevance, job, encoded, item.videos[0], cfg.visualize)
       bar.update(len(batch))
-  return records
+  return RunResult(records, reused, redone, out_path)
 
 
 def _prefetched(batches: list[list[Job]], video_backend: str
@@ -206,12 +227,6 @@ def _try(fn, *args):
     return fn(*args), None
   except (MediaError, ValueError, OSError) as err:
     return None, f"{type(err).__name__}: {err}"
-
-
-def _write(out, records: dict, record: dict) -> None:
-  out.write(json.dumps(record) + "\n")
-  out.flush()  # a killed run keeps every finished answer
-  records[record["id"]] = record
 
 
 def _generate(model, processor: Processor, encoded: list, cfg: RunConfig) -> list[str]:
