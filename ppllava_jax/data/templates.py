@@ -107,14 +107,16 @@ def with_media(template: ChatTemplate, question: str) -> str:
 
 
 def _render(template: ChatTemplate, questions: Sequence[str], answers: Sequence[str],
-            system: str) -> RenderedConversation:
+            system: str, media: bool = True) -> RenderedConversation:
   """Each question in a user turn, each answer (one fewer for an open last turn) in
-  an assistant turn; an unanswered question ends the text at the assistant tag."""
+  an assistant turn; an unanswered question ends the text at the assistant tag.
+  ``media=False`` (a text-only conversation) leaves the first question as it is."""
   text = system + template.user_end if system else ""
   supervised: list[tuple[int, int]] = []
   breaks: list[int] = []
   for index, question in enumerate(questions):
-    text += template.user + (with_media(template, question) if index == 0 else question)
+    text += template.user + (with_media(template, question) if index == 0 and media
+                             else question)
     text += template.user_end + template.assistant
     breaks.append(len(text))
     if index < len(answers):
@@ -125,11 +127,15 @@ def _render(template: ChatTemplate, questions: Sequence[str], answers: Sequence[
 
 
 def render_conversation(template: ChatTemplate, turns: Sequence[Turn],
-                        system: str = "") -> RenderedConversation:
-  """A multi-turn training conversation (``process_qa``), media placeholder in turn 0."""
+                        system: str = "", *, media: bool = True) -> RenderedConversation:
+  """A multi-turn training conversation (``process_qa``), media placeholder in turn 0.
+
+  ``media=False``: a text-only conversation (LLaVA data has some), no placeholder added.
+  """
   if not turns:
     raise ValueError("render_conversation: a conversation needs at least one turn")
-  return _render(template, [t.question for t in turns], [t.answer for t in turns], system)
+  return _render(template, [t.question for t in turns], [t.answer for t in turns], system,
+                 media)
 
 
 def render_generation_prompt(template: ChatTemplate, question: str, answer_prefix: str = "",

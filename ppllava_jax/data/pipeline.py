@@ -1,0 +1,349 @@
+"""The SFT input pipeline on Grain: validated records -> planned batches -> ``TrainBatch``es.
+
+``make_train_iterator(config, tokenizer=..., model=..., scorer_tokenizer=...)``:
+
+1. ``annotations.load_mixture`` validates every record of every corpus (an error names
+   the file, record and field) into an ``AnnotationSet``, the random-access source.
+2. Every epoch has its own seeded order of the mixture (``annotations.epoch_order``, a
+   function of (seed, epoch)), cut into batches by ``batch.plan_batches`` from the
+   record kinds alone. Batch ``g`` of that global sequence is the same on every host.
+3. Process ``p`` of ``P`` (``jax.process_index()`` / ``jax.process_count()``) takes the
+   global batches ``c, c + P, ...`` from the cursor ``c``: a ``grain.MapDataset`` over
+   its steps, mapped by ``BatchBuilder`` (read the records, decode and sample the media
+   with per-sample seeds ``[seed, epoch, position]``, preprocess, tokenize, collate into
+   the bucketed ``TrainBatch``), run in ``num_workers`` spawned worker processes
+   (``mp_prefetch``) that keep ``worker_buffer_size`` batches ready. Map-only, so the
+   stream is the same for any number of workers (0 runs in-process).
+4. ``DataIterator`` yields the batches and counts: skipped samples by reason (bad
+   media, too long, too many pictures, labels) with a warning naming each, truncated
+   scorer texts and sequences. When more than ``max_skip_fraction`` of the samples
+   seen (after ``skip_check_after``) were skipped it raises ``DataError``.
+
+A skipped sample leaves its row empty (``row_mask`` False) rather than pulling in
+another sample, so a batch's rows stay a function of the plan. Every process steps
+the same number of times: past the end of the last epoch a process gets all-empty
+batches until the others are done.
+
+Checkpointing: ``DataIterator.get_state()`` is ``{"next_batch": c, ...}``, the global
+batch cursor (plus counters), independent of the number of processes and workers:
+``make_train_iterator(..., state=s)`` or ``set_state(s)`` continues the exact stream,
+also on another process count (the per-process batch size is the config's). The
+state is a small JSON-able dict, for an Orbax ``JsonSave`` item next to the model.
+
+Several hosts: the sequence bucket may differ between hosts for one step; take the
+largest (``multihost_utils.process_allgather`` of ``input_ids.shape[1]``) and
+``batch.pad_batch`` to it before ``jax.make_array_from_process_local_data``.
+
+Grain's workers are spawned processes: absl flags are marked parsed here (grain reads
+them), and a script that starts the pipeline needs an ``if __name__ == "__main__"``
+guard.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import math
+from collections.abc import Iterator
+
+import grain
+import numpy as np
+
+from ppllava_jax.data import annotations
+from ppllava_jax.data.annotations import AnnotationSet, MixtureConfig
+from ppllava_jax.data.batch import BatchConfig, Geometry, TrainBatch, collate, plan_batches
+from ppllava_jax.data.sft import SampleBuilder, SampleConfig, SkipSample
+from ppllava_jax.models.ppllava import PPLLaVAConfig
+
+log = logging.getLogger(__name__)
+STATE_VERSION = 1
+_ENDLESS = 1 << 40  # steps of a pipeline without an epoch limit
+
+
+class DataError(RuntimeError):
+  """The data cannot go on: too many skipped samples, or a state that does not fit."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  mixture: MixtureConfig
+  sample: SampleConfig = SampleConfig()
+  batch: BatchConfig = BatchConfig()
+  seed: int = 42
+  num_epochs: int | None = 1  # None: endless
+  num_workers: int = 2  # decoding processes; 0: in the calling process
+  worker_buffer_size: int = 2  # batches each worker keeps ready
+  threads: int = 1  # per worker (or in-process) threads building batches
+  max_skip_fraction: float = 0.01
+  skip_check_after: int = 200  # samples seen before the fraction is enforced
+
+  def __post_init__(self):
+    if self.sample.max_length > self.batch.seq_buckets[-1]:
+      raise ValueError(f"SampleConfig.max_length {self.sample.max_length} exceeds the largest "
+                       f"bucket {self.batch.seq_buckets[-1]}")
+    if self.sample.max_pictures > self.batch.max_pictures:
+      raise ValueError("SampleConfig.max_pictures exceeds BatchConfig.max_pictures")
+    if self.num_epochs is not None and self.num_epochs < 1:
+      raise ValueError(f"num_epochs must be >= 1 or None, got {self.num_epochs}")
+
+
+class BatchPlan:
+  """The global sequence of batches: batch ``g`` -> (epoch, record indices, positions).
+
+  Each epoch's order and cut are computed once (about a second per million records)
+  and kept; epochs are planned in turn as the cursor reaches them.
+  """
+
+  def __init__(self, aset: AnnotationSet, mixture: MixtureConfig, batch: BatchConfig,
+               seed: int, num_epochs: int | None):
+    self.aset, self.mixture, self.batch = aset, mixture, batch
+    self.seed, self.num_epochs = seed, num_epochs
+    self._counts: dict[int, int] = {}
+    self._epoch: tuple[int, np.ndarray, np.ndarray] | None = None
+
+  def __getstate__(self):  # workers plan for themselves
+    return {**self.__dict__, "_epoch": None}
+
+  def epoch(self, e: int) -> tuple[np.ndarray, np.ndarray]:
+    """(record order, batch start offsets + the end) of epoch ``e``."""
+    if self._epoch is None or self._epoch[0] != e:
+      order = annotations.epoch_order(self.aset, self.mixture, self.seed, e)
+      ends = plan_batches(self.aset.kinds[order], self.batch)
+      self._epoch = (e, order, np.asarray([0] + ends, np.int64))
+      self._counts[e] = len(ends)
+    return self._epoch[1], self._epoch[2]
+
+  def count(self, e: int) -> int:
+    if e not in self._counts:
+      self.epoch(e)
+    return self._counts[e]
+
+  def total(self) -> int | None:
+    if self.num_epochs is None:
+      return None
+    return sum(self.count(e) for e in range(self.num_epochs))
+
+  def locate(self, g: int) -> tuple[int, int] | None:
+    """(epoch, batch within it) of global batch ``g``; None past the last epoch."""
+    e = 0
+    while self.num_epochs is None or e < self.num_epochs:
+      n = self.count(e)
+      if g < n:
+        return e, g
+      g -= n
+      e += 1
+    return None
+
+  def members(self, g: int) -> tuple[int, np.ndarray, np.ndarray]:
+    """(epoch, record indices, positions in the epoch) of global batch ``g``; an empty
+    batch past the end."""
+    where = self.locate(g)
+    if where is None:
+      return -1, np.zeros(0, np.int64), np.zeros(0, np.int64)
+    e, j = where
+    order, starts = self.epoch(e)
+    positions = np.arange(starts[j], starts[j + 1])
+    return e, order[positions], positions
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+  """What one process builds at one step: global batch ``index`` of the plan."""
+
+  index: int
+
+
+class StepSource:
+  """grain random-access source of one process's steps from a cursor."""
+
+  def __init__(self, plan: BatchPlan, cursor: int, process_index: int, process_count: int):
+    self.cursor, self.p, self.n = cursor, process_index, process_count
+    total = plan.total()
+    self.length = _ENDLESS if total is None else max(0, math.ceil((total - cursor) / self.n))
+
+  def __len__(self) -> int:
+    return self.length
+
+  def __getitem__(self, step: int) -> Step:
+    return Step(self.cursor + int(step) * self.n + self.p)
+
+
+@dataclasses.dataclass
+class BatchInfo:
+  """Host-side facts about one batch, beside (never inside) the arrays."""
+
+  index: int  # global batch
+  epoch: int
+  records: tuple[int, ...]  # record indices in the AnnotationSet, one per row
+  skipped: tuple[tuple[str, str], ...]  # (reason, detail) per skipped sample
+  scorer_truncated: int  # samples whose scorer text was cut
+  truncated: tuple[str, ...]  # samples cut to max_length (overflow="truncate"), named
+
+
+class BatchBuilder(grain.transforms.Map):
+  """grain map: a ``Step`` -> (``TrainBatch`` of NumPy arrays, ``BatchInfo``)."""
+
+  def __init__(self, plan: BatchPlan, samples: SampleBuilder, model: PPLLaVAConfig,
+               batch: BatchConfig, seed: int):
+    self.plan, self.samples, self.model, self.batch, self.seed = plan, samples, model, batch, seed
+    Geometry.of(model, batch)  # fail early on an unsupported layout
+    tok = samples.tokenizer
+    self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    scorer = samples.scorer_tokenizer
+    self.scorer_length = samples.scorer_length if scorer is not None else 0
+    self.scorer_pad = (scorer.pad_token_id or 0) if scorer is not None else 0
+
+  def map(self, step: Step):
+    epoch, records, positions = self.plan.members(step.index)
+    aset = self.plan.aset
+    rows, skipped = [], []
+    for r, pos in zip(records.tolist(), positions.tolist()):
+      source = aset.describe(r)
+      try:
+        rows.append(self.samples(aset[r], corpus=aset.corpus_of(r), seed=self.seed,
+                                 epoch=epoch, index=pos, source=source))
+      except SkipSample as skip:
+        rows.append(None)
+        skipped.append((skip.reason, skip.detail))
+    batch = collate(rows, self.model, self.batch, self.pad_id, self.scorer_length,
+                    self.scorer_pad)
+    real = [x for x in rows if x is not None]
+    info = BatchInfo(step.index, epoch, tuple(records.tolist()), tuple(skipped),
+                     sum(x.scorer_truncated > 0 for x in real),
+                     tuple(f"{x.source}: {x.truncated} tokens cut" for x in real if x.truncated))
+    return batch, info
+
+
+@dataclasses.dataclass
+class DataStats:
+  samples: int = 0  # samples attempted (empty padding rows excluded)
+  skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  scorer_truncated: int = 0
+  truncated: int = 0
+  batches: int = 0
+  last_skip: str = ""
+
+  @property
+  def skipped_total(self) -> int:
+    return sum(self.skipped.values())
+
+  def as_dict(self) -> dict:
+    return dict(samples=self.samples, skipped=dict(self.skipped),
+                scorer_truncated=self.scorer_truncated, truncated=self.truncated,
+                batches=self.batches, last_skip=self.last_skip)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "DataStats":
+    return cls(d.get("samples", 0), collections.Counter(d.get("skipped", {})),
+               d.get("scorer_truncated", 0), d.get("truncated", 0), d.get("batches", 0),
+               d.get("last_skip", ""))
+
+
+def _mark_flags_parsed() -> None:
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+class DataIterator(Iterator[TrainBatch]):
+  """This process's ``TrainBatch``es, with counters and a checkpointable cursor."""
+
+  def __init__(self, config: DataConfig, plan: BatchPlan, builder: BatchBuilder,
+               process_index: int, process_count: int, state: dict | None = None):
+    self.config, self.plan, self.builder = config, plan, builder
+    self.process_index, self.process_count = process_index, process_count
+    self.last_info: BatchInfo | None = None
+    self._it = None
+    self.set_state(state or {"next_batch": 0})
+
+  def _start(self, cursor: int) -> None:
+    self.close()
+    _mark_flags_parsed()
+    cfg = self.config
+    source = StepSource(self.plan, cursor, self.process_index, self.process_count)
+    ds = grain.MapDataset.source(source).map(self.builder)
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.threads,
+                                              prefetch_buffer_size=cfg.worker_buffer_size))
+    if cfg.num_workers > 0:
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+          num_workers=cfg.num_workers, per_worker_buffer_size=cfg.worker_buffer_size))
+    self._it = iter(ds)
+    self._cursor = cursor
+
+  def __next__(self) -> TrainBatch:
+    if self._it is None:
+      raise StopIteration
+    try:
+      batch, info = next(self._it)
+    except StopIteration:
+      self.close()  # frees the workers and their shared memory now
+      raise
+    self._cursor += self.process_count
+    self.last_info = info
+    stats, cfg = self.stats, self.config
+    stats.batches += 1
+    stats.samples += len(info.records)
+    stats.scorer_truncated += info.scorer_truncated
+    stats.truncated += len(info.truncated)
+    for detail in info.truncated:
+      log.warning("truncated sample: %s", detail)
+    for reason, detail in info.skipped:
+      stats.skipped[reason] += 1
+      stats.last_skip = detail
+      log.warning("skipped sample (%s): %s", reason, detail)
+    if (stats.samples >= cfg.skip_check_after
+        and stats.skipped_total > cfg.max_skip_fraction * stats.samples):
+      raise DataError(
+          f"{stats.skipped_total} of {stats.samples} samples skipped "
+          f"({stats.skipped_total / stats.samples:.1%}), more than max_skip_fraction="
+          f"{cfg.max_skip_fraction:g}: {dict(stats.skipped)}; the last: {stats.last_skip}")
+    return batch
+
+  def get_state(self) -> dict:
+    """The global batch cursor and this process's counters (JSON-able)."""
+    return {"version": STATE_VERSION, "next_batch": self._cursor, "seed": self.config.seed,
+            "stats": self.stats.as_dict()}
+
+  def set_state(self, state: dict) -> None:
+    if state.get("version", STATE_VERSION) != STATE_VERSION:
+      raise DataError(f"data state version {state.get('version')} is not {STATE_VERSION}")
+    if "seed" in state and state["seed"] != self.config.seed:
+      raise DataError(f"the data state was saved with seed {state['seed']}, the config has "
+                      f"{self.config.seed}: the stream would not continue")
+    self.stats = DataStats.from_dict(state.get("stats", {}))
+    self._start(int(state["next_batch"]))
+
+  def close(self) -> None:
+    it, self._it = self._it, None
+    if it is not None and hasattr(it, "close"):
+      it.close()
+
+  def __del__(self):
+    try:
+      self.close()
+    except Exception:  # noqa: BLE001 (interpreter shutdown)
+      pass
+
+
+def make_train_iterator(config: DataConfig, *, tokenizer, model: PPLLaVAConfig,
+                        scorer_tokenizer=None, state: dict | None = None,
+                        process_index: int | None = None, process_count: int | None = None,
+                        annotation_set: AnnotationSet | None = None) -> DataIterator:
+  """The training batches of this process (module doc). Validates every annotation
+  first (``AnnotationError``), unless ``annotation_set`` is given already loaded."""
+  if process_index is None or process_count is None:
+    import jax
+    process_index, process_count = jax.process_index(), jax.process_count()
+  aset = annotation_set if annotation_set is not None else annotations.load_mixture(config.mixture)
+  log.info("training data: %r", aset)
+  video = annotations.KIND_CODES["video"]
+  for c, corpus in enumerate(config.mixture.corpora):
+    if corpus.num_frames > config.batch.num_frames and np.any(
+        (aset.corpus == c) & (aset.kinds == video)):
+      raise ValueError(f"corpus {corpus.name!r} samples {corpus.num_frames} frames but "
+                       f"BatchConfig.num_frames is {config.batch.num_frames}")
+  plan = BatchPlan(aset, config.mixture, config.batch, config.seed, config.num_epochs)
+  samples = SampleBuilder(tokenizer, model, scorer_tokenizer, config.sample)
+  builder = BatchBuilder(plan, samples, model, config.batch, config.seed)
+  return DataIterator(config, plan, builder, process_index, process_count, state)

@@ -1,0 +1,68 @@
+"""A ``data.batch.TrainBatch`` -> the LLM's input embeddings: the media of every slot
+encoded and pooled in one fixed-shape program, then written at the placeholders.
+
+The batch's layout (``data.batch`` module doc) fixes every shape, so one compiled step
+serves any mix of videos, anyres images and multi-image items:
+
+- videos (V, T, ...): the pooling mode's video path (``PPLLaVA.encode_videos``) with
+  ``video_frame_mask``, so frames padding a shorter video stay out of its relevance
+  softmax; ``video_token_mask`` keeps each slot's real tokens for ``ops.merge_media``;
+- anyres tiles (I, K, ...) and multi-image pictures (M, P, ...): each a one-frame item for
+  the vision tower (tiles) or a video of P pictures (a multi-image item, read as the
+  original reads it), pooled with the image kernel under one relevance softmax per item
+  (``image_tile_mask`` / ``picture_mask``), unpooled in the LLaVA baselines' modes; their
+  tokens, with the image newline as the last row, form one table that the host-computed
+  ``image_gather`` indices read in placeholder order (the anyres packing as a gather).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ppllava_jax import ops
+from ppllava_jax.models.ppllava import MODES, PPLLaVA
+
+
+def _item_tokens(model: PPLLaVA, frames_btchw: jax.Array, text_be: jax.Array | None,
+                 mask_bt: jax.Array, per_frame: bool) -> jax.Array:
+  """(B, T, s, s, D) tokens of B image items of T tiles / pictures each. ``per_frame``:
+  the vision tower sees each frame alone (anyres tiles), else each item whole."""
+  b, t = frames_btchw.shape[:2]
+  if per_frame:
+    feats_btggv = model.patch_features(frames_btchw.reshape(b * t, 1, *frames_btchw.shape[2:]))
+    feats_btggv = feats_btggv.reshape(b, t, *feats_btggv.shape[2:])
+  else:
+    feats_btggv = model.patch_features(frames_btchw)
+  if MODES[model.cfg.pooling.mode].windows is None:
+    return model.multi_modal_projector(feats_btggv)
+  return model.pool(feats_btggv, text_be, model.cfg.pooling.image_kernel, mask_bt=mask_bt)
+
+
+def embed_batch(model: PPLLaVA, batch) -> jax.Array:
+  """(B, L, D) input embeddings of ``batch`` (a ``TrainBatch``) with its media merged."""
+  cfg = model.cfg
+  emb_bld = model.language_model.embed(jnp.maximum(batch.input_ids, 0))  # -1: video ids
+  text_be = None
+  if cfg.pooling.scored:
+    text_be = model.scorer.text_features(batch.scorer_ids, batch.scorer_mask)
+  pick = lambda rows: None if text_be is None else text_be[rows]
+  if batch.videos.shape[0]:
+    tokens_vnd = model.encode_videos(batch.videos.astype(emb_bld.dtype), pick(batch.video_row),
+                                     batch.video_frame_mask)
+    emb_bld = ops.merge_media(emb_bld, batch.input_ids, tokens_vnd.reshape(-1, emb_bld.shape[-1]),
+                              batch.video_token_mask.reshape(-1), cfg.video_token_index)
+  if batch.image_gather.shape[0]:
+    parts = []
+    if batch.images.shape[0]:
+      parts.append(_item_tokens(model, batch.images.astype(emb_bld.dtype), pick(batch.image_row),
+                                batch.image_tile_mask, per_frame=True))
+    if batch.pictures.shape[0]:
+      parts.append(_item_tokens(model, batch.pictures.astype(emb_bld.dtype),
+                                pick(batch.multi_image_row), batch.picture_mask, per_frame=False))
+    d = emb_bld.shape[-1]
+    table_nd = jnp.concatenate([p.reshape(-1, d) for p in parts] +
+                               [model.image_newline[...].astype(emb_bld.dtype)[None]])
+    emb_bld = ops.merge_media(emb_bld, batch.input_ids, table_nd[batch.image_gather],
+                              batch.image_gather_mask, cfg.image_token_index)
+  return emb_bld
