@@ -117,11 +117,11 @@ def step_rate(steps: int, folder: Path) -> dict:
   it = iter_batches(0, folder)
   batch = jax.tree.map(jnp.asarray, next(it))
   it.close()
-  graphdef, params = nnx.split(PPLLaVA(model_cfg, rngs=nnx.Rngs(0)), nnx.Param)
+  graphdef, params, rest = nnx.split(PPLLaVA(model_cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
   tx = optax.adamw(2e-5)
 
   def loss(params, batch):
-    model = nnx.merge(graphdef, params)
+    model = nnx.merge(graphdef, params, rest)
     hidden, _ = model.language_model.hidden_states(
         inputs_embeds=embed_batch(model, batch), attention_mask=batch.attention_mask,
         position_ids=batch.position_ids)
