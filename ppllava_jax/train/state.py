@@ -1,0 +1,172 @@
+"""The train state, its shardings and its initialisation on a mesh.
+
+``TrainState`` is a small pytree: the update count, the trainable parameters (float32
+masters), their optimizer state, a base PRNG key and a count of skipped updates. The
+frozen parameters are a separate ``nnx.State``: never donated, never in the optimizer,
+not part of the state a checkpoint must save (they are the initial checkpoint's).
+
+Shardings come from abstract shapes (``jax.eval_shape``): a parameter's ``NamedSharding``
+is its logical ``axes`` metadata through ``models.sharding.LOGICAL_RULES`` (a dimension a
+mesh axis does not divide is replicated instead, and logged); optimizer moments take
+their parameter's sharding, scalars are replicated. ``init_state`` then builds the state
+under ``jax.jit(out_shardings=...)``: from a model constructor nothing is ever
+materialised unsharded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from ppllava_jax.models.sharding import LOGICAL_RULES, Rules, logical_to_spec
+from ppllava_jax.train.config import MeshConfig
+from ppllava_jax.train.partition import Partition, map_by_path
+
+log = logging.getLogger(__name__)
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 (): updates applied; the schedule and AdamW's count follow it
+  params: nnx.State  # the trainable parameters
+  opt_state: optax.OptState
+  rng: jax.Array  # uint32 (2,) base key; the key of update n is fold_in(rng, n)
+  skipped: jax.Array  # int32 (): batches whose update was skipped (train.step)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shardings:
+  """Where everything lives: the mesh, a ``TrainState`` of shardings, the frozen state's."""
+  mesh: Mesh
+  state: TrainState
+  frozen: nnx.State
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, PartitionSpec())
+
+
+def make_mesh(cfg: MeshConfig = MeshConfig(), devices=None) -> Mesh:
+  """A (data, fsdp, tensor) mesh of ``devices`` (default: all), Auto axes (so the model's
+  ``with_sharding_constraint`` hints apply; ``jax.make_mesh`` defaults to Explicit)."""
+  devices = jax.devices() if devices is None else list(devices)
+  shape = cfg.shape(len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def _fit(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh, name: str) -> PartitionSpec:
+  """``spec`` with the mesh axes that do not divide their dimension dropped (replicated)."""
+  out = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    if names and dim % math.prod(mesh.shape[a] for a in names):
+      log.info("%s: dimension %d is not divisible by mesh axes %s: replicated", name, dim, names)
+      names = ()
+    out.append(None if not names else names[0] if len(names) == 1 else names)
+  return PartitionSpec(*out)
+
+
+def param_shardings(state: nnx.State, mesh: Mesh, rules: Rules = LOGICAL_RULES) -> nnx.State:
+  """A ``NamedSharding`` per variable of ``state`` (same structure), from its ``axes``."""
+  def one(name, var):
+    axes = var.get_metadata().get("axes")
+    value = var.get_value()
+    spec = PartitionSpec() if axes is None else _fit(logical_to_spec(axes, rules), value.shape,
+                                                      mesh, name)
+    return NamedSharding(mesh, spec)
+  return map_by_path(one, state)
+
+
+def _moment_shardings(opt_state, params, params_sh, replicated):
+  """The optimizer state's shardings: each subtree shaped like ``params`` (AdamW's mu, nu)
+  takes ``params_sh``, every other leaf (counts) is replicated."""
+  treedef = jax.tree.structure(params)
+  like = lambda x: not isinstance(x, jax.ShapeDtypeStruct) and jax.tree.structure(x) == treedef
+  return jax.tree.map(lambda x: params_sh if like(x) else replicated, opt_state, is_leaf=like)
+
+
+def _abstract(tree):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), tree)
+
+
+def cast_floating(tree, dtype):
+  """Floating leaves (arrays or shapes) in ``dtype``; None: unchanged."""
+  if dtype is None:
+    return tree
+
+  def one(x):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      return x
+    return jax.ShapeDtypeStruct(x.shape, dtype) if isinstance(x, jax.ShapeDtypeStruct) else (
+        x.astype(dtype))
+  return jax.tree.map(one, tree)
+
+
+def init_state(model: nnx.Module | Callable[[], nnx.Module], part: Partition,
+               tx: optax.GradientTransformation, mesh: Mesh, *, seed: int = 0,
+               frozen_dtype=None, rules: Rules = LOGICAL_RULES
+               ) -> tuple[nnx.GraphDef, TrainState, nnx.State, Shardings]:
+  """(graphdef, state, frozen, shardings) of a run on ``mesh``.
+
+  ``model``: a constructor (``lambda: PPLLaVA(cfg, rngs=nnx.Rngs(0))``), run under jit with
+  sharded outputs, or a built / loaded model, whose arrays are copied onto the mesh.
+  ``part`` splits it (``train.partition.partition``); ``frozen_dtype`` (bfloat16 compute)
+  stores the frozen state in that dtype.
+  """
+  build = None if isinstance(model, nnx.Module) else model
+  graphdef, params, frozen = part.split(nnx.eval_shape(build) if build else model)
+  params_a, frozen_a = _abstract(params), cast_floating(_abstract(frozen), frozen_dtype)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  params_sh = param_shardings(params_a, mesh, rules)
+  opt_sh = _moment_shardings(jax.eval_shape(tx.init, params_a), params_a, params_sh, replicated)
+  shardings = Shardings(mesh, TrainState(replicated, params_sh, opt_sh, replicated, replicated),
+                        param_shardings(frozen_a, mesh, rules))
+
+  def finish(p, f):
+    key = jax.random.key_data(jax.random.key(seed))
+    return (TrainState(jnp.zeros((), jnp.int32), p, tx.init(p), key, jnp.zeros((), jnp.int32)),
+            cast_floating(f, frozen_dtype))
+
+  out = (shardings.state, shardings.frozen)
+  if build is not None:
+    state, frozen = jax.jit(lambda: finish(*part.split(build())[1:]), out_shardings=out)()
+  else:
+    state, frozen = jax.jit(finish, out_shardings=out)(params, frozen)
+  return graphdef, state, frozen, shardings
+
+
+# ---- batches ------------------------------------------------------------------------------
+
+_UNSHARDED = ("image_gather", "image_gather_mask")  # indices into a table built per step
+
+
+def batch_shardings(batch, mesh: Mesh, micro: bool = False, rules: Rules = LOGICAL_RULES):
+  """A ``TrainBatch`` of shardings for ``batch`` (arrays or shapes): each field's row / slot
+  axis over the ``batch`` rule's mesh axes (data x fsdp) where they divide it, else
+  replicated; the image gather indices replicated. ``micro``: fields carry a leading
+  micro-batch axis (gradient accumulation), never sharded."""
+  axes = logical_to_spec(("batch",), rules)[0]
+  names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+  shards = math.prod(mesh.shape[a] for a in names)
+  lead = (None,) if micro else ()
+
+  def one(field, x):
+    shape = np.shape(x)
+    dim = shape[len(lead)] if len(shape) > len(lead) else 0
+    if field in _UNSHARDED or not names or not dim or dim % shards:
+      return NamedSharding(mesh, PartitionSpec())
+    return NamedSharding(mesh, PartitionSpec(*lead, axes))
+
+  fields = {f.name: one(f.name, getattr(batch, f.name)) for f in dataclasses.fields(batch)}
+  return batch.replace(**fields)
