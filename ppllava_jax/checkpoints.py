@@ -30,8 +30,9 @@ from ppllava_jax.convert.siglip import SIGLIP_RULES
 from ppllava_jax.models import pretrained
 from ppllava_jax.models.clip import CLIPConfig, CLIPModel
 from ppllava_jax.models.llm import DecoderConfig, LlamaForCausalLM, Qwen2ForCausalLM
-from ppllava_jax.models.ppllava import (MODEL_TYPES, PoolingConfig, PPLLaVA, PPLLaVAConfig,
-                                        complete_config)
+from ppllava_jax.models.ppllava import PPLLaVA
+from ppllava_jax.models.ppllava_config import MODEL_TYPES, PoolingConfig, PPLLaVAConfig
+from ppllava_jax.models.released import complete_config
 from ppllava_jax.models.siglip import SiglipConfig, SiglipModel
 
 CONFIG_FILE = "config.json"

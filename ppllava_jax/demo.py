@@ -35,7 +35,8 @@ from ppllava_jax.data.video import load_video
 from ppllava_jax.eval.heatmap import relevance_grid
 from ppllava_jax.models.clip import CLIPTextConfig, CLIPVisionConfig
 from ppllava_jax.models.llm import DecoderConfig
-from ppllava_jax.models.ppllava import PoolingConfig, PPLLaVA, PPLLaVAConfig
+from ppllava_jax.models.ppllava import PPLLaVA
+from ppllava_jax.models.ppllava_config import PoolingConfig, PPLLaVAConfig
 from ppllava_jax.models.pure import pure
 from ppllava_jax.models.scorer import ScorerConfig
 

@@ -15,7 +15,8 @@ Formats (one corpus = one annotation file, JSON list or JSONL, plus a media root
   picture); no media key is a text-only record.
 
 Every record is checked before training starts (``load_mixture``); the first problem
-raises ``AnnotationError`` naming the file, the record index and the field. Checked:
+raises ``AnnotationError`` naming the file, the record index and the field (a file that
+is missing or not JSON: ``files.DataFileError``, naming the file and line). Checked:
 the types, a non-empty conversation, alternating roles, a positive ``total_frames``,
 and that the conversation has exactly one ``<image>`` per media item once the
 original's rule has put the first one in (``templates.with_media``: prefixed to the
@@ -39,7 +40,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import json
 import marshal
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from ppllava_jax.data.templates import Turn
+from ppllava_jax.files import read_json, read_jsonl
 
 FORMATS = ("qa", "llava")
 KINDS = ("text", "image", "video", "multi-image")  # KIND_CODES index
@@ -301,29 +302,11 @@ def parse_record(record: Any, corpus: CorpusConfig, file: str | Path = "<record>
 
 
 def read_annotation_file(path: str | Path) -> list[Any]:
-  """The raw records of a JSON list or a JSONL file (``.jsonl`` / ``.ndjson``)."""
-  path = Path(path)
-  if not path.is_file():
-    raise AnnotationError(path, None, None, "no such annotation file")
-  if path.suffix.lower() in (".jsonl", ".ndjson"):
-    records = []
-    with open(path, encoding="utf-8") as f:
-      for line_no, line in enumerate(f, 1):
-        if line.strip():
-          try:
-            records.append(json.loads(line))
-          except json.JSONDecodeError as err:
-            raise AnnotationError(path, len(records), None,
-                                  f"line {line_no} is not JSON ({err})") from None
-    return records
-  try:
-    with open(path, encoding="utf-8") as f:
-      data = json.load(f)
-  except json.JSONDecodeError as err:
-    raise AnnotationError(path, None, None, f"not JSON ({err})") from None
-  if not isinstance(data, list):
-    raise AnnotationError(path, None, None, f"must hold a list of records, got {_type(data)}")
-  return data
+  """The raw records of a JSON list or a JSONL file (``.jsonl`` / ``.ndjson``). A file that
+  cannot be read as such is a ``files.DataFileError`` (``path:line: problem``)."""
+  if Path(path).suffix.lower() in (".jsonl", ".ndjson"):
+    return [record for _, record in read_jsonl(path)]
+  return read_json(path, expect=list)
 
 
 class AnnotationSet:

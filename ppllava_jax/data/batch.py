@@ -58,7 +58,8 @@ import numpy as np
 
 from ppllava_jax.data.annotations import KIND_CODES
 from ppllava_jax.data.sft import IGNORE, Sample, picture_tokens
-from ppllava_jax.models.ppllava import MODES, PPLLaVAConfig
+from ppllava_jax.models.pooling_modes import MODES
+from ppllava_jax.models.ppllava_config import PPLLaVAConfig
 from ppllava_jax.ops.anyres import _packed_geometry
 
 _VIDEO, _IMAGE, _MULTI = KIND_CODES["video"], KIND_CODES["image"], KIND_CODES["multi-image"]
@@ -238,7 +239,7 @@ def collate(samples: Sequence[Sample | None], model: PPLLaVAConfig, cfg: BatchCo
     raise ValueError(f"collate: {len(samples)} samples for batch_size {b}")
   real = [x for x in samples if x is not None]
   length = cfg.bucket(max([x.length for x in real], default=1))
-  v_n, i_n, m_n = cfg.slots()
+  video_slots, image_slots, multi_image_slots = cfg.slots()
   t, p, s, k = cfg.num_frames, cfg.max_pictures, geo.tile, geo.max_tiles
   dtype = PIXEL_DTYPES[cfg.pixel_dtype]
   ids = np.full((b, length), pad_id, np.int32)
@@ -247,19 +248,19 @@ def collate(samples: Sequence[Sample | None], model: PPLLaVAConfig, cfg: BatchCo
   row_mask = np.zeros(b, bool)
   scorer_ids = np.full((b, scorer_length), scorer_pad_id, np.int32)
   scorer_mask = np.zeros((b, scorer_length), np.int32)
-  videos = np.zeros((v_n, t, 3, s, s), dtype)
-  video_mask, video_row = np.zeros(v_n, bool), np.zeros(v_n, np.int32)
-  frame_mask = np.zeros((v_n, t), bool)
-  video_token_mask = np.zeros((v_n, geo.video_tokens), bool)
-  images = np.zeros((i_n, k, 3, s, s), dtype)
-  image_mask, image_row = np.zeros(i_n, bool), np.zeros(i_n, np.int32)
-  tile_mask = np.zeros((i_n, k), bool)
-  pictures = np.zeros((m_n, p, 3, s, s), dtype)
-  item_mask, item_row = np.zeros(m_n, bool), np.zeros(m_n, np.int32)
-  picture_mask = np.zeros((m_n, p), bool)
+  videos = np.zeros((video_slots, t, 3, s, s), dtype)
+  video_mask, video_row = np.zeros(video_slots, bool), np.zeros(video_slots, np.int32)
+  frame_mask = np.zeros((video_slots, t), bool)
+  video_token_mask = np.zeros((video_slots, geo.video_tokens), bool)
+  images = np.zeros((image_slots, k, 3, s, s), dtype)
+  image_mask, image_row = np.zeros(image_slots, bool), np.zeros(image_slots, np.int32)
+  tile_mask = np.zeros((image_slots, k), bool)
+  pictures = np.zeros((multi_image_slots, p, 3, s, s), dtype)
+  item_mask, item_row = np.zeros(multi_image_slots, bool), np.zeros(multi_image_slots, np.int32)
+  picture_mask = np.zeros((multi_image_slots, p), bool)
   budget, rows_table = geo.gather_budget(cfg), geo.table_rows(cfg)
   gather, gather_mask = np.zeros(budget, np.int32), np.zeros(budget, bool)
-  newline, picture_base = rows_table - 1, i_n * k * geo.picture_tokens
+  newline, picture_base = rows_table - 1, image_slots * k * geo.picture_tokens
   counts = [0, 0, 0]  # slots used: videos, images, multi-image items
   n_gather = 0
 
@@ -280,7 +281,7 @@ def collate(samples: Sequence[Sample | None], model: PPLLaVAConfig, cfg: BatchCo
       scorer_ids[row], scorer_mask[row] = x.scorer_ids, x.scorer_mask
     pieces = []
     if x.kind == "video":
-      slot = take(0, v_n, "videos")
+      slot = take(0, video_slots, "videos")
       frames = len(x.video)
       if frames > t:
         raise ValueError(f"collate: {x.source}: {frames} frames, the slots hold "
@@ -289,14 +290,14 @@ def collate(samples: Sequence[Sample | None], model: PPLLaVAConfig, cfg: BatchCo
       video_mask[slot], video_row[slot], frame_mask[slot, :frames] = True, row, True
       video_token_mask[slot, :model.video_tokens(frames)] = True
     elif x.kind == "image":
-      slot = take(1, i_n, "images")
+      slot = take(1, image_slots, "images")
       tiles = len(x.image)
       images[slot, :tiles] = x.image
       image_mask[slot], image_row[slot], tile_mask[slot, :tiles] = True, row, True
       pieces.append(anyres_gather_indices(x.image_size, model, slot * k * geo.picture_tokens,
                                           newline))
     elif x.kind == "multi-image":
-      slot = take(2, m_n, "multi-image items")
+      slot = take(2, multi_image_slots, "multi-image items")
       count = len(x.pictures)
       if count > p:
         raise ValueError(f"collate: {x.source}: {count} pictures, the slots hold "

@@ -54,7 +54,7 @@ from ppllava_jax.data import annotations
 from ppllava_jax.data.annotations import AnnotationSet, MixtureConfig
 from ppllava_jax.data.batch import BatchConfig, Geometry, TrainBatch, collate, plan_batches
 from ppllava_jax.data.sft import SampleBuilder, SampleConfig, SkipSample
-from ppllava_jax.models.ppllava import PPLLaVAConfig
+from ppllava_jax.models.ppllava_config import PPLLaVAConfig
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1

@@ -150,7 +150,7 @@ def llava_next_image_pixels(image: ImageLike,
   size_hw = (rgb.height, rgb.width)
   rows, cols = anyres_grid_shape(size_hw, grid_pinpoints, tile)
   canvas_hwc = _letterbox(rgb, (rows * tile, cols * tile), resample)
-  tiles_nhwc = (canvas_hwc.reshape(rows, tile, cols, tile, 3).transpose(0, 2, 1, 3, 4)
+  tiles_ihwc = (canvas_hwc.reshape(rows, tile, cols, tile, 3).transpose(0, 2, 1, 3, 4)
                 .reshape(rows * cols, tile, tile, 3))
   base_hwc = np.asarray(rgb.resize((tile, tile), resample))
-  return normalize(np.concatenate([base_hwc[None], tiles_nhwc]), mean, std), size_hw
+  return normalize(np.concatenate([base_hwc[None], tiles_ihwc]), mean, std), size_hw

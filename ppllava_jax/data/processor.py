@@ -33,7 +33,7 @@ from typing import Literal
 import numpy as np
 
 from ppllava_jax.data import preprocess
-from ppllava_jax.models.ppllava import PPLLaVAConfig
+from ppllava_jax.models.ppllava_config import PPLLaVAConfig
 from ppllava_jax.models.siglip import SiglipVisionConfig
 
 log = logging.getLogger(__name__)

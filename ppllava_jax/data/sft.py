@@ -87,7 +87,7 @@ from ppllava_jax import ops
 from ppllava_jax.data import preprocess, video
 from ppllava_jax.data.annotations import CorpusConfig, Record, parse_record
 from ppllava_jax.data.templates import TEMPLATES, ChatTemplate, render_conversation
-from ppllava_jax.models.ppllava import PPLLaVAConfig
+from ppllava_jax.models.ppllava_config import PPLLaVAConfig
 from ppllava_jax.models.siglip import SiglipVisionConfig
 
 IGNORE = -100

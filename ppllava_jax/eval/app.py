@@ -43,7 +43,7 @@ from ppllava_jax.eval.fingerprint import model_key
 from ppllava_jax.eval.jobs import mcq_jobs, qa_jobs, video_job
 from ppllava_jax.eval.qa import QAItem, load_qa
 from ppllava_jax.eval.runner import RunConfig, run
-from ppllava_jax.models.ppllava import PoolingConfig
+from ppllava_jax.models.ppllava_config import PoolingConfig
 
 
 DESCRIPTION = """\
@@ -183,9 +183,9 @@ def load(args):
                                   pooling=PoolingConfig(args.pooling),
                                   dtype=getattr(jnp, args.dtype) if args.dtype else None)
   source = args.scorer_tokenizer or args.clip
-  scorer_tok = AutoTokenizer.from_pretrained(source) if source else None
+  scorer_tokenizer = AutoTokenizer.from_pretrained(source) if source else None
   tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.checkpoint)
-  return model, Processor(model.cfg, tokenizer, scorer_tok)
+  return model, Processor(model.cfg, tokenizer, scorer_tokenizer)
 
 
 def main(argv=None) -> int:

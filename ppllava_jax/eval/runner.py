@@ -241,9 +241,9 @@ def _generate(model, processor: Processor, encoded: list, cfg: RunConfig) -> lis
 
 def _picture(relevance, job: Job, encoded, frames_thwc: np.ndarray, folder: Path) -> None:
   fn, state = relevance
-  cos_vtgg = fn(state, jnp.asarray(encoded.videos[0][None]),
-                       jnp.asarray(encoded.scorer_ids[None]),
-                       jnp.asarray(encoded.scorer_mask[None]))
-  picture = relevance_grid(np.asarray(cos_vtgg)[0], frames_thwc,
+  cos_btgg = fn(state, jnp.asarray(encoded.videos[0][None]),
+                jnp.asarray(encoded.scorer_ids[None]),
+                jnp.asarray(encoded.scorer_mask[None]))
+  picture = relevance_grid(np.asarray(cos_btgg)[0], frames_thwc,
                            title=(job.title or job.scorer_text)[:120])
   picture.save(folder / _picture_name(job.id))

@@ -16,8 +16,9 @@ otherwise the tower is deterministic.
 
 Parameter names mirror the original checkpoint under ``vision_model.``, so the key
 table (``convert.btadapter.BTADAPTER_RULES``) is CLIP's plus ``temporal_fc``.
-Shapes: ``b`` videos, ``t`` frames, ``p`` patches per frame, ``l`` = 1 + p, ``d`` width,
-``n`` a flattened batch of rows.
+Shape suffixes follow the README's table of shape letters: ``b`` videos, ``l`` = 1 + p
+(a frame's CLS and patches); folded into the batch, the frames (B·T rows) or the patch
+positions (B·P rows) keep ``b``.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from ppllava_jax.convert.loader import load_into
 from ppllava_jax.models import pretrained
 from ppllava_jax.models.clip import CLIPVisionConfig, CLIPVisionTransformer
 from ppllava_jax.models.layers import (Embedding, EncoderLayer, LayerNorm, Linear, SelfAttention,
-                                       nchw_to_nhwc)
+                                       channels_last)
 
 # The original builds its adapter LayerNorms with torch's default eps, not CLIP's.
 ADAPTER_LN_EPS = 1e-5
@@ -102,9 +103,9 @@ class TemporalBlock(nnx.Module):
 
   def __call__(self, patches_btpd: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
     b, t, p, d = patches_btpd.shape
-    x_ntd = patches_btpd.transpose(0, 2, 1, 3).reshape(b * p, t, d)
-    res_ntd = self.drop_path(self.self_attn(self.layer_norm1(x_ntd)), rngs=rngs)
-    res_btpd = self.temporal_fc(res_ntd).reshape(b, p, t, d).transpose(0, 2, 1, 3)
+    x_btd = patches_btpd.transpose(0, 2, 1, 3).reshape(b * p, t, d)  # B·P rows
+    res_btd = self.drop_path(self.self_attn(self.layer_norm1(x_btd)), rngs=rngs)
+    res_btpd = self.temporal_fc(res_btd).reshape(b, p, t, d).transpose(0, 2, 1, 3)
     return patches_btpd + res_btpd
 
 
@@ -125,9 +126,9 @@ class SpatialBlock(EncoderLayer):
                rngs: nnx.Rngs | None = None) -> tuple[jax.Array, jax.Array]:
     b, t, p, d = patches_btpd.shape
     cls_bt1d = jnp.broadcast_to(cls_bd[:, None, None], (b, t, 1, d))
-    x_nld = jnp.concatenate([cls_bt1d, patches_btpd], axis=2).reshape(b * t, 1 + p, d)
-    res_nld = self.drop_path(self.self_attn(self.layer_norm1(x_nld)), rngs=rngs)
-    res_btld = res_nld.reshape(b, t, 1 + p, d)
+    x_bld = jnp.concatenate([cls_bt1d, patches_btpd], axis=2).reshape(b * t, 1 + p, d)  # B·T rows
+    res_bld = self.drop_path(self.self_attn(self.layer_norm1(x_bld)), rngs=rngs)
+    res_btld = res_bld.reshape(b, t, 1 + p, d)
     cls_bd = cls_bd + res_btld[:, :, 0].mean(axis=1)
     patches_btpd = patches_btpd + res_btld[:, :, 1:]
     mlp = lambda x: x + self.mlp(self.layer_norm2(x))
@@ -180,15 +181,15 @@ class BTAdapterVisionTransformer(CLIPVisionTransformer):
     b, t = pixel_values.shape[:2]
     if t > self.adapter_cfg.max_T:
       raise ValueError(f"{t} frames exceed the time embedding's max_T={self.adapter_cfg.max_T}")
-    x_nhwc = nchw_to_nhwc(pixel_values.reshape(b * t, *pixel_values.shape[2:]),
-                          self.cfg.num_channels, self.cfg.image_size)
-    x_nld = self.pre_layrnorm(self.embeddings(x_nhwc))
+    x_bhwc = channels_last(pixel_values.reshape(b * t, *pixel_values.shape[2:]),  # B·T rows
+                           self.cfg.num_channels, self.cfg.image_size)
+    x_bld = self.pre_layrnorm(self.embeddings(x_bhwc))
     frames = lambda x: x.reshape(b, t, *x.shape[1:])
-    hidden, stream = [frames(x_nld)], None
+    hidden, stream = [frames(x_bld)], None
     start = self.cfg.num_hidden_layers - self.adapter_cfg.depth
     for idx, layer in enumerate(self.encoder.layers):
-      x_nld = layer(x_nld)
-      x_btld = frames(x_nld)
+      x_bld = layer(x_bld)
+      x_btld = frames(x_bld)
       if idx < start:
         hidden.append(x_btld)
         continue

@@ -18,7 +18,7 @@ from flax import nnx
 from ppllava_jax.convert.clip import CLIP_RULES
 from ppllava_jax.models.dual_encoder import DualEncoder, towers_from_hf, towers_to_hf
 from ppllava_jax.models.layers import (Embedding, Encoder, LayerNorm, Linear, PatchEmbedding,
-                                       nchw_to_nhwc)
+                                       channels_last)
 from ppllava_jax.models.text import TextEmbeddings, prepare_text_inputs
 
 
@@ -105,7 +105,7 @@ class CLIPVisionTransformer(nnx.Module):
 
   def __call__(self, pixel_values: jax.Array) -> list[jax.Array]:
     """Every hidden state (B, 1 + grid^2, D): the embeddings (after pre_layrnorm), then each layer."""
-    x_bhwc = nchw_to_nhwc(pixel_values, self.cfg.num_channels, self.cfg.image_size)
+    x_bhwc = channels_last(pixel_values, self.cfg.num_channels, self.cfg.image_size)
     return self.encoder(self.pre_layrnorm(self.embeddings(x_bhwc)))
 
 
@@ -128,9 +128,9 @@ class CLIPTextTransformer(nnx.Module):
     ids_bl, mask_bl = prepare_text_inputs(ids_bl, mask_bl, self.cfg.max_position_embeddings,
                                           self.cfg.eos_token_id)
     length = ids_bl.shape[1]
-    causal_qk = jnp.tril(jnp.ones((length, length), bool))
-    mask_bqk = causal_qk[None] & mask_bl.astype(bool)[:, None, :]
-    hidden = self.encoder(self.embeddings(ids_bl), mask_bqk)
+    causal_ls = jnp.tril(jnp.ones((length, length), bool))
+    mask_bls = causal_ls[None] & mask_bl.astype(bool)[:, None, :]
+    hidden = self.encoder(self.embeddings(ids_bl), mask_bls)
     last_bld = self.final_layer_norm(hidden[-1])
     if self.cfg.eos_token_id == 2:  # legacy configs: the highest id is EOS
       eos_b = jnp.argmax(ids_bl, axis=-1)

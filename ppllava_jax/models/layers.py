@@ -1,8 +1,8 @@
 """Transformer primitives shared by the CLIP and SigLIP towers (pre-LN ViT blocks).
 
 Parameter names mirror transformers' (``q_proj``, ``layer_norm1``, ``fc1``...) so the
-conversion tables read as one-to-one maps. Shapes: ``b`` batch, ``l`` sequence,
-``d`` model width, ``h`` heads, ``k`` head width.
+conversion tables read as one-to-one maps. Shape suffixes follow the README's table of
+shape letters (``d`` here is the tower's own width).
 """
 
 from __future__ import annotations
@@ -82,12 +82,12 @@ class SelfAttention(nnx.Module):
     self.v_proj = Linear(dim, dim, rngs=rngs)
     self.out_proj = Linear(dim, dim, rngs=rngs)
 
-  def __call__(self, x_bld: jax.Array, mask_bqk: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x_bld: jax.Array, mask_bls: jax.Array | None = None) -> jax.Array:
     b, l, d = x_bld.shape
     heads = lambda t: t.reshape(b, l, self.num_heads, d // self.num_heads)
-    out_blhk = attention(heads(self.q_proj(x_bld)), heads(self.k_proj(x_bld)),
-                      heads(self.v_proj(x_bld)), mask_bqk)
-    return self.out_proj(out_blhk.reshape(b, l, d))
+    out_blna = attention(heads(self.q_proj(x_bld)), heads(self.k_proj(x_bld)),
+                         heads(self.v_proj(x_bld)), mask_bls)
+    return self.out_proj(out_blna.reshape(b, l, d))
 
 
 class MLP(nnx.Module):
@@ -111,8 +111,8 @@ class EncoderLayer(nnx.Module):
     self.layer_norm2 = LayerNorm(dim, eps)
     self.mlp = MLP(dim, hidden, act, rngs=rngs)
 
-  def __call__(self, x_bld: jax.Array, mask_bqk: jax.Array | None = None) -> jax.Array:
-    x_bld = x_bld + self.self_attn(self.layer_norm1(x_bld), mask_bqk)
+  def __call__(self, x_bld: jax.Array, mask_bls: jax.Array | None = None) -> jax.Array:
+    x_bld = x_bld + self.self_attn(self.layer_norm1(x_bld), mask_bls)
     return x_bld + self.mlp(self.layer_norm2(x_bld))
 
 
@@ -124,10 +124,10 @@ class Encoder(nnx.Module):
     self.layers = nnx.List([EncoderLayer(dim, hidden, num_heads, act, eps, rngs=rngs)
                             for _ in range(num_layers)])
 
-  def __call__(self, x_bld: jax.Array, mask_bqk: jax.Array | None = None) -> list[jax.Array]:
+  def __call__(self, x_bld: jax.Array, mask_bls: jax.Array | None = None) -> list[jax.Array]:
     hidden = [x_bld]
     for layer in self.layers:
-      hidden.append(layer(hidden[-1], mask_bqk))
+      hidden.append(layer(hidden[-1], mask_bls))
     return hidden
 
 
@@ -157,7 +157,8 @@ class PatchEmbedding(nnx.Module):
     return y.reshape(y.shape[0], -1, y.shape[-1])
 
 
-def nchw_to_nhwc(pixel_values: jax.Array, channels: int, size: int) -> jax.Array:
+def channels_last(pixel_values: jax.Array, channels: int, size: int) -> jax.Array:
+  """(B, C, H, W) pixels, as HF image processors give them -> (B, H, W, C)."""
   if pixel_values.ndim != 4 or pixel_values.shape[1:] != (channels, size, size):
     raise ValueError(f"pixel_values must be (B, {channels}, {size}, {size}) (NCHW, as HF image "
                      f"processors give), got shape {tuple(pixel_values.shape)}")

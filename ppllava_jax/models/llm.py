@@ -8,9 +8,9 @@ Attention always runs over *slots*: without a cache the slots are the input's ow
 positions; with a ``KVCache`` the new keys/values are written at ``cache.index`` with
 ``lax.dynamic_update_slice`` and the queries attend over every slot of the cache that
 holds a real token and is not after them. Shapes stay static under jit: prefill and
-each decode step are the same code. Shapes: ``b`` batch, ``t`` new tokens, ``s``
-cache slots, ``h`` query heads, ``k`` kv heads, ``g`` queries per kv head, ``e`` head
-width, ``d`` model width.
+each decode step are the same code. Shape suffixes follow the README's table of shape
+letters: ``l`` the new tokens, ``s`` the slots attended over (the cache's, or the new
+tokens' own).
 """
 
 from __future__ import annotations
@@ -117,14 +117,14 @@ def rope_inv_freq(cfg: DecoderConfig) -> tuple[jax.Array, float]:
   raise NotImplementedError(f"rope_type {kind!r} is not supported (default, linear, llama3 are)")
 
 
-def apply_rope(x_bthe: jax.Array, positions_bt: jax.Array, inv_freq: jax.Array,
+def apply_rope(x_blna: jax.Array, positions_bl: jax.Array, inv_freq: jax.Array,
                scale: float) -> jax.Array:
-  freqs_bte = positions_bt[..., None].astype(jnp.float32) * inv_freq
-  angles = jnp.concatenate([freqs_bte, freqs_bte], axis=-1)[:, :, None, :]
-  cos, sin = (jnp.cos(angles) * scale).astype(x_bthe.dtype), (jnp.sin(angles) * scale).astype(x_bthe.dtype)
-  half = x_bthe.shape[-1] // 2
-  rotated = jnp.concatenate([-x_bthe[..., half:], x_bthe[..., :half]], axis=-1)
-  return x_bthe * cos + rotated * sin
+  freqs_bla = positions_bl[..., None].astype(jnp.float32) * inv_freq  # (B, L, A / 2)
+  angles = jnp.concatenate([freqs_bla, freqs_bla], axis=-1)[:, :, None, :]
+  cos, sin = (jnp.cos(angles) * scale).astype(x_blna.dtype), (jnp.sin(angles) * scale).astype(x_blna.dtype)
+  half = x_blna.shape[-1] // 2
+  rotated = jnp.concatenate([-x_blna[..., half:], x_blna[..., :half]], axis=-1)
+  return x_blna * cos + rotated * sin
 
 
 @struct.dataclass
@@ -165,33 +165,33 @@ class RMSNorm(nnx.Module):
 class Attention(nnx.Module):
 
   def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
-    h, k, e, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
-    if h % k:
-      raise ValueError(f"{h} attention heads are not a multiple of {k} key/value heads")
+    n, k, a, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
+    if n % k:
+      raise ValueError(f"{n} attention heads are not a multiple of {k} key/value heads")
     self.cfg = cfg
-    self.q_proj = Linear(d, h * e, use_bias=cfg.qkv_bias, axes=("embed", "heads"), rngs=rngs)
-    self.k_proj = Linear(d, k * e, use_bias=cfg.qkv_bias, axes=("embed", "kv_heads"), rngs=rngs)
-    self.v_proj = Linear(d, k * e, use_bias=cfg.qkv_bias, axes=("embed", "kv_heads"), rngs=rngs)
-    self.o_proj = Linear(h * e, d, use_bias=cfg.o_bias, axes=("heads", "embed"), rngs=rngs)
+    self.q_proj = Linear(d, n * a, use_bias=cfg.qkv_bias, axes=("embed", "heads"), rngs=rngs)
+    self.k_proj = Linear(d, k * a, use_bias=cfg.qkv_bias, axes=("embed", "kv_heads"), rngs=rngs)
+    self.v_proj = Linear(d, k * a, use_bias=cfg.qkv_bias, axes=("embed", "kv_heads"), rngs=rngs)
+    self.o_proj = Linear(n * a, d, use_bias=cfg.o_bias, axes=("heads", "embed"), rngs=rngs)
 
-  def __call__(self, x_btd, positions_bt, rope, key_mask_bts, kv_cache):
-    """kv_cache: None, or (k_bske, v_bske, index): this layer's cache and the slot to
+  def __call__(self, x_bld, positions_bl, rope, key_mask_bls, kv_cache):
+    """kv_cache: None, or (k_bska, v_bska, index): this layer's cache and the slot to
     write at. Returns (out, the updated (k, v) or None)."""
     cfg = self.cfg
-    b, t, _ = x_btd.shape
-    h, k, e = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    q_bthe = apply_rope(self.q_proj(x_btd).reshape(b, t, h, e), positions_bt, *rope)
-    k_btke = apply_rope(self.k_proj(x_btd).reshape(b, t, k, e), positions_bt, *rope)
-    v_btke = self.v_proj(x_btd).reshape(b, t, k, e)
+    b, l, _ = x_bld.shape
+    n, k, a = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    q_blna = apply_rope(self.q_proj(x_bld).reshape(b, l, n, a), positions_bl, *rope)
+    k_blka = apply_rope(self.k_proj(x_bld).reshape(b, l, k, a), positions_bl, *rope)
+    v_blka = self.v_proj(x_bld).reshape(b, l, k, a)
     if kv_cache is not None:
-      k_bske, v_bske, index = kv_cache
-      k_bske = jax.lax.dynamic_update_slice(k_bske, k_btke.astype(k_bske.dtype), (0, index, 0, 0))
-      v_bske = jax.lax.dynamic_update_slice(v_bske, v_btke.astype(v_bske.dtype), (0, index, 0, 0))
-      kv_cache = (k_bske, v_bske)
+      k_bska, v_bska, index = kv_cache
+      k_bska = jax.lax.dynamic_update_slice(k_bska, k_blka.astype(k_bska.dtype), (0, index, 0, 0))
+      v_bska = jax.lax.dynamic_update_slice(v_bska, v_blka.astype(v_bska.dtype), (0, index, 0, 0))
+      kv_cache = (k_bska, v_bska)
     else:
-      k_bske, v_bske = k_btke, v_btke
-    out_bthe = attention(q_bthe, k_bske, v_bske, key_mask_bts)
-    return self.o_proj(out_bthe.reshape(b, t, h * e)), kv_cache
+      k_bska, v_bska = k_blka, v_blka
+    out_blna = attention(q_blna, k_bska, v_bska, key_mask_bls)
+    return self.o_proj(out_blna.reshape(b, l, n * a)), kv_cache
 
 
 class MLP(nnx.Module):
@@ -217,12 +217,12 @@ class DecoderLayer(nnx.Module):
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x_btd, positions_bt, rope, key_mask_bts, kv_cache):
-    attn, kv = self.self_attn(self.input_layernorm(x_btd), positions_bt, rope, key_mask_bts,
+  def __call__(self, x_bld, positions_bl, rope, key_mask_bls, kv_cache):
+    attn, kv = self.self_attn(self.input_layernorm(x_bld), positions_bl, rope, key_mask_bls,
                               kv_cache)
-    x_btd = x_btd + attn
-    x_btd = x_btd + self.mlp(self.post_attention_layernorm(x_btd))
-    return constrain(x_btd, ("batch", "length", "embed")), kv
+    x_bld = x_bld + attn
+    x_bld = x_bld + self.mlp(self.post_attention_layernorm(x_bld))
+    return constrain(x_bld, ("batch", "length", "embed")), kv
 
 
 class Decoder(nnx.Module):
@@ -236,14 +236,14 @@ class Decoder(nnx.Module):
 
 @struct.dataclass
 class CausalLMOutput:
-  logits: jax.Array  # (B, T, vocab) float32
+  logits: jax.Array  # (B, L, V) float32
   cache: KVCache | None = None
 
 
-def positions_from_mask(mask_bt: jax.Array) -> jax.Array:
+def positions_from_mask(mask_bl: jax.Array) -> jax.Array:
   """Left-padding-aware positions, as transformers' generate: cumsum(mask) - 1, pads at 1."""
-  mask_bt = mask_bt.astype(jnp.int32)
-  return jnp.where(mask_bt > 0, jnp.cumsum(mask_bt, axis=1) - 1, 1)
+  mask_bl = mask_bl.astype(jnp.int32)
+  return jnp.where(mask_bl > 0, jnp.cumsum(mask_bl, axis=1) - 1, 1)
 
 
 class CausalLM(nnx.Module):
@@ -263,26 +263,26 @@ class CausalLM(nnx.Module):
   def __call__(self, input_ids: jax.Array | None = None, attention_mask: jax.Array | None = None,
                position_ids: jax.Array | None = None, inputs_embeds: jax.Array | None = None,
                cache: KVCache | None = None, last_only: bool = False) -> CausalLMOutput:
-    """Logits (B, T, vocab) float32 for ``input_ids`` (or ``inputs_embeds`` (B, T, D)).
+    """Logits (B, L, V) float32 for ``input_ids`` (or ``inputs_embeds`` (B, L, D)).
 
-    ``attention_mask`` (B, T) marks real tokens (left or right padding); positions
+    ``attention_mask`` (B, L) marks real tokens (left or right padding); positions
     default to ``positions_from_mask``. With ``cache``, the tokens are written at
     ``cache.index`` and attend to every earlier real slot; the updated cache is returned.
-    ``last_only``: logits of the last position only, (B, 1, vocab), as a prefill needs
+    ``last_only``: logits of the last position only, (B, 1, V), as a prefill needs
     (a 18k-token video prompt would otherwise spend 2.4 GB on 32k-word logits).
     Training takes ``hidden_states`` and ``head_dv`` instead and never builds the
     full logits (``ppllava_jax.train.losses``).
     """
-    x_btd, cache = self.hidden_states(input_ids, attention_mask, position_ids, inputs_embeds,
+    x_bld, cache = self.hidden_states(input_ids, attention_mask, position_ids, inputs_embeds,
                                       cache)
-    x_btd = x_btd[:, -1:] if last_only else x_btd
-    logits = x_btd @ self.head_dv.astype(x_btd.dtype)
+    x_bld = x_bld[:, -1:] if last_only else x_bld
+    logits = x_bld @ self.head_dv.astype(x_bld.dtype)
     return CausalLMOutput(constrain(logits.astype(jnp.float32), ("batch", "length", "vocab")),
                           cache)
 
   @property
   def head_dv(self) -> jax.Array:
-    """The LM head as a (D, vocab) matrix: ``lm_head``, or the token table when tied."""
+    """The LM head as a (D, V) matrix: ``lm_head``, or the token table when tied."""
     if self.lm_head is None:
       return self.model.embed_tokens.weight[...].T
     return self.lm_head.kernel[...]
@@ -292,33 +292,33 @@ class CausalLM(nnx.Module):
                     position_ids: jax.Array | None = None,
                     inputs_embeds: jax.Array | None = None,
                     cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
-    """The final-norm hidden states (B, T, D) and the updated cache (arguments as
+    """The final-norm hidden states (B, L, D) and the updated cache (arguments as
     ``__call__``)."""
     if (input_ids is None) == (inputs_embeds is None):
       raise ValueError("give exactly one of input_ids or inputs_embeds")
-    x_btd = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
-    b, t = x_btd.shape[:2]
-    mask_bt = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+    x_bld = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+    b, l = x_bld.shape[:2]
+    mask_bl = jnp.ones((b, l), bool) if attention_mask is None else attention_mask.astype(bool)
     if position_ids is None:
-      position_ids = positions_from_mask(mask_bt)
+      position_ids = positions_from_mask(mask_bl)
     if cache is None:
-      valid_bs, slot_s, q_slot_t = mask_bt, jnp.arange(t), jnp.arange(t)
+      valid_bs, slot_s, q_slot_l = mask_bl, jnp.arange(l), jnp.arange(l)
     else:
-      valid_bs = jax.lax.dynamic_update_slice(cache.valid, mask_bt, (0, cache.index))
-      slot_s, q_slot_t = jnp.arange(valid_bs.shape[1]), cache.index + jnp.arange(t)
-    key_mask_bts = valid_bs[:, None, :] & (slot_s[None, None, :] <= q_slot_t[None, :, None])
+      valid_bs = jax.lax.dynamic_update_slice(cache.valid, mask_bl, (0, cache.index))
+      slot_s, q_slot_l = jnp.arange(valid_bs.shape[1]), cache.index + jnp.arange(l)
+    key_mask_bls = valid_bs[:, None, :] & (slot_s[None, None, :] <= q_slot_l[None, :, None])
     rope = rope_inv_freq(self.cfg)
-    x_btd = constrain(x_btd, ("batch", "length", "embed"))
-    new_k, new_v = [], []
+    x_bld = constrain(x_bld, ("batch", "length", "embed"))
+    new_keys, new_values = [], []
     for i, layer in enumerate(self.model.layers):
-      x_btd, kv = layer(x_btd, position_ids, rope, key_mask_bts,
+      x_bld, kv = layer(x_bld, position_ids, rope, key_mask_bls,
                         None if cache is None else (cache.k[i], cache.v[i], cache.index))
       if kv is not None:
-        new_k.append(kv[0])
-        new_v.append(kv[1])
+        new_keys.append(kv[0])
+        new_values.append(kv[1])
     if cache is not None:
-      cache = KVCache(tuple(new_k), tuple(new_v), valid_bs, cache.index + t)
-    return self.model.norm(x_btd), cache
+      cache = KVCache(tuple(new_keys), tuple(new_values), valid_bs, cache.index + l)
+    return self.model.norm(x_bld), cache
 
   def init_cache(self, batch: int, length: int, dtype=None) -> KVCache:
     """An empty cache in ``dtype``, by default the model's (bf16 weights: a bf16 cache,
@@ -327,7 +327,7 @@ class CausalLM(nnx.Module):
                         dtype or self.model.embed_tokens.weight[...].dtype)
 
   def generate(self, input_ids, attention_mask=None, **kwargs):
-    """Token ids (B, T + max_new_tokens): see ``ppllava_jax.models.generate.generate``."""
+    """Token ids (B, L + max_new_tokens): see ``ppllava_jax.models.generate.generate``."""
     return generate(self, input_ids, attention_mask, **kwargs)
 
   @classmethod

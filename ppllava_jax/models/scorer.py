@@ -203,13 +203,13 @@ def build_scorer(cfg: ScorerConfig | SiglipScorerConfig, *, rngs: nnx.Rngs) -> n
 class _Scorer(nnx.Module):
   """Eq. 1 from ``patch_embeddings`` and ``text_features``, which subclasses define."""
 
-  def __call__(self, feats_btggv: jax.Array, text_be: jax.Array,
+  def __call__(self, feats_btggf: jax.Array, text_be: jax.Array,
                mask_bt: jax.Array | None = None) -> jax.Array:
     """Eq. 1 over all (t, h, w) of each item: (B, T, g, g) probabilities; frames that
     ``mask_bt`` (B, T) marks False (padding) get 0."""
     mask = None if mask_bt is None else jnp.broadcast_to(mask_bt[:, :, None, None],
-                                                         feats_btggv.shape[:4])
-    return ops.relevance_scores(self.patch_embeddings(feats_btggv), text_be,
+                                                         feats_btggf.shape[:4])
+    return ops.relevance_scores(self.patch_embeddings(feats_btggf), text_be,
                                 self.logit_scale[...].reshape(()), mask)
 
 
@@ -229,7 +229,7 @@ class RelevanceScorer(_Scorer):
     return self.text_projection(self.text_model(input_ids, attention_mask)[2])
 
   def patch_embeddings(self, feats: jax.Array) -> jax.Array:
-    """(..., vision_width) patches -> (..., E)."""
+    """(..., F) patches -> (..., E)."""
     return self.visual_projection(self.visual_ln(feats))
 
   @classmethod
@@ -258,11 +258,11 @@ class SiglipRelevanceScorer(_Scorer):
     self.logit_bias = nnx.Param(jnp.zeros((1,), jnp.float32))
 
   def text_features(self, input_ids: jax.Array, attention_mask: jax.Array | None) -> jax.Array:
-    """(B, L) prompt ids -> (B, P), SigLIP's pooled (last position) text state through its head."""
+    """(B, L) prompt ids -> (B, E), SigLIP's pooled (last position) text state through its head."""
     return self.text_model(input_ids, attention_mask)[2]
 
   def patch_embeddings(self, feats: jax.Array) -> jax.Array:
-    """(..., vision_width) patches -> (..., vision_width)."""
+    """(..., F) patches -> (..., E), SigLIP's joint space being its vision width."""
     return self.visual_head.per_patch(self.visual_ln(feats))
 
   @classmethod

@@ -19,7 +19,7 @@ from ppllava_jax.convert.siglip import SIGLIP_RULES
 from ppllava_jax.models.attention import attention
 from ppllava_jax.models.dual_encoder import DualEncoder, towers_from_hf, towers_to_hf
 from ppllava_jax.models.layers import (MLP, Embedding, Encoder, LayerNorm, Linear, PatchEmbedding,
-                                       nchw_to_nhwc)
+                                       channels_last)
 from ppllava_jax.models.text import TextEmbeddings, prepare_text_inputs
 
 
@@ -100,13 +100,13 @@ class PoolingAttention(nnx.Module):
     kernel, bias = self.in_proj.kernel[...], self.in_proj.bias[...]
     return x_bld @ kernel[:, 2 * d:].astype(x_bld.dtype) + bias[2 * d:].astype(x_bld.dtype)
 
-  def __call__(self, q_bqd: jax.Array, x_bld: jax.Array) -> jax.Array:
+  def __call__(self, q_bld: jax.Array, x_bld: jax.Array) -> jax.Array:
     d = x_bld.shape[-1]
     heads = lambda t: t.reshape(t.shape[0], t.shape[1], self.num_heads, d // self.num_heads)
-    q = self.in_proj(q_bqd)[..., :d]
+    q = self.in_proj(q_bld)[..., :d]
     kv = self.in_proj(x_bld)
-    out_bqhk = attention(heads(q), heads(kv[..., d:2 * d]), heads(kv[..., 2 * d:]), None)
-    return self.out_proj(out_bqhk.reshape(q_bqd.shape))
+    out_blna = attention(heads(q), heads(kv[..., d:2 * d]), heads(kv[..., 2 * d:]), None)
+    return self.out_proj(out_blna.reshape(q_bld.shape))
 
 
 class SiglipPoolingHead(nnx.Module):
@@ -143,7 +143,7 @@ class SiglipVisionTransformer(nnx.Module):
 
   def __call__(self, pixel_values: jax.Array) -> list[jax.Array]:
     """Every hidden state (B, grid^2, D): the embeddings, then each layer (no final norm)."""
-    x_bhwc = nchw_to_nhwc(pixel_values, self.cfg.num_channels, self.cfg.image_size)
+    x_bhwc = channels_last(pixel_values, self.cfg.num_channels, self.cfg.image_size)
     return self.encoder(self.embeddings(x_bhwc))
 
 
@@ -162,9 +162,9 @@ class SiglipTextTransformer(nnx.Module):
     """(hidden states, last (B, L, D) after final_layer_norm, pooled (B, P) = head(last[:, -1]))."""
     ids_bl, mask_bl = prepare_text_inputs(ids_bl, mask_bl, self.cfg.max_position_embeddings,
                                           None)
-    mask_bqk = jnp.broadcast_to(mask_bl.astype(bool)[:, None, :],
+    mask_bls = jnp.broadcast_to(mask_bl.astype(bool)[:, None, :],
                                 (ids_bl.shape[0], ids_bl.shape[1], ids_bl.shape[1]))
-    hidden = self.encoder(self.embeddings(ids_bl), mask_bqk)
+    hidden = self.encoder(self.embeddings(ids_bl), mask_bls)
     last_bld = self.final_layer_norm(hidden[-1])
     return hidden, last_bld, self.head(last_bld[:, -1])
 

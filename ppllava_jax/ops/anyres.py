@@ -188,25 +188,25 @@ def pack_image_features(features_per_image: Sequence[jax.Array],
                      f"{tuple(image_newline.shape)}")
   d = image_newline.shape[0]
   packed = []
-  for i, (tiles_nld, size) in enumerate(zip(features_per_image, image_sizes)):
+  for i, (tiles_ipd, size) in enumerate(zip(features_per_image, image_sizes)):
     (rows, cols), side, (cut_h, cut_w) = _packed_geometry(size, grid_pinpoints, tile_size,
                                                           patch_size, pool)
     expected = (1 + rows * cols, side * side, d)
-    if tuple(tiles_nld.shape) != expected:
+    if tuple(tiles_ipd.shape) != expected:
       raise ValueError(f"pack_image_features: image {i} of size {tuple(size)} needs "
                        f"(1 + {rows}x{cols} tiles, {side}x{side} features, D={d}) = "
-                       f"{expected}, got shape {tuple(tiles_nld.shape)}")
-    tiles_nld = jnp.asarray(tiles_nld)
+                       f"{expected}, got shape {tuple(tiles_ipd.shape)}")
+    tiles_ipd = jnp.asarray(tiles_ipd)
     grid_h, grid_w = rows * side, cols * side
-    grid_hwd = (tiles_nld[1:].reshape(rows, cols, side, side, d)
+    grid_hwd = (tiles_ipd[1:].reshape(rows, cols, side, side, d)
                 .transpose(0, 2, 1, 3, 4).reshape(grid_h, grid_w, d))
     grid_hwd = grid_hwd[cut_h:grid_h - cut_h, cut_w:grid_w - cut_w]
     small = _downscaled(grid_hwd.shape[:2], side, max_patches)
     if small != grid_hwd.shape[:2]:
       grid_hwd = jax.image.resize(grid_hwd.astype(jnp.float32), (*small, d), "bilinear",
-                                  antialias=False).astype(tiles_nld.dtype)
-    newline_h1d = jnp.broadcast_to(image_newline.astype(tiles_nld.dtype),
+                                  antialias=False).astype(tiles_ipd.dtype)
+    newline_h1d = jnp.broadcast_to(image_newline.astype(tiles_ipd.dtype),
                                    (grid_hwd.shape[0], 1, d))
     rows_ld = jnp.concatenate([grid_hwd, newline_h1d], axis=1).reshape(-1, d)
-    packed.append(jnp.concatenate([tiles_nld[0], rows_ld], axis=0))
+    packed.append(jnp.concatenate([tiles_ipd[0], rows_ld], axis=0))
   return packed

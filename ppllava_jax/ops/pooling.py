@@ -65,23 +65,23 @@ def _gather_windows(probs_bthw: jax.Array, out: Size3, kernel: Size3,
 def window_weights(probs_bthw: jax.Array, out: Size3, kernel: Size3, stride: Size3,
                    mode: PoolMode, temperature: float) -> jax.Array:
   """Per-window token weights, (B, T', H', W', kt, kh, kw), at least float32."""
-  p_bthwk = _gather_windows(probs_bthw.astype(compute_dtype(probs_bthw.dtype)), out, kernel,
+  p_bthwo = _gather_windows(probs_bthw.astype(compute_dtype(probs_bthw.dtype)), out, kernel,
                             stride)
-  p_bthwk = p_bthwk.reshape(p_bthwk.shape[:4] + (-1,))
+  p_bthwo = p_bthwo.reshape(p_bthwo.shape[:4] + (-1,))
   if mode == "softmax":
-    w_bthwk = jax.nn.softmax(p_bthwk / temperature, axis=-1)
+    w_bthwo = jax.nn.softmax(p_bthwo / temperature, axis=-1)
   elif mode == "weighted_sum":
-    w_bthwk = p_bthwk
+    w_bthwo = p_bthwo
   elif mode == "average":
-    w_bthwk = jnp.full_like(p_bthwk, 1.0 / p_bthwk.shape[-1])
+    w_bthwo = jnp.full_like(p_bthwo, 1.0 / p_bthwo.shape[-1])
   elif mode == "max":
-    w_bthwk = jax.nn.one_hot(jnp.argmax(p_bthwk, axis=-1), p_bthwk.shape[-1], dtype=p_bthwk.dtype)
+    w_bthwo = jax.nn.one_hot(jnp.argmax(p_bthwo, axis=-1), p_bthwo.shape[-1], dtype=p_bthwo.dtype)
   else:
     raise ValueError(f"mode must be one of {POOL_MODES}, got {mode!r}")
-  return w_bthwk.reshape(w_bthwk.shape[:4] + tuple(kernel))
+  return w_bthwo.reshape(w_bthwo.shape[:4] + tuple(kernel))
 
 
-def _weighted_window_sum(x: jax.Array, w_bthwijk: jax.Array, out: Size3, kernel: Size3,
+def _weighted_window_sum(x: jax.Array, w_bthwooo: jax.Array, out: Size3, kernel: Size3,
                          stride: Size3) -> jax.Array:
   """sum over each window of x * w, as strided views of x: (B, T', H', W', D) in w's dtype."""
   fold = [k == s and k >= _FOLD_MIN_KERNEL for k, s in zip(kernel, stride)]
@@ -90,18 +90,19 @@ def _weighted_window_sum(x: jax.Array, w_bthwijk: jax.Array, out: Size3, kernel:
   b, d = x.shape[0], x.shape[-1]
   acc_bthwd = None
   for offset in itertools.product(*offsets):
-    x_sl, w_sl, view = [slice(None)], [slice(None)] * 4, [b]
+    x_slices, w_slices, view = [slice(None)], [slice(None)] * 4, [b]
     for o, n, k, s in zip(offset, out, kernel, stride):
       if o is None:
-        x_sl.append(slice(0, n * k))
-        w_sl.append(slice(None))
+        x_slices.append(slice(0, n * k))
+        w_slices.append(slice(None))
         view += [n, k]
       else:
-        x_sl.append(slice(o, o + s * (n - 1) + 1, s))
-        w_sl.append(slice(o, o + 1))
+        x_slices.append(slice(o, o + s * (n - 1) + 1, s))
+        w_slices.append(slice(o, o + 1))
         view += [n, 1]
-    x_view = x[tuple(x_sl)].astype(w_bthwijk.dtype).reshape(view + [d])  # (B,T',ft,H',fh,W',fw,D)
-    w_view = w_bthwijk[tuple(w_sl)].transpose(0, 1, 4, 2, 5, 3, 6)   # (B,T',ft,H',fh,W',fw)
+    # (B,T',ft,H',fh,W',fw,D) and (B,T',ft,H',fh,W',fw)
+    x_view = x[tuple(x_slices)].astype(w_bthwooo.dtype).reshape(view + [d])
+    w_view = w_bthwooo[tuple(w_slices)].transpose(0, 1, 4, 2, 5, 3, 6)
     term = jnp.sum(x_view * w_view[..., None], axis=(2, 4, 6))
     acc_bthwd = term if acc_bthwd is None else acc_bthwd + term
   return acc_bthwd
@@ -111,8 +112,8 @@ def _weighted_window_sum(x: jax.Array, w_bthwijk: jax.Array, out: Size3, kernel:
 def _pool(x, probs, temperature, *, out: Size3, kernel: Size3, stride: Size3,
           mode: PoolMode) -> jax.Array:
   # Jitted so eager callers pay one dispatch, not one per kernel offset.
-  w_bthwijk = window_weights(probs, out, kernel, stride, mode, temperature)
-  return _weighted_window_sum(x, w_bthwijk, out, kernel, stride).astype(x.dtype)
+  w_bthwooo = window_weights(probs, out, kernel, stride, mode, temperature)
+  return _weighted_window_sum(x, w_bthwooo, out, kernel, stride).astype(x.dtype)
 
 
 def prompt_guided_pool(x: jax.Array, probs: jax.Array, kernel: Sequence[int],

@@ -41,9 +41,9 @@ def interpolate_positions(table: jax.Array, new_length: int) -> jax.Array:
   # last row, so grid points are copied exactly, as the original code does).
   seg_lo = jnp.minimum(base, length - 2)
   frac = (j - base)[:, None]
-  table_c = table.astype(dtype)
-  slope = table_c[seg_lo + 1] - table_c[seg_lo]
-  return (table_c[base] + frac * slope).astype(table.dtype)
+  precise = table.astype(dtype)
+  slope = precise[seg_lo + 1] - precise[seg_lo]
+  return (precise[base] + frac * slope).astype(table.dtype)
 
 
 def extend_positions(table: jax.Array, keep: int = 20, ratio: int = 4) -> jax.Array:

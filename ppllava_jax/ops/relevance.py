@@ -56,7 +56,7 @@ def relevance_scores(patch_emb: jax.Array, text_emb: jax.Array, logit_scale: jax
       raise ValueError(f"relevance_scores: mask must be (B, T, H, W) = {logits_bthw.shape}, "
                        f"got shape {tuple(mask.shape)}")
     mask = mask.reshape(b, -1)
-  probs_bn = jax.nn.softmax(logits_bthw.reshape(b, -1), axis=-1, where=mask)
+  probs = jax.nn.softmax(logits_bthw.reshape(b, -1), axis=-1, where=mask)  # flat (t, h, w)
   if mask is not None:
-    probs_bn = jnp.where(mask, probs_bn, 0.0)
-  return probs_bn.reshape(logits_bthw.shape)
+    probs = jnp.where(mask, probs, 0.0)
+  return probs.reshape(logits_bthw.shape)

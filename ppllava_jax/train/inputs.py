@@ -26,17 +26,17 @@ from ppllava_jax.models.ppllava import MODES, PPLLaVA
 
 def _item_tokens(model: PPLLaVA, frames_btchw: jax.Array, text_be: jax.Array | None,
                  mask_bt: jax.Array, per_frame: bool) -> jax.Array:
-  """(B, T, s, s, D) tokens of B image items of T tiles / pictures each. ``per_frame``:
+  """(B, T, g', g', D) tokens of B image items of T tiles / pictures each. ``per_frame``:
   the vision tower sees each frame alone (anyres tiles), else each item whole."""
   b, t = frames_btchw.shape[:2]
   if per_frame:
-    feats_btggv = model.patch_features(frames_btchw.reshape(b * t, 1, *frames_btchw.shape[2:]))
-    feats_btggv = feats_btggv.reshape(b, t, *feats_btggv.shape[2:])
+    feats_btggf = model.patch_features(frames_btchw.reshape(b * t, 1, *frames_btchw.shape[2:]))
+    feats_btggf = feats_btggf.reshape(b, t, *feats_btggf.shape[2:])
   else:
-    feats_btggv = model.patch_features(frames_btchw)
+    feats_btggf = model.patch_features(frames_btchw)
   if MODES[model.cfg.pooling.mode].windows is None:
-    return model.multi_modal_projector(feats_btggv)
-  return model.pool(feats_btggv, text_be, model.cfg.pooling.image_kernel, mask_bt=mask_bt)
+    return model.multi_modal_projector(feats_btggf)
+  return model.pool(feats_btggf, text_be, model.cfg.pooling.image_kernel, mask_bt=mask_bt)
 
 
 def embed_batch(model: PPLLaVA, batch) -> jax.Array:
@@ -48,9 +48,9 @@ def embed_batch(model: PPLLaVA, batch) -> jax.Array:
     text_be = model.scorer.text_features(batch.scorer_ids, batch.scorer_mask)
   pick = lambda rows: None if text_be is None else text_be[rows]
   if batch.videos.shape[0]:
-    tokens_vnd = model.encode_videos(batch.videos.astype(emb_bld.dtype), pick(batch.video_row),
+    tokens_ild = model.encode_videos(batch.videos.astype(emb_bld.dtype), pick(batch.video_row),
                                      batch.video_frame_mask)
-    emb_bld = ops.merge_media(emb_bld, batch.input_ids, tokens_vnd.reshape(-1, emb_bld.shape[-1]),
+    emb_bld = ops.merge_media(emb_bld, batch.input_ids, tokens_ild.reshape(-1, emb_bld.shape[-1]),
                               batch.video_token_mask.reshape(-1), cfg.video_token_index)
   if batch.image_gather.shape[0]:
     parts = []
@@ -61,8 +61,8 @@ def embed_batch(model: PPLLaVA, batch) -> jax.Array:
       parts.append(_item_tokens(model, batch.pictures.astype(emb_bld.dtype),
                                 pick(batch.multi_image_row), batch.picture_mask, per_frame=False))
     d = emb_bld.shape[-1]
-    table_nd = jnp.concatenate([p.reshape(-1, d) for p in parts] +
+    table_ld = jnp.concatenate([p.reshape(-1, d) for p in parts] +
                                [model.image_newline[...].astype(emb_bld.dtype)[None]])
-    emb_bld = ops.merge_media(emb_bld, batch.input_ids, table_nd[batch.image_gather],
+    emb_bld = ops.merge_media(emb_bld, batch.input_ids, table_ld[batch.image_gather],
                               batch.image_gather_mask, cfg.image_token_index)
   return emb_bld

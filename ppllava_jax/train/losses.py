@@ -40,19 +40,19 @@ def token_logprobs(hidden_bld: jax.Array, head_dv: jax.Array, targets_bl: jax.Ar
   chunk = min(chunk, l)
   n = -(-l // chunk)
   pad = n * chunk - l
-  hidden_ncbd = jnp.pad(hidden_bld, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, d)
-  targets_ncb = jnp.pad(targets_bl, ((0, 0), (0, pad)), constant_values=IGNORE).reshape(b, n, chunk)
+  hidden_bjqd = jnp.pad(hidden_bld, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, d)
+  targets_bjq = jnp.pad(targets_bl, ((0, 0), (0, pad)), constant_values=IGNORE).reshape(b, n, chunk)
 
   @jax.checkpoint
   def one_chunk(args):
-    x_bcd, t_bc = args
-    logits_bcv = jnp.einsum("bcd,dv->bcv", x_bcd, head_dv.astype(x_bcd.dtype),
+    x_bqd, t_bq = args
+    logits_bqv = jnp.einsum("bqd,dv->bqv", x_bqd, head_dv.astype(x_bqd.dtype),
                             preferred_element_type=jnp.float32)
-    picked = jnp.take_along_axis(logits_bcv, jnp.maximum(t_bc, 0)[..., None], axis=-1)[..., 0]
-    return jnp.where(t_bc == IGNORE, 0.0, picked - jax.nn.logsumexp(logits_bcv, axis=-1))
+    picked = jnp.take_along_axis(logits_bqv, jnp.maximum(t_bq, 0)[..., None], axis=-1)[..., 0]
+    return jnp.where(t_bq == IGNORE, 0.0, picked - jax.nn.logsumexp(logits_bqv, axis=-1))
 
-  logp_nbc = lax.map(one_chunk, (hidden_ncbd.swapaxes(0, 1), targets_ncb.swapaxes(0, 1)))
-  return logp_nbc.transpose(1, 0, 2).reshape(b, n * chunk)[:, :l]
+  logp_jbq = lax.map(one_chunk, (hidden_bjqd.swapaxes(0, 1), targets_bjq.swapaxes(0, 1)))
+  return logp_jbq.transpose(1, 0, 2).reshape(b, n * chunk)[:, :l]
 
 
 def cross_entropy(hidden_bld: jax.Array, head_dv: jax.Array, labels_bl: jax.Array,

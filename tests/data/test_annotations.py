@@ -10,6 +10,7 @@ import pytest
 from ppllava_jax.data.annotations import (AnnotationError, CorpusConfig,
                                           MixtureConfig, epoch_order, load_mixture, parse_record)
 from ppllava_jax.data.templates import Turn
+from ppllava_jax.files import DataFileError
 
 QA = [{"q": "What is it?", "a": "A dog."}]
 
@@ -74,15 +75,21 @@ def test_a_malformed_record_names_file_record_and_field(tmp_path, bad, fmt, kind
   assert pickle.loads(pickle.dumps(err.value)).args == err.value.args  # crosses processes
 
 
-def test_file_level_errors(tmp_path):
+def test_file_level_errors_name_the_file_and_line(tmp_path):
+  def load_file(name):
+    return load_mixture(MixtureConfig((CorpusConfig("a", str(tmp_path / name)),)))
+
   (tmp_path / "obj.json").write_text('{"video": "v.mp4"}')
-  with pytest.raises(AnnotationError, match="obj.json: must hold a list of records, got dict"):
-    load_mixture(MixtureConfig((CorpusConfig("a", str(tmp_path / "obj.json")),)))
+  with pytest.raises(DataFileError, match=r"obj\.json: expected a JSON array, found an object"):
+    load_file("obj.json")
   (tmp_path / "bad.jsonl").write_text(json.dumps({"video": "v", "QA": QA}) + "\n\n{oops\n")
-  with pytest.raises(AnnotationError, match=r"bad.jsonl: record 1: line 3 is not JSON"):
-    load_mixture(MixtureConfig((CorpusConfig("a", str(tmp_path / "bad.jsonl")),)))
-  with pytest.raises(AnnotationError, match="no such annotation file"):
-    load_mixture(MixtureConfig((CorpusConfig("a", str(tmp_path / "none.json")),)))
+  with pytest.raises(DataFileError, match=r"bad\.jsonl:3: invalid JSON"):
+    load_file("bad.jsonl")
+  with pytest.raises(DataFileError, match=r"none\.json: cannot be read: No such file"):
+    load_file("none.json")
+  (tmp_path / "empty.jsonl").write_text("\n")
+  with pytest.raises(AnnotationError, match=r"empty\.jsonl: holds no records"):
+    load_file("empty.jsonl")
 
 
 def test_both_formats_normalise_to_records(tmp_path):

@@ -19,6 +19,7 @@ from ppllava_jax.eval.mcq import (LMMS_VIDEOMME_POST_PROMPT_LLAVA_VID, LmmsEvalP
                                   McqDataError, MVBenchItem, OriginalProtocol, VideoMMEItem,
                                   build_prompt, check_ans, lmms_mcq_extract, lmms_mcq_read,
                                   load_mvbench, load_videomme, numpy_array_text, score)
+from ppllava_jax.files import DataFileError
 
 INSTRUCTION = ("Select the best answer to the following multiple-choice question based on the "
                "video and the subtitles. Respond with only the letter (A, B, C, or D) of the "
@@ -343,12 +344,12 @@ def test_load_videomme_errors(tmp_path, row, message):
 
 def test_loader_file_level_errors(tmp_path):
   (tmp_path / "bad.jsonl").write_text(json.dumps(_videomme_row()) + "\n{oops\n")
-  with pytest.raises(McqDataError, match=r"bad\.jsonl: line 2: not JSON"):
+  with pytest.raises(DataFileError, match=r"bad\.jsonl:2: invalid JSON"):
     load_videomme(tmp_path / "bad.jsonl")
   (tmp_path / "obj.json").write_text("{}")
-  with pytest.raises(McqDataError, match=r"obj\.json: expected a JSON list"):
+  with pytest.raises(DataFileError, match=r"obj\.json: expected a JSON array, found an object"):
     load_videomme(tmp_path / "obj.json")
   with pytest.raises(McqDataError, match=r"unknown format '\.csv'"):
     load_videomme(tmp_path / "x.csv")
-  with pytest.raises(McqDataError, match=r"missing\.json: cannot be read"):
+  with pytest.raises(DataFileError, match=r"missing\.json: cannot be read: No such file"):
     load_mvbench(tmp_path / "missing.json")

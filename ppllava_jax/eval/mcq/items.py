@@ -1,14 +1,16 @@
 """MVBench and VideoMME items: typed, loaded from their files with errors that name
-the file, the item and the field."""
+the file, the item and the field (``McqDataError``; a JSON or JSONL file that cannot be
+read, is not JSON or not a list: ``files.DataFileError``, naming the file and line)."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import string
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+from ppllava_jax.files import read_json, read_jsonl
 
 LETTERS = string.ascii_uppercase
 DURATIONS = ("short", "medium", "long")
@@ -51,35 +53,24 @@ Item = MVBenchItem | VideoMMEItem
 
 
 def _records(path: Path) -> Iterator[tuple[str, Any]]:
-  """(where, record) for a JSON list, JSON Lines or Parquet file."""
+  """(where, record) for a JSON list, JSON Lines or Parquet file; the JSON ones are read
+  whole by ``files.read_json`` / ``read_jsonl`` (their errors: ``path:line: problem``)."""
+  if path.suffix == ".jsonl":
+    return ((f"line {number}", record) for number, record in read_jsonl(path))
+  if path.suffix == ".json":
+    return ((f"item {i}", record) for i, record in enumerate(read_json(path, expect=list)))
+  if path.suffix != ".parquet":
+    raise McqDataError(f"{path}: unknown format {path.suffix!r}; expected .json, .jsonl "
+                       "or .parquet")
   try:
-    if path.suffix == ".jsonl":
-      lines = path.read_text(encoding="utf-8").splitlines()
-      for number, line in enumerate(lines, 1):
-        if line.strip():
-          try:
-            yield f"line {number}", json.loads(line)
-          except json.JSONDecodeError as err:
-            raise McqDataError(f"{path}: line {number}: not JSON ({err})") from None
-    elif path.suffix == ".json":
-      try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-      except json.JSONDecodeError as err:
-        raise McqDataError(f"{path}: not JSON ({err})") from None
-      if not isinstance(data, list):
-        raise McqDataError(f"{path}: expected a JSON list of items, got {type(data).__name__}")
-      yield from ((f"item {i}", record) for i, record in enumerate(data))
-    elif path.suffix == ".parquet":
-      try:
-        import pyarrow.parquet as pq  # installed with tensorflow-datasets; only needed here
-      except ImportError:
-        raise McqDataError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
-      yield from ((f"item {i}", r) for i, r in enumerate(pq.read_table(path).to_pylist()))
-    else:
-      raise McqDataError(f"{path}: unknown format {path.suffix!r}; expected .json, .jsonl "
-                         "or .parquet")
+    import pyarrow.parquet as pq  # installed with tensorflow-datasets; only needed here
+  except ImportError:
+    raise McqDataError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+  try:
+    rows = pq.read_table(path).to_pylist()
   except OSError as err:
     raise McqDataError(f"{path}: cannot be read ({err})") from None
+  return ((f"item {i}", row) for i, row in enumerate(rows))
 
 
 class _Fields:
