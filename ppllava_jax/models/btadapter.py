@@ -34,8 +34,8 @@ from ppllava_jax.convert.btadapter import BTADAPTER_RULES
 from ppllava_jax.convert.loader import load_into
 from ppllava_jax.models import pretrained
 from ppllava_jax.models.clip import CLIPVisionConfig, CLIPVisionTransformer
-from ppllava_jax.models.layers import (Embedding, EncoderLayer, LayerNorm, Linear, SelfAttention,
-                                       channels_last)
+from ppllava_jax.models.layers import (REMAT_NONE, Embedding, EncoderLayer, LayerNorm, Linear,
+                                       SelfAttention, channels_last, remat_call)
 
 # The original builds its adapter LayerNorms with torch's default eps, not CLIP's.
 ADAPTER_LN_EPS = 1e-5
@@ -97,7 +97,7 @@ class TemporalBlock(nnx.Module):
     d = cfg.hidden_size
     self.layer_norm1 = LayerNorm(d, ADAPTER_LN_EPS)
     self.self_attn = SelfAttention(d, cfg.num_attention_heads, rngs=rngs)
-    self.temporal_fc = Linear(d, d, rngs=rngs)
+    self.temporal_fc = Linear(d, d, axes=("embed", "embed"), rngs=rngs)  # as Projector.linear_2
     self.temporal_fc.kernel.set_value(jnp.zeros((d, d)))
     self.drop_path = drop_path(drop_rate)
 
@@ -150,8 +150,13 @@ class BTAdapterVisionTransformer(CLIPVisionTransformer):
     self.btadapter_T_layers = nnx.List([
         TemporalBlock(cfg, adapter.temporal_drop_path_rate, rngs=rngs)
         for _ in range(adapter.depth)])
-    self.btadapter_time_embed = Embedding(adapter.max_T, cfg.hidden_size, rngs=rngs)
-    self.btadapter_cls_token = nnx.Param(jnp.zeros((1, 1, cfg.hidden_size)))  # original's shape
+    self.btadapter_time_embed = Embedding(adapter.max_T, cfg.hidden_size, axes=(None, "embed"),
+                                          rngs=rngs)
+    self.btadapter_cls_token = nnx.Param(jnp.zeros((1, 1, cfg.hidden_size)),  # original's shape
+                                         axes=(None, None, "embed"))
+    # The policy of every CLIP layer and adapter block this tower's own loop runs (it calls
+    # ``encoder.layers`` itself); ``layers.set_remat`` sets it with the encoder's.
+    self.remat = REMAT_NONE
 
   def _stream_input(self, x_btld: jax.Array, stream: tuple[jax.Array, jax.Array] | None):
     """What adapter block pair k reads: CLIP layer start+k's output, its CLS averaged
@@ -188,15 +193,15 @@ class BTAdapterVisionTransformer(CLIPVisionTransformer):
     hidden, stream = [frames(x_bld)], None
     start = self.cfg.num_hidden_layers - self.adapter_cfg.depth
     for idx, layer in enumerate(self.encoder.layers):
-      x_bld = layer(x_bld)
+      x_bld = remat_call(layer, self.remat, x_bld)
       x_btld = frames(x_bld)
       if idx < start:
         hidden.append(x_btld)
         continue
       k = idx - start
       cls_bd, patches_btpd = self._stream_input(x_btld, stream)
-      patches_btpd = self.btadapter_T_layers[k](patches_btpd, rngs)
-      stream = self.btadapter_S_layers[k](cls_bd, patches_btpd, rngs)
+      patches_btpd = remat_call(self.btadapter_T_layers[k], self.remat, patches_btpd, rngs)
+      stream = remat_call(self.btadapter_S_layers[k], self.remat, cls_bd, patches_btpd, rngs)
       hidden.append(jnp.concatenate([x_btld[:, :, :1], (x_btld[:, :, 1:] + stream[1]) / 2], axis=2))
     pooled_btd = self.post_layernorm(x_btld[:, :, 0] + stream[0][:, None])
     return hidden, pooled_btd

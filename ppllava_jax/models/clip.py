@@ -80,10 +80,12 @@ class CLIPConfig:
 class CLIPVisionEmbeddings(nnx.Module):
 
   def __init__(self, cfg: CLIPVisionConfig, *, rngs: nnx.Rngs):
-    self.class_embedding = nnx.Param(jax.random.normal(rngs.params(), (cfg.hidden_size,)) * 0.02)
+    self.class_embedding = nnx.Param(jax.random.normal(rngs.params(), (cfg.hidden_size,)) * 0.02,
+                                     axes=("embed",))
     self.patch_embedding = PatchEmbedding(cfg.num_channels, cfg.hidden_size, cfg.patch_size,
                                           use_bias=False, rngs=rngs)
-    self.position_embedding = Embedding(cfg.grid**2 + 1, cfg.hidden_size, rngs=rngs)
+    self.position_embedding = Embedding(cfg.grid**2 + 1, cfg.hidden_size, axes=(None, "embed"),
+                                        rngs=rngs)
 
   def __call__(self, x_bhwc: jax.Array) -> jax.Array:
     patches_bld = self.patch_embedding(x_bhwc)
@@ -152,9 +154,9 @@ class CLIPModel(DualEncoder):
     self.vision_model = CLIPVisionTransformer(cfg.vision, rngs=rngs)
     self.text_model = CLIPTextTransformer(cfg.text, rngs=rngs)
     self.visual_projection = Linear(cfg.vision.hidden_size, cfg.projection_dim, use_bias=False,
-                                    rngs=rngs)
+                                    axes=("embed", "joint"), rngs=rngs)
     self.text_projection = Linear(cfg.text.hidden_size, cfg.projection_dim, use_bias=False,
-                                  rngs=rngs)
+                                  axes=("embed", "joint"), rngs=rngs)
     self.logit_scale = nnx.Param(jnp.asarray(cfg.logit_scale_init_value, jnp.float32))
 
   def get_image_features(self, pixel_values: jax.Array) -> jax.Array:

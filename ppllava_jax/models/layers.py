@@ -3,6 +3,15 @@
 Parameter names mirror transformers' (``q_proj``, ``layer_norm1``, ``fc1``...) so the
 conversion tables read as one-to-one maps. Shape suffixes follow the README's table of
 shape letters (``d`` here is the tower's own width).
+
+Parameters carry the LLM's logical axis names (``models.sharding``): a tower's width is
+``embed``, its attention projections ``heads``, its MLP ``mlp``, so a ViT shards under the
+same (data, fsdp, tensor) rules as the LLM.
+
+Remat: a module that runs a stack of layers keeps a ``remat`` policy name ("none" or a
+``jax.checkpoint_policies`` name, default "none") and calls each layer through
+``remat_call``; ``set_remat(module, policy)`` sets it on every such module below
+``module`` (what a trainer does on the model it differentiates).
 """
 
 from __future__ import annotations
@@ -18,6 +27,38 @@ from ppllava_jax.models.attention import attention
 
 class Frozen(nnx.Variable):
   """A loaded tensor that is never trained (optimisers built with wrt=nnx.Param skip it)."""
+
+
+REMAT_NONE = "none"
+
+
+def remat_policy(name: str):
+  """The ``jax.checkpoint_policies`` entry called ``name`` (a ValueError for any other)."""
+  policy = getattr(jax.checkpoint_policies, name, None) if not name.startswith("_") else None
+  if policy is None or not callable(policy):
+    raise ValueError(f"remat policy {name!r} is neither 'none' nor a jax.checkpoint_policies "
+                     "name")
+  return policy
+
+
+def remat_call(layer: nnx.Module, remat: str, *args):
+  """``layer(*args)``; under ``nnx.remat`` with policy ``remat`` unless it is "none"
+  (the backward pass then recomputes what the policy does not save)."""
+  if remat == REMAT_NONE:
+    return layer(*args)
+  return nnx.remat(lambda m, *a: m(*a), policy=remat_policy(remat))(layer, *args)
+
+
+def set_remat(module: nnx.Module, remat: str) -> nnx.Module:
+  """Sets the remat policy of every layer-stack module under ``module`` (those with a
+  ``remat`` attribute, ``module`` included); returns ``module``. A static attribute: set
+  it on the model a step merges (or before ``nnx.split``, then the graphdef carries it)."""
+  if remat != REMAT_NONE:
+    remat_policy(remat)
+  for _, sub in nnx.iter_modules(module):
+    if hasattr(sub, "remat"):
+      sub.remat = remat
+  return module
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:
@@ -43,8 +84,8 @@ class LayerNorm(nnx.Module):
 
   def __init__(self, dim: int, eps: float, *, dtype=jnp.float32):
     self.eps = eps
-    self.weight = nnx.Param(jnp.ones((dim,), dtype))
-    self.bias = nnx.Param(jnp.zeros((dim,), dtype))
+    self.weight = nnx.Param(jnp.ones((dim,), dtype), axes=("embed",))
+    self.bias = nnx.Param(jnp.zeros((dim,), dtype), axes=("embed",))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
@@ -77,10 +118,10 @@ class SelfAttention(nnx.Module):
     if dim % num_heads:
       raise ValueError(f"hidden size {dim} is not divisible by {num_heads} heads")
     self.num_heads = num_heads
-    self.q_proj = Linear(dim, dim, rngs=rngs)
-    self.k_proj = Linear(dim, dim, rngs=rngs)
-    self.v_proj = Linear(dim, dim, rngs=rngs)
-    self.out_proj = Linear(dim, dim, rngs=rngs)
+    self.q_proj = Linear(dim, dim, axes=("embed", "heads"), rngs=rngs)
+    self.k_proj = Linear(dim, dim, axes=("embed", "heads"), rngs=rngs)
+    self.v_proj = Linear(dim, dim, axes=("embed", "heads"), rngs=rngs)
+    self.out_proj = Linear(dim, dim, axes=("heads", "embed"), rngs=rngs)
 
   def __call__(self, x_bld: jax.Array, mask_bls: jax.Array | None = None) -> jax.Array:
     b, l, d = x_bld.shape
@@ -94,8 +135,8 @@ class MLP(nnx.Module):
 
   def __init__(self, dim: int, hidden: int, act: str, *, rngs: nnx.Rngs):
     self.act = activation(act)
-    self.fc1 = Linear(dim, hidden, rngs=rngs)
-    self.fc2 = Linear(hidden, dim, rngs=rngs)
+    self.fc1 = Linear(dim, hidden, axes=("embed", "mlp"), rngs=rngs)
+    self.fc2 = Linear(hidden, dim, axes=("mlp", "embed"), rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.fc2(self.act(self.fc1(x)))
@@ -117,17 +158,19 @@ class EncoderLayer(nnx.Module):
 
 
 class Encoder(nnx.Module):
-  """A stack of EncoderLayers returning every hidden state (input first, like HF)."""
+  """A stack of EncoderLayers returning every hidden state (input first, like HF); each
+  layer runs under the ``remat`` policy (module doc)."""
 
   def __init__(self, num_layers: int, dim: int, hidden: int, num_heads: int, act: str,
                eps: float, *, rngs: nnx.Rngs):
     self.layers = nnx.List([EncoderLayer(dim, hidden, num_heads, act, eps, rngs=rngs)
                             for _ in range(num_layers)])
+    self.remat = REMAT_NONE
 
   def __call__(self, x_bld: jax.Array, mask_bls: jax.Array | None = None) -> list[jax.Array]:
     hidden = [x_bld]
     for layer in self.layers:
-      hidden.append(layer(hidden[-1], mask_bls))
+      hidden.append(remat_call(layer, self.remat, hidden[-1], mask_bls))
     return hidden
 
 
@@ -145,8 +188,9 @@ class PatchEmbedding(nnx.Module):
 
   def __init__(self, channels: int, dim: int, patch: int, *, use_bias: bool, rngs: nnx.Rngs):
     self.patch = patch
-    self.kernel = nnx.Param(jax.random.normal(rngs.params(), (patch, patch, channels, dim)) * 0.02)
-    self.bias = nnx.Param(jnp.zeros((dim,))) if use_bias else None
+    self.kernel = nnx.Param(jax.random.normal(rngs.params(), (patch, patch, channels, dim)) * 0.02,
+                            axes=(None, None, None, "embed"))
+    self.bias = nnx.Param(jnp.zeros((dim,)), axes=("embed",)) if use_bias else None
 
   def __call__(self, x_bhwc: jax.Array) -> jax.Array:
     y = jax.lax.conv_general_dilated(

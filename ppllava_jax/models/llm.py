@@ -28,7 +28,7 @@ from ppllava_jax.convert.loader import load_into
 from ppllava_jax.models import pretrained
 from ppllava_jax.models.attention import attention
 from ppllava_jax.models.generate import generate
-from ppllava_jax.models.layers import Embedding, Linear
+from ppllava_jax.models.layers import REMAT_NONE, Embedding, Linear, remat_call, set_remat
 from ppllava_jax.models.sharding import constrain
 
 
@@ -232,6 +232,8 @@ class Decoder(nnx.Module):
                                   rngs=rngs)
     self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
     self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+    # "none" or a jax.checkpoint_policies name each layer runs under (layers.remat_call)
+    self.remat = REMAT_NONE
 
 
 @struct.dataclass
@@ -259,6 +261,11 @@ class CausalLM(nnx.Module):
 
   def embed(self, input_ids: jax.Array) -> jax.Array:
     return self.model.embed_tokens(input_ids)
+
+  def set_remat(self, remat: str) -> "CausalLM":
+    """Every decoder layer under ``remat``: "none" or a ``jax.checkpoint_policies`` name
+    (``layers.set_remat``); returns the model."""
+    return set_remat(self, remat)
 
   def __call__(self, input_ids: jax.Array | None = None, attention_mask: jax.Array | None = None,
                position_ids: jax.Array | None = None, inputs_embeds: jax.Array | None = None,
@@ -311,8 +318,8 @@ class CausalLM(nnx.Module):
     x_bld = constrain(x_bld, ("batch", "length", "embed"))
     new_keys, new_values = [], []
     for i, layer in enumerate(self.model.layers):
-      x_bld, kv = layer(x_bld, position_ids, rope, key_mask_bls,
-                        None if cache is None else (cache.k[i], cache.v[i], cache.index))
+      x_bld, kv = remat_call(layer, self.model.remat, x_bld, position_ids, rope, key_mask_bls,
+                             None if cache is None else (cache.k[i], cache.v[i], cache.index))
       if kv is not None:
         new_keys.append(kv[0])
         new_values.append(kv[1])

@@ -51,7 +51,7 @@ from ppllava_jax.models import pretrained
 from ppllava_jax.models.btadapter import BTAdapterVisionTransformer
 from ppllava_jax.models.clip import CLIPModel, CLIPVisionTransformer
 from ppllava_jax.models.generate import generate
-from ppllava_jax.models.layers import Linear
+from ppllava_jax.models.layers import Linear, set_remat
 from ppllava_jax.models.llm import CausalLM, CausalLMOutput, KVCache
 from ppllava_jax.models.pooling_modes import MODES, POOLING_MODES
 from ppllava_jax.models.ppllava_config import MODEL_TYPES, PoolingConfig, PPLLaVAConfig
@@ -101,18 +101,28 @@ class PPLLaVA(nnx.Module):
     # loading (nnx.data), so it splits, jits, shards and saves with the rest.
     self.scorer = nnx.data(None if cfg.scorer is None else build_scorer(cfg.scorer, rngs=rngs))
 
+  def set_remat(self, remat: str) -> "PPLLaVA":
+    """Each LLM decoder layer and each vision-tower layer (CLIP / SigLIP encoder layers,
+    BT-Adapter blocks) under ``remat``: "none" or a ``jax.checkpoint_policies`` name
+    (``layers.set_remat``). The scorer's text tower is left as it is. Returns the model."""
+    set_remat(self.language_model, remat)
+    set_remat(self.vision_tower, remat)
+    return self
+
   # ---- media -> LLM tokens ------------------------------------------------------------
 
-  def patch_features(self, frames_btchw: jax.Array) -> jax.Array:
+  def patch_features(self, frames_btchw: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
     """(B, T, 3, H, W) -> (B, T, g, g, F): the chosen layer's patches, CLS dropped
     (``drop_cls``; SigLIP has none).
 
     A plain CLIP tower sees every frame alone; the BT-Adapter tower sees each item's
     frames together (images and anyres tiles are one-frame items, as in the original).
+    ``rngs``: the BT-Adapter's drop-path keys, used once the model is in training mode
+    (``model.train()``); the other towers are deterministic and ignore them.
     """
     b, t = frames_btchw.shape[:2]
     if self.cfg.btadapter is not None:
-      hidden = self.vision_tower(frames_btchw)[0][self.cfg.vision_feature_layer]
+      hidden = self.vision_tower(frames_btchw, rngs)[0][self.cfg.vision_feature_layer]
     else:
       flat = self.vision_tower(frames_btchw.reshape(b * t, *frames_btchw.shape[2:]))
       hidden = flat[self.cfg.vision_feature_layer].reshape(b, t, *flat[0].shape[1:])
@@ -135,11 +145,13 @@ class PPLLaVA(nnx.Module):
                                   temperature=self.cfg.pooling.temperature)
 
   def encode_videos(self, videos_btchw: jax.Array, text_be: jax.Array | None,
-                    frame_mask_bt: jax.Array | None = None) -> jax.Array:
+                    frame_mask_bt: jax.Array | None = None,
+                    rngs: nnx.Rngs | None = None) -> jax.Array:
     """Videos (B, T, 3, H, W) -> (B, tokens, D), as the pooling mode says (``MODES``);
-    ``frame_mask_bt`` marks the real frames of videos padded to T (``pool``)."""
-    tokens = MODES[self.cfg.pooling.mode].videos(self, self.patch_features(videos_btchw), text_be,
-                                                 frame_mask_bt)
+    ``frame_mask_bt`` marks the real frames of videos padded to T (``pool``); ``rngs`` as
+    ``patch_features``."""
+    tokens = MODES[self.cfg.pooling.mode].videos(self, self.patch_features(videos_btchw, rngs),
+                                                 text_be, frame_mask_bt)
     return tokens.reshape(videos_btchw.shape[0], -1, tokens.shape[-1])
 
   def relevance_maps(self, videos_btchw: jax.Array, clip_input_ids: jax.Array,

@@ -219,9 +219,10 @@ class RelevanceScorer(_Scorer):
     self.cfg = cfg
     self.text_model = CLIPTextTransformer(cfg.text, rngs=rngs)
     self.visual_ln = LayerNorm(cfg.vision_width, cfg.layer_norm_eps)
-    self.visual_projection = Linear(cfg.vision_width, cfg.projection_dim, use_bias=False, rngs=rngs)
+    self.visual_projection = Linear(cfg.vision_width, cfg.projection_dim, use_bias=False,
+                                    axes=("embed", "joint"), rngs=rngs)
     self.text_projection = Linear(cfg.text.hidden_size, cfg.projection_dim, use_bias=False,
-                                  rngs=rngs)
+                                  axes=("embed", "joint"), rngs=rngs)
     self.logit_scale = nnx.Param(jnp.asarray(4.6052, jnp.float32))
 
   def text_features(self, input_ids: jax.Array, attention_mask: jax.Array | None) -> jax.Array:

@@ -25,6 +25,7 @@ LOGICAL_RULES: Rules = (
     ("head_dim", None),
     ("mlp", "tensor"),
     ("vocab", "tensor"),
+    ("joint", "tensor"),  # the scorer's joint embedding (Eq. 1; shape letter e)
 )
 
 

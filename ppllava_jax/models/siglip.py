@@ -79,7 +79,8 @@ class SiglipVisionEmbeddings(nnx.Module):
   def __init__(self, cfg: SiglipVisionConfig, *, rngs: nnx.Rngs):
     self.patch_embedding = PatchEmbedding(cfg.num_channels, cfg.hidden_size, cfg.patch_size,
                                           use_bias=True, rngs=rngs)
-    self.position_embedding = Embedding(cfg.grid**2, cfg.hidden_size, rngs=rngs)
+    self.position_embedding = Embedding(cfg.grid**2, cfg.hidden_size, axes=(None, "embed"),
+                                        rngs=rngs)
 
   def __call__(self, x_bhwc: jax.Array) -> jax.Array:
     x_bld = self.patch_embedding(x_bhwc)
@@ -91,8 +92,8 @@ class PoolingAttention(nnx.Module):
 
   def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs):
     self.num_heads = num_heads
-    self.in_proj = Linear(dim, 3 * dim, rngs=rngs)
-    self.out_proj = Linear(dim, dim, rngs=rngs)
+    self.in_proj = Linear(dim, 3 * dim, axes=("embed", "heads"), rngs=rngs)  # q | k | v
+    self.out_proj = Linear(dim, dim, axes=("heads", "embed"), rngs=rngs)
 
   def value(self, x_bld: jax.Array) -> jax.Array:
     """The v projection alone (PPLLaVA scores each patch with it, reference 1b)."""
@@ -113,7 +114,8 @@ class SiglipPoolingHead(nnx.Module):
   """A learned probe attends over the patches, then a residual MLP: (B, L, D) -> (B, D)."""
 
   def __init__(self, cfg: SiglipVisionConfig, *, rngs: nnx.Rngs):
-    self.probe = nnx.Param(jax.random.normal(rngs.params(), (1, 1, cfg.hidden_size)) * 0.02)
+    self.probe = nnx.Param(jax.random.normal(rngs.params(), (1, 1, cfg.hidden_size)) * 0.02,
+                           axes=(None, None, "embed"))
     self.attention = PoolingAttention(cfg.hidden_size, cfg.num_attention_heads, rngs=rngs)
     self.layernorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
     self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, rngs=rngs)
@@ -156,7 +158,7 @@ class SiglipTextTransformer(nnx.Module):
     self.encoder = Encoder(cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size,
                            cfg.num_attention_heads, cfg.hidden_act, cfg.layer_norm_eps, rngs=rngs)
     self.final_layer_norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
-    self.head = Linear(cfg.hidden_size, cfg.projection_size, rngs=rngs)
+    self.head = Linear(cfg.hidden_size, cfg.projection_size, axes=("embed", "joint"), rngs=rngs)
 
   def __call__(self, ids_bl: jax.Array, mask_bl: jax.Array | None = None):
     """(hidden states, last (B, L, D) after final_layer_norm, pooled (B, P) = head(last[:, -1]))."""

@@ -21,13 +21,14 @@ class TextEmbeddings(nnx.Module):
   def __init__(self, vocab: int, dim: int, positions: int, keep: int | None, *,
                rngs: nnx.Rngs):
     self.keep = keep
-    self.token_embedding = Embedding(vocab, dim, rngs=rngs)
+    self.token_embedding = Embedding(vocab, dim, axes=("vocab", "embed"), rngs=rngs)
     if keep is None:
-      self.position_embedding = Embedding(positions, dim, rngs=rngs)
+      self.position_embedding = Embedding(positions, dim, axes=(None, "embed"), rngs=rngs)
     else:
       table = jax.random.normal(rngs.params(), (positions, dim))
-      self.position_embedding = Frozen(table * 0.01)  # read at positions < keep
-      self.position_embedding_res = nnx.Param(table * 0.01)  # read at positions >= keep
+      # read at positions < keep / >= keep
+      self.position_embedding = Frozen(table * 0.01, axes=(None, "embed"))
+      self.position_embedding_res = nnx.Param(table * 0.01, axes=(None, "embed"))
 
   def __call__(self, ids_bl: jax.Array) -> jax.Array:
     x_bld = self.token_embedding(ids_bl)
