@@ -1,10 +1,18 @@
-"""Train PPLLaVA: SFT on mixed image/video/multi-image batches, and DPO.
+"""Train PPLLaVA (SFT) from a config file, resuming where the run in the workdir stopped.
 
-Training is not implemented yet, so this prints its help and exits with status 2;
-it reads nothing and writes nothing.
+  python train.py --config configs/sft_tiny.py --workdir out/tiny [--set steps=20 ...]
+  python train.py export --workdir out/tiny --out out/tiny/hf [--step N]
+
+The config's get_config() returns a train.run_config.RunConfig; each --set a.b=value
+overrides one field, parsed with its type (train.steps=..., train.optim.lr=...). The
+workdir holds checkpoints/ (Orbax: state, data cursor, config), metrics.jsonl,
+tensorboard/ and loss.png. Rerunning the same command resumes from the latest checkpoint;
+SIGTERM / Ctrl-C save one first and exit with 128 + the signal's number. export writes a
+transformers-layout folder (weights, config, tokenizer) that eval.py --checkpoint reads.
 """
 
 import argparse
+import signal
 import sys
 
 from ppllava_jax import cli
@@ -12,13 +20,50 @@ from ppllava_jax import cli
 
 def build_parser() -> argparse.ArgumentParser:
   description, epilog = __doc__.split("\n\n", 1)
-  parser = argparse.ArgumentParser(description=description, epilog=epilog.strip())
+  parser = argparse.ArgumentParser(description=description, epilog=epilog.strip(),
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", required=True, help="a Python file with get_config()")
+  parser.add_argument("--workdir", required=True, help="the run's folder (created; resumed)")
+  parser.add_argument("--set", dest="overrides", action="append", default=[],
+                      metavar="KEY=VALUE", help="override one config field (repeatable)")
+  cli.add_debug_flag(parser)
+  return parser
+
+
+def export_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="train.py export",
+                                   description="Export a run's checkpoint as a transformers "
+                                   "folder (PPLLaVA.save_pretrained + tokenizer).")
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--out", required=True, help="the folder to write")
+  parser.add_argument("--step", type=int, help="the checkpoint (default: the latest)")
   cli.add_debug_flag(parser)
   return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-  return cli.not_implemented(build_parser(), "training (SFT, DPO)", argv)
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if argv[:1] == ["export"]:
+    args = export_parser().parse_args(argv[1:])
+    from ppllava_jax.train.loop import export
+    export(args.workdir, args.out, args.step)
+    return 0
+  args = build_parser().parse_args(argv)
+  import logging
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+  for noisy in ("absl", "orbax", "jax"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  from ppllava_jax.config import load_config
+  from ppllava_jax.train import run_config as rc
+  from ppllava_jax.train.loop import train
+  cfg = rc.apply_overrides(load_config(args.config, rc.RunConfig), args.overrides)
+  summary = train(cfg, args.workdir)
+  loss = "n/a" if summary["loss"] is None else f"{summary['loss']:.4f}"
+  print(f"step {summary['step']}: {summary['updates']} updates, {summary['skipped']} skipped, "
+        f"last logged loss {loss}; workdir {args.workdir}")
+  if summary["stopped"]:
+    return 128 + signal.Signals[summary["stopped"]].value
+  return 0
 
 
 if __name__ == "__main__":

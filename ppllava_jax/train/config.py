@@ -19,7 +19,8 @@ from ppllava_jax.train.partition import DECAY_RULES, VICUNA_SFT, Rules
 SCHEDULES = ("cosine", "linear", "constant")
 ACCUM_REDUCTIONS = ("tokens", "micro_mean")
 COMPUTE_DTYPES = ("float32", "bfloat16")
-# "none", or a jax.checkpoint_policies name applied to every LLM decoder layer
+# "none", or a jax.checkpoint_policies name applied to every LLM decoder layer and vision-tower
+# layer (PPLLaVA.set_remat)
 REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
                   "everything_saveable")
 
@@ -111,9 +112,9 @@ class TrainConfig:
   compute_dtype: "float32", or "bfloat16": master weights, gradients and optimizer state
     stay float32, the forward and backward run on a bfloat16 cast of the parameters (the
     frozen ones are stored in bfloat16, which the cast would give anyway).
-  remat: "none", or the ``jax.checkpoint_policies`` name each LLM decoder layer is
-    rematerialised under ("nothing_saveable": recompute all, as torch's gradient
-    checkpointing, which every original recipe turns on).
+  remat: "none", or the ``jax.checkpoint_policies`` name each LLM decoder layer and each
+    vision-tower layer is rematerialised under (``PPLLaVA.set_remat``; "nothing_saveable":
+    recompute all, as torch's gradient checkpointing, which every original recipe turns on).
   loss_chunk: positions per logits chunk of the cross-entropy (``train.losses``).
   """
   optim: OptimConfig = OptimConfig()

@@ -19,28 +19,34 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from ppllava_jax import ops
 from ppllava_jax.models.ppllava import MODES, PPLLaVA
 
 
 def _item_tokens(model: PPLLaVA, frames_btchw: jax.Array, text_be: jax.Array | None,
-                 mask_bt: jax.Array, per_frame: bool) -> jax.Array:
+                 mask_bt: jax.Array, per_frame: bool, rngs: nnx.Rngs | None) -> jax.Array:
   """(B, T, g', g', D) tokens of B image items of T tiles / pictures each. ``per_frame``:
   the vision tower sees each frame alone (anyres tiles), else each item whole."""
   b, t = frames_btchw.shape[:2]
   if per_frame:
-    feats_btggf = model.patch_features(frames_btchw.reshape(b * t, 1, *frames_btchw.shape[2:]))
+    feats_btggf = model.patch_features(frames_btchw.reshape(b * t, 1, *frames_btchw.shape[2:]),
+                                       rngs)
     feats_btggf = feats_btggf.reshape(b, t, *feats_btggf.shape[2:])
   else:
-    feats_btggf = model.patch_features(frames_btchw)
+    feats_btggf = model.patch_features(frames_btchw, rngs)
   if MODES[model.cfg.pooling.mode].windows is None:
     return model.multi_modal_projector(feats_btggf)
   return model.pool(feats_btggf, text_be, model.cfg.pooling.image_kernel, mask_bt=mask_bt)
 
 
-def embed_batch(model: PPLLaVA, batch) -> jax.Array:
-  """(B, L, D) input embeddings of ``batch`` (a ``TrainBatch``) with its media merged."""
+def embed_batch(model: PPLLaVA, batch, rngs: nnx.Rngs | None = None) -> jax.Array:
+  """(B, L, D) input embeddings of ``batch`` (a ``TrainBatch``) with its media merged.
+
+  ``rngs``: the vision tower's drop-path keys (``PPLLaVA.patch_features``), drawn only
+  when the model is in training mode (``model.train()``); e.g. ``nnx.Rngs(dropout=
+  jax.random.fold_in(key, step))`` from the train state's key."""
   cfg = model.cfg
   emb_bld = model.language_model.embed(jnp.maximum(batch.input_ids, 0))  # -1: video ids
   text_be = None
@@ -49,17 +55,18 @@ def embed_batch(model: PPLLaVA, batch) -> jax.Array:
   pick = lambda rows: None if text_be is None else text_be[rows]
   if batch.videos.shape[0]:
     tokens_ild = model.encode_videos(batch.videos.astype(emb_bld.dtype), pick(batch.video_row),
-                                     batch.video_frame_mask)
+                                     batch.video_frame_mask, rngs)
     emb_bld = ops.merge_media(emb_bld, batch.input_ids, tokens_ild.reshape(-1, emb_bld.shape[-1]),
                               batch.video_token_mask.reshape(-1), cfg.video_token_index)
   if batch.image_gather.shape[0]:
     parts = []
     if batch.images.shape[0]:
       parts.append(_item_tokens(model, batch.images.astype(emb_bld.dtype), pick(batch.image_row),
-                                batch.image_tile_mask, per_frame=True))
+                                batch.image_tile_mask, per_frame=True, rngs=rngs))
     if batch.pictures.shape[0]:
       parts.append(_item_tokens(model, batch.pictures.astype(emb_bld.dtype),
-                                pick(batch.multi_image_row), batch.picture_mask, per_frame=False))
+                                pick(batch.multi_image_row), batch.picture_mask, per_frame=False,
+                                rngs=rngs))
     d = emb_bld.shape[-1]
     table_ld = jnp.concatenate([p.reshape(-1, d) for p in parts] +
                                [model.image_newline[...].astype(emb_bld.dtype)[None]])

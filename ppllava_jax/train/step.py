@@ -51,29 +51,6 @@ from ppllava_jax.train.state import Shardings, TrainState, batch_shardings, cast
 log = logging.getLogger(__name__)
 
 
-class _Remat(nnx.Module):
-  """A decoder layer run under ``jax.checkpoint`` with ``policy``: installed on the merged
-  model inside the step (the model code has no remat hook yet)."""
-
-  def __init__(self, layer: nnx.Module, policy):
-    self.layer = layer
-    self.policy = policy
-
-  def __call__(self, *args):
-    graphdef, state = nnx.split(self.layer)
-    run = lambda s, *a: nnx.merge(graphdef, s)(*a)
-    return jax.checkpoint(run, policy=self.policy)(state, *args)
-
-
-def _install_remat(model: PPLLaVA, name: str) -> None:
-  if name == "none":
-    return
-  policy = getattr(jax.checkpoint_policies, name)
-  layers = model.language_model.model.layers
-  for i in range(len(layers)):
-    layers[i] = _Remat(layers[i], policy)
-
-
 def loss_sums(model: PPLLaVA, batch: TrainBatch, chunk: int = losses.CHUNK
               ) -> tuple[jax.Array, jax.Array]:
   """(summed cross-entropy of the supervised tokens, their count) of one micro-batch."""
@@ -89,7 +66,7 @@ def _sums_fn(graphdef: nnx.GraphDef, cfg: TrainConfig):
 
   def sums(params, frozen, batch):
     model = nnx.merge(graphdef, cast_floating(params, dtype), cast_floating(frozen, dtype))
-    _install_remat(model, cfg.remat)
+    model.set_remat(cfg.remat)  # LLM and vision-tower layers (PPLLaVA.set_remat)
     return loss_sums(model, batch, cfg.loss_chunk)
 
   return sums
@@ -205,6 +182,16 @@ class Steps:
       self._jitted[spec] = jax.jit(self._pure[kind], in_shardings=(sh.state, sh.frozen, batch_sh),
                                    out_shardings=out, donate_argnums=donate)
     return self._jitted[spec]
+
+  def lower_train(self, state: TrainState, frozen: nnx.State, batch: TrainBatch):
+    """The train step for ``batch``'s layout, lowered (for its cost analysis)."""
+    with jax.set_mesh(self.shardings.mesh):
+      return self._fn("train", batch).lower(state, frozen, batch)
+
+  @property
+  def train_compilations(self) -> int:
+    """Batch layouts the train step has been compiled for so far."""
+    return sum(1 for kind, _ in self._seen if kind == "train")
 
   def train(self, state: TrainState, frozen: nnx.State, batch: TrainBatch
             ) -> tuple[TrainState, dict[str, jax.Array]]:

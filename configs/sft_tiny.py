@@ -1,0 +1,44 @@
+"""A tiny SFT run that this CPU finishes in a minute or two: a random PPLLaVA built in code
+(``demo.build_model``: 112-pixel frames, one layer per tower), the char tokenizer, on a
+synthetic video-QA set of moving coloured shapes that the run draws into its workdir first
+(``train.synthetic``: colour, shape and direction questions, the original's qa format),
+evaluated every 50 batches on 8 other videos.
+
+  python train.py --config configs/sft_tiny.py --workdir out/tiny [--set steps=20]
+"""
+
+import dataclasses
+
+from ppllava_jax.data.annotations import CorpusConfig, MixtureConfig
+from ppllava_jax.data.batch import BatchConfig
+from ppllava_jax.data.pipeline import DataConfig
+from ppllava_jax.data.sft import SampleConfig
+from ppllava_jax.demo import DemoConfig
+from ppllava_jax.train.config import MeshConfig, OptimConfig, TrainConfig
+from ppllava_jax.train.partition import VICUNA_SFT
+from ppllava_jax.train.run_config import ModelConfig, RunConfig, SyntheticConfig
+
+
+def get_config() -> RunConfig:
+  frames = 4
+  data = DataConfig(
+      MixtureConfig((CorpusConfig("shapes", "{workdir}/data/train.json", "{workdir}/data/videos",
+                                  "video", num_frames=frames),)),
+      SampleConfig(template="plain_v1", max_length=256, max_pictures=1),
+      BatchConfig(batch_size=4, seq_buckets=(256,), video_slots=4, image_slots=0,
+                  multi_image_slots=0, num_frames=frames, max_pictures=1),
+      seed=0, num_epochs=None, num_workers=0)
+  tiny = DemoConfig(frames=frames, image_size=112, patch_size=14, vision_width=32,
+                    vision_layers=1, llm_width=64, llm_layers=1, text_width=32, text_layers=1)
+  eval_data = dataclasses.replace(
+      data, mixture=MixtureConfig((dataclasses.replace(data.mixture.corpora[0],
+                                                       annotation="{workdir}/data/eval.json"),)),
+      num_epochs=1)
+  steps = 200
+  return RunConfig(
+      data=data, model=ModelConfig(tiny=tiny), eval_data=eval_data, eval_every=50,
+      eval_batches=2, synthetic=SyntheticConfig(videos=24, eval_videos=8, frames=8),
+      train=TrainConfig(optim=OptimConfig(lr=1e-3, schedule="cosine", warmup_ratio=0.05,
+                                          total_steps=steps, clip_norm=1.0),
+                        mesh=MeshConfig(data=-1), trainable=VICUNA_SFT, seed=0),
+      steps=steps, log_every=10, checkpoint_every=50, keep=2)

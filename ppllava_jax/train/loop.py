@@ -1,0 +1,300 @@
+"""The training loop: ``train(cfg, workdir)`` and ``export(workdir, out)``.
+
+``train`` builds the model (``PPLLaVA.from_pretrained(cfg.model.checkpoint)``, or the
+tiny random one of ``cfg.model.tiny`` with the char tokenizer), partitions it, makes
+the optimizer, the state on the mesh and the jitted ``Steps``, then resumes: the run's
+own latest checkpoint (state, data cursor), else ``cfg.init_from``'s trainable
+parameters, else the initial model. Then, per batch: data -> step -> ``every(n, k)``
+hooks: metrics (fetched to the host only on log steps), evaluation (``eval_every``),
+checkpoints, the stop checks.
+
+Exactness: a checkpoint is taken between batches and holds the state (the rng is the
+state's base key: batch n's key is ``fold_in(rng, n)``, nothing is drawn on the host),
+the data cursor and the loop step, and the data stream from a cursor is a function of
+(config, cursor) alone; so a run killed at any point and started again with the same
+command ends with the parameters of one that never stopped (bit for bit on one CPU).
+
+Stopping: SIGTERM / SIGINT set a flag; the loop saves at the next batch boundary and
+``train`` returns with ``stopped`` set to the signal's name (``train.py`` exits with
+128 + its number). ``max_nan_in_a_row`` consecutive skipped updates (non-finite loss or
+gradient, or nothing supervised: ``train.step``) raise ``NonFiniteError``; the streak
+is counted on the device and checked on log steps and every ``max_nan_in_a_row``
+batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import signal
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from ppllava_jax.train import checkpoint as ckpt_lib
+from ppllava_jax.train import metrics as metrics_lib
+from ppllava_jax.train import run_config as rc
+from ppllava_jax.train.optimizer import make_optimizer
+from ppllava_jax.train.partition import decay_mask, partition
+from ppllava_jax.train.state import init_state, make_mesh
+from ppllava_jax.train.step import Steps
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(ValueError):
+  """Too many updates in a row were skipped."""
+
+
+def every(step: int, n: int) -> bool:
+  return n > 0 and step % n == 0
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything built from a config: the model side of a run."""
+  tokenizer: object
+  scorer_tokenizer: object
+  model_cfg: object
+  graphdef: nnx.GraphDef
+  state: object
+  frozen: nnx.State
+  shardings: object
+  steps: Steps
+
+
+def _model(cfg: rc.RunConfig):
+  """(constructor or loaded model, tokenizer, scorer tokenizer)."""
+  if cfg.model.checkpoint:
+    from transformers import AutoTokenizer
+
+    from ppllava_jax.models.ppllava import PPLLaVA
+    model = PPLLaVA.from_pretrained(cfg.model.checkpoint)
+    tok = AutoTokenizer.from_pretrained(cfg.model.checkpoint)
+    scorer = AutoTokenizer.from_pretrained(cfg.model.scorer_tokenizer or cfg.model.checkpoint)
+    return model, tok, scorer
+  from ppllava_jax.data.tokenizer import char_tokenizer
+  from ppllava_jax.demo import build_model
+  tok = char_tokenizer()
+  return (lambda: build_model(cfg.model.tiny, len(tok))), tok, tok
+
+
+def build(cfg: rc.RunConfig) -> Run:
+  model, tok, scorer = _model(cfg)
+  abstract = model if isinstance(model, nnx.Module) else nnx.eval_shape(model)
+  part = partition(abstract, cfg.train.trainable)
+  tx = make_optimizer(cfg.train.optim, decay_mask(part.split(abstract)[1]))
+  mesh = make_mesh(cfg.train.mesh)
+  frozen_dtype = cfg.train.dtype if cfg.train.compute_dtype != "float32" else None
+  graphdef, state, frozen, shardings = init_state(model, part, tx, mesh, seed=cfg.train.seed,
+                                                  frozen_dtype=frozen_dtype)
+  return Run(tok, scorer, abstract.cfg, graphdef, state, frozen, shardings,
+             Steps(graphdef, cfg.train, tx, shardings))
+
+
+def prepare_data(cfg: rc.RunConfig, workdir: Path) -> rc.RunConfig:
+  """``{workdir}`` substituted; the synthetic set generated first if the config has one."""
+  cfg = rc.with_workdir(cfg, str(workdir))
+  if cfg.synthetic is not None:
+    from ppllava_jax.train.synthetic import generate
+    generate(cfg.synthetic, workdir / "data")
+  return cfg
+
+
+class _Signals:
+  """SIGTERM / SIGINT -> a flag (the loop saves and stops at the next batch)."""
+
+  def __init__(self):
+    self.received: str | None = None
+    self._old = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._old[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    if self.received is not None:  # a second one: stop now
+      raise KeyboardInterrupt
+    self.received = signal.Signals(signum).name
+    print(f"\n{self.received} received: saving a checkpoint at the next step, then stopping",
+          flush=True)
+
+  def __exit__(self, *exc):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+
+
+def _step_flops(steps: Steps, state, frozen, batch) -> float | None:
+  """FLOPs of one train step from XLA's cost analysis of its lowering."""
+  try:
+    cost = steps.lower_train(state, frozen, batch).cost_analysis()
+    if isinstance(cost, (list, tuple)):
+      cost = cost[0] if cost else None
+    return float(cost["flops"]) if cost and "flops" in cost else None
+  except Exception as err:  # noqa: BLE001 (an estimate; never stops a run)
+    log.warning("no FLOP count for the MFU estimate: %s", err)
+    return None
+
+
+def train(cfg: rc.RunConfig, workdir: str | Path) -> dict:
+  """Runs (or resumes) ``cfg`` in ``workdir`` (module doc). Returns a summary:
+  step, updates, skipped, stopped (a signal name or None), the final loss."""
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  config_dict = rc.to_dict(cfg)
+  cfg = prepare_data(cfg, workdir)
+  (workdir / "config.json").write_text(json.dumps(config_dict, indent=1, sort_keys=True))
+  run = build(cfg)
+  checkpoints = ckpt_lib.Checkpoints(workdir, keep=cfg.keep)
+  target = ckpt_lib.abstract_state(run.state, run.shardings.state)
+  start, data_state, state = 0, None, run.state
+  latest = checkpoints.latest_step()
+  if latest is not None:
+    state, data_state, _ = checkpoints.restore(latest, target)
+    start = latest
+    print(f"resuming from checkpoint {latest} in {checkpoints.directory}", flush=True)
+  elif cfg.init_from:
+    params = ckpt_lib.restore_params(cfg.init_from, target).params
+    state = state.replace(params=params)
+    print(f"starting from the parameters of {cfg.init_from}", flush=True)
+  from ppllava_jax.data.pipeline import make_train_iterator
+  data = make_train_iterator(cfg.data, tokenizer=run.tokenizer, model=run.model_cfg,
+                             scorer_tokenizer=run.scorer_tokenizer, state=data_state)
+  writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
+  streak_fn = jax.jit(lambda s, k: jnp.where(k > 0, s + 1, 0))
+  streak = jnp.zeros((), jnp.int32)
+  pending, flops, samples = [], {}, 0
+  last_time, last_step, stopped, done = time.perf_counter(), start, None, start
+  last = {}
+  bar = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True, mininterval=1.0)
+  try:
+    with _Signals() as signals:
+      for done in range(start + 1, cfg.steps + 1):
+        try:
+          batch = next(data)
+        except StopIteration:
+          print(f"the data ran out after {done - 1} batches", flush=True)
+          done -= 1
+          break
+        key = batch.shape_key()
+        if key not in flops:
+          flops[key] = _step_flops(run.steps, state, run.frozen, batch)
+        samples += int(np.sum(batch.row_mask))
+        state, m = run.steps.train(state, run.frozen, batch)
+        streak = streak_fn(streak, m["skipped"])
+        pending.append((m, flops[key]))
+        bar.update(1)
+        if every(done, cfg.log_every) or every(done, cfg.max_nan_in_a_row) or done == cfg.steps:
+          run_streak = int(jax.device_get(streak))
+          if run_streak >= cfg.max_nan_in_a_row:
+            raise NonFiniteError(
+                f"{run_streak} updates in a row were skipped (non-finite loss or gradient "
+                f"norm, or no supervised token) by step {done}; max_nan_in_a_row="
+                f"{cfg.max_nan_in_a_row}. Lower train.optim.lr, check the data, or resume "
+                f"from an earlier checkpoint in {checkpoints.directory}")
+        if every(done, cfg.log_every) or done == cfg.steps:
+          last = _log(writer, run, data, state, pending, done, last_step, last_time, samples, cfg)
+          bar.set_postfix(loss=f"{last['loss']:.4f}", refresh=False)
+          pending, samples, last_step, last_time = [], 0, done, time.perf_counter()
+        if every(done, cfg.eval_every):
+          _evaluate(writer, run, state, cfg, done)
+        if every(done, cfg.checkpoint_every) or signals.received:
+          checkpoints.save(done, state, data.get_state(), config_dict)
+        if signals.received:
+          stopped = signals.received
+          break
+      if done > start or checkpoints.latest_step() is None:
+        checkpoints.save(done, state, data.get_state(), config_dict)
+      checkpoints.wait()
+  finally:
+    bar.close()
+    data.close()
+    writer.close()
+    checkpoints.close()
+  if stopped:
+    print(f"stopped by {stopped} after step {done}: checkpoint {done} saved in "
+          f"{checkpoints.directory}; run the same command again to resume", flush=True)
+  curve = metrics_lib.loss_curve(metrics_lib.read_metrics(workdir), workdir / "loss.png")
+  host = jax.device_get(state)
+  return dict(step=done, updates=int(host.step), skipped=int(host.skipped), stopped=stopped,
+              loss=last.get("loss"), loss_curve=str(curve) if curve else None)
+
+
+def _log(writer, run, data, state, pending, done, last_step, last_time, samples, cfg) -> dict:
+  host = jax.device_get([m for m, _ in pending])
+  seconds = time.perf_counter() - last_time
+  n = max(1, done - last_step)
+  losses = [float(m["loss"]) for m in host if not m["skipped"]]
+  tokens = sum(float(m["tokens"]) for m in host)
+  step_flops = [f for _, f in pending]
+  flops = sum(step_flops) if all(f is not None for f in step_flops) else None
+  record = dict(
+      step=done, loss=float(np.mean(losses)) if losses else float("nan"),
+      lr=float(host[-1]["lr"]), grad_norm=float(np.mean([float(m["grad_norm"]) for m in host])),
+      tokens_per_s=tokens / seconds, samples_per_s=samples / seconds, step_time=seconds / n,
+      compilations=run.steps.train_compilations,
+      skipped_samples=data.stats.skipped_total, skipped_updates=int(jax.device_get(state.skipped)),
+      updates=int(jax.device_get(state.step)),
+      mfu=metrics_lib.mfu(flops, seconds, cfg.peak_flops), peak_flops=cfg.peak_flops)
+  writer.write(record)
+  return record
+
+
+def _evaluate(writer, run, state, cfg: rc.RunConfig, done: int) -> dict:
+  """The token-mean loss of the first ``eval_batches`` batches of ``eval_data`` (a fresh
+  iterator each time: the same batches every evaluation), one line of its own."""
+  from ppllava_jax.data.pipeline import make_train_iterator
+  data = make_train_iterator(cfg.eval_data, tokenizer=run.tokenizer, model=run.model_cfg,
+                             scorer_tokenizer=run.scorer_tokenizer)
+  start, sums = time.perf_counter(), []
+  try:
+    for _, batch in zip(range(cfg.eval_batches), data):
+      sums.append(run.steps.eval(state, run.frozen, batch))
+  finally:
+    data.close()
+  host = jax.device_get(sums)
+  total, count = sum(float(s) for s, _ in host), sum(float(c) for _, c in host)
+  record = dict(step=done, eval_loss=total / count if count else float("nan"),
+                eval_tokens=count, eval_batches=len(host), eval_time=time.perf_counter() - start)
+  writer.write(record)
+  log.info("eval at step %d: loss %.4f over %d tokens", done, record["eval_loss"], count)
+  return record
+
+
+def export(workdir: str | Path, out: str | Path, step: int | None = None) -> Path:
+  """Checkpoint ``step`` (default: the latest) of the run in ``workdir`` as a transformers
+  folder: ``save_pretrained`` of the model with the trained parameters, and its tokenizer
+  (the scorer's too, as ``scorer_tokenizer/`` when it differs)."""
+  workdir = Path(workdir)
+  checkpoints = ckpt_lib.Checkpoints(workdir, async_save=False)
+  try:
+    steps = checkpoints.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint in {checkpoints.directory}")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+      raise ValueError(f"no checkpoint {step} in {checkpoints.directory}; there are {steps}")
+    cfg = rc.from_dict(rc.RunConfig, rc._tuples(checkpoints.read_config(step)))  # noqa: SLF001
+    cfg = rc.with_workdir(cfg, str(workdir))
+    run = build(cfg)
+    state, _, _ = checkpoints.restore(step, ckpt_lib.abstract_state(run.state,
+                                                                    run.shardings.state))
+  finally:
+    checkpoints.close()
+  model = nnx.merge(run.graphdef, state.params, run.frozen)
+  folder = model.save_pretrained(Path(out))
+  run.tokenizer.save_pretrained(folder)
+  if run.scorer_tokenizer is not run.tokenizer:
+    run.scorer_tokenizer.save_pretrained(folder / "scorer_tokenizer")
+  print(f"exported checkpoint {step} of {workdir} to {folder}")
+  return folder

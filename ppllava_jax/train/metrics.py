@@ -1,0 +1,195 @@
+"""What a run reports: ``metrics.jsonl``, TensorBoard event files, a loss-curve PNG.
+
+- ``WORKDIR/metrics.jsonl``: one JSON object per logged step (and one per evaluation,
+  with ``eval_loss``). On resume the lines past
+  the restored step are dropped (a killed run logged steps it will redo).
+- ``WORKDIR/tensorboard/events.out.tfevents.*``: scalar summaries in TensorBoard's
+  event format, written here without TensorFlow: TFRecord framing (length, masked
+  CRC-32C of the length, the ``Event`` proto bytes, masked CRC-32C of them) around
+  hand-encoded ``Event{wall_time, step, summary{value{tag, simple_value}}}`` protos.
+- ``WORKDIR/loss.png``: the loss against the step, drawn with Pillow at the end.
+
+``mfu(flops, seconds, peak)``: model FLOPs utilisation, the compiled step's FLOPs
+(XLA's cost analysis of the lowered step) over ``seconds * peak``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import struct
+import time
+from pathlib import Path
+
+# ---- CRC-32C (Castagnoli), as TFRecord frames use ---------------------------------------
+
+def _table():
+  poly, table = 0x82F63B78, []
+  for n in range(256):
+    c = n
+    for _ in range(8):
+      c = (c >> 1) ^ poly if c & 1 else c >> 1
+    table.append(c)
+  return table
+
+
+_CRC = _table()
+
+
+def crc32c(data: bytes) -> int:
+  c = 0xFFFFFFFF
+  for b in data:
+    c = _CRC[(c ^ b) & 0xFF] ^ (c >> 8)
+  return c ^ 0xFFFFFFFF
+
+
+def masked_crc(data: bytes) -> int:
+  c = crc32c(data)
+  return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+# ---- protobuf wire format, the few fields an Event needs --------------------------------
+
+def _varint(n: int) -> bytes:
+  out = bytearray()
+  while True:
+    b, n = n & 0x7F, n >> 7
+    out.append(b | (0x80 if n else 0))
+    if not n:
+      return bytes(out)
+
+
+def _field(number: int, wire: int) -> bytes:
+  return _varint(number << 3 | wire)
+
+
+def _bytes(number: int, payload: bytes) -> bytes:
+  return _field(number, 2) + _varint(len(payload)) + payload
+
+
+def event(wall_time: float, step: int = 0, *, file_version: str | None = None,
+          scalars: dict[str, float] | None = None) -> bytes:
+  """An ``Event`` proto: wall_time (1, double), step (2, int64), file_version (3) or
+  summary (5: Summary{value (1): {tag (1), simple_value (2, float)}})."""
+  out = _field(1, 1) + struct.pack("<d", wall_time) + _field(2, 0) + _varint(step)
+  if file_version is not None:
+    out += _bytes(3, file_version.encode())
+  if scalars:
+    values = b"".join(_bytes(1, _bytes(1, tag.encode()) + _field(2, 5) + struct.pack("<f", v))
+                      for tag, v in scalars.items())
+    out += _bytes(5, values)
+  return out
+
+
+def frame(record: bytes) -> bytes:
+  length = struct.pack("<Q", len(record))
+  return length + struct.pack("<I", masked_crc(length)) + record + struct.pack(
+      "<I", masked_crc(record))
+
+
+def read_frames(path: str | Path) -> list[bytes]:
+  """The records of a TFRecord file, each CRC checked (tests, debugging)."""
+  data, out, i = Path(path).read_bytes(), [], 0
+  while i < len(data):
+    length = data[i:i + 8]
+    (n,) = struct.unpack("<Q", length)
+    if struct.unpack("<I", data[i + 8:i + 12])[0] != masked_crc(length):
+      raise ValueError(f"{path}: bad length CRC at byte {i}")
+    record = data[i + 12:i + 12 + n]
+    if struct.unpack("<I", data[i + 12 + n:i + 16 + n])[0] != masked_crc(record):
+      raise ValueError(f"{path}: bad record CRC at byte {i}")
+    out.append(record)
+    i += 16 + n
+  return out
+
+
+class EventWriter:
+  """Scalars to a new TensorBoard event file in ``folder``."""
+
+  def __init__(self, folder: str | Path):
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    self.path = folder / f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
+    self._f = open(self.path, "ab")
+    self._f.write(frame(event(time.time(), file_version="brain.Event:2")))
+    self._f.flush()
+
+  def scalars(self, step: int, values: dict[str, float]) -> None:
+    finite = {k: float(v) for k, v in values.items() if v is not None and math.isfinite(v)}
+    self._f.write(frame(event(time.time(), step, scalars=finite)))
+    self._f.flush()
+
+  def close(self) -> None:
+    self._f.close()
+
+
+class MetricsWriter:
+  """``metrics.jsonl`` and the event file of one run (module doc)."""
+
+  def __init__(self, workdir: str | Path, resume_step: int = 0):
+    self.workdir = Path(workdir)
+    self.jsonl = self.workdir / "metrics.jsonl"
+    self._drop_after(resume_step)
+    self._f = open(self.jsonl, "a")
+    self.events = EventWriter(self.workdir / "tensorboard")
+
+  def _drop_after(self, step: int) -> None:
+    if not self.jsonl.is_file():
+      return
+    keep = [line for line in self.jsonl.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= step]
+    self.jsonl.write_text("".join(line + "\n" for line in keep))
+
+  def write(self, record: dict) -> None:
+    self._f.write(json.dumps(record, sort_keys=True) + "\n")
+    self._f.flush()
+    self.events.scalars(record["step"], {k: v for k, v in record.items()
+                                         if k != "step" and isinstance(v, (int, float))})
+
+  def close(self) -> None:
+    self._f.close()
+    self.events.close()
+
+
+def read_metrics(workdir: str | Path) -> list[dict]:
+  path = Path(workdir) / "metrics.jsonl"
+  return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+
+
+def mfu(flops: float | None, seconds: float, peak: float) -> float | None:
+  if not flops or seconds <= 0:
+    return None
+  return flops / (seconds * peak)
+
+
+def loss_curve(records: list[dict], path: str | Path, size=(640, 400)) -> Path | None:
+  """The loss of ``records`` against their step as a PNG (Pillow); None: nothing to draw."""
+  from PIL import Image, ImageDraw
+  points = [(r["step"], r["loss"]) for r in records
+            if isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])]
+  if not points:
+    return None
+  w, h = size
+  left, right, top, bottom = 60, 20, 30, 40
+  image = Image.new("RGB", size, "white")
+  draw = ImageDraw.Draw(image)
+  s0, s1 = min(p[0] for p in points), max(p[0] for p in points)
+  l0, l1 = min(p[1] for p in points), max(p[1] for p in points)
+  s1, l1 = (s1 if s1 > s0 else s0 + 1), (l1 if l1 > l0 else l0 + 1e-6)
+  xy = [(left + (s - s0) / (s1 - s0) * (w - left - right),
+         top + (l1 - loss) / (l1 - l0) * (h - top - bottom)) for s, loss in points]
+  draw.rectangle([left, top, w - right, h - bottom], outline="black")
+  if len(xy) > 1:
+    draw.line(xy, fill=(30, 60, 220), width=2)
+  for x, y in xy:
+    draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=(30, 60, 220))
+  draw.text((left, 8), "training loss", fill="black")
+  draw.text((4, top), f"{l1:.3g}", fill="black")
+  draw.text((4, h - bottom - 10), f"{l0:.3g}", fill="black")
+  draw.text((left, h - bottom + 8), f"step {s0}", fill="black")
+  draw.text((w - right - 70, h - bottom + 8), f"step {s1}", fill="black")
+  path = Path(path)
+  image.save(path)
+  return path

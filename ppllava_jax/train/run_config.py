@@ -1,0 +1,232 @@
+"""The typed config tree of a training run, and ``--set a.b=v`` overrides.
+
+``RunConfig`` is what a ``configs/*.py`` ``get_config()`` returns for ``train.py``: the
+model (a pretrained folder, or a tiny random one built in code), the data
+(``data.pipeline.DataConfig``), what the step needs (``train.config.TrainConfig``) and the
+loop's own settings. Strings in the data section may contain ``{workdir}``: the loop
+replaces it with the run's folder (a config that generates its data there).
+
+``apply_overrides(cfg, ["train.optim.lr=1e-3", "steps=20"])`` parses each value with the
+type of the field it sets (int, float, bool, str, None for optional fields, tuples and
+anything else as a Python literal); an unknown key is an error naming the valid ones.
+``to_json`` / ``from_json`` round-trip the whole tree (what a checkpoint stores).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import json
+import types
+import typing
+from typing import Any
+
+from ppllava_jax.data.pipeline import DataConfig
+from ppllava_jax.demo import DemoConfig
+from ppllava_jax.train.config import TrainConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """checkpoint: a transformers-layout folder (``PPLLaVA.from_pretrained``) with its
+  tokenizer; empty: the tiny random model ``tiny`` (``demo.build_model``) and the char
+  tokenizer. scorer_tokenizer: the scorer's tokenizer folder (default: ``checkpoint``)."""
+  checkpoint: str = ""
+  scorer_tokenizer: str = ""
+  tiny: DemoConfig = DemoConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticConfig:
+  """A video-QA set the loop draws into ``{workdir}/data`` first (``train.synthetic``):
+  ``train.json`` of ``videos`` videos, and ``eval.json`` of ``eval_videos`` others."""
+  videos: int = 24
+  eval_videos: int = 0
+  frames: int = 8
+  size: int = 64
+  seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """steps: batches the run consumes (an update each, unless skipped); log_every,
+  checkpoint_every: in batches; keep: checkpoints kept; init_from: an Orbax checkpoint
+  (a workdir, its ``checkpoints`` folder or one step's folder) whose trainable parameters
+  start a run that has none of its own; max_nan_in_a_row: consecutive skipped updates
+  that stop the run; peak_flops: the FLOP/s the MFU estimate divides by (default: about
+  what this class of CPU does); eval_every: batches between evaluations (0: none) of
+  the token-mean loss over the first ``eval_batches`` batches of ``eval_data``."""
+  data: DataConfig
+  model: ModelConfig = ModelConfig()
+  eval_data: DataConfig | None = None
+  eval_every: int = 0
+  eval_batches: int = 4
+  train: TrainConfig = TrainConfig()
+  synthetic: SyntheticConfig | None = None
+  steps: int = 100
+  log_every: int = 10
+  checkpoint_every: int = 50
+  keep: int = 3
+  init_from: str = ""
+  max_nan_in_a_row: int = 10
+  peak_flops: float = 100e9
+
+  def __post_init__(self):
+    for name in ("steps", "log_every", "checkpoint_every", "keep", "max_nan_in_a_row"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"RunConfig.{name} must be >= 1, got {getattr(self, name)}")
+    if self.eval_every < 0 or self.eval_batches < 1:
+      raise ValueError(f"RunConfig: need eval_every >= 0 and eval_batches >= 1, got "
+                       f"{self.eval_every}, {self.eval_batches}")
+    if self.eval_every and self.eval_data is None:
+      raise ValueError("RunConfig.eval_every is set but there is no eval_data")
+    if self.peak_flops <= 0:
+      raise ValueError(f"RunConfig.peak_flops must be positive, got {self.peak_flops}")
+
+
+@functools.cache
+def _hints(cls) -> dict[str, Any]:
+  return typing.get_type_hints(cls)
+
+
+def _optional(tp) -> tuple[Any, bool]:
+  """(the type without None, whether None is allowed)."""
+  if typing.get_origin(tp) in (typing.Union, types.UnionType):
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return (args[0] if len(args) == 1 else tp), len(args) < len(typing.get_args(tp))
+  return tp, False
+
+
+def parse_value(text: str, tp, key: str = "value"):
+  """``text`` as a value of type ``tp`` (module doc)."""
+  base, nullable = _optional(tp)
+  if nullable and text.strip().lower() == "none":
+    return None
+  try:
+    if base is bool:
+      low = text.strip().lower()
+      if low in ("true", "1", "yes"):
+        return True
+      if low in ("false", "0", "no"):
+        return False
+      raise ValueError("expected true / false")
+    if base is int:
+      return int(text)
+    if base is float:
+      return float(text)
+    if base is str:
+      return text
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError) as err:
+    raise ValueError(f"--set {key}={text}: not a {getattr(base, '__name__', base)} ({err})") from None
+  return _coerce(value, base, key)
+
+
+def _coerce(value, tp, key):
+  base, nullable = _optional(tp)
+  if value is None and nullable:
+    return None
+  if dataclasses.is_dataclass(base) and isinstance(value, dict):
+    return from_dict(base, value, key)
+  origin = typing.get_origin(base)
+  if origin is tuple or base is tuple:
+    if not isinstance(value, (list, tuple)):
+      raise ValueError(f"{key}: expected a tuple, got {value!r}")
+    args = typing.get_args(base)
+    if len(args) == 2 and args[1] is Ellipsis:
+      return tuple(_coerce(v, args[0], key) for v in value)
+    if args and len(args) != len(value):
+      raise ValueError(f"{key}: expected {len(args)} items, got {value!r}")
+    return tuple(_coerce(v, a, key) for v, a in zip(value, args)) if args else tuple(value)
+  if base is float and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  if base in (int, float, str, bool) and not isinstance(value, base):
+    raise ValueError(f"{key}: expected a {base.__name__}, got {value!r}")
+  return value
+
+
+def _fields(cls) -> list[str]:
+  return [f.name for f in dataclasses.fields(cls)]
+
+
+def apply_overrides(cfg, overrides) -> Any:
+  """``cfg`` with each ``a.b.c=value`` applied (module doc). The fields of one section
+  change together, so its checks see them all (``data.batch.batch_size=2`` and
+  ``data.batch.video_slots=2`` in any order)."""
+  tree: dict = {}
+  for item in overrides:
+    if "=" not in item:
+      raise ValueError(f"--set takes key=value, got {item!r}")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+      node = node.setdefault(part, {})
+      if not isinstance(node, dict):
+        raise ValueError(f"--set {key}: {part!r} is set as a value and as a section")
+    node[parts[-1]] = (text, key)
+  return _apply(cfg, tree, "")
+
+
+def _apply(node, tree: dict, prefix: str):
+  if not dataclasses.is_dataclass(node):
+    raise ValueError(f"--set {prefix}.{next(iter(tree))}: {prefix} is not a config section "
+                     f"({type(node).__name__})")
+  valid, changes = _fields(type(node)), {}
+  for name, sub in tree.items():
+    key = f"{prefix}.{name}".lstrip(".")
+    if name not in valid:
+      where = prefix or "the config"
+      raise ValueError(f"--set {key}: {where} ({type(node).__name__}) has no field {name!r}; "
+                       f"valid: {', '.join(valid)}")
+    if isinstance(sub, dict):
+      changes[name] = _apply(getattr(node, name), sub, key)
+    else:
+      changes[name] = parse_value(sub[0], _hints(type(node))[name], sub[1])
+  return dataclasses.replace(node, **changes)
+
+
+def to_dict(cfg) -> dict:
+  return json.loads(to_json(cfg))
+
+
+def to_json(cfg) -> str:
+  return json.dumps(dataclasses.asdict(cfg), sort_keys=True)
+
+
+def from_dict(cls, data: dict, key: str = ""):
+  """A ``cls`` dataclass from ``to_dict``'s output (lists back to tuples, typed)."""
+  hints, kwargs = _hints(cls), {}
+  for name, value in data.items():
+    if name not in hints:
+      raise ValueError(f"{key or cls.__name__}: unknown field {name!r}")
+    kwargs[name] = _coerce(_tuples(value), hints[name], f"{key}.{name}".lstrip("."))
+  return cls(**kwargs)
+
+
+def _tuples(value):
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  return value
+
+
+def from_json(text: str) -> RunConfig:
+  return from_dict(RunConfig, json.loads(text))
+
+
+def with_workdir(cfg: RunConfig, workdir: str) -> RunConfig:
+  """The data sections with ``{workdir}`` replaced in every string."""
+  def sub(node):
+    if dataclasses.is_dataclass(node):
+      return dataclasses.replace(node, **{f.name: sub(getattr(node, f.name))
+                                          for f in dataclasses.fields(node) if f.init})
+    if isinstance(node, tuple):
+      return tuple(sub(v) for v in node)
+    if isinstance(node, str):
+      return node.replace("{workdir}", str(workdir))
+    return node
+  return dataclasses.replace(cfg, data=sub(cfg.data), eval_data=sub(cfg.eval_data))

@@ -1,0 +1,90 @@
+"""train.py's --set overrides (typed, checked, unknown keys named) and export: the folder
+loads with PPLLaVA.from_pretrained, holds the trained parameters, and eval.py runs on it."""
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+
+from ppllava_jax import cli
+from ppllava_jax.config import load_config
+from ppllava_jax.train import run_config as rc
+from support import train_runs
+
+
+def tiny():
+  return load_config(train_runs.CONFIG, rc.RunConfig)
+
+
+def train_main():
+  spec = importlib.util.spec_from_file_location("train_cli", train_runs.ROOT / "train.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.main
+
+
+def test_set_parses_each_value_with_its_field_type():
+  cfg = rc.apply_overrides(tiny(), [
+      "steps=7", "checkpoint_every=3", "log_every=1", "peak_flops=2e12", "init_from=/x/y",
+      "train.optim.lr=0.5", "train.optim.clip_norm=none", "train.compute_dtype=bfloat16",
+      "data.batch.seq_buckets=(64, 256)", "data.num_epochs=None", "model.tiny.kernel=(1,2,2)",
+      "data.batch.video_slots=1", "data.batch.batch_size=1", "synthetic.videos=3"])
+  assert (cfg.steps, cfg.checkpoint_every, cfg.log_every, cfg.peak_flops) == (7, 3, 1, 2e12)
+  assert cfg.init_from == "/x/y" and cfg.train.optim.lr == 0.5
+  assert cfg.train.optim.clip_norm is None and cfg.train.compute_dtype == "bfloat16"
+  assert cfg.data.batch.seq_buckets == (64, 256) and cfg.data.num_epochs is None
+  assert cfg.model.tiny.kernel == (1, 2, 2) and cfg.data.batch.batch_size == 1
+  assert cfg.synthetic.videos == 3
+
+
+@pytest.mark.parametrize("item, message", [
+    ("stepz=3", "the config (RunConfig) has no field 'stepz'; valid: data, model, eval_data"),
+    ("train.optim.lrr=1", "train.optim (OptimConfig) has no field 'lrr'; valid: lr, schedule"),
+    ("steps=three", "--set steps=three: not a int"),
+    ("train.optim.lr=fast", "--set train.optim.lr=fast: not a float"),
+    ("data.batch.seq_buckets=(1,'a')", "data.batch.seq_buckets: expected a int"),
+    ("steps", "--set takes key=value"),
+    ("steps.x=1", "steps is not a config section"),
+    ("steps=0", "RunConfig.steps must be >= 1"),
+    ("train.optim.schedule=cosin", "OptimConfig.schedule must be one of"),
+])
+def test_bad_overrides_are_errors_that_name_the_problem(item, message, tmp_path, capsys):
+  argv = ["--config", str(train_runs.CONFIG), "--workdir", str(tmp_path / "w"), "--set", item]
+  assert cli.run(train_main(), argv) == 2
+  assert message in capsys.readouterr().err
+  assert not (tmp_path / "w").exists()
+
+
+def test_config_round_trips_through_json():
+  cfg = rc.apply_overrides(tiny(), ["train.optim.clip_norm=none"])
+  assert rc.from_json(rc.to_json(cfg)) == cfg
+
+
+def test_export_loads_with_from_pretrained_and_eval_runs_on_it(reference_run, tmp_path, capsys):
+  from ppllava_jax.eval import app
+  from ppllava_jax.models.ppllava import PPLLaVA
+  from ppllava_jax.train.partition import path_name
+  from flax import nnx
+  workdir, _ = reference_run
+  out = tmp_path / "hf"
+  assert cli.run(train_main(), ["export", "--workdir", str(workdir), "--out", str(out),
+                                "--step", "6"]) == 0
+  assert "exported checkpoint 6" in capsys.readouterr().out
+  model = PPLLaVA.from_pretrained(out)
+  saved = train_runs.state_at(workdir, 6)
+  kernel = "language_model/model/layers/0/mlp/up_proj/kernel"
+  loaded = {path_name(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model))}
+  (key,) = [k for k in saved if "params" in k and kernel.replace("/", "']['") in k]
+  np.testing.assert_array_equal(loaded[kernel], saved[key])
+  assert cli.run(train_main(), ["export", "--workdir", str(workdir), "--out", str(out),
+                                "--step", "5"]) == 2
+  assert "no checkpoint 5" in capsys.readouterr().err
+  qa = tmp_path / "qa.jsonl"
+  qa.write_text(json.dumps(dict(id="q1", video="0000.mp4", question="Which way?")) + "\n")
+  argv = ["--checkpoint", str(out), "--scorer-tokenizer", str(out), "--video-root",
+          str(workdir / "data" / "videos"), "--out", str(tmp_path / "eval"), "--frames", "4",
+          "--max-new-tokens", "1", "--batch-size", "1", "--qa", str(qa)]
+  assert app.main(argv) == 0
+  (line,) = (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()
+  assert json.loads(line)["status"] == "ok"
