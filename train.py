@@ -22,10 +22,16 @@ def build_parser() -> argparse.ArgumentParser:
   description, epilog = __doc__.split("\n\n", 1)
   parser = argparse.ArgumentParser(description=description, epilog=epilog.strip(),
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--config", required=True, help="a Python file with get_config()")
-  parser.add_argument("--workdir", required=True, help="the run's folder (created; resumed)")
+  parser.add_argument("--config", required=True,
+                      help="The run's config: a Python file whose get_config() returns a "
+                      "RunConfig.")
+  parser.add_argument("--workdir", required=True,
+                      help="The run's folder: created, or resumed from its latest checkpoint; "
+                      "checkpoints, metrics.jsonl, tensorboard/ and loss.png go there.")
   parser.add_argument("--set", dest="overrides", action="append", default=[],
-                      metavar="KEY=VALUE", help="override one config field (repeatable)")
+                      metavar="KEY=VALUE",
+                      help="Override one config field, e.g. steps=50 or train.optim.lr=3e-4 "
+                      "(repeatable).")
   cli.add_debug_flag(parser)
   return parser
 
@@ -34,9 +40,12 @@ def export_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="train.py export",
                                    description="Export a run's checkpoint as a transformers "
                                    "folder (PPLLaVA.save_pretrained + tokenizer).")
-  parser.add_argument("--workdir", required=True)
-  parser.add_argument("--out", required=True, help="the folder to write")
-  parser.add_argument("--step", type=int, help="the checkpoint (default: the latest)")
+  parser.add_argument("--workdir", required=True, help="The run's folder, as given to training.")
+  parser.add_argument("--out", required=True,
+                      help="The folder to write: a transformers-layout checkpoint with its "
+                      "tokenizers, which eval.py runs.")
+  parser.add_argument("--step", type=int,
+                      help="The checkpoint step to export (default: the latest).")
   cli.add_debug_flag(parser)
   return parser
 

@@ -106,23 +106,29 @@ def read_frames(path: str | Path) -> list[bytes]:
 
 
 class EventWriter:
-  """Scalars to a new TensorBoard event file in ``folder``."""
+  """Scalars to a new TensorBoard event file in ``folder``, opened at the first write, so
+  a rerun of a finished run (which logs nothing) leaves no empty file behind."""
 
   def __init__(self, folder: str | Path):
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    self.path = folder / f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
-    self._f = open(self.path, "ab")
+    self.folder = Path(folder)
+    self._f = None
+
+  def _open(self):
+    self.folder.mkdir(parents=True, exist_ok=True)
+    name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
+    self._f = open(self.folder / name, "ab")
     self._f.write(frame(event(time.time(), file_version="brain.Event:2")))
-    self._f.flush()
+    return self._f
 
   def scalars(self, step: int, values: dict[str, float]) -> None:
     finite = {k: float(v) for k, v in values.items() if v is not None and math.isfinite(v)}
-    self._f.write(frame(event(time.time(), step, scalars=finite)))
-    self._f.flush()
+    f = self._f or self._open()
+    f.write(frame(event(time.time(), step, scalars=finite)))
+    f.flush()
 
   def close(self) -> None:
-    self._f.close()
+    if self._f is not None:
+      self._f.close()
 
 
 class MetricsWriter:
