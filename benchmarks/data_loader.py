@@ -22,7 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import av
 import numpy as np
 
 import common
@@ -32,42 +31,17 @@ FRAMES, BATCH = 32, 4
 
 def write_video(path: Path, frames: int = 96, size=(240, 320)) -> None:
   rng = np.random.default_rng(0)
-  h, w = size
-  with av.open(str(path), "w") as container:
-    stream = container.add_stream("libx264", rate=24)
-    stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-    base = rng.integers(0, 255, (h, w, 3), np.uint8)
-    for i in range(frames):
-      frame = np.roll(base, 4 * i, axis=1)
-      container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-    container.mux(stream.encode())
+  from ppllava_jax.data.video import write_video
+  base_hwc = rng.integers(0, 255, (*size, 3), np.uint8)
+  write_video(path, (np.roll(base_hwc, 4 * i, axis=1) for i in range(frames)), rate=24)
 
 
 def model_config():
   """The real geometry (CLIP-336/14, 24 x 24 patches, (2, 3, 3) pooling, 248 scorer
   positions) at tiny widths: only the config is needed, no weights."""
   from ppllava_jax.data.tokenizer import char_tokenizer
-  from ppllava_jax.demo import DemoConfig
-  from ppllava_jax.models.clip import CLIPTextConfig, CLIPVisionConfig
-  from ppllava_jax.models.llm import DecoderConfig
-  from ppllava_jax.models.ppllava import PoolingConfig, PPLLaVAConfig
-  from ppllava_jax.models.scorer import ScorerConfig
-  d, vocab = DemoConfig(), len(char_tokenizer())
-  return PPLLaVAConfig(
-      vision=CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                              num_attention_heads=2, image_size=336, patch_size=14),
-      text=DecoderConfig(vocab_size=vocab, hidden_size=128, intermediate_size=384,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         head_dim=32, max_position_embeddings=4096, eos_token_id=(2,),
-                         pad_token_id=0),
-      image_token_index=4, video_token_index=-1,
-      grid_pinpoints=((336, 672), (672, 336), (672, 672)), pooling=PoolingConfig("ppllava"),
-      scorer=ScorerConfig(text=CLIPTextConfig(vocab_size=vocab, hidden_size=64,
-                                              intermediate_size=128, num_hidden_layers=2,
-                                              num_attention_heads=2, max_position_embeddings=248,
-                                              extend_keep=20, eos_token_id=2, bos_token_id=1,
-                                              pad_token_id=0),
-                          vision_width=64, projection_dim=32)), d
+  from ppllava_jax.models.tiny import TinyConfig
+  return TinyConfig().model_config(len(char_tokenizer()))
 
 
 def iter_batches(workers: int, folder: Path):
@@ -76,7 +50,7 @@ def iter_batches(workers: int, folder: Path):
   from ppllava_jax.data.pipeline import DataConfig, make_train_iterator
   from ppllava_jax.data.sft import SampleConfig
   from ppllava_jax.data.tokenizer import char_tokenizer
-  model, _ = model_config()
+  model = model_config()
   tok = char_tokenizer()
   cfg = DataConfig(
       MixtureConfig((CorpusConfig("videos", str(folder / "ann.json"), str(folder), "video",
@@ -113,7 +87,7 @@ def step_rate(steps: int, folder: Path) -> dict:
   from ppllava_jax.models.ppllava import PPLLaVA
   from ppllava_jax.train import losses
   from ppllava_jax.train.inputs import embed_batch
-  model_cfg, _ = model_config()
+  model_cfg = model_config()
   it = iter_batches(0, folder)
   batch = jax.tree.map(jnp.asarray, next(it))
   it.close()

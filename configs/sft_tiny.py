@@ -1,5 +1,5 @@
 """A tiny SFT run that this CPU finishes in a minute or two: a random PPLLaVA built in code
-(``demo.build_model``: 112-pixel frames, one layer per tower), the char tokenizer, on a
+(``models.tiny.build_tiny``: 112-pixel frames, one layer per tower), the char tokenizer, on a
 synthetic video-QA set of moving coloured shapes that the run draws into its workdir first
 (``train.synthetic``: colour, shape and direction questions, the original's qa format),
 evaluated every 50 batches on 8 other videos.
@@ -13,7 +13,7 @@ from ppllava_jax.data.annotations import CorpusConfig, MixtureConfig
 from ppllava_jax.data.batch import BatchConfig
 from ppllava_jax.data.pipeline import DataConfig
 from ppllava_jax.data.sft import SampleConfig
-from ppllava_jax.demo import DemoConfig
+from ppllava_jax.models.tiny import TinyConfig
 from ppllava_jax.train.config import MeshConfig, OptimConfig, TrainConfig
 from ppllava_jax.train.partition import VICUNA_SFT
 from ppllava_jax.train.run_config import ModelConfig, RunConfig, SyntheticConfig
@@ -28,7 +28,7 @@ def get_config() -> RunConfig:
       BatchConfig(batch_size=4, seq_buckets=(256,), video_slots=4, image_slots=0,
                   multi_image_slots=0, num_frames=frames, max_pictures=1),
       seed=0, num_epochs=None, num_workers=0)
-  tiny = DemoConfig(frames=frames, image_size=112, patch_size=14, vision_width=32,
+  tiny = TinyConfig(frames=frames, image_size=112, patch_size=14, vision_width=32,
                     vision_layers=1, llm_width=64, llm_layers=1, text_width=32, text_layers=1)
   eval_data = dataclasses.replace(
       data, mixture=MixtureConfig((dataclasses.replace(data.mixture.corpora[0],

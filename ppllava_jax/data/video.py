@@ -1,4 +1,6 @@
-"""Reading videos and folders of extracted frames into uint8 RGB arrays (T, H, W, 3).
+"""Reading videos and folders of extracted frames into uint8 RGB arrays (T, H, W, 3);
+``write_video``, the one writer of the videos the project draws (demo, synthetic sets,
+tests, benchmarks).
 
 Which frames are read follows the original PPLLaVA, as pure functions on ints:
 
@@ -41,7 +43,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -336,3 +338,22 @@ def load_video(path: str | Path, num_frames: int = 32, *,
   else:
     frames_thwc, total, fps, indices = _read_video_file(path, pick)
   return frames_thwc, VideoInfo(str(path), total, fps, tuple(indices))
+
+
+def write_video(path: str | Path, frames_hwc: Iterable[np.ndarray], rate: int = 8,
+                codec: str = "libx264", pix_fmt: str = "yuv420p", bit_rate: int | None = None,
+                **options: str) -> Path:
+  """Encodes uint8 RGB frames (each (H, W, 3), all one size) as ``path``; ``options`` go to
+  the codec (``crf="0"`` / ``qp="0"``: lossless H.264)."""
+  path = Path(path)
+  with av.open(str(path), "w") as container:
+    stream = container.add_stream(codec, rate=rate, options=options)
+    stream.pix_fmt = pix_fmt
+    if bit_rate:
+      stream.bit_rate = bit_rate
+    for i, frame_hwc in enumerate(frames_hwc):
+      if i == 0:
+        stream.height, stream.width = frame_hwc.shape[:2]
+      container.mux(stream.encode(av.VideoFrame.from_ndarray(frame_hwc, format="rgb24")))
+    container.mux(stream.encode())
+  return path

@@ -80,9 +80,9 @@ def _model(cfg: rc.RunConfig):
     scorer = AutoTokenizer.from_pretrained(cfg.model.scorer_tokenizer or cfg.model.checkpoint)
     return model, tok, scorer
   from ppllava_jax.data.tokenizer import char_tokenizer
-  from ppllava_jax.demo import build_model
+  from ppllava_jax.models.tiny import build_tiny
   tok = char_tokenizer()
-  return (lambda: build_model(cfg.model.tiny, len(tok))), tok, tok
+  return (lambda: build_tiny(cfg.model.tiny, len(tok))), tok, tok
 
 
 def build(cfg: rc.RunConfig) -> Run:

@@ -23,18 +23,18 @@ import typing
 from typing import Any
 
 from ppllava_jax.data.pipeline import DataConfig
-from ppllava_jax.demo import DemoConfig
+from ppllava_jax.models.tiny import TinyConfig
 from ppllava_jax.train.config import TrainConfig
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """checkpoint: a transformers-layout folder (``PPLLaVA.from_pretrained``) with its
-  tokenizer; empty: the tiny random model ``tiny`` (``demo.build_model``) and the char
+  tokenizer; empty: the tiny random model ``tiny`` (``models.tiny.build_tiny``) and the char
   tokenizer. scorer_tokenizer: the scorer's tokenizer folder (default: ``checkpoint``)."""
   checkpoint: str = ""
   scorer_tokenizer: str = ""
-  tiny: DemoConfig = DemoConfig()
+  tiny: TinyConfig = TinyConfig()
 
 
 @dataclasses.dataclass(frozen=True)

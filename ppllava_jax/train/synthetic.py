@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import av
 import numpy as np
 
+from ppllava_jax.data.video import write_video
 from ppllava_jax.train.run_config import SyntheticConfig
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220)}
@@ -23,25 +23,21 @@ SHAPES = ("circle", "square")
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 
 
-def draw(path: Path, colour, shape: str, direction: str, frames: int, size: int) -> None:
+def frames(colour, shape: str, direction: str, count: int, size: int):
+  """The ``count`` (size, size, 3) frames of one shape crossing the middle of the field."""
   yy, xx = np.mgrid[:size, :size]
   dx, dy = DIRECTIONS[direction]
   r = size // 8
-  with av.open(str(path), "w") as container:
-    stream = container.add_stream("libx264", rate=8)
-    stream.width = stream.height = size
-    stream.pix_fmt = "yuv420p"
-    for i in range(frames):
-      t = 0.2 + 0.6 * i / max(1, frames - 1)
-      cx = int(size * (t if dx > 0 else 1 - t if dx < 0 else 0.5))
-      cy = int(size * (t if dy > 0 else 1 - t if dy < 0 else 0.5))
-      frame = np.full((size, size, 3), 96, np.uint8)
-      if shape == "circle":
-        frame[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = colour
-      else:
-        frame[max(0, cy - r):cy + r, max(0, cx - r):cx + r] = colour
-      container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-    container.mux(stream.encode())
+  for i in range(count):
+    t = 0.2 + 0.6 * i / max(1, count - 1)
+    cx = int(size * (t if dx > 0 else 1 - t if dx < 0 else 0.5))
+    cy = int(size * (t if dy > 0 else 1 - t if dy < 0 else 0.5))
+    frame_hwc = np.full((size, size, 3), 96, np.uint8)
+    if shape == "circle":
+      frame_hwc[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = colour
+    else:
+      frame_hwc[max(0, cy - r):cy + r, max(0, cx - r):cx + r] = colour
+    yield frame_hwc
 
 
 def generate(cfg: SyntheticConfig, folder: str | Path) -> Path:
@@ -64,7 +60,8 @@ def _write(folder: Path, split: str, count: int, seed: int, cfg: SyntheticConfig
     shape = SHAPES[rng.integers(len(SHAPES))]
     direction = list(DIRECTIONS)[rng.integers(len(DIRECTIONS))]
     name = f"{i:04d}.mp4" if split == "train" else f"{split}_{i:04d}.mp4"
-    draw(folder / "videos" / name, COLOURS[colour], shape, direction, cfg.frames, cfg.size)
+    write_video(folder / "videos" / name,
+                frames(COLOURS[colour], shape, direction, cfg.frames, cfg.size))
     records.append({"video": name, "QA": [
         {"q": "What colour is the shape?", "a": colour},
         {"q": "Is it a circle or a square?", "a": shape},

@@ -16,22 +16,16 @@ from PIL import Image
 
 from ppllava_jax.data.video import (MediaError, frame_files, load_video, middle_indices,
                                     random_indices, seconds_to_window)
+from ppllava_jax.data.video import write_video as encode
 
 STEP = 6
 
 
 def write_video(path, num_frames=40, rate=10, codec="libx264", pix_fmt="yuv420p",
                 step=STEP, **options):
-  with av.open(str(path), "w") as container:
-    stream = container.add_stream(codec, rate=rate, options=options)
-    stream.width, stream.height, stream.pix_fmt = 64, 48, pix_fmt
-    if codec == "mpeg4":  # no lossless mode: a bit rate high enough for flat frames
-      stream.bit_rate = 4_000_000
-    for i in range(num_frames):
-      grey_hwc = np.full((48, 64, 3), step * i, np.uint8)
-      container.mux(stream.encode(av.VideoFrame.from_ndarray(grey_hwc, format="rgb24")))
-    container.mux(stream.encode())
-  return path
+  # mpeg4 has no lossless mode: a bit rate high enough for flat frames
+  return encode(path, (np.full((48, 64, 3), step * i, np.uint8) for i in range(num_frames)),
+                rate, codec, pix_fmt, 4_000_000 if codec == "mpeg4" else None, **options)
 
 
 def assert_frames_are(frames_thwc, indices, step=STEP):

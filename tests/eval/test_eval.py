@@ -9,22 +9,28 @@ import numpy as np
 import pytest
 
 from ppllava_jax import cli
-from ppllava_jax.demo import DemoConfig, build_model, draw_video
 from ppllava_jax.data.tokenizer import char_tokenizer
-from ppllava_jax.data.video import load_video
+from ppllava_jax.data.video import load_video, write_video
 from ppllava_jax.eval import app, runner
 from ppllava_jax.eval.jobs import Job, MediaRef
 from ppllava_jax.eval.records import read_records
+from ppllava_jax.models.tiny import TinyConfig, build_tiny
+from ppllava_jax.train.synthetic import COLOURS, frames
 
-SMALL = DemoConfig(frames=8, image_size=112, patch_size=14, vision_width=32, vision_layers=1,
+SMALL = TinyConfig(frames=8, image_size=112, patch_size=14, vision_width=32, vision_layers=1,
                    llm_width=64, llm_layers=1, text_width=32, text_layers=1)
+
+
+def draw_video(path, count, size):
+  """A red circle moving right."""
+  return write_video(path, frames(COLOURS["red"], "circle", "right", count, size))
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
   root = tmp_path_factory.mktemp("eval")
   tokenizer = char_tokenizer()
-  checkpoint = build_model(SMALL, len(tokenizer)).save_pretrained(root / "checkpoint")
+  checkpoint = build_tiny(SMALL, len(tokenizer)).save_pretrained(root / "checkpoint")
   tokenizer.save_pretrained(checkpoint)
   (root / "videos").mkdir()
   for name in ("a", "b"):

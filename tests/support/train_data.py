@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import av
 import numpy as np
 from PIL import Image
 
+from ppllava_jax.data.video import write_video as encode
 from ppllava_jax.models.clip import CLIPTextConfig, CLIPVisionConfig
 from ppllava_jax.models.llm import DecoderConfig
 from ppllava_jax.models.ppllava import PoolingConfig, PPLLaVAConfig
@@ -41,15 +41,8 @@ def tiny_model_config(image_token: int, video_token: int = -1, scorer_context: i
 
 def write_video(path: Path, num_frames: int = 12, size=(20, 28), step: int = 20) -> Path:
   """Frame i is flat grey ``step * i`` (lossless H.264), so a frame tells its index."""
-  h, w = size
-  with av.open(str(path), "w") as container:
-    stream = container.add_stream("libx264", rate=10, options={"qp": "0"})
-    stream.width, stream.height, stream.pix_fmt = w, h, "yuv444p"
-    for i in range(num_frames):
-      frame = np.full((h, w, 3), min(255, step * i), np.uint8)
-      container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-    container.mux(stream.encode())
-  return path
+  return encode(path, (np.full((*size, 3), min(255, step * i), np.uint8)
+                      for i in range(num_frames)), rate=10, pix_fmt="yuv444p", qp="0")
 
 
 def write_image(path: Path, size=(30, 50), value: int = 128) -> Path:
