@@ -19,6 +19,12 @@ bfloat16 cast of the parameters; the cast is inside the differentiated function,
 gradients arrive in float32 on the float32 masters. The logits of each loss chunk are
 float32 (``train.losses``).
 
+Randomness: the train step runs the model in training mode (``model.train()``: the
+BT-Adapter's drop path) with the key ``fold_in(state.rng, n)`` for batch ``n`` (``step +
+skipped``: every batch, skipped or not, gets its own key, and a resumed run draws the
+same ones), folded again with the micro-batch index under accumulation. The eval step is
+deterministic (``model.eval()``).
+
 An update whose loss or gradient norm is not finite, or whose batch supervises no token,
 is skipped: the state comes back unchanged but for ``skipped + 1`` (``step`` and AdamW's
 count do not advance, so neither does the schedule), and ``metrics["skipped"]`` is 1.
@@ -51,10 +57,10 @@ from ppllava_jax.train.state import Shardings, TrainState, batch_shardings, cast
 log = logging.getLogger(__name__)
 
 
-def loss_sums(model: PPLLaVA, batch: TrainBatch, chunk: int = losses.CHUNK
-              ) -> tuple[jax.Array, jax.Array]:
+def loss_sums(model: PPLLaVA, batch: TrainBatch, chunk: int = losses.CHUNK,
+              rngs: nnx.Rngs | None = None) -> tuple[jax.Array, jax.Array]:
   """(summed cross-entropy of the supervised tokens, their count) of one micro-batch."""
-  emb_bld = embed_batch(model, batch)
+  emb_bld = embed_batch(model, batch, rngs)
   lm = model.language_model
   hidden_bld, _ = lm.hidden_states(inputs_embeds=emb_bld, attention_mask=batch.attention_mask,
                                    position_ids=batch.position_ids)
@@ -64,44 +70,50 @@ def loss_sums(model: PPLLaVA, batch: TrainBatch, chunk: int = losses.CHUNK
 def _sums_fn(graphdef: nnx.GraphDef, cfg: TrainConfig):
   dtype = cfg.dtype
 
-  def sums(params, frozen, batch):
+  def sums(params, frozen, batch, key=None):
+    """``key``: training mode with drop-path keys from it; None: deterministic."""
     model = nnx.merge(graphdef, cast_floating(params, dtype), cast_floating(frozen, dtype))
     model.set_remat(cfg.remat)  # LLM and vision-tower layers (PPLLaVA.set_remat)
-    return loss_sums(model, batch, cfg.loss_chunk)
+    if key is None:
+      model.eval()
+      return loss_sums(model, batch, cfg.loss_chunk)
+    model.train()
+    return loss_sums(model, batch, cfg.loss_chunk, nnx.Rngs(dropout=key))
 
   return sums
 
 
 def make_gradients(graphdef: nnx.GraphDef, cfg: TrainConfig):
-  """``gradients(params, frozen, batch) -> (grads, loss, tokens)``: the gradient of the
+  """``gradients(params, frozen, batch, key) -> (grads, loss, tokens)``: the gradient of the
   step's loss with respect to the trainable ``params``, over its micro-batches (module doc)."""
   sums, k = _sums_fn(graphdef, cfg), cfg.optim.grad_accum
   per_micro_mean = cfg.optim.accum_reduction == "micro_mean"
 
-  def objective(params, frozen, batch):
-    s, c = sums(params, frozen, batch)
+  def objective(params, frozen, batch, key):
+    s, c = sums(params, frozen, batch, key)
     return (s / jnp.maximum(c, 1.0) if per_micro_mean else s), (s, c)
 
   grad_fn = jax.grad(objective, has_aux=True)
 
-  def gradients(params, frozen, batch):
+  def gradients(params, frozen, batch, key):
     if k == 1:
-      g, (s, c) = grad_fn(params, frozen, batch)
+      g, (s, c) = grad_fn(params, frozen, batch, key)
       n = jnp.maximum(c, 1.0)
       return jax.tree.map(lambda x: x / n, g), s / n, c
     if batch.input_ids.ndim != 3 or batch.input_ids.shape[0] != k:
       raise ValueError(f"grad_accum={k}: every batch field needs a leading micro-batch axis of "
                        f"{k} (stack_micro_batches), got input_ids {batch.input_ids.shape}")
 
-    def body(carry, micro):
+    def body(carry, indexed):
       g_acc, obj_acc, s_acc, c_acc = carry
-      g, (s, c) = grad_fn(params, frozen, micro)
+      i, micro = indexed
+      g, (s, c) = grad_fn(params, frozen, micro, jax.random.fold_in(key, i))
       obj = s / jnp.maximum(c, 1.0) if per_micro_mean else s
       return (jax.tree.map(jnp.add, g_acc, g), obj_acc + obj, s_acc + s, c_acc + c), None
 
     zero = jnp.zeros((), jnp.float32)
     init = (jax.tree.map(jnp.zeros_like, params), zero, zero, zero)
-    (g, obj, s, c), _ = jax.lax.scan(body, init, batch)
+    (g, obj, s, c), _ = jax.lax.scan(body, init, (jnp.arange(k), batch))
     n = jnp.float32(k) if per_micro_mean else jnp.maximum(c, 1.0)
     return jax.tree.map(lambda x: x / n, g), (obj if per_micro_mean else s) / n, c
 
@@ -114,7 +126,8 @@ def make_steps(graphdef: nnx.GraphDef, cfg: TrainConfig, tx: optax.GradientTrans
   sums = _sums_fn(graphdef, cfg)
 
   def train_step(state: TrainState, frozen: nnx.State, batch: TrainBatch):
-    grads, loss, tokens = gradients(state.params, frozen, batch)
+    key = jax.random.fold_in(state.rng, state.step + state.skipped)
+    grads, loss, tokens = gradients(state.params, frozen, batch, key)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

@@ -15,6 +15,7 @@ from jax.sharding import PartitionSpec
 
 from ppllava_jax.data.batch import BatchConfig, collate
 from ppllava_jax.data.sft import IGNORE, Sample
+from ppllava_jax.models.btadapter import BTAdapterConfig
 from ppllava_jax.models.ppllava import PPLLaVA
 from ppllava_jax.train.config import MeshConfig, OptimConfig, TrainConfig
 from ppllava_jax.train.inputs import embed_batch
@@ -177,6 +178,38 @@ def test_sharded_step_equals_unsharded(video_run):
     np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5, err_msg=name)
 
 
+def test_train_step_draws_drop_path_keys_per_batch():
+  """BT-Adapter drop path (rate 0.5): off in the eval step; on in the train step with the
+  key of the batch number, so each batch gets another loss (the update is ~0 at lr
+  1e-12), and the same steps from the same state draw the same ones. Depth 3: the first
+  spatial block never drops, a fresh temporal block's branch is zero and the last layer
+  is past the features (layer -2), so the second spatial block's draw is the one seen."""
+  cfg = tiny_model_config(IMG, scorer_context=SCORER)
+  cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, num_hidden_layers=3),
+                            btadapter=BTAdapterConfig(depth=3, max_T=4, drop_path_rate=0.5,
+                                                      temporal_drop_path_rate=0.5))
+  rng = np.random.default_rng(2)
+  batch = batch_of([make_sample(rng, cfg, "video", answer=4) for _ in range(2)], cfg, 2,
+                   video_slots=2)
+  run = setup(lambda: PPLLaVA(cfg, rngs=nnx.Rngs(0)),
+              TrainConfig(optim=dataclasses.replace(TEXT_OPTIM, lr=1e-12), trainable=VICUNA_SFT))
+  start = jax.device_get(run.state)
+
+  def train_losses():
+    state, out = jax.device_put(start, run.shardings.state), []
+    for _ in range(3):
+      state, m = run.steps.train(state, run.frozen, batch)
+      out.append(float(m["loss"]))
+    return out
+
+  evals = [jax.device_get(run.steps.eval(run.state, run.frozen, batch)) for _ in range(2)]
+  eval_loss = float(evals[0][0] / evals[0][1])
+  assert float(evals[1][0] / evals[1][1]) == eval_loss
+  first = train_losses()
+  assert len(set(first)) == 3 and eval_loss not in first
+  assert train_losses() == first
+
+
 # ---- text-only runs: accumulation, remat, overfitting ------------------------------------
 
 
@@ -197,7 +230,7 @@ def gradients_of(text, tc, batch):
   _, params, frozen = partition(text.model, tc.trainable).split(text.model)
   if tc not in _GRADIENTS:
     _GRADIENTS[tc] = jax.jit(make_gradients(nnx.graphdef(text.model), tc))
-  grads, loss, tokens = _GRADIENTS[tc](params, frozen, batch)
+  grads, loss, tokens = _GRADIENTS[tc](params, frozen, batch, jax.random.PRNGKey(0))
   return flat(grads), float(loss), float(tokens)
 
 
@@ -245,7 +278,8 @@ def test_remat_gives_the_same_gradients(text_setup):
   _, params, frozen = partition(text_setup.model, VICUNA_SFT).split(text_setup.model)
   graphdef = nnx.graphdef(text_setup.model)
   checkpoints = [len(re.findall(r"\b(?:remat\d*|checkpoint)\[", str(jax.make_jaxpr(
-      make_gradients(graphdef, TrainConfig(remat=r)))(params, frozen, batch))))
+      make_gradients(graphdef, TrainConfig(remat=r)))(params, frozen, batch,
+                                                      jax.random.PRNGKey(0)))))
       for r in ("none", "nothing_saveable")]
   assert checkpoints[1] > checkpoints[0]  # one more per decoder layer
 
