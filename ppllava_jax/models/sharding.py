@@ -8,12 +8,15 @@ through ``LOGICAL_RULES`` alone, so training code never edits the model to shard
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Sequence
 
 import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+log = logging.getLogger(__name__)
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 
 LOGICAL_RULES: Rules = (
@@ -47,15 +50,36 @@ def logical_to_spec(axes: Sequence[str | None], rules: Rules = LOGICAL_RULES) ->
   return PartitionSpec(*spec)
 
 
+def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh, name: str = "an array"
+             ) -> PartitionSpec:
+  """``spec`` with the mesh axes that do not divide their dimension dropped (that dimension
+  replicated, and logged): a 5-head tower on a 2-way tensor axis still loads."""
+  out = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    if names and dim % math.prod(mesh.shape[a] for a in names):
+      log.info("%s: dimension %d is not divisible by mesh axes %s: replicated", name, dim, names)
+      names = ()
+    out.append(None if not names else names[0] if len(names) == 1 else names)
+  return PartitionSpec(*out)
+
+
+def variable_sharding(var: nnx.Variable, mesh: Mesh, rules: Rules = LOGICAL_RULES,
+                      name: str = "a variable") -> NamedSharding:
+  """Where ``var`` lives: by its logical ``axes`` (``fit_spec`` to its shape), replicated
+  without."""
+  axes = var.get_metadata().get("axes")
+  if axes is None:
+    return NamedSharding(mesh, PartitionSpec())
+  return NamedSharding(mesh, fit_spec(logical_to_spec(axes, rules), var.get_value().shape,
+                                      mesh, name))
+
+
 def param_shardings(model: nnx.Module, mesh: Mesh,
                     rules: Rules = LOGICAL_RULES) -> dict[tuple, NamedSharding]:
-  """A NamedSharding per variable path of ``model``: by its ``axes``, replicated without."""
-  out = {}
-  for path, var in nnx.to_flat_state(nnx.state(model)):
-    axes = var.get_metadata().get("axes")
-    out[path] = NamedSharding(mesh, PartitionSpec() if axes is None
-                              else logical_to_spec(axes, rules))
-  return out
+  """A NamedSharding per variable path of ``model`` (``variable_sharding``)."""
+  return {path: variable_sharding(var, mesh, rules, "/".join(map(str, path)))
+          for path, var in nnx.to_flat_state(nnx.state(model))}
 
 
 def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules = LOGICAL_RULES) -> nnx.Module:

@@ -28,7 +28,7 @@ import optax
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from ppllava_jax.models.sharding import LOGICAL_RULES, Rules, logical_to_spec
+from ppllava_jax.models.sharding import LOGICAL_RULES, Rules, logical_to_spec, variable_sharding
 from ppllava_jax.train.config import MeshConfig
 from ppllava_jax.train.partition import Partition, map_by_path
 
@@ -65,27 +65,9 @@ def make_mesh(cfg: MeshConfig = MeshConfig(), devices=None) -> Mesh:
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
-def _fit(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh, name: str) -> PartitionSpec:
-  """``spec`` with the mesh axes that do not divide their dimension dropped (replicated)."""
-  out = []
-  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-    names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    if names and dim % math.prod(mesh.shape[a] for a in names):
-      log.info("%s: dimension %d is not divisible by mesh axes %s: replicated", name, dim, names)
-      names = ()
-    out.append(None if not names else names[0] if len(names) == 1 else names)
-  return PartitionSpec(*out)
-
-
 def param_shardings(state: nnx.State, mesh: Mesh, rules: Rules = LOGICAL_RULES) -> nnx.State:
   """A ``NamedSharding`` per variable of ``state`` (same structure), from its ``axes``."""
-  def one(name, var):
-    axes = var.get_metadata().get("axes")
-    value = var.get_value()
-    spec = PartitionSpec() if axes is None else _fit(logical_to_spec(axes, rules), value.shape,
-                                                      mesh, name)
-    return NamedSharding(mesh, spec)
-  return map_by_path(one, state)
+  return map_by_path(lambda name, var: variable_sharding(var, mesh, rules, name), state)
 
 
 def _moment_shardings(opt_state, params, params_sh, replicated):
