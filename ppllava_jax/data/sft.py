@@ -75,7 +75,9 @@ sample instead).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -177,7 +179,8 @@ def _classify(err: video.MediaError) -> str:
   return "corrupt"
 
 
-def _media_skip(err: video.MediaError, source: str) -> SkipSample:
+def media_skip(err: video.MediaError, source: str) -> SkipSample:
+  """The skip (``"missing"``, ``"corrupt"`` or ``"empty"``) of media that failed to load."""
   return SkipSample(_classify(err), f"{source}: {err}")
 
 
@@ -223,17 +226,44 @@ def load_numbered_frames(folder: str | Path, total_frames: int, num_frames: int,
   return np.stack([frames[i] for i in indices]), tuple(indices)
 
 
+def load_training_video(path: str | Path, num_frames: int, rng: np.random.Generator, *,
+                        reader: str = "auto", backend: str = "pyav",
+                        folder_fps: float = video.DEFAULT_FOLDER_FPS,
+                        total_frames: int | None = None) -> tuple[np.ndarray, tuple[int, ...]]:
+  """(frames (T, H, W, 3) uint8, their indices): ``num_frames`` training frames of a video
+  file or a frame folder by the original's random sampling. ``reader`` as
+  ``CorpusConfig.reader`` (``"decord"`` / ``"pyav"`` override ``backend``); with
+  ``total_frames`` a folder is a ``{:06d}.jpg`` folder numbered from 1
+  (``load_numbered_frames``)."""
+  path = Path(path)
+  if total_frames is not None and reader in ("auto", "frames") and path.is_dir():
+    return load_numbered_frames(path, total_frames, num_frames, rng)
+  if reader == "frames" and not path.is_dir():
+    raise video.MediaError(path, "no such file or directory" if not path.exists()
+                           else "not a folder of frames")
+  backend = reader if reader in video.BACKENDS else backend
+  frames, info = video.load_video(path, num_frames, sample="random", rng=rng,
+                                  folder_fps=folder_fps, backend=backend)
+  return frames, info.indices
+
+
 class SampleBuilder:
   """``build_sample`` with its tokenizers and configs bound; picklable (worker processes).
 
   ``model`` fixes the geometry: the tower's square, the pinpoints, the pooling mode
   (placeholder counts), the placeholder ids and the scorer's context length.
+
+  Each thread tokenizes with its own copies of the tokenizers: a fast tokenizer's padding
+  and truncation are state that every call sets, so two threads sharing one (the
+  loader's threads, an evaluation on the main thread; the scorer's tokenizer may be
+  the LLM's) would pad each other's texts.
   """
 
   def __init__(self, tokenizer, model: PPLLaVAConfig, scorer_tokenizer=None,
                config: SampleConfig = SampleConfig(), media_token: str = "<image>",
                scorer_length: int | None = None):
-    self.tokenizer, self.scorer_tokenizer = tokenizer, scorer_tokenizer
+    self._shared = (tokenizer, scorer_tokenizer)
+    self._local = threading.local()
     self.model, self.config = model, config
     self.template: ChatTemplate = TEMPLATES[config.template]
     self.media_token = media_token
@@ -255,6 +285,26 @@ class SampleBuilder:
     self.picture_tokens = picture_tokens(model)
     end = tokenizer(self.template.assistant_end, add_special_tokens=False).input_ids
     self.end_ids = list(end)
+
+  def __getstate__(self):
+    return {k: v for k, v in self.__dict__.items() if k != "_local"}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state, _local=threading.local())
+
+  @property
+  def tokenizer(self):
+    return self._own()[0]
+
+  @property
+  def scorer_tokenizer(self):
+    return self._own()[1]
+
+  def _own(self):
+    """This thread's copies of (tokenizer, scorer tokenizer), one object if they are one."""
+    if not hasattr(self._local, "tokenizers"):
+      self._local.tokenizers = copy.deepcopy(self._shared)  # the memo keeps one object one
+    return self._local.tokenizers
 
   # ---- text ---------------------------------------------------------------------------
 
@@ -326,17 +376,9 @@ class SampleBuilder:
       if len({f.shape for f in frames.values()}) > 1:
         raise video.MediaError(files[0], "frames of the list differ in size")
       return np.stack([frames[i] for i in indices]), tuple(indices)
-    path = Path(record.media[0])
-    if record.total_frames is not None and corpus.reader in ("auto", "frames") and path.is_dir():
-      return load_numbered_frames(path, record.total_frames, t, rng)
-    if corpus.reader == "frames" and not path.is_dir():
-      raise video.MediaError(path, "no such file or directory" if not path.exists()
-                             else "not a folder of frames")
-    backend = "decord" if corpus.reader == "decord" else (
-        "pyav" if corpus.reader == "pyav" else cfg.video_backend)
-    frames, info = video.load_video(path, t, sample="random", rng=rng,
-                                    folder_fps=cfg.folder_fps, backend=backend)
-    return frames, info.indices
+    return load_training_video(record.media[0], t, rng, reader=corpus.reader,
+                               backend=cfg.video_backend, folder_fps=cfg.folder_fps,
+                               total_frames=record.total_frames)
 
   # ---- the sample ---------------------------------------------------------------------
 
@@ -353,7 +395,7 @@ class SampleBuilder:
       try:
         image = open_image(record.media[0])
       except video.MediaError as err:
-        raise _media_skip(err, source) from None
+        raise media_skip(err, source) from None
       size_hw = (image.height, image.width)
       runs = [model.image_tokens(size_hw)]
     elif kind == "video":
@@ -397,7 +439,7 @@ class SampleBuilder:
         sample.pictures = preprocess.video_pixels(pictures, s, mean, std, letterbox=self.letterbox)
         sample.frame_indices = tuple(order)
     except video.MediaError as err:
-      raise _media_skip(err, source) from None
+      raise media_skip(err, source) from None
     placeholder = {"video": model.video_token_index}.get(kind, model.image_token_index)
     for slot, run in zip(reversed(slots), reversed(runs)):  # back to front: slots stay valid
       ids[slot:slot + 1] = [placeholder] * run

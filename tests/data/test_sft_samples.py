@@ -9,6 +9,7 @@ newline is ``<0x0A>`` and a word after it has no ``▁`` (``Des cribe``). The ti
 4-frame video is 8 tokens, a multi-image picture 4, an anyres image ``4 + h*w + h``.
 """
 
+import concurrent.futures
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,8 @@ import sentencepiece as spm
 from transformers import AutoTokenizer
 
 from ppllava_jax.data import preprocess
-from ppllava_jax.data.sft import (IGNORE, SampleConfig, SkipSample, build_sample,
+from ppllava_jax.data.annotations import CorpusConfig, parse_record
+from ppllava_jax.data.sft import (IGNORE, SampleBuilder, SampleConfig, SkipSample, build_sample,
                                   load_numbered_frames)
 from ppllava_jax.data.video import random_indices
 from support.tokenizers import clip_tokenizer, llama_sp_tokenizer, qwen_tokenizer
@@ -249,3 +251,26 @@ def test_bad_media_is_a_skip_with_its_reason(tokenizers, media, record, reason):
   with pytest.raises(SkipSample) as err:
     build(tok, clip, record, media)
   assert err.value.reason == reason
+
+
+def test_threads_tokenize_with_their_own_tokenizers(tokenizers, media):
+  """One Qwen tokenizer as the LLM's and the scorer's (the scorer's calls pad to its
+  context, the LLM's do not): samples built on four threads at once equal those built
+  one by one, and each thread holds its own copy (one object for both roles)."""
+  _, qwen, _ = tokenizers
+  cfg = tiny_model_config(qwen.convert_tokens_to_ids("<image>"))
+  builder = SampleBuilder(qwen, cfg, qwen, SampleConfig(template="plain_qwen"))
+  records = [parse_record({"id": str(i), "conversations": [
+      {"from": "human", "value": "What color is the ball? " * (1 + i % 5)},
+      {"from": "gpt", "value": f"The ball is red {i}."}]},
+      CorpusConfig("c", "a.json", str(media), format="llava")) for i in range(40)]
+  build_all = lambda: [builder(r, seed=0, index=i) for i, r in enumerate(records)]
+  want = build_all()
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    got = list(pool.map(lambda ir: builder(ir[1], seed=0, index=ir[0]), enumerate(records)))
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(a.input_ids, b.input_ids)
+    np.testing.assert_array_equal(a.scorer_ids, b.scorer_ids)
+  mine = builder.tokenizer
+  theirs = concurrent.futures.ThreadPoolExecutor(1).submit(lambda: builder.tokenizer).result()
+  assert mine is not theirs and mine is not qwen and builder.scorer_tokenizer is mine
