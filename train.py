@@ -68,8 +68,10 @@ def main(argv: list[str] | None = None) -> int:
   cfg = rc.apply_overrides(load_config(args.config, rc.RunConfig), args.overrides)
   summary = train(cfg, args.workdir)
   loss = "n/a" if summary["loss"] is None else f"{summary['loss']:.4f}"
+  mcq = summary.get("mcq_accuracy")
+  mcq = "" if mcq is None else f", multiple-choice accuracy {mcq:.2f}%"
   print(f"step {summary['step']}: {summary['updates']} updates, {summary['skipped']} skipped, "
-        f"last logged loss {loss}; workdir {args.workdir}")
+        f"last logged loss {loss}{mcq}; workdir {args.workdir}")
   if summary["stopped"]:
     return 128 + signal.Signals[summary["stopped"]].value
   return 0

@@ -32,17 +32,17 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ppllava_jax import cli
-from ppllava_jax.data.templates import CHATML, VICUNA
+from ppllava_jax.data.templates import CHATML, VICUNA, ChatTemplate
 from ppllava_jax.data.video import BACKENDS
 from ppllava_jax.eval import mcq, records
 from ppllava_jax.eval.fingerprint import model_key
-from ppllava_jax.eval.jobs import mcq_jobs, qa_jobs, video_job
+from ppllava_jax.eval.jobs import Job, mcq_jobs, qa_jobs, video_job
 from ppllava_jax.eval.qa import QAItem, load_qa
-from ppllava_jax.eval.runner import RunConfig, run
+from ppllava_jax.eval.runner import RunConfig, RunResult, run
 from ppllava_jax.models.ppllava_config import PoolingConfig
 
 
@@ -63,6 +63,47 @@ same settings (checkpoint and tokenizer files, pooling, dtype, frames, max new t
 video decoder); everything else is generated again, and a summary line says how many
 answers were reused and how many redone. Ctrl-C keeps every finished answer.
 """
+
+
+# ---- what eval.py shares with training's periodic evaluation (train.loop) ------------
+
+PROTOCOLS = (mcq.OriginalProtocol.name, mcq.LmmsEvalProtocol.name)
+
+
+def make_protocol(name: str, subtitles: bool = False,
+                  videomme_extractor: str = "2024") -> mcq.EvalProtocol:
+  """The scoring protocol called ``name`` (one of ``PROTOCOLS``) with its options."""
+  if name == mcq.OriginalProtocol.name:
+    return mcq.OriginalProtocol(subtitles=subtitles)
+  if name == mcq.LmmsEvalProtocol.name:
+    return mcq.LmmsEvalProtocol(videomme_extractor=videomme_extractor, subtitles=subtitles)
+  raise ValueError(f"unknown protocol {name!r}; expected one of {PROTOCOLS}")
+
+
+def chat_template(model_cfg) -> ChatTemplate:
+  """The template a model's prompts are rendered with: ChatML for Qwen2, else Vicuna."""
+  return CHATML if model_cfg.text.model_type == "qwen2" else VICUNA
+
+
+def failures(jobs: Sequence[Job], result: RunResult) -> dict[str, str]:
+  """Job id -> error, for the jobs that got no answer."""
+  return {j.id: result.records[j.id]["error"] for j in jobs
+          if result.records[j.id]["status"] != "ok"}
+
+
+def score_answers(items: Sequence[mcq.Item], jobs: Sequence[Job], result: RunResult,
+                  protocol: mcq.EvalProtocol) -> mcq.ScoreReport | None:
+  """The answered items (``items[i]`` asked by ``jobs[i]``) scored by ``protocol``; the
+  failed ones are left out. None when no item got an answer."""
+  ok = [(item, job) for item, job in zip(items, jobs)
+        if result.records[job.id]["status"] == "ok"]
+  if not ok:
+    return None
+  return mcq.score([i for i, _ in ok], [result.records[j.id]["prediction"] for _, j in ok],
+                   protocol)
+
+
+# ---- the command line -------------------------------------------------------------------
 
 
 def _at_least(low: int) -> Callable[[str], int]:
@@ -102,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--question", metavar="TEXT", help="The question to ask of --video.")
   p.add_argument("--video-root", default=".", metavar="DIR",
                  help="The folder the benchmark's video paths start in (default: here).")
-  p.add_argument("--protocol", choices=("original", "lmms_eval"), default="original",
+  p.add_argument("--protocol", choices=PROTOCOLS, default="original",
                  help="Whose prompts and scorers to reproduce: PPLLaVA's scripts or "
                  "lmms-eval's.")
   p.add_argument("--videomme-extractor", choices=("2024", "2026"), default="2024",
@@ -167,13 +208,6 @@ def _read_inputs(args) -> list[mcq.Item] | list[QAItem] | None:
   return items[:args.limit]
 
 
-def _protocol(args) -> mcq.EvalProtocol:
-  if args.protocol == "original":
-    return mcq.OriginalProtocol(subtitles=args.subtitles)
-  return mcq.LmmsEvalProtocol(videomme_extractor=args.videomme_extractor,
-                              subtitles=args.subtitles)
-
-
 def load(args):
   import jax.numpy as jnp
   from transformers import AutoTokenizer
@@ -203,7 +237,8 @@ def main(argv=None) -> int:
 
 def _evaluate(args, predictions: Path) -> int:
   items = _read_inputs(args)
-  protocol = _protocol(args) if args.mvbench or args.videomme else None
+  protocol = (make_protocol(args.protocol, args.subtitles, args.videomme_extractor)
+              if args.mvbench or args.videomme else None)
   cfg = RunConfig(batch_size=args.batch_size,
                   max_new_tokens=args.max_new_tokens or (protocol.max_new_tokens if protocol
                                                          else 200),
@@ -214,7 +249,7 @@ def _evaluate(args, predictions: Path) -> int:
                                       scorer_tokenizer=args.scorer_tokenizer or args.clip,
                                       pooling=args.pooling, dtype=args.dtype))
   model, processor = load(args)
-  template = CHATML if model.cfg.text.model_type == "qwen2" else VICUNA
+  template = chat_template(model.cfg)
   root = Path(args.video_root)
   if args.video:
     jobs = [video_job(args.video, args.question, template, args.frames)]
@@ -227,8 +262,7 @@ def _evaluate(args, predictions: Path) -> int:
   result = run(model, processor, jobs, predictions, cfg)
   seconds = time.perf_counter() - start
   print(result.summary())
-  failed = {j.id: result.records[j.id]["error"] for j in jobs
-            if result.records[j.id]["status"] != "ok"}
+  failed = failures(jobs, result)
   for job_id, error in failed.items():
     print(f"failed: {job_id}: {error}")
   if args.video:
@@ -238,12 +272,10 @@ def _evaluate(args, predictions: Path) -> int:
     return 0
   if protocol is None or not jobs:
     return 0
-  ok = [(item, job) for item, job in zip(items, jobs) if job.id not in failed]
-  if not ok:
+  report = score_answers(items, jobs, result, protocol)
+  if report is None:
     print("no item could be run")
     return 1
-  report = mcq.score([i for i, _ in ok], [result.records[j.id]["prediction"] for _, j in ok],
-                     protocol)
   print(report.table())
   print(f"failed items (not scored): {len(failed)} of {len(jobs)}; {seconds:.1f} s this run")
   results = dict(report.to_dict(), failed=failed, items=len(jobs))

@@ -1,7 +1,10 @@
-"""Relevance heat-maps as pictures: one tile per frame, optionally over the frames.
+"""Relevance heat-maps as pictures: one tile per frame, optionally over the frames, and
+optionally the colour bar that reads them.
 
 Colours share one scale across all frames of a video, so a bright tile in frame 3
-and one in frame 20 mean the same relevance.
+and one in frame 20 mean the same relevance. The scale runs from the video's lowest
+value to its highest (not a fixed range: an untrained scorer's cosines span a few
+hundredths); the colour bar says which values those are.
 """
 
 from __future__ import annotations
@@ -25,12 +28,35 @@ def colorize(values: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
   return np.round(_ANCHORS[lo] * (1 - frac) + _ANCHORS[lo + 1] * frac).astype(np.uint8)
 
 
+def colorbar(vmin: float, vmax: float, height: int, label: str, bar: int = 12) -> Image.Image:
+  """A vertical colour bar ``bar`` pixels wide and ``height`` tall, ``vmax`` at the top and
+  ``vmin`` at the bottom, its ends and middle marked with their values, ``label`` above."""
+  draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+  ticks = [(f"{v:.3g}", y) for v, y in ((vmax, 0), ((vmin + vmax) / 2, (height - 1) / 2),
+                                        (vmin, height - 1))]
+  width = bar + 8 + max(draw.textlength(t) for t, _ in ticks)
+  width = int(max(width, draw.textlength(label)) + 4)
+  picture = Image.new("RGB", (width, height + 14), (255, 255, 255))
+  draw = ImageDraw.Draw(picture)
+  draw.text((0, 1), label, fill=(0, 0, 0))
+  ramp_h = colorize(np.linspace(vmax, vmin, height), vmin, vmax)
+  picture.paste(Image.fromarray(np.repeat(ramp_h[:, None], bar, axis=1)), (0, 14))
+  for text, y in ticks:
+    top = 14 + int(round(y))
+    draw.line([(bar, top), (bar + 3, top)], fill=(0, 0, 0))
+    draw.text((bar + 6, min(max(top - 5, 14), 14 + height - 11)), text, fill=(0, 0, 0))
+  return picture
+
+
 def relevance_grid(probs_thw: np.ndarray, frames_thwc: np.ndarray | None = None, cols: int = 8,
-                   cell: int = 96, alpha: float = 0.6, title: str | None = None) -> Image.Image:
+                   cell: int = 96, alpha: float = 0.6, title: str | None = None,
+                   colorbar_label: str | None = None) -> Image.Image:
   """A (rows x cols) grid of per-frame heat-maps of ``probs_thw`` (T, H, W).
 
   ``frames_thwc`` (T, h, w, 3) uint8, optional: the video frames to draw under the
   maps with opacity ``alpha``. Each tile is labelled with its frame index.
+  ``colorbar_label``, optional: a colour bar of the maps' range (``colorbar``) goes to
+  the right of the grid, with this label (what the values are, e.g. "cosine").
   """
   probs_thw = np.asarray(probs_thw, np.float32)
   if probs_thw.ndim != 3:
@@ -42,11 +68,18 @@ def relevance_grid(probs_thw: np.ndarray, frames_thwc: np.ndarray | None = None,
   cols = min(cols, t)
   rows = -(-t // cols)
   header = 24 if title else 0
-  canvas = Image.new("RGB", (cols * cell, rows * (cell + 14) + header), (255, 255, 255))
+  vmin, vmax = float(probs_thw.min()), float(probs_thw.max())
+  bar = (None if colorbar_label is None
+         else colorbar(vmin, vmax, rows * (cell + 14) - 14, colorbar_label))
+  grid_w = cols * cell + (0 if bar is None else 8)
+  canvas = Image.new("RGB", (grid_w + (0 if bar is None else bar.width),
+                             rows * (cell + 14) + header), (255, 255, 255))
   draw = ImageDraw.Draw(canvas)
   if title:
     draw.text((4, 6), title, fill=(0, 0, 0))
-  colours = colorize(probs_thw, float(probs_thw.min()), float(probs_thw.max()))
+  if bar is not None:
+    canvas.paste(bar, (grid_w, header))
+  colours = colorize(probs_thw, vmin, vmax)
   for i in range(t):
     tile = Image.fromarray(colours[i]).resize((cell, cell), Image.Resampling.NEAREST)
     if frames_thwc is not None:

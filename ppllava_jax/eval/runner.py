@@ -245,5 +245,6 @@ def _picture(relevance, job: Job, encoded, frames_thwc: np.ndarray, folder: Path
                 jnp.asarray(encoded.scorer_ids[None]),
                 jnp.asarray(encoded.scorer_mask[None]))
   picture = relevance_grid(np.asarray(cos_btgg)[0], frames_thwc,
-                           title=(job.title or job.scorer_text)[:120])
+                           title=(job.title or job.scorer_text)[:120],
+                           colorbar_label="cosine to the question")
   picture.save(folder / _picture_name(job.id))

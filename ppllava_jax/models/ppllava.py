@@ -48,7 +48,8 @@ from ppllava_jax import ops
 from ppllava_jax.convert.llava import LLAVA_NEXT_RULES
 from ppllava_jax.convert.loader import checkpoint_shapes, load_into
 from ppllava_jax.models import pretrained
-from ppllava_jax.models.btadapter import BTAdapterVisionTransformer
+from ppllava_jax.models.btadapter import (BTAdapterConfig, BTAdapterVisionTransformer,
+                                          CLIPVisionBTAdapter)
 from ppllava_jax.models.clip import CLIPModel, CLIPVisionTransformer
 from ppllava_jax.models.generate import generate
 from ppllava_jax.models.layers import Linear, set_remat
@@ -100,6 +101,18 @@ class PPLLaVA(nnx.Module):
     # Needed by the "ppllava" / "paper" modes. A submodule even when attached after
     # loading (nnx.data), so it splits, jits, shards and saves with the rest.
     self.scorer = nnx.data(None if cfg.scorer is None else build_scorer(cfg.scorer, rngs=rngs))
+
+  def add_btadapter(self, adapter: BTAdapterConfig, rngs: nnx.Rngs) -> "PPLLaVA":
+    """A fresh BT-Adapter on the CLIP vision tower, initialised as the original does after
+    loading LLaVA's weights (``CLIPVisionBTAdapter.from_clip``): how the Vicuna recipe
+    starts from a llava-hf LLaVA-NeXT folder. Returns the model."""
+    if self.cfg.btadapter is not None or isinstance(self.cfg.vision, SiglipVisionConfig):
+      raise ValueError("add_btadapter needs a plain CLIP vision tower; this model has "
+                       + ("a BT-Adapter already" if self.cfg.btadapter else "a SigLIP tower"))
+    self.vision_tower = CLIPVisionBTAdapter.from_clip(self.vision_tower, adapter,
+                                                      rngs=rngs).vision_model
+    self.cfg = dataclasses.replace(self.cfg, btadapter=adapter)
+    return self
 
   def set_remat(self, remat: str) -> "PPLLaVA":
     """Each LLM decoder layer and each vision-tower layer (CLIP / SigLIP encoder layers,

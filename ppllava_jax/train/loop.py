@@ -6,6 +6,7 @@ the optimizer, the state on the mesh and the jitted ``Steps``, then resumes: the
 own latest checkpoint (state, data cursor), else ``cfg.init_from``'s trainable
 parameters, else the initial model. Then, per batch: data -> step -> ``every(n, k)``
 hooks: metrics (fetched to the host only on log steps), evaluation (``eval_every``),
+multiple-choice accuracy (``mcq.every``, and after the last batch: ``evaluation``),
 checkpoints, the stop checks.
 
 Exactness: a checkpoint is taken between batches and holds the state (the rng is the
@@ -14,9 +15,10 @@ the data cursor and the loop step, and the data stream from a cursor is a functi
 (config, cursor) alone; so a run killed at any point and started again with the same
 command ends with the parameters of one that never stopped (bit for bit on one CPU).
 
-Stopping: SIGTERM / SIGINT set a flag; the loop saves at the next batch boundary and
-``train`` returns with ``stopped`` set to the signal's name (``train.py`` exits with
-128 + its number). ``max_nan_in_a_row`` consecutive skipped updates (non-finite loss or
+Stopping: SIGTERM / SIGINT set a flag; the loop saves at the next batch boundary
+(skipping a multiple-choice evaluation due there, and the final one: they can take
+long) and ``train`` returns with ``stopped`` set to the signal's name (``train.py``
+exits with 128 + its number). ``max_nan_in_a_row`` consecutive skipped updates (non-finite loss or
 gradient, or nothing supervised: ``train.step``) raise ``NonFiniteError``; the streak
 is counted on the device and checked on log steps and every ``max_nan_in_a_row``
 batches.
@@ -38,6 +40,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from ppllava_jax.train import checkpoint as ckpt_lib
+from ppllava_jax.train import evaluation
 from ppllava_jax.train import metrics as metrics_lib
 from ppllava_jax.train import run_config as rc
 from ppllava_jax.train.optimizer import make_optimizer
@@ -75,9 +78,13 @@ def _model(cfg: rc.RunConfig):
     from transformers import AutoTokenizer
 
     from ppllava_jax.models.ppllava import PPLLaVA
-    model = PPLLaVA.from_pretrained(cfg.model.checkpoint)
-    tok = AutoTokenizer.from_pretrained(cfg.model.checkpoint)
-    scorer = AutoTokenizer.from_pretrained(cfg.model.scorer_tokenizer or cfg.model.checkpoint)
+    m = cfg.model
+    model = PPLLaVA.from_pretrained(m.checkpoint, clip=m.clip or None)
+    if m.btadapter is not None and model.cfg.btadapter is None:
+      model.add_btadapter(m.btadapter, nnx.Rngs(cfg.train.seed))
+      log.info("a fresh BT-Adapter (%s) on the vision tower of %s", m.btadapter, m.checkpoint)
+    tok = AutoTokenizer.from_pretrained(m.checkpoint)
+    scorer = AutoTokenizer.from_pretrained(m.scorer_tokenizer or m.clip or m.checkpoint)
     return model, tok, scorer
   from ppllava_jax.data.tokenizer import char_tokenizer
   from ppllava_jax.models.tiny import build_tiny
@@ -148,11 +155,13 @@ def _step_flops(steps: Steps, state, frozen, batch) -> float | None:
 
 def train(cfg: rc.RunConfig, workdir: str | Path) -> dict:
   """Runs (or resumes) ``cfg`` in ``workdir`` (module doc). Returns a summary:
-  step, updates, skipped, stopped (a signal name or None), the final loss."""
+  step, updates, skipped, stopped (a signal name or None), the final loss, the last
+  multiple-choice accuracy (None without one)."""
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   config_dict = rc.to_dict(cfg)
   cfg = prepare_data(cfg, workdir)
+  mcq_eval = evaluation.McqEval(cfg.mcq, workdir / "mcq") if cfg.mcq else None
   (workdir / "config.json").write_text(json.dumps(config_dict, indent=1, sort_keys=True))
   run = build(cfg)
   checkpoints = ckpt_lib.Checkpoints(workdir, keep=cfg.keep)
@@ -208,6 +217,8 @@ def train(cfg: rc.RunConfig, workdir: str | Path) -> dict:
           pending, samples, last_step, last_time = [], 0, done, time.perf_counter()
         if every(done, cfg.eval_every):
           _evaluate(writer, run, state, cfg, done)
+        if mcq_eval and every(done, cfg.mcq.every) and not signals.received:
+          _evaluate_mcq(writer, mcq_eval, run, state, done)
         if every(done, cfg.checkpoint_every) or signals.received:
           checkpoints.save(done, state, data.get_state(), config_dict)
         if signals.received:
@@ -215,6 +226,8 @@ def train(cfg: rc.RunConfig, workdir: str | Path) -> dict:
           break
       if done > start or checkpoints.latest_step() is None:
         checkpoints.save(done, state, data.get_state(), config_dict)
+      if mcq_eval and done > start and not stopped and not every(done, cfg.mcq.every):
+        _evaluate_mcq(writer, mcq_eval, run, state, done)  # the run's end
       checkpoints.wait()
   finally:
     bar.close()
@@ -224,10 +237,13 @@ def train(cfg: rc.RunConfig, workdir: str | Path) -> dict:
   if stopped:
     print(f"stopped by {stopped} after step {done}: checkpoint {done} saved in "
           f"{checkpoints.directory}; run the same command again to resume", flush=True)
-  curve = metrics_lib.loss_curve(metrics_lib.read_metrics(workdir), workdir / "loss.png")
+  records = metrics_lib.read_metrics(workdir)
+  curve = metrics_lib.loss_curve(records, workdir / "loss.png")
+  accuracies = [r["mcq_accuracy"] for r in records if "mcq_accuracy" in r]
   host = jax.device_get(state)
   return dict(step=done, updates=int(host.step), skipped=int(host.skipped), stopped=stopped,
-              loss=last.get("loss"), loss_curve=str(curve) if curve else None)
+              loss=last.get("loss"), loss_curve=str(curve) if curve else None,
+              mcq_accuracy=accuracies[-1] if accuracies else None)
 
 
 def _log(writer, run, data, state, pending, done, last_step, last_time, samples, cfg) -> dict:
@@ -250,25 +266,22 @@ def _log(writer, run, data, state, pending, done, last_step, last_time, samples,
   return record
 
 
-def _evaluate(writer, run, state, cfg: rc.RunConfig, done: int) -> dict:
-  """The token-mean loss of the first ``eval_batches`` batches of ``eval_data`` (a fresh
-  iterator each time: the same batches every evaluation), one line of its own."""
-  from ppllava_jax.data.pipeline import make_train_iterator
-  data = make_train_iterator(cfg.eval_data, tokenizer=run.tokenizer, model=run.model_cfg,
-                             scorer_tokenizer=run.scorer_tokenizer)
-  start, sums = time.perf_counter(), []
-  try:
-    for _, batch in zip(range(cfg.eval_batches), data):
-      sums.append(run.steps.eval(state, run.frozen, batch))
-  finally:
-    data.close()
-  host = jax.device_get(sums)
-  total, count = sum(float(s) for s, _ in host), sum(float(c) for _, c in host)
-  record = dict(step=done, eval_loss=total / count if count else float("nan"),
-                eval_tokens=count, eval_batches=len(host), eval_time=time.perf_counter() - start)
+def _evaluate(writer, run, state, cfg: rc.RunConfig, done: int) -> None:
+  record = evaluation.held_out_loss(run, state, cfg.eval_data, cfg.eval_batches, done)
   writer.write(record)
-  log.info("eval at step %d: loss %.4f over %d tokens", done, record["eval_loss"], count)
-  return record
+  log.info("eval at step %d: loss %.4f over %d tokens", done, record["eval_loss"],
+           record["eval_tokens"])
+
+
+def _evaluate_mcq(writer, mcq_eval: evaluation.McqEval, run: Run, state, done: int) -> None:
+  """One multiple-choice evaluation, written and printed. It runs between steps and
+  ends with every answer on the host: the model it merges holds ``state.params``'
+  buffers, which the next train step donates."""
+  record = mcq_eval(run, state.params, done)
+  writer.write(record)
+  accuracy = "n/a" if record["mcq_accuracy"] is None else f"{record['mcq_accuracy']:.2f}%"
+  tqdm.write(f"mcq at step {done}: accuracy {accuracy} over {record['mcq_items']} items "
+             f"({record['mcq_failed']} failed), {record['mcq_time']:.1f} s")
 
 
 def export(workdir: str | Path, out: str | Path, step: int | None = None) -> Path:

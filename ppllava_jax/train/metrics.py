@@ -1,8 +1,9 @@
 """What a run reports: ``metrics.jsonl``, TensorBoard event files, a loss-curve PNG.
 
-- ``WORKDIR/metrics.jsonl``: one JSON object per logged step (and one per evaluation,
-  with ``eval_loss``). On resume the lines past
-  the restored step are dropped (a killed run logged steps it will redo).
+- ``WORKDIR/metrics.jsonl``: one JSON object per logged step, one per loss evaluation
+  (``eval_loss``) and one per multiple-choice evaluation (``mcq_accuracy``; ``train.loop``).
+  On resume the lines past the restored step are dropped (a killed run logged steps it
+  will redo).
 - ``WORKDIR/tensorboard/events.out.tfevents.*``: scalar summaries in TensorBoard's
   event format, written here without TensorFlow: TFRecord framing (length, masked
   CRC-32C of the length, the ``Event`` proto bytes, masked CRC-32C of them) around
@@ -22,6 +23,8 @@ import socket
 import struct
 import time
 from pathlib import Path
+
+from ppllava_jax.files import read_jsonl
 
 # ---- CRC-32C (Castagnoli), as TFRecord frames use ---------------------------------------
 
@@ -142,14 +145,12 @@ class MetricsWriter:
     self.events = EventWriter(self.workdir / "tensorboard")
 
   def _drop_after(self, step: int) -> None:
-    if not self.jsonl.is_file():
-      return
-    keep = [line for line in self.jsonl.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= step]
-    self.jsonl.write_text("".join(line + "\n" for line in keep))
+    if self.jsonl.is_file():
+      keep = [r for r in read_metrics(self.workdir) if r["step"] <= step]
+      self.jsonl.write_text("".join(_line(r) for r in keep))
 
   def write(self, record: dict) -> None:
-    self._f.write(json.dumps(record, sort_keys=True) + "\n")
+    self._f.write(_line(record))
     self._f.flush()
     self.events.scalars(record["step"], {k: v for k, v in record.items()
                                          if k != "step" and isinstance(v, (int, float))})
@@ -159,9 +160,14 @@ class MetricsWriter:
     self.events.close()
 
 
+def _line(record: dict) -> str:
+  return json.dumps(record, sort_keys=True) + "\n"
+
+
 def read_metrics(workdir: str | Path) -> list[dict]:
+  """The records of ``workdir/metrics.jsonl`` in order (none when there is no file)."""
   path = Path(workdir) / "metrics.jsonl"
-  return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+  return [record for _, record in read_jsonl(path, expect=dict)] if path.is_file() else []
 
 
 def mfu(flops: float | None, seconds: float, peak: float) -> float | None:

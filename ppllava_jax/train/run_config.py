@@ -3,8 +3,8 @@
 ``RunConfig`` is what a ``configs/*.py`` ``get_config()`` returns for ``train.py``: the
 model (a pretrained folder, or a tiny random one built in code), the data
 (``data.pipeline.DataConfig``), what the step needs (``train.config.TrainConfig``) and the
-loop's own settings. Strings in the data section may contain ``{workdir}``: the loop
-replaces it with the run's folder (a config that generates its data there).
+loop's own settings. Strings in the data and mcq sections may contain ``{workdir}``: the
+loop replaces it with the run's folder (a config that generates its data there).
 
 ``apply_overrides(cfg, ["train.optim.lr=1e-3", "steps=20"])`` parses each value with the
 type of the field it sets (int, float, bool, str, None for optional fields, tuples and
@@ -23,17 +23,25 @@ import typing
 from typing import Any
 
 from ppllava_jax.data.pipeline import DataConfig
+from ppllava_jax.eval.app import PROTOCOLS
+from ppllava_jax.models.btadapter import BTAdapterConfig
 from ppllava_jax.models.tiny import TinyConfig
 from ppllava_jax.train.config import TrainConfig
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """checkpoint: a transformers-layout folder (``PPLLaVA.from_pretrained``) with its
-  tokenizer; empty: the tiny random model ``tiny`` (``models.tiny.build_tiny``) and the char
-  tokenizer. scorer_tokenizer: the scorer's tokenizer folder (default: ``checkpoint``)."""
+  """checkpoint: a transformers-layout folder (``PPLLaVA.from_pretrained``: llava-hf,
+  PPLLaVA's own, or one ``train.py export`` wrote) with its tokenizer; empty: the tiny
+  random model ``tiny`` (``models.tiny.build_tiny``) and the char tokenizer. clip: a CLIP /
+  SigLIP folder whose text tower becomes the scorer, for a llava-hf folder without one.
+  scorer_tokenizer: the scorer's tokenizer folder (default: ``clip``, else
+  ``checkpoint``). btadapter: a fresh BT-Adapter put on a CLIP tower that has none
+  (``PPLLaVA.add_btadapter``, the Vicuna recipe's start); a tower that has one keeps it."""
   checkpoint: str = ""
+  clip: str = ""
   scorer_tokenizer: str = ""
+  btadapter: BTAdapterConfig | None = None
   tiny: TinyConfig = TinyConfig()
 
 
@@ -49,6 +57,39 @@ class SyntheticConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class McqEvalConfig:
+  """Multiple-choice accuracy during training, measured as ``eval.py --mvbench`` does: the
+  current parameters answer the items of ``tasks`` (an MVBench task JSON file, or a folder
+  of them; a task is named by its file's stem) about the videos under ``video_root``; both
+  may contain ``{workdir}``. every: batches between evaluations (0: none during the run);
+  the run's last batch is always evaluated. protocol: ``eval.py --protocol`` (prompts and
+  scoring); frames: sampled per video (None: eval.py's 32); max_new_tokens (None: the
+  protocol's); limit: only the first items (0: all)."""
+  tasks: str
+  video_root: str
+  every: int = 0
+  protocol: str = "original"
+  frames: int | None = None
+  batch_size: int = 4
+  max_new_tokens: int | None = None
+  limit: int = 0
+
+  def __post_init__(self):
+    if not self.tasks or not self.video_root:
+      raise ValueError("McqEvalConfig needs tasks and video_root")
+    if self.protocol not in PROTOCOLS:
+      raise ValueError(f"McqEvalConfig.protocol must be one of {PROTOCOLS}, got "
+                       f"{self.protocol!r}")
+    if self.every < 0 or self.limit < 0 or self.batch_size < 1:
+      raise ValueError(f"McqEvalConfig: need every >= 0, limit >= 0 and batch_size >= 1, got "
+                       f"{self.every}, {self.limit}, {self.batch_size}")
+    for name in ("frames", "max_new_tokens"):
+      if getattr(self, name) is not None and getattr(self, name) < 1:
+        raise ValueError(f"McqEvalConfig.{name} must be >= 1 or None, got "
+                         f"{getattr(self, name)}")
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
   """steps: batches the run consumes (an update each, unless skipped); log_every,
   checkpoint_every: in batches; keep: checkpoints kept; init_from: an Orbax checkpoint
@@ -56,12 +97,14 @@ class RunConfig:
   start a run that has none of its own; max_nan_in_a_row: consecutive skipped updates
   that stop the run; peak_flops: the FLOP/s the MFU estimate divides by (default: about
   what this class of CPU does); eval_every: batches between evaluations (0: none) of
-  the token-mean loss over the first ``eval_batches`` batches of ``eval_data``."""
+  the token-mean loss over the first ``eval_batches`` batches of ``eval_data``; mcq:
+  multiple-choice accuracy, at its own interval (``McqEvalConfig``)."""
   data: DataConfig
   model: ModelConfig = ModelConfig()
   eval_data: DataConfig | None = None
   eval_every: int = 0
   eval_batches: int = 4
+  mcq: McqEvalConfig | None = None
   train: TrainConfig = TrainConfig()
   synthetic: SyntheticConfig | None = None
   steps: int = 100
@@ -203,6 +246,10 @@ def from_dict(cls, data: dict, key: str = ""):
     if name not in hints:
       raise ValueError(f"{key or cls.__name__}: unknown field {name!r}")
     kwargs[name] = _coerce(_tuples(value), hints[name], f"{key}.{name}".lstrip("."))
+  missing = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in kwargs
+             and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+  if missing:
+    raise ValueError(f"{key or cls.__name__}: missing field(s) {', '.join(missing)}")
   return cls(**kwargs)
 
 
@@ -219,7 +266,7 @@ def from_json(text: str) -> RunConfig:
 
 
 def with_workdir(cfg: RunConfig, workdir: str) -> RunConfig:
-  """The data sections with ``{workdir}`` replaced in every string."""
+  """The data and mcq sections with ``{workdir}`` replaced in every string."""
   def sub(node):
     if dataclasses.is_dataclass(node):
       return dataclasses.replace(node, **{f.name: sub(getattr(node, f.name))
@@ -229,4 +276,5 @@ def with_workdir(cfg: RunConfig, workdir: str) -> RunConfig:
     if isinstance(node, str):
       return node.replace("{workdir}", str(workdir))
     return node
-  return dataclasses.replace(cfg, data=sub(cfg.data), eval_data=sub(cfg.eval_data))
+  return dataclasses.replace(cfg, data=sub(cfg.data), eval_data=sub(cfg.eval_data),
+                             mcq=sub(cfg.mcq))

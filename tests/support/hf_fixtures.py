@@ -170,18 +170,26 @@ def _tiny_llava(vision_type: str, text_type: str, image_size: int, pinpoints) ->
       image_grid_pinpoints=pinpoints)
 
 
-def make_llava_next_video(path: Path, seed: int = 0):
-  """Tiny LLaVA-NeXT-Video: 24 px tiles of 6x6 patches, odd vision heads, GQA LLM."""
+def make_llava_next_video(path: Path, seed: int = 0, vocab_size: int | None = None,
+                          image_token: int = LLAVA_IMAGE_TOKEN,
+                          video_token: int = LLAVA_VIDEO_TOKEN):
+  """Tiny LLaVA-NeXT-Video: 24 px tiles of 6x6 patches, odd vision heads, GQA LLM;
+  ``vocab_size`` and the placeholder ids can be a real tokenizer's."""
   from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
-  config = LlavaNextVideoConfig(**_tiny_llava("clip_vision_model", "llama", 24, LLAVA_PINPOINTS))
+  fields = _tiny_llava("clip_vision_model", "llama", 24, LLAVA_PINPOINTS)
+  fields.update(image_token_index=image_token, video_token_index=video_token)
+  if vocab_size:
+    fields["text_config"]["vocab_size"] = vocab_size
+  config = LlavaNextVideoConfig(**fields)
   return _randomised(LlavaNextVideoForConditionalGeneration, config, path, seed)
 
 
-def make_scorer_clip(path: Path, seed: int = 1, openai_like: bool = False):
+def make_scorer_clip(path: Path, seed: int = 1, openai_like: bool = False, **text_fields):
   """A CLIP whose vision width (24) matches the tiny LLaVA's, as PPLLaVA's scorer.
 
   ``openai_like``: OpenAI CLIP's conventions at a tiny size (64-wide heads, legacy
   EOS id 2, room for keep=20), so a scorer config can be inferred from its tensors.
+  ``text_fields`` override the text config's (a real tokenizer's vocabulary and ids).
   """
   from transformers import CLIPConfig, CLIPModel
   text = (dict(vocab_size=99, hidden_size=64, intermediate_size=40, num_hidden_layers=2,
@@ -190,6 +198,7 @@ def make_scorer_clip(path: Path, seed: int = 1, openai_like: bool = False):
           dict(vocab_size=99, hidden_size=20, intermediate_size=40, num_hidden_layers=1,
                num_attention_heads=2, max_position_embeddings=16, eos_token_id=98,
                bos_token_id=97, pad_token_id=0))
+  text.update(text_fields)
   config = CLIPConfig(
       vision_config=dict(hidden_size=24, intermediate_size=40, num_hidden_layers=1,
                          num_attention_heads=3, image_size=24, patch_size=4),

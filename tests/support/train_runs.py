@@ -1,9 +1,13 @@
 """train.py as a subprocess on a very small version of configs/sft_tiny.py: one host
 device, a persistent compilation cache shared by the runs of one test session (the
-runs compile the same step, so only the first pays for it)."""
+runs compile the same step, so only the first pays for it). Its multiple-choice
+evaluation asks the task files of ``MCQ_TASKS`` (4 items, one of a missing video) about
+the run's held-out synthetic videos, every 3 batches and at the end."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -14,12 +18,24 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "sft_tiny.py"
+MCQ_TASKS = ROOT / "tests" / "train" / "mcq_tasks"
+MCQ = {"tasks": str(MCQ_TASKS), "video_root": "{workdir}/data/videos", "every": 3, "frames": 4,
+       "batch_size": 2, "max_new_tokens": 4}
 SMALL = ("steps=8", "log_every=2", "checkpoint_every=2", "keep=5", "eval_every=4",
          "eval_batches=1", "model.tiny.image_size=56", "synthetic.videos=6",
          "synthetic.eval_videos=2", "data.batch.batch_size=2", "data.batch.video_slots=2",
          "data.batch.seq_buckets=(192,)", "data.sample.max_length=192",
          "eval_data.batch.batch_size=2", "eval_data.batch.video_slots=2",
-         "eval_data.batch.seq_buckets=(192,)", "eval_data.sample.max_length=192")
+         "eval_data.batch.seq_buckets=(192,)", "eval_data.sample.max_length=192",
+         f"mcq={MCQ!r}")
+
+
+def train_main():
+  """train.py's ``main``, to run in this process (what fails before training starts)."""
+  spec = importlib.util.spec_from_file_location("train_cli", ROOT / "train.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.main
 
 
 def env(cache: Path) -> dict:
@@ -35,6 +51,25 @@ def command(workdir: Path, *extra: str, config: Path = CONFIG) -> list[str]:
   sets = [a for s in SMALL + extra for a in ("--set", s)]
   return [sys.executable, str(ROOT / "train.py"), "--config", str(config), "--workdir",
           str(workdir), *sets]
+
+
+SUMMARY = """import json, sys
+from ppllava_jax.config import load_config
+from ppllava_jax.train import run_config as rc
+from ppllava_jax.train.loop import train
+cfg = rc.apply_overrides(load_config(sys.argv[1], rc.RunConfig), sys.argv[3:])
+print("summary:", json.dumps(train(cfg, sys.argv[2])))
+"""
+
+
+def summary_command(workdir: Path, *extra: str) -> list[str]:
+  """``command``'s run through ``loop.train`` itself: its last line is ``summary: JSON``."""
+  return [sys.executable, "-c", SUMMARY, str(CONFIG), str(workdir), *SMALL, *extra]
+
+
+def summary(done: subprocess.CompletedProcess) -> dict:
+  (line,) = [x for x in done.stdout.splitlines() if x.startswith("summary: ")]
+  return json.loads(line.removeprefix("summary: "))
 
 
 def run(cmd, cache: Path, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -1,7 +1,6 @@
 """train.py's --set overrides (typed, checked, unknown keys named) and export: the folder
 loads with PPLLaVA.from_pretrained, holds the trained parameters, and eval.py runs on it."""
 
-import importlib.util
 import json
 
 import numpy as np
@@ -15,13 +14,6 @@ from support import train_runs
 
 def tiny():
   return load_config(train_runs.CONFIG, rc.RunConfig)
-
-
-def train_main():
-  spec = importlib.util.spec_from_file_location("train_cli", train_runs.ROOT / "train.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.main
 
 
 def test_set_parses_each_value_with_its_field_type():
@@ -51,7 +43,7 @@ def test_set_parses_each_value_with_its_field_type():
 ])
 def test_bad_overrides_are_errors_that_name_the_problem(item, message, tmp_path, capsys):
   argv = ["--config", str(train_runs.CONFIG), "--workdir", str(tmp_path / "w"), "--set", item]
-  assert cli.run(train_main(), argv) == 2
+  assert cli.run(train_runs.train_main(), argv) == 2
   assert message in capsys.readouterr().err
   assert not (tmp_path / "w").exists()
 
@@ -68,8 +60,8 @@ def test_export_loads_with_from_pretrained_and_eval_runs_on_it(reference_run, tm
   from flax import nnx
   workdir, _ = reference_run
   out = tmp_path / "hf"
-  assert cli.run(train_main(), ["export", "--workdir", str(workdir), "--out", str(out),
-                                "--step", "6"]) == 0
+  export = ["export", "--workdir", str(workdir), "--out", str(out), "--step", "6"]
+  assert cli.run(train_runs.train_main(), export) == 0
   assert "exported checkpoint 6" in capsys.readouterr().out
   model = PPLLaVA.from_pretrained(out)
   saved = train_runs.state_at(workdir, 6)
@@ -77,8 +69,8 @@ def test_export_loads_with_from_pretrained_and_eval_runs_on_it(reference_run, tm
   loaded = {path_name(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model))}
   (key,) = [k for k in saved if "params" in k and kernel.replace("/", "']['") in k]
   np.testing.assert_array_equal(loaded[kernel], saved[key])
-  assert cli.run(train_main(), ["export", "--workdir", str(workdir), "--out", str(out),
-                                "--step", "5"]) == 2
+  export = ["export", "--workdir", str(workdir), "--out", str(out), "--step", "5"]
+  assert cli.run(train_runs.train_main(), export) == 2
   assert "no checkpoint 5" in capsys.readouterr().err
   qa = tmp_path / "qa.jsonl"
   qa.write_text(json.dumps(dict(id="q1", video="0000.mp4", question="Which way?")) + "\n")

@@ -1,13 +1,16 @@
-"""train.py end to end on a very small tiny config: what a run writes, a run killed with
-SIGKILL at a random point and restarted with the same command ends bit-identical to an
-uninterrupted one, and a streak of non-finite updates stops the run with its message."""
+"""train.py end to end on a very small tiny config: what a run writes (TensorBoard's own
+reader reads back every scalar of metrics.jsonl), a run killed with SIGKILL at a random
+point and restarted with the same command ends bit-identical to an uninterrupted one, and
+a streak of non-finite updates stops the run with its message."""
 
 import json
+import math
 import random
 import signal
 import time
 
 import numpy as np
+from tensorboard.backend.event_processing import event_accumulator, event_file_loader
 
 from ppllava_jax.train.metrics import read_frames, read_metrics
 from support import train_runs
@@ -30,13 +33,35 @@ def test_a_run_writes_checkpoints_metrics_events_and_a_loss_curve(reference_run)
   assert train_runs.finished_steps(workdir) == [2, 4, 6, 8]
   (events,) = (workdir / "tensorboard").iterdir()
   frames = read_frames(events)  # every CRC checked
-  assert len(frames) == 1 + len(records) + len(evals) and b"brain.Event:2" in frames[0]
+  assert len(frames) == 1 + len(read_metrics(workdir)) and b"brain.Event:2" in frames[0]
   assert b"loss" in frames[1] and b"grad_norm" in frames[1]
   assert (workdir / "loss.png").stat().st_size > 0
   saved = json.loads((workdir / "config.json").read_text())
   assert saved["steps"] == 8 and saved["data"]["batch"]["seq_buckets"] == [192]
-  assert len(json.loads((workdir / "data" / "train.json").read_text())) == 6
-  assert len(json.loads((workdir / "data" / "eval.json").read_text())) == 2
+  # one record per (video, question), 3 questions a video
+  assert len(json.loads((workdir / "data" / "train.json").read_text())) == 3 * 6
+  assert len(json.loads((workdir / "data" / "eval.json").read_text())) == 3 * 2
+
+
+def test_tensorboard_reads_back_every_scalar_of_metrics_jsonl(reference_run):
+  workdir, _ = reference_run
+  records = read_metrics(workdir)
+  (events,) = (workdir / "tensorboard").iterdir()
+  loaded = list(event_file_loader.EventFileLoader(str(events)).Load())  # stops at a bad CRC
+  assert len(loaded) == 1 + len(records) and loaded[0].file_version == "brain.Event:2"
+  want: dict[str, list] = {}
+  for r in records:  # what the writer keeps: numbers, finite, as float32
+    for tag, value in r.items():
+      if tag != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+        want.setdefault(tag, []).append((r["step"], float(np.float32(value))))
+  tensorboard = event_accumulator.EventAccumulator(
+      str(workdir / "tensorboard"), size_guidance={event_accumulator.SCALARS: 0})
+  tensorboard.Reload()
+  assert sorted(tensorboard.Tags()["scalars"]) == sorted(want)
+  assert {"loss", "grad_norm", "eval_loss", "mcq_accuracy", "mcq_accuracy/colour",
+          "mcq_accuracy/shape", "mcq_items", "mcq_failed", "mcq_time"} <= set(want)
+  for tag, points in want.items():
+    assert [(e.step, e.value) for e in tensorboard.Scalars(tag)] == points, tag
 
 
 def test_sigkill_at_a_random_point_then_the_same_command_equals_an_uninterrupted_run(
@@ -58,8 +83,9 @@ def test_sigkill_at_a_random_point_then_the_same_command_equals_an_uninterrupted
   assert want.keys() == got.keys()
   for name in want:
     np.testing.assert_array_equal(got[name], want[name], err_msg=name)
-  # the lines of redone steps dropped; the same losses, evaluations included
-  keys = lambda w: [(r["step"], r.get("loss"), r.get("eval_loss")) for r in read_metrics(w)]
+  # the lines of redone steps dropped; the same losses and accuracies, evaluations included
+  keys = lambda w: [(r["step"], r.get("loss"), r.get("eval_loss"), r.get("mcq_accuracy"))
+                    for r in read_metrics(w)]
   assert keys(workdir) == keys(reference)
 
 

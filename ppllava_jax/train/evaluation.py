@@ -1,0 +1,104 @@
+"""What the loop measures besides the training loss, on the parameters in training:
+``held_out_loss`` (``RunConfig.eval_data``) and ``McqEval``, multiple-choice accuracy as
+``eval.py --mvbench`` measures it (``RunConfig.mcq``). Each returns one metrics record.
+
+``run`` is the loop's ``Run`` (tokenizers, model config, graphdef, frozen state, steps).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import jax
+from flax import nnx
+
+from ppllava_jax.data.pipeline import DataConfig, make_train_iterator
+from ppllava_jax.data.processor import Processor
+from ppllava_jax.eval import app, mcq, runner
+from ppllava_jax.eval.jobs import mcq_jobs
+from ppllava_jax.models import generate as generation
+from ppllava_jax.train.run_config import McqEvalConfig
+from ppllava_jax.train.state import cast_floating
+
+
+def held_out_loss(run, state, data_cfg: DataConfig, batches: int, step: int) -> dict:
+  """The metrics record of the token-mean loss over the first ``batches`` batches of
+  ``data_cfg`` (a fresh iterator each time: the same batches every evaluation)."""
+  data = make_train_iterator(data_cfg, tokenizer=run.tokenizer, model=run.model_cfg,
+                             scorer_tokenizer=run.scorer_tokenizer)
+  start, sums = time.perf_counter(), []
+  try:
+    for _, batch in zip(range(batches), data):
+      sums.append(run.steps.eval(state, run.frozen, batch))
+  finally:
+    data.close()
+  host = jax.device_get(sums)
+  total, count = sum(float(s) for s, _ in host), sum(float(c) for _, c in host)
+  return dict(step=step, eval_loss=total / count if count else float("nan"),
+              eval_tokens=count, eval_batches=len(host), eval_time=time.perf_counter() - start)
+
+
+class McqEval:
+  """Multiple-choice accuracy of the parameters in training, as ``eval.py --mvbench``
+  measures it (``RunConfig.mcq``): the same items, jobs, runner and scorer (``eval.app``).
+
+  Built before the model, so a missing task file or video folder stops the run before
+  it trains. Each evaluation answers every item into a fresh
+  ``mcq/step_N/predictions.jsonl``: the runner reuses saved answers by fingerprint, and
+  a fingerprint knows checkpoint files, not weights in memory, so nothing saved may be
+  there to match (a folder per step; a killed run's answers at the step deleted).
+  Generation compiles once per prompt-length bucket and frame count, so only the first
+  evaluation should: each record has the process's count so far (``mcq_compilations``).
+  """
+
+  def __init__(self, cfg: McqEvalConfig, folder: Path):
+    if not Path(cfg.tasks).exists():
+      raise FileNotFoundError(f"mcq.tasks {cfg.tasks}: no such file or folder (an MVBench "
+                              "task JSON file or a folder of them)")
+    if not Path(cfg.video_root).is_dir():
+      raise FileNotFoundError(f"mcq.video_root {cfg.video_root}: not a folder")
+    items = mcq.load_mvbench(cfg.tasks)
+    self.items = items[:cfg.limit] if cfg.limit else items
+    self.protocol = app.make_protocol(cfg.protocol)
+    self.cfg, self.folder = cfg, folder
+
+  def __call__(self, run, params: nnx.State, step: int) -> dict:
+    """The metrics record of one evaluation of the trainable ``params`` at ``step``."""
+    start = time.perf_counter()
+    dtype = run.steps.cfg.dtype  # what the step computes in
+    model = nnx.merge(run.graphdef, cast_floating(params, dtype), cast_floating(run.frozen, dtype))
+    model.eval()  # deterministic: no drop path
+    jobs = mcq_jobs(self.items, self.protocol, app.chat_template(run.model_cfg),
+                    Path(self.cfg.video_root), self.cfg.frames)
+    out = self.folder / f"step_{step}" / "predictions.jsonl"
+    out.unlink(missing_ok=True)
+    settings = runner.RunConfig(
+        batch_size=self.cfg.batch_size,
+        max_new_tokens=self.cfg.max_new_tokens or self.protocol.max_new_tokens,
+        model_key=f"training step {step}")
+    result = runner.run(model, _own_processor(run), jobs, out, settings)
+    report = app.score_answers(self.items, jobs, result, self.protocol)
+    return dict(step=step, **_scores(report), mcq_items=len(jobs),
+                mcq_failed=len(app.failures(jobs, result)), mcq_time=time.perf_counter() - start,
+                mcq_compilations=generation.compilations())
+
+
+def _own_processor(run) -> Processor:
+  """A processor on copies of the run's tokenizers: the training data's loader thread
+  tokenizes meanwhile, and a fast tokenizer's padding and truncation are state each call
+  sets (shared, the two would pad each other's texts)."""
+  return Processor(run.model_cfg, copy.deepcopy(run.tokenizer),
+                   copy.deepcopy(run.scorer_tokenizer))
+
+
+def _scores(report: mcq.ScoreReport | None) -> dict:
+  """Accuracy (percent) overall and per task, and the answers the scorer could not read:
+  empty or unparseable (under the original protocol an empty reply counts as right)."""
+  if report is None:  # nothing answered
+    return dict(mcq_accuracy=None, mcq_empty=None, mcq_unparseable=None)
+  overall = report.overall
+  return dict(mcq_accuracy=overall.accuracy,
+              **{f"mcq_accuracy/{t.name}": t.accuracy for t in report.groups["task"]},
+              mcq_empty=overall.empty, mcq_unparseable=overall.unparseable)
