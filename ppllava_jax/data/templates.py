@@ -4,7 +4,11 @@ Reproduces ``ppllava/conversation/conv.py`` of the original (commit d5766c8):
 ``Conversation.get_prompt`` / ``user_query`` with the two templates its scripts use,
 ``plain_v1`` (Vicuna, the released Vicuna models) and ``plain_qwen`` (ChatML, the
 Qwen / LLaVA-OneVision model), and ``InterleaveBaseDataset.process_qa`` of
-``ppllava/datasets/datasets/interleave_sft_dataset.py`` for training text.
+``ppllava/datasets/datasets/interleave_sft_dataset.py`` for training text. A third,
+``vicuna_v1``, is LLaVA's ``conv_vicuna_v1`` (``llava/conversation.py``), for DPO:
+the original's ``train_dpo.py`` names it, but the conversation module it imports
+(``llavahound_conversation.py``) does not define it, so the released script cannot
+run; LLaVA's is the evident intent (``data.preference``).
 
 Everything here is strings; tokenising, the BOS token, truncating the scorer text to
 the text encoder's limit and expanding each media placeholder to the pooled token
@@ -18,8 +22,10 @@ Decisions, each read off the original:
   A prompt for generation stops after the assistant tag plus an optional prefilled
   answer prefix (``... ASSISTANT: Best option:(``); with no prefix the Vicuna prompt
   ends ``ASSISTANT: `` with its trailing space, as the original's does.
-- Neither template has a default system prompt: ``plain_qwen`` has no
-  ``<|im_start|>system`` block at all. A system text, when given (training rows with an
+- Neither plain template has a default system prompt: ``plain_qwen`` has no
+  ``<|im_start|>system`` block at all. ``vicuna_v1`` has LLaVA's system sentence,
+  giving ``{system} USER: {q} ASSISTANT: {a}</s>``; a system text given explicitly
+  replaces it. A system text, when given (training rows with an
   ``"i"`` field), is written bare and closed with the *user* separator, which for
   ChatML gives ``{system}<|im_end|>\\n`` without an opening tag: the original's form.
 - The media placeholder is ``<image>`` for both models (also for videos and for the
@@ -55,6 +61,7 @@ class ChatTemplate:
   user_end: str  # closes a user turn, and the system text
   assistant_end: str  # closes an assistant turn; supervised with the answer
   media: str = "<image>"  # one per media item, expanded by the processor
+  system: str = ""  # the system text when none is given
 
 
 VICUNA = ChatTemplate(name="plain_v1", user="USER: ", assistant="ASSISTANT: ",
@@ -62,7 +69,11 @@ VICUNA = ChatTemplate(name="plain_v1", user="USER: ", assistant="ASSISTANT: ",
 CHATML = ChatTemplate(name="plain_qwen", user="<|im_start|>user\n",
                       assistant="<|im_start|>assistant\n", user_end="<|im_end|>\n",
                       assistant_end="<|im_end|>\n")
-TEMPLATES: dict[str, ChatTemplate] = {t.name: t for t in (VICUNA, CHATML)}
+VICUNA_V1 = dataclasses.replace(
+    VICUNA, name="vicuna_v1",
+    system="A chat between a curious user and an artificial intelligence assistant. The "
+           "assistant gives helpful, detailed, and polite answers to the user's questions.")
+TEMPLATES: dict[str, ChatTemplate] = {t.name: t for t in (VICUNA, CHATML, VICUNA_V1)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +122,7 @@ def _render(template: ChatTemplate, questions: Sequence[str], answers: Sequence[
   """Each question in a user turn, each answer (one fewer for an open last turn) in
   an assistant turn; an unanswered question ends the text at the assistant tag.
   ``media=False`` (a text-only conversation) leaves the first question as it is."""
+  system = system or template.system
   text = system + template.user_end if system else ""
   supervised: list[tuple[int, int]] = []
   breaks: list[int] = []
