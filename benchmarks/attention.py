@@ -3,9 +3,9 @@
 8 heads x 64, f32, batch 1, causal, at 1100 / 4631 / 18432 tokens (a short prompt,
 LLaVA-NeXT-Video's 32 x 144 video tokens plus text, PPLLaVA's unpooled 32 x 576):
 
-- dense: the formulation the towers used before ``models/attention.py`` (one (H, T, S)
+- dense: the formulation the towers used before ``models/attention.py`` (one (N, L, S)
   f32 score tensor, ``jax.nn.softmax``, a second einsum), under ``jax.jit``.
-- ours: ``attention(q, k, v, mask)`` under ``jax.jit``, given the (B, T, S) boolean key
+- ours: ``attention(q, k, v, mask)`` under ``jax.jit``, given the (B, L, S) boolean key
   mask the LLM builds (causality there is data, not a flag).
 - torch: ``F.scaled_dot_product_attention(..., is_causal=True)``, PyTorch's fused
   FlashAttention CPU kernel on its fastest (mask-free) path, heads-first layout.
@@ -13,7 +13,7 @@ LLaVA-NeXT-Video's 32 x 144 video tokens plus text, PPLLaVA's unpooled 32 x 576)
 Each contender and length runs in a fresh worker process: median wall time of a few
 calls after a warm-up, and peak memory as VmHWM above the resident size once inputs
 exist (and, for JAX, the program is compiled). Dense is skipped, saying so, where
-three (H, T, S) f32 score tensors exceed MemAvailable: its XLA temporaries are ~1.9
+three (N, L, S) f32 score tensors exceed MemAvailable: its XLA temporaries are ~1.9
 of them (1309 MiB at 4631 tokens), and the machine is shared.
 
 ``--block`` runs ours with another block length (``models.attention.BLOCK`` = 512 was
@@ -37,20 +37,20 @@ HEADS, HEAD_DIM = 8, 64
 
 
 def _inputs(length: int, seed: int = 0):
-  """q, k, v (1, L, H, E) f32 and the causal (1, L, L) mask, as NumPy."""
+  """q, k, v (1, L, N, A) f32 and the causal (1, L, L) mask, as NumPy."""
   rng = np.random.default_rng(seed)
   q, k, v = (rng.standard_normal((1, length, HEADS, HEAD_DIM), dtype=np.float32)
              for _ in range(3))
   return q, k, v, np.tril(np.ones((length, length), bool))[None]
 
 
-def dense_attention(q_bthe, k_bshe, v_bshe, mask_bts):
+def dense_attention(q_blna, k_bsna, v_bsna, mask_bls):
   """The pre-``models/attention.py`` code: scores, jax.nn.softmax, einsum."""
   import jax
   import jax.numpy as jnp
-  scores = jnp.einsum("bthe,bshe->bhts", q_bthe, k_bshe) * q_bthe.shape[-1] ** -0.5
-  scores = jnp.where(mask_bts[:, None], scores, jnp.finfo(jnp.float32).min)
-  return jnp.einsum("bhts,bshe->bthe", jax.nn.softmax(scores, axis=-1), v_bshe)
+  scores = jnp.einsum("blna,bsna->bnls", q_blna, k_bsna) * q_blna.shape[-1] ** -0.5
+  scores = jnp.where(mask_bls[:, None], scores, jnp.finfo(jnp.float32).min)
+  return jnp.einsum("bnls,bsna->blna", jax.nn.softmax(scores, axis=-1), v_bsna)
 
 
 def worker(impl: str, length: int, reps: int, block: int) -> dict:

@@ -50,8 +50,13 @@ O(L + S) like the forward. Measured at 4096 causal tokens (8 x 64 heads, f32, th
 2-core CPU): 79 MiB of temporaries and 1.8-3.3 s, against 1431 MiB and 7.3-9.9 s for
 autodiff through ``jax.checkpoint``-ed key-block steps, whose carried (m, l, acc) per
 key block still grew 7x per doubling of the length (and 39.8 GiB for a 4 x 512 LLM at
-8k tokens with the checkpoint inside the block-skipping cond). The one-block path
-(up to 512 x 512) is differentiated by autodiff.
+8k tokens with the checkpoint inside the block-skipping cond). The backward's score
+blocks are keys-first, (B, K, bk, R, Q), and dQ is accumulated transposed, (B, K, A, R,
+L): every matmul then contracts axes XLA:CPU's GEMMs take as they lie, where the
+queries-first blocks had two (bk, Q) score-sized blocks copied transposed per block pair
+(the largest ops of the backward). At 2 x 1024 causal tokens (8 x 64 heads) that took the
+gradient from 330-380 to 240-280 ms of CPU time, bit-identical. The one-block path (up to
+512 x 512) is differentiated by autodiff.
 """
 
 from __future__ import annotations
@@ -132,13 +137,15 @@ def _blockwise(q_bkrla, k_bksa, v_bksa, mask_bls, bq, nq, bk, nk):
   return _flash(q_bkrla, k_bksa, v_bksa, mask_bls, (bq, nq, bk, nk))
 
 
-def _key_keep(mask_bqs, k0, j, bk):
+def _key_keep(mask_bqs, k0, j, bk, keys_first=False):
   """Which keys of the block at ``k0`` count: not those the previous block already had,
-  and (with a mask) only those the (B, Q, S) mask rows allow. Shapes (bk,) / (B,1,1,Q,bk)."""
+  and (with a mask) only those the (B, Q, S) mask rows allow. Shapes (bk,) / (B,1,1,Q,bk),
+  or with ``keys_first`` (bk,1,1) / (B,1,bk,1,Q), as the backward's score blocks."""
   keep_s = k0 + jnp.arange(bk) >= j * bk
   if mask_bqs is None:
-    return keep_s
-  return (lax.dynamic_slice_in_dim(mask_bqs, k0, bk, axis=2) & keep_s)[:, None, None]
+    return keep_s[:, None, None] if keys_first else keep_s
+  keep_bqs = lax.dynamic_slice_in_dim(mask_bqs, k0, bk, axis=2) & keep_s
+  return keep_bqs.swapaxes(1, 2)[:, None, :, None] if keys_first else keep_bqs[:, None, None]
 
 
 def _forward(q_bkrla, k_bksa, v_bksa, mask_bls, blocks):
@@ -197,9 +204,10 @@ def _flash_fwd(q_bkrla, k_bksa, v_bksa, mask_bls, blocks):
 def _flash_bwd(blocks, residuals, dout_bkrla):
   """FlashAttention-2's backward: per (query block, key block) the probabilities are
   recomputed from the saved log-sum-exp, ``dS = P * (dO·Vᵀ - rowsum(dO * O))``, and
-  dQ += dS·K, dK += dSᵀ·Q, dV += Pᵀ·dO. A scan over key blocks carries the whole dQ,
-  an inner scan over query blocks that key block's dK and dV: memory O(L + S), no
-  stored scores. Rows with no key are the mean of v: their gradient goes to v alone."""
+  dQ += dS·K, dK += dSᵀ·Q, dV += Pᵀ·dO, on keys-first blocks (module doc). A scan over
+  key blocks carries the whole dQ, an inner scan over query blocks that key block's dK
+  and dV: memory O(L + S), no stored scores. Rows with no key are the mean of v: their
+  gradient goes to v alone."""
   bq, nq, bk, nk = blocks
   q_bkrla, k_bksa, v_bksa, mask_bls, out_bkrla, lse_bkrl = residuals
   (b, kv, _, l, a), s = q_bkrla.shape, k_bksa.shape[2]
@@ -208,9 +216,9 @@ def _flash_bwd(blocks, residuals, dout_bkrla):
   do_bkrla = jnp.where(valid_bkrl[..., None], dout_bkrla.astype(jnp.float32), 0.0)
   delta_bkrl = jnp.sum(do_bkrla * out_bkrla, axis=-1)
   dtype = q_bkrla.dtype
+  k_bkas = k_bksa.swapaxes(2, 3)  # dQ^T's left operand, contracting its minor axis
 
   def query_step(carry, i, k0, j):
-    dk_bksa, dv_bksa, dq_bkrla = carry
     q0 = jnp.minimum(i * bq, l - bq)
     owned_q = q0 + jnp.arange(bq) >= i * bq  # rows the previous query block already had
     q_bkrqa = lax.dynamic_slice_in_dim(q_bkrla, q0, bq, axis=3)
@@ -218,42 +226,48 @@ def _flash_bwd(blocks, residuals, dout_bkrla):
     lse_bkrq = lax.dynamic_slice_in_dim(lse_bkrl, q0, bq, axis=3)
     delta_bkrq = jnp.where(owned_q, lax.dynamic_slice_in_dim(delta_bkrl, q0, bq, axis=3), 0)
     mask_bqs = None if mask_bls is None else lax.dynamic_slice_in_dim(mask_bls, q0, bq, axis=1)
-    keep = _key_keep(mask_bqs, k0, j, bk)
+    keep = _key_keep(mask_bqs, k0, j, bk, keys_first=True)
     k_block_bksa = lax.dynamic_slice_in_dim(k_bksa, k0, bk, axis=2)
     v_block_bksa = lax.dynamic_slice_in_dim(v_bksa, k0, bk, axis=2)
+    k_block_bkas = lax.dynamic_slice_in_dim(k_bkas, k0, bk, axis=3)
+    f32 = jnp.float32
 
     def step(carry):
-      dk_bksa, dv_bksa, dq_bkrla = carry
-      scores = jnp.einsum("bkrqa,bksa->bkrqs", q_bkrqa, k_block_bksa,
-                          preferred_element_type=jnp.float32) * scale
-      p_bkrqs = jnp.exp(jnp.where(keep, scores, _NEG) - lse_bkrq[..., None])
-      dp_bkrqs = jnp.einsum("bkrqa,bksa->bkrqs", do_bkrqa.astype(dtype), v_block_bksa,
-                            preferred_element_type=jnp.float32)
-      ds_bkrqs = (p_bkrqs * (dp_bkrqs - delta_bkrq[..., None]) * scale).astype(dtype)
-      dv_bksa = dv_bksa + jnp.einsum("bkrqs,bkrqa->bksa", p_bkrqs.astype(dtype),
-                                     do_bkrqa.astype(dtype), preferred_element_type=jnp.float32)
-      dk_bksa = dk_bksa + jnp.einsum("bkrqs,bkrqa->bksa", ds_bkrqs, q_bkrqa,
-                                     preferred_element_type=jnp.float32)
-      dq_bkrqa = jnp.einsum("bkrqs,bksa->bkrqa", ds_bkrqs, k_block_bksa,
-                            preferred_element_type=jnp.float32)
-      return dk_bksa, dv_bksa, _add_at(dq_bkrla, dq_bkrqa, q0, axis=3)
+      # Keys-first score blocks (module doc): dK, dV contract their minor (R, Q) axes and
+      # dQᵀ = Kᵀ·dS is a plain matmul, so no (bk, R·Q) block is ever transposed.
+      dk_bksa, dv_bksa, dq_bkarl = carry
+      scores_bksrq = jnp.einsum("bksa,bkrqa->bksrq", k_block_bksa, q_bkrqa,
+                                preferred_element_type=f32) * scale
+      p_bksrq = jnp.exp(jnp.where(keep, scores_bksrq, _NEG) - lse_bkrq[:, :, None])
+      dp_bksrq = jnp.einsum("bksa,bkrqa->bksrq", v_block_bksa, do_bkrqa.astype(dtype),
+                            preferred_element_type=f32)
+      ds_bksrq = (p_bksrq * (dp_bksrq - delta_bkrq[:, :, None]) * scale).astype(dtype)
+      dv_bksa = dv_bksa + jnp.einsum("bksrq,bkrqa->bksa", p_bksrq.astype(dtype),
+                                     do_bkrqa.astype(dtype), preferred_element_type=f32)
+      dk_bksa = dk_bksa + jnp.einsum("bksrq,bkrqa->bksa", ds_bksrq, q_bkrqa,
+                                     preferred_element_type=f32)
+      dq_bkarq = jnp.einsum("bkas,bksrq->bkarq", k_block_bkas, ds_bksrq,
+                            preferred_element_type=f32)
+      return dk_bksa, dv_bksa, _add_at(dq_bkarl, dq_bkarq, q0, axis=4)
 
     if mask_bqs is None:
       return step(carry), None
     return lax.cond(keep.any(), step, lambda carry: carry, carry), None
 
   def key_block(carry, j):
-    dk_full, dv_full, dq_bkrla = carry
+    dk_full, dv_full, dq_bkarl = carry
     k0 = jnp.minimum(j * bk, s - bk)
     zeros = jnp.zeros((b, kv, bk, a), jnp.float32)
-    (dk_bksa, dv_bksa, dq_bkrla), _ = lax.scan(
-        lambda c, i: query_step(c, i, k0, j), (zeros, zeros, dq_bkrla), jnp.arange(nq))
+    (dk_bksa, dv_bksa, dq_bkarl), _ = lax.scan(
+        lambda c, i: query_step(c, i, k0, j), (zeros, zeros, dq_bkarl), jnp.arange(nq))
     return (_add_at(dk_full, dk_bksa, k0, axis=2), _add_at(dv_full, dv_bksa, k0, axis=2),
-            dq_bkrla), None
+            dq_bkarl), None
 
   kv_zeros = jnp.zeros((b, kv, s, a), jnp.float32)
-  (dk_bksa, dv_bksa, dq_bkrla), _ = lax.scan(
-      key_block, (kv_zeros, kv_zeros, jnp.zeros(q_bkrla.shape, jnp.float32)), jnp.arange(nk))
+  dq_zeros = jnp.zeros((b, kv, a, q_bkrla.shape[2], l), jnp.float32)
+  (dk_bksa, dv_bksa, dq_bkarl), _ = lax.scan(
+      key_block, (kv_zeros, kv_zeros, dq_zeros), jnp.arange(nk))
+  dq_bkrla = dq_bkarl.transpose(0, 1, 3, 4, 2)
   # Rows with no key: out = mean over all S keys of v, so each key gets dO / S.
   masked_do_bka = jnp.sum(jnp.where(valid_bkrl[..., None], 0.0,
                                     dout_bkrla.astype(jnp.float32)), axis=(2, 3))

@@ -14,6 +14,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
+from ppllava_jax.train import losses
 from ppllava_jax.train.partition import DECAY_RULES, VICUNA_SFT, Rules
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -122,7 +123,7 @@ class TrainConfig:
   trainable: Rules = VICUNA_SFT
   compute_dtype: str = "float32"
   remat: str = "none"
-  loss_chunk: int = 1024
+  loss_chunk: int = losses.CHUNK
   seed: int = 42
 
   def __post_init__(self):

@@ -19,49 +19,49 @@ from ppllava_jax.models.attention import BLOCK, attention
 F32_MIN = np.finfo(np.float32).min
 
 
-def reference(q_bthe, k_bske, v_bske, mask_bts=None):
-  """softmax(where(mask, q·k / sqrt(e), finfo(f32).min)) · v in float64, head h reading
-  kv head h // (H / K). All-masked rows come out uniform over the keys, as in torch."""
-  q, k, v = (np.asarray(x, np.float64) for x in (q_bthe, k_bske, v_bske))
-  b, t, h, e = q.shape
-  group = h // k.shape[2]
-  out = np.zeros((b, t, h, e))
-  for head in range(h):
-    scores = np.einsum("bte,bse->bts", q[:, :, head], k[:, :, head // group]) / np.sqrt(e)
-    if mask_bts is not None:
-      scores = np.where(mask_bts, scores, F32_MIN)
+def reference(q_blna, k_bska, v_bska, mask_bls=None):
+  """softmax(where(mask, q·k / sqrt(a), finfo(f32).min)) · v in float64, head n reading
+  kv head n // (N / K). All-masked rows come out uniform over the keys, as in torch."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q_blna, k_bska, v_bska))
+  b, l, n, a = q.shape
+  group = n // k.shape[2]
+  out = np.zeros((b, l, n, a))
+  for head in range(n):
+    scores = np.einsum("bla,bsa->bls", q[:, :, head], k[:, :, head // group]) / np.sqrt(a)
+    if mask_bls is not None:
+      scores = np.where(mask_bls, scores, F32_MIN)
     p = np.exp(scores - scores.max(-1, keepdims=True))
-    out[:, :, head] = np.einsum("bts,bse->bte", p / p.sum(-1, keepdims=True),
+    out[:, :, head] = np.einsum("bls,bsa->bla", p / p.sum(-1, keepdims=True),
                                 v[:, :, head // group])
   return out
 
 
-def dense(q_bthe, k_bske, v_bske, mask_bts):
+def dense(q_blna, k_bska, v_bska, mask_bls):
   """The one-tensor formulation (scores, jax.nn.softmax, matmul), for gradients."""
-  b, t, h, e = q_bthe.shape
-  k_bshe = jnp.repeat(k_bske, h // k_bske.shape[2], axis=2)
-  v_bshe = jnp.repeat(v_bske, h // v_bske.shape[2], axis=2)
-  scores = jnp.einsum("bthe,bshe->bhts", q_bthe, k_bshe) * e**-0.5
-  scores = jnp.where(mask_bts[:, None], scores, F32_MIN)
-  return jnp.einsum("bhts,bshe->bthe", jax.nn.softmax(scores, axis=-1), v_bshe)
+  b, l, n, a = q_blna.shape
+  k_bsna = jnp.repeat(k_bska, n // k_bska.shape[2], axis=2)
+  v_bsna = jnp.repeat(v_bska, n // v_bska.shape[2], axis=2)
+  scores = jnp.einsum("blna,bsna->bnls", q_blna, k_bsna) * a**-0.5
+  scores = jnp.where(mask_bls[:, None], scores, F32_MIN)
+  return jnp.einsum("bnls,bsna->blna", jax.nn.softmax(scores, axis=-1), v_bsna)
 
 
-def qkv(b, t, s, h, kv, e=8, seed=0, dtype=np.float32):
+def qkv(b, l, s, n, k, a=8, seed=0, dtype=np.float32):
   rng = np.random.default_rng(seed)
-  return (rng.standard_normal((b, t, h, e)).astype(dtype),
-          rng.standard_normal((b, s, kv, e)).astype(dtype),
-          rng.standard_normal((b, s, kv, e)).astype(dtype))
+  return (rng.standard_normal((b, l, n, a)).astype(dtype),
+          rng.standard_normal((b, s, k, a)).astype(dtype),
+          rng.standard_normal((b, s, k, a)).astype(dtype))
 
 
-def llm_mask(t, s, pads):
-  """The LLM's key mask: queries are the last t of s cache slots (causal), row i of the
+def llm_mask(l, s, pads):
+  """The LLM's key mask: queries are the last l of s cache slots (causal), row i of the
   batch left-padded by pads[i] slots. Padded query rows are fully masked."""
-  causal_ts = np.arange(s)[None] <= np.arange(t)[:, None] + (s - t)
+  causal_ls = np.arange(s)[None] <= np.arange(l)[:, None] + (s - l)
   valid_bs = np.arange(s)[None] >= np.asarray(pads)[:, None]
-  return causal_ts[None] & valid_bs[:, None]
+  return causal_ls[None] & valid_bs[:, None]
 
 
-CASES = {  # name: (B, T, S, H, K, block)
+CASES = {  # name: (B, L, S, N, K, block)
     "self, several blocks": (2, 37, 37, 4, 4, 16),
     "gqa, cache longer than queries": (2, 50, 61, 6, 3, 16),
     "one kv head": (1, 29, 45, 4, 1, 8),
@@ -74,9 +74,9 @@ CASES = {  # name: (B, T, S, H, K, block)
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("masked", [False, True])
 def test_matches_reference(case, masked):
-  b, t, s, h, kv, block = CASES[case]
-  q, k, v = qkv(b, t, s, h, kv)
-  mask = llm_mask(t, s, [0, s // 2][:b]) if masked else None
+  b, l, s, n, kv, block = CASES[case]
+  q, k, v = qkv(b, l, s, n, kv)
+  mask = llm_mask(l, s, [0, s // 2][:b]) if masked else None
   got = jax.jit(lambda q, k, v, m: attention(q, k, v, m, block=block))(q, k, v, mask)
   assert got.shape == q.shape and got.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(got), reference(q, k, v, mask), rtol=0, atol=2e-6)
@@ -104,7 +104,7 @@ def test_bfloat16_inputs(block):
   np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2**-7, atol=2**-7)
 
 
-GRAD_CASES = {  # name: (T, S, H, K, pads, block); pads of 20 leave 12 rows with no key
+GRAD_CASES = {  # name: (L, S, N, K, pads, block); pads of 20 leave 12 rows with no key
     "one block": (27, 35, 4, 2, [0, 20], BLOCK),
     "gqa, overlapping query and key blocks": (27, 35, 4, 2, [0, 20], 8),
     "no mask, several blocks": (37, 37, 2, 2, None, 16),
@@ -116,9 +116,9 @@ GRAD_CASES = {  # name: (T, S, H, K, pads, block); pads of 20 leave 12 rows with
 def test_gradients_match_dense(case):
   """The blockwise path's hand-written backward (FlashAttention-2's) against autodiff of
   the dense formulation, including padded rows that see no key (their gradient is v's)."""
-  t, s, h, kv, pads, block = GRAD_CASES[case]
-  q, k, v = qkv(2, t, s, h, kv, seed=3)
-  mask = np.ones((2, t, s), bool) if pads is None else llm_mask(t, s, pads)
+  l, s, n, kv, pads, block = GRAD_CASES[case]
+  q, k, v = qkv(2, l, s, n, kv, seed=3)
+  mask = np.ones((2, l, s), bool) if pads is None else llm_mask(l, s, pads)
   cot = np.random.default_rng(4).standard_normal(q.shape).astype(np.float32)
   loss = lambda fn, m: jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v, m) * cot),
                                         argnums=(0, 1, 2)))
@@ -131,9 +131,9 @@ def test_gradients_match_dense(case):
 def test_gradient_memory_grows_linearly_with_length():
   """XLA's temporaries for the gradient: doubling the length at most doubles them (plus
   slack), where stored per-block residuals grew them 4-7x per doubling."""
-  def temp_bytes(t):
-    x = jax.ShapeDtypeStruct((1, t, 2, 16), jnp.float32)
-    m = jax.ShapeDtypeStruct((1, t, t), jnp.bool_)
+  def temp_bytes(l):
+    x = jax.ShapeDtypeStruct((1, l, 2, 16), jnp.float32)
+    m = jax.ShapeDtypeStruct((1, l, l), jnp.bool_)
     grad = jax.grad(lambda q, k, v, m: attention(q, k, v, m, block=64).sum(), argnums=(0, 1, 2))
     return jax.jit(grad).lower(x, x, x, m).compile().memory_analysis().temp_size_in_bytes
   small, large = temp_bytes(1024), temp_bytes(2048)
@@ -165,7 +165,7 @@ def test_sharded_over_batch_and_heads():
 
 
 def test_long_sequences_never_hold_the_score_tensor():
-  """At 4096 tokens XLA's temporaries stay far below one (H, T, S) f32 score tensor."""
+  """At 4096 tokens XLA's temporaries stay far below one (N, L, S) f32 score tensor."""
   shape = jax.ShapeDtypeStruct((1, 4096, 8, 64), jnp.float32)
   mask = jax.ShapeDtypeStruct((1, 4096, 4096), jnp.bool_)
   compiled = jax.jit(attention).lower(shape, shape, shape, mask).compile()

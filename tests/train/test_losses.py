@@ -54,24 +54,39 @@ def test_nothing_supervised_is_zero_not_nan():
   assert np.all(np.isfinite(grad)) and not np.any(grad)
 
 
-def test_gradients_equal_those_of_the_full_logits():
+@pytest.mark.parametrize("chunk", [5, 1024])
+def test_gradients_equal_those_of_the_full_logits(chunk):
+  """The fused backward (gradients taken with the forward's chunks, scaled by the
+  cotangent) against autodiff of the formulation that builds all (B, L, vocab) logits."""
   hidden, head, labels = inputs(seed=2)
 
-  def full(h, w):  # the formulation that builds all (B, L, vocab) logits
+  def full(h, w):
     logp = jax.nn.log_softmax(h @ w, axis=-1)[:, :-1]
     t = labels[:, 1:]
     return -jnp.sum(jnp.where(t != -100, jnp.take_along_axis(
         logp, np.maximum(t, 0)[..., None], -1)[..., 0], 0.0))
 
-  got = jax.grad(lambda h, w: losses.cross_entropy(h, w, labels, chunk=5)[0], (0, 1))(hidden, head)
-  want = jax.grad(full, (0, 1))(hidden, head)
+  ours = lambda h, w: 0.37 * losses.cross_entropy(h, w, labels, chunk=chunk)[0]  # a cotangent != 1
+  got = jax.jit(jax.grad(ours, (0, 1)))(hidden, head)
+  want = jax.grad(lambda h, w: 0.37 * full(h, w), (0, 1))(hidden, head)
   for g, w in zip(got, want):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
 
 
+def test_bfloat16_gradients_keep_their_dtypes():
+  hidden, head, labels = inputs(seed=3)
+  h16, w16 = jnp.asarray(hidden, jnp.bfloat16), jnp.asarray(head, jnp.bfloat16)
+  got = jax.grad(lambda h, w: losses.cross_entropy(h, w, labels, chunk=4)[0], (0, 1))(h16, w16)
+  want = jax.grad(lambda h, w: losses.cross_entropy(h, w, labels, chunk=4)[0], (0, 1))(
+      *(np.asarray(x, np.float32) for x in (h16, w16)))
+  for g, w in zip(got, want):
+    assert g.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(g, np.float32), w, rtol=2**-6, atol=2**-6)
+
+
 def test_memory_stays_below_the_full_logits():
   """8k positions x 32k vocabulary: the gradient's temporaries hold a chunk's logits and
-  their gradient (2 x 125 MiB), not one row's full float32 logits (1000 MiB)."""
+  their gradient (2 x 31 MiB), not one row's full float32 logits (1000 MiB)."""
   hidden = jax.ShapeDtypeStruct((1, 8192, 64), jnp.float32)
   head = jax.ShapeDtypeStruct((64, 32000), jnp.float32)
   labels = jax.ShapeDtypeStruct((1, 8192), jnp.int32)
