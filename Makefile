@@ -20,8 +20,10 @@ $(VENV)/.test: $(VENV)/.runtime requirements-test.txt
 demo: $(VENV)/.runtime
 	$(PY) -m ppllava_jax.demo --out out/demo
 
+# Two workers, each taking whole files (their module and session fixtures are built once):
+# much of the suite is single-threaded XLA compilation, so two cores run it in ~12 min, not ~19.
 test: $(VENV)/.test
-	$(PY) -m pytest tests
+	$(PY) -m pytest -n 2 --dist loadfile tests
 
 bench: $(VENV)/.test
 	$(PY) benchmarks/pooling.py --scale
