@@ -32,17 +32,16 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 from ppllava_jax import cli
-from ppllava_jax.data.templates import CHATML, VICUNA, ChatTemplate
 from ppllava_jax.data.video import BACKENDS
 from ppllava_jax.eval import mcq, records
 from ppllava_jax.eval.fingerprint import model_key
-from ppllava_jax.eval.jobs import Job, mcq_jobs, qa_jobs, video_job
+from ppllava_jax.eval.jobs import chat_template, mcq_jobs, qa_jobs, video_job
 from ppllava_jax.eval.qa import QAItem, load_qa
-from ppllava_jax.eval.runner import RunConfig, RunResult, run
+from ppllava_jax.eval.runner import RunConfig, failures, run, score_answers
 from ppllava_jax.models.ppllava_config import PoolingConfig
 
 
@@ -63,47 +62,6 @@ same settings (checkpoint and tokenizer files, pooling, dtype, frames, max new t
 video decoder); everything else is generated again, and a summary line says how many
 answers were reused and how many redone. Ctrl-C keeps every finished answer.
 """
-
-
-# ---- what eval.py shares with training's periodic evaluation (train.loop) ------------
-
-PROTOCOLS = (mcq.OriginalProtocol.name, mcq.LmmsEvalProtocol.name)
-
-
-def make_protocol(name: str, subtitles: bool = False,
-                  videomme_extractor: str = "2024") -> mcq.EvalProtocol:
-  """The scoring protocol called ``name`` (one of ``PROTOCOLS``) with its options."""
-  if name == mcq.OriginalProtocol.name:
-    return mcq.OriginalProtocol(subtitles=subtitles)
-  if name == mcq.LmmsEvalProtocol.name:
-    return mcq.LmmsEvalProtocol(videomme_extractor=videomme_extractor, subtitles=subtitles)
-  raise ValueError(f"unknown protocol {name!r}; expected one of {PROTOCOLS}")
-
-
-def chat_template(model_cfg) -> ChatTemplate:
-  """The template a model's prompts are rendered with: ChatML for Qwen2, else Vicuna."""
-  return CHATML if model_cfg.text.model_type == "qwen2" else VICUNA
-
-
-def failures(jobs: Sequence[Job], result: RunResult) -> dict[str, str]:
-  """Job id -> error, for the jobs that got no answer."""
-  return {j.id: result.records[j.id]["error"] for j in jobs
-          if result.records[j.id]["status"] != "ok"}
-
-
-def score_answers(items: Sequence[mcq.Item], jobs: Sequence[Job], result: RunResult,
-                  protocol: mcq.EvalProtocol) -> mcq.ScoreReport | None:
-  """The answered items (``items[i]`` asked by ``jobs[i]``) scored by ``protocol``; the
-  failed ones are left out. None when no item got an answer."""
-  ok = [(item, job) for item, job in zip(items, jobs)
-        if result.records[job.id]["status"] == "ok"]
-  if not ok:
-    return None
-  return mcq.score([i for i, _ in ok], [result.records[j.id]["prediction"] for _, j in ok],
-                   protocol)
-
-
-# ---- the command line -------------------------------------------------------------------
 
 
 def _at_least(low: int) -> Callable[[str], int]:
@@ -143,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--question", metavar="TEXT", help="The question to ask of --video.")
   p.add_argument("--video-root", default=".", metavar="DIR",
                  help="The folder the benchmark's video paths start in (default: here).")
-  p.add_argument("--protocol", choices=PROTOCOLS, default="original",
+  p.add_argument("--protocol", choices=mcq.PROTOCOLS, default="original",
                  help="Whose prompts and scorers to reproduce: PPLLaVA's scripts or "
                  "lmms-eval's.")
   p.add_argument("--videomme-extractor", choices=("2024", "2026"), default="2024",
@@ -237,7 +195,7 @@ def main(argv=None) -> int:
 
 def _evaluate(args, predictions: Path) -> int:
   items = _read_inputs(args)
-  protocol = (make_protocol(args.protocol, args.subtitles, args.videomme_extractor)
+  protocol = (mcq.make_protocol(args.protocol, args.subtitles, args.videomme_extractor)
               if args.mvbench or args.videomme else None)
   cfg = RunConfig(batch_size=args.batch_size,
                   max_new_tokens=args.max_new_tokens or (protocol.max_new_tokens if protocol

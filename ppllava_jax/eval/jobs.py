@@ -18,11 +18,16 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ppllava_jax.data.templates import ChatTemplate, render_generation_prompt
+from ppllava_jax.data.templates import CHATML, VICUNA, ChatTemplate, render_generation_prompt
 from ppllava_jax.data.video import VIDEO_EXTENSIONS
 from ppllava_jax.eval import mcq
 from ppllava_jax.eval.fingerprint import digest
 from ppllava_jax.eval.qa import QAItem
+
+
+def chat_template(model_cfg) -> ChatTemplate:
+  """The template a model's prompts are rendered with: ChatML for Qwen2, else Vicuna."""
+  return CHATML if model_cfg.text.model_type == "qwen2" else VICUNA
 
 
 @dataclasses.dataclass(frozen=True)

@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from ppllava_jax.data import subtitles
 from ppllava_jax.data.processor import Encoded, Media, Processor, Prompt
 from ppllava_jax.data.video import MediaError, load_video
+from ppllava_jax.eval import mcq
 from ppllava_jax.eval import records as saved
 from ppllava_jax.eval.fingerprint import job_fingerprint
 from ppllava_jax.eval.heatmap import relevance_grid
@@ -248,3 +249,21 @@ def _picture(relevance, job: Job, encoded, frames_thwc: np.ndarray, folder: Path
                            title=(job.title or job.scorer_text)[:120],
                            colorbar_label="cosine to the question")
   picture.save(folder / _picture_name(job.id))
+
+
+def failures(jobs: Sequence[Job], result: RunResult) -> dict[str, str]:
+  """Job id -> error, for the jobs that got no answer."""
+  return {j.id: result.records[j.id]["error"] for j in jobs
+          if result.records[j.id]["status"] != "ok"}
+
+
+def score_answers(items: Sequence[mcq.Item], jobs: Sequence[Job], result: RunResult,
+                  protocol: mcq.EvalProtocol) -> mcq.ScoreReport | None:
+  """The answered items (``items[i]`` asked by ``jobs[i]``) scored by ``protocol``; the
+  failed ones are left out. None when no item got an answer."""
+  ok = [(item, job) for item, job in zip(items, jobs)
+        if result.records[job.id]["status"] == "ok"]
+  if not ok:
+    return None
+  return mcq.score([i for i, _ in ok], [result.records[j.id]["prediction"] for _, j in ok],
+                   protocol)

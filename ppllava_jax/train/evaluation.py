@@ -16,8 +16,8 @@ from flax import nnx
 
 from ppllava_jax.data.pipeline import DataConfig, make_train_iterator
 from ppllava_jax.data.processor import Processor
-from ppllava_jax.eval import app, mcq, runner
-from ppllava_jax.eval.jobs import mcq_jobs
+from ppllava_jax.eval import mcq, runner
+from ppllava_jax.eval.jobs import chat_template, mcq_jobs
 from ppllava_jax.models import generate as generation
 from ppllava_jax.train.run_config import McqEvalConfig
 from ppllava_jax.train.state import cast_floating
@@ -42,7 +42,7 @@ def held_out_loss(run, state, data_cfg: DataConfig, batches: int, step: int) -> 
 
 class McqEval:
   """Multiple-choice accuracy of the parameters in training, as ``eval.py --mvbench``
-  measures it (``RunConfig.mcq``): the same items, jobs, runner and scorer (``eval.app``).
+  measures it (``RunConfig.mcq``): the same items, jobs, runner and scorer.
 
   Built before the model, so a missing task file or video folder stops the run before
   it trains. Each evaluation answers every item into a fresh
@@ -61,7 +61,7 @@ class McqEval:
       raise FileNotFoundError(f"mcq.video_root {cfg.video_root}: not a folder")
     items = mcq.load_mvbench(cfg.tasks)
     self.items = items[:cfg.limit] if cfg.limit else items
-    self.protocol = app.make_protocol(cfg.protocol)
+    self.protocol = mcq.make_protocol(cfg.protocol)
     self.cfg, self.folder = cfg, folder
 
   def __call__(self, run, params: nnx.State, step: int) -> dict:
@@ -70,7 +70,7 @@ class McqEval:
     dtype = run.steps.cfg.dtype  # what the step computes in
     model = nnx.merge(run.graphdef, cast_floating(params, dtype), cast_floating(run.frozen, dtype))
     model.eval()  # deterministic: no drop path
-    jobs = mcq_jobs(self.items, self.protocol, app.chat_template(run.model_cfg),
+    jobs = mcq_jobs(self.items, self.protocol, chat_template(run.model_cfg),
                     Path(self.cfg.video_root), self.cfg.frames)
     out = self.folder / f"step_{step}" / "predictions.jsonl"
     out.unlink(missing_ok=True)
@@ -79,9 +79,9 @@ class McqEval:
         max_new_tokens=self.cfg.max_new_tokens or self.protocol.max_new_tokens,
         model_key=f"training step {step}")
     result = runner.run(model, _own_processor(run), jobs, out, settings)
-    report = app.score_answers(self.items, jobs, result, self.protocol)
+    report = runner.score_answers(self.items, jobs, result, self.protocol)
     return dict(step=step, **_scores(report), mcq_items=len(jobs),
-                mcq_failed=len(app.failures(jobs, result)), mcq_time=time.perf_counter() - start,
+                mcq_failed=len(runner.failures(jobs, result)), mcq_time=time.perf_counter() - start,
                 mcq_compilations=generation.compilations())
 
 

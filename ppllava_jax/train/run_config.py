@@ -23,7 +23,7 @@ import typing
 from typing import Any
 
 from ppllava_jax.data.pipeline import DataConfig
-from ppllava_jax.eval.app import PROTOCOLS
+from ppllava_jax.eval.mcq.protocols import PROTOCOLS
 from ppllava_jax.models.btadapter import BTAdapterConfig
 from ppllava_jax.models.tiny import TinyConfig
 from ppllava_jax.train.config import TrainConfig

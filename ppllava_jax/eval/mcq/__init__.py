@@ -20,7 +20,8 @@ from ppllava_jax.eval.mcq.prompts import (MVBENCH_SYSTEM, VIDEOMME_INSTRUCTION, 
                                           build_prompt, numpy_array_text)
 from ppllava_jax.eval.mcq.protocols import (LMMS_VIDEOMME_POST_PROMPT,
                                             LMMS_VIDEOMME_POST_PROMPT_LLAVA_VID, EvalProtocol,
-                                            LmmsEvalProtocol, OriginalProtocol)
+                                            PROTOCOLS, LmmsEvalProtocol, OriginalProtocol,
+                                            make_protocol)
 from ppllava_jax.eval.mcq.readers import (check_ans, lmms_mcq_extract, lmms_mcq_read,
                                           original_videomme_read)
 from ppllava_jax.eval.mcq.scoring import Outcome, ScoreReport, Tally, score
@@ -30,6 +31,6 @@ __all__ = [
     "load_mvbench", "load_videomme", "MVBENCH_SYSTEM", "VIDEOMME_INSTRUCTION", "McqPrompt",
     "build_prompt", "numpy_array_text", "LMMS_VIDEOMME_POST_PROMPT",
     "LMMS_VIDEOMME_POST_PROMPT_LLAVA_VID", "EvalProtocol", "LmmsEvalProtocol",
-    "OriginalProtocol", "check_ans", "lmms_mcq_extract", "lmms_mcq_read",
+    "OriginalProtocol", "PROTOCOLS", "make_protocol", "check_ans", "lmms_mcq_extract", "lmms_mcq_read",
     "original_videomme_read", "Outcome", "ScoreReport", "Tally", "score",
 ]

@@ -39,4 +39,17 @@ class LmmsEvalProtocol:
                        f"got {self.videomme_extractor!r}")
 
 
+PROTOCOLS = (OriginalProtocol.name, LmmsEvalProtocol.name)
+
+
+def make_protocol(name: str, subtitles: bool = False,
+                  videomme_extractor: str = "2024") -> "OriginalProtocol | LmmsEvalProtocol":
+  """The scoring protocol called ``name`` (one of ``PROTOCOLS``) with its options."""
+  if name == OriginalProtocol.name:
+    return OriginalProtocol(subtitles=subtitles)
+  if name == LmmsEvalProtocol.name:
+    return LmmsEvalProtocol(videomme_extractor=videomme_extractor, subtitles=subtitles)
+  raise ValueError(f"unknown protocol {name!r}; expected one of {PROTOCOLS}")
+
+
 EvalProtocol = OriginalProtocol | LmmsEvalProtocol
