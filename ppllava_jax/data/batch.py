@@ -132,6 +132,11 @@ class TrainBatch:
   image_gather: jax.Array | np.ndarray  # (N,) int32 rows of the image-token table
   image_gather_mask: jax.Array | np.ndarray  # (N,) bool
 
+  @property
+  def sample_mask(self):
+    """The real samples (rows): what the loop counts."""
+    return self.row_mask
+
   def shape_key(self) -> tuple:
     """The shapes and dtypes of every field: what a jitted step compiles for."""
     return tuple((k, tuple(v.shape), str(v.dtype))

@@ -43,9 +43,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grain
 import numpy as np
@@ -88,17 +89,26 @@ class DataConfig:
       raise ValueError(f"num_epochs must be >= 1 or None, got {self.num_epochs}")
 
 
+def mixture_epoch(aset: AnnotationSet, mixture: MixtureConfig, batch: BatchConfig, seed: int,
+                  epoch: int) -> tuple[np.ndarray, list[int]]:
+  """(record order, batch end offsets) of one SFT epoch: the mixture's seeded order, cut
+  by ``plan_batches`` from the record kinds alone."""
+  order = annotations.epoch_order(aset, mixture, seed, epoch)
+  return order, plan_batches(aset.kinds[order], batch)
+
+
 class BatchPlan:
   """The global sequence of batches: batch ``g`` -> (epoch, record indices, positions).
 
-  Each epoch's order and cut are computed once (about a second per million records)
-  and kept; epochs are planned in turn as the cursor reaches them.
+  ``cut(e)`` gives epoch ``e``'s (record order, batch end offsets): ``mixture_epoch`` for
+  SFT, ``data.pairs.pair_epoch`` for DPO. Each epoch is computed once (about a second per
+  million records) and kept; epochs are planned in turn as the cursor reaches them.
+  ``cut`` must pickle (grain workers plan for themselves).
   """
 
-  def __init__(self, aset: AnnotationSet, mixture: MixtureConfig, batch: BatchConfig,
-               seed: int, num_epochs: int | None):
-    self.aset, self.mixture, self.batch = aset, mixture, batch
-    self.seed, self.num_epochs = seed, num_epochs
+  def __init__(self, cut: Callable[[int], tuple[np.ndarray, list[int]]],
+               num_epochs: int | None):
+    self.cut, self.num_epochs = cut, num_epochs
     self._counts: dict[int, int] = {}
     self._epoch: tuple[int, np.ndarray, np.ndarray] | None = None
 
@@ -108,9 +118,8 @@ class BatchPlan:
   def epoch(self, e: int) -> tuple[np.ndarray, np.ndarray]:
     """(record order, batch start offsets + the end) of epoch ``e``."""
     if self._epoch is None or self._epoch[0] != e:
-      order = annotations.epoch_order(self.aset, self.mixture, self.seed, e)
-      ends = plan_batches(self.aset.kinds[order], self.batch)
-      self._epoch = (e, order, np.asarray([0] + ends, np.int64))
+      order, ends = self.cut(e)
+      self._epoch = (e, order, np.asarray([0] + list(ends), np.int64))
       self._counts[e] = len(ends)
     return self._epoch[1], self._epoch[2]
 
@@ -184,9 +193,10 @@ class BatchInfo:
 class BatchBuilder(grain.transforms.Map):
   """grain map: a ``Step`` -> (``TrainBatch`` of NumPy arrays, ``BatchInfo``)."""
 
-  def __init__(self, plan: BatchPlan, samples: SampleBuilder, model: PPLLaVAConfig,
-               batch: BatchConfig, seed: int):
-    self.plan, self.samples, self.model, self.batch, self.seed = plan, samples, model, batch, seed
+  def __init__(self, plan: BatchPlan, aset: AnnotationSet, samples: SampleBuilder,
+               model: PPLLaVAConfig, batch: BatchConfig, seed: int):
+    self.plan, self.aset, self.samples = plan, aset, samples
+    self.model, self.batch, self.seed = model, batch, seed
     Geometry.of(model, batch)  # fail early on an unsupported layout
     tok = samples.tokenizer
     self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -196,7 +206,7 @@ class BatchBuilder(grain.transforms.Map):
 
   def map(self, step: Step):
     epoch, records, positions = self.plan.members(step.index)
-    aset = self.plan.aset
+    aset = self.aset
     rows, skipped = [], []
     for r, pos in zip(records.tolist(), positions.tolist()):
       source = aset.describe(r)
@@ -247,9 +257,12 @@ def _mark_flags_parsed() -> None:
 
 
 class DataIterator(Iterator[TrainBatch]):
-  """This process's ``TrainBatch``es, with counters and a checkpointable cursor."""
+  """This process's batches, with counters and a checkpointable cursor. ``builder`` maps a
+  ``Step`` to (batch, ``BatchInfo``): ``BatchBuilder`` (SFT ``TrainBatch``es) or
+  ``data.pairs.PairBatchBuilder`` (DPO); ``config`` gives the seed, the worker and skip
+  settings (a ``DataConfig`` or a ``data.pairs.PreferenceDataConfig``)."""
 
-  def __init__(self, config: DataConfig, plan: BatchPlan, builder: BatchBuilder,
+  def __init__(self, config: DataConfig, plan: BatchPlan, builder: grain.transforms.Map,
                process_index: int, process_count: int, state: dict | None = None):
     self.config, self.plan, self.builder = config, plan, builder
     self.process_index, self.process_count = process_index, process_count
@@ -343,7 +356,8 @@ def make_train_iterator(config: DataConfig, *, tokenizer, model: PPLLaVAConfig,
         (aset.corpus == c) & (aset.kinds == video)):
       raise ValueError(f"corpus {corpus.name!r} samples {corpus.num_frames} frames but "
                        f"BatchConfig.num_frames is {config.batch.num_frames}")
-  plan = BatchPlan(aset, config.mixture, config.batch, config.seed, config.num_epochs)
+  plan = BatchPlan(functools.partial(mixture_epoch, aset, config.mixture, config.batch,
+                                     config.seed), config.num_epochs)
   samples = SampleBuilder(tokenizer, model, scorer_tokenizer, config.sample)
-  builder = BatchBuilder(plan, samples, model, config.batch, config.seed)
+  builder = BatchBuilder(plan, aset, samples, model, config.batch, config.seed)
   return DataIterator(config, plan, builder, process_index, process_count, state)

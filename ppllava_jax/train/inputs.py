@@ -13,6 +13,12 @@ serves any mix of videos, anyres images and multi-image items:
   (``image_tile_mask`` / ``picture_mask``), unpooled in the LLaVA baselines' modes; their
   tokens, with the image newline as the last row, form one table that the host-computed
   ``image_gather`` indices read in placeholder order (the anyres packing as a gather).
+
+A ``data.pairs.PairBatch`` (DPO) is embedded in two parts: ``pair_media`` runs the scorer,
+the vision tower and the pooling once per pair, and ``embed_pairs`` writes each video's
+tokens into both of its rows (2i chosen, 2i + 1 rejected). The media depend only on the
+frozen parts, so the policy and the reference embed their rows with their own token
+tables around the same media tokens.
 """
 
 from __future__ import annotations
@@ -73,3 +79,23 @@ def embed_batch(model: PPLLaVA, batch, rngs: nnx.Rngs | None = None) -> jax.Arra
     emb_bld = ops.merge_media(emb_bld, batch.input_ids, table_ld[batch.image_gather],
                               batch.image_gather_mask, cfg.image_token_index)
   return emb_bld
+
+
+def pair_media(model: PPLLaVA, batch, dtype=jnp.float32) -> jax.Array:
+  """(B, tokens, D) pooled video tokens of a ``PairBatch``'s B videos (pixels in ``dtype``,
+  the compute dtype), each scored with its question: once per pair."""
+  text_be = None
+  if model.cfg.pooling.scored:
+    text_be = model.scorer.text_features(batch.scorer_ids, batch.scorer_mask)
+  return model.encode_videos(batch.videos.astype(dtype), text_be, batch.video_frame_mask)
+
+
+def embed_pairs(model: PPLLaVA, batch, media_bnd: jax.Array) -> jax.Array:
+  """(2B, L, D) input embeddings of a ``PairBatch``'s rows: ``model``'s token embeddings,
+  with pair i's ``media_bnd[i]`` at the placeholders of rows 2i and 2i + 1."""
+  emb_bld = model.language_model.embed(jnp.maximum(batch.input_ids, 0))
+  d = emb_bld.shape[-1]
+  rows_bnd = jnp.repeat(media_bnd.astype(emb_bld.dtype), 2, axis=0)
+  mask_bn = jnp.repeat(batch.video_token_mask, 2, axis=0)
+  return ops.merge_media(emb_bld, batch.input_ids, rows_bnd.reshape(-1, d), mask_bn.reshape(-1),
+                         model.cfg.video_token_index)

@@ -43,6 +43,7 @@ from ppllava_jax.train import checkpoint as ckpt_lib
 from ppllava_jax.train import evaluation
 from ppllava_jax.train import metrics as metrics_lib
 from ppllava_jax.train import run_config as rc
+from ppllava_jax.train.dpo import DPOConstants, PreferenceObjective, check_trainable, reference_copy
 from ppllava_jax.train.optimizer import make_optimizer
 from ppllava_jax.train.partition import decay_mask, partition
 from ppllava_jax.train.state import init_state, make_mesh
@@ -61,7 +62,9 @@ def every(step: int, n: int) -> bool:
 
 @dataclasses.dataclass
 class Run:
-  """Everything built from a config: the model side of a run."""
+  """Everything built from a config: the model side of a run. ``constants``: what the
+  train step reads besides the state (the frozen state; DPO's ``DPOConstants``, whose
+  reference ``start_reference`` fills in)."""
   tokenizer: object
   scorer_tokenizer: object
   model_cfg: object
@@ -70,6 +73,7 @@ class Run:
   frozen: nnx.State
   shardings: object
   steps: Steps
+  constants: object = None
 
 
 def _model(cfg: rc.RunConfig):
@@ -101,17 +105,50 @@ def build(cfg: rc.RunConfig) -> Run:
   frozen_dtype = cfg.train.dtype if cfg.train.compute_dtype != "float32" else None
   graphdef, state, frozen, shardings = init_state(model, part, tx, mesh, seed=cfg.train.seed,
                                                   frozen_dtype=frozen_dtype)
-  return Run(tok, scorer, abstract.cfg, graphdef, state, frozen, shardings,
-             Steps(graphdef, cfg.train, tx, shardings))
+  if cfg.dpo is None:
+    return Run(tok, scorer, abstract.cfg, graphdef, state, frozen, shardings,
+               Steps(graphdef, cfg.train, tx, shardings), frozen)
+  check_trainable(part)
+  live = None if cfg.dpo.precompute_reference else shardings.state.params
+  steps = Steps(graphdef, cfg.train, tx, shardings, PreferenceObjective(graphdef, cfg.train, cfg.dpo),
+                DPOConstants(shardings.frozen, live))
+  return Run(tok, scorer, abstract.cfg, graphdef, state, frozen, shardings, steps)
+
+
+def start_reference(run: Run, cfg: rc.RunConfig, workdir: Path, initial_params) -> dict | None:
+  """A DPO run's reference (``train.dpo``): a live copy of ``initial_params()`` into
+  ``run.constants``, or the cached log-probs table (returned, for the data pipeline)."""
+  if cfg.dpo.precompute_reference:
+    from ppllava_jax.train.reference import reference_table
+    run.constants = DPOConstants(run.frozen, None)
+    return reference_table(run, cfg, workdir, initial_params)
+  dtype = jnp.dtype(cfg.dpo.reference_dtype)
+  run.constants = DPOConstants(run.frozen, reference_copy(initial_params(), dtype,
+                                                          run.shardings.state.params))
+  return None
 
 
 def prepare_data(cfg: rc.RunConfig, workdir: Path) -> rc.RunConfig:
   """``{workdir}`` substituted; the synthetic set generated first if the config has one."""
   cfg = rc.with_workdir(cfg, str(workdir))
   if cfg.synthetic is not None:
-    from ppllava_jax.train.synthetic import generate
-    generate(cfg.synthetic, workdir / "data")
+    from ppllava_jax.train import synthetic
+    make = synthetic.generate if cfg.synthetic.kind == "qa" else synthetic.generate_preference
+    make(cfg.synthetic, workdir / "data")
   return cfg
+
+
+def _data(cfg: rc.RunConfig, run: Run, state: dict | None, reference: dict | None):
+  """The run's batches: SFT ``TrainBatch``es or DPO ``PairBatch``es."""
+  if cfg.preference is not None:
+    from ppllava_jax.data.pairs import make_preference_iterator
+    return make_preference_iterator(cfg.preference, tokenizer=run.tokenizer, model=run.model_cfg,
+                                    scorer_tokenizer=run.scorer_tokenizer, state=state,
+                                    reference=reference,
+                                    pin_frames=cfg.dpo.precompute_reference)
+  from ppllava_jax.data.pipeline import make_train_iterator
+  return make_train_iterator(cfg.data, tokenizer=run.tokenizer, model=run.model_cfg,
+                             scorer_tokenizer=run.scorer_tokenizer, state=state)
 
 
 class _Signals:
@@ -141,10 +178,10 @@ class _Signals:
       signal.signal(sig, old)
 
 
-def _step_flops(steps: Steps, state, frozen, batch) -> float | None:
+def _step_flops(steps: Steps, state, constants, batch) -> float | None:
   """FLOPs of one train step from XLA's cost analysis of its lowering."""
   try:
-    cost = steps.lower_train(state, frozen, batch).cost_analysis()
+    cost = steps.lower_train(state, constants, batch).cost_analysis()
     if isinstance(cost, (list, tuple)):
       cost = cost[0] if cost else None
     return float(cost["flops"]) if cost and "flops" in cost else None
@@ -167,18 +204,18 @@ def train(cfg: rc.RunConfig, workdir: str | Path) -> dict:
   checkpoints = ckpt_lib.Checkpoints(workdir, keep=cfg.keep)
   target = ckpt_lib.abstract_state(run.state, run.shardings.state)
   start, data_state, state = 0, None, run.state
+  initial = lambda: (ckpt_lib.restore_params(cfg.init_from, target).params if cfg.init_from
+                     else run.state.params)
+  reference = start_reference(run, cfg, workdir, initial) if cfg.dpo else None
   latest = checkpoints.latest_step()
   if latest is not None:
     state, data_state, _ = checkpoints.restore(latest, target)
     start = latest
     print(f"resuming from checkpoint {latest} in {checkpoints.directory}", flush=True)
   elif cfg.init_from:
-    params = ckpt_lib.restore_params(cfg.init_from, target).params
-    state = state.replace(params=params)
+    state = state.replace(params=initial())
     print(f"starting from the parameters of {cfg.init_from}", flush=True)
-  from ppllava_jax.data.pipeline import make_train_iterator
-  data = make_train_iterator(cfg.data, tokenizer=run.tokenizer, model=run.model_cfg,
-                             scorer_tokenizer=run.scorer_tokenizer, state=data_state)
+  data = _data(cfg, run, data_state, reference)
   writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
   streak_fn = jax.jit(lambda s, k: jnp.where(k > 0, s + 1, 0))
   streak = jnp.zeros((), jnp.int32)
@@ -197,9 +234,9 @@ def train(cfg: rc.RunConfig, workdir: str | Path) -> dict:
           break
         key = batch.shape_key()
         if key not in flops:
-          flops[key] = _step_flops(run.steps, state, run.frozen, batch)
-        samples += int(np.sum(batch.row_mask))
-        state, m = run.steps.train(state, run.frozen, batch)
+          flops[key] = _step_flops(run.steps, state, run.constants, batch)
+        samples += int(np.sum(batch.sample_mask))
+        state, m = run.steps.train(state, run.constants, batch)
         streak = streak_fn(streak, m["skipped"])
         pending.append((m, flops[key]))
         bar.update(1)
@@ -262,6 +299,12 @@ def _log(writer, run, data, state, pending, done, last_step, last_time, samples,
       skipped_samples=data.stats.skipped_total, skipped_updates=int(jax.device_get(state.skipped)),
       updates=int(jax.device_get(state.step)),
       mfu=metrics_lib.mfu(flops, seconds, cfg.peak_flops), peak_flops=cfg.peak_flops)
+  kept = [m for m in host if not m["skipped"]]
+  for name in sorted(host[-1]):  # an objective's own metrics (DPO: rewards/*, logps/*, ...)
+    if "/" in name:
+      record[name] = float(np.mean([float(m[name]) for m in kept])) if kept else float("nan")
+  if "pairs" in host[-1]:
+    record["pairs"] = sum(float(m["pairs"]) for m in host)
   writer.write(record)
   return record
 

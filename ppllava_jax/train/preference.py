@@ -46,12 +46,23 @@ LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 
 @dataclasses.dataclass(frozen=True)
 class DPOConfig:
-  """The original's DPO settings by default (sigmoid, beta 0.1, no smoothing, no SFT term)."""
+  """The original's DPO settings by default (sigmoid, beta 0.1, no smoothing, no SFT term,
+  a live reference in float32).
+
+  precompute_reference: one pass before training computes the reference's log-probs of
+    every row and caches them on disk (``train.reference``); no reference weights stay in
+    memory, and each row's frames are pinned (``data.pairs``). Otherwise the reference
+    is a frozen copy of the trainable part (the LLM), run in every step beside the policy.
+  reference_dtype: the live copy's storage, "float32" or "bfloat16" (half the memory; it
+    then computes in the step's compute dtype from bfloat16-rounded weights).
+  """
 
   loss_type: str = "sigmoid"
   beta: float = 0.1  # the KL weight; for IPO its tau
   label_smoothing: float = 0.0  # sigmoid: in [0, 0.5]; robust: the flip rate, in [0, 0.5)
   gamma: float = 0.0  # weight of the SFT term on the chosen completions
+  precompute_reference: bool = False
+  reference_dtype: str = "float32"
 
   def __post_init__(self):
     if self.loss_type not in LOSS_TYPES:
@@ -60,6 +71,9 @@ class DPOConfig:
     if not self.beta > 0 or not self.gamma >= 0:
       raise ValueError(f"DPOConfig: beta must be > 0 and gamma >= 0, got {self.beta}, "
                        f"{self.gamma}")
+    if self.reference_dtype not in ("float32", "bfloat16"):
+      raise ValueError(f"DPOConfig.reference_dtype must be 'float32' or 'bfloat16', got "
+                       f"{self.reference_dtype!r}")
     eps = self.label_smoothing
     ok = {"sigmoid": 0 <= eps <= 0.5, "robust": 0 <= eps < 0.5}.get(self.loss_type, eps == 0)
     if not ok:  # hinge and ipo have no smoothing: a value there would be silently ignored
@@ -96,28 +110,40 @@ def dpo_loss(policy_chosen_b: jax.Array, policy_rejected_b: jax.Array, ref_chose
 def preference_loss(policy_chosen_b: jax.Array, policy_rejected_b: jax.Array,
                     ref_chosen_b: jax.Array, ref_rejected_b: jax.Array,
                     chosen_count_b: jax.Array, rejected_count_b: jax.Array,
-                    config: DPOConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """(the loss to minimise, metrics): the mean DPO loss plus ``gamma`` times the chosen
-  completions' token-mean cross-entropy (module doc). Reference inputs get no gradient."""
+                    config: DPOConfig, mask_b: jax.Array | None = None,
+                    pairs: jax.Array | None = None, chosen_tokens: jax.Array | None = None
+                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """(the loss to minimise, metrics): the mean DPO loss over the pairs of ``mask_b`` (all
+  by default) plus ``gamma`` times the chosen completions' token-mean cross-entropy
+  (module doc). Reference inputs get no gradient.
+
+  ``pairs`` / ``chosen_tokens``: the denominators of those means (default: this batch's);
+  given the counts of a whole accumulated step, the loss and metrics of each micro-batch
+  are its shares of the step's, and the shares add up."""
+  w_b = jnp.ones_like(policy_chosen_b) if mask_b is None else mask_b.astype(jnp.float32)
+  pairs = jnp.maximum(w_b.sum() if pairs is None else pairs, 1.0)
+  if chosen_tokens is None:
+    chosen_tokens = (chosen_count_b * w_b).sum()
+  mean = lambda x_b: jnp.where(w_b > 0, x_b, 0.0).sum() / pairs  # padded pairs hold zeros
   ref_chosen_b, ref_rejected_b = jax.lax.stop_gradient((ref_chosen_b, ref_rejected_b))
-  dpo = dpo_loss(policy_chosen_b, policy_rejected_b, ref_chosen_b, ref_rejected_b,
-                 loss_type=config.loss_type, beta=config.beta,
-                 label_smoothing=config.label_smoothing, chosen_count_b=chosen_count_b,
-                 rejected_count_b=rejected_count_b).mean()
-  sft = -policy_chosen_b.sum() / jnp.maximum(chosen_count_b.sum(), 1.0)
+  dpo = mean(dpo_loss(policy_chosen_b, policy_rejected_b, ref_chosen_b, ref_rejected_b,
+                      loss_type=config.loss_type, beta=config.beta,
+                      label_smoothing=config.label_smoothing, chosen_count_b=chosen_count_b,
+                      rejected_count_b=rejected_count_b))
+  sft = -mean(policy_chosen_b) * pairs / jnp.maximum(chosen_tokens, 1.0)
   total = dpo + config.gamma * sft
   chosen_b, rejected_b, policy_chosen_b, policy_rejected_b = jax.lax.stop_gradient((
       config.beta * (policy_chosen_b - ref_chosen_b),
       config.beta * (policy_rejected_b - ref_rejected_b), policy_chosen_b, policy_rejected_b))
   metrics = {
-      "rewards/chosen": chosen_b.mean(),
-      "rewards/rejected": rejected_b.mean(),
-      "rewards/accuracies": (chosen_b > rejected_b).astype(jnp.float32).mean(),
-      "rewards/margins": (chosen_b - rejected_b).mean(),
-      "logps/chosen": policy_chosen_b.mean(),
-      "logps/rejected": policy_rejected_b.mean(),
-      "ref_logps/chosen": ref_chosen_b.mean(),
-      "ref_logps/rejected": ref_rejected_b.mean(),
+      "rewards/chosen": mean(chosen_b),
+      "rewards/rejected": mean(rejected_b),
+      "rewards/accuracies": mean((chosen_b > rejected_b).astype(jnp.float32)),
+      "rewards/margins": mean(chosen_b - rejected_b),
+      "logps/chosen": mean(policy_chosen_b),
+      "logps/rejected": mean(policy_rejected_b),
+      "ref_logps/chosen": mean(ref_chosen_b),
+      "ref_logps/rejected": mean(ref_rejected_b),
       "losses/dpo": jax.lax.stop_gradient(dpo),
       "losses/sft": jax.lax.stop_gradient(sft),
       "losses/total": jax.lax.stop_gradient(total),

@@ -1,9 +1,10 @@
 """The typed config tree of a training run, and ``--set a.b=v`` overrides.
 
 ``RunConfig`` is what a ``configs/*.py`` ``get_config()`` returns for ``train.py``: the
-model (a pretrained folder, or a tiny random one built in code), the data
-(``data.pipeline.DataConfig``), what the step needs (``train.config.TrainConfig``) and the
-loop's own settings. Strings in the data and mcq sections may contain ``{workdir}``: the
+model (a pretrained folder, or a tiny random one built in code), the data (SFT's
+``data.pipeline.DataConfig``, or DPO's ``data.pairs.PreferenceDataConfig`` with its
+``DPOConfig``), what the step needs (``train.config.TrainConfig``) and the loop's own
+settings. Strings in the data, preference and mcq sections may contain ``{workdir}``: the
 loop replaces it with the run's folder (a config that generates its data there).
 
 ``apply_overrides(cfg, ["train.optim.lr=1e-3", "steps=20"])`` parses each value with the
@@ -22,11 +23,13 @@ import types
 import typing
 from typing import Any
 
+from ppllava_jax.data.pairs import PreferenceDataConfig
 from ppllava_jax.data.pipeline import DataConfig
 from ppllava_jax.eval.mcq.protocols import PROTOCOLS
 from ppllava_jax.models.btadapter import BTAdapterConfig
 from ppllava_jax.models.tiny import TinyConfig
 from ppllava_jax.train.config import TrainConfig
+from ppllava_jax.train.preference import DPOConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,13 +50,20 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticConfig:
-  """A video-QA set the loop draws into ``{workdir}/data`` first (``train.synthetic``):
-  ``train.json`` of ``videos`` videos, and ``eval.json`` of ``eval_videos`` others."""
+  """A set the loop draws into ``{workdir}/data`` first (``train.synthetic``): ``kind``
+  "qa" (SFT): ``train.json`` of ``videos`` videos; "preference" (DPO):
+  ``preference.jsonl``, a pair per video; both with the held-out ``eval.json`` and
+  multiple-choice tasks of ``eval_videos`` others."""
+  kind: str = "qa"
   videos: int = 24
   eval_videos: int = 0
   frames: int = 8
   size: int = 64
   seed: int = 0
+
+  def __post_init__(self):
+    if self.kind not in ("qa", "preference"):
+      raise ValueError(f"SyntheticConfig.kind must be 'qa' or 'preference', got {self.kind!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,8 +108,14 @@ class RunConfig:
   that stop the run; peak_flops: the FLOP/s the MFU estimate divides by (default: about
   what this class of CPU does); eval_every: batches between evaluations (0: none) of
   the token-mean loss over the first ``eval_batches`` batches of ``eval_data``; mcq:
-  multiple-choice accuracy, at its own interval (``McqEvalConfig``)."""
-  data: DataConfig
+  multiple-choice accuracy, at its own interval (``McqEvalConfig``).
+
+  The run's kind: SFT with ``data``; DPO with ``preference`` (pairs, ``data.pairs``) and
+  ``dpo`` (the loss and the reference, ``train.preference.DPOConfig``) instead. The held-out
+  loss (``eval_data``) is SFT's; a DPO run measures multiple-choice accuracy (``mcq``)."""
+  data: DataConfig | None = None
+  preference: PreferenceDataConfig | None = None
+  dpo: DPOConfig | None = None
   model: ModelConfig = ModelConfig()
   eval_data: DataConfig | None = None
   eval_every: int = 0
@@ -122,6 +138,15 @@ class RunConfig:
     if self.eval_every < 0 or self.eval_batches < 1:
       raise ValueError(f"RunConfig: need eval_every >= 0 and eval_batches >= 1, got "
                        f"{self.eval_every}, {self.eval_batches}")
+    if (self.data is None) == (self.preference is None):
+      raise ValueError("RunConfig: give data (an SFT run) or preference (a DPO run), not "
+                       f"{'both' if self.data else 'neither'}")
+    if (self.dpo is None) != (self.preference is None):
+      raise ValueError("RunConfig: a DPO run needs both preference (its pairs) and dpo (its "
+                       "loss settings); an SFT run neither")
+    if self.preference is not None and self.eval_data is not None:
+      raise ValueError("RunConfig.eval_data (a held-out SFT loss) is not measured in a DPO run; "
+                       "use mcq for accuracy during training")
     if self.eval_every and self.eval_data is None:
       raise ValueError("RunConfig.eval_every is set but there is no eval_data")
     if self.peak_flops <= 0:
@@ -266,7 +291,7 @@ def from_json(text: str) -> RunConfig:
 
 
 def with_workdir(cfg: RunConfig, workdir: str) -> RunConfig:
-  """The data and mcq sections with ``{workdir}`` replaced in every string."""
+  """The data, preference and mcq sections with ``{workdir}`` replaced in every string."""
   def sub(node):
     if dataclasses.is_dataclass(node):
       return dataclasses.replace(node, **{f.name: sub(getattr(node, f.name))
@@ -276,5 +301,5 @@ def with_workdir(cfg: RunConfig, workdir: str) -> RunConfig:
     if isinstance(node, str):
       return node.replace("{workdir}", str(workdir))
     return node
-  return dataclasses.replace(cfg, data=sub(cfg.data), eval_data=sub(cfg.eval_data),
-                             mcq=sub(cfg.mcq))
+  return dataclasses.replace(cfg, data=sub(cfg.data), preference=sub(cfg.preference),
+                             eval_data=sub(cfg.eval_data), mcq=sub(cfg.mcq))

@@ -1,18 +1,24 @@
-"""One pure train step, ``train_step(state, frozen, batch) -> (state, metrics)``, and its
-eval twin ``eval_step(state, frozen, batch) -> (loss sum, token count)``.
+"""One pure train step, ``train_step(state, constants, batch) -> (state, metrics)``, for any
+``Objective``, and the SFT eval step ``eval_step(state, frozen, batch) -> (loss sum, token
+count)``.
 
-The graphdef is closed over; the step merges the trainable and frozen states into the
-model once, embeds the batch (``train.inputs.embed_batch``), runs the LLM to its final
-hidden states and takes ``train.losses.cross_entropy`` (sum, count) on them, never the full
-logits. Gradients are taken with respect to the trainable state only.
+The graphdef is closed over. An ``Objective`` says what the step minimises: SFT's
+``TokenMean`` merges the trainable and frozen states into the model once, embeds the batch
+(``train.inputs.embed_batch``), runs the LLM to its final hidden states and takes
+``train.losses.cross_entropy`` (sum, count) on them, never the full logits; DPO's
+(``train.dpo.PreferenceObjective``) takes a ``data.pairs.PairBatch`` and its constants
+add the reference. Gradients are taken with respect to the trainable state only; the
+update, the skip rule, the metrics and the jitting are the same for every objective.
 
 Gradient accumulation happens inside the step: with ``OptimConfig.grad_accum = k`` every
-batch field carries a leading micro-batch axis of k (``stack_micro_batches``), a
-``lax.scan`` adds the gradients of the loss *sums* and the token counts, and one division
-by the total count gives the gradient of the global token mean (``accum_reduction=
-"tokens"``). ``"micro_mean"`` averages the k micro-batch means instead, as transformers
-4.45 (the original's) did; across data-parallel devices our micro-batch mean is still the
-global one, where the original's DDP averaged per-GPU means too.
+batch field carries a leading micro-batch axis of k (``stack_micro_batches``). The
+objective's normalisers (the step's supervised tokens, or pairs) are counted from the
+whole batch first (``Objective.totals``), so each micro-batch's share of the loss is its
+sum over them, and a ``lax.scan`` adds the shares' values and gradients: the gradient of
+the global token mean (``accum_reduction="tokens"``). ``"micro_mean"`` averages the k
+micro-batch means instead, as transformers 4.45 (the original's) did; across
+data-parallel devices our micro-batch mean is still the global one, where the original's
+DDP averaged per-GPU means too.
 
 bfloat16 compute (``TrainConfig.compute_dtype``): the forward and backward run on a
 bfloat16 cast of the parameters; the cast is inside the differentiated function, so
@@ -25,13 +31,14 @@ skipped``: every batch, skipped or not, gets its own key, and a resumed run draw
 same ones), folded again with the micro-batch index under accumulation. The eval step is
 deterministic (``model.eval()``).
 
-An update whose loss or gradient norm is not finite, or whose batch supervises no token,
-is skipped: the state comes back unchanged but for ``skipped + 1`` (``step`` and AdamW's
-count do not advance, so neither does the schedule), and ``metrics["skipped"]`` is 1.
+An update whose loss or gradient norm is not finite, or whose batch has nothing to learn
+from (no supervised token, no pair: ``totals[objective.count]`` = 0), is skipped: the
+state comes back unchanged but for ``skipped + 1`` (``step`` and AdamW's count do not
+advance, so neither does the schedule), and ``metrics["skipped"]`` is 1.
 
 ``Steps`` jits both with the state's shardings in and out, the batch's on the ``batch``
-rule, the state donated (argument 0), the frozen state not; it logs each new batch shape
-it compiles for.
+rule, the state donated (argument 0), the constants not; it logs each new batch shape it
+compiles for.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Sequence
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -67,85 +75,120 @@ def loss_sums(model: PPLLaVA, batch: TrainBatch, chunk: int = losses.CHUNK,
   return losses.cross_entropy(hidden_bld, lm.head_dv, batch.labels, chunk)
 
 
-def _sums_fn(graphdef: nnx.GraphDef, cfg: TrainConfig):
-  dtype = cfg.dtype
+def supervised_targets(labels_bl: jax.Array) -> jax.Array:
+  """Per position, whether it predicts a supervised token (``losses.shifted_targets``);
+  works on any leading axes (micro-batches)."""
+  return labels_bl[..., 1:] != losses.IGNORE
 
-  def sums(params, frozen, batch, key=None):
-    """``key``: training mode with drop-path keys from it; None: deterministic."""
-    model = nnx.merge(graphdef, cast_floating(params, dtype), cast_floating(frozen, dtype))
-    model.set_remat(cfg.remat)  # LLM and vision-tower layers (PPLLaVA.set_remat)
+
+class Objective(Protocol):
+  """What a train step minimises, in a form micro-batches add up.
+
+  ``totals(batch)``: the normalisers of the whole step, over every micro-batch (token
+  or pair counts), known from the batch before any forward pass; ``totals[count]`` = 0
+  means nothing to learn from (the update is skipped). ``share(params, constants, micro,
+  key, totals)``: (this micro-batch's share of the loss, its shares of the metrics): the
+  shares of the micro-batches add up to the step's loss and metrics, so their gradients
+  add up to the step's gradient. ``constants``: what the objective reads besides the
+  trainable parameters (the frozen state; DPO adds its reference).
+  """
+  count: str
+
+  def totals(self, batch) -> dict[str, jax.Array]: ...
+
+  def share(self, params, constants, batch, key, totals
+            ) -> tuple[jax.Array, dict[str, jax.Array]]: ...
+
+
+def merged(graphdef: nnx.GraphDef, cfg: TrainConfig, params, frozen) -> PPLLaVA:
+  """The model of ``params`` and ``frozen`` in the compute dtype, remat as configured."""
+  model = nnx.merge(graphdef, cast_floating(params, cfg.dtype), cast_floating(frozen, cfg.dtype))
+  model.set_remat(cfg.remat)  # LLM and vision-tower layers (PPLLaVA.set_remat)
+  return model
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenMean:
+  """SFT: the next-token cross-entropy over the step's supervised tokens (module doc:
+  ``accum_reduction``); ``constants`` is the frozen state."""
+  graphdef: nnx.GraphDef
+  cfg: TrainConfig
+  count: str = "tokens"
+
+  def sums(self, params, frozen, batch, key=None):
+    """(loss sum, token count); ``key``: training mode with drop-path keys from it, None:
+    deterministic."""
+    model = merged(self.graphdef, self.cfg, params, frozen)
     if key is None:
       model.eval()
-      return loss_sums(model, batch, cfg.loss_chunk)
+      return loss_sums(model, batch, self.cfg.loss_chunk)
     model.train()
-    return loss_sums(model, batch, cfg.loss_chunk, nnx.Rngs(dropout=key))
+    return loss_sums(model, batch, self.cfg.loss_chunk, nnx.Rngs(dropout=key))
 
-  return sums
+  def totals(self, batch):
+    return {"tokens": supervised_targets(batch.labels).sum().astype(jnp.float32)}
+
+  def share(self, params, frozen, batch, key, totals):
+    s, c = self.sums(params, frozen, batch, key)
+    if self.cfg.optim.accum_reduction == "micro_mean":
+      return s / jnp.maximum(c, 1.0) / self.cfg.optim.grad_accum, {}
+    return s / jnp.maximum(totals["tokens"], 1.0), {}
 
 
-def make_gradients(graphdef: nnx.GraphDef, cfg: TrainConfig):
-  """``gradients(params, frozen, batch, key) -> (grads, loss, tokens)``: the gradient of the
-  step's loss with respect to the trainable ``params``, over its micro-batches (module doc)."""
-  sums, k = _sums_fn(graphdef, cfg), cfg.optim.grad_accum
-  per_micro_mean = cfg.optim.accum_reduction == "micro_mean"
+def make_gradients(objective: Objective, grad_accum: int = 1):
+  """``gradients(params, constants, batch, key) -> (grads, loss, metrics)``: the gradient of
+  ``objective`` with respect to the trainable ``params`` over the step's ``grad_accum``
+  micro-batches (module doc), its value, and its metrics with the totals."""
+  value_and_grad = jax.value_and_grad(objective.share, has_aux=True)
 
-  def objective(params, frozen, batch, key):
-    s, c = sums(params, frozen, batch, key)
-    return (s / jnp.maximum(c, 1.0) if per_micro_mean else s), (s, c)
-
-  grad_fn = jax.grad(objective, has_aux=True)
-
-  def gradients(params, frozen, batch, key):
-    if k == 1:
-      g, (s, c) = grad_fn(params, frozen, batch, key)
-      n = jnp.maximum(c, 1.0)
-      return jax.tree.map(lambda x: x / n, g), s / n, c
-    if batch.input_ids.ndim != 3 or batch.input_ids.shape[0] != k:
-      raise ValueError(f"grad_accum={k}: every batch field needs a leading micro-batch axis of "
-                       f"{k} (stack_micro_batches), got input_ids {batch.input_ids.shape}")
+  def gradients(params, constants, batch, key):
+    totals = objective.totals(batch)
+    if grad_accum == 1:
+      (loss, metrics), grads = value_and_grad(params, constants, batch, key, totals)
+      return grads, loss, {**metrics, **totals}
+    if batch.input_ids.ndim != 3 or batch.input_ids.shape[0] != grad_accum:
+      raise ValueError(f"grad_accum={grad_accum}: every batch field needs a leading micro-batch "
+                       f"axis of {grad_accum} (stack_micro_batches), got input_ids "
+                       f"{batch.input_ids.shape}")
 
     def body(carry, indexed):
-      g_acc, obj_acc, s_acc, c_acc = carry
       i, micro = indexed
-      g, (s, c) = grad_fn(params, frozen, micro, jax.random.fold_in(key, i))
-      obj = s / jnp.maximum(c, 1.0) if per_micro_mean else s
-      return (jax.tree.map(jnp.add, g_acc, g), obj_acc + obj, s_acc + s, c_acc + c), None
+      (loss, metrics), grads = value_and_grad(params, constants, micro,
+                                              jax.random.fold_in(key, i), totals)
+      return jax.tree.map(jnp.add, carry, (grads, loss, metrics)), None
 
-    zero = jnp.zeros((), jnp.float32)
-    init = (jax.tree.map(jnp.zeros_like, params), zero, zero, zero)
-    (g, obj, s, c), _ = jax.lax.scan(body, init, (jnp.arange(k), batch))
-    n = jnp.float32(k) if per_micro_mean else jnp.maximum(c, 1.0)
-    return jax.tree.map(lambda x: x / n, g), (obj if per_micro_mean else s) / n, c
+    first = jax.tree.map(lambda x: x[0], batch)
+    shapes = jax.eval_shape(value_and_grad, params, constants, first, key, totals)
+    zero = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+    init = (zero[1], zero[0][0], zero[0][1])
+    (grads, loss, metrics), _ = jax.lax.scan(body, init, (jnp.arange(grad_accum), batch))
+    return grads, loss, {**metrics, **totals}
 
   return gradients
 
 
-def make_steps(graphdef: nnx.GraphDef, cfg: TrainConfig, tx: optax.GradientTransformation):
-  """The pure (train_step, eval_step) of a run (module doc)."""
-  schedule, gradients = lr_schedule(cfg.optim), make_gradients(graphdef, cfg)
-  sums = _sums_fn(graphdef, cfg)
+def make_steps(objective: Objective, cfg: TrainConfig, tx: optax.GradientTransformation):
+  """The pure train step of a run (module doc)."""
+  schedule, gradients = lr_schedule(cfg.optim), make_gradients(objective, cfg.optim.grad_accum)
 
-  def train_step(state: TrainState, frozen: nnx.State, batch: TrainBatch):
+  def train_step(state: TrainState, constants, batch):
     key = jax.random.fold_in(state.rng, state.step + state.skipped)
-    grads, loss, tokens = gradients(state.params, frozen, batch, key)
+    grads, loss, measured = gradients(state.params, constants, batch, key)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (tokens > 0)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (measured[objective.count] > 0)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
     new = state.replace(step=state.step + ok.astype(jnp.int32), params=keep(params, state.params),
                         opt_state=keep(opt_state, state.opt_state),
                         skipped=state.skipped + (~ok).astype(jnp.int32))
-    metrics = dict(loss=loss, tokens=tokens, grad_norm=grad_norm,
+    metrics = dict(measured, loss=loss, grad_norm=grad_norm,
                    param_norm=optax.tree.norm(new.params),
                    update_norm=jnp.where(ok, optax.tree.norm(updates), 0.0),
                    lr=schedule(state.step), skipped=(~ok).astype(jnp.float32))
     return new, {name: jnp.asarray(v, jnp.float32) for name, v in metrics.items()}
 
-  def eval_step(state: TrainState, frozen: nnx.State, batch: TrainBatch):
-    return sums(state.params, frozen, batch)
-
-  return train_step, eval_step
+  return train_step
 
 
 def stack_micro_batches(batches: Sequence[TrainBatch], pad_id: int = 0) -> TrainBatch:
@@ -159,14 +202,24 @@ def stack_micro_batches(batches: Sequence[TrainBatch], pad_id: int = 0) -> Train
 @dataclasses.dataclass
 class Steps:
   """The jitted steps of one run on ``shardings.mesh`` (module doc). ``train`` donates the
-  state: use the state it returns."""
+  state: use the state it returns. ``objective``: SFT's ``TokenMean`` by default;
+  ``constant_shardings``: those of the step's ``constants`` (default: the frozen state's).
+  ``eval`` is the SFT loss (sum, count), whatever the objective."""
   graphdef: nnx.GraphDef
   cfg: TrainConfig
   tx: optax.GradientTransformation
   shardings: Shardings
+  objective: Objective | None = None
+  constant_shardings: object = None
 
   def __post_init__(self):
-    train_step, eval_step = make_steps(self.graphdef, self.cfg, self.tx)
+    if self.objective is None:
+      self.objective = TokenMean(self.graphdef, self.cfg)
+    if self.constant_shardings is None:
+      self.constant_shardings = self.shardings.frozen
+    sft = TokenMean(self.graphdef, self.cfg)
+    train_step = make_steps(self.objective, self.cfg, self.tx)
+    eval_step = lambda state, frozen, batch: sft.sums(state.params, frozen, batch)
     self.traces = {"train": 0, "eval": 0}  # how often each was traced, i.e. compiled
 
     def counted(kind, fn):
@@ -192,24 +245,25 @@ class Steps:
       sh, rep = self.shardings, self.shardings.replicated
       donate = (0,) if kind == "train" else ()
       out = (sh.state, rep) if kind == "train" else (rep, rep)
-      self._jitted[spec] = jax.jit(self._pure[kind], in_shardings=(sh.state, sh.frozen, batch_sh),
+      constants = self.constant_shardings if kind == "train" else sh.frozen
+      self._jitted[spec] = jax.jit(self._pure[kind], in_shardings=(sh.state, constants, batch_sh),
                                    out_shardings=out, donate_argnums=donate)
     return self._jitted[spec]
 
-  def lower_train(self, state: TrainState, frozen: nnx.State, batch: TrainBatch):
+  def lower_train(self, state: TrainState, constants, batch):
     """The train step for ``batch``'s layout, lowered (for its cost analysis)."""
     with jax.set_mesh(self.shardings.mesh):
-      return self._fn("train", batch).lower(state, frozen, batch)
+      return self._fn("train", batch).lower(state, constants, batch)
 
   @property
   def train_compilations(self) -> int:
     """Batch layouts the train step has been compiled for so far."""
     return sum(1 for kind, _ in self._seen if kind == "train")
 
-  def train(self, state: TrainState, frozen: nnx.State, batch: TrainBatch
-            ) -> tuple[TrainState, dict[str, jax.Array]]:
+  def train(self, state: TrainState, constants, batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One update; ``constants``: the objective's (the frozen state for SFT)."""
     with jax.set_mesh(self.shardings.mesh):
-      return self._fn("train", batch)(state, frozen, batch)
+      return self._fn("train", batch)(state, constants, batch)
 
   def eval(self, state: TrainState, frozen: nnx.State, batch: TrainBatch
            ) -> tuple[jax.Array, jax.Array]:

@@ -1,4 +1,4 @@
-"""A synthetic video-QA set whose answers can be read from the pixels.
+"""Synthetic video sets whose answers can be read from the pixels: QA and preference.
 
 Each video is one coloured shape (a red, green or blue circle or square) moving left,
 right, up or down across a grey field (H.264, PyAV); where it runs (its lane, start,
@@ -34,6 +34,31 @@ Decisions:
   one answer scores.
 - Shapes are large (radius 16-20% of the side: at 126 pixels about three 14-pixel
   patches across) and stay inside the field.
+
+The preference (DPO) set, ``generate_preference``, draws the same training scenes (the
+same ``SyntheticConfig`` gives the same videos as the QA set) into ``folder``:
+
+- ``frames/{i:04d}/``: each training video as a folder of ``000001.jpg``, ... (Pillow,
+  quality 95), the form of the original's DPO videos (LLaVA-Hound's frame folders), so
+  the DPO run reads them as it reads the real data. Chroma is kept whole (4:4:4):
+  Pillow's default 4:2:0 rounds a small square's corners (at 56 pixels its box fill
+  falls to 0.86, a circle's reaches 0.85), blurring the shape the answer depends on;
+- ``preference.jsonl``: one LLaVA-Hound row per video (``data.preference``): the fixed
+  ``PREFERENCE_PROMPT``, chosen ``describe(scene)`` ("A red circle moves left."),
+  rejected ``wrong_description(scene, i)``;
+- with ``eval_videos``, the QA set's held-out videos, ``mcq/`` and ``eval.json``
+  (the same files), for an MCQ evaluation during DPO.
+
+Decisions:
+
+- The rejected sentence is the chosen one with exactly one attribute wrong: the two
+  differ in one word, the same question asks for both, and only the pixels tell which
+  word is right.
+- Balanced like the QA set: the chosen sentences describe its balanced scenes, the
+  wrong attribute cycles colour / shape / direction with the row's index (each wrong in
+  a third of the rows), and the wrong value cycles over the attribute's other
+  candidates, so no attribute or word marks a side (in expectation: the scenes' shuffle
+  leaves small sets a little uneven).
 """
 
 from __future__ import annotations
@@ -45,10 +70,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from ppllava_jax.data.video import write_video
 from ppllava_jax.eval.mcq import LETTERS, MVBenchItem, OriginalProtocol, build_prompt
 from ppllava_jax.train.run_config import SyntheticConfig
+
+PREFERENCE_QUESTION = "Describe the shape in the video and how it moves."
+PREFERENCE_PROMPT = f"<video>\n{PREFERENCE_QUESTION}"  # LLaVA-Hound's placeholder first
+SCORES = {"chosen": 5.0, "rejected": 1.0}  # LLaVA-Hound's scale; kept, not used by DPO
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220)}
 SHAPES = ("circle", "square")
@@ -83,6 +113,11 @@ class Scene:
 
   def answer(self, task: str) -> str:
     return {"colour": self.colour, "shape": self.shape, "direction": self.direction}[task]
+
+  def draw(self, count: int, size: int) -> Iterator[np.ndarray]:
+    """This scene's ``frames``."""
+    return frames(COLOURS[self.colour], self.shape, self.direction, count, size,
+                  lane=self.lane, start=self.start, end=self.end, radius=self.radius)
 
 
 def frames(colour, shape: str, direction: str, count: int, size: int, *, lane: float = 0.5,
@@ -129,12 +164,69 @@ def qa_turn(item: MVBenchItem) -> dict[str, str]:
   return {"q": prompt.question, "a": f"{prompt.answer_prefix}{letter}) {item.answer}"}
 
 
+def describe(scene: Scene) -> str:
+  """The sentence that is right for ``scene``'s pixels."""
+  return f"A {scene.colour} {scene.shape} moves {scene.direction}."
+
+
+def wrong_scene(scene: Scene, i: int) -> Scene:
+  """``scene`` with one attribute wrong: ``QUESTIONS[i % 3]``'s, set to another of its
+  candidates, cycling with ``i // 3`` (module doc)."""
+  question = QUESTIONS[i % len(QUESTIONS)]
+  others = [c for c in question.candidates if c != scene.answer(question.task)]
+  return dataclasses.replace(scene, **{question.task: others[i // len(QUESTIONS) % len(others)]})
+
+
+def wrong_description(scene: Scene, i: int) -> str:
+  return describe(wrong_scene(scene, i))
+
+
+def preference_row(scene: Scene, i: int) -> dict:
+  """Training video ``i``'s LLaVA-Hound row; its video path relative to the set's folder."""
+  chosen = describe(scene)
+  return {"id": f"synthetic_{i:04d}", "prompt": PREFERENCE_PROMPT, "answer": chosen,
+          "video": f"frames/{i:04d}", "chosen": chosen, "rejected": wrong_description(scene, i),
+          "chosen_score": SCORES["chosen"], "rejected_score": SCORES["rejected"]}
+
+
 def generate(cfg: SyntheticConfig, folder: str | Path) -> Path:
-  """Writes (or reuses) the set in ``folder``; returns the training annotation file."""
+  """Writes (or reuses) the QA set in ``folder``; returns the training annotation file."""
   folder = Path(folder)
+  _write_eval(folder, cfg)
+  return _write(folder, "train", cfg.videos, cfg.seed, cfg)
+
+
+def generate_preference(cfg: SyntheticConfig, folder: str | Path) -> Path:
+  """Writes (or reuses) the preference set in ``folder`` (module doc); returns
+  ``preference.jsonl``, whose video paths are relative to ``folder`` (the media root)."""
+  folder = Path(folder)
+  _write_eval(folder, cfg)
+  path = folder / "preference.jsonl"
+  if path.is_file():
+    return path
+  rows = []
+  for i, scene in enumerate(scenes(cfg.videos, cfg.seed)):
+    video = folder / "frames" / f"{i:04d}"
+    video.mkdir(parents=True, exist_ok=True)
+    for n, frame_hwc in enumerate(scene.draw(cfg.frames, cfg.size), 1):
+      Image.fromarray(frame_hwc).save(video / f"{n:06d}.jpg", quality=95, subsampling=0)
+    rows.append(preference_row(scene, i))
+  return _replace(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def _write_eval(folder: Path, cfg: SyntheticConfig) -> None:
+  """The held-out videos, ``mcq/`` and ``eval.json``, shared by both sets."""
   if cfg.eval_videos:
     _write(folder, "eval", cfg.eval_videos, cfg.seed + 1, cfg)
-  return _write(folder, "train", cfg.videos, cfg.seed, cfg)
+
+
+def _replace(path: Path, text: str) -> Path:
+  """Writes ``path`` whole or not at all; the last step of a generation, so a killed one
+  leaves no ``path`` and is redone."""
+  tmp = path.with_suffix(".tmp")
+  tmp.write_text(text)
+  tmp.rename(path)
+  return path
 
 
 def _write(folder: Path, split: str, count: int, seed: int, cfg: SyntheticConfig) -> Path:
@@ -145,10 +237,7 @@ def _write(folder: Path, split: str, count: int, seed: int, cfg: SyntheticConfig
   records, tasks = [], {q.task: [] for q in QUESTIONS}
   for i, scene in enumerate(scenes(count, seed)):
     name = f"{i:04d}.mp4" if split == "train" else f"{split}_{i:04d}.mp4"
-    write_video(folder / "videos" / name,
-                frames(COLOURS[scene.colour], scene.shape, scene.direction, cfg.frames,
-                       cfg.size, lane=scene.lane, start=scene.start, end=scene.end,
-                       radius=scene.radius))
+    write_video(folder / "videos" / name, scene.draw(cfg.frames, cfg.size))
     for question in QUESTIONS:
       item = mcq_item(question, name, scene.answer(question.task))
       records.append({"video": name, "QA": [qa_turn(item)]})
@@ -158,7 +247,4 @@ def _write(folder: Path, split: str, count: int, seed: int, cfg: SyntheticConfig
     (folder / "mcq").mkdir(exist_ok=True)
     for task, items in tasks.items():
       (folder / "mcq" / f"{task}.json").write_text(json.dumps(items, indent=1))
-  tmp = annotation.with_suffix(".tmp")
-  tmp.write_text(json.dumps(records, indent=1))
-  tmp.rename(annotation)  # last: a killed generation is redone
-  return annotation
+  return _replace(annotation, json.dumps(records, indent=1))

@@ -31,7 +31,7 @@ def test_set_parses_each_value_with_its_field_type():
 
 
 @pytest.mark.parametrize("item, message", [
-    ("stepz=3", "the config (RunConfig) has no field 'stepz'; valid: data, model, eval_data"),
+    ("stepz=3", "the config (RunConfig) has no field 'stepz'; valid: data, preference, dpo, model, eval_data"),
     ("train.optim.lrr=1", "train.optim (OptimConfig) has no field 'lrr'; valid: lr, schedule"),
     ("steps=three", "--set steps=three: not a int"),
     ("train.optim.lr=fast", "--set train.optim.lr=fast: not a float"),

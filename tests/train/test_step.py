@@ -22,7 +22,7 @@ from ppllava_jax.train.inputs import embed_batch
 from ppllava_jax.train.optimizer import lr_schedule, make_optimizer
 from ppllava_jax.train.partition import VICUNA_SFT, decay_mask, partition, path_name
 from ppllava_jax.train.state import init_state, make_mesh
-from ppllava_jax.train.step import Steps, make_gradients, stack_micro_batches
+from ppllava_jax.train.step import Steps, TokenMean, make_gradients, stack_micro_batches
 from support.train_data import tiny_model_config
 
 IMG, SCORER = 7, 40
@@ -229,9 +229,10 @@ _GRADIENTS = {}  # one jitted function per config, so shapes seen before do not 
 def gradients_of(text, tc, batch):
   _, params, frozen = partition(text.model, tc.trainable).split(text.model)
   if tc not in _GRADIENTS:
-    _GRADIENTS[tc] = jax.jit(make_gradients(nnx.graphdef(text.model), tc))
-  grads, loss, tokens = _GRADIENTS[tc](params, frozen, batch, jax.random.PRNGKey(0))
-  return flat(grads), float(loss), float(tokens)
+    _GRADIENTS[tc] = jax.jit(make_gradients(TokenMean(nnx.graphdef(text.model), tc),
+                                            tc.optim.grad_accum))
+  grads, loss, measured = _GRADIENTS[tc](params, frozen, batch, jax.random.PRNGKey(0))
+  return flat(grads), float(loss), float(measured["tokens"])
 
 
 TEXT_OPTIM = OptimConfig(lr=1e-2, schedule="constant", warmup_ratio=0.0, total_steps=10,
@@ -273,13 +274,13 @@ def test_remat_gives_the_same_gradients(text_setup):
   want, loss, _ = gradients_of(text_setup, TrainConfig(optim=TEXT_OPTIM), batch)
   got, loss_remat, _ = gradients_of(
       text_setup, TrainConfig(optim=TEXT_OPTIM, remat="nothing_saveable"), batch)
-  assert loss_remat == loss
+  np.testing.assert_allclose(loss_remat, loss, rtol=1e-6)  # the same forward; fusion may differ
   assert_trees_close(got, want, 1e-6)
   _, params, frozen = partition(text_setup.model, VICUNA_SFT).split(text_setup.model)
   graphdef = nnx.graphdef(text_setup.model)
   checkpoints = [len(re.findall(r"\b(?:remat\d*|checkpoint)\[", str(jax.make_jaxpr(
-      make_gradients(graphdef, TrainConfig(remat=r)))(params, frozen, batch,
-                                                      jax.random.PRNGKey(0)))))
+      make_gradients(TokenMean(graphdef, TrainConfig(remat=r))))(params, frozen, batch,
+                                                                 jax.random.PRNGKey(0)))))
       for r in ("none", "nothing_saveable")]
   assert checkpoints[1] > checkpoints[0]  # one more per decoder layer
 
