@@ -1,6 +1,7 @@
-"""Train PPLLaVA (SFT) from a config file, resuming where the run in the workdir stopped.
+"""Train PPLLaVA (SFT or DPO) from a config file, resuming where the run in the workdir stopped.
 
   python train.py --config configs/sft_tiny.py --workdir out/tiny [--set steps=20 ...]
+  python train.py --config configs/dpo_tiny.py --workdir out/dpo [--set model.checkpoint=out/tiny/hf]
   python train.py export --workdir out/tiny --out out/tiny/hf [--step N]
 
 The config's get_config() returns a train.run_config.RunConfig; each --set a.b=value

@@ -322,21 +322,32 @@ def collate(samples: Sequence[Sample | None], model: PPLLaVAConfig, cfg: BatchCo
                     picture_mask, gather, gather_mask)
 
 
-def pad_batch(batch: TrainBatch, length: int, pad_id: int = 0) -> TrainBatch:
-  """``batch`` right-padded to ``length`` tokens: on several hosts, every host pads to
-  the largest bucket any host has for the step (one all-gather of an int), so the
-  global arrays agree in shape."""
+_TEXT_PADS = {"attention_mask": 0, "position_ids": 0, "labels": IGNORE, "loss_mask": False}
+
+
+def pad_batch(batch, length: int, pad_id: int = 0):
+  """``batch`` (a ``TrainBatch`` or a ``data.pairs.PairBatch``) right-padded to ``length``
+  tokens: on several hosts, every host pads to the largest bucket any host has for the
+  step (one all-gather of an int), so the global arrays agree in shape; gradient
+  accumulation pads its micro-batches to one length."""
   have = batch.input_ids.shape[1]
   if length < have:
     raise ValueError(f"pad_batch: cannot shrink {have} tokens to {length}")
   if length == have:
     return batch
   extra = ((0, 0), (0, length - have))
+  pads = dict(_TEXT_PADS, input_ids=pad_id)
+  return batch.replace(**{name: np.pad(np.asarray(getattr(batch, name)), extra,
+                                       constant_values=value)
+                          for name, value in pads.items() if hasattr(batch, name)})
 
-  def pad(x, value):
-    return np.pad(np.asarray(x), extra, constant_values=value)
 
-  return batch.replace(input_ids=pad(batch.input_ids, pad_id),
-                       attention_mask=pad(batch.attention_mask, 0),
-                       position_ids=pad(batch.position_ids, 0),
-                       labels=pad(batch.labels, IGNORE), loss_mask=pad(batch.loss_mask, False))
+def empty_like(batch):
+  """A batch of ``batch``'s shapes with nothing in it: every mask False, no label
+  supervised (what fills an update's micro-batches when the data ends inside it)."""
+  def clear(name, x):
+    if name == "labels":
+      return np.full_like(np.asarray(x), IGNORE)
+    return np.zeros_like(np.asarray(x)) if name.endswith("mask") else np.asarray(x)
+  return batch.replace(**{f.name: clear(f.name, getattr(batch, f.name))
+                          for f in dataclasses.fields(batch)})

@@ -92,7 +92,11 @@ class PreferenceDataConfig:
       raise ValueError(f"num_epochs must be >= 1 or None, got {self.num_epochs}")
 
   def bucket(self, length: int) -> int:
-    return next(b for b in self.seq_buckets if length <= b)
+    for b in self.seq_buckets:
+      if length <= b:
+        return b
+    raise ValueError(f"a pair of {length} tokens exceeds the largest bucket "
+                     f"{self.seq_buckets[-1]}: keep PreferenceConfig.max_length <= it")
 
 
 @flax.struct.dataclass
@@ -173,7 +177,7 @@ def pair_epoch(rows: int, batch_size: int, seed: int, epoch: int, shuffle: bool 
   return order, list(range(batch_size, rows, batch_size)) + [rows]
 
 
-class MissingReference(KeyError):
+class MissingReference(ValueError):
   """A row has no cached reference log-probs."""
 
 

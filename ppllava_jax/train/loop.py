@@ -4,7 +4,10 @@
 tiny random one of ``cfg.model.tiny`` with the char tokenizer), partitions it, makes
 the optimizer, the state on the mesh and the jitted ``Steps``, then resumes: the run's
 own latest checkpoint (state, data cursor), else ``cfg.init_from``'s trainable
-parameters, else the initial model. Then, per batch: data -> step -> ``every(n, k)``
+parameters, else the initial model. A DPO run (``cfg.preference``) first starts its
+reference from the starting parameters (``start_reference``: a live copy, or the cached
+log-probs, computed once), whatever checkpoint it then resumes. Then, per update (a batch, or ``grad_accum`` of them
+stacked: ``_next_update``): data -> step -> ``every(n, k)``
 hooks: metrics (fetched to the host only on log steps), evaluation (``eval_every``),
 multiple-choice accuracy (``mcq.every``, and after the last batch: ``evaluation``),
 checkpoints, the stop checks.
@@ -27,6 +30,7 @@ batches.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import signal
@@ -39,6 +43,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from ppllava_jax.data.batch import empty_like
 from ppllava_jax.train import checkpoint as ckpt_lib
 from ppllava_jax.train import evaluation
 from ppllava_jax.train import metrics as metrics_lib
@@ -47,7 +52,7 @@ from ppllava_jax.train.dpo import DPOConstants, PreferenceObjective, check_train
 from ppllava_jax.train.optimizer import make_optimizer
 from ppllava_jax.train.partition import decay_mask, partition
 from ppllava_jax.train.state import init_state, make_mesh
-from ppllava_jax.train.step import Steps
+from ppllava_jax.train.step import Steps, stack_micro_batches
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +183,25 @@ class _Signals:
       signal.signal(sig, old)
 
 
+def _next_update(data, k: int, pad_id: int):
+  """The batch of one update: the next batch, or under ``grad_accum = k`` the next k
+  stacked on a leading axis (``step.stack_micro_batches``); when the data ends inside an
+  update, its last micro-batches are empty (``batch.empty_like``), so every batch read
+  is trained on. ``StopIteration`` when no batch is left."""
+  if k == 1:
+    return next(data)
+  micro = []
+  for _ in range(k):
+    try:
+      micro.append(next(data))
+    except StopIteration:
+      if not micro:
+        raise
+      break
+  micro += [empty_like(micro[0])] * (k - len(micro))
+  return stack_micro_batches(micro, pad_id)
+
+
 def _step_flops(steps: Steps, state, constants, batch) -> float | None:
   """FLOPs of one train step from XLA's cost analysis of its lowering."""
   try:
@@ -204,8 +228,8 @@ def train(cfg: rc.RunConfig, workdir: str | Path) -> dict:
   checkpoints = ckpt_lib.Checkpoints(workdir, keep=cfg.keep)
   target = ckpt_lib.abstract_state(run.state, run.shardings.state)
   start, data_state, state = 0, None, run.state
-  initial = lambda: (ckpt_lib.restore_params(cfg.init_from, target).params if cfg.init_from
-                     else run.state.params)
+  initial = functools.cache(lambda: ckpt_lib.restore_params(cfg.init_from, target).params
+                            if cfg.init_from else run.state.params)  # read once
   reference = start_reference(run, cfg, workdir, initial) if cfg.dpo else None
   latest = checkpoints.latest_step()
   if latest is not None:
@@ -222,12 +246,13 @@ def train(cfg: rc.RunConfig, workdir: str | Path) -> dict:
   pending, flops, samples = [], {}, 0
   last_time, last_step, stopped, done = time.perf_counter(), start, None, start
   last = {}
+  pad_id = run.tokenizer.pad_token_id or 0
   bar = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True, mininterval=1.0)
   try:
     with _Signals() as signals:
       for done in range(start + 1, cfg.steps + 1):
         try:
-          batch = next(data)
+          batch = _next_update(data, cfg.train.optim.grad_accum, pad_id)
         except StopIteration:
           print(f"the data ran out after {done - 1} batches", flush=True)
           done -= 1

@@ -8,7 +8,8 @@
   event format, written here without TensorFlow: TFRecord framing (length, masked
   CRC-32C of the length, the ``Event`` proto bytes, masked CRC-32C of them) around
   hand-encoded ``Event{wall_time, step, summary{value{tag, simple_value}}}`` protos.
-- ``WORKDIR/loss.png``: the loss against the step, drawn with Pillow at the end.
+- ``WORKDIR/loss.png``: the loss against the step, drawn with Pillow at the end; a DPO
+  run's adds panels of the reward margins and accuracies (``CURVES``).
 
 ``mfu(flops, seconds, peak)``: model FLOPs utilisation, the compiled step's FLOPs
 (XLA's cost analysis of the lowered step) over ``seconds * peak``.
@@ -176,32 +177,51 @@ def mfu(flops: float | None, seconds: float, peak: float) -> float | None:
   return flops / (seconds * peak)
 
 
-def loss_curve(records: list[dict], path: str | Path, size=(640, 400)) -> Path | None:
-  """The loss of ``records`` against their step as a PNG (Pillow); None: nothing to draw."""
+CURVES = (("loss", "training loss"), ("rewards/margins", "reward margin (chosen - rejected)"),
+          ("rewards/accuracies", "reward accuracy (chosen > rejected)"))
+
+
+def loss_curve(records: list[dict], path: str | Path, width: int = 640,
+               panel_height: int = 300) -> Path | None:
+  """A PNG (Pillow) of each ``CURVES`` metric that ``records`` hold against the step, one
+  panel each, stacked: the loss, and for DPO the reward margins and accuracies. None:
+  nothing to draw."""
   from PIL import Image, ImageDraw
-  points = [(r["step"], r["loss"]) for r in records
-            if isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])]
-  if not points:
+  panels = []
+  for key, title in CURVES:
+    points = [(r["step"], r[key]) for r in records
+              if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+    if points:
+      panels.append((title, points))
+  if not panels:
     return None
-  w, h = size
-  left, right, top, bottom = 60, 20, 30, 40
-  image = Image.new("RGB", size, "white")
+  image = Image.new("RGB", (width, panel_height * len(panels)), "white")
   draw = ImageDraw.Draw(image)
+  for i, (title, points) in enumerate(panels):
+    _panel(draw, points, title, (0, i * panel_height, width, (i + 1) * panel_height))
+  path = Path(path)
+  image.save(path)
+  return path
+
+
+def _panel(draw, points: list[tuple[int, float]], title: str, box: tuple[int, int, int, int]):
+  x0, y0, x1, y1 = box
+  left, right, top, bottom = x0 + 60, x1 - 20, y0 + 30, y1 - 40
   s0, s1 = min(p[0] for p in points), max(p[0] for p in points)
-  l0, l1 = min(p[1] for p in points), max(p[1] for p in points)
-  s1, l1 = (s1 if s1 > s0 else s0 + 1), (l1 if l1 > l0 else l0 + 1e-6)
-  xy = [(left + (s - s0) / (s1 - s0) * (w - left - right),
-         top + (l1 - loss) / (l1 - l0) * (h - top - bottom)) for s, loss in points]
-  draw.rectangle([left, top, w - right, h - bottom], outline="black")
+  v0, v1 = min(p[1] for p in points), max(p[1] for p in points)
+  s1, v1 = (s1 if s1 > s0 else s0 + 1), (v1 if v1 > v0 else v0 + 1e-6)
+  xy = [(left + (s - s0) / (s1 - s0) * (right - left),
+         top + (v1 - v) / (v1 - v0) * (bottom - top)) for s, v in points]
+  draw.rectangle([left, top, right, bottom], outline="black")
+  if v0 < 0 < v1:  # the zero line: a margin above it prefers the chosen answers
+    zero = top + v1 / (v1 - v0) * (bottom - top)
+    draw.line([(left, zero), (right, zero)], fill=(170, 170, 170))
   if len(xy) > 1:
     draw.line(xy, fill=(30, 60, 220), width=2)
   for x, y in xy:
     draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=(30, 60, 220))
-  draw.text((left, 8), "training loss", fill="black")
-  draw.text((4, top), f"{l1:.3g}", fill="black")
-  draw.text((4, h - bottom - 10), f"{l0:.3g}", fill="black")
-  draw.text((left, h - bottom + 8), f"step {s0}", fill="black")
-  draw.text((w - right - 70, h - bottom + 8), f"step {s1}", fill="black")
-  path = Path(path)
-  image.save(path)
-  return path
+  draw.text((left, y0 + 8), title, fill="black")
+  draw.text((x0 + 4, top), f"{v1:.3g}", fill="black")
+  draw.text((x0 + 4, bottom - 10), f"{v0:.3g}", fill="black")
+  draw.text((left, bottom + 8), f"step {s0}", fill="black")
+  draw.text((right - 70, bottom + 8), f"step {s1}", fill="black")

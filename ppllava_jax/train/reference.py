@@ -43,10 +43,10 @@ def fingerprint(cfg: rc.RunConfig) -> dict:
   """What the cached log-probs depend on (module doc), JSON-able."""
   data = cfg.preference
   digest = hashlib.sha256(Path(data.rows).read_bytes()).hexdigest()
-  return {"rows_sha256": digest, "media_root": data.media_root,
+  return json.loads(json.dumps({"rows_sha256": digest, "media_root": data.media_root,
           "sample": dataclasses.asdict(data.sample), "seed": data.seed,
           "model": dataclasses.asdict(cfg.model), "init_from": cfg.init_from,
-          "compute_dtype": cfg.train.compute_dtype}
+          "compute_dtype": cfg.train.compute_dtype}))  # as stored: tuples are lists
 
 
 def _check_unique(rows) -> None:

@@ -101,12 +101,12 @@ class McqEvalConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-  """steps: batches the run consumes (an update each, unless skipped); log_every,
-  checkpoint_every: in batches; keep: checkpoints kept; init_from: an Orbax checkpoint
+  """steps: updates the run makes (each of ``train.optim.grad_accum`` batches; a skipped
+  one counts too); log_every, checkpoint_every: in steps; keep: checkpoints kept; init_from: an Orbax checkpoint
   (a workdir, its ``checkpoints`` folder or one step's folder) whose trainable parameters
   start a run that has none of its own; max_nan_in_a_row: consecutive skipped updates
   that stop the run; peak_flops: the FLOP/s the MFU estimate divides by (default: about
-  what this class of CPU does); eval_every: batches between evaluations (0: none) of
+  what this class of CPU does); eval_every: steps between evaluations (0: none) of
   the token-mean loss over the first ``eval_batches`` batches of ``eval_data``; mcq:
   multiple-choice accuracy, at its own interval (``McqEvalConfig``).
 
