@@ -66,6 +66,36 @@ _VIDEO, _IMAGE, _MULTI = KIND_CODES["video"], KIND_CODES["image"], KIND_CODES["m
 PIXEL_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
 
+def check_batching(cfg) -> None:
+  """The checks every batch config shares (``BatchConfig``, ``data.pairs.
+  PreferenceDataConfig``): a positive batch size, increasing positive sequence buckets, a
+  known pixel dtype."""
+  owner = type(cfg).__name__
+  if cfg.batch_size < 1 or not cfg.seq_buckets or min(cfg.seq_buckets) < 1:
+    raise ValueError(f"{owner}: batch_size and seq_buckets must be positive, got "
+                     f"{cfg.batch_size}, {cfg.seq_buckets}")
+  if tuple(sorted(set(cfg.seq_buckets))) != tuple(cfg.seq_buckets):
+    raise ValueError(f"{owner}.seq_buckets must be increasing, got {cfg.seq_buckets}")
+  if cfg.pixel_dtype not in PIXEL_DTYPES:
+    raise ValueError(f"{owner}.pixel_dtype must be one of {tuple(PIXEL_DTYPES)}")
+
+
+def seq_bucket(buckets: Sequence[int], length: int, limit: str) -> int:
+  """The smallest of ``buckets`` that holds ``length`` tokens; ``limit``: the setting that
+  keeps samples within the largest."""
+  for b in buckets:
+    if length <= b:
+      return b
+  raise ValueError(f"a sample of {length} tokens exceeds the largest bucket {buckets[-1]}: "
+                   f"keep {limit} <= it")
+
+
+def shape_key(batch) -> tuple:
+  """The shapes and dtypes of every field of a batch: what a jitted step compiles for."""
+  return tuple((k, tuple(v.shape), str(v.dtype))
+               for k, v in sorted(dataclasses.asdict(batch).items()))
+
+
 @dataclasses.dataclass(frozen=True)
 class BatchConfig:
   batch_size: int = 8  # rows per process
@@ -78,13 +108,7 @@ class BatchConfig:
   pixel_dtype: str = "float32"  # or "bfloat16": half the host memory and transfer
 
   def __post_init__(self):
-    if self.batch_size < 1 or not self.seq_buckets or min(self.seq_buckets) < 1:
-      raise ValueError(f"BatchConfig: batch_size and seq_buckets must be positive, got "
-                       f"{self.batch_size}, {self.seq_buckets}")
-    if tuple(sorted(set(self.seq_buckets))) != tuple(self.seq_buckets):
-      raise ValueError(f"BatchConfig.seq_buckets must be increasing, got {self.seq_buckets}")
-    if self.pixel_dtype not in PIXEL_DTYPES:
-      raise ValueError(f"BatchConfig.pixel_dtype must be one of {tuple(PIXEL_DTYPES)}")
+    check_batching(self)
     for name in ("video_slots", "image_slots", "multi_image_slots"):
       v = getattr(self, name)
       if v is not None and not 0 <= v <= self.batch_size:
@@ -97,11 +121,7 @@ class BatchConfig:
                  for v in (self.video_slots, self.image_slots, self.multi_image_slots))
 
   def bucket(self, length: int) -> int:
-    for b in self.seq_buckets:
-      if length <= b:
-        return b
-    raise ValueError(f"a sample of {length} tokens exceeds the largest bucket "
-                     f"{self.seq_buckets[-1]}: keep SampleConfig.max_length <= it")
+    return seq_bucket(self.seq_buckets, length, "SampleConfig.max_length")
 
 
 @flax.struct.dataclass
@@ -137,10 +157,7 @@ class TrainBatch:
     """The real samples (rows): what the loop counts."""
     return self.row_mask
 
-  def shape_key(self) -> tuple:
-    """The shapes and dtypes of every field: what a jitted step compiles for."""
-    return tuple((k, tuple(v.shape), str(v.dtype))
-                 for k, v in sorted(dataclasses.asdict(self).items()))
+  shape_key = shape_key
 
 
 # ---- geometry -------------------------------------------------------------------------

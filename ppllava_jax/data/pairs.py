@@ -49,7 +49,7 @@ import jax
 import numpy as np
 
 from ppllava_jax.data import pipeline
-from ppllava_jax.data.batch import PIXEL_DTYPES
+from ppllava_jax.data.batch import PIXEL_DTYPES, check_batching, seq_bucket, shape_key
 from ppllava_jax.data.preference import (PreferenceBuilder, PreferenceConfig, PreferenceRow,
                                          PreferenceSample, read_preference_rows)
 from ppllava_jax.data.sft import IGNORE, SkipSample
@@ -77,26 +77,15 @@ class PreferenceDataConfig:
   def __post_init__(self):
     if not self.rows:
       raise ValueError("PreferenceDataConfig.rows: give the preference JSONL file")
-    if self.batch_size < 1 or not self.seq_buckets or min(self.seq_buckets) < 1:
-      raise ValueError(f"PreferenceDataConfig: batch_size and seq_buckets must be positive, "
-                       f"got {self.batch_size}, {self.seq_buckets}")
-    if tuple(sorted(set(self.seq_buckets))) != tuple(self.seq_buckets):
-      raise ValueError(f"PreferenceDataConfig.seq_buckets must be increasing, got "
-                       f"{self.seq_buckets}")
+    check_batching(self)
     if self.sample.max_length > self.seq_buckets[-1]:
       raise ValueError(f"PreferenceConfig.max_length {self.sample.max_length} exceeds the "
                        f"largest bucket {self.seq_buckets[-1]}")
-    if self.pixel_dtype not in PIXEL_DTYPES:
-      raise ValueError(f"PreferenceDataConfig.pixel_dtype must be one of {tuple(PIXEL_DTYPES)}")
     if self.num_epochs is not None and self.num_epochs < 1:
       raise ValueError(f"num_epochs must be >= 1 or None, got {self.num_epochs}")
 
   def bucket(self, length: int) -> int:
-    for b in self.seq_buckets:
-      if length <= b:
-        return b
-    raise ValueError(f"a pair of {length} tokens exceeds the largest bucket "
-                     f"{self.seq_buckets[-1]}: keep PreferenceConfig.max_length <= it")
+    return seq_bucket(self.seq_buckets, length, "PreferenceConfig.max_length")
 
 
 @flax.struct.dataclass
@@ -120,9 +109,7 @@ class PairBatch:
     """The real samples (pairs): what the loop counts."""
     return self.pair_mask
 
-  def shape_key(self) -> tuple:
-    return tuple((k, tuple(v.shape), str(v.dtype))
-                 for k, v in sorted(dataclasses.asdict(self).items()))
+  shape_key = shape_key
 
 
 def collate_pairs(samples: Sequence[PreferenceSample | None], model: PPLLaVAConfig,
@@ -193,11 +180,7 @@ class PairBatchBuilder(grain.transforms.Map):
                reference: Mapping | None = None, pin_frames: bool = False):
     self.plan, self.rows, self.samples, self.model, self.config = plan, rows, samples, model, config
     self.reference, self.pin_frames = reference, pin_frames
-    tok = samples.sft.tokenizer
-    self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    scorer = samples.sft.scorer_tokenizer
-    self.scorer_length = samples.sft.scorer_length if scorer is not None else 0
-    self.scorer_pad = (scorer.pad_token_id or 0) if scorer is not None else 0
+    self.pad_id, self.scorer_length, self.scorer_pad = pipeline.text_pads(samples.sft)
 
   def build(self, row: int, epoch: int, position: int) -> PreferenceSample:
     """Pair ``row`` as the ``position``-th of ``epoch`` (or pinned); ``SkipSample`` if bad."""

@@ -190,6 +190,16 @@ class BatchInfo:
   truncated: tuple[str, ...]  # samples cut to max_length (overflow="truncate"), named
 
 
+def text_pads(samples: SampleBuilder) -> tuple[int, int, int]:
+  """(the LLM's pad id, the scorer's text length (0: no scorer), its pad id) that
+  collation fills rows with."""
+  tok, scorer = samples.tokenizer, samples.scorer_tokenizer
+  pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+  if scorer is None:
+    return pad_id, 0, 0
+  return pad_id, samples.scorer_length, scorer.pad_token_id or 0
+
+
 class BatchBuilder(grain.transforms.Map):
   """grain map: a ``Step`` -> (``TrainBatch`` of NumPy arrays, ``BatchInfo``)."""
 
@@ -198,11 +208,7 @@ class BatchBuilder(grain.transforms.Map):
     self.plan, self.aset, self.samples = plan, aset, samples
     self.model, self.batch, self.seed = model, batch, seed
     Geometry.of(model, batch)  # fail early on an unsupported layout
-    tok = samples.tokenizer
-    self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    scorer = samples.scorer_tokenizer
-    self.scorer_length = samples.scorer_length if scorer is not None else 0
-    self.scorer_pad = (scorer.pad_token_id or 0) if scorer is not None else 0
+    self.pad_id, self.scorer_length, self.scorer_pad = text_pads(samples)
 
   def map(self, step: Step):
     epoch, records, positions = self.plan.members(step.index)

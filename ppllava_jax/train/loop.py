@@ -6,9 +6,9 @@ the optimizer, the state on the mesh and the jitted ``Steps``, then resumes: the
 own latest checkpoint (state, data cursor), else ``cfg.init_from``'s trainable
 parameters, else the initial model. A DPO run (``cfg.preference``) first starts its
 reference from the starting parameters (``start_reference``: a live copy, or the cached
-log-probs, computed once), whatever checkpoint it then resumes. Then, per update (a batch, or ``grad_accum`` of them
-stacked: ``_next_update``): data -> step -> ``every(n, k)``
-hooks: metrics (fetched to the host only on log steps), evaluation (``eval_every``),
+log-probs, computed once), whatever checkpoint it then resumes. Then, per update (a
+batch, or ``grad_accum`` of them stacked: ``_next_update``): data -> step -> hooks
+(``every(n, k)``): metrics (fetched to the host only on log steps), evaluation (``eval_every``),
 multiple-choice accuracy (``mcq.every``, and after the last batch: ``evaluation``),
 checkpoints, the stop checks.
 

@@ -130,7 +130,7 @@ def preference_loss(policy_chosen_b: jax.Array, policy_rejected_b: jax.Array,
                       loss_type=config.loss_type, beta=config.beta,
                       label_smoothing=config.label_smoothing, chosen_count_b=chosen_count_b,
                       rejected_count_b=rejected_count_b))
-  sft = -mean(policy_chosen_b) * pairs / jnp.maximum(chosen_tokens, 1.0)
+  sft = -jnp.where(w_b > 0, policy_chosen_b, 0.0).sum() / jnp.maximum(chosen_tokens, 1.0)
   total = dpo + config.gamma * sft
   chosen_b, rejected_b, policy_chosen_b, policy_rejected_b = jax.lax.stop_gradient((
       config.beta * (policy_chosen_b - ref_chosen_b),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -96,6 +97,19 @@ def wait_for_checkpoint(proc: subprocess.Popen, workdir: Path, timeout: float = 
       proc.kill()
       raise AssertionError("no checkpoint in time")
     time.sleep(0.05)
+
+
+def kill_after_first_checkpoint(cmd, cache: Path, workdir: Path, log: Path,
+                                delay: float = 0.0) -> list[int]:
+  """Starts ``cmd``, SIGKILLs it ``delay`` seconds after its first checkpoint, and returns
+  the checkpoints it left."""
+  proc = start(cmd, cache, log)
+  wait_for_checkpoint(proc, workdir)
+  time.sleep(delay)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL, f"train.py ended ({proc.returncode}) before the kill"
+  return finished_steps(workdir)
 
 
 def state_at(workdir: Path, step: int) -> dict[str, np.ndarray]:

@@ -8,7 +8,6 @@ log-probs equal recomputed ones; a cache computed for other rows is refused."""
 
 import dataclasses
 import json
-import signal
 import sys
 
 import numpy as np
@@ -62,11 +61,8 @@ def test_dpo_from_an_sft_export_resumes_after_sigkill_exports_and_evaluates(
   assert whole.returncode == 0, whole.stdout + whole.stderr
 
   workdir = tmp_path / "run"
-  proc = train_runs.start(dpo_command(workdir, start), compile_cache, tmp_path / "first.log")
-  train_runs.wait_for_checkpoint(proc, workdir)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  killed_at = train_runs.finished_steps(workdir)
+  killed_at = train_runs.kill_after_first_checkpoint(dpo_command(workdir, start), compile_cache,
+                                                     workdir, tmp_path / "first.log")
   cache = workdir / reference.CACHE
   cached_at = cache.stat().st_mtime_ns
   resumed = train_runs.run(dpo_command(workdir, start), compile_cache)

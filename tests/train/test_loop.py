@@ -6,8 +6,6 @@ a streak of non-finite updates stops the run with its message."""
 import json
 import math
 import random
-import signal
-import time
 
 import numpy as np
 from tensorboard.backend.event_processing import event_accumulator, event_file_loader
@@ -69,15 +67,11 @@ def test_sigkill_at_a_random_point_then_the_same_command_equals_an_uninterrupted
   reference, _ = reference_run
   workdir = tmp_path / "killed"
   cmd = train_runs.command(workdir)
-  proc = train_runs.start(cmd, compile_cache, tmp_path / "first.log")
-  train_runs.wait_for_checkpoint(proc, workdir)
-  time.sleep(random.uniform(0.0, 0.8))
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  killed_at = train_runs.finished_steps(workdir)
+  killed_at = train_runs.kill_after_first_checkpoint(cmd, compile_cache, workdir,
+                                                     tmp_path / "first.log",
+                                                     delay=random.uniform(0.0, 0.8))
   done = train_runs.run(cmd, compile_cache)
   assert done.returncode == 0, done.stdout + done.stderr
-  assert proc.returncode == -signal.SIGKILL  # killed mid-run, not finished
   assert killed_at[-1] < 8 and f"resuming from checkpoint {killed_at[-1]}" in done.stdout
   want, got = train_runs.state_at(reference, 8), train_runs.state_at(workdir, 8)
   assert want.keys() == got.keys()

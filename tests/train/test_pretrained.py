@@ -5,7 +5,6 @@ recipe (a fresh BT-Adapter on the CLIP tower), killed with SIGKILL, resumed with
 command, exported, and evaluated by ``eval.py`` on a multiple-choice task."""
 
 import json
-import signal
 import sys
 
 import numpy as np
@@ -94,11 +93,8 @@ def test_llava_hf_folder_trains_resumes_after_sigkill_exports_and_evaluates(
   tests/train/test_loop.py's, on the same machinery)."""
   root, config = folders
   workdir = tmp_path / "run"
-  proc = train_runs.start(command(config, workdir), compile_cache, tmp_path / "first.log")
-  train_runs.wait_for_checkpoint(proc, workdir)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  killed_at = train_runs.finished_steps(workdir)
+  killed_at = train_runs.kill_after_first_checkpoint(command(config, workdir), compile_cache,
+                                                     workdir, tmp_path / "first.log")
   resumed = train_runs.run(command(config, workdir), compile_cache)
   assert resumed.returncode == 0, resumed.stdout + resumed.stderr
   assert "a fresh BT-Adapter" in (tmp_path / "first.log").read_text()
