@@ -10,13 +10,17 @@ workdir holds checkpoints/ (Orbax: state, data cursor, config), metrics.jsonl,
 tensorboard/ and loss.png. Rerunning the same command resumes from the latest checkpoint;
 SIGTERM / Ctrl-C save one first and exit with 128 + the signal's number. export writes a
 transformers-layout folder (weights, config, tokenizer) that eval.py --checkpoint reads.
+
+Several hosts: start one process per host with the same command and --coordinator /
+--num-processes / --process-id (or their JAX_* variables; Slurm and TPU pod slices are
+detected): see ppllava_jax.distributed and scripts/.
 """
 
 import argparse
 import signal
 import sys
 
-from ppllava_jax import cli
+from ppllava_jax import cli, distributed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
                       metavar="KEY=VALUE",
                       help="Override one config field, e.g. steps=50 or train.optim.lr=3e-4 "
                       "(repeatable).")
+  distributed.add_flags(parser)
   cli.add_debug_flag(parser)
   return parser
 
@@ -59,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     export(args.workdir, args.out, args.step)
     return 0
   args = build_parser().parse_args(argv)
+  distributed.initialize(args)
   import logging
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
   for noisy in ("absl", "orbax", "jax"):

@@ -18,8 +18,11 @@ of them (1309 MiB at 4631 tokens), and the machine is shared.
 
 ``--block`` runs ours with another block length (``models.attention.BLOCK`` = 512 was
 picked that way: at 4096 tokens 256 took 1.45x as long, 1024 1.03-1.09x).
+``--implementation`` runs ours through another of ``models.attention.IMPLEMENTATIONS``
+("cudnn" on a GPU, in bfloat16, which cuDNN needs; "pallas" on a TPU), given the
+structured causal ``Mask`` the kernels take instead of the dense mask.
 
-  python benchmarks/attention.py [--lengths 1100 4631 18432] [--block 512]
+  python benchmarks/attention.py [--lengths 1100 4631 18432] [--block 512] [--implementation xla]
 """
 
 from __future__ import annotations
@@ -53,15 +56,32 @@ def dense_attention(q_blna, k_bsna, v_bsna, mask_bls):
   return jnp.einsum("bnls,bsna->blna", jax.nn.softmax(scores, axis=-1), v_bsna)
 
 
-def worker(impl: str, length: int, reps: int, block: int) -> dict:
+def _ours(length: int, implementation: str, q, k, v, mask):
+  """attention through ``implementation`` and its inputs: the dense mask for "xla" (what
+  the numbers above measured), the causal ``Mask`` for the kernels; bfloat16 for cuDNN."""
+  import functools
+  import jax.numpy as jnp
+  from ppllava_jax.models.attention import Mask, attention
+  if implementation == "xla":
+    return attention, (q, k, v, mask)
+  if implementation == "cudnn":
+    q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
+  return (functools.partial(attention, implementation=implementation),
+          (q, k, v, Mask(valid_bs=np.ones((1, length), bool), causal=True)))
+
+
+def worker(impl: str, length: int, reps: int, block: int, implementation: str) -> dict:
   q, k, v, mask = _inputs(length)
   extra = {}
   if impl in ("dense", "ours"):
     import functools
     import jax
-    from ppllava_jax.models.attention import attention
-    fn = dense_attention if impl == "dense" else functools.partial(attention, block=block)
-    args = [jax.device_put(x) for x in (q, k, v, mask)]
+    if impl == "dense":
+      fn, args = dense_attention, (q, k, v, mask)
+    else:
+      fn, args = _ours(length, implementation, q, k, v, mask)
+      fn = functools.partial(fn, block=block)
+    args = [jax.device_put(x) for x in args]
     compiled = jax.jit(fn).lower(*args).compile()
     extra["xla_temp_mib"] = compiled.memory_analysis().temp_size_in_bytes / 2**20
     del q, k, v, mask
@@ -81,14 +101,14 @@ def worker(impl: str, length: int, reps: int, block: int) -> dict:
               **extra)
 
 
-def check_agreement(length: int = 1100) -> dict[str, float]:
+def check_agreement(implementation: str, length: int = 1100) -> dict[str, float]:
   """Max |ours - dense| and |ours - torch| at ``length``: the contenders agree."""
   import jax
   import torch
   import torch.nn.functional as F
-  from ppllava_jax.models.attention import attention
   q, k, v, mask = _inputs(length, seed=1)
-  ours = np.asarray(jax.jit(attention)(q, k, v, mask))
+  fn, args = _ours(length, implementation, q, k, v, mask)
+  ours = np.asarray(jax.jit(fn)(*args), np.float32)
   dense = np.asarray(jax.jit(dense_attention)(q, k, v, mask))
   with torch.no_grad():
     ref = F.scaled_dot_product_attention(*(torch.from_numpy(x).transpose(1, 2) for x in (q, k, v)),
@@ -96,30 +116,36 @@ def check_agreement(length: int = 1100) -> dict[str, float]:
   return dict(dense=float(np.abs(ours - dense).max()), torch=float(np.abs(ours - ref).max()))
 
 
-def run_worker(impl: str, length: int, reps: int, block: int) -> dict:
+def run_worker(impl: str, length: int, reps: int, block: int, implementation: str) -> dict:
   return dict(impl=impl) | common.run_worker(__file__, [
-      "--worker", impl, "--lengths", str(length), "--reps", str(reps), "--block", str(block)])
+      "--worker", impl, "--lengths", str(length), "--reps", str(reps), "--block", str(block),
+      "--implementation", implementation])
 
 
 def main() -> None:
+  from ppllava_jax.models.attention import IMPLEMENTATIONS
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--lengths", type=int, nargs="+", default=[1100, 4631, 18432])
   parser.add_argument("--block", type=int, default=None,
                       help="block length for ours (default: models.attention.BLOCK)")
   parser.add_argument("--reps", type=int, default=None, help="timed calls (default by length)")
+  parser.add_argument("--implementation", default="xla", choices=IMPLEMENTATIONS,
+                      help="ours through this implementation (models.attention)")
   parser.add_argument("--worker", choices=["dense", "ours", "torch"], help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.block is None:
     from ppllava_jax.models.attention import BLOCK
     args.block = BLOCK
   if args.worker:
-    print(json.dumps(worker(args.worker, args.lengths[0], args.reps, args.block)))
+    print(json.dumps(worker(args.worker, args.lengths[0], args.reps, args.block,
+                            args.implementation)))
     return
 
-  agree = check_agreement()
+  agree = check_agreement(args.implementation)
   print(f"agreement at 1100 tokens: max |ours - dense| = {agree['dense']:.1e}, "
         f"max |ours - torch SDPA| = {agree['torch']:.1e}")
-  print(f"causal attention, batch 1, {HEADS} heads x {HEAD_DIM}, f32, block {args.block}; "
+  print(f"causal attention, batch 1, {HEADS} heads x {HEAD_DIM}, f32, ours through "
+        f"{args.implementation!r} (bfloat16 for cudnn), block {args.block}; "
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
   print(f"{'tokens':>7s} {'contender':10s}{'median ms':>11s}{'peak MiB':>10s}"
         f"{'XLA temp MiB':>14s}")
@@ -132,7 +158,7 @@ def main() -> None:
         r = dict(impl=impl, error=f"skipped: 3 x its {scores_bytes / 2**30:.1f} GiB score "
                  f"tensor exceed the {available_bytes() / 2**30:.1f} GiB available")
       else:
-        r = run_worker(impl, length, reps, args.block)
+        r = run_worker(impl, length, reps, args.block, args.implementation)
       rows[length, impl] = r
       if "error" in r:
         print(f"{length:7d} {impl:10s}  {r['error']}")

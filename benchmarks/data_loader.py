@@ -1,16 +1,20 @@
-"""The SFT input pipeline's throughput for 32-frame videos, with 0, 1 and 2 Grain workers.
+"""The SFT input pipeline's throughput for 32-frame videos, with 0, 1 and 2 Grain workers,
+decoding the videos or reading them from a media store (``data.store``, uint8 and JPEG).
 
 Each sample is the whole per-sample work of training: decode a video (H.264, 320x240,
-96 frames) and sample 32 frames the original's training way, resize them to the
-336 x 336 tower square and normalise, render and tokenize the conversation (pieces, as
-the original), tokenize the scorer text, and collate batches of 4 into ``TrainBatch``es.
-Each worker count runs in a fresh process (``common.run_worker``); the first batch
-(worker start-up, imports) is timed apart, the rest give samples/s. Beside them, what
-the step consumes: forward, backward and AdamW of the tiny PPLLaVA below (random
+96 frames; ``--video WxHxN`` for another) and sample 32 frames the original's training
+way, resize them to the 336 x 336 tower square and normalise, render and tokenize the
+conversation (pieces, as the original), tokenize the scorer text, and collate batches of
+4 into ``TrainBatch``es. From a store, the decoding and resizing are replaced by reading
+the video's row (64 frames kept at 336 px, built first and timed) and taking 32 of them.
+Each (source, worker count) runs in a fresh process (``common.run_worker``), all in one
+run; the first batch (worker start-up, imports) is timed apart, the rest give samples/s,
+and each store row gives its ratio to decoding at the same worker count. Beside them,
+what the step consumes: forward, backward and AdamW of the tiny PPLLaVA below (random
 weights, all parameters trained, f32) on one of these batches, in samples/s. Also timed,
 in the parent: validating ``--records`` annotation records (``annotations.load_mixture``).
 
-  python benchmarks/data_loader.py [--batches 6] [--records 1000000]
+  python benchmarks/data_loader.py [--batches 6] [--records 1000000] [--video 320x240x96]
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ import numpy as np
 
 import common
 
-FRAMES, BATCH = 32, 4
+FRAMES, BATCH, KEPT = 32, 4, 64
+SOURCES = ("decode", "uint8", "jpeg")  # videos decoded, or read from a store of that format
 
 
 def write_video(path: Path, frames: int = 96, size=(240, 320)) -> None:
@@ -44,7 +49,7 @@ def model_config():
   return TinyConfig().model_config(len(char_tokenizer()))
 
 
-def iter_batches(workers: int, folder: Path):
+def iter_batches(workers: int, folder: Path, store: str | None = None):
   from ppllava_jax.data.annotations import CorpusConfig, MixtureConfig
   from ppllava_jax.data.batch import BatchConfig
   from ppllava_jax.data.pipeline import DataConfig, make_train_iterator
@@ -55,16 +60,30 @@ def iter_batches(workers: int, folder: Path):
   cfg = DataConfig(
       MixtureConfig((CorpusConfig("videos", str(folder / "ann.json"), str(folder), "video",
                                   num_frames=FRAMES),)),
-      sample=SampleConfig(max_length=2048),
+      sample=SampleConfig(max_length=2048, media_store=store),
       batch=BatchConfig(batch_size=BATCH, seq_buckets=(2048,), num_frames=FRAMES),
       num_workers=workers, worker_buffer_size=2, num_epochs=None)
   return make_train_iterator(cfg, tokenizer=tok, model=model, scorer_tokenizer=tok,
-                             process_index=0, process_count=1)
+                             block=0, blocks=1)
 
 
-def worker(workers: int, batches: int, folder: Path) -> dict:
+def build_stores(folder: Path) -> dict:
+  """A uint8 and a JPEG store of the benchmark's videos: {format: (path, build seconds)}."""
+  from ppllava_jax.data.annotations import CorpusConfig
+  from ppllava_jax.data.store import StoreConfig, build_store
+  corpus = CorpusConfig("videos", str(folder / "ann.json"), str(folder))
+  stores = {}
+  for fmt in SOURCES[1:]:
+    start = time.perf_counter()
+    path = build_store([corpus], folder / f"store-{fmt}", StoreConfig(KEPT, 336, format=fmt),
+                       progress=False)
+    stores[fmt] = (str(path), time.perf_counter() - start)
+  return stores
+
+
+def worker(workers: int, batches: int, folder: Path, source: str, store: str | None) -> dict:
   start = time.perf_counter()
-  it = iter_batches(workers, folder)
+  it = iter_batches(workers, folder, store)
   next(it)
   first = time.perf_counter() - start
   start = time.perf_counter()
@@ -73,8 +92,8 @@ def worker(workers: int, batches: int, folder: Path) -> dict:
   elapsed = time.perf_counter() - start
   it.close()
   assert batch.videos.shape == (BATCH, FRAMES, 3, 336, 336)
-  return dict(workers=workers, first_batch_s=first, samples_per_s=batches * BATCH / elapsed,
-              peak_mib=common.status_kib("VmHWM") / 1024)
+  return dict(source=source, workers=workers, first_batch_s=first,
+              samples_per_s=batches * BATCH / elapsed, peak_mib=common.status_kib("VmHWM") / 1024)
 
 
 def step_rate(steps: int, folder: Path) -> dict:
@@ -162,32 +181,48 @@ def main():
   parser.add_argument("--batches", type=int, default=6, help="timed batches of 4 after the first")
   parser.add_argument("--records", type=int, default=1_000_000, help="annotations to validate")
   parser.add_argument("--steps", type=int, default=3, help="timed train steps after the first")
+  parser.add_argument("--video", default="320x240x96", help="the video: width x height x frames")
   parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
   parser.add_argument("--folder", help=argparse.SUPPRESS)
+  parser.add_argument("--source", default="decode", help=argparse.SUPPRESS)
+  parser.add_argument("--store", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker is not None:
     result = (step_rate(args.steps, Path(args.folder)) if args.worker < 0
-              else worker(args.worker, args.batches, Path(args.folder)))
+              else worker(args.worker, args.batches, Path(args.folder), args.source, args.store))
     print(json.dumps(result))
     return
   with tempfile.TemporaryDirectory() as tmp:
     folder = Path(tmp)
-    write_video(folder / "v.mp4")
+    width, height, count = (int(n) for n in args.video.split("x"))
+    write_video(folder / "v.mp4", count, (height, width))
     records = [{"video": "v.mp4", "QA": [{"q": "Describe the video.",
                                           "a": f"Answer {i}: a patterned strip moves right."}]}
                for i in range(64)]
     (folder / "ann.json").write_text(json.dumps(records))
-    results = [common.run_worker(__file__, ["--worker", str(w), "--batches", str(args.batches),
-                                            "--folder", tmp]) for w in (0, 1, 2)]
-    print(f"SFT pipeline, {FRAMES}-frame videos (320x240 H.264, 96 frames) -> 336 x 336, "
-          f"batches of {BATCH}, {args.batches} timed batches each:")
-    print(f"{'workers':>8} {'samples/s':>10} {'first batch s':>14} {'peak MiB':>9}")
-    for r in results:
+    stores = build_stores(folder)
+    results = {}
+    for w in (0, 1, 2):
+      for source in SOURCES:
+        extra = ["--store", stores[source][0]] if source in stores else []
+        results[source, w] = common.run_worker(
+            __file__, ["--worker", str(w), "--batches", str(args.batches), "--folder", tmp,
+                       "--source", source, *extra])
+    built = ", ".join(f"{fmt} {seconds:.1f} s" for fmt, (_, seconds) in stores.items())
+    print(f"SFT pipeline, {FRAMES}-frame videos ({width}x{height} H.264, {count} frames) -> "
+          f"336 x 336, batches of {BATCH}, {args.batches} timed batches each; the stores keep "
+          f"{KEPT} frames a video (built in {built}):")
+    print(f"{'source':>12} {'workers':>8} {'samples/s':>10} {'vs decode':>10} "
+          f"{'first batch s':>14} {'peak MiB':>9}")
+    for (source, w), r in results.items():
+      name = "decode" if source == "decode" else f"{source} store"
       if "error" in r:
-        print(f"{'?':>8} {r['error']}")
+        print(f"{name:>12} {w:>8} {r['error']}")
         continue
-      print(f"{r['workers']:>8} {r['samples_per_s']:>10.2f} {r['first_batch_s']:>14.1f} "
-            f"{r['peak_mib']:>9.0f}")
+      base = results["decode", w].get("samples_per_s")
+      ratio = f"{r['samples_per_s'] / base:.2f}x" if base else "-"
+      print(f"{name:>12} {w:>8} {r['samples_per_s']:>10.2f} {ratio:>10} "
+            f"{r['first_batch_s']:>14.1f} {r['peak_mib']:>9.0f}")
     step = common.run_worker(__file__, ["--worker", "-1", "--steps", str(args.steps),
                                         "--folder", tmp])
     if "error" in step:

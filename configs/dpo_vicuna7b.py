@@ -11,6 +11,8 @@ original's frozen copy, in its compute dtype); ``--set dpo.precompute_reference=
 caches its log-probs once instead (``train.reference``) and keeps no copy in memory.
 
 Paths are placeholders: point them at the SFT export (``train.py export``) and the data.
+On H hosts keep 64 pairs an update with ``--set preference.shards=H --set
+preference.batch_size=16/H`` (``data.pipeline``: a step is ``shards`` planned batches).
 
   python train.py --config configs/dpo_vicuna7b.py --workdir out/dpo_vicuna7b \\
     --set model.checkpoint=out/sft_vicuna7b/hf \\

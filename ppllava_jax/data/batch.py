@@ -343,20 +343,54 @@ _TEXT_PADS = {"attention_mask": 0, "position_ids": 0, "labels": IGNORE, "loss_ma
 
 
 def pad_batch(batch, length: int, pad_id: int = 0):
-  """``batch`` (a ``TrainBatch`` or a ``data.pairs.PairBatch``) right-padded to ``length``
-  tokens: on several hosts, every host pads to the largest bucket any host has for the
-  step (one all-gather of an int), so the global arrays agree in shape; gradient
-  accumulation pads its micro-batches to one length."""
-  have = batch.input_ids.shape[1]
+  """``batch`` (a ``TrainBatch`` or a ``data.pairs.PairBatch``, micro-batches stacked or
+  not) right-padded to ``length`` tokens: on several hosts, every host pads to the
+  largest bucket any host has for the step (``train.global_batch``), so the global arrays
+  agree in shape; gradient accumulation pads its micro-batches to one length."""
+  have = batch.input_ids.shape[-1]
   if length < have:
     raise ValueError(f"pad_batch: cannot shrink {have} tokens to {length}")
   if length == have:
     return batch
-  extra = ((0, 0), (0, length - have))
+  extra = ((0, 0),) * (batch.input_ids.ndim - 1) + ((0, length - have),)
   pads = dict(_TEXT_PADS, input_ids=pad_id)
   return batch.replace(**{name: np.pad(np.asarray(getattr(batch, name)), extra,
                                        constant_values=value)
                           for name, value in pads.items() if hasattr(batch, name)})
+
+
+def as_shard(batch: TrainBatch, shard: int, shards: int, picture_tokens: int) -> TrainBatch:
+  """``batch`` as shard ``shard`` of ``shards`` batches of its layout that ``concat_rows``
+  joins into one global batch: its slot -> row references (``video_row``, ``image_row``,
+  ``multi_image_row``) offset by the rows of the shards before it, and its image gather
+  indices moved into the global image-token table (module doc), whose image part holds
+  every shard's image slots, then every shard's pictures, then the one newline row.
+  ``picture_tokens``: s*s (``Geometry.picture_tokens``)."""
+  if shards == 1:
+    return batch
+  rows = batch.input_ids.shape[0]
+  image_rows = batch.images.shape[0] * batch.images.shape[1] * picture_tokens
+  picture_rows = batch.pictures.shape[0] * batch.pictures.shape[1] * picture_tokens
+  g = np.asarray(batch.image_gather)
+  gather = np.where(g < image_rows, g + shard * image_rows,
+                    np.where(g < image_rows + picture_rows,
+                             g - image_rows + shards * image_rows + shard * picture_rows,
+                             shards * (image_rows + picture_rows)))  # the newline
+  offset = lambda name: np.asarray(getattr(batch, name)) + shard * rows
+  return batch.replace(video_row=offset("video_row"), image_row=offset("image_row"),
+                       multi_image_row=offset("multi_image_row"),
+                       image_gather=gather.astype(np.int32))
+
+
+def concat_rows(batches, pad_id: int = 0):
+  """Batches of one layout (``as_shard``-ed ``TrainBatch``es, or ``PairBatch``es, whose pairs
+  need no offsets) -> one, every field joined on its leading axis, the text padded to the
+  longest."""
+  if len(batches) == 1:
+    return batches[0]
+  length = max(b.input_ids.shape[1] for b in batches)
+  padded = [pad_batch(b, length, pad_id) for b in batches]
+  return jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *padded)
 
 
 def empty_like(batch):

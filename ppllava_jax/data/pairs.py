@@ -59,7 +59,8 @@ from ppllava_jax.models.ppllava_config import PPLLaVAConfig
 @dataclasses.dataclass(frozen=True)
 class PreferenceDataConfig:
   """rows: a LLaVA-Hound JSONL file; media_root: what its ``video`` paths are relative to;
-  batch_size: pairs per process (2 x batch_size LLM rows); the rest as ``DataConfig``."""
+  batch_size: pairs per shard (2 x batch_size LLM rows; a step's global batch is ``shards``
+  of them, one per data block by default); the rest as ``DataConfig``."""
   rows: str
   media_root: str = ""
   sample: PreferenceConfig = PreferenceConfig()
@@ -73,8 +74,10 @@ class PreferenceDataConfig:
   threads: int = 1
   max_skip_fraction: float = 0.01
   skip_check_after: int = 200
+  shards: int | None = None  # planned batches of pairs per step (data.pipeline)
 
   def __post_init__(self):
+    pipeline.check_shards(self)
     if not self.rows:
       raise ValueError("PreferenceDataConfig.rows: give the preference JSONL file")
     check_batching(self)
@@ -220,20 +223,19 @@ class PairBatchBuilder(grain.transforms.Map):
 def make_preference_iterator(config: PreferenceDataConfig, *, tokenizer, model: PPLLaVAConfig,
                              scorer_tokenizer=None, state: dict | None = None,
                              reference: Mapping | None = None, pin_frames: bool = False,
-                             process_index: int | None = None, process_count: int | None = None
+                             block: int | None = None, blocks: int | None = None
                              ) -> pipeline.DataIterator:
-  """This process's ``PairBatch``es (module doc); ``reference`` and ``pin_frames`` as
-  ``PairBatchBuilder``."""
-  if process_index is None or process_count is None:
-    process_index, process_count = jax.process_index(), jax.process_count()
+  """Data block ``block``'s ``PairBatch``es (``data.pipeline``; default: this process's of
+  all processes); ``reference`` and ``pin_frames`` as ``PairBatchBuilder``."""
+  if block is None or blocks is None:
+    block, blocks = jax.process_index(), jax.process_count()
   read = read_preference_rows(config.rows, config.media_root)
   builder = make_builder(config, read.rows, tokenizer=tokenizer, model=model,
                          scorer_tokenizer=scorer_tokenizer, reference=reference,
                          pin_frames=pin_frames)
   if state is None:  # the rows left out when reading count as skipped from the start
     state = {"next_batch": 0, "stats": {"skipped": read.counts, "samples": len(read.skipped)}}
-  return pipeline.DataIterator(config, builder.plan, builder, process_index, process_count,
-                               state)
+  return pipeline.DataIterator(config, builder.plan, builder, block, blocks, state)
 
 
 def make_builder(config: PreferenceDataConfig, rows: Sequence[PreferenceRow], *, tokenizer,

@@ -7,17 +7,26 @@
 2. Every epoch has its own seeded order of the mixture (``annotations.epoch_order``, a
    function of (seed, epoch)), cut into batches by ``batch.plan_batches`` from the
    record kinds alone. Batch ``g`` of that global sequence is the same on every host.
-3. Process ``p`` of ``P`` (``jax.process_index()`` / ``jax.process_count()``) takes the
-   global batches ``c, c + P, ...`` from the cursor ``c``: a ``grain.MapDataset`` over
-   its steps, mapped by ``BatchBuilder`` (read the records, decode and sample the media
+3. One train step takes ``D = shards`` planned batches (the step's *shards*, of
+   ``batch_size`` rows each; default: one per data block), the global batch ``c .. c +
+   D - 1`` from the cursor ``c``. Data block ``p`` of ``P`` (the processes, or groups of
+   processes that hold the same batch rows: ``train.global_batch.data_blocks``) builds
+   shards ``p·D/P .. (p+1)·D/P - 1`` of every step: a ``grain.MapDataset`` over its
+   shards, mapped by ``BatchBuilder`` (read the records, decode and sample the media
    with per-sample seeds ``[seed, epoch, position]``, preprocess, tokenize, collate into
    the bucketed ``TrainBatch``), run in ``num_workers`` spawned worker processes
    (``mp_prefetch``) that keep ``worker_buffer_size`` batches ready. Map-only, so the
    stream is the same for any number of workers (0 runs in-process).
-4. ``DataIterator`` yields the batches and counts: skipped samples by reason (bad
-   media, too long, too many pictures, labels) with a warning naming each, truncated
-   scorer texts and sequences. When more than ``max_skip_fraction`` of the samples
-   seen (after ``skip_check_after``) were skipped it raises ``DataError``.
+4. ``DataIterator`` joins a step's shards (``batch.as_shard``, ``batch.concat_rows``: row
+   references offset, so the block's rows are its slice of the global batch), yields
+   them and counts: skipped samples by reason (bad media, too long, too many pictures,
+   labels) with a warning naming each, truncated scorer texts and sequences. When more
+   than ``max_skip_fraction`` of the samples seen (after ``skip_check_after``) were
+   skipped it raises ``DataError``.
+
+So the global batches are a function of the config alone: a run of 2 processes and one
+of 1 process with ``shards=2`` train on the same arrays, and a checkpoint moves between
+them exactly. With ``shards=None`` the global batch follows the process count.
 
 A skipped sample leaves its row empty (``row_mask`` False) rather than pulling in
 another sample, so a batch's rows stay a function of the plan. Every process steps
@@ -27,12 +36,13 @@ batches until the others are done.
 Checkpointing: ``DataIterator.get_state()`` is ``{"next_batch": c, ...}``, the global
 batch cursor (plus counters), independent of the number of processes and workers:
 ``make_train_iterator(..., state=s)`` or ``set_state(s)`` continues the exact stream,
-also on another process count (the per-process batch size is the config's). The
-state is a small JSON-able dict, for an Orbax ``JsonSave`` item next to the model.
+also on another process count. The counters are the saving process's (process 0's):
+each process counts what it read. The state is a small JSON-able dict, for an Orbax
+``JsonSave`` item next to the model.
 
-Several hosts: the sequence bucket may differ between hosts for one step; take the
-largest (``multihost_utils.process_allgather`` of ``input_ids.shape[1]``) and
-``batch.pad_batch`` to it before ``jax.make_array_from_process_local_data``.
+Several hosts: the sequence bucket may differ between hosts for one step;
+``train.global_batch`` pads every host to the largest before
+``jax.make_array_from_process_local_data``.
 
 Grain's workers are spawned processes: absl flags are marked parsed here (grain reads
 them), and a script that starts the pipeline needs an ``if __name__ == "__main__"``
@@ -53,7 +63,8 @@ import numpy as np
 
 from ppllava_jax.data import annotations
 from ppllava_jax.data.annotations import AnnotationSet, MixtureConfig
-from ppllava_jax.data.batch import BatchConfig, Geometry, TrainBatch, collate, plan_batches
+from ppllava_jax.data.batch import (BatchConfig, Geometry, TrainBatch, as_shard, collate,
+                                    concat_rows, plan_batches)
 from ppllava_jax.data.sft import SampleBuilder, SampleConfig, SkipSample
 from ppllava_jax.models.ppllava_config import PPLLaVAConfig
 
@@ -64,6 +75,11 @@ _ENDLESS = 1 << 40  # steps of a pipeline without an epoch limit
 
 class DataError(RuntimeError):
   """The data cannot go on: too many skipped samples, or a state that does not fit."""
+
+
+def check_shards(cfg) -> None:
+  if cfg.shards is not None and cfg.shards < 1:
+    raise ValueError(f"{type(cfg).__name__}.shards must be >= 1 or None, got {cfg.shards}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,8 +94,10 @@ class DataConfig:
   threads: int = 1  # per worker (or in-process) threads building batches
   max_skip_fraction: float = 0.01
   skip_check_after: int = 200  # samples seen before the fraction is enforced
+  shards: int | None = None  # planned batches per step (module doc); None: one per data block
 
   def __post_init__(self):
+    check_shards(self)
     if self.sample.max_length > self.batch.seq_buckets[-1]:
       raise ValueError(f"SampleConfig.max_length {self.sample.max_length} exceeds the largest "
                        f"bucket {self.batch.seq_buckets[-1]}")
@@ -158,24 +176,35 @@ class BatchPlan:
 
 @dataclasses.dataclass(frozen=True)
 class Step:
-  """What one process builds at one step: global batch ``index`` of the plan."""
+  """One shard a data block builds: planned batch ``index``, shard ``shard`` of
+  ``shards`` in its step's global batch."""
 
   index: int
+  shard: int = 0
+  shards: int = 1
 
 
 class StepSource:
-  """grain random-access source of one process's steps from a cursor."""
+  """grain random-access source of one data block's shards from a cursor: ``local`` per
+  step, ``shards`` in a step's global batch (module doc)."""
 
-  def __init__(self, plan: BatchPlan, cursor: int, process_index: int, process_count: int):
-    self.cursor, self.p, self.n = cursor, process_index, process_count
+  def __init__(self, plan: BatchPlan, cursor: int, block: int, blocks: int, shards: int):
+    if shards % blocks:
+      raise ValueError(f"{shards} shards per step do not split over {blocks} data blocks "
+                       "(processes): set the data config's shards to a multiple of them")
+    self.cursor, self.shards, self.local = cursor, shards, shards // blocks
+    self.first = block * self.local
     total = plan.total()
-    self.length = _ENDLESS if total is None else max(0, math.ceil((total - cursor) / self.n))
+    steps = None if total is None else max(0, math.ceil((total - cursor) / shards))
+    self.length = _ENDLESS if steps is None else steps * self.local
 
   def __len__(self) -> int:
     return self.length
 
-  def __getitem__(self, step: int) -> Step:
-    return Step(self.cursor + int(step) * self.n + self.p)
+  def __getitem__(self, i: int) -> Step:
+    step, j = divmod(int(i), self.local)
+    shard = self.first + j
+    return Step(self.cursor + step * self.shards + shard, shard, self.shards)
 
 
 @dataclasses.dataclass
@@ -207,7 +236,7 @@ class BatchBuilder(grain.transforms.Map):
                model: PPLLaVAConfig, batch: BatchConfig, seed: int):
     self.plan, self.aset, self.samples = plan, aset, samples
     self.model, self.batch, self.seed = model, batch, seed
-    Geometry.of(model, batch)  # fail early on an unsupported layout
+    self.picture_tokens = Geometry.of(model, batch).picture_tokens  # fails on a bad layout
     self.pad_id, self.scorer_length, self.scorer_pad = text_pads(samples)
 
   def map(self, step: Step):
@@ -222,8 +251,8 @@ class BatchBuilder(grain.transforms.Map):
       except SkipSample as skip:
         rows.append(None)
         skipped.append((skip.reason, skip.detail))
-    batch = collate(rows, self.model, self.batch, self.pad_id, self.scorer_length,
-                    self.scorer_pad)
+    batch = as_shard(collate(rows, self.model, self.batch, self.pad_id, self.scorer_length,
+                             self.scorer_pad), step.shard, step.shards, self.picture_tokens)
     real = [x for x in rows if x is not None]
     info = BatchInfo(step.index, epoch, tuple(records.tolist()), tuple(skipped),
                      sum(x.scorer_truncated > 0 for x in real),
@@ -263,16 +292,18 @@ def _mark_flags_parsed() -> None:
 
 
 class DataIterator(Iterator[TrainBatch]):
-  """This process's batches, with counters and a checkpointable cursor. ``builder`` maps a
-  ``Step`` to (batch, ``BatchInfo``): ``BatchBuilder`` (SFT ``TrainBatch``es) or
-  ``data.pairs.PairBatchBuilder`` (DPO); ``config`` gives the seed, the worker and skip
-  settings (a ``DataConfig`` or a ``data.pairs.PreferenceDataConfig``)."""
+  """Data block ``block``'s slice of every step's global batch (module doc), with counters
+  and a checkpointable cursor. ``builder`` maps a ``Step`` to (batch, ``BatchInfo``):
+  ``BatchBuilder`` (SFT ``TrainBatch``es) or ``data.pairs.PairBatchBuilder`` (DPO);
+  ``config`` gives the seed, the shards, the worker and skip settings (a ``DataConfig``
+  or a ``data.pairs.PreferenceDataConfig``)."""
 
   def __init__(self, config: DataConfig, plan: BatchPlan, builder: grain.transforms.Map,
-               process_index: int, process_count: int, state: dict | None = None):
+               block: int, blocks: int, state: dict | None = None):
     self.config, self.plan, self.builder = config, plan, builder
-    self.process_index, self.process_count = process_index, process_count
-    self.last_info: BatchInfo | None = None
+    self.block, self.blocks = block, blocks
+    self.shards = config.shards or blocks
+    self.infos: list[BatchInfo] = []  # the last step's shards
     self._it = None
     self.set_state(state or {"next_batch": 0})
 
@@ -280,7 +311,7 @@ class DataIterator(Iterator[TrainBatch]):
     self.close()
     _mark_flags_parsed()
     cfg = self.config
-    source = StepSource(self.plan, cursor, self.process_index, self.process_count)
+    source = StepSource(self.plan, cursor, self.block, self.blocks, self.shards)
     ds = grain.MapDataset.source(source).map(self.builder)
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.threads,
                                               prefetch_buffer_size=cfg.worker_buffer_size))
@@ -294,30 +325,31 @@ class DataIterator(Iterator[TrainBatch]):
     if self._it is None:
       raise StopIteration
     try:
-      batch, info = next(self._it)
-    except StopIteration:
+      built = [next(self._it) for _ in range(self.shards // self.blocks)]
+    except StopIteration:  # a step's shards end together (StepSource's length)
       self.close()  # frees the workers and their shared memory now
       raise
-    self._cursor += self.process_count
-    self.last_info = info
+    self._cursor += self.shards
+    self.infos = [info for _, info in built]
     stats, cfg = self.stats, self.config
     stats.batches += 1
-    stats.samples += len(info.records)
-    stats.scorer_truncated += info.scorer_truncated
-    stats.truncated += len(info.truncated)
-    for detail in info.truncated:
-      log.warning("truncated sample: %s", detail)
-    for reason, detail in info.skipped:
-      stats.skipped[reason] += 1
-      stats.last_skip = detail
-      log.warning("skipped sample (%s): %s", reason, detail)
+    for info in self.infos:
+      stats.samples += len(info.records)
+      stats.scorer_truncated += info.scorer_truncated
+      stats.truncated += len(info.truncated)
+      for detail in info.truncated:
+        log.warning("truncated sample: %s", detail)
+      for reason, detail in info.skipped:
+        stats.skipped[reason] += 1
+        stats.last_skip = detail
+        log.warning("skipped sample (%s): %s", reason, detail)
     if (stats.samples >= cfg.skip_check_after
         and stats.skipped_total > cfg.max_skip_fraction * stats.samples):
       raise DataError(
           f"{stats.skipped_total} of {stats.samples} samples skipped "
           f"({stats.skipped_total / stats.samples:.1%}), more than max_skip_fraction="
           f"{cfg.max_skip_fraction:g}: {dict(stats.skipped)}; the last: {stats.last_skip}")
-    return batch
+    return concat_rows([batch for batch, _ in built], self.builder.pad_id)
 
   def get_state(self) -> dict:
     """The global batch cursor and this process's counters (JSON-able)."""
@@ -347,13 +379,14 @@ class DataIterator(Iterator[TrainBatch]):
 
 def make_train_iterator(config: DataConfig, *, tokenizer, model: PPLLaVAConfig,
                         scorer_tokenizer=None, state: dict | None = None,
-                        process_index: int | None = None, process_count: int | None = None,
+                        block: int | None = None, blocks: int | None = None,
                         annotation_set: AnnotationSet | None = None) -> DataIterator:
-  """The training batches of this process (module doc). Validates every annotation
-  first (``AnnotationError``), unless ``annotation_set`` is given already loaded."""
-  if process_index is None or process_count is None:
+  """Data block ``block``'s training batches (module doc; default: this process's of all
+  processes). Validates every annotation first (``AnnotationError``), unless
+  ``annotation_set`` is given already loaded."""
+  if block is None or blocks is None:
     import jax
-    process_index, process_count = jax.process_index(), jax.process_count()
+    block, blocks = jax.process_index(), jax.process_count()
   aset = annotation_set if annotation_set is not None else annotations.load_mixture(config.mixture)
   log.info("training data: %r", aset)
   video = annotations.KIND_CODES["video"]
@@ -366,4 +399,4 @@ def make_train_iterator(config: DataConfig, *, tokenizer, model: PPLLaVAConfig,
                                      config.seed), config.num_epochs)
   samples = SampleBuilder(tokenizer, model, scorer_tokenizer, config.sample)
   builder = BatchBuilder(plan, aset, samples, model, config.batch, config.seed)
-  return DataIterator(config, plan, builder, process_index, process_count, state)
+  return DataIterator(config, plan, builder, block, blocks, state)

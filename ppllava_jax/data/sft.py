@@ -67,6 +67,14 @@ sample is skipped (``SkipSample``, reason ``"too_long"``, naming the sample and 
 lengths) or, with ``overflow="truncate"``, cut to ``max_length`` when the cut keeps
 every media placeholder and at least one supervised token (``Sample.truncated``).
 
+With ``SampleConfig.media_store`` (a store built by ``data.store``) video frames come
+from the store instead of the video: the same draw over the video's frame count, each
+index taken to the nearest stored frame (equal to decoding when the store holds every
+frame of the video; ``data.store`` says how the kept frames are chosen). A video is looked
+up by its path relative to the corpus's media root; one not in the store is a
+``"missing"`` skip naming the video and the store. Videos given as lists of frame files
+are read from their files as before (they are decoded pictures already).
+
 Bad media (missing, corrupt, no frames) raise ``SkipSample`` with the reason
 ``"missing"``, ``"corrupt"`` or ``"empty"``; the pipeline counts skips and stops when
 they pass a configured fraction (the original silently trained on a random other
@@ -97,6 +105,7 @@ TOKENIZATIONS = ("pieces", "whole")
 OVERFLOWS = ("drop", "truncate")
 PICTURE_ORDERS = ("sorted", "listed")
 SKIP_REASONS = ("missing", "corrupt", "empty", "too_long", "too_many_pictures", "labels")
+NOT_STORED = "not in the media store"  # a MediaError's reason for a video a store lacks
 
 
 class SkipSample(Exception):
@@ -120,6 +129,7 @@ class SampleConfig:
   max_pictures: int = 16  # more pictures than this: skipped ("too_many_pictures")
   video_backend: str = "pyav"  # or "decord" (what the original used)
   folder_fps: float = video.DEFAULT_FOLDER_FPS
+  media_store: str | None = None  # a data.store folder: video frames from it, not decoded
 
   def __post_init__(self):
     checks = (("template", self.template, tuple(TEMPLATES)),
@@ -172,7 +182,7 @@ def picture_tokens(model: PPLLaVAConfig) -> int:
 
 def _classify(err: video.MediaError) -> str:
   reason = err.reason
-  if "no such file" in reason:
+  if "no such file" in reason or NOT_STORED in reason:
     return "missing"
   if "no decodable" in reason or "no frame images" in reason or "hold no frame" in reason:
     return "empty"
@@ -205,15 +215,17 @@ def load_rgb(path: str | Path, image: Image.Image | None = None) -> Image.Image:
 
 
 def load_numbered_frames(folder: str | Path, total_frames: int, num_frames: int,
-                         rng: np.random.Generator) -> tuple[np.ndarray, tuple[int, ...]]:
+                         rng: np.random.Generator | None = None, *, sample: str = "random"
+                         ) -> tuple[np.ndarray, tuple[int, ...]]:
   """Training frames of a ``{:06d}.jpg`` folder numbered from 1 (``total_frames`` given):
   the original's ``read_frames_rawframes`` with ``max_num_frames``: random indices over
-  ``total_frames``, frame ``i`` read from ``{i+1:06d}.jpg`` or, when that is missing,
-  ``{i+2:06d}.jpg``."""
+  ``total_frames`` (``sample="cover"``: ``video.cover_indices``, a media store's), frame
+  ``i`` read from ``{i+1:06d}.jpg`` or, when that is missing, ``{i+2:06d}.jpg``."""
   folder = Path(folder)
   if not folder.is_dir():
     raise video.MediaError(folder, "no such file or directory")
-  indices = video.random_indices(num_frames, 0, total_frames, rng)
+  indices = (video.cover_indices(num_frames, 0, total_frames) if sample == "cover"
+             else video.random_indices(num_frames, 0, total_frames, rng))
   frames: dict[int, np.ndarray] = {}
   for i in dict.fromkeys(indices):
     path = folder / f"{i + 1:06d}.jpg"
@@ -226,25 +238,37 @@ def load_numbered_frames(folder: str | Path, total_frames: int, num_frames: int,
   return np.stack([frames[i] for i in indices]), tuple(indices)
 
 
-def load_training_video(path: str | Path, num_frames: int, rng: np.random.Generator, *,
-                        reader: str = "auto", backend: str = "pyav",
-                        folder_fps: float = video.DEFAULT_FOLDER_FPS,
-                        total_frames: int | None = None) -> tuple[np.ndarray, tuple[int, ...]]:
-  """(frames (T, H, W, 3) uint8, their indices): ``num_frames`` training frames of a video
-  file or a frame folder by the original's random sampling. ``reader`` as
-  ``CorpusConfig.reader`` (``"decord"`` / ``"pyav"`` override ``backend``); with
+def read_video(path: str | Path, num_frames: int, rng: np.random.Generator | None = None, *,
+               sample: str = "random", reader: str = "auto", backend: str = "pyav",
+               folder_fps: float = video.DEFAULT_FOLDER_FPS, total_frames: int | None = None
+               ) -> tuple[np.ndarray, tuple[int, ...], int]:
+  """(frames (T, H, W, 3) uint8, their indices, the video's frame count) of a video file
+  or a frame folder: ``num_frames`` by the original's random sampling, or with
+  ``sample="cover"`` the frames a media store keeps (``video.cover_indices``). ``reader``
+  as ``CorpusConfig.reader`` (``"decord"`` / ``"pyav"`` override ``backend``); with
   ``total_frames`` a folder is a ``{:06d}.jpg`` folder numbered from 1
   (``load_numbered_frames``)."""
   path = Path(path)
   if total_frames is not None and reader in ("auto", "frames") and path.is_dir():
-    return load_numbered_frames(path, total_frames, num_frames, rng)
+    frames, indices = load_numbered_frames(path, total_frames, num_frames, rng, sample=sample)
+    return frames, indices, total_frames
   if reader == "frames" and not path.is_dir():
     raise video.MediaError(path, "no such file or directory" if not path.exists()
                            else "not a folder of frames")
   backend = reader if reader in video.BACKENDS else backend
-  frames, info = video.load_video(path, num_frames, sample="random", rng=rng,
+  frames, info = video.load_video(path, num_frames, sample=sample, rng=rng,
                                   folder_fps=folder_fps, backend=backend)
-  return frames, info.indices
+  return frames, info.indices, info.total_frames
+
+
+def load_training_video(path: str | Path, num_frames: int, rng: np.random.Generator, *,
+                        reader: str = "auto", backend: str = "pyav",
+                        folder_fps: float = video.DEFAULT_FOLDER_FPS,
+                        total_frames: int | None = None) -> tuple[np.ndarray, tuple[int, ...]]:
+  """(frames (T, H, W, 3) uint8, their indices): ``read_video``'s random sampling."""
+  frames, indices, _ = read_video(path, num_frames, rng, reader=reader, backend=backend,
+                                  folder_fps=folder_fps, total_frames=total_frames)
+  return frames, indices
 
 
 class SampleBuilder:
@@ -283,6 +307,11 @@ class SampleBuilder:
                            else (preprocess.CLIP_MEAN, preprocess.CLIP_STD))
     self.letterbox = siglip
     self.picture_tokens = picture_tokens(model)
+    self.store = None
+    if config.media_store is not None:
+      from ppllava_jax.data.store import MediaStore  # tfds only when used; store imports sft
+      self.store = MediaStore(config.media_store)
+      self.store.check_geometry(model.vision.image_size, self.letterbox)
     end = tokenizer(self.template.assistant_end, add_special_tokens=False).input_ids
     self.end_ids = list(end)
 
@@ -376,6 +405,8 @@ class SampleBuilder:
       if len({f.shape for f in frames.values()}) > 1:
         raise video.MediaError(files[0], "frames of the list differ in size")
       return np.stack([frames[i] for i in indices]), tuple(indices)
+    if self.store is not None:
+      return self.store.training_frames(record.media[0], corpus.media_root, t, rng)
     return load_training_video(record.media[0], t, rng, reader=corpus.reader,
                                backend=cfg.video_backend, folder_fps=cfg.folder_fps,
                                total_frames=record.total_frames)

@@ -8,6 +8,8 @@ Which frames are read follows the original PPLLaVA, as pure functions on ints:
   ``EvalDataset.get_index`` (MVBench, VideoMME);
 - training, ``sample="random"``: ``random_indices``, the original's
   ``get_frame_indices(sample="rand")``, drawing from a ``numpy.random.Generator``;
+- a media store's frames (``data.store``), ``sample="cover"``: ``cover_indices``, every
+  frame of a short video, else ``middle_indices``;
 - bounds in seconds: ``seconds_to_window``, times to frames with the average frame
   rate, as ``get_index`` does with decord's ``get_avg_fps``.
 
@@ -56,7 +58,7 @@ logger = logging.getLogger(__name__)
 VIDEO_EXTENSIONS = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".flv", ".wmv",
                               ".mpg", ".mpeg", ".3gp", ".ts", ".gif"})
 FRAME_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
-SAMPLE_MODES = ("middle", "random")
+SAMPLE_MODES = ("middle", "random", "cover")
 BACKENDS = ("pyav", "decord")
 DEFAULT_FOLDER_FPS = 3.0
 
@@ -129,6 +131,20 @@ def random_indices(num_frames: int, start: int, stop: int,
     picked = np.sort(rng.permutation(n)[:k])
   indices = [start + int(i) for i in picked]
   return indices + indices[-1:] * (num_frames - k)
+
+
+def cover_indices(num_frames: int, start: int, stop: int) -> list[int]:
+  """What a media store keeps of frames [start, stop): all of them when they are at most
+  ``num_frames``, else the middle frame of each of ``num_frames`` equal segments
+  (``middle_indices`` over [start, stop - 1]). Distinct and increasing either way, so that
+  training can draw from the kept frames as it draws from the whole video
+  (``data.store``)."""
+  _check_num_frames(num_frames)
+  if not 0 <= start < stop:
+    raise ValueError(f"cover_indices: need 0 <= start < stop, got start={start}, stop={stop}")
+  if stop - start <= num_frames:
+    return list(range(start, stop))
+  return middle_indices(num_frames, start, stop - 1)
 
 
 def seconds_to_window(total_frames: int, fps: float, start_sec: float | None = None,
@@ -287,7 +303,8 @@ def load_video(path: str | Path, num_frames: int = 32, *,
                ) -> tuple[np.ndarray, VideoInfo]:
   """``num_frames`` frames of a video file or frame folder: (uint8 (T, H, W, 3) RGB, info).
 
-  ``sample="middle"`` (evaluation) or ``"random"`` (training, needs ``rng``); see the
+  ``sample="middle"`` (evaluation), ``"random"`` (training, needs ``rng``) or ``"cover"``
+  (a media store's frames: at most ``num_frames``, fewer for a shorter video); see the
   module doc. ``start_sec`` / ``end_sec`` restrict sampling to part of the video.
   ``folder_fps`` is the frame rate of a folder of frames, used only for the bounds.
   ``backend`` decodes video files: ``"pyav"`` or ``"decord"`` (when installed).
@@ -319,6 +336,8 @@ def load_video(path: str | Path, num_frames: int = 32, *,
                              f"{total_frames}-frame video at {fps:g} fps")
     if sample == "middle":  # get_index ends its window at the last frame, not one past it
       return middle_indices(num_frames, start, min(stop, total_frames - 1))
+    if sample == "cover":
+      return cover_indices(num_frames, start, stop)
     return random_indices(num_frames, start, stop, rng)
 
   if path.is_dir():

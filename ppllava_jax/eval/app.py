@@ -23,6 +23,13 @@ Decisions:
   failed items and how many answers were empty or unparseable. A rerun reuses an
   answer only for the same item id and fingerprint (``eval.jobs``, ``eval.fingerprint``).
 - Ctrl-C stops with one line, ``interrupted: N answers kept in <path>``, and exit 130.
+- Several processes (one per host: ``--coordinator``/``--num-processes``/``--process-id``
+  or the ``JAX_*`` variables, ``ppllava_jax.distributed``): each loads its own replica of
+  the model on its own devices, as one process does, and answers its share of the
+  batches into ``predictions.jsonl.part-<i>-of-<n>``; process 0 merges the parts into
+  ``predictions.jsonl`` in one process's order, then scores and prints; the others print
+  nothing and write nothing shared but their parts and pictures (``eval.runner``). The
+  ``--out`` (and ``--visualize``) folder must be one every host mounts.
 """
 
 from __future__ import annotations
@@ -35,13 +42,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ppllava_jax import cli
+from ppllava_jax import cli, distributed
 from ppllava_jax.data.video import BACKENDS
 from ppllava_jax.eval import mcq, records
 from ppllava_jax.eval.fingerprint import model_key
 from ppllava_jax.eval.jobs import chat_template, mcq_jobs, qa_jobs, video_job
 from ppllava_jax.eval.qa import QAItem, load_qa
-from ppllava_jax.eval.runner import RunConfig, failures, run, score_answers
+from ppllava_jax.eval.runner import RunConfig, failures, process_output, run, score_answers
 from ppllava_jax.models.ppllava_config import PoolingConfig
 
 
@@ -61,6 +68,11 @@ saved answer only when the same question was asked of the same video file under 
 same settings (checkpoint and tokenizer files, pooling, dtype, frames, max new tokens,
 video decoder); everything else is generated again, and a summary line says how many
 answers were reused and how many redone. Ctrl-C keeps every finished answer.
+
+On several hosts, run the same command on each, with --coordinator HOST:PORT
+--num-processes N --process-id I (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
+JAX_PROCESS_ID) and an OUT every host mounts: they split the items, and process 0
+writes the one predictions.jsonl and results.json.
 """
 
 
@@ -134,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--video-backend", choices=BACKENDS, default="pyav",
                  help="The video decoder: PyAV, or decord as the original (pip install "
                  "decord).")
+  distributed.add_flags(p)
   cli.add_debug_flag(p)
   return p
 
@@ -184,12 +197,13 @@ def main(argv=None) -> int:
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   logging.getLogger("ppllava_jax").setLevel(logging.INFO)
   args = parse_args(argv)
+  distributed.initialize(args)
   predictions = Path(args.out) / "predictions.jsonl"
   try:
     return _evaluate(args, predictions)
   except KeyboardInterrupt:
-    print(f"interrupted: {records.count_answers(predictions)} answers kept in {predictions}",
-          file=sys.stderr)
+    mine = process_output(predictions)  # a part on several processes: the next run merges it
+    print(f"interrupted: {records.count_answers(mine)} answers kept in {mine}", file=sys.stderr)
     return 130
 
 
@@ -219,6 +233,8 @@ def _evaluate(args, predictions: Path) -> int:
   start = time.perf_counter()
   result = run(model, processor, jobs, predictions, cfg)
   seconds = time.perf_counter() - start
+  if not distributed.is_primary():
+    return 0  # process 0 reports and scores every process's answers
   print(result.summary())
   failed = failures(jobs, result)
   for job_id, error in failed.items():

@@ -16,7 +16,25 @@
   the running count, so a long evaluation shows it compiles a handful of times);
 - shows a progress bar with items/s;
 - with ``visualize``, writes one PNG per video job: the sampled frames under the
-  relevance map (cosines, ``PPLLaVA.relevance_maps``), titled with the question.
+  relevance map (cosines, ``PPLLaVA.relevance_maps``), titled with the question;
+- on several processes (``ppllava_jax.distributed``), splits the batches among them and
+  merges their answers into ``out_path`` (below).
+
+Several processes: every process runs ``run`` with the same jobs and its own replica of
+the model on its own devices, and they share the folder of ``out_path`` (a filesystem
+every host mounts). Process 0 first appends what a killed multi-process run left in
+parts (``<out_path>.part-<i>-of-<n>``) to ``out_path``; then every process reads
+``out_path``, so all of them know the same pending jobs, and makes the same batches
+(frame groups, batch size capped at the pending count) as one process would. Batch k
+goes to process ``k % n`` (whole batches: every answer comes from the same padded batch
+as on one process; round robin: VideoMME's 32- and 64-frame groups spread over the
+processes), which appends its records to its part. After a barrier every process reads
+every part (each returns every job's record), and process 0 appends them to ``out_path``
+in batch order (one process's write order: the same records in the same order) and
+removes the parts. A restart re-reads everything, so the split of what is left is again
+the same on every process, whatever the process count; the processes check that they
+agree on the jobs and the saved answers (same inputs, same files on every host) before
+splitting.
 
 Prompt length: the prompt's tokens (placeholders expanded) plus ``max_new_tokens`` must
 fit the LLM's ``max_position_embeddings``. It is known only once the media are read
@@ -30,6 +48,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import functools
+import glob
 import logging
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -39,15 +58,17 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from ppllava_jax import distributed
 from ppllava_jax.data import subtitles
 from ppllava_jax.data.processor import Encoded, Media, Processor, Prompt
 from ppllava_jax.data.video import MediaError, load_video
 from ppllava_jax.eval import mcq
 from ppllava_jax.eval import records as saved
-from ppllava_jax.eval.fingerprint import job_fingerprint
+from ppllava_jax.eval.fingerprint import digest, job_fingerprint
 from ppllava_jax.eval.heatmap import relevance_grid
 from ppllava_jax.eval.jobs import Job
 from ppllava_jax.models import generate as generation
@@ -141,9 +162,48 @@ def _picture_name(job_id: str) -> str:
   return re.sub(r"[^\w.-]+", "_", job_id) + ".png"
 
 
+def process_output(out_path: str | Path) -> Path:
+  """Where this process appends its records: ``out_path`` itself on one process, else its
+  part ``<out_path>.part-<i>-of-<n>`` (module doc)."""
+  out_path = Path(out_path)
+  if jax.process_count() == 1:
+    return out_path
+  return out_path.with_name(f"{out_path.name}.part-{jax.process_index()}-of-{jax.process_count()}")
+
+
+def _parts(out_path: Path) -> list[Path]:
+  return sorted(out_path.parent.glob(glob.escape(out_path.name) + ".part-*-of-*"))
+
+
+def _merge_parts(out_path: Path, order: Callable[[dict], int] | None = None) -> None:
+  """Appends the records of ``out_path``'s parts to it (part by part, stably sorted by
+  ``order`` when given), then removes the parts."""
+  parts = _parts(out_path)
+  if not parts:
+    return
+  merged = [r for part in parts for r in saved.read_records(part)]
+  with saved.open_for_append(out_path) as out:
+    for record in sorted(merged, key=order) if order else merged:
+      saved.append(out, record)
+  for part in parts:
+    part.unlink()
+
+
+def _check_agreement(jobs: Sequence[Job], fingerprints: dict, pending: Sequence[Job]) -> None:
+  """Every process must split the same pending jobs, or the merged file mixes two runs."""
+  mine = np.frombuffer(bytes.fromhex(digest([[j.id, fingerprints[j.id]] for j in jobs]
+                                            + [j.id for j in pending])), np.uint8)
+  everyone = multihost_utils.process_allgather(mine)
+  if not (everyone == mine).all():
+    raise ValueError("the processes disagree on the jobs or on the answers saved in the "
+                     "--out folder: every host needs the same command, inputs and files "
+                     "(the same paths, sizes and modification times)")
+
+
 def run(model, processor: Processor, jobs: Sequence[Job], out_path: str | Path,
         cfg: RunConfig = RunConfig()) -> RunResult:
-  """Answers every job without a reusable answer in ``out_path``; returns a record per job."""
+  """Answers every job without a reusable answer in ``out_path``; returns a record per job
+  (on every process, when several share the jobs: module doc)."""
   out_path = Path(out_path)
   duplicates = [i for i, n in collections.Counter(job.id for job in jobs).items() if n > 1]
   if duplicates:
@@ -152,6 +212,10 @@ def run(model, processor: Processor, jobs: Sequence[Job], out_path: str | Path,
   if cfg.max_new_tokens >= context:
     raise ValueError(f"max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in the "
                      f"LLM's context of {context} positions (max_position_embeddings)")
+  processes, primary = jax.process_count(), distributed.is_primary()
+  if primary:
+    _merge_parts(out_path)  # a killed multi-process run's answers
+  distributed.barrier("eval: leftover parts merged")
   fingerprints = {job.id: job_fingerprint(job, cfg.settings) for job in jobs}
   previous = saved.read_records(out_path)
   answers = {(str(r.get("id")), r.get("fingerprint")): r for r in previous
@@ -161,6 +225,8 @@ def run(model, processor: Processor, jobs: Sequence[Job], out_path: str | Path,
   pending = [job for job in jobs if job.id not in records]
   before = {str(r.get("id")) for r in previous}
   reused, redone = len(records), sum(job.id in before for job in pending)
+  if processes > 1:
+    _check_agreement(jobs, fingerprints, pending)
   relevance = None
   if cfg.visualize is not None:
     if getattr(model, "scorer", None) is None or processor.scorer_tokenizer is None:
@@ -173,14 +239,15 @@ def run(model, processor: Processor, jobs: Sequence[Job], out_path: str | Path,
   # A run shorter than one batch needs no filler rows (a single video: batch 1).
   cfg = dataclasses.replace(cfg, batch_size=max(1, min(cfg.batch_size, len(pending))))
   batches = list(_batches(pending, cfg.batch_size))
+  mine = batches[jax.process_index()::processes]
   compiled = generation.compilations()
-  with saved.open_for_append(out_path) as out, tqdm(total=len(pending), unit="item",
-                                                    desc="eval") as bar:
+  with saved.open_for_append(process_output(out_path)) as out, tqdm(
+      total=sum(map(len, mine)), unit="item", desc="eval", disable=not primary) as bar:
     def write(job: Job, **fields) -> None:
       records[job.id] = dict(id=job.id, fingerprint=fingerprints[job.id], **fields)
       saved.append(out, records[job.id])
 
-    for batch, loaded in _prefetched(batches, cfg.video_backend):
+    for batch, loaded in _prefetched(mine, cfg.video_backend):
       good = []
       for job, (item, error) in zip(batch, loaded):
         if error is None:
@@ -201,6 +268,17 @@ def run(model, processor: Processor, jobs: Sequence[Job], out_path: str | Path,
           if relevance is not None and item.videos:
             _picture(relevance, job, encoded, item.videos[0], cfg.visualize)
       bar.update(len(batch))
+  if processes > 1:
+    distributed.barrier("eval: answered")
+    records.update((r["id"], r) for part in _parts(out_path) for r in saved.read_records(part))
+    distributed.barrier("eval: parts read")
+    missing = [job.id for job in pending if job.id not in records]
+    if missing:
+      raise ValueError(f"the records of {len(missing)} jobs other processes ran (e.g. {missing[0]})"
+                       f" are not in {out_path.parent}: --out must be a folder every host mounts")
+    if primary:
+      batch_of = {job.id: k for k, batch in enumerate(batches) for job in batch}
+      _merge_parts(out_path, order=lambda r: batch_of[r["id"]])
   return RunResult(records, reused, redone, out_path)
 
 

@@ -1,17 +1,54 @@
 """Softmax attention for every tower: the ViT encoders and the grouped-query LLM.
 
-``attention(q_blna, k_bska, v_bska, mask_bls)`` (suffixes: the README's table of shape
-letters): ``n`` query heads share ``k`` key/value heads in groups of ``r = n // k``
-(``k == n`` for the ViTs); ``mask_bls`` (True = may attend) carries causality, padding
-and cache validity alike; the blockwise path cuts the ``l`` queries into ``j`` blocks of
-``q``. The result is that of the dense ``softmax(where(mask, q·k / sqrt(a), finfo.min))
-· v`` with f32 scores, softmax and accumulation, in the queries' dtype: in particular a
-fully masked row is uniform over all keys (the mean of ``v``), as transformers gives
-padded rows.
+``attention(q_blna, k_bska, v_bska, mask, implementation=)`` (suffixes: the README's table
+of shape letters): ``n`` query heads share ``k`` key/value heads in groups of ``r = n // k``
+(``k == n`` for the ViTs); ``mask`` (True = may attend) is a ``Mask`` (what the towers
+build: key validity, causality, segments) or a dense (B, L, S) boolean array; the
+blockwise path cuts the ``l`` queries into ``j`` blocks of ``q``. The result is that of
+the dense ``softmax(where(mask, q·k / sqrt(a), finfo.min)) · v`` with f32 scores, softmax
+and accumulation, in the queries' dtype: in particular a fully masked row is uniform over
+all keys (the mean of ``v``), as transformers gives padded rows.
 
-One formulation, FlashAttention's online softmax: per key block, scores ``s``, the
-running row max ``m``, the denominator ``l = Σ exp(s - m)`` and the f32 accumulator
-``Σ exp(s - m) · v``, each rescaled by ``exp(m_old - m_new)``; one division at the end.
+Implementations (``implementation=``; on a model ``set_attention``, ``layers.set_attention``):
+
+- ``"xla"`` (default): the code below, on any platform, and the reference the others
+  are tested against (it is itself tested against float64 NumPy).
+- ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")``, cuDNN's fused
+  flash attention, on an NVIDIA GPU, float16 / bfloat16 only (cuDNN has no float32
+  kernel; a float32 input is a ValueError, not a silent cast). The mask goes in dense, as
+  ``mask`` (B, 1, L, S), which JAX hands cuDNN as an additive bias: any mask works, a KV
+  cache's included. A ``Mask`` that is causal from slot 0 with L == S (training, the text
+  towers) also sets ``is_causal``, so cuDNN skips the blocks above the diagonal. Not the
+  sequence-length form (``key_value_seq_lengths``): it expresses right padding only, and
+  prompts are left-padded.
+- ``"pallas"``: splash attention (``jax.experimental.pallas.ops.tpu.splash_attention``) on
+  TPU; ``"pallas_interpret"``: the same kernel in Pallas' interpret mode on any platform
+  (slow; what the CPU tests run). Splash takes a static per-head mask and per-row segment
+  ids, so the mask must be a ``Mask`` (a traced (B, L, S) array cannot be taken apart
+  into those under jit: hence the towers build ``Mask``es). Causality becomes splash's
+  ``CausalMask`` (else ``FullMask``), padding and segments its segment ids (a key's id is
+  its segment, 0 without segments, and int32 min where it is not valid, which no query id
+  matches). L
+  and S are padded to multiples of 128 (the kernel's lane width): padded keys are not
+  valid, padded query rows are dropped. A dense boolean mask, or a causal ``Mask`` whose
+  first query slot is traced (a KV cache's write index), is a ValueError: splash fixes
+  its mask when the kernel is built. (Splash also takes a dense mask as an array, but in
+  JAX 0.10.2 building that kernel under jit fails, its ``is_dynamic_mask`` flag becoming a
+  tracer, and it would keep the whole mask once per head.) The LLM's cache steps run
+  "xla" under "pallas" (``llm.Attention``). Not done: under a mesh of several devices the
+  kernel is not yet wrapped in ``shard_map``, so XLA cannot partition it.
+- Rows with no key to attend: cuDNN's bias leaves them a softmax over biased scores and
+  splash one over the key blocks it visits; both are replaced by the mean of ``v`` (rows
+  found by ``mask.any(-1)``), so every implementation gives this module's result.
+- An implementation whose platform is absent (cudnn off a GPU, pallas off a TPU) is a
+  RuntimeError naming it and the platform found. Neither kernel has run compiled on its
+  hardware in this repository's sessions (no GPU or TPU was lent); the tests that would
+  run them there are skipped elsewhere, saying why.
+
+The XLA path is one formulation, FlashAttention's online softmax: per key block, scores
+``s``, the running row max ``m``, the denominator ``l = Σ exp(s - m)`` and the f32
+accumulator ``Σ exp(s - m) · v``, each rescaled by ``exp(m_old - m_new)``; one division at
+the end.
 
 - Queries and keys both up to ``BLOCK`` long are one block, no loop: the text
   encoders, short prompts, and decode steps (a score block holds at most ``BLOCK²``
@@ -65,27 +102,116 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 from jax import lax
 
 BLOCK = 512  # query / key block length (module doc)
 _NEG = float(jnp.finfo(jnp.float32).min)  # a masked score, as transformers and the old dense code
+IMPLEMENTATIONS = ("xla", "cudnn", "pallas", "pallas_interpret")  # module doc
+PALLAS = ("pallas", "pallas_interpret")
+_PLATFORMS = {"cudnn": ("gpu", "an NVIDIA GPU (cuDNN)"), "pallas": ("tpu", "a TPU")}
+_LANES = 128  # splash pads L and S to multiples of this
+_NO_SEGMENT = int(jnp.iinfo(jnp.int32).min)  # splash's segment id of keys that are not valid
 
 Carry = tuple[jax.Array, jax.Array, jax.Array]  # m (B,K,R,Q), l (B,K,R,Q), acc (B,K,R,Q,A) f32
 
 
+@struct.dataclass
+class Mask:
+  """Which keys each query may attend, by structure (what the kernels take; module doc).
+
+  Query ``l`` of row ``b`` may attend key slot ``s`` when ``valid_bs[b, s]`` (the slot holds
+  a real token: not padding, not an unwritten cache slot), and, if ``causal``,
+  ``s <= q_start + l`` (query ``l`` sits at slot ``q_start + l``: a KV cache's write
+  index, None for 0), and, with segments, ``q_segment_bl[b, l] == kv_segment_bs[b, s]``
+  (packed sequences: give both or neither).
+  """
+  valid_bs: jax.Array
+  q_segment_bl: jax.Array | None = None
+  kv_segment_bs: jax.Array | None = None
+  q_start: jax.Array | None = None
+  causal: bool = struct.field(pytree_node=False, default=False)
+
+  def dense(self, l: int) -> jax.Array:
+    """The (B, L, S) boolean mask for ``l`` queries."""
+    valid_bs = jnp.asarray(self.valid_bs, bool)
+    b, s = valid_bs.shape
+    keep_bls = jnp.broadcast_to(valid_bs[:, None, :], (b, l, s))
+    if self.causal:
+      q_slot_l = jnp.arange(l) + (0 if self.q_start is None else self.q_start)
+      keep_bls = keep_bls & (jnp.arange(s)[None, None, :] <= q_slot_l[None, :, None])
+    if self.q_segment_bl is not None:
+      keep_bls = keep_bls & (self.q_segment_bl[:, :, None] == self.kv_segment_bs[:, None, :])
+    return keep_bls
+
+
+def check_implementation(implementation: str) -> str:
+  """``implementation`` if it is one of ``IMPLEMENTATIONS``, else a ValueError."""
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"attention implementation {implementation!r} is not one of "
+                     f"{IMPLEMENTATIONS}")
+  return implementation
+
+
 def attention(q_blna: jax.Array, k_bska: jax.Array, v_bska: jax.Array,
-              mask_bls: jax.Array | None = None, *, block: int = BLOCK) -> jax.Array:
+              mask: Mask | jax.Array | None = None, *, implementation: str = "xla",
+              block: int = BLOCK) -> jax.Array:
   """Softmax attention (B, L, N, A) of queries over keys/values (B, S, K, A), K | N.
 
-  ``mask_bls`` (B, L, S) bool, True where a query may attend a key, or None (all may).
-  ``block`` overrides the measured block length (the tests use small ones).
+  ``mask``: a ``Mask``, a (B, L, S) bool array (True where a query may attend a key), or
+  None (all may). ``implementation``: one of ``IMPLEMENTATIONS`` (module doc). ``block``
+  overrides the XLA path's measured block length (the tests use small ones).
   """
   (b, l, n, a), s, kv = q_blna.shape, k_bska.shape[1], k_bska.shape[2]
   if n % kv or k_bska.shape != v_bska.shape or (k_bska.shape[0], k_bska.shape[3]) != (b, a):
     raise ValueError(f"queries {q_blna.shape} need keys/values (B, S, K, A) with K dividing "
                      f"the heads, got {k_bska.shape} / {v_bska.shape}")
-  if mask_bls is not None and mask_bls.shape != (b, l, s):
-    raise ValueError(f"mask must be (B, L, S) = {(b, l, s)}, got {mask_bls.shape}")
+  _check_mask(mask, b, l, s)
+  check_implementation(implementation)
+  if implementation == "xla":
+    return _xla(q_blna, k_bska, v_bska, _dense(mask, l), block)
+  _check_platform(implementation)
+  if implementation == "cudnn":
+    if q_blna.dtype not in (jnp.float16, jnp.bfloat16):
+      raise ValueError(f"attention implementation 'cudnn': cuDNN's flash attention takes "
+                       f"float16 / bfloat16, got {q_blna.dtype} (compute in bfloat16, or use "
+                       "'xla')")
+    return _dot_product(q_blna, k_bska, v_bska, mask, "cudnn")
+  return _splash(q_blna, k_bska, v_bska, mask, interpret=implementation == "pallas_interpret")
+
+
+def _check_mask(mask, b: int, l: int, s: int) -> None:
+  if isinstance(mask, Mask):
+    want = {"valid_bs": (b, s), "q_segment_bl": (b, l), "kv_segment_bs": (b, s)}
+    got = {name: getattr(mask, name) for name in want}
+    bad = any(x is not None and x.shape != want[name] for name, x in got.items())
+    if bad or (got["q_segment_bl"] is None) != (got["kv_segment_bs"] is None):
+      raise ValueError(f"Mask for B, L, S = {(b, l, s)} needs valid_bs {want['valid_bs']} and "
+                       f"both or neither of q_segment_bl {want['q_segment_bl']} / "
+                       f"kv_segment_bs {want['kv_segment_bs']}; got "
+                       + ", ".join(f"{k} {None if x is None else x.shape}" for k, x in got.items()))
+  elif mask is not None and mask.shape != (b, l, s):
+    raise ValueError(f"mask must be (B, L, S) = {(b, l, s)}, got {mask.shape}")
+
+
+def _dense(mask: Mask | jax.Array | None, l: int) -> jax.Array | None:
+  return mask.dense(l) if isinstance(mask, Mask) else mask
+
+
+def _check_platform(implementation: str) -> None:
+  if implementation == "pallas_interpret":
+    return
+  platform, what = _PLATFORMS[implementation]
+  found = jax.default_backend()
+  if found != platform:
+    hint = " ('pallas_interpret' runs the kernel interpreted anywhere)" if platform == "tpu" else ""
+    raise RuntimeError(f"attention implementation {implementation!r} needs {what}; JAX's "
+                       f"platform here is {found!r}{hint}")
+
+
+def _xla(q_blna, k_bska, v_bska, mask_bls, block):
+  """The blockwise online softmax (module doc)."""
+  (b, l, n, a), s, kv = q_blna.shape, k_bska.shape[1], k_bska.shape[2]
   # Heads first, sequence next to the head width: every block is a batched matmul.
   q_bkrla = q_blna.reshape(b, l, kv, n // kv, a).transpose(0, 2, 3, 1, 4)
   k_bksa = k_bska.astype(q_blna.dtype).transpose(0, 2, 1, 3)
@@ -283,3 +409,78 @@ def _add_at(full, block, start, axis):
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# ---- cuDNN and Pallas (module doc) -----------------------------------------------------
+
+
+def _uniform_rows(out_blna, v_bska, mask_bls):
+  """``out_blna`` with the rows that may attend no key set to the mean of ``v`` over all
+  keys, what the XLA path gives them (a kernel's own value there is its own)."""
+  if mask_bls is None:
+    return out_blna
+  r = out_blna.shape[2] // v_bska.shape[2]
+  mean_b1na = jnp.repeat(v_bska.astype(jnp.float32).mean(axis=1), r, axis=1)[:, None]
+  return jnp.where(mask_bls.any(-1)[:, :, None, None], out_blna, mean_b1na.astype(out_blna.dtype))
+
+
+def _dot_product(q_blna, k_bska, v_bska, mask, implementation):
+  """``jax.nn.dot_product_attention`` with ``implementation`` on our masks: the dense mask
+  (B, 1, L, S), and ``is_causal`` where a ``Mask`` is causal from slot 0 with L == S (where
+  JAX's and cuDNN's causal alignments agree). The tests run this with JAX's "xla"
+  implementation to check the mapping where no GPU is."""
+  l, s = q_blna.shape[1], k_bska.shape[1]
+  mask_bls = _dense(mask, l)
+  causal = isinstance(mask, Mask) and mask.causal and mask.q_start is None and l == s
+  out_blna = jax.nn.dot_product_attention(
+      q_blna, k_bska.astype(q_blna.dtype), v_bska.astype(q_blna.dtype),
+      mask=None if mask_bls is None else mask_bls[:, None], is_causal=causal,
+      implementation=implementation)
+  return _uniform_rows(out_blna, v_bska, mask_bls)
+
+
+def _splash(q_blna, k_bska, v_bska, mask, interpret: bool):
+  """Splash attention, one kernel vmapped over the batch: the static causal / full mask,
+  padding and segments as segment ids, L and S padded to the lanes (module doc)."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
+  (b, l, n, a), s = q_blna.shape, k_bska.shape[1]
+  if mask is not None and not isinstance(mask, Mask):
+    raise ValueError("attention implementation 'pallas' (splash attention) takes a "
+                     "models.attention.Mask (validity, causality, segments), not a dense "
+                     "(B, L, S) boolean mask: splash's mask is static per head plus segment ids")
+  if mask is not None and mask.causal and mask.q_start is not None:
+    raise ValueError("attention implementation 'pallas' (splash attention): a causal Mask "
+                     "whose first query slot (q_start, a KV cache's index) is traced; splash "
+                     "fixes its causal offset when the kernel is built (use 'xla' or 'cudnn')")
+  lp, sp = -(-l // _LANES) * _LANES, -(-s // _LANES) * _LANES
+  kernel = _splash_kernel(lp, sp, n, mask is not None and mask.causal, interpret)
+  pad = lambda x, length: jnp.pad(x, ((0, 0), (0, 0), (0, length - x.shape[2]), (0, 0)))
+  dtype = q_blna.dtype
+  q_bnla = pad((q_blna * a**-0.5).astype(dtype).transpose(0, 2, 1, 3), lp)
+  k_bksa = pad(k_bska.astype(dtype).transpose(0, 2, 1, 3), sp)
+  v_bksa = pad(v_bska.astype(dtype).transpose(0, 2, 1, 3), sp)
+  valid_bs = jnp.ones((b, s), bool) if mask is None else jnp.asarray(mask.valid_bs, bool)
+  segmented = mask is not None and mask.q_segment_bl is not None
+  kv_ids_bs = jnp.where(valid_bs, mask.kv_segment_bs if segmented else 0, _NO_SEGMENT)
+  q_ids_bl = mask.q_segment_bl if segmented else jnp.zeros((b, l), jnp.int32)
+  ids = SegmentIds(jnp.pad(q_ids_bl.astype(jnp.int32), ((0, 0), (0, lp - l))),
+                   jnp.pad(kv_ids_bs.astype(jnp.int32), ((0, 0), (0, sp - s)),
+                           constant_values=_NO_SEGMENT))
+  out_bnla = jax.vmap(kernel)(q_bnla, k_bksa, v_bksa, ids)
+  return _uniform_rows(out_bnla[:, :, :l].transpose(0, 2, 1, 3), v_bska, _dense(mask, l))
+
+
+@functools.lru_cache(maxsize=None)
+def _splash_kernel(lp: int, sp: int, heads: int, causal: bool, interpret: bool):
+  """The splash kernel for (lp, sp) blocks of ``heads`` heads, built once: blocks of
+  512, 256 or 128 (the largest dividing each padded length; not tuned, no TPU here).
+  Its mask tables are built outside any trace, so the cached kernel holds no tracer."""
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash
+  bq, bk = (next(size for size in (512, 256, 128) if length % size == 0) for length in (lp, sp))
+  blocks = splash.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq,
+                             block_kv_dkv=bk, block_kv_dkv_compute=bk, block_q_dq=bq,
+                             block_kv_dq=bk)
+  head_mask = splash.CausalMask((lp, sp)) if causal else splash.FullMask((lp, sp))
+  with jax.ensure_compile_time_eval():
+    return splash.make_splash_mha(splash.MultiHeadMask([head_mask] * heads), block_sizes=blocks,
+                                  head_shards=1, q_seq_shards=1, interpret=interpret)

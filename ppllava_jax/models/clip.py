@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ppllava_jax.convert.clip import CLIP_RULES
+from ppllava_jax.models.attention import Mask
 from ppllava_jax.models.dual_encoder import DualEncoder, towers_from_hf, towers_to_hf
 from ppllava_jax.models.layers import (Embedding, Encoder, LayerNorm, Linear, PatchEmbedding,
                                        channels_last)
@@ -129,10 +130,8 @@ class CLIPTextTransformer(nnx.Module):
     """
     ids_bl, mask_bl = prepare_text_inputs(ids_bl, mask_bl, self.cfg.max_position_embeddings,
                                           self.cfg.eos_token_id)
-    length = ids_bl.shape[1]
-    causal_ls = jnp.tril(jnp.ones((length, length), bool))
-    mask_bls = causal_ls[None] & mask_bl.astype(bool)[:, None, :]
-    hidden = self.encoder(self.embeddings(ids_bl), mask_bls)
+    mask = Mask(valid_bs=mask_bl.astype(bool), causal=True)
+    hidden = self.encoder(self.embeddings(ids_bl), mask)
     last_bld = self.final_layer_norm(hidden[-1])
     if self.cfg.eos_token_id == 2:  # legacy configs: the highest id is EOS
       eos_b = jnp.argmax(ids_bl, axis=-1)

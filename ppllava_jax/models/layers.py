@@ -12,6 +12,10 @@ Remat: a module that runs a stack of layers keeps a ``remat`` policy name ("none
 ``jax.checkpoint_policies`` name, default "none") and calls each layer through
 ``remat_call``; ``set_remat(module, policy)`` sets it on every such module below
 ``module`` (what a trainer does on the model it differentiates).
+
+Attention: every module that calls ``models.attention.attention`` keeps an
+``implementation`` name ("xla", the default, or another of ``attention.IMPLEMENTATIONS``);
+``set_attention(module, implementation)`` sets it on every such module below ``module``.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ppllava_jax.models.attention import attention
+from ppllava_jax.models.attention import Mask, attention, check_implementation
 
 
 class Frozen(nnx.Variable):
@@ -58,6 +62,17 @@ def set_remat(module: nnx.Module, remat: str) -> nnx.Module:
   for _, sub in nnx.iter_modules(module):
     if hasattr(sub, "remat"):
       sub.remat = remat
+  return module
+
+
+def set_attention(module: nnx.Module, implementation: str) -> nnx.Module:
+  """Sets the attention implementation (``models.attention``'s module doc) of every
+  attention module under ``module`` (those with an ``implementation`` attribute, ``module``
+  included); returns ``module``. A static attribute, like ``set_remat``'s."""
+  check_implementation(implementation)
+  for _, sub in nnx.iter_modules(module):
+    if hasattr(sub, "implementation"):
+      sub.implementation = implementation
   return module
 
 
@@ -122,12 +137,13 @@ class SelfAttention(nnx.Module):
     self.k_proj = Linear(dim, dim, axes=("embed", "heads"), rngs=rngs)
     self.v_proj = Linear(dim, dim, axes=("embed", "heads"), rngs=rngs)
     self.out_proj = Linear(dim, dim, axes=("heads", "embed"), rngs=rngs)
+    self.implementation = "xla"  # set_attention
 
-  def __call__(self, x_bld: jax.Array, mask_bls: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x_bld: jax.Array, mask: Mask | jax.Array | None = None) -> jax.Array:
     b, l, d = x_bld.shape
     heads = lambda t: t.reshape(b, l, self.num_heads, d // self.num_heads)
     out_blna = attention(heads(self.q_proj(x_bld)), heads(self.k_proj(x_bld)),
-                         heads(self.v_proj(x_bld)), mask_bls)
+                         heads(self.v_proj(x_bld)), mask, implementation=self.implementation)
     return self.out_proj(out_blna.reshape(b, l, d))
 
 
@@ -152,8 +168,8 @@ class EncoderLayer(nnx.Module):
     self.layer_norm2 = LayerNorm(dim, eps)
     self.mlp = MLP(dim, hidden, act, rngs=rngs)
 
-  def __call__(self, x_bld: jax.Array, mask_bls: jax.Array | None = None) -> jax.Array:
-    x_bld = x_bld + self.self_attn(self.layer_norm1(x_bld), mask_bls)
+  def __call__(self, x_bld: jax.Array, mask: Mask | jax.Array | None = None) -> jax.Array:
+    x_bld = x_bld + self.self_attn(self.layer_norm1(x_bld), mask)
     return x_bld + self.mlp(self.layer_norm2(x_bld))
 
 
@@ -167,10 +183,10 @@ class Encoder(nnx.Module):
                             for _ in range(num_layers)])
     self.remat = REMAT_NONE
 
-  def __call__(self, x_bld: jax.Array, mask_bls: jax.Array | None = None) -> list[jax.Array]:
+  def __call__(self, x_bld: jax.Array, mask: Mask | jax.Array | None = None) -> list[jax.Array]:
     hidden = [x_bld]
     for layer in self.layers:
-      hidden.append(remat_call(layer, self.remat, hidden[-1], mask_bls))
+      hidden.append(remat_call(layer, self.remat, hidden[-1], mask))
     return hidden
 
 

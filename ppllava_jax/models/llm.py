@@ -26,9 +26,10 @@ from flax import nnx, struct
 from ppllava_jax.convert.llm import LLM_RULES
 from ppllava_jax.convert.loader import load_into
 from ppllava_jax.models import pretrained
-from ppllava_jax.models.attention import attention
+from ppllava_jax.models.attention import PALLAS, Mask, attention
 from ppllava_jax.models.generate import generate
-from ppllava_jax.models.layers import REMAT_NONE, Embedding, Linear, remat_call, set_remat
+from ppllava_jax.models.layers import (REMAT_NONE, Embedding, Linear, remat_call, set_attention,
+                                       set_remat)
 from ppllava_jax.models.sharding import constrain
 
 
@@ -173,10 +174,13 @@ class Attention(nnx.Module):
     self.k_proj = Linear(d, k * a, use_bias=cfg.qkv_bias, axes=("embed", "kv_heads"), rngs=rngs)
     self.v_proj = Linear(d, k * a, use_bias=cfg.qkv_bias, axes=("embed", "kv_heads"), rngs=rngs)
     self.o_proj = Linear(n * a, d, use_bias=cfg.o_bias, axes=("heads", "embed"), rngs=rngs)
+    self.implementation = "xla"  # layers.set_attention
 
-  def __call__(self, x_bld, positions_bl, rope, key_mask_bls, kv_cache):
+  def __call__(self, x_bld, positions_bl, rope, key_mask, kv_cache):
     """kv_cache: None, or (k_bska, v_bska, index): this layer's cache and the slot to
-    write at. Returns (out, the updated (k, v) or None)."""
+    write at. Returns (out, the updated (k, v) or None). Under "pallas" the cache steps
+    run "xla": splash fixes its causal offset when built, and a cache's index is traced
+    (``models.attention``'s module doc)."""
     cfg = self.cfg
     b, l, _ = x_bld.shape
     n, k, a = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -190,7 +194,9 @@ class Attention(nnx.Module):
       kv_cache = (k_bska, v_bska)
     else:
       k_bska, v_bska = k_blka, v_blka
-    out_blna = attention(q_blna, k_bska, v_bska, key_mask_bls)
+    cached_pallas = kv_cache is not None and self.implementation in PALLAS
+    out_blna = attention(q_blna, k_bska, v_bska, key_mask,
+                         implementation="xla" if cached_pallas else self.implementation)
     return self.o_proj(out_blna.reshape(b, l, n * a)), kv_cache
 
 
@@ -217,8 +223,8 @@ class DecoderLayer(nnx.Module):
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x_bld, positions_bl, rope, key_mask_bls, kv_cache):
-    attn, kv = self.self_attn(self.input_layernorm(x_bld), positions_bl, rope, key_mask_bls,
+  def __call__(self, x_bld, positions_bl, rope, key_mask, kv_cache):
+    attn, kv = self.self_attn(self.input_layernorm(x_bld), positions_bl, rope, key_mask,
                               kv_cache)
     x_bld = x_bld + attn
     x_bld = x_bld + self.mlp(self.post_attention_layernorm(x_bld))
@@ -267,6 +273,12 @@ class CausalLM(nnx.Module):
     (``layers.set_remat``); returns the model."""
     return set_remat(self, remat)
 
+  def set_attention(self, implementation: str) -> "CausalLM":
+    """Every decoder layer's attention through ``implementation`` ("xla", "cudnn",
+    "pallas", "pallas_interpret": ``models.attention``; ``layers.set_attention``); returns
+    the model."""
+    return set_attention(self, implementation)
+
   def __call__(self, input_ids: jax.Array | None = None, attention_mask: jax.Array | None = None,
                position_ids: jax.Array | None = None, inputs_embeds: jax.Array | None = None,
                cache: KVCache | None = None, last_only: bool = False) -> CausalLMOutput:
@@ -309,16 +321,15 @@ class CausalLM(nnx.Module):
     if position_ids is None:
       position_ids = positions_from_mask(mask_bl)
     if cache is None:
-      valid_bs, slot_s, q_slot_l = mask_bl, jnp.arange(l), jnp.arange(l)
+      key_mask = Mask(valid_bs=mask_bl, causal=True)
     else:
       valid_bs = jax.lax.dynamic_update_slice(cache.valid, mask_bl, (0, cache.index))
-      slot_s, q_slot_l = jnp.arange(valid_bs.shape[1]), cache.index + jnp.arange(l)
-    key_mask_bls = valid_bs[:, None, :] & (slot_s[None, None, :] <= q_slot_l[None, :, None])
+      key_mask = Mask(valid_bs=valid_bs, q_start=cache.index, causal=True)
     rope = rope_inv_freq(self.cfg)
     x_bld = constrain(x_bld, ("batch", "length", "embed"))
     new_keys, new_values = [], []
     for i, layer in enumerate(self.model.layers):
-      x_bld, kv = remat_call(layer, self.model.remat, x_bld, position_ids, rope, key_mask_bls,
+      x_bld, kv = remat_call(layer, self.model.remat, x_bld, position_ids, rope, key_mask,
                              None if cache is None else (cache.k[i], cache.v[i], cache.index))
       if kv is not None:
         new_keys.append(kv[0])

@@ -52,7 +52,7 @@ from ppllava_jax.models.btadapter import (BTAdapterConfig, BTAdapterVisionTransf
                                           CLIPVisionBTAdapter)
 from ppllava_jax.models.clip import CLIPModel, CLIPVisionTransformer
 from ppllava_jax.models.generate import generate
-from ppllava_jax.models.layers import Linear, set_remat
+from ppllava_jax.models.layers import Linear, set_attention, set_remat
 from ppllava_jax.models.llm import CausalLM, CausalLMOutput, KVCache
 from ppllava_jax.models.pooling_modes import MODES, POOLING_MODES
 from ppllava_jax.models.ppllava_config import MODEL_TYPES, PoolingConfig, PPLLaVAConfig
@@ -121,6 +121,14 @@ class PPLLaVA(nnx.Module):
     set_remat(self.language_model, remat)
     set_remat(self.vision_tower, remat)
     return self
+
+  def set_attention(self, implementation: str) -> "PPLLaVA":
+    """Every attention of the model (LLM, vision tower, the scorer's text tower) through
+    ``implementation``: "xla" (the default), "cudnn", "pallas" or "pallas_interpret"
+    (``models.attention``; ``layers.set_attention``). A static attribute, like the remat
+    policy: the train step sets ``TrainConfig.attention`` on the model it merges. Returns
+    the model."""
+    return set_attention(self, implementation)
 
   # ---- media -> LLM tokens ------------------------------------------------------------
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ppllava_jax.convert.siglip import SIGLIP_RULES
-from ppllava_jax.models.attention import attention
+from ppllava_jax.models.attention import Mask, attention
 from ppllava_jax.models.dual_encoder import DualEncoder, towers_from_hf, towers_to_hf
 from ppllava_jax.models.layers import (MLP, Embedding, Encoder, LayerNorm, Linear, PatchEmbedding,
                                        channels_last)
@@ -94,6 +94,7 @@ class PoolingAttention(nnx.Module):
     self.num_heads = num_heads
     self.in_proj = Linear(dim, 3 * dim, axes=("embed", "heads"), rngs=rngs)  # q | k | v
     self.out_proj = Linear(dim, dim, axes=("heads", "embed"), rngs=rngs)
+    self.implementation = "xla"  # layers.set_attention
 
   def value(self, x_bld: jax.Array) -> jax.Array:
     """The v projection alone (PPLLaVA scores each patch with it, reference 1b)."""
@@ -106,7 +107,8 @@ class PoolingAttention(nnx.Module):
     heads = lambda t: t.reshape(t.shape[0], t.shape[1], self.num_heads, d // self.num_heads)
     q = self.in_proj(q_bld)[..., :d]
     kv = self.in_proj(x_bld)
-    out_blna = attention(heads(q), heads(kv[..., d:2 * d]), heads(kv[..., 2 * d:]), None)
+    out_blna = attention(heads(q), heads(kv[..., d:2 * d]), heads(kv[..., 2 * d:]), None,
+                         implementation=self.implementation)
     return self.out_proj(out_blna.reshape(q_bld.shape))
 
 
@@ -164,9 +166,7 @@ class SiglipTextTransformer(nnx.Module):
     """(hidden states, last (B, L, D) after final_layer_norm, pooled (B, P) = head(last[:, -1]))."""
     ids_bl, mask_bl = prepare_text_inputs(ids_bl, mask_bl, self.cfg.max_position_embeddings,
                                           None)
-    mask_bls = jnp.broadcast_to(mask_bl.astype(bool)[:, None, :],
-                                (ids_bl.shape[0], ids_bl.shape[1], ids_bl.shape[1]))
-    hidden = self.encoder(self.embeddings(ids_bl), mask_bls)
+    hidden = self.encoder(self.embeddings(ids_bl), Mask(valid_bs=mask_bl.astype(bool)))
     last_bld = self.final_layer_norm(hidden[-1])
     return hidden, last_bld, self.head(last_bld[:, -1])
 

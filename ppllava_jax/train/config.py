@@ -14,6 +14,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
+from ppllava_jax.models.attention import IMPLEMENTATIONS
 from ppllava_jax.train import losses
 from ppllava_jax.train.partition import DECAY_RULES, VICUNA_SFT, Rules
 
@@ -116,6 +117,9 @@ class TrainConfig:
   remat: "none", or the ``jax.checkpoint_policies`` name each LLM decoder layer and each
     vision-tower layer is rematerialised under (``PPLLaVA.set_remat``; "nothing_saveable":
     recompute all, as torch's gradient checkpointing, which every original recipe turns on).
+  attention: the attention implementation of every tower (``PPLLaVA.set_attention``): "xla",
+    "cudnn" (NVIDIA GPUs; bfloat16 compute only), "pallas" (TPU splash attention) or
+    "pallas_interpret" (that kernel interpreted, any platform, slow).
   loss_chunk: positions per logits chunk of the cross-entropy (``train.losses``).
   """
   optim: OptimConfig = OptimConfig()
@@ -123,12 +127,17 @@ class TrainConfig:
   trainable: Rules = VICUNA_SFT
   compute_dtype: str = "float32"
   remat: str = "none"
+  attention: str = "xla"
   loss_chunk: int = losses.CHUNK
   seed: int = 42
 
   def __post_init__(self):
     _choice("TrainConfig", "compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
     _choice("TrainConfig", "remat", self.remat, REMAT_POLICIES)
+    _choice("TrainConfig", "attention", self.attention, IMPLEMENTATIONS)
+    if self.attention == "cudnn" and self.compute_dtype != "bfloat16":
+      raise ValueError("TrainConfig.attention='cudnn' needs compute_dtype='bfloat16' (cuDNN's "
+                       f"flash attention has no float32 kernel), got {self.compute_dtype!r}")
     if self.loss_chunk < 1:
       raise ValueError(f"TrainConfig.loss_chunk must be >= 1, got {self.loss_chunk}")
 

@@ -8,29 +8,39 @@
 from __future__ import annotations
 
 import copy
+import shutil
 import time
 from pathlib import Path
 
 import jax
+import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import PartitionSpec
 
+from ppllava_jax import distributed
 from ppllava_jax.data.pipeline import DataConfig, make_train_iterator
 from ppllava_jax.data.processor import Processor
 from ppllava_jax.eval import mcq, runner
 from ppllava_jax.eval.jobs import chat_template, mcq_jobs
 from ppllava_jax.models import generate as generation
+from ppllava_jax.train.global_batch import DataBlocks, to_global
 from ppllava_jax.train.run_config import McqEvalConfig
 from ppllava_jax.train.state import cast_floating
 
 
-def held_out_loss(run, state, data_cfg: DataConfig, batches: int, step: int) -> dict:
+def held_out_loss(run, state, data_cfg: DataConfig, batches: int, step: int,
+                  blocks: DataBlocks) -> dict:
   """The metrics record of the token-mean loss over the first ``batches`` batches of
-  ``data_cfg`` (a fresh iterator each time: the same batches every evaluation)."""
+  ``data_cfg`` (a fresh iterator each time: the same batches every evaluation); each data
+  block (``train.global_batch``) loads its slice of them."""
   data = make_train_iterator(data_cfg, tokenizer=run.tokenizer, model=run.model_cfg,
-                             scorer_tokenizer=run.scorer_tokenizer)
+                             scorer_tokenizer=run.scorer_tokenizer, block=blocks.block,
+                             blocks=blocks.blocks)
   start, sums = time.perf_counter(), []
   try:
     for _, batch in zip(range(batches), data):
+      batch = to_global(batch, run.shardings.mesh, blocks, pad_id=data.builder.pad_id)
       sums.append(run.steps.eval(state, run.frozen, batch))
   finally:
     data.close()
@@ -51,6 +61,14 @@ class McqEval:
   there to match (a folder per step; a killed run's answers at the step deleted).
   Generation compiles once per prompt-length bucket and frame count, so only the first
   evaluation should: each record has the process's count so far (``mcq_compilations``).
+
+  Several processes: the parameters are global arrays, sharded over every host's
+  devices, which no process can run alone; so each process takes a whole local copy
+  (``_local_copy``: one more model's worth on one of its devices, for the evaluation) and
+  answers its share of the batches, and the runner merges the answers (``eval.runner``).
+  Every process then scores the same merged records and returns the same record (with
+  process 0's time and compilation count): the loop writes process 0's, and every
+  process goes on in lockstep.
   """
 
   def __init__(self, cfg: McqEvalConfig, folder: Path):
@@ -68,21 +86,43 @@ class McqEval:
     """The metrics record of one evaluation of the trainable ``params`` at ``step``."""
     start = time.perf_counter()
     dtype = run.steps.cfg.dtype  # what the step computes in
-    model = nnx.merge(run.graphdef, cast_floating(params, dtype), cast_floating(run.frozen, dtype))
+    params, frozen = cast_floating(params, dtype), cast_floating(run.frozen, dtype)
+    if jax.process_count() > 1:
+      params, frozen = _local_copy(params), _local_copy(frozen)
+    model = nnx.merge(run.graphdef, params, frozen)
     model.eval()  # deterministic: no drop path
     jobs = mcq_jobs(self.items, self.protocol, chat_template(run.model_cfg),
                     Path(self.cfg.video_root), self.cfg.frames)
     out = self.folder / f"step_{step}" / "predictions.jsonl"
-    out.unlink(missing_ok=True)
+    if distributed.is_primary() and out.parent.exists():
+      shutil.rmtree(out.parent)  # a killed run's answers (and parts) at this step
     settings = runner.RunConfig(
         batch_size=self.cfg.batch_size,
         max_new_tokens=self.cfg.max_new_tokens or self.protocol.max_new_tokens,
         model_key=f"training step {step}")
     result = runner.run(model, _own_processor(run), jobs, out, settings)
     report = runner.score_answers(self.items, jobs, result, self.protocol)
+    seconds, compiled = time.perf_counter() - start, generation.compilations()
+    if jax.process_count() > 1:  # process 0's, the one the loop writes
+      seconds, compiled = multihost_utils.broadcast_one_to_all(
+          (np.float32(seconds), np.int32(compiled)))
     return dict(step=step, **_scores(report), mcq_items=len(jobs),
-                mcq_failed=len(runner.failures(jobs, result)), mcq_time=time.perf_counter() - start,
-                mcq_compilations=generation.compilations())
+                mcq_failed=len(runner.failures(jobs, result)), mcq_time=float(seconds),
+                mcq_compilations=int(compiled))
+
+
+def _identity(x):
+  return x
+
+
+def _local_copy(tree):
+  """Each global array of ``tree`` whole on one device of this process: replicated over
+  its mesh (a leaf at a time, so only one leaf is ever on every device), then this
+  process's first copy."""
+  def one(x):
+    whole = jax.jit(_identity, out_shardings=x.sharding.update(spec=PartitionSpec()))(x)
+    return whole.addressable_data(0)
+  return jax.tree.map(one, tree)
 
 
 def _own_processor(run) -> Processor:

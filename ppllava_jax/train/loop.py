@@ -18,6 +18,15 @@ the data cursor and the loop step, and the data stream from a cursor is a functi
 (config, cursor) alone; so a run killed at any point and started again with the same
 command ends with the parameters of one that never stopped (bit for bit on one CPU).
 
+Several processes (``ppllava_jax.distributed``; ``train.py`` starts the runtime): every
+process runs this loop in lockstep on one global mesh. Each loads its data block's
+slice of every step (``train.global_batch``; the data config's ``shards`` fix the global
+batch whatever the process count), ``to_global`` makes the step's global arrays, and
+Orbax saves and restores the sharded state collectively, so a checkpoint of P processes
+resumes on any other count. Only process 0 writes what the run shares (metrics, pictures,
+config.json, the synthetic set, the reference cache) and shows progress; a stop signal
+any process receives is all-gathered each step, so all of them save and stop together.
+
 Stopping: SIGTERM / SIGINT set a flag; the loop saves at the next batch boundary
 (skipping a multiple-choice evaluation due there, and the final one: they can take
 long) and ``train`` returns with ``stopped`` set to the signal's name (``train.py``
@@ -41,14 +50,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
+from ppllava_jax import distributed
 from ppllava_jax.data.batch import empty_like
 from ppllava_jax.train import checkpoint as ckpt_lib
 from ppllava_jax.train import evaluation
 from ppllava_jax.train import metrics as metrics_lib
 from ppllava_jax.train import run_config as rc
 from ppllava_jax.train.dpo import DPOConstants, PreferenceObjective, check_trainable, reference_copy
+from ppllava_jax.train.global_batch import DataBlocks, data_blocks, to_global
 from ppllava_jax.train.optimizer import make_optimizer
 from ppllava_jax.train.partition import decay_mask, partition
 from ppllava_jax.train.state import init_state, make_mesh
@@ -134,26 +146,32 @@ def start_reference(run: Run, cfg: rc.RunConfig, workdir: Path, initial_params) 
 
 
 def prepare_data(cfg: rc.RunConfig, workdir: Path) -> rc.RunConfig:
-  """``{workdir}`` substituted; the synthetic set generated first if the config has one."""
+  """``{workdir}`` substituted; the synthetic set generated first if the config has one
+  (by process 0, the others waiting for it)."""
   cfg = rc.with_workdir(cfg, str(workdir))
   if cfg.synthetic is not None:
     from ppllava_jax.train import synthetic
     make = synthetic.generate if cfg.synthetic.kind == "qa" else synthetic.generate_preference
-    make(cfg.synthetic, workdir / "data")
+    if distributed.is_primary():
+      make(cfg.synthetic, workdir / "data")
+    distributed.barrier("synthetic data")
   return cfg
 
 
-def _data(cfg: rc.RunConfig, run: Run, state: dict | None, reference: dict | None):
-  """The run's batches: SFT ``TrainBatch``es or DPO ``PairBatch``es."""
+def _data(cfg: rc.RunConfig, run: Run, blocks: DataBlocks, state: dict | None,
+          reference: dict | None):
+  """This process's block of the run's batches: SFT ``TrainBatch``es or DPO
+  ``PairBatch``es."""
+  where = dict(block=blocks.block, blocks=blocks.blocks)
   if cfg.preference is not None:
     from ppllava_jax.data.pairs import make_preference_iterator
     return make_preference_iterator(cfg.preference, tokenizer=run.tokenizer, model=run.model_cfg,
                                     scorer_tokenizer=run.scorer_tokenizer, state=state,
                                     reference=reference,
-                                    pin_frames=cfg.dpo.precompute_reference)
+                                    pin_frames=cfg.dpo.precompute_reference, **where)
   from ppllava_jax.data.pipeline import make_train_iterator
   return make_train_iterator(cfg.data, tokenizer=run.tokenizer, model=run.model_cfg,
-                             scorer_tokenizer=run.scorer_tokenizer, state=state)
+                             scorer_tokenizer=run.scorer_tokenizer, state=state, **where)
 
 
 class _Signals:
@@ -162,6 +180,18 @@ class _Signals:
   def __init__(self):
     self.received: str | None = None
     self._old = {}
+
+  def agreed(self) -> str | None:
+    """The signal any process received (one all-gather on several processes), so that
+    every process saves and stops at the same batch."""
+    if jax.process_count() == 1:
+      return self.received
+    names = [n for n in (signal.SIGTERM.name, signal.SIGINT.name)]
+    mine = np.int32(names.index(self.received) + 1 if self.received else 0)
+    got = int(np.max(multihost_utils.process_allgather(mine)))
+    if got and self.received is None:
+      self.received = names[got - 1]
+    return self.received
 
   def __enter__(self):
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -220,11 +250,14 @@ def train(cfg: rc.RunConfig, workdir: str | Path) -> dict:
   multiple-choice accuracy (None without one)."""
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  primary = distributed.is_primary()
   config_dict = rc.to_dict(cfg)
   cfg = prepare_data(cfg, workdir)
   mcq_eval = evaluation.McqEval(cfg.mcq, workdir / "mcq") if cfg.mcq else None
-  (workdir / "config.json").write_text(json.dumps(config_dict, indent=1, sort_keys=True))
+  if primary:
+    (workdir / "config.json").write_text(json.dumps(config_dict, indent=1, sort_keys=True))
   run = build(cfg)
+  blocks = data_blocks(run.shardings.mesh)
   checkpoints = ckpt_lib.Checkpoints(workdir, keep=cfg.keep)
   target = ckpt_lib.abstract_state(run.state, run.shardings.state)
   start, data_state, state = 0, None, run.state
@@ -239,15 +272,20 @@ def train(cfg: rc.RunConfig, workdir: str | Path) -> dict:
   elif cfg.init_from:
     state = state.replace(params=initial())
     print(f"starting from the parameters of {cfg.init_from}", flush=True)
-  data = _data(cfg, run, data_state, reference)
-  writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
-  streak_fn = jax.jit(lambda s, k: jnp.where(k > 0, s + 1, 0))
-  streak = jnp.zeros((), jnp.int32)
+  data = _data(cfg, run, blocks, data_state, reference)
+  writer = (metrics_lib.MetricsWriter(workdir, resume_step=start) if primary
+            else metrics_lib.NoMetrics())
+  # on the whole mesh, like the step's metrics, so every process can read it
+  replicated = run.shardings.replicated
+  streak_fn = jax.jit(lambda s, k: jnp.where(k > 0, s + 1, 0), out_shardings=replicated)
+  streak = jax.device_put(np.zeros((), np.int32), replicated)
   pending, flops, samples = [], {}, 0
   last_time, last_step, stopped, done = time.perf_counter(), start, None, start
   last = {}
   pad_id = run.tokenizer.pad_token_id or 0
-  bar = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True, mininterval=1.0)
+  micro = cfg.train.optim.grad_accum > 1
+  bar = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True, mininterval=1.0,
+             disable=not primary)
   try:
     with _Signals() as signals:
       for done in range(start + 1, cfg.steps + 1):
@@ -257,10 +295,11 @@ def train(cfg: rc.RunConfig, workdir: str | Path) -> dict:
           print(f"the data ran out after {done - 1} batches", flush=True)
           done -= 1
           break
+        samples += int(np.sum(batch.sample_mask))  # this process's
+        batch = to_global(batch, run.shardings.mesh, blocks, micro, pad_id)
         key = batch.shape_key()
         if key not in flops:
           flops[key] = _step_flops(run.steps, state, run.constants, batch)
-        samples += int(np.sum(batch.sample_mask))
         state, m = run.steps.train(state, run.constants, batch)
         streak = streak_fn(streak, m["skipped"])
         pending.append((m, flops[key]))
@@ -274,17 +313,19 @@ def train(cfg: rc.RunConfig, workdir: str | Path) -> dict:
                 f"{cfg.max_nan_in_a_row}. Lower train.optim.lr, check the data, or resume "
                 f"from an earlier checkpoint in {checkpoints.directory}")
         if every(done, cfg.log_every) or done == cfg.steps:
+          samples = _global_samples(samples, blocks)
           last = _log(writer, run, data, state, pending, done, last_step, last_time, samples, cfg)
           bar.set_postfix(loss=f"{last['loss']:.4f}", refresh=False)
           pending, samples, last_step, last_time = [], 0, done, time.perf_counter()
         if every(done, cfg.eval_every):
-          _evaluate(writer, run, state, cfg, done)
-        if mcq_eval and every(done, cfg.mcq.every) and not signals.received:
+          _evaluate(writer, run, state, cfg, done, blocks)
+        received = signals.agreed()
+        if mcq_eval and every(done, cfg.mcq.every) and not received:
           _evaluate_mcq(writer, mcq_eval, run, state, done)
-        if every(done, cfg.checkpoint_every) or signals.received:
+        if every(done, cfg.checkpoint_every) or received:
           checkpoints.save(done, state, data.get_state(), config_dict)
-        if signals.received:
-          stopped = signals.received
+        if received:
+          stopped = received
           break
       if done > start or checkpoints.latest_step() is None:
         checkpoints.save(done, state, data.get_state(), config_dict)
@@ -299,13 +340,23 @@ def train(cfg: rc.RunConfig, workdir: str | Path) -> dict:
   if stopped:
     print(f"stopped by {stopped} after step {done}: checkpoint {done} saved in "
           f"{checkpoints.directory}; run the same command again to resume", flush=True)
-  records = metrics_lib.read_metrics(workdir)
-  curve = metrics_lib.loss_curve(records, workdir / "loss.png")
-  accuracies = [r["mcq_accuracy"] for r in records if "mcq_accuracy" in r]
-  host = jax.device_get(state)
-  return dict(step=done, updates=int(host.step), skipped=int(host.skipped), stopped=stopped,
+  curve, accuracies = None, []
+  if primary:
+    records = metrics_lib.read_metrics(workdir)
+    curve = metrics_lib.loss_curve(records, workdir / "loss.png")
+    accuracies = [r["mcq_accuracy"] for r in records if "mcq_accuracy" in r]
+  updates, skipped = jax.device_get((state.step, state.skipped))  # replicated scalars
+  return dict(step=done, updates=int(updates), skipped=int(skipped), stopped=stopped,
               loss=last.get("loss"), loss_curve=str(curve) if curve else None,
               mcq_accuracy=accuracies[-1] if accuracies else None)
+
+
+def _global_samples(samples: int, blocks: DataBlocks) -> int:
+  """The samples of every data block since the last log (this process's: ``samples``)."""
+  if jax.process_count() == 1:
+    return samples
+  counts = multihost_utils.process_allgather(np.int64(samples))
+  return int(sum(counts[p] for p in blocks.owners))
 
 
 def _log(writer, run, data, state, pending, done, last_step, last_time, samples, cfg) -> dict:
@@ -334,8 +385,8 @@ def _log(writer, run, data, state, pending, done, last_step, last_time, samples,
   return record
 
 
-def _evaluate(writer, run, state, cfg: rc.RunConfig, done: int) -> None:
-  record = evaluation.held_out_loss(run, state, cfg.eval_data, cfg.eval_batches, done)
+def _evaluate(writer, run, state, cfg: rc.RunConfig, done: int, blocks: DataBlocks) -> None:
+  record = evaluation.held_out_loss(run, state, cfg.eval_data, cfg.eval_batches, done, blocks)
   writer.write(record)
   log.info("eval at step %d: loss %.4f over %d tokens", done, record["eval_loss"],
            record["eval_tokens"])

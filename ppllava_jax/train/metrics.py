@@ -161,6 +161,16 @@ class MetricsWriter:
     self.events.close()
 
 
+class NoMetrics:
+  """What a process other than the primary writes: nothing (``ppllava_jax.distributed``)."""
+
+  def write(self, record: dict) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
 def _line(record: dict) -> str:
   return json.dumps(record, sort_keys=True) + "\n"
 

@@ -29,6 +29,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from ppllava_jax import distributed
 from ppllava_jax.data import pairs, pipeline
 from ppllava_jax.data.preference import read_preference_rows
 from ppllava_jax.train import run_config as rc
@@ -82,22 +83,24 @@ def save(path: Path, table: dict, fp: dict) -> None:
 
 def compute(run, cfg: rc.RunConfig, params) -> dict:
   """``id -> (chosen, rejected)`` log-probs under ``params`` (module doc), with progress."""
-  data_cfg = dataclasses.replace(cfg.preference, num_epochs=1)
+  data_cfg = dataclasses.replace(cfg.preference, num_epochs=1, shards=None)
   read = read_preference_rows(data_cfg.rows, data_cfg.media_root)
   _check_unique(read.rows)
   builder = pairs.make_builder(data_cfg, read.rows, tokenizer=run.tokenizer, model=run.model_cfg,
                                scorer_tokenizer=run.scorer_tokenizer, pin_frames=True,
                                shuffle=False)
   data = pipeline.DataIterator(data_cfg, builder.plan, builder, 0, 1)
-  fn = jax.jit(functools.partial(reference_logps, run.graphdef, cfg.train))
+  # every process makes the whole table (the same batches, put whole on the mesh)
+  fn = jax.jit(functools.partial(reference_logps, run.graphdef, cfg.train),
+               out_shardings=run.shardings.replicated)
   mesh, table = run.shardings.mesh, {}
   try:
     for batch in tqdm(data, total=builder.plan.total(), desc="reference log-probs",
-                      dynamic_ncols=True, mininterval=1.0):
+                      dynamic_ncols=True, mininterval=1.0, disable=not distributed.is_primary()):
       with jax.set_mesh(mesh):
         logp = np.asarray(jax.device_get(fn(params, run.frozen, jax.device_put(
             batch, batch_shardings(batch, mesh)))))
-      for i, r in enumerate(data.last_info.records):
+      for i, r in enumerate(data.infos[0].records):
         if batch.pair_mask[i]:
           table[read.rows[r].id] = (logp[2 * i], logp[2 * i + 1])
   finally:
@@ -114,6 +117,8 @@ def reference_table(run, cfg: rc.RunConfig, workdir: Path, initial_params) -> di
     print(f"reference log-probs of {len(table)} rows read from {path}", flush=True)
     return table
   table = compute(run, cfg, initial_params())
-  save(path, table, want)
+  if distributed.is_primary():
+    save(path, table, want)
+  distributed.barrier("reference cache")
   print(f"reference log-probs of {len(table)} rows computed and cached in {path}", flush=True)
   return table

@@ -101,9 +101,11 @@ class Objective(Protocol):
 
 
 def merged(graphdef: nnx.GraphDef, cfg: TrainConfig, params, frozen) -> PPLLaVA:
-  """The model of ``params`` and ``frozen`` in the compute dtype, remat as configured."""
+  """The model of ``params`` and ``frozen`` in the compute dtype, remat and attention as
+  configured."""
   model = nnx.merge(graphdef, cast_floating(params, cfg.dtype), cast_floating(frozen, cfg.dtype))
   model.set_remat(cfg.remat)  # LLM and vision-tower layers (PPLLaVA.set_remat)
+  model.set_attention(cfg.attention)  # every tower's attention (PPLLaVA.set_attention)
   return model
 
 

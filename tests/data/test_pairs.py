@@ -240,14 +240,14 @@ def data_config(rows, media_root, **kw) -> PreferenceDataConfig:
 def iterator(cfg, **kw):
   tok = char_tokenizer()
   return make_preference_iterator(cfg, tokenizer=tok, model=MODEL, scorer_tokenizer=tok,
-                                  process_index=0, process_count=1, **kw)
+                                  block=0, blocks=1, **kw)
 
 
 def run(it, limit=None):
   """[(arrays, records, epoch)] of the batches ``it`` yields (at most ``limit``)."""
   out = []
   for batch in it:
-    out.append((arrays(batch), it.last_info.records, it.last_info.epoch))
+    out.append((arrays(batch), it.infos[0].records, it.infos[0].epoch))
     if limit is not None and len(out) == limit:
       break
   return out
@@ -381,7 +381,7 @@ def test_rows_that_cannot_teach_are_skipped_and_bad_media_leave_empty_pairs(flaw
     else:
       check_pair(batch, i, usable[r])
   assert batch["pair_mask"].sum() == 3
-  skipped = it.last_info.skipped
+  skipped = it.infos[0].skipped
   assert sorted(reason for reason, _ in skipped) == ["corrupt", "corrupt"]
   for source in bad.values():
     assert sum(source in detail for _, detail in skipped) == 1, (source, skipped)

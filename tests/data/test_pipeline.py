@@ -9,7 +9,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from ppllava_jax.data.annotations import CorpusConfig, MixtureConfig, load_mixture
-from ppllava_jax.data.batch import BatchConfig
+from ppllava_jax.data.batch import BatchConfig, Geometry, pad_batch
 from ppllava_jax.data.pipeline import DataConfig, DataError, make_train_iterator
 from ppllava_jax.data.sft import SampleConfig
 from support.train_data import tiny_model_config, write_image, write_json, write_video
@@ -71,7 +71,7 @@ def fingerprint(it, batch):
   for name in ("input_ids", "labels", "row_mask", "scorer_ids", "image_gather", "videos",
                "images", "pictures"):
     digest.update(np.ascontiguousarray(getattr(batch, name)).tobytes())
-  return it.last_info.index, it.last_info.records, digest.hexdigest()
+  return it.infos[0].index, it.infos[0].records, digest.hexdigest()
 
 
 def stream(setup, cfg, limit=None, **kw):
@@ -87,7 +87,7 @@ def stream(setup, cfg, limit=None, **kw):
 
 def test_bucketed_batches_compile_few_programs_and_cover_the_epoch(setup):
   cfg = config(setup, num_epochs=1)
-  it = iterator(setup, cfg, process_index=0, process_count=1)
+  it = iterator(setup, cfg, block=0, blocks=1)
   step = jax.jit(lambda b: (b.input_ids.sum() + b.videos.sum() + b.images.sum()
                             + b.pictures.sum() + b.image_gather.sum()))
   shapes, lengths, seen = set(), set(), []
@@ -95,7 +95,7 @@ def test_bucketed_batches_compile_few_programs_and_cover_the_epoch(setup):
     shapes.add(batch.shape_key())
     lengths.add(batch.input_ids.shape[1])
     step(batch)
-    seen += it.last_info.records
+    seen += it.infos[0].records
   assert len(seen) == 100 and sorted(seen) == list(range(100))  # each sample once
   assert lengths == {64, 128, 256}  # every bucket used, nothing else
   assert len(shapes) == 3 and step._cache_size() == 3  # one program per bucket
@@ -104,39 +104,41 @@ def test_bucketed_batches_compile_few_programs_and_cover_the_epoch(setup):
 
 def test_restoring_the_state_continues_the_exact_stream(setup):
   cfg = config(setup)
-  full, _ = stream(setup, cfg, process_index=0, process_count=1)
+  full, _ = stream(setup, cfg, block=0, blocks=1)
   assert len({f[0] for f in full}) == len(full)  # two epochs of distinct global batches
   epoch_records = [r for f in full for r in f[1]]
   assert len(epoch_records) == 200 and epoch_records[:100] != epoch_records[100:]
-  it = iterator(setup, cfg, process_index=0, process_count=1)
+  it = iterator(setup, cfg, block=0, blocks=1)
   for _ in range(7):
     next(it)
   state = it.get_state()
   it.close()
   assert state["next_batch"] == 7 and state["stats"]["batches"] == 7
-  tail, _ = stream(setup, cfg, state=state, process_index=0, process_count=1)
+  tail, _ = stream(setup, cfg, state=state, block=0, blocks=1)
   assert tail == full[7:]
   # the cursor is global: two processes restored from it share out the same batches
-  p0, _ = stream(setup, cfg, state=state, process_index=0, process_count=2)
-  p1, _ = stream(setup, cfg, state=state, process_index=1, process_count=2)
+  p0, _ = stream(setup, cfg, state=state, block=0, blocks=2)
+  p1, _ = stream(setup, cfg, state=state, block=1, blocks=2)
   assert len(p0) == len(p1) == -(-len(tail) // 2)
   merged = [f for pair in zip(p0, p1) for f in pair]
-  assert [f for f in merged if f[1]] == tail  # past the end: empty batches, no records
+  # past the end: empty batches, no records; the halves' contents (row references moved to
+  # their global rows) are test_a_steps_shards_are_one_global_batch_whatever_the_blocks's
+  assert [f[:2] for f in merged if f[1]] == [f[:2] for f in tail]
   with pytest.raises(DataError, match="saved with seed 5, the config has 6"):
-    iterator(setup, config(setup, seed=6), state=state, process_index=0, process_count=1)
+    iterator(setup, config(setup, seed=6), state=state, block=0, blocks=1)
 
 
 def test_grain_workers_give_the_same_stream(setup):
   cfg = config(setup, num_epochs=1)
-  serial, _ = stream(setup, cfg, limit=12, process_index=0, process_count=1)
+  serial, _ = stream(setup, cfg, limit=12, block=0, blocks=1)
   parallel, _ = stream(setup, config(setup, num_epochs=1, num_workers=2), limit=12,
-                       process_index=0, process_count=1)
+                       block=0, blocks=1)
   assert parallel == serial
 
 
 def test_skips_are_counted_and_stop_the_run_past_the_limit(setup):
   cfg = config(setup, num_epochs=1, max_skip_fraction=0.01, skip_check_after=10)
-  it = iterator(setup, cfg, process_index=0, process_count=1)
+  it = iterator(setup, cfg, block=0, blocks=1)
   with pytest.raises(DataError, match=r"samples skipped .* more than max_skip_fraction=0.01: "
                                       r"\{'missing': \d+\}; the last: .*missing\d.jpg"):
     for _ in it:
@@ -148,7 +150,58 @@ def test_skips_are_counted_and_stop_the_run_past_the_limit(setup):
 def test_validation_runs_before_the_pipeline(setup, tmp_path):
   bad = CorpusConfig("bad", str(write_json(tmp_path / "bad.json", [{"video": 3, "QA": []}])))
   with pytest.raises(Exception, match=r"bad.json: record 0: field 'QA'"):
-    iterator(setup, config(setup, mixture=MixtureConfig((bad,))), process_index=0,
-             process_count=1)
+    iterator(setup, config(setup, mixture=MixtureConfig((bad,))), block=0,
+             blocks=1)
   aset = load_mixture(setup["mixture"])
   assert len(aset) == 100 and aset.num_media.max() == 2
+
+
+def test_a_steps_shards_are_one_global_batch_whatever_the_blocks(setup):
+  """``shards=2``: one block (one process) yields the two planned batches of a step as one
+  global batch; two blocks yield its halves; each half is the planned batch itself with its
+  row references moved to its rows and its gather indices into the global image table
+  (images of both shards, pictures of both, the newline: data.batch's layout)."""
+  cfg = config(setup, num_epochs=1, shards=2)
+  plain = iterator(setup, config(setup, num_epochs=1), block=0, blocks=1)
+  whole = iterator(setup, cfg, block=0, blocks=1)
+  halves = [iterator(setup, cfg, block=b, blocks=2) for b in range(2)]
+  geo = Geometry.of(setup["model"], cfg.batch)
+  rng = np.random.default_rng(0)
+  for step in range(6):
+    parts = [next(plain), next(plain)]
+    got = next(whole)
+    assert [i.index for i in whole.infos] == [2 * step, 2 * step + 1]
+    length = got.input_ids.shape[1]
+    for b, (half, part) in enumerate(zip([next(h) for h in halves], parts)):
+      rows = slice(4 * b, 4 * b + 4)
+      part = pad_batch(part, length, setup["tok"].pad_token_id)
+      half = pad_batch(half, length, setup["tok"].pad_token_id)
+      for name in ("input_ids", "labels", "attention_mask", "row_mask", "scorer_ids"):
+        np.testing.assert_array_equal(getattr(got, name)[rows], getattr(part, name))
+        np.testing.assert_array_equal(getattr(half, name), getattr(part, name))
+      for name in ("video_row", "image_row", "multi_image_row"):
+        slots = getattr(part, name).shape[0]
+        np.testing.assert_array_equal(getattr(got, name)[b * slots:(b + 1) * slots],
+                                      getattr(part, name) + 4 * b)
+    # the image-token table: each shard's own table, read through its own gather, equals
+    # the global table read through the global gather
+    tables = []
+    for part in parts:
+      i, k = part.images.shape[:2]
+      m, p = part.pictures.shape[:2]
+      tables.append((rng.normal(size=(i * k * geo.picture_tokens, 3)),
+                     rng.normal(size=(m * p * geo.picture_tokens, 3))))
+    newline = rng.normal(size=(1, 3))
+    table = np.concatenate([t[0] for t in tables] + [t[1] for t in tables] + [newline])
+    want = np.concatenate([np.concatenate([img, pic, newline])[part.image_gather][
+        part.image_gather_mask] for (img, pic), part in zip(tables, parts)])
+    np.testing.assert_array_equal(table[got.image_gather][got.image_gather_mask], want)
+  for it in (plain, whole, *halves):
+    it.close()
+
+
+def test_shards_must_split_over_the_blocks(setup):
+  with pytest.raises(ValueError, match="3 shards per step do not split over 2 data blocks"):
+    iterator(setup, config(setup, shards=3), block=0, blocks=2)
+  with pytest.raises(ValueError, match="shards must be >= 1"):
+    config(setup, shards=0)

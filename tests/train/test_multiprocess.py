@@ -1,0 +1,129 @@
+"""train.py on JAX's multi-controller runtime: 2 processes x 4 CPU devices on localhost (gloo)
+against 1 process x 8 devices, on one (data=2, fsdp=4) mesh whose global batch is two data
+shards of 4 rows (``data.shards=2``): the same global arrays whatever the process count.
+
+One 2-process run of 5 SFT steps (checkpoints 3 and 5) is the reference. Against it:
+a 1-process run of the same 5 steps (losses and parameters within 1e-6); its checkpoint 3
+resumed by 2 processes (bit for bit: the same programs on the same devices) and by 1
+process (within 1e-6) to step 5.
+
+The 2-process runs compile for themselves: with JAX's persistent compilation cache, the
+second 2-process run on this CPU read back executables whose outputs it then could not
+fetch (``device_get`` failed on both processes); the 1-process runs share the cache.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from support import multiprocess, train_runs
+
+pytestmark = pytest.mark.slow
+
+SETS = ("steps=5", "log_every=1", "checkpoint_every=3", "keep=5", "eval_every=5", "eval_batches=1",
+        "eval_data.shards=2", "mcq=None",
+        "model.tiny.image_size=56", "synthetic.videos=8", "synthetic.eval_videos=2",
+        "data.shards=2", "data.batch.batch_size=4", "data.batch.video_slots=4",
+        "data.batch.seq_buckets=(192,)", "data.sample.max_length=192",
+        "eval_data.batch.seq_buckets=(192,)", "eval_data.sample.max_length=192",
+        "train.mesh.data=2", "train.mesh.fsdp=4")
+
+
+def command(workdir) -> list[str]:
+  return [sys.executable, str(train_runs.ROOT / "train.py"), "--config", str(train_runs.CONFIG),
+          "--workdir", str(workdir), *[a for s in SETS for a in ("--set", s)]]
+
+
+def losses(workdir, key: str = "loss") -> dict[int, float]:
+  records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return {r["step"]: r[key] for r in records if key in r}
+
+
+def params(workdir, step: int = 5) -> dict[str, np.ndarray]:
+  path = workdir / "checkpoints" / str(step) / "state"
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  with ocp.StandardCheckpointer() as ckptr:
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
+                          dict(ckptr.metadata(path).item_metadata))
+    state = ckptr.restore(path, target)
+  flat = {}
+
+  def walk(node, path):
+    if isinstance(node, dict):
+      for k, v in node.items():
+        walk(v, f"{path}/{k}")
+    else:
+      flat[path] = np.asarray(node)
+  walk(state["params"], "")
+  return flat
+
+
+def truncated_copy(src, dst, step: int):
+  """``src``'s workdir as it stood at checkpoint ``step`` (later checkpoints removed)."""
+  shutil.copytree(src, dst)
+  for folder in (dst / "checkpoints").iterdir():
+    if folder.name.isdigit() and int(folder.name) > step:
+      shutil.rmtree(folder)
+  return dst
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory, compile_cache):
+  workdir = tmp_path_factory.mktemp("two_process")
+  done = multiprocess.launch(command(workdir), processes=2, devices=4)
+  assert all(r.returncode == 0 for r in done), multiprocess.report(done)
+  return workdir, done
+
+
+def test_only_process_zero_writes_and_both_train(two_process_run):
+  workdir, done = two_process_run
+  assert sorted(losses(workdir)) == [1, 2, 3, 4, 5]  # one record per step: one writer
+  for r in done:
+    assert "step 5: 5 updates, 0 skipped" in r.stdout, multiprocess.report(done)
+  assert (workdir / "loss.png").is_file()
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [
+      "3", "5"]
+
+
+def test_two_processes_equal_one(two_process_run, tmp_path, compile_cache):
+  workdir, _ = two_process_run
+  single = tmp_path / "one_process"
+  done = multiprocess.run_one(command(single), devices=8, cache=compile_cache)
+  assert done.returncode == 0, multiprocess.report(done)
+  for key in ("loss", "eval_loss"):  # eval_loss: the held-out batches, sharded the same way
+    want = losses(workdir, key)
+    assert sorted(want) == ([1, 2, 3, 4, 5] if key == "loss" else [5])
+    np.testing.assert_allclose(list(losses(single, key).values()), list(want.values()),
+                               rtol=0, atol=1e-6)
+  want, got = params(workdir), params(single)
+  assert sorted(got) == sorted(want)
+  for name in want:
+    np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-6, err_msg=name)
+
+
+def test_checkpoint_of_two_resumes_in_two_and_in_one(two_process_run, tmp_path, compile_cache):
+  workdir, _ = two_process_run
+  want = params(workdir)
+  two = truncated_copy(workdir, tmp_path / "two", 3)
+  done = multiprocess.launch(command(two), processes=2, devices=4)
+  assert all(r.returncode == 0 for r in done), multiprocess.report(done)
+  assert "resuming from checkpoint 3" in done[0].stdout
+  got = params(two)
+  for name in want:  # the same programs on the same devices: exact
+    np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+  assert losses(two) == losses(workdir)
+
+  one = truncated_copy(workdir, tmp_path / "one", 3)
+  done = multiprocess.run_one(command(one), devices=8, cache=compile_cache)
+  assert done.returncode == 0, multiprocess.report(done)
+  assert "resuming from checkpoint 3" in done.stdout
+  got = params(one)
+  for name in want:
+    np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-6, err_msg=name)
