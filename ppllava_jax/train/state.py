@@ -10,7 +10,8 @@ is its logical ``axes`` metadata through ``models.sharding.LOGICAL_RULES`` (a di
 mesh axis does not divide is replicated instead, and logged); optimizer moments take
 their parameter's sharding, scalars are replicated. ``init_state`` then builds the state
 under ``jax.jit(out_shardings=...)``: from a model constructor nothing is ever
-materialised unsharded.
+materialised unsharded. ``abstract_state`` gives the same as shapes with shardings, for
+lowering a step without any weights (``ppllava_jax.plan``).
 """
 
 from __future__ import annotations
@@ -95,6 +96,32 @@ def cast_floating(tree, dtype):
   return jax.tree.map(one, tree)
 
 
+def abstract_state(model: nnx.Module | Callable[[], nnx.Module], part: Partition,
+                   tx: optax.GradientTransformation, mesh: Mesh, *, frozen_dtype=None,
+                   rules: Rules = LOGICAL_RULES
+                   ) -> tuple[nnx.GraphDef, TrainState, nnx.State, Shardings]:
+  """(graphdef, state, frozen, shardings) as ``init_state`` gives them, but the state and
+  the frozen state are ``jax.ShapeDtypeStruct``s carrying their shardings: nothing is
+  materialised (what lowering a step for its memory plan needs, ``ppllava_jax.plan``)."""
+  graphdef, params, frozen = part.split(model if isinstance(model, nnx.Module)
+                                        else nnx.eval_shape(model))
+  params_a, frozen_a = _abstract(params), cast_floating(_abstract(frozen), frozen_dtype)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  params_sh = param_shardings(params_a, mesh, rules)
+  opt_a = jax.eval_shape(tx.init, params_a)
+  shardings = Shardings(mesh, TrainState(replicated, params_sh,
+                                         _moment_shardings(opt_a, params_a, params_sh, replicated),
+                                         replicated, replicated),
+                        param_shardings(frozen_a, mesh, rules))
+  count = jax.ShapeDtypeStruct((), jnp.int32)
+  key = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+  state_a = TrainState(count, params_a, opt_a, key, count)
+  placed = lambda tree, sh: jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
+  return (graphdef, placed(state_a, shardings.state), placed(frozen_a, shardings.frozen),
+          shardings)
+
+
 def init_state(model: nnx.Module | Callable[[], nnx.Module], part: Partition,
                tx: optax.GradientTransformation, mesh: Mesh, *, seed: int = 0,
                frozen_dtype=None, rules: Rules = LOGICAL_RULES
@@ -106,14 +133,8 @@ def init_state(model: nnx.Module | Callable[[], nnx.Module], part: Partition,
   ``part`` splits it (``train.partition.partition``); ``frozen_dtype`` (bfloat16 compute)
   stores the frozen state in that dtype.
   """
-  build = None if isinstance(model, nnx.Module) else model
-  graphdef, params, frozen = part.split(nnx.eval_shape(build) if build else model)
-  params_a, frozen_a = _abstract(params), cast_floating(_abstract(frozen), frozen_dtype)
-  replicated = NamedSharding(mesh, PartitionSpec())
-  params_sh = param_shardings(params_a, mesh, rules)
-  opt_sh = _moment_shardings(jax.eval_shape(tx.init, params_a), params_a, params_sh, replicated)
-  shardings = Shardings(mesh, TrainState(replicated, params_sh, opt_sh, replicated, replicated),
-                        param_shardings(frozen_a, mesh, rules))
+  graphdef, _, _, shardings = abstract_state(model, part, tx, mesh, frozen_dtype=frozen_dtype,
+                                             rules=rules)
 
   def finish(p, f):
     key = jax.random.key_data(jax.random.key(seed))
@@ -121,10 +142,10 @@ def init_state(model: nnx.Module | Callable[[], nnx.Module], part: Partition,
             cast_floating(f, frozen_dtype))
 
   out = (shardings.state, shardings.frozen)
-  if build is not None:
-    state, frozen = jax.jit(lambda: finish(*part.split(build())[1:]), out_shardings=out)()
+  if isinstance(model, nnx.Module):
+    state, frozen = jax.jit(finish, out_shardings=out)(*part.split(model)[1:])
   else:
-    state, frozen = jax.jit(finish, out_shardings=out)(params, frozen)
+    state, frozen = jax.jit(lambda: finish(*part.split(model())[1:]), out_shardings=out)()
   return graphdef, state, frozen, shardings
 
 
