@@ -51,24 +51,10 @@ def simulate_devices(count: int) -> None:
 def load_run_config(path: str):
   """A config file's ``RunConfig``: its ``get_run_config()`` where it has one (a recipe
   file whose ``get_config()`` is the step's ``TrainConfig``), else its ``get_config()``."""
-  import importlib.util
-
   from ppllava_jax.config import load_config
   from ppllava_jax.train.run_config import RunConfig
-  file = Path(path)
-  if not file.is_file():
-    raise FileNotFoundError(f"config file not found: {file}")
-  spec = importlib.util.spec_from_file_location(f"_plan_config_{file.stem}", file)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if hasattr(module, "get_run_config"):
-    cfg = module.get_run_config()
-    if not isinstance(cfg, RunConfig):
-      raise ValueError(f"{file}: get_run_config() returned {type(cfg).__name__}, expected "
-                      "RunConfig")
-    return cfg
   try:
-    return load_config(file, RunConfig)
+    return load_config(path, RunConfig, ("get_run_config", "get_config"))
   except TypeError as err:  # a TrainConfig-only file
     raise ValueError(f"{err}: the plan needs a RunConfig (get_config(), or get_run_config() "
                      "beside a TrainConfig get_config())") from None
