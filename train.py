@@ -4,16 +4,16 @@
   python train.py --config configs/dpo_tiny.py --workdir out/dpo [--set model.checkpoint=out/tiny/hf]
   python train.py export --workdir out/tiny --out out/tiny/hf [--step N]
 
+Several hosts: start one process per host with the same command and --coordinator /
+--num-processes / --process-id (or their JAX_* variables; Slurm and TPU pod slices are
+detected): see ppllava_jax.distributed and scripts/.
+
 The config's get_config() returns a train.run_config.RunConfig; each --set a.b=value
 overrides one field, parsed with its type (train.steps=..., train.optim.lr=...). The
 workdir holds checkpoints/ (Orbax: state, data cursor, config), metrics.jsonl,
 tensorboard/ and loss.png. Rerunning the same command resumes from the latest checkpoint;
 SIGTERM / Ctrl-C save one first and exit with 128 + the signal's number. export writes a
 transformers-layout folder (weights, config, tokenizer) that eval.py --checkpoint reads.
-
-Several hosts: start one process per host with the same command and --coordinator /
---num-processes / --process-id (or their JAX_* variables; Slurm and TPU pod slices are
-detected): see ppllava_jax.distributed and scripts/.
 """
 
 import argparse
