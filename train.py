@@ -5,8 +5,9 @@
   python train.py export --workdir out/tiny --out out/tiny/hf [--step N]
 
 Several hosts: start one process per host with the same command and --coordinator /
---num-processes / --process-id (or their JAX_* variables; Slurm and TPU pod slices are
-detected): see ppllava_jax.distributed and scripts/.
+--num-processes / --process-id (or their JAX_* variables), or let JAX detect the cluster
+(srun steps and GKE TPU slices by themselves, a Cloud TPU VM slice with
+--cluster-detection auto): see ppllava_jax.distributed and scripts/.
 
 The config's get_config() returns a train.run_config.RunConfig; each --set a.b=value
 overrides one field, parsed with its type (train.steps=..., train.optim.lr=...). The
@@ -64,11 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     export(args.workdir, args.out, args.step)
     return 0
   args = build_parser().parse_args(argv)
-  distributed.initialize(args)
   import logging
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
   for noisy in ("absl", "orbax", "jax"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+  distributed.initialize(args)  # after logging, so its "process i of n" line shows
   from ppllava_jax.config import load_config
   from ppllava_jax.train import run_config as rc
   from ppllava_jax.train.loop import train

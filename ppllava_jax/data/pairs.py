@@ -225,8 +225,10 @@ def make_preference_iterator(config: PreferenceDataConfig, *, tokenizer, model: 
                              reference: Mapping | None = None, pin_frames: bool = False,
                              block: int | None = None, blocks: int | None = None
                              ) -> pipeline.DataIterator:
-  """Data block ``block``'s ``PairBatch``es (``data.pipeline``; default: this process's of
-  all processes); ``reference`` and ``pin_frames`` as ``PairBatchBuilder``."""
+  """Data block ``block`` of ``blocks``' ``PairBatch``es (``data.pipeline``); ``reference``
+  and ``pin_frames`` as ``PairBatchBuilder``. The default, this process of all processes,
+  is right only when every process is its own data block (no ``tensor`` axis across
+  hosts); the trainer passes ``train.global_batch.data_blocks``' values."""
   if block is None or blocks is None:
     block, blocks = jax.process_index(), jax.process_count()
   read = read_preference_rows(config.rows, config.media_root)

@@ -21,12 +21,14 @@
    references offset, so the block's rows are its slice of the global batch), yields
    them and counts: skipped samples by reason (bad media, too long, too many pictures,
    labels) with a warning naming each, truncated scorer texts and sequences. When more
-   than ``max_skip_fraction`` of the samples seen (after ``skip_check_after``) were
-   skipped it raises ``DataError``.
+   than ``max_skip_fraction`` of the block's samples seen (after ``skip_check_after``)
+   were skipped it raises ``DataError`` (the trainer fetches through
+   ``train.global_batch.agreed_next``, so every process then raises with it).
 
 So the global batches are a function of the config alone: a run of 2 processes and one
 of 1 process with ``shards=2`` train on the same arrays, and a checkpoint moves between
-them exactly. With ``shards=None`` the global batch follows the process count.
+them exactly. With ``shards=None`` the global batch follows the data-block count (the
+processes, fewer when a ``tensor`` axis crosses hosts).
 
 A skipped sample leaves its row empty (``row_mask`` False) rather than pulling in
 another sample, so a batch's rows stay a function of the plan. Every process steps
@@ -37,8 +39,12 @@ Checkpointing: ``DataIterator.get_state()`` is ``{"next_batch": c, ...}``, the g
 batch cursor (plus counters), independent of the number of processes and workers:
 ``make_train_iterator(..., state=s)`` or ``set_state(s)`` continues the exact stream,
 also on another process count. The counters are the saving process's (process 0's):
-each process counts what it read. The state is a small JSON-able dict, for an Orbax
-``JsonSave`` item next to the model.
+each process counts what its block read, and after a resume every process counts on
+from process 0's (so ``max_skip_fraction`` is checked per block, from those; the loop's
+``skipped_samples`` metric is the blocks' counts since its previous record, summed, which
+does not depend on them). ``stats.batches`` counts steps read (``__next__`` calls), the
+cursor planned batches (``shards`` a step). The state is a small JSON-able dict, for an
+Orbax ``JsonSave`` item next to the model.
 
 Several hosts: the sequence bucket may differ between hosts for one step;
 ``train.global_batch`` pads every host to the largest before
@@ -266,7 +272,7 @@ class DataStats:
   skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
   scorer_truncated: int = 0
   truncated: int = 0
-  batches: int = 0
+  batches: int = 0  # steps read (one a __next__); the cursor counts planned batches
   last_skip: str = ""
 
   @property
@@ -381,8 +387,10 @@ def make_train_iterator(config: DataConfig, *, tokenizer, model: PPLLaVAConfig,
                         scorer_tokenizer=None, state: dict | None = None,
                         block: int | None = None, blocks: int | None = None,
                         annotation_set: AnnotationSet | None = None) -> DataIterator:
-  """Data block ``block``'s training batches (module doc; default: this process's of all
-  processes). Validates every annotation first (``AnnotationError``), unless
+  """Data block ``block`` of ``blocks``' training batches (module doc). The default, this
+  process of all processes, is right only when every process is its own data block (no
+  ``tensor`` axis across hosts); the trainer passes ``train.global_batch.data_blocks``'
+  values. Validates every annotation first (``AnnotationError``), unless
   ``annotation_set`` is given already loaded."""
   if block is None or blocks is None:
     import jax

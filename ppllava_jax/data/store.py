@@ -23,10 +23,11 @@ Training from a store (``MediaStore.training_frames``): the decode path's draw,
 ``video.random_indices(T, 0, total_frames, rng)`` with the same generator, each index
 then taken to the nearest kept frame (the earlier on a tie). A video of at most K frames
 is kept whole, so its sample equals the decoded one (tested, token ids and pixels); a
-longer one draws the same segments at the resolution of K frames. Choose K >= 2T (64 for
-32-frame training): with K = T every draw of a long video gives the same frames. One
-documented difference: a file whose header over-counts its frames draws twice when
-decoded (``video.load_video`` re-picks from the frames it found) and once from the store.
+longer one draws the same segments at the resolution of K frames. K >= T is required
+(``MediaStore.check_frames``); choose K >= 2T (64 for 32-frame training): with K = T
+every draw of a long video gives the same frames. One documented difference: a file
+whose header over-counts its frames draws twice when decoded (``video.load_video``
+re-picks from the frames it found) and once from the store.
 
 Why tensorflow-datasets this way: a ``GeneratorBasedBuilder`` with
 ``file_format="array_record"`` builds and reads without TensorFlow when its features are
@@ -74,7 +75,7 @@ class StoreError(ValueError):
 class StoreConfig:
   """What a store keeps of each video and how it decodes them."""
 
-  frames: int = 64  # K: frames kept per video (cover_indices); >= the training frames
+  frames: int = 64  # K: frames kept per video (cover_indices); >= T, 2T recommended
   size: int = 336  # the tower's square
   letterbox: bool = False  # SigLIP towers: fitted and padded, as preprocess.video_pixels
   format: str = "jpeg"  # "jpeg" | "uint8" (exactly the decode path's frames)
@@ -338,6 +339,16 @@ class MediaStore:
                        f"{found[1]}); the model's tower takes {size} px (letterbox "
                        f"{letterbox}): build a store for it")
 
+  def check_frames(self, num_frames: int) -> None:
+    """``ValueError`` unless the store keeps at least ``num_frames`` (T) frames a video:
+    what it enforces is K >= T; K >= 2T is the recommendation (module doc)."""
+    self._opened()  # the config, after unpickling
+    if num_frames > self.config.frames:
+      raise ValueError(f"media store {self.path} keeps {self.config.frames} frames a video; "
+                       f"training samples {num_frames}: the store's frames must be >= "
+                       f"{num_frames} (>= {2 * num_frames} recommended), rebuild it with "
+                       f"--frames {2 * num_frames}")
+
   def lookup(self, key: str) -> StoredVideo | None:
     """The row of ``key``, or None when the store lacks it."""
     self._opened()
@@ -354,12 +365,9 @@ class MediaStore:
                       rng: np.random.Generator) -> tuple[np.ndarray, tuple[int, ...]]:
     """(uint8 (T, S, S, 3), the video frame of each) for a record's video ``path``: the
     decode path's draw taken to the nearest kept frames (module doc). A video the store
-    lacks is a ``MediaError`` naming it and the store."""
-    self._opened()
-    if num_frames > self.config.frames:
-      raise ValueError(f"media store {self.path} keeps {self.config.frames} frames a video; "
-                       f"training samples {num_frames}: rebuild it with --frames >= "
-                       f"{2 * num_frames}")
+    lacks is a ``MediaError`` naming it and the store. ``check_frames`` runs per sample:
+    the ``SampleBuilder`` that opens the store does not know the corpora's frame counts."""
+    self.check_frames(num_frames)
     key = media_key(path, media_root)
     row = self.lookup(key)
     if row is None:

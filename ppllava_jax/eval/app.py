@@ -23,8 +23,9 @@ Decisions:
   failed items and how many answers were empty or unparseable. A rerun reuses an
   answer only for the same item id and fingerprint (``eval.jobs``, ``eval.fingerprint``).
 - Ctrl-C stops with one line, ``interrupted: N answers kept in <path>``, and exit 130.
-- Several processes (one per host: ``--coordinator``/``--num-processes``/``--process-id``
-  or the ``JAX_*`` variables, ``ppllava_jax.distributed``): each loads its own replica of
+- Several processes (``--coordinator``/``--num-processes``/``--process-id`` or the
+  ``JAX_*`` variables, ``--cluster-detection``, or a cluster JAX detects:
+  ``ppllava_jax.distributed``): each loads its own replica of
   the model on its own devices, as one process does, and answers its share of the
   batches into ``predictions.jsonl.part-<i>-of-<n>``; process 0 merges the parts into
   ``predictions.jsonl`` in one process's order, then scores and prints; the others print

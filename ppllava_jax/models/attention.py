@@ -35,15 +35,20 @@ Implementations (``implementation=``; on a model ``set_attention``, ``layers.set
   its mask when the kernel is built. (Splash also takes a dense mask as an array, but in
   JAX 0.10.2 building that kernel under jit fails, its ``is_dynamic_mask`` flag becoming a
   tracer, and it would keep the whole mask once per head.) The LLM's cache steps run
-  "xla" under "pallas" (``llm.Attention``). Not done: under a mesh of several devices the
-  kernel is not yet wrapped in ``shard_map``, so XLA cannot partition it.
+  "xla" under "pallas" (``llm.Attention``). Not done: the kernel is not wrapped in
+  ``shard_map``, and XLA cannot partition a Mosaic kernel, so "pallas" is refused on a
+  mesh of more than one device (``check_attention``: by ``TrainConfig`` for the mesh's
+  fixed axes, and when traced under ``jax.set_mesh``, as the train steps are), not left
+  to fail when the step compiles. "pallas_interpret" lowers to plain XLA ops and is not.
 - Rows with no key to attend: cuDNN's bias leaves them a softmax over biased scores and
   splash one over the key blocks it visits; both are replaced by the mean of ``v`` (rows
   found by ``mask.any(-1)``), so every implementation gives this module's result.
-- An implementation whose platform is absent (cudnn off a GPU, pallas off a TPU) is a
-  RuntimeError naming it and the platform found. Neither kernel has run compiled on its
-  hardware in this repository's sessions (no GPU or TPU was lent); the tests that would
-  run them there are skipped elsewhere, saying why.
+- An implementation whose platform is absent (cudnn off an NVIDIA GPU, pallas off a TPU)
+  is a RuntimeError naming it and the platform found. JAX calls ROCm GPUs "gpu" too, and
+  they have no cuDNN: CUDA is told by the backend's ``platform_version``, as JAX's own
+  cuDNN attention tells it. Neither kernel has run compiled on its hardware in this
+  repository's sessions (no GPU or TPU was lent); the tests that would run them there are
+  skipped elsewhere, saying why.
 
 The XLA path is one formulation, FlashAttention's online softmax: per key block, scores
 ``s``, the running row max ``m``, the denominator ``l = Σ exp(s - m)`` and the f32
@@ -99,6 +104,7 @@ gradient from 330-380 to 240-280 ms of CPU time, bit-identical. The one-block pa
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -109,7 +115,7 @@ BLOCK = 512  # query / key block length (module doc)
 _NEG = float(jnp.finfo(jnp.float32).min)  # a masked score, as transformers and the old dense code
 IMPLEMENTATIONS = ("xla", "cudnn", "pallas", "pallas_interpret")  # module doc
 PALLAS = ("pallas", "pallas_interpret")
-_PLATFORMS = {"cudnn": ("gpu", "an NVIDIA GPU (cuDNN)"), "pallas": ("tpu", "a TPU")}
+_PLATFORMS = {"cudnn": ("cuda", "an NVIDIA GPU (CUDA, for cuDNN)"), "pallas": ("tpu", "a TPU")}
 _LANES = 128  # splash pads L and S to multiples of this
 _NO_SEGMENT = int(jnp.iinfo(jnp.int32).min)  # splash's segment id of keys that are not valid
 
@@ -153,6 +159,18 @@ def check_implementation(implementation: str) -> str:
   return implementation
 
 
+def check_attention(implementation: str, devices: int) -> str:
+  """``implementation`` if it can run on a mesh of ``devices`` devices, else a ValueError:
+  "pallas" needs one, its kernel not being wrapped in ``shard_map`` (module doc), which
+  Mosaic would otherwise report only when the step is lowered, the model long built."""
+  check_implementation(implementation)
+  if implementation == "pallas" and devices > 1:
+    raise ValueError(f"attention implementation 'pallas' (splash attention) runs on one device: "
+                     f"the kernel is not wrapped in shard_map, and XLA cannot partition a Mosaic "
+                     f"kernel over {devices} devices; use 'xla', or a 1-device mesh")
+  return implementation
+
+
 def attention(q_blna: jax.Array, k_bska: jax.Array, v_bska: jax.Array,
               mask: Mask | jax.Array | None = None, *, implementation: str = "xla",
               block: int = BLOCK) -> jax.Array:
@@ -167,7 +185,7 @@ def attention(q_blna: jax.Array, k_bska: jax.Array, v_bska: jax.Array,
     raise ValueError(f"queries {q_blna.shape} need keys/values (B, S, K, A) with K dividing "
                      f"the heads, got {k_bska.shape} / {v_bska.shape}")
   _check_mask(mask, b, l, s)
-  check_implementation(implementation)
+  check_attention(implementation, _partitioned_devices())
   if implementation == "xla":
     return _xla(q_blna, k_bska, v_bska, _dense(mask, l), block)
   _check_platform(implementation)
@@ -198,13 +216,36 @@ def _dense(mask: Mask | jax.Array | None, l: int) -> jax.Array | None:
   return mask.dense(l) if isinstance(mask, Mask) else mask
 
 
+def _partitioned_devices() -> int:
+  """The devices XLA partitions this trace over: those of the mesh set by ``jax.set_mesh``
+  (as the train steps trace) but its manual axes (inside ``shard_map``); 1 without one."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return 1
+  manual = set(mesh.manual_axes)
+  return math.prod(n for axis, n in zip(mesh.axis_names, mesh.axis_sizes) if axis not in manual)
+
+
+def _platform() -> str:
+  """JAX's default platform, its "gpu" told apart as "cuda" or "rocm" (only CUDA has
+  cuDNN) by the backend's ``platform_version``, as JAX's cuDNN attention does; "gpu"
+  where that names neither."""
+  found = jax.default_backend()
+  if found != "gpu":
+    return found
+  from jax.extend import backend
+  version = backend.get_backend().platform_version.lower()
+  return next((name for name in ("cuda", "rocm") if name in version), found)
+
+
 def _check_platform(implementation: str) -> None:
   if implementation == "pallas_interpret":
     return
   platform, what = _PLATFORMS[implementation]
-  found = jax.default_backend()
+  found = _platform()
   if found != platform:
-    hint = " ('pallas_interpret' runs the kernel interpreted anywhere)" if platform == "tpu" else ""
+    hint = {"tpu": " ('pallas_interpret' runs the kernel interpreted anywhere)",
+            "cuda": " (cuDNN is NVIDIA's: on ROCm or other GPUs use 'xla')"}[platform]
     raise RuntimeError(f"attention implementation {implementation!r} needs {what}; JAX's "
                        f"platform here is {found!r}{hint}")
 

@@ -14,7 +14,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from ppllava_jax.models.attention import IMPLEMENTATIONS
+from ppllava_jax.models.attention import IMPLEMENTATIONS, check_attention
 from ppllava_jax.train import losses
 from ppllava_jax.train.partition import DECAY_RULES, VICUNA_SFT, Rules
 
@@ -118,7 +118,9 @@ class TrainConfig:
     vision-tower layer is rematerialised under (``PPLLaVA.set_remat``; "nothing_saveable":
     recompute all, as torch's gradient checkpointing, which every original recipe turns on).
   attention: the attention implementation of every tower (``PPLLaVA.set_attention``): "xla",
-    "cudnn" (NVIDIA GPUs; bfloat16 compute only), "pallas" (TPU splash attention) or
+    "cudnn" (NVIDIA GPUs; bfloat16 compute only), "pallas" (TPU splash attention; one
+    device only, not yet wrapped in shard_map: refused here when the mesh's fixed sizes
+    exceed one device, else when the step is traced on a larger mesh) or
     "pallas_interpret" (that kernel interpreted, any platform, slow).
   loss_chunk: positions per logits chunk of the cross-entropy (``train.losses``).
   """
@@ -135,6 +137,9 @@ class TrainConfig:
     _choice("TrainConfig", "compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
     _choice("TrainConfig", "remat", self.remat, REMAT_POLICIES)
     _choice("TrainConfig", "attention", self.attention, IMPLEMENTATIONS)
+    # the sizes that are fixed; a -1 axis is known only when the mesh is made
+    check_attention(self.attention, math.prod(
+        s for s in (self.mesh.data, self.mesh.fsdp, self.mesh.tensor) if s > 0))
     if self.attention == "cudnn" and self.compute_dtype != "bfloat16":
       raise ValueError("TrainConfig.attention='cudnn' needs compute_dtype='bfloat16' (cuDNN's "
                        f"flash attention has no float32 kernel), got {self.compute_dtype!r}")

@@ -24,7 +24,7 @@ from ppllava_jax.data.processor import Processor
 from ppllava_jax.eval import mcq, runner
 from ppllava_jax.eval.jobs import chat_template, mcq_jobs
 from ppllava_jax.models import generate as generation
-from ppllava_jax.train.global_batch import DataBlocks, to_global
+from ppllava_jax.train.global_batch import DataBlocks, agreed_next, to_global
 from ppllava_jax.train.run_config import McqEvalConfig
 from ppllava_jax.train.state import cast_floating
 
@@ -33,13 +33,17 @@ def held_out_loss(run, state, data_cfg: DataConfig, batches: int, step: int,
                   blocks: DataBlocks) -> dict:
   """The metrics record of the token-mean loss over the first ``batches`` batches of
   ``data_cfg`` (a fresh iterator each time: the same batches every evaluation); each data
-  block (``train.global_batch``) loads its slice of them."""
+  block (``train.global_batch``) loads its slice of them, fetched in agreement
+  (``agreed_next``: a data error on one process stops them all)."""
   data = make_train_iterator(data_cfg, tokenizer=run.tokenizer, model=run.model_cfg,
                              scorer_tokenizer=run.scorer_tokenizer, block=blocks.block,
                              blocks=blocks.blocks)
   start, sums = time.perf_counter(), []
   try:
-    for _, batch in zip(range(batches), data):
+    for _ in range(batches):
+      batch = agreed_next(lambda: next(data))
+      if batch is None:
+        break
       batch = to_global(batch, run.shardings.mesh, blocks, pad_id=data.builder.pad_id)
       sums.append(run.steps.eval(state, run.frozen, batch))
   finally:
@@ -60,7 +64,8 @@ class McqEval:
   a fingerprint knows checkpoint files, not weights in memory, so nothing saved may be
   there to match (a folder per step; a killed run's answers at the step deleted).
   Generation compiles once per prompt-length bucket and frame count, so only the first
-  evaluation should: each record has the process's count so far (``mcq_compilations``).
+  evaluation should: each record has process 0's count so far (``mcq_compilations``, on
+  several processes broadcast from it).
 
   Several processes: the parameters are global arrays, sharded over every host's
   devices, which no process can run alone; so each process takes a whole local copy

@@ -15,12 +15,20 @@ int), then every field the batch rule shards is ``jax.make_array_from_process_lo
 of the local rows; a field it replicates (an index table such as ``image_gather``, or a
 dimension the batch devices do not divide) is all-gathered, joined in block order, and
 placed whole. On one process the NumPy batch is returned as it is (the step puts it).
+
+``agreed_next`` fetches a step's slice so that every process takes the same turn: a
+process whose data ran out or failed while the others went on into ``to_global``'s
+all-gathers would leave them waiting there for ever. So each fetch's outcome (a batch,
+the end, an error) is all-gathered, and every process stops, or raises, together (a
+gather of its own, before ``to_global``'s: an ended or failed fetch has no batch to pad).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
+from typing import TypeVar
 
 import jax
 import numpy as np
@@ -28,8 +36,12 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ppllava_jax.data.batch import pad_batch
+from ppllava_jax.data.pipeline import DataError
 from ppllava_jax.models.sharding import LOGICAL_RULES, Rules, logical_to_spec
 from ppllava_jax.train.state import batch_shardings
+
+T = TypeVar("T")
+_GOT, _ENDED, _FAILED = 0, 1, 2  # agreed_next's outcomes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,3 +106,31 @@ def to_global(batch, mesh: Mesh, blocks: DataBlocks, micro: bool = False, pad_id
           x.shape) > axis else x
     out[name] = jax.make_array_from_process_local_data(sharding, x, shape)
   return batch.replace(**out)
+
+
+def agreed_next(fetch: Callable[[], T]) -> T | None:
+  """``fetch()`` (this process's slice of the next step), or None when the data ran out
+  (``StopIteration``), agreed by every process (module doc): None everywhere when any
+  process's ran out; when any process's fetch raised, that process raises its own error
+  and the others a ``DataError`` naming it. One all-gather of an int on several
+  processes; on one, ``fetch()``'s own errors as they are."""
+  if jax.process_count() == 1:
+    try:
+      return fetch()
+    except StopIteration:
+      return None
+  batch, error = None, None
+  try:
+    batch, outcome = fetch(), _GOT
+  except StopIteration:
+    outcome = _ENDED
+  except Exception as err:  # noqa: BLE001 (raised below, after the others know)
+    outcome, error = _FAILED, err
+  outcomes = multihost_utils.process_allgather(np.int32(outcome))
+  if error is not None:
+    raise error
+  failed = [p for p, o in enumerate(outcomes.tolist()) if o == _FAILED]
+  if failed:
+    raise DataError(f"process {failed[0]} failed to load its data (see its log); every process "
+                    "stops with it")
+  return None if _ENDED in outcomes.tolist() else batch

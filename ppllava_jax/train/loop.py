@@ -24,8 +24,10 @@ slice of every step (``train.global_batch``; the data config's ``shards`` fix th
 batch whatever the process count), ``to_global`` makes the step's global arrays, and
 Orbax saves and restores the sharded state collectively, so a checkpoint of P processes
 resumes on any other count. Only process 0 writes what the run shares (metrics, pictures,
-config.json, the synthetic set, the reference cache) and shows progress; a stop signal
-any process receives is all-gathered each step, so all of them save and stop together.
+config.json, the synthetic set, the reference cache) and shows progress and messages; a
+stop signal any process receives is all-gathered each step, and so is the outcome of each
+batch fetch (``global_batch.agreed_next``: the data's end, or an error on any process), so
+all of them save and stop, or raise, together.
 
 Stopping: SIGTERM / SIGINT set a flag; the loop saves at the next batch boundary
 (skipping a multiple-choice evaluation due there, and the final one: they can take
@@ -43,6 +45,7 @@ import functools
 import json
 import logging
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -56,11 +59,12 @@ from tqdm import tqdm
 from ppllava_jax import distributed
 from ppllava_jax.data.batch import empty_like
 from ppllava_jax.train import checkpoint as ckpt_lib
+from ppllava_jax.models.attention import check_attention
 from ppllava_jax.train import evaluation
 from ppllava_jax.train import metrics as metrics_lib
 from ppllava_jax.train import run_config as rc
 from ppllava_jax.train.dpo import DPOConstants, PreferenceObjective, check_trainable, reference_copy
-from ppllava_jax.train.global_batch import DataBlocks, data_blocks, to_global
+from ppllava_jax.train.global_batch import DataBlocks, agreed_next, data_blocks, to_global
 from ppllava_jax.train.optimizer import make_optimizer
 from ppllava_jax.train.partition import decay_mask, partition
 from ppllava_jax.train.state import init_state, make_mesh
@@ -75,6 +79,14 @@ class NonFiniteError(ValueError):
 
 def every(step: int, n: int) -> bool:
   return n > 0 and step % n == 0
+
+
+def _say(text: str) -> None:
+  """A message of the run, printed once (by process 0; every process runs the loop) and
+  past the progress bar."""
+  if distributed.is_primary():
+    tqdm.write(text)
+    sys.stdout.flush()
 
 
 @dataclasses.dataclass
@@ -119,6 +131,7 @@ def build(cfg: rc.RunConfig) -> Run:
   part = partition(abstract, cfg.train.trainable)
   tx = make_optimizer(cfg.train.optim, decay_mask(part.split(abstract)[1]))
   mesh = make_mesh(cfg.train.mesh)
+  check_attention(cfg.train.attention, mesh.size)  # before the weights load
   frozen_dtype = cfg.train.dtype if cfg.train.compute_dtype != "float32" else None
   graphdef, state, frozen, shardings = init_state(model, part, tx, mesh, seed=cfg.train.seed,
                                                   frozen_dtype=frozen_dtype)
@@ -183,15 +196,16 @@ class _Signals:
 
   def agreed(self) -> str | None:
     """The signal any process received (one all-gather on several processes), so that
-    every process saves and stops at the same batch."""
+    every process saves and stops at the same batch. Only the gathered value counts: a
+    signal handled while this process waited in the gather set ``received`` after it
+    sent its own, so the others did not see it; this step goes on, and the next
+    gather carries it."""
     if jax.process_count() == 1:
       return self.received
-    names = [n for n in (signal.SIGTERM.name, signal.SIGINT.name)]
+    names = (signal.SIGTERM.name, signal.SIGINT.name)
     mine = np.int32(names.index(self.received) + 1 if self.received else 0)
     got = int(np.max(multihost_utils.process_allgather(mine)))
-    if got and self.received is None:
-      self.received = names[got - 1]
-    return self.received
+    return names[got - 1] if got else None
 
   def __enter__(self):
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -268,10 +282,10 @@ def train(cfg: rc.RunConfig, workdir: str | Path) -> dict:
   if latest is not None:
     state, data_state, _ = checkpoints.restore(latest, target)
     start = latest
-    print(f"resuming from checkpoint {latest} in {checkpoints.directory}", flush=True)
+    _say(f"resuming from checkpoint {latest} in {checkpoints.directory}")
   elif cfg.init_from:
     state = state.replace(params=initial())
-    print(f"starting from the parameters of {cfg.init_from}", flush=True)
+    _say(f"starting from the parameters of {cfg.init_from}")
   data = _data(cfg, run, blocks, data_state, reference)
   writer = (metrics_lib.MetricsWriter(workdir, resume_step=start) if primary
             else metrics_lib.NoMetrics())
@@ -280,19 +294,19 @@ def train(cfg: rc.RunConfig, workdir: str | Path) -> dict:
   streak_fn = jax.jit(lambda s, k: jnp.where(k > 0, s + 1, 0), out_shardings=replicated)
   streak = jax.device_put(np.zeros((), np.int32), replicated)
   pending, flops, samples = [], {}, 0
+  skipped_before = data.stats.skipped_total  # this block's, at the last record
   last_time, last_step, stopped, done = time.perf_counter(), start, None, start
   last = {}
-  pad_id = run.tokenizer.pad_token_id or 0
+  pad_id = data.builder.pad_id  # what the pipeline pads with
   micro = cfg.train.optim.grad_accum > 1
   bar = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True, mininterval=1.0,
              disable=not primary)
   try:
     with _Signals() as signals:
       for done in range(start + 1, cfg.steps + 1):
-        try:
-          batch = _next_update(data, cfg.train.optim.grad_accum, pad_id)
-        except StopIteration:
-          print(f"the data ran out after {done - 1} batches", flush=True)
+        batch = agreed_next(lambda: _next_update(data, cfg.train.optim.grad_accum, pad_id))
+        if batch is None:
+          _say(f"the data ran out after {done - 1} batches")
           done -= 1
           break
         samples += int(np.sum(batch.sample_mask))  # this process's
@@ -313,10 +327,12 @@ def train(cfg: rc.RunConfig, workdir: str | Path) -> dict:
                 f"{cfg.max_nan_in_a_row}. Lower train.optim.lr, check the data, or resume "
                 f"from an earlier checkpoint in {checkpoints.directory}")
         if every(done, cfg.log_every) or done == cfg.steps:
-          samples = _global_samples(samples, blocks)
-          last = _log(writer, run, data, state, pending, done, last_step, last_time, samples, cfg)
+          skipped = data.stats.skipped_total
+          counts = _over_blocks((samples, skipped - skipped_before), blocks)
+          last = _log(writer, run, state, pending, done, last_step, last_time, counts, cfg)
           bar.set_postfix(loss=f"{last['loss']:.4f}", refresh=False)
           pending, samples, last_step, last_time = [], 0, done, time.perf_counter()
+          skipped_before = skipped
         if every(done, cfg.eval_every):
           _evaluate(writer, run, state, cfg, done, blocks)
         received = signals.agreed()
@@ -338,8 +354,8 @@ def train(cfg: rc.RunConfig, workdir: str | Path) -> dict:
     writer.close()
     checkpoints.close()
   if stopped:
-    print(f"stopped by {stopped} after step {done}: checkpoint {done} saved in "
-          f"{checkpoints.directory}; run the same command again to resume", flush=True)
+    _say(f"stopped by {stopped} after step {done}: checkpoint {done} saved in "
+         f"{checkpoints.directory}; run the same command again to resume")
   curve, accuracies = None, []
   if primary:
     records = metrics_lib.read_metrics(workdir)
@@ -351,15 +367,27 @@ def train(cfg: rc.RunConfig, workdir: str | Path) -> dict:
               mcq_accuracy=accuracies[-1] if accuracies else None)
 
 
-def _global_samples(samples: int, blocks: DataBlocks) -> int:
-  """The samples of every data block since the last log (this process's: ``samples``)."""
+def _over_blocks(counts: tuple[int, ...], blocks: DataBlocks) -> tuple[int, ...]:
+  """``counts`` (this process's block's) summed over every data block: one all-gather on
+  several processes, each block taken once (from its owner)."""
   if jax.process_count() == 1:
-    return samples
-  counts = multihost_utils.process_allgather(np.int64(samples))
-  return int(sum(counts[p] for p in blocks.owners))
+    return tuple(counts)
+  gathered = multihost_utils.process_allgather(np.asarray(counts, np.int64))  # (processes, n)
+  return tuple(int(v) for v in gathered[list(blocks.owners)].sum(0))
 
 
-def _log(writer, run, data, state, pending, done, last_step, last_time, samples, cfg) -> dict:
+def _log(writer, run, state, pending, done, last_step, last_time, counts, cfg) -> dict:
+  """The metrics record of the updates since the last one (``pending``): means of the
+  loss (of updates not skipped), grad norm and an objective's own metrics; the last lr;
+  tokens/s, samples/s, step time and MFU over the interval; the train-step compilations,
+  and the skipped updates and updates so far (the state's counts, the run's totals).
+  ``counts``: (samples, skipped samples) of every data block in the interval, so
+  ``skipped_samples`` is the samples skipped since the previous record, not a running
+  total: a data state's counters are per block and resume from process 0's, while these
+  differences summed over the blocks are exact on any process count, resumed or not
+  (their sum over the records is the run's; DPO rows left out when reading, which the
+  data state counts from the start, are not in it)."""
+  samples, skipped_samples = counts
   host = jax.device_get([m for m, _ in pending])
   seconds = time.perf_counter() - last_time
   n = max(1, done - last_step)
@@ -372,7 +400,8 @@ def _log(writer, run, data, state, pending, done, last_step, last_time, samples,
       lr=float(host[-1]["lr"]), grad_norm=float(np.mean([float(m["grad_norm"]) for m in host])),
       tokens_per_s=tokens / seconds, samples_per_s=samples / seconds, step_time=seconds / n,
       compilations=run.steps.train_compilations,
-      skipped_samples=data.stats.skipped_total, skipped_updates=int(jax.device_get(state.skipped)),
+      skipped_samples=skipped_samples,  # in the interval, over every block (docstring)
+      skipped_updates=int(jax.device_get(state.skipped)),
       updates=int(jax.device_get(state.step)),
       mfu=metrics_lib.mfu(flops, seconds, cfg.peak_flops), peak_flops=cfg.peak_flops)
   kept = [m for m in host if not m["skipped"]]
@@ -399,8 +428,8 @@ def _evaluate_mcq(writer, mcq_eval: evaluation.McqEval, run: Run, state, done: i
   record = mcq_eval(run, state.params, done)
   writer.write(record)
   accuracy = "n/a" if record["mcq_accuracy"] is None else f"{record['mcq_accuracy']:.2f}%"
-  tqdm.write(f"mcq at step {done}: accuracy {accuracy} over {record['mcq_items']} items "
-             f"({record['mcq_failed']} failed), {record['mcq_time']:.1f} s")
+  _say(f"mcq at step {done}: accuracy {accuracy} over {record['mcq_items']} items "
+       f"({record['mcq_failed']} failed), {record['mcq_time']:.1f} s")
 
 
 def export(workdir: str | Path, out: str | Path, step: int | None = None) -> Path:

@@ -114,11 +114,13 @@ def reference_table(run, cfg: rc.RunConfig, workdir: Path, initial_params) -> di
   path, want = Path(workdir) / CACHE, fingerprint(cfg)
   if path.is_file():
     table = load(path, want)
-    print(f"reference log-probs of {len(table)} rows read from {path}", flush=True)
+    if distributed.is_primary():  # every process reads it; one says so
+      print(f"reference log-probs of {len(table)} rows read from {path}", flush=True)
     return table
   table = compute(run, cfg, initial_params())
   if distributed.is_primary():
     save(path, table, want)
   distributed.barrier("reference cache")
-  print(f"reference log-probs of {len(table)} rows computed and cached in {path}", flush=True)
+  if distributed.is_primary():  # the one that wrote it
+    print(f"reference log-probs of {len(table)} rows computed and cached in {path}", flush=True)
   return table

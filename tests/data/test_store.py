@@ -26,7 +26,7 @@ from ppllava_jax.data.store import (MediaStore, StoreConfig, StoreError, build_s
                                     media_key, nearest)
 from ppllava_jax.data.tokenizer import char_tokenizer
 from ppllava_jax.models.siglip import SiglipVisionConfig
-from ppllava_jax.data.video import cover_indices, random_indices, write_video
+from ppllava_jax.data.video import cover_indices, write_video
 from support.train_data import TILE, tiny_model_config, write_json, write_numbered_frames
 
 KEEP = 16  # frames the store keeps a video
@@ -168,11 +168,16 @@ def test_samples_from_a_uint8_store_equal_decoded_ones(stores, media, tok, video
 
 
 def test_a_long_video_draws_the_nearest_kept_frames(stores, media, tok):
+  """Expected frames by hand from the rule. Stored: the midpoint of each of 16 segments of
+  frames 0..39, int(seg / 2 + round(seg * i)) with seg = 39 / 16 = 2.4375 -> 1, 3, 6, 8, 11,
+  13, 16, 18, 21, 23, 25, 28, 30, 33, 35, 38. Drawn: the decode path's sampler for seed 3,
+  epoch 0, index 2, one frame of each of 4 segments [0, 10), [10, 20), [20, 30), [30, 40)
+  (its last frame left out): default_rng([3, 0, 2]).integers([0, 10, 20, 30],
+  [9, 19, 29, 39]) = 8, 15, 22, 34. Nearest stored: 8 -> 8 (stored), 15 -> 16 (13 is 2
+  away), 22 -> 21 and 34 -> 33 (ties: the earlier)."""
   got = sample(tok, media, record("long.mp4"), stores["uint8"].path, seed=3, index=2)
-  kept = np.asarray(cover_indices(KEEP, 0, 40))
-  drawn = random_indices(4, 0, 40, np.random.default_rng([3, 0, 2]))  # the decode path's draw
-  assert got.frame_indices == tuple(kept[nearest(kept, drawn)].tolist())
-  frames = decoded(media / "long.mp4")[list(got.frame_indices)]
+  assert got.frame_indices == (8, 16, 21, 33)
+  frames = decoded(media / "long.mp4")[[8, 16, 21, 33]]
   np.testing.assert_array_equal(got.video, preprocess.video_pixels(frames, TILE))
 
 
@@ -189,8 +194,10 @@ def test_a_store_for_another_tower_or_fewer_frames_is_refused(stores, media, tok
   with pytest.raises(ValueError, match=r"holds 24 px frames \(letterbox False\); the model's "
                                        r"tower takes 32 px \(letterbox False\)"):
     stores["uint8"].check_geometry(32, False)
-  with pytest.raises(ValueError, match="keeps 16 frames a video; training samples 20"):
+  with pytest.raises(ValueError, match=r"keeps 16 frames a video; training samples 20: the "
+                                       r"store's frames must be >= 20 \(>= 40 recommended\)"):
     sample(tok, media, record("short.mp4"), stores["uint8"].path, num_frames=20)
+  stores["uint8"].check_frames(16)  # K = T: enforced K >= T, not the recommended 2T
   siglip_sized = dataclasses.replace(tiny_model_config(4), vision=SiglipVisionConfig(
       hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
       image_size=TILE, patch_size=4))

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from ppllava_jax import cli
-from ppllava_jax.data.tokenizer import char_tokenizer
 from ppllava_jax.data.video import load_video, write_video
 from ppllava_jax.eval import app, runner
 from ppllava_jax.eval.jobs import Job, MediaRef
 from ppllava_jax.eval.records import read_records
-from ppllava_jax.models.tiny import TinyConfig, build_tiny
+from ppllava_jax.models.tiny import TinyConfig
 from ppllava_jax.train.synthetic import COLOURS, frames
+from support.eval_folders import eval_folder
 
 SMALL = TinyConfig(frames=8, image_size=112, patch_size=14, vision_width=32, vision_layers=1,
                    llm_width=64, llm_layers=1, text_width=32, text_layers=1)
@@ -29,18 +29,10 @@ def draw_video(path, count, size):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
   root = tmp_path_factory.mktemp("eval")
-  tokenizer = char_tokenizer()
-  checkpoint = build_tiny(SMALL, len(tokenizer)).save_pretrained(root / "checkpoint")
-  tokenizer.save_pretrained(checkpoint)
-  (root / "videos").mkdir()
-  for name in ("a", "b"):
-    draw_video(root / "videos" / f"{name}.mp4", 12, 64)  # decord 0.6 garbles 48x48 H.264
   items = [dict(video=f"{name}.mp4", question=f"Where is the circle {i}?",
                 candidates=["left", "right", "up"], answer="right")
            for i, name in enumerate(("a", "missing", "b"))]
-  (root / "tasks").mkdir()
-  (root / "tasks" / "object_shuffle.json").write_text(json.dumps(items))
-  return root, checkpoint
+  return root, eval_folder(root, SMALL, {"a": "red", "b": "red"}, "object_shuffle", items)
 
 
 def common(root, checkpoint, out):

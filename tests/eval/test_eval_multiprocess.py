@@ -19,13 +19,11 @@ import sys
 import pytest
 
 from ppllava_jax import cli
-from ppllava_jax.data.tokenizer import char_tokenizer
-from ppllava_jax.data.video import write_video
 from ppllava_jax.eval import app
 from ppllava_jax.eval.records import read_records
-from ppllava_jax.models.tiny import TinyConfig, build_tiny
-from ppllava_jax.train.synthetic import COLOURS, frames
+from ppllava_jax.models.tiny import TinyConfig
 from support import multiprocess
+from support.eval_folders import eval_folder
 
 SMALL = TinyConfig(frames=8, image_size=56, patch_size=14, vision_width=32, vision_layers=1,
                    llm_width=64, llm_layers=1, text_width=32, text_layers=1)
@@ -35,17 +33,9 @@ VIDEOS = ("a", "b", "a", "missing", "b")
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
   root = tmp_path_factory.mktemp("eval_mp")
-  tokenizer = char_tokenizer()
-  checkpoint = build_tiny(SMALL, len(tokenizer)).save_pretrained(root / "checkpoint")
-  tokenizer.save_pretrained(checkpoint)
-  (root / "videos").mkdir()
-  for name, colour in (("a", "red"), ("b", "blue")):
-    write_video(root / "videos" / f"{name}.mp4", frames(COLOURS[colour], "circle", "right", 12, 64))
   items = [dict(video=f"{name}.mp4", question=f"What colour is the circle {i}?",
                 candidates=["red", "green", "blue"], answer="red") for i, name in enumerate(VIDEOS)]
-  (root / "tasks").mkdir()
-  (root / "tasks" / "colour.json").write_text(json.dumps(items))
-  return root, checkpoint
+  return root, eval_folder(root, SMALL, {"a": "red", "b": "blue"}, "colour", items)
 
 
 def argv(root, checkpoint, out, *extra) -> list[str]:

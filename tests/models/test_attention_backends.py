@@ -2,7 +2,7 @@
 
 The XLA path is the reference (``test_attention.py`` holds it to float64 NumPy). Pallas
 runs everywhere as "pallas_interpret", the splash kernel itself in Pallas' interpret mode;
-"pallas" (compiled by Mosaic) only on a TPU and "cudnn" only on a GPU, skipped elsewhere
+"pallas" (compiled by Mosaic) only on a TPU and "cudnn" only on a CUDA GPU, skipped elsewhere
 with the platform named. Where no GPU is, the mask mapping the cuDNN path uses is checked
 through ``jax.nn.dot_product_attention``'s own XLA implementation (same call, other kernel).
 
@@ -17,29 +17,33 @@ reference. The TPU and GPU bounds have not been run yet.
 from __future__ import annotations
 
 import functools
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.extend import backend as jax_backend
 
 from ppllava_jax.models import attention as attn
 from ppllava_jax.models.attention import Mask, attention
 from ppllava_jax.models.tiny import TinyConfig, build_tiny
-from ppllava_jax.train.config import TrainConfig
+from ppllava_jax.train.config import MeshConfig, TrainConfig
+from ppllava_jax.train.state import make_mesh
 from ppllava_jax.train.step import merged
 
-PLATFORM = jax.default_backend()
+PLATFORM = attn._platform()  # "cuda" / "rocm" where JAX says "gpu"
 B, L, N, K, A = 2, 37, 4, 2, 16  # GQA: 2 query heads per kv head; L pads to 128 in splash
 ATOL = {"pallas_interpret": 1e-5, "pallas": 1e-2}  # f32 (module doc)
 
 
 def needs(implementation: str) -> None:
   """Skips, naming what is missing, where ``implementation``'s platform is absent."""
-  want = {"cudnn": "gpu", "pallas": "tpu"}.get(implementation)
-  if want is not None and PLATFORM != want:
-    pytest.skip(f"attention implementation {implementation!r} needs a {want.upper()}; "
+  want, what = {"cudnn": ("cuda", "an NVIDIA (CUDA) GPU"),
+                "pallas": ("tpu", "a TPU")}.get(implementation, (PLATFORM, ""))
+  if PLATFORM != want:
+    pytest.skip(f"attention implementation {implementation!r} needs {what}; "
                 f"this platform is {PLATFORM!r}")
 
 
@@ -171,13 +175,53 @@ def test_cudnn_matches_xla(case):
 
 def test_unavailable_platform_names_implementation_and_platform():
   q, k, v = qkv()
-  for implementation, platform in [("cudnn", "gpu"), ("pallas", "tpu")]:
+  for implementation, platform in [("cudnn", "cuda"), ("pallas", "tpu")]:
     if PLATFORM == platform:
       continue
     with pytest.raises(RuntimeError, match=rf"'{implementation}' needs .*'{PLATFORM}'"):
       attention(q, k, v, implementation=implementation)
   with pytest.raises(ValueError, match="'flash' is not one of"):
     attention(q, k, v, implementation="flash")
+
+
+@pytest.mark.parametrize("version, found", [("PJRT C API\ncuda 12080", "cuda"),
+                                            ("PJRT C API\nrocm 60302", "rocm"),
+                                            ("PJRT C API\nsomething else", "gpu")])
+def test_cudnn_needs_cuda_not_any_gpu(monkeypatch, version, found):
+  """JAX names ROCm GPUs "gpu" as well; only CUDA has cuDNN (the backend's
+  platform_version tells them apart, as in JAX's own cuDNN attention)."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(jax_backend, "get_backend",
+                      lambda: types.SimpleNamespace(platform_version=version))
+  assert attn._platform() == found
+  if found != "cuda":
+    q, k, v = qkv()
+    with pytest.raises(RuntimeError, match=rf"'cudnn' needs an NVIDIA GPU \(CUDA, for cuDNN\); "
+                                           rf"JAX's platform here is '{found}' .*use 'xla'"):
+      attention(q, k, v, implementation="cudnn")
+
+
+def test_pallas_is_refused_on_a_mesh_of_several_devices():
+  """The splash kernel is not wrapped in shard_map, so Mosaic cannot be partitioned: refused
+  by check_attention, by TrainConfig for fixed mesh sizes and when traced under a mesh."""
+  attn.check_attention("pallas", 1)
+  attn.check_attention("pallas_interpret", 8)  # interpreted: plain XLA ops
+  attn.check_attention("xla", 8)
+  refused = r"'pallas' \(splash attention\) runs on one device: the kernel is not wrapped in "
+  with pytest.raises(ValueError, match=refused + r"shard_map.* over 2 devices; use 'xla', or a "
+                                                 r"1-device mesh"):
+    attn.check_attention("pallas", 2)
+  with pytest.raises(ValueError, match=refused + r".* over 4 devices"):
+    TrainConfig(attention="pallas", mesh=MeshConfig(data=-1, fsdp=2, tensor=2))
+  TrainConfig(attention="pallas")  # data=-1: known at make_mesh, checked when traced
+  q, k, v = qkv()
+  with jax.set_mesh(make_mesh(MeshConfig(), jax.devices()[:2])):
+    with pytest.raises(ValueError, match=refused + r".* over 2 devices"):
+      jax.make_jaxpr(functools.partial(attention, implementation="pallas"))(q, k, v)
+  with jax.set_mesh(make_mesh(MeshConfig(), jax.devices()[:1])):  # one device: on to the TPU check
+    if PLATFORM != "tpu":
+      with pytest.raises(RuntimeError, match="'pallas' needs a TPU"):
+        jax.make_jaxpr(functools.partial(attention, implementation="pallas"))(q, k, v)
 
 
 def test_masks_splash_cannot_express_are_refused():

@@ -5,7 +5,12 @@ shards of 4 rows (``data.shards=2``): the same global arrays whatever the proces
 One 2-process run of 5 SFT steps (checkpoints 3 and 5) is the reference. Against it:
 a 1-process run of the same 5 steps (losses and parameters within 1e-6); its checkpoint 3
 resumed by 2 processes (bit for bit: the same programs on the same devices) and by 1
-process (within 1e-6) to step 5.
+process (within 1e-6) to step 5. Every metrics record is checked by step in file order,
+so a record written twice (by two writers) fails.
+
+The agreements, on 2 processes x 1 device: a batch fetch that ran out or failed on one
+process (``global_batch.agreed_next``) ends or fails on both, and a signal handled while
+its process waits in the stop gather (``loop._Signals.agreed``) stops both a step later.
 
 The 2-process runs compile for themselves: with JAX's persistent compilation cache, the
 second 2-process run on this CPU read back executables whose outputs it then could not
@@ -41,9 +46,14 @@ def command(workdir) -> list[str]:
           "--workdir", str(workdir), *[a for s in SETS for a in ("--set", s)]]
 
 
-def losses(workdir, key: str = "loss") -> dict[int, float]:
+def logged(workdir, key: str = "loss") -> list[tuple[int, float]]:
+  """(step, value) of every metrics record with ``key``, in file order (duplicates kept)."""
   records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
-  return {r["step"]: r[key] for r in records if key in r}
+  return [(r["step"], r[key]) for r in records if key in r]
+
+
+def steps(records) -> list[int]:
+  return [step for step, _ in records]
 
 
 def params(workdir, step: int = 5) -> dict[str, np.ndarray]:
@@ -84,9 +94,10 @@ def two_process_run(tmp_path_factory, compile_cache):
 
 def test_only_process_zero_writes_and_both_train(two_process_run):
   workdir, done = two_process_run
-  assert sorted(losses(workdir)) == [1, 2, 3, 4, 5]  # one record per step: one writer
+  assert steps(logged(workdir)) == [1, 2, 3, 4, 5]  # one record per step: one writer
   for r in done:
     assert "step 5: 5 updates, 0 skipped" in r.stdout, multiprocess.report(done)
+  assert steps(logged(workdir, "skipped_samples")) == [1, 2, 3, 4, 5]
   assert (workdir / "loss.png").is_file()
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [
       "3", "5"]
@@ -98,10 +109,10 @@ def test_two_processes_equal_one(two_process_run, tmp_path, compile_cache):
   done = multiprocess.run_one(command(single), devices=8, cache=compile_cache)
   assert done.returncode == 0, multiprocess.report(done)
   for key in ("loss", "eval_loss"):  # eval_loss: the held-out batches, sharded the same way
-    want = losses(workdir, key)
-    assert sorted(want) == ([1, 2, 3, 4, 5] if key == "loss" else [5])
-    np.testing.assert_allclose(list(losses(single, key).values()), list(want.values()),
-                               rtol=0, atol=1e-6)
+    want, got = logged(workdir, key), logged(single, key)
+    assert steps(want) == steps(got) == ([1, 2, 3, 4, 5] if key == "loss" else [5])
+    np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=0, atol=1e-6)
+  assert logged(single, "skipped_samples") == logged(workdir, "skipped_samples")
   want, got = params(workdir), params(single)
   assert sorted(got) == sorted(want)
   for name in want:
@@ -115,10 +126,11 @@ def test_checkpoint_of_two_resumes_in_two_and_in_one(two_process_run, tmp_path, 
   done = multiprocess.launch(command(two), processes=2, devices=4)
   assert all(r.returncode == 0 for r in done), multiprocess.report(done)
   assert "resuming from checkpoint 3" in done[0].stdout
+  assert "resuming" not in done[1].stdout  # said once
   got = params(two)
   for name in want:  # the same programs on the same devices: exact
     np.testing.assert_array_equal(got[name], want[name], err_msg=name)
-  assert losses(two) == losses(workdir)
+  assert logged(two) == logged(workdir)  # steps 1-3 kept, 4-5 redone: each once
 
   one = truncated_copy(workdir, tmp_path / "one", 3)
   done = multiprocess.run_one(command(one), devices=8, cache=compile_cache)
@@ -127,3 +139,62 @@ def test_checkpoint_of_two_resumes_in_two_and_in_one(two_process_run, tmp_path, 
   got = params(one)
   for name in want:
     np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-6, err_msg=name)
+
+
+AGREEMENT = """
+from jax.experimental import multihost_utils
+
+from ppllava_jax import distributed
+
+distributed.initialize()
+import jax
+
+from ppllava_jax.data.pipeline import DataError
+from ppllava_jax.train import global_batch, loop
+
+me = jax.process_index()
+
+
+def fetch(outcome):
+  def one():
+    if me == 1 and outcome == "end":
+      raise StopIteration
+    if me == 1 and outcome == "error":
+      raise DataError("too many samples skipped")
+    return f"batch of {me}"
+  return one
+
+
+for outcome in ("batch", "end", "error"):
+  try:
+    print(f"= {outcome}: {global_batch.agreed_next(fetch(outcome))}")
+  except DataError as err:
+    print(f"= {outcome}: DataError: {err}")
+
+signals, gather = loop._Signals(), multihost_utils.process_allgather
+
+
+def late(x):  # process 1's SIGTERM handled while it waits in the gather
+  out = gather(x)
+  if me == 1:
+    signals.received = "SIGTERM"
+  return out
+
+
+multihost_utils.process_allgather = late
+print(f"= signal in the gather: {signals.agreed()}")
+multihost_utils.process_allgather = gather
+print(f"= the next step: {signals.agreed()}")
+"""
+
+
+def test_fetch_outcomes_and_late_signals_are_agreed_by_every_process():
+  done = multiprocess.launch([sys.executable, "-c", AGREEMENT], processes=2, devices=1,
+                             timeout=240)  # a process left waiting in a collective: killed
+  assert all(r.returncode == 0 for r in done), multiprocess.report(done)
+  failed = "process 1 failed to load its data (see its log); every process stops with it"
+  for me, own in enumerate((f"DataError: {failed}", "DataError: too many samples skipped")):
+    printed = [x[2:] for x in done[me].stdout.splitlines() if x.startswith("= ")]  # not gloo's
+    assert printed == [f"batch: batch of {me}", "end: None", f"error: {own}",
+                       "signal in the gather: None", "the next step: SIGTERM"], (
+        multiprocess.report(done))
