@@ -21,10 +21,10 @@ DPO_RUN = ("configs/dpo_tiny.py",
            ["preference.sample.max_length=64", "preference.seq_buckets=(64,)"])
 
 
-def _plan(tmp_path, config, overrides, mesh="data=2,fsdp=2"):
+def _plan(tmp_path, config, overrides, mesh="data=2,fsdp=2", extra=()):
   out = tmp_path / "plan.json"
   cmd = [sys.executable, "-m", "ppllava_jax.plan", "--config", config, "--mesh", mesh,
-         "--json", str(out)] + [a for o in overrides for a in ("--set", o)]
+         "--json", str(out), *extra] + [a for o in overrides for a in ("--set", o)]
   run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert run.returncode == 0, run.stderr[-3000:]
   return run.stdout, json.loads(out.read_text())
@@ -47,26 +47,34 @@ def _param_counts(trainable_rules):
 
 def _check_numbers(plan, trainable, frozen, fsdp):
   assert (plan["trainable_params"], plan["frozen_params"]) == (trainable, frozen)
-  # float32 params + AdamW mu + nu, and the float32 frozen ones, sharded at most fsdp ways
+  # float32 params + AdamW mu, nu, and the float32 frozen ones, sharded at most fsdp ways
   state_bytes = 3 * 4 * trainable + 4 * frozen
-  assert state_bytes / fsdp <= plan["argument_bytes"] <= state_bytes + 16 * 2 ** 20
-  assert plan["alias_bytes"] > 0  # the donated state
-  assert plan["peak_bytes"] >= plan["argument_bytes"]
+  xla, memory = plan["compiled"], plan["memory"]
+  assert state_bytes / fsdp <= xla["argument_bytes"] <= state_bytes + 16 * 2 ** 20
+  # the estimate's arguments are what the step is passed; XLA drops what it never reads
+  assert xla["argument_bytes"] <= memory["arguments"] <= 1.05 * xla["argument_bytes"]
+  assert memory["gradients"] == 2 * 4 * trainable / fsdp  # every trainable leaf splits
+  assert 0 < memory["residuals"] < memory["residuals_without_remat"]
+  assert plan["estimate_bytes"] == (memory["arguments"] + memory["gradients"]
+                                    + memory["residuals"] + memory["largest_layer"])
+  assert xla["alias_bytes"] > 0  # the donated state
+  assert plan["xla_peak_bytes"] >= xla["argument_bytes"]
   # every LLM weight is used in 2 (forward) + 4 (backward) FLOPs a token; attention, the
   # towers and the optimizer add some. No remat, one micro-batch, one attention block and
   # one loss chunk here, so XLA's count (loop bodies once) is the whole step's.
   llm_6nd = 6 * plan["llm_params"] * plan["tokens"]
   assert plan["model_flops"] == plan["executed_flops"] >= llm_6nd
-  xla = plan["xla_flops_per_device"] * plan["devices"]
-  assert 1.0 <= xla / llm_6nd <= 10.0, (xla, llm_6nd)
-  assert 0.5 <= xla / plan["model_flops"] <= 2.0, (xla, plan["model_flops"])
+  flops = xla["flops"] * plan["devices"]
+  assert 1.0 <= flops / llm_6nd <= 10.0, (flops, llm_6nd)
+  assert 0.5 <= flops / plan["model_flops"] <= 2.0, (flops, plan["model_flops"])
+
 
 def test_sft_plan(tmp_path):
   from ppllava_jax.train.partition import VICUNA_SFT
   trainable, frozen, llm = _param_counts(VICUNA_SFT)
   stdout, plan = _plan(tmp_path, *SFT_RUN)
-  for line in ("memory per device", "arguments", "temporaries", "FLOPs per step", "TPU v5e",
-               "H100 SXM", "fits"):
+  for line in ("memory per device", "saved residuals", "estimate:", "temporaries",
+               "FLOPs per step", "TPU v5e", "H100 SXM", "fits, remat nothing_saveable"):
     assert line in stdout
   assert (plan["mesh"], plan["devices"], plan["kind"]) == (
       {"data": 2, "fsdp": 2, "tensor": 1}, 4, "SFT")
@@ -104,3 +112,121 @@ def test_bad_mesh_cli_and_batch_divisibility():
   run = subprocess.run(cmd + ["--mesh", "data=8"] + [a for o in SFT_RUN[1] for a in ("--set", o)],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert run.returncode == 2 and "not divisible by the 8 devices" in run.stderr
+
+
+# plan.memory, in this process: residual and liveness counts checked against hand counts.
+
+def _mlp(policy):
+  """A stack of residual tanh MLP layers; ``policy``: jax.checkpoint's, None: no remat."""
+  import jax
+  import jax.numpy as jnp
+
+  def layer(w_kdd, x_nd):
+    h_nd = jnp.tanh(x_nd @ w_kdd[0])
+    g_nd = jnp.tanh(h_nd @ w_kdd[1])
+    return x_nd + g_nd @ w_kdd[2]
+
+  def loss(ws, x_nd):
+    step = layer if policy is None else jax.checkpoint(layer, policy=policy)
+    for w_kdd in ws:
+      x_nd = step(w_kdd, x_nd)
+    return jnp.sum(x_nd ** 2)
+  return loss
+
+
+def test_saved_residuals_are_what_the_backward_keeps():
+  """With respect to the weights only: without remat each layer keeps its two tanh outputs
+  and their derivatives (1 - t^2), its input (but the first layer's, an argument) and its
+  three weight slices (but the first layer's w[0], needed only for the input's gradient);
+  the loss keeps 2x. Under nothing_saveable only the layers' inputs and 2x are kept."""
+  import jax
+  import jax.numpy as jnp
+
+  from ppllava_jax.plan.memory import saved_residuals
+  layers, n, d = 4, 64, 32
+  ws = [jax.ShapeDtypeStruct((3, d, d), jnp.float32) for _ in range(layers)]
+  x = jax.ShapeDtypeStruct((n, d), jnp.float32)
+  shapes = lambda policy: sorted(a.shape for a in saved_residuals(_mlp(policy), ws, x))
+  assert shapes(None) == sorted([(n, d)] * (4 * layers + layers - 1 + 1)
+                                + [(d, d)] * (3 * layers - 1))
+  assert shapes(jax.checkpoint_policies.nothing_saveable) == [(n, d)] * layers
+
+
+def test_saved_residuals_agree_with_jax_print_saved_residuals(capsys):
+  """Differentiated with respect to every input, the residuals are those JAX's own
+  ``print_saved_residuals`` lists as made by an equation (not an argument)."""
+  import re
+
+  import jax
+  import jax.numpy as jnp
+  from jax.ad_checkpoint import print_saved_residuals
+
+  from ppllava_jax.plan.memory import saved_residuals
+  ws = [jnp.ones((3, 16, 16)) for _ in range(3)]
+  x = jnp.ones((8, 16))
+  for policy in (None, jax.checkpoint_policies.nothing_saveable,
+                 jax.checkpoint_policies.dots_saveable):
+    ours = sorted((str(a.dtype), a.shape) for a in saved_residuals(
+        lambda both: _mlp(policy)(*both), (ws, x)))
+    print_saved_residuals(_mlp(policy), ws, x)
+    theirs = []
+    for line in capsys.readouterr().out.splitlines():
+      kind, dims, source = re.match(r"(\w+)\[([\d,]*)\] (.*)", line).groups()
+      if source.startswith("output of"):
+        theirs.append(({"f32": "float32"}[kind], tuple(int(n) for n in dims.split(",") if n)))
+    assert ours and ours == sorted(theirs), policy
+
+
+def test_live_peak_counts_values_live_at_once():
+  """a = 2x; b = a + 1; c = a * b; sum(c): a, b and c are live together at the third
+  equation, then only c and the scalar."""
+  import jax
+  import jax.numpy as jnp
+
+  from ppllava_jax.plan.memory import DeviceShare, largest_layer, live_peak
+  n = 1000
+  x = jax.ShapeDtypeStruct((n,), jnp.float32)
+  nbytes = lambda aval: int(np.prod(aval.shape)) * aval.dtype.itemsize
+  jaxpr = jax.make_jaxpr(lambda x: (lambda a: jnp.sum(a * (a + 1)))(2 * x))(x).jaxpr
+  assert [e.primitive.name for e in jaxpr.eqns] == ["mul", "add", "mul", "reduce_sum"]
+  assert live_peak(jaxpr, nbytes) == 3 * n * 4
+  # A remat'd layer's backward holds at least its four tanh residuals and its input's
+  # cotangent; nothing remat'd: 0.
+  layers, rows, d = 3, 64, 32
+  ws = [jax.ShapeDtypeStruct((3, d, d), jnp.float32) for _ in range(layers)]
+  x = jax.ShapeDtypeStruct((rows, d), jnp.float32)
+  share = DeviceShare([], batch_devices=1)
+  peak = largest_layer(_mlp(jax.checkpoint_policies.nothing_saveable), share, ws, x)
+  assert 5 * rows * d * 4 <= peak <= 12 * rows * d * 4 + 6 * d * d * 4, peak
+  assert largest_layer(_mlp(None), share, ws, x) == 0
+
+
+def test_device_shares():
+  """Shard shapes on an 8-device (fsdp) mesh: rows split 8 ways, a replicated leaf whole; a
+  parameter-shaped residual split as its parameter, an activation over the batch devices."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  from ppllava_jax.plan.memory import DeviceShare, shard_bytes
+  mesh = jax.make_mesh((8,), ("fsdp",))
+  rows = NamedSharding(mesh, PartitionSpec("fsdp"))
+  w = jax.ShapeDtypeStruct((16, 4), jnp.float32, sharding=rows)
+  b = jax.ShapeDtypeStruct((3,), jnp.bfloat16, sharding=NamedSharding(mesh, PartitionSpec()))
+  assert shard_bytes({"w": w, "b": b}) == 2 * 4 * 4 + 3 * 2
+  share = DeviceShare({"w": w}, batch_devices=4)
+  assert share(jax.ShapeDtypeStruct((16, 4), jnp.bfloat16)) == 2 * 4 * 2
+  assert share(jax.ShapeDtypeStruct((10, 7), jnp.float32)) == 18 * 4  # ceil(70 / 4) elements
+
+
+def test_no_compile_estimates_one_micro_batch(tmp_path):
+  """``--no-compile``: the estimate only. Under two micro-batches the residuals are one
+  micro-batch's, the same as a single batch's, and the arguments hold both batches."""
+  _, one = _plan(tmp_path, *SFT_RUN)
+  stdout, two = _plan(tmp_path, SFT_RUN[0], SFT_RUN[1] + ["train.optim.grad_accum=2"],
+                      extra=["--no-compile"])
+  assert "XLA:CPU: not compiled (--no-compile)" in stdout and two["compiled"] is None
+  assert two["micro_batches"] == 2
+  for field in ("residuals", "residuals_without_remat", "largest_layer", "gradients"):
+    assert two["memory"][field] == one["memory"][field], field
+  assert two["memory"]["arguments"] > one["memory"]["arguments"]

@@ -1,20 +1,23 @@
-"""A run's train step lowered and compiled from abstract state: XLA's memory and FLOPs.
+"""A run's train step from abstract state: its memory estimate, and XLA's memory and FLOPs.
 
 ``plan_step(cfg)`` builds what ``train.loop.build`` builds (partition, optimizer, shardings,
-``Steps``; for DPO the objective and its constants) but from ``nnx.eval_shape`` and
+the objective and its constants) but from ``nnx.eval_shape`` and
 ``train.state.abstract_state``, so the state is ``jax.ShapeDtypeStruct``s with shardings;
 the batch is one of the config's global layout at its largest sequence bucket
-(``abstract_batch``). The step is lowered with ``Steps.lower_train`` and compiled for the
-mesh of ``cfg.train.mesh`` over this process's devices (the CLI simulates them).
+(``abstract_batch``). Two readings of the step:
 
-What the numbers are: ``compiled.memory_analysis()`` and ``compiled.cost_analysis()`` of
-XLA:CPU's SPMD-partitioned program, i.e. one device's (a jitted (1024 x 512) @ (512 x 256)
-matmul with its rows over 4 host devices reports a quarter of its 2mnk FLOPs), but it
-counts a loop body once (the micro-batch scan, attention's block loops, the loss chunks),
-so the step times use the analytic count of ``step_flops``. XLA:CPU is not the TPU / GPU
-compiler: its fusion, layouts and rematerialisation differ (its temporaries are the same
-with remat on and off, on small models and on the 7B step), so read the memory as XLA:CPU's
-buffers of the partitioned program, not a TPU / GPU measurement.
+- ``estimate_memory``: what a compiler that follows the program holds per device, from the
+  jaxpr (``plan.memory``: exact argument shards, one micro-batch's saved residuals with
+  remat and without, the largest remat'd layer's backward). Tracing only: seconds for 7B.
+- ``compile_step``: the step lowered with ``Steps.lower_train`` and compiled for the mesh
+  of ``cfg.train.mesh`` over this process's devices (the CLI simulates them), then
+  ``compiled.memory_analysis()`` and ``cost_analysis()`` of XLA:CPU's SPMD-partitioned
+  program, i.e. one device's (a jitted (1024 x 512) @ (512 x 256) matmul with its rows over
+  4 host devices reports a quarter of its 2mnk FLOPs). XLA:CPU is not the TPU / GPU
+  compiler: it ignores remat (``plan.memory``), so its temporaries are XLA:CPU's buffers,
+  not a TPU / GPU measurement; and its cost analysis counts a loop body once (the
+  micro-batch scan, attention's block loops, the loss chunks), so the step times use the
+  analytic count of ``step_flops``. 20-30 min for a 7B step on 2 cores.
 """
 
 from __future__ import annotations
@@ -33,18 +36,49 @@ from ppllava_jax.data.pairs import collate_pairs
 from ppllava_jax.models.ppllava import PPLLaVA
 from ppllava_jax.models.ppllava_config import PPLLaVAConfig
 from ppllava_jax.models.sharding import LOGICAL_RULES, logical_to_spec
+from ppllava_jax.plan.memory import (DeviceShare, MemoryEstimate, largest_layer, saved_residuals,
+                                     shard_bytes)
 from ppllava_jax.plan.architectures import RELEASES, release_for
 from ppllava_jax.train import run_config as rc
 from ppllava_jax.train.dpo import DPOConstants, PreferenceObjective, check_trainable
 from ppllava_jax.train.optimizer import make_optimizer
 from ppllava_jax.train.partition import decay_mask, partition
-from ppllava_jax.train.state import abstract_state, cast_floating, make_mesh
-from ppllava_jax.train.step import Steps
+from ppllava_jax.train.config import TrainConfig
+from ppllava_jax.train.state import (abstract_state, batch_shardings, cast_floating, make_mesh)
+from ppllava_jax.train.step import Steps, TokenMean
+
+
+@dataclasses.dataclass(frozen=True)
+class Compiled:
+  """XLA:CPU's numbers of the compiled partitioned program, per device."""
+  argument_bytes: int
+  output_bytes: int
+  temp_bytes: int
+  code_bytes: int
+  alias_bytes: int  # outputs written into donated arguments (the state)
+  flops: float  # the cost analysis (each loop body once: a lower bound)
+  lower_s: float
+  compile_s: float
+
+  @property
+  def peak_bytes(self) -> int:
+    """What one device holds at the step's peak, as XLA plans it: arguments, outputs and
+    temporaries, less the outputs aliased into donated arguments, plus the code."""
+    return (self.argument_bytes + self.output_bytes + self.temp_bytes + self.code_bytes
+            - self.alias_bytes)
+
+
+def _compiled(compiled, lower_s: float, compile_s: float) -> Compiled:
+  mem, cost = compiled.memory_analysis(), compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return Compiled(mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.temp_size_in_bytes,
+                  mem.generated_code_size_in_bytes, mem.alias_size_in_bytes,
+                  float(cost["flops"]), lower_s, compile_s)
 
 
 @dataclasses.dataclass(frozen=True)
 class StepPlan:
-  """One compiled train step: sizes per device unless named global."""
+  """One planned train step: sizes per device unless named global."""
   kind: str  # "SFT", "DPO, cached reference", "DPO, live reference"
   model: str  # where the architecture came from
   mesh: dict[str, int]
@@ -56,27 +90,19 @@ class StepPlan:
   trainable_params: int
   frozen_params: int
   llm_params: int
-  argument_bytes: int
-  output_bytes: int
-  temp_bytes: int
-  code_bytes: int
-  alias_bytes: int  # outputs written into donated arguments (the state)
-  xla_flops_per_device: float  # XLA's count of the partitioned program (loop bodies once)
+  memory: MemoryEstimate  # per device, from the program (plan.memory)
+  replicated: dict[str, int]  # batch fields whose slots the batch axes do not divide: bytes
+  compiled: Compiled | None  # XLA:CPU's numbers; None: not compiled (--no-compile)
   model_flops: float  # global, analytic (``step_flops``): what MFU counts as useful
   executed_flops: float  # global, analytic: model FLOPs plus remat's recomputed forward
-  lower_s: float
-  compile_s: float
 
   @property
   def devices(self) -> int:
     return math.prod(self.mesh.values())
 
   @property
-  def peak_bytes(self) -> int:
-    """What one device holds at the step's peak, as XLA plans it: arguments, outputs and
-    temporaries, less the outputs aliased into donated arguments, plus the code."""
-    return (self.argument_bytes + self.output_bytes + self.temp_bytes + self.code_bytes
-            - self.alias_bytes)
+  def batch_devices(self) -> int:
+    return batch_devices(self.mesh)
 
   @property
   def tokens(self) -> int:
@@ -165,26 +191,53 @@ def abstract_batch(cfg: rc.RunConfig, model: PPLLaVAConfig):
       lambda x: jax.ShapeDtypeStruct(lead + (x.shape[0] * shards, *x.shape[1:]), x.dtype), one)
 
 
-def _check_rows(batch, mesh, micro: bool) -> None:
+def batch_devices(mesh_shape) -> int:
+  """Devices the ``batch`` rule splits a batch's rows over (data x fsdp) on a mesh of
+  ``mesh_shape`` (axis -> size)."""
   axes = logical_to_spec(("batch",), LOGICAL_RULES)[0]
   names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-  devices = math.prod(mesh.shape[a] for a in names)
-  rows = batch.input_ids.shape[1 if micro else 0]
+  return math.prod(mesh_shape[a] for a in names)
+
+
+def _check_rows(batch, mesh, micro: bool) -> None:
+  devices, rows = batch_devices(mesh.shape), batch.input_ids.shape[1 if micro else 0]
   if rows % devices:
     raise ValueError(
         f"the step's {rows} LLM rows per micro-batch are not divisible by the {devices} "
-        f"devices of the batch axes {names}: the batch would be replicated, not the run's "
-        "program; change batch_size or shards (--set data.shards=N / preference.shards=N)")
+        "devices of the batch axes (data x fsdp): the batch would be replicated, not the "
+        "run's program; change batch_size or shards (--set data.shards=N / "
+        "preference.shards=N)")
 
 
-def _flops(analysis) -> float:
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0]
-  return float(analysis["flops"])
+def estimate_memory(train_cfg: TrainConfig, objective_for, state, constants, batch, mesh
+                    ) -> MemoryEstimate:
+  """The step's per-device memory as a compiler that follows the program holds it
+  (``plan.memory``), with ``train_cfg.remat`` (nothing_saveable where it is "none") and
+  without: ``batch`` placed on its shardings, one micro-batch's residuals, the largest
+  remat'd layer. ``objective_for(train_cfg)``: the step's objective."""
+  micro = train_cfg.optim.grad_accum > 1
+  first = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[micro:], x.dtype), batch)
+  key = jax.ShapeDtypeStruct(state.rng.shape, state.rng.dtype)
+  totals = jax.eval_shape(objective_for(train_cfg).totals, batch)
+  args = (state.params, constants, first, key, totals)
+  policy = train_cfg.remat if train_cfg.remat != "none" else "nothing_saveable"
+  loss = lambda remat: (lambda *a: objective_for(
+      dataclasses.replace(train_cfg, remat=remat)).share(*a)[0])
+  share = DeviceShare((state.params, constants), batch_devices(mesh.shape))
+  held = lambda remat: share.of(saved_residuals(loss(remat), *args))
+  with jax.set_mesh(mesh):
+    residuals, without = held(policy), held("none")
+    layer = largest_layer(loss(policy), share, *args)
+  return MemoryEstimate(
+      policy=policy, arguments=shard_bytes((state, constants, batch)),
+      gradients=2 * shard_bytes(state.params), residuals=residuals,
+      residuals_without_remat=without, largest_layer=layer)
 
 
-def plan_step(cfg: rc.RunConfig, arch: str | None = None) -> StepPlan:
-  """The compiled plan of ``cfg``'s train step (module doc)."""
+def plan_step(cfg: rc.RunConfig, arch: str | None = None, compile_step: bool = True
+              ) -> StepPlan:
+  """The plan of ``cfg``'s train step (module doc); ``compile_step=False``: the estimate
+  from the program alone, no XLA numbers."""
   model_cfg, source = model_config(cfg, arch)
   abstract = nnx.eval_shape(lambda: PPLLaVA(model_cfg, rngs=nnx.Rngs(cfg.train.seed)))
   part = partition(abstract, cfg.train.trainable)
@@ -197,31 +250,34 @@ def plan_step(cfg: rc.RunConfig, arch: str | None = None) -> StepPlan:
   micro = cfg.train.optim.grad_accum > 1
   _check_rows(batch, mesh, micro)
 
-  def steps_for(train_cfg):
-    if cfg.dpo is None:
-      return Steps(graphdef, train_cfg, tx, shardings)
-    return Steps(graphdef, train_cfg, tx, shardings,
-                 PreferenceObjective(graphdef, train_cfg, cfg.dpo),
-                 DPOConstants(shardings.frozen, live_sh))
-
   if cfg.dpo is None:
-    kind, constants = "SFT", frozen
+    kind, constants, constant_sh = "SFT", frozen, None
+    objective_for = lambda train_cfg: TokenMean(graphdef, train_cfg)
   else:
     check_trainable(part)
     live = not cfg.dpo.precompute_reference
-    live_sh = shardings.state.params if live else None
-    reference = (jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                              cast_floating(state.params, jnp.dtype(cfg.dpo.reference_dtype)))
-                 if live else None)
+    reference = (jax.tree.map(  # the trainable state's shardings, the reference's dtype
+        lambda x, r: jax.ShapeDtypeStruct(r.shape, r.dtype, sharding=x.sharding), state.params,
+        cast_floating(state.params, jnp.dtype(cfg.dpo.reference_dtype))) if live else None)
     kind = f"DPO, {'live' if live else 'cached'} reference"
     constants = DPOConstants(frozen, reference)
-  start = time.perf_counter()
-  lowered = steps_for(cfg.train).lower_train(state, constants, batch)
-  lower_s = time.perf_counter() - start
-  start = time.perf_counter()
-  compiled = lowered.compile()
-  compile_s = time.perf_counter() - start
-  mem = compiled.memory_analysis()
+    constant_sh = DPOConstants(shardings.frozen, shardings.state.params if live else None)
+    objective_for = lambda train_cfg: PreferenceObjective(graphdef, train_cfg, cfg.dpo)
+  placed = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                        batch, batch_shardings(batch, mesh, micro))
+  memory = estimate_memory(cfg.train, objective_for, state, constants, placed, mesh)
+  replicated = {f.name: shard_bytes(x) for f in dataclasses.fields(placed)
+                if (x := getattr(placed, f.name)) is not None and x.sharding.is_fully_replicated
+                and shard_bytes(x) >= 2 ** 20}
+  xla = None
+  if compile_step:
+    steps = Steps(graphdef, cfg.train, tx, shardings, objective_for(cfg.train), constant_sh)
+    start = time.perf_counter()
+    lowered = steps.lower_train(state, constants, batch)
+    lower_s = time.perf_counter() - start
+    start = time.perf_counter()
+    compiled = lowered.compile()
+    xla = _compiled(compiled, lower_s, time.perf_counter() - start)
   count = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
   rows_axis = 1 if micro else 0
   llm = model_cfg.text
@@ -241,8 +297,4 @@ def plan_step(cfg: rc.RunConfig, arch: str | None = None) -> StepPlan:
       micro_batches=cfg.train.optim.grad_accum, rows=batch.input_ids.shape[rows_axis],
       seq_len=batch.input_ids.shape[-1], frames=batch.videos.shape[rows_axis + 1],
       trainable_params=trainable, frozen_params=frozen_params, llm_params=llm_params,
-      argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
-      temp_bytes=mem.temp_size_in_bytes, code_bytes=mem.generated_code_size_in_bytes,
-      alias_bytes=mem.alias_size_in_bytes,
-      xla_flops_per_device=_flops(compiled.cost_analysis()), model_flops=model_flops,
-      executed_flops=executed, lower_s=lower_s, compile_s=compile_s)
+      memory=memory, replicated=replicated, compiled=xla, model_flops=model_flops, executed_flops=executed)
