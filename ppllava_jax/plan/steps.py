@@ -35,7 +35,6 @@ from ppllava_jax.data.batch import collate, pad_batch
 from ppllava_jax.data.pairs import collate_pairs
 from ppllava_jax.models.ppllava import PPLLaVA
 from ppllava_jax.models.ppllava_config import PPLLaVAConfig
-from ppllava_jax.models.sharding import LOGICAL_RULES, logical_to_spec
 from ppllava_jax.plan.memory import (DeviceShare, MemoryEstimate, largest_layer, saved_residuals,
                                      shard_bytes)
 from ppllava_jax.plan.architectures import RELEASES, release_for
@@ -44,7 +43,8 @@ from ppllava_jax.train.dpo import DPOConstants, PreferenceObjective, check_train
 from ppllava_jax.train.optimizer import make_optimizer
 from ppllava_jax.train.partition import decay_mask, partition
 from ppllava_jax.train.config import TrainConfig
-from ppllava_jax.train.state import (abstract_state, batch_shardings, cast_floating, make_mesh)
+from ppllava_jax.train.state import (abstract_state, batch_devices, batch_shardings, cast_floating,
+                                     make_mesh)
 from ppllava_jax.train.step import Steps, TokenMean
 
 
@@ -189,14 +189,6 @@ def abstract_batch(cfg: rc.RunConfig, model: PPLLaVAConfig):
   lead = (k,) if k > 1 else ()
   return jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(lead + (x.shape[0] * shards, *x.shape[1:]), x.dtype), one)
-
-
-def batch_devices(mesh_shape) -> int:
-  """Devices the ``batch`` rule splits a batch's rows over (data x fsdp) on a mesh of
-  ``mesh_shape`` (axis -> size)."""
-  axes = logical_to_spec(("batch",), LOGICAL_RULES)[0]
-  names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-  return math.prod(mesh_shape[a] for a in names)
 
 
 def _check_rows(batch, mesh, micro: bool) -> None:

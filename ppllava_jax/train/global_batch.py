@@ -26,7 +26,6 @@ gather of its own, before ``to_global``'s: an ended or failed fetch has no batch
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -37,8 +36,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ppllava_jax.data.batch import pad_batch
 from ppllava_jax.data.pipeline import DataError
-from ppllava_jax.models.sharding import LOGICAL_RULES, Rules, logical_to_spec
-from ppllava_jax.train.state import batch_shardings
+from ppllava_jax.models.sharding import LOGICAL_RULES, Rules
+from ppllava_jax.train.state import batch_axes, batch_devices, batch_shardings
 
 T = TypeVar("T")
 _GOT, _ENDED, _FAILED = 0, 1, 2  # agreed_next's outcomes
@@ -57,9 +56,8 @@ def data_blocks(mesh: Mesh, rules: Rules = LOGICAL_RULES) -> DataBlocks:
   """The data blocks of ``mesh`` under the batch rule (module doc). A process whose
   devices hold rows that are not one contiguous run of the same length as every other
   process's is an error: its rows could not be one slice of the pipeline's."""
-  axes = logical_to_spec(("batch",), rules)[0]
-  slices = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
-  sharding = NamedSharding(mesh, PartitionSpec(axes))
+  slices = batch_devices(mesh.shape, rules)
+  sharding = NamedSharding(mesh, PartitionSpec(batch_axes(rules)))
   rows: dict[int, set[int]] = {}
   for device, index in sharding.devices_indices_map((slices,)).items():
     rows.setdefault(device.process_index, set()).add(index[0].start or 0)

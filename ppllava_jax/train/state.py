@@ -154,14 +154,24 @@ def init_state(model: nnx.Module | Callable[[], nnx.Module], part: Partition,
 _UNSHARDED = ("image_gather", "image_gather_mask")  # indices into a table built per step
 
 
+def batch_axes(rules: Rules = LOGICAL_RULES) -> tuple[str, ...]:
+  """The mesh axes the ``batch`` rule splits a batch's rows over (data, fsdp)."""
+  axes = logical_to_spec(("batch",), rules)[0]
+  return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def batch_devices(mesh_shape, rules: Rules = LOGICAL_RULES) -> int:
+  """Devices a batch's rows split over on a mesh of ``mesh_shape`` (axis -> size)."""
+  return math.prod(mesh_shape[a] for a in batch_axes(rules))
+
+
 def batch_shardings(batch, mesh: Mesh, micro: bool = False, rules: Rules = LOGICAL_RULES):
   """A ``TrainBatch`` of shardings for ``batch`` (arrays or shapes): each field's row / slot
   axis over the ``batch`` rule's mesh axes (data x fsdp) where they divide it, else
   replicated; the image gather indices replicated. ``micro``: fields carry a leading
   micro-batch axis (gradient accumulation), never sharded."""
-  axes = logical_to_spec(("batch",), rules)[0]
-  names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-  shards = math.prod(mesh.shape[a] for a in names)
+  names = batch_axes(rules)
+  shards = batch_devices(mesh.shape, rules)
   lead = (None,) if micro else ()
 
   def one(field, x):
@@ -169,7 +179,7 @@ def batch_shardings(batch, mesh: Mesh, micro: bool = False, rules: Rules = LOGIC
     dim = shape[len(lead)] if len(shape) > len(lead) else 0
     if field in _UNSHARDED or not names or not dim or dim % shards:
       return NamedSharding(mesh, PartitionSpec())
-    return NamedSharding(mesh, PartitionSpec(*lead, axes))
+    return NamedSharding(mesh, PartitionSpec(*lead, names))
 
   fields = {f.name: one(f.name, getattr(batch, f.name)) for f in dataclasses.fields(batch)}
   return batch.replace(**fields)
