@@ -55,8 +55,6 @@ def _check_numbers(plan, trainable, frozen, fsdp):
   assert xla["argument_bytes"] <= memory["arguments"] <= 1.05 * xla["argument_bytes"]
   assert memory["gradients"] == 2 * 4 * trainable / fsdp  # every trainable leaf splits
   assert 0 < memory["residuals"] < memory["residuals_without_remat"]
-  assert plan["estimate_bytes"] == (memory["arguments"] + memory["gradients"]
-                                    + memory["residuals"] + memory["largest_layer"])
   assert xla["alias_bytes"] > 0  # the donated state
   assert plan["xla_peak_bytes"] >= xla["argument_bytes"]
   # every LLM weight is used in 2 (forward) + 4 (backward) FLOPs a token; attention, the
@@ -222,7 +220,7 @@ def test_device_shares():
 def test_no_compile_estimates_one_micro_batch(tmp_path):
   """``--no-compile``: the estimate only. Under two micro-batches the residuals are one
   micro-batch's, the same as a single batch's, and the arguments hold both batches."""
-  _, one = _plan(tmp_path, *SFT_RUN)
+  _, one = _plan(tmp_path, *SFT_RUN, extra=["--no-compile"])
   stdout, two = _plan(tmp_path, SFT_RUN[0], SFT_RUN[1] + ["train.optim.grad_accum=2"],
                       extra=["--no-compile"])
   assert "XLA:CPU: not compiled (--no-compile)" in stdout and two["compiled"] is None

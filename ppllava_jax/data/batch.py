@@ -382,15 +382,20 @@ def as_shard(batch: TrainBatch, shard: int, shards: int, picture_tokens: int) ->
                        image_gather=gather.astype(np.int32))
 
 
+def join_batches(batches, pad_id: int = 0, stack: bool = False):
+  """Batches of one layout -> one, the text padded to the longest (``pad_batch``), every
+  field concatenated on its leading axis, or under ``stack`` stacked on a new one."""
+  length = max(b.input_ids.shape[1] for b in batches)
+  padded = [pad_batch(b, length, pad_id) for b in batches]
+  join = np.stack if stack else np.concatenate
+  return jax.tree.map(lambda *xs: join([np.asarray(x) for x in xs]), *padded)
+
+
 def concat_rows(batches, pad_id: int = 0):
   """Batches of one layout (``as_shard``-ed ``TrainBatch``es, or ``PairBatch``es, whose pairs
   need no offsets) -> one, every field joined on its leading axis, the text padded to the
   longest."""
-  if len(batches) == 1:
-    return batches[0]
-  length = max(b.input_ids.shape[1] for b in batches)
-  padded = [pad_batch(b, length, pad_id) for b in batches]
-  return jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *padded)
+  return batches[0] if len(batches) == 1 else join_batches(batches, pad_id)
 
 
 def empty_like(batch):

@@ -104,8 +104,18 @@ def video_pixels(frames_thwc: np.ndarray | Sequence[ImageLike], size: int = 336,
   or, with ``letterbox``, fitted and padded black (its ``LlavaOnevisionVidProcessor``:
   use size 384 and SigLIP mean/std there).
   """
-  return normalize(np.stack([_square(to_rgb(f), size, letterbox, resample)
-                             for f in frames_thwc]), mean, std)
+  return normalize(np.stack([_fitted(f, size, letterbox, resample) for f in frames_thwc]),
+                   mean, std)
+
+
+def _fitted(frame: ImageLike, size: int, letterbox: bool, resample: int) -> np.ndarray:
+  """A frame at size x size. One already so as RGB uint8 (a media store's) is returned as
+  it is: resizing or fitting an image to its own size is the identity (PIL copies it), and
+  the round trip through PIL was most of a stored sample's preprocessing."""
+  if (isinstance(frame, np.ndarray) and frame.dtype == np.uint8
+      and frame.shape == (size, size, 3)):
+    return frame
+  return _square(to_rgb(frame), size, letterbox, resample)
 
 
 def siglip_image_pixels(image: ImageLike, size: int = 384, mean: Stats = SIGLIP_MEAN,

@@ -18,12 +18,13 @@ compiler that follows the program holds:
 - ``DeviceShare``: a device's share of each array: parameter-shaped ones as the parameter
   is sharded, activations over the batch axes.
 
-``MemoryEstimate.total`` adds two float32 buffers of the trainable shard (one micro-batch's
-gradient, and the scan's accumulator or, in one micro-batch, the optimizer's update). It is an estimate, not a
-bound either way: the layer term counts every value of the layer's backward unfused (XLA
-fuses elementwise chains: fewer), and the compiler's own buffers are left out (a layer's
-all-gathered weights, collectives' staging, the internals of loops inside a layer such as
-attention's blocks: more). A step whose estimate is near HBM does not fit.
+``MemoryEstimate.total`` adds two float32 buffers of the trainable shard (one
+micro-batch's gradient, and the scan's accumulator or, in one micro-batch, the optimizer's
+update). It is an estimate, not a bound either way: the layer term counts every value of
+the layer's backward unfused (XLA fuses elementwise chains: fewer), and the compiler's own
+buffers are left out (a layer's all-gathered weights, collectives' staging, the internals
+of loops inside a layer such as attention's blocks: more). A step whose estimate is near
+HBM does not fit.
 """
 
 from __future__ import annotations

@@ -35,16 +35,17 @@ from ppllava_jax.data.batch import collate, pad_batch
 from ppllava_jax.data.pairs import collate_pairs
 from ppllava_jax.models.ppllava import PPLLaVA
 from ppllava_jax.models.ppllava_config import PPLLaVAConfig
+from ppllava_jax.plan.architectures import RELEASES, release_for
 from ppllava_jax.plan.memory import (DeviceShare, MemoryEstimate, largest_layer, saved_residuals,
                                      shard_bytes)
-from ppllava_jax.plan.architectures import RELEASES, release_for
 from ppllava_jax.train import run_config as rc
+from ppllava_jax.train.config import TrainConfig
 from ppllava_jax.train.dpo import DPOConstants, PreferenceObjective, check_trainable
+from ppllava_jax.train.metrics import cost_flops
 from ppllava_jax.train.optimizer import make_optimizer
 from ppllava_jax.train.partition import decay_mask, partition
-from ppllava_jax.train.config import TrainConfig
 from ppllava_jax.train.state import (abstract_state, batch_devices, batch_shardings, cast_floating,
-                                     make_mesh)
+                                     make_mesh, placed)
 from ppllava_jax.train.step import Steps, TokenMean
 
 
@@ -69,11 +70,10 @@ class Compiled:
 
 
 def _compiled(compiled, lower_s: float, compile_s: float) -> Compiled:
-  mem, cost = compiled.memory_analysis(), compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  mem = compiled.memory_analysis()
   return Compiled(mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.temp_size_in_bytes,
                   mem.generated_code_size_in_bytes, mem.alias_size_in_bytes,
-                  float(cost["flops"]), lower_s, compile_s)
+                  cost_flops(compiled.cost_analysis()) or 0.0, lower_s, compile_s)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,18 +248,16 @@ def plan_step(cfg: rc.RunConfig, arch: str | None = None, compile_step: bool = T
   else:
     check_trainable(part)
     live = not cfg.dpo.precompute_reference
-    reference = (jax.tree.map(  # the trainable state's shardings, the reference's dtype
-        lambda x, r: jax.ShapeDtypeStruct(r.shape, r.dtype, sharding=x.sharding), state.params,
-        cast_floating(state.params, jnp.dtype(cfg.dpo.reference_dtype))) if live else None)
+    reference = (placed(cast_floating(state.params, jnp.dtype(cfg.dpo.reference_dtype)),
+                        shardings.state.params) if live else None)
     kind = f"DPO, {'live' if live else 'cached'} reference"
     constants = DPOConstants(frozen, reference)
     constant_sh = DPOConstants(shardings.frozen, shardings.state.params if live else None)
     objective_for = lambda train_cfg: PreferenceObjective(graphdef, train_cfg, cfg.dpo)
-  placed = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-                        batch, batch_shardings(batch, mesh, micro))
-  memory = estimate_memory(cfg.train, objective_for, state, constants, placed, mesh)
-  replicated = {f.name: shard_bytes(x) for f in dataclasses.fields(placed)
-                if (x := getattr(placed, f.name)) is not None and x.sharding.is_fully_replicated
+  sharded = placed(batch, batch_shardings(batch, mesh, micro))
+  memory = estimate_memory(cfg.train, objective_for, state, constants, sharded, mesh)
+  replicated = {f.name: shard_bytes(x) for f in dataclasses.fields(sharded)
+                if (x := getattr(sharded, f.name)) is not None and x.sharding.is_fully_replicated
                 and shard_bytes(x) >= 2 ** 20}
   xla = None
   if compile_step:
@@ -289,4 +287,5 @@ def plan_step(cfg: rc.RunConfig, arch: str | None = None, compile_step: bool = T
       micro_batches=cfg.train.optim.grad_accum, rows=batch.input_ids.shape[rows_axis],
       seq_len=batch.input_ids.shape[-1], frames=batch.videos.shape[rows_axis + 1],
       trainable_params=trainable, frozen_params=frozen_params, llm_params=llm_params,
-      memory=memory, replicated=replicated, compiled=xla, model_flops=model_flops, executed_flops=executed)
+      memory=memory, replicated=replicated, compiled=xla, model_flops=model_flops,
+      executed_flops=executed)

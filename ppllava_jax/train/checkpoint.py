@@ -22,18 +22,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import jax
 import orbax.checkpoint as ocp
 
 from ppllava_jax.train.state import TrainState
 
 log = logging.getLogger(__name__)
-
-
-def abstract_state(state: TrainState, shardings: TrainState) -> TrainState:
-  """``state``'s shapes and dtypes with ``shardings`` (a restore target)."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      state, shardings)
 
 
 class Checkpoints:
@@ -64,7 +57,7 @@ class Checkpoints:
 
   def restore(self, step: int, target: TrainState) -> tuple[TrainState, dict, dict]:
     """(state, data state, config dict) of checkpoint ``step``; ``target``: an abstract
-    sharded state (``abstract_state``)."""
+    sharded state (``train.state.placed``)."""
     out = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(),
         config=ocp.args.JsonRestore()))

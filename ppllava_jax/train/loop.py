@@ -67,7 +67,7 @@ from ppllava_jax.train.dpo import DPOConstants, PreferenceObjective, check_train
 from ppllava_jax.train.global_batch import DataBlocks, agreed_next, data_blocks, to_global
 from ppllava_jax.train.optimizer import make_optimizer
 from ppllava_jax.train.partition import decay_mask, partition
-from ppllava_jax.train.state import init_state, make_mesh
+from ppllava_jax.train.state import init_state, make_mesh, placed
 from ppllava_jax.train.step import Steps, stack_micro_batches
 
 log = logging.getLogger(__name__)
@@ -249,10 +249,7 @@ def _next_update(data, k: int, pad_id: int):
 def _step_flops(steps: Steps, state, constants, batch) -> float | None:
   """FLOPs of one train step from XLA's cost analysis of its lowering."""
   try:
-    cost = steps.lower_train(state, constants, batch).cost_analysis()
-    if isinstance(cost, (list, tuple)):
-      cost = cost[0] if cost else None
-    return float(cost["flops"]) if cost and "flops" in cost else None
+    return metrics_lib.cost_flops(steps.lower_train(state, constants, batch).cost_analysis())
   except Exception as err:  # noqa: BLE001 (an estimate; never stops a run)
     log.warning("no FLOP count for the MFU estimate: %s", err)
     return None
@@ -273,7 +270,7 @@ def train(cfg: rc.RunConfig, workdir: str | Path) -> dict:
   run = build(cfg)
   blocks = data_blocks(run.shardings.mesh)
   checkpoints = ckpt_lib.Checkpoints(workdir, keep=cfg.keep)
-  target = ckpt_lib.abstract_state(run.state, run.shardings.state)
+  target = placed(run.state, run.shardings.state)
   start, data_state, state = 0, None, run.state
   initial = functools.cache(lambda: ckpt_lib.restore_params(cfg.init_from, target).params
                             if cfg.init_from else run.state.params)  # read once
@@ -448,7 +445,7 @@ def export(workdir: str | Path, out: str | Path, step: int | None = None) -> Pat
     cfg = rc.from_dict(rc.RunConfig, rc._tuples(checkpoints.read_config(step)))  # noqa: SLF001
     cfg = rc.with_workdir(cfg, str(workdir))
     run = build(cfg)
-    state, _, _ = checkpoints.restore(step, ckpt_lib.abstract_state(run.state,
+    state, _, _ = checkpoints.restore(step, placed(run.state,
                                                                     run.shardings.state))
   finally:
     checkpoints.close()

@@ -181,6 +181,14 @@ def read_metrics(workdir: str | Path) -> list[dict]:
   return [record for _, record in read_jsonl(path, expect=dict)] if path.is_file() else []
 
 
+def cost_flops(cost) -> float | None:
+  """The FLOPs of a lowered or compiled program's ``cost_analysis()`` (a dict, or a list of
+  one per program in some JAX versions); None when it has none."""
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  return float(cost["flops"]) if cost and "flops" in cost else None
+
+
 def mfu(flops: float | None, seconds: float, peak: float) -> float | None:
   if not flops or seconds <= 0:
     return None

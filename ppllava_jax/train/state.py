@@ -96,6 +96,13 @@ def cast_floating(tree, dtype):
   return jax.tree.map(one, tree)
 
 
+def placed(tree, shardings):
+  """``tree``'s shapes and dtypes (arrays or shapes) with ``shardings``, a tree of the same
+  structure: a restore target, or an abstract argument to lower with."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s),
+                      tree, shardings)
+
+
 def abstract_state(model: nnx.Module | Callable[[], nnx.Module], part: Partition,
                    tx: optax.GradientTransformation, mesh: Mesh, *, frozen_dtype=None,
                    rules: Rules = LOGICAL_RULES
@@ -116,8 +123,6 @@ def abstract_state(model: nnx.Module | Callable[[], nnx.Module], part: Partition
   count = jax.ShapeDtypeStruct((), jnp.int32)
   key = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
   state_a = TrainState(count, params_a, opt_a, key, count)
-  placed = lambda tree, sh: jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
   return (graphdef, placed(state_a, shardings.state), placed(frozen_a, shardings.frozen),
           shardings)
 

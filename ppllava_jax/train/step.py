@@ -50,11 +50,10 @@ from typing import Protocol
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
-from ppllava_jax.data.batch import TrainBatch, pad_batch
+from ppllava_jax.data.batch import TrainBatch, join_batches
 from ppllava_jax.models.ppllava import PPLLaVA
 from ppllava_jax.train import losses
 from ppllava_jax.train.config import TrainConfig
@@ -196,9 +195,7 @@ def make_steps(objective: Objective, cfg: TrainConfig, tx: optax.GradientTransfo
 def stack_micro_batches(batches: Sequence[TrainBatch], pad_id: int = 0) -> TrainBatch:
   """k batches of one layout -> one batch whose fields carry a leading axis of k, padded to
   the longest one's sequence length (``data.batch.pad_batch``)."""
-  length = max(b.input_ids.shape[1] for b in batches)
-  padded = [pad_batch(b, length, pad_id) for b in batches]
-  return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *padded)
+  return join_batches(batches, pad_id, stack=True)
 
 
 @dataclasses.dataclass

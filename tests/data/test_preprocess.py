@@ -72,7 +72,8 @@ def test_video_pixels_squash_vs_transformers():
   # no crop is that operation
   ref = CLIPImageProcessorPil(size={"height": 336, "width": 336}, do_center_crop=False)
   for frames_thwc in [np.stack([photo(48, 64, seed) for seed in range(3)]),  # upscaled
-                      np.stack([photo(333, 517, seed) for seed in range(2)])]:  # downscaled
+                      np.stack([photo(333, 517, seed) for seed in range(2)]),  # downscaled
+                      np.stack([photo(336, 336, seed) for seed in range(2)])]:  # a store's
     ours = video_pixels(frames_thwc)
     assert_close(ours, np.stack([hf_pixels(ref, f) for f in frames_thwc]))
 
@@ -82,7 +83,7 @@ def test_video_pixels_letterbox_vs_onevision():
   # OneVision's processor given that single pinpoint makes it as tile 1 (tile 0: squashed).
   ref = LlavaOnevisionImageProcessorPil(image_grid_pinpoints=[[384, 384]],
                                         image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD)
-  frames = [photo(333, 517, 0), photo(517, 333, 1), photo(48, 64, 2)]
+  frames = [photo(333, 517, 0), photo(517, 333, 1), photo(48, 64, 2), photo(384, 384, 3)]
   boxed = video_pixels(frames, 384, SIGLIP_MEAN, SIGLIP_STD, letterbox=True)
   squashed = video_pixels(frames, 384, SIGLIP_MEAN, SIGLIP_STD)
   for i, frame in enumerate(frames):

@@ -75,10 +75,8 @@ def decoded(path: Path) -> np.ndarray:
     return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
 
 
-def squared(frames_thwc, letterbox: bool = False) -> np.ndarray:
-  if letterbox:  # the SigLIP resize, checked through video_pixels below
-    return np.stack([preprocess._square(Image.fromarray(f), TILE, True, preprocess.BICUBIC)
-                     for f in frames_thwc])
+def squared(frames_thwc) -> np.ndarray:
+  """The original's resize, straight to the tower's square with PIL's bicubic."""
   return np.stack([np.asarray(Image.fromarray(f).resize((TILE, TILE), Image.BICUBIC))
                    for f in frames_thwc])
 

@@ -26,6 +26,8 @@ def free_port() -> int:
 
 
 def env(devices: int, cache: Path | None = None, **extra) -> dict:
+  """This environment for a CPU process of ``devices`` devices, compiling through ``cache``
+  (None: no persistent cache), with ``extra`` variables."""
   out = dict(os.environ)
   flags = [f for f in out.get("XLA_FLAGS", "").split()
            if not f.startswith("--xla_force_host_platform_device_count")]

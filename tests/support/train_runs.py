@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,6 +15,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from support import multiprocess
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "sft_tiny.py"
@@ -40,12 +41,8 @@ def train_main():
 
 
 def env(cache: Path) -> dict:
-  out = dict(os.environ)
-  flags = out.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
-  out["XLA_FLAGS"] = flags.strip()
-  out.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", JAX_PLATFORMS="cpu")
-  return out
+  """A one-device CPU run's environment, compiling through ``cache``."""
+  return multiprocess.env(1, cache)
 
 
 def command(workdir: Path, *extra: str, config: Path = CONFIG) -> list[str]:

@@ -85,7 +85,7 @@ def truncated_copy(src, dst, step: int):
 
 
 @pytest.fixture(scope="module")
-def two_process_run(tmp_path_factory, compile_cache):
+def two_process_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("two_process")
   done = multiprocess.launch(command(workdir), processes=2, devices=4)
   assert all(r.returncode == 0 for r in done), multiprocess.report(done)
