@@ -5,13 +5,20 @@ here every way a file can be bad (missing, unreadable, not UTF-8, empty, invalid
 JSON, the wrong top-level type) is one ``DataFileError``, printed ``path:line: problem``
 (``path: problem`` when no line applies). It imports nothing of the package, so every
 layer (checkpoints, benchmarks, predictions) can use it.
+
+A JSON Lines file that a process appends to (metrics, predictions) can end in a torn line
+when the process is killed mid-write; ``cut_torn_last_line`` cuts it off before the file
+is read or appended to again.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 _JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
                float: "number", type(None): "null"}
@@ -68,3 +75,19 @@ def read_jsonl(path: str | Path, expect: type | None = None) -> list[tuple[int, 
   path = Path(path)
   return [(number, _parse(path, line, expect, number))
           for number, line in enumerate(_text(path).splitlines(), 1) if line.strip()]
+
+
+def cut_torn_last_line(path: str | Path) -> int:
+  """Cuts off the bytes after the last newline of the file ``path``, with a warning naming
+  the file and the bytes dropped; returns how many (0: none). A writer killed mid-write
+  leaves its last line without the newline: appended to, the next line would be glued
+  onto it, and read, it fails as invalid JSON."""
+  path = Path(path)
+  data = path.read_bytes()
+  if not data or data.endswith(b"\n"):
+    return 0
+  keep = data.rfind(b"\n") + 1
+  log.warning("%s: cut off a torn last line (%d bytes)", path, len(data) - keep)
+  with open(path, "r+b") as file:
+    file.truncate(keep)
+  return len(data) - keep

@@ -13,6 +13,8 @@ import logging
 from pathlib import Path
 from typing import TextIO
 
+from ppllava_jax.files import cut_torn_last_line
+
 log = logging.getLogger(__name__)
 
 
@@ -42,12 +44,7 @@ def open_for_append(path: str | Path) -> TextIO:
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   if path.exists():
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-      keep = data.rfind(b"\n") + 1
-      log.warning("%s: cut off a torn last line (%d bytes)", path, len(data) - keep)
-      with open(path, "r+b") as file:
-        file.truncate(keep)
+    cut_torn_last_line(path)
   return open(path, "a")
 
 

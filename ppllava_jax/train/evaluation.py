@@ -112,8 +112,14 @@ class McqEval:
       seconds, compiled = multihost_utils.broadcast_one_to_all(
           (np.float32(seconds), np.int32(compiled)))
     return dict(step=step, **_scores(report), mcq_items=len(jobs),
-                mcq_failed=len(runner.failures(jobs, result)), mcq_time=float(seconds),
-                mcq_compilations=int(compiled))
+                mcq_chance=_chance(self.items), mcq_failed=len(runner.failures(jobs, result)),
+                mcq_time=float(seconds), mcq_compilations=int(compiled))
+
+
+def _chance(items) -> float | None:
+  """The accuracy (%) of answering at random: the mean of 1 / candidates, drawn beside the
+  accuracy in loss.png."""
+  return 100 * float(np.mean([1 / len(i.candidates) for i in items])) if items else None
 
 
 def _identity(x):
