@@ -13,6 +13,10 @@ weights) tensor by tensor; it fails with one error listing every unexpected key,
 every parameter left unfilled and every shape mismatch. Nothing is skipped silently:
 keys that checkpoints carry but models do not need are ignored only by an explicit
 ``Rule(hf, None)``.
+
+Saving walks the model's state through the same table (``hf_tensors``);
+``named_tensors`` does it for any tree shaped like (part of) that state: gradients,
+updates, optimizer moments.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import enum
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -240,6 +244,52 @@ def hf_tensors(model: nnx.Module, rules: Sequence[Rule]) -> Iterator[tuple[str, 
       raise CheckpointError(f"no rule names parameter {name} for saving")
     key, rule = hit
     yield key, rule.transform.to_hf(jnp.asarray(variable[...]))
+
+
+def _segment(entry) -> str:
+  """One step of a jax key path as a state path segment: a dict key, an index, an attribute."""
+  for field in ("key", "idx", "name"):
+    if hasattr(entry, field):
+      return str(getattr(entry, field))
+  return str(entry)
+
+
+def tree_leaves_by_name(tree) -> list[tuple[str, Any]]:
+  """(dotted state path, value) of every leaf of ``tree``: an ``nnx.State`` (its
+  ``nnx.Variable``s or plain arrays as leaves) or nested dicts / lists keyed like one
+  (``nnx.to_pure_dict``); None leaves (masked-out parts) are no leaves."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return [(".".join(_segment(k) for k in path),
+           leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf) for path, leaf in flat]
+
+
+def named_tensors(tree, rules: Sequence[Rule],
+                  shapes: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, Any]:
+  """``{checkpoint tensor name: value in the checkpoint's layout}`` of ``tree``, shaped like a
+  model's parameter state or a part of it (``tree_leaves_by_name``), by the rules saving
+  uses (``hf_tensors``): the same names, transposes and reshapes. ``shapes`` (the model's
+  parameters by dotted path) also checks that every leaf is one of them, in its shape.
+  Leaves with no checkpoint name raise one ``CheckpointError`` listing each."""
+  named, problems = {}, []
+  for name, value in tree_leaves_by_name(tree):
+    if shapes is not None and name not in shapes:
+      problems.append(f"{name}: not a parameter of the model")
+      continue
+    if shapes is not None and tuple(np.shape(value)) != tuple(shapes[name]):
+      problems.append(f"{name}: shape {tuple(np.shape(value))}, the parameter's is "
+                      f"{tuple(shapes[name])}")
+      continue
+    hit = _hf_key(name, rules)
+    if hit is None:
+      problems.append(f"{name}: no rule of the table names it")
+      continue
+    key, rule = hit
+    named[key] = rule.transform.to_hf(value)
+  if problems:
+    raise CheckpointError(f"{len(problems)} leaves of the tree have no checkpoint tensor name:\n"
+                          + "\n".join(f"  {p}" for p in problems))
+  return named
 
 
 def _ordinary_permissions(file: Path) -> None:

@@ -17,12 +17,13 @@ Formats (one corpus = one annotation file, JSON list or JSONL, plus a media root
 Every record is checked before training starts (``load_mixture``); the first problem
 raises ``AnnotationError`` naming the file, the record index and the field (a file that
 is missing or not JSON: ``files.DataFileError``, naming the file and line). Checked:
-the types, a non-empty conversation, alternating roles, a positive ``total_frames``,
-and that the conversation has exactly one ``<image>`` per media item once the
-original's rule has put the first one in (``templates.with_media``: prefixed to the
-first question, or each ``<image>`` of the first question gets a newline); an answer
-must hold none. The original found such records only when the model failed on them
-and then silently trained on a random other sample instead.
+the types, a non-empty conversation, alternating roles, answers that are not empty or
+blank (the original trained such a turn on its end marker alone), a positive
+``total_frames``, and that the conversation has exactly one ``<image>`` per media item
+once the original's rule has put the first one in (``templates.with_media``: prefixed
+to the first question, or each ``<image>`` of the first question gets a newline); an
+answer must hold none. The original found the other problems only when the model failed
+on them and then silently trained on a random other sample instead.
 
 Validated records are stored column-wise (``AnnotationSet``: kinds, corpus ids and one
 bytes blob of ``marshal``-encoded tuples), so that a million of them pickle to a worker process in
@@ -151,6 +152,15 @@ def _type(value) -> str:
   return type(value).__name__
 
 
+def _blank(text: str) -> bool:
+  return not text or text.isspace()  # isspace stops at the first other character
+
+
+def _check_answer(text: str, file, index, field) -> None:
+  if _blank(text):
+    _fail(file, index, field, "is empty" if not text else "is blank (whitespace only)")
+
+
 def _paths(value, kind: str, file, index, field) -> tuple[tuple[str, ...], bool]:
   """(paths, given as a list)."""
   if type(value) is str:
@@ -177,8 +187,8 @@ def _qa_turns(record, file, index) -> tuple[tuple[tuple[str, str], ...], str]:
     _fail(file, index, "QA", "must be a non-empty list of {q, a} objects")
   try:  # the common case in one pass; any doubt goes to the checks below
     turns = tuple((t["q"], t["a"]) for t in qa)
-    ok = all(type(q) is str and type(a) is str for q, a in turns) and all(
-        type(t.get("i", "")) is str for t in qa)
+    ok = all(type(q) is str and type(a) is str and a and not a.isspace()  # not _blank, inlined
+             for q, a in turns) and all(type(t.get("i", "")) is str for t in qa)
   except (TypeError, KeyError, AttributeError):
     ok = False
   if not ok:
@@ -191,6 +201,7 @@ def _qa_turns(record, file, index) -> tuple[tuple[tuple[str, str], ...], str]:
                 f"must be a string, got {_type(t.get(f))}")
       if t.get("i") is not None and type(t["i"]) is not str:
         _fail(file, index, f"QA[{j}].i", f"must be a string, got {_type(t['i'])}")
+      _check_answer(t["a"], file, index, f"QA[{j}].a")
   return turns, qa[0].get("i") or ""
 
 
@@ -208,7 +219,8 @@ def _llava_turns(record, file, index) -> tuple[tuple[tuple[str, str], ...], str]
   try:  # the common case in one pass; any doubt goes to the checks below
     ok = (all(t["from"] == "human" for t in body[0::2])
           and all(t["from"] == "gpt" for t in body[1::2])
-          and all(type(t["value"]) is str for t in conv))
+          and all(type(t["value"]) is str for t in conv)
+          and all(t["value"] and not t["value"].isspace() for t in body[1::2]))
   except (TypeError, KeyError):
     ok = False
   if not ok:
@@ -220,6 +232,8 @@ def _llava_turns(record, file, index) -> tuple[tuple[tuple[str, str], ...], str]
       if t.get("from") != want:
         _fail(file, index, f"conversations[{j}].from", f"expected {want!r}, got "
                                                         f"{t.get('from')!r}")
+      if want == "gpt":
+        _check_answer(t["value"], file, index, f"conversations[{j}].value")
   return tuple((q["value"], a["value"]) for q, a in zip(body[::2], body[1::2])), system
 
 

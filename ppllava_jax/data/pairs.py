@@ -5,13 +5,14 @@ on the SFT pipeline's machinery (``data.pipeline``: the global batch plan, one p
 steps from a cursor, Grain workers, the ``DataIterator`` with its counters and
 checkpointable state), with rows in place of annotation records:
 
-1. ``preference.read_preference_rows`` validates the JSONL file; rows that cannot teach
-   (empty or equal completions, a missing video) are left out and counted (the data
-   state's ``stats.skipped`` starts with those counts).
+1. ``preference.read_preference_rows`` validates the JSONL file (an empty completion is
+   an error naming the line); rows that cannot teach (equal completions, a missing video)
+   are left out and counted (the data state's ``stats.skipped`` starts with those counts).
 2. Epoch ``e`` is a seeded permutation of the rows (``pair_epoch``, a function of
    (seed, e)) cut into batches of ``batch_size`` pairs.
 3. ``PairBatchBuilder`` builds each pair (``preference.PreferenceBuilder``: 32 frames by
-   SFT's training sampling, seeded by (seed, epoch, position)) and collates them
+   SFT's training sampling, seeded by (seed, epoch, position), or from the generator an
+   ``rng_factory`` makes of them) and collates them
    (``collate_pairs``). A pair that fails to build (bad media, too long, labels) leaves
    its pair empty (``pair_mask`` False) and is counted by reason, as in SFT.
 
@@ -51,8 +52,8 @@ import numpy as np
 from ppllava_jax.data import pipeline
 from ppllava_jax.data.batch import PIXEL_DTYPES, check_batching, seq_bucket, shape_key
 from ppllava_jax.data.preference import (PreferenceBuilder, PreferenceConfig, PreferenceRow,
-                                         PreferenceSample, read_preference_rows)
-from ppllava_jax.data.sft import IGNORE, SkipSample
+                                         PreferenceRows, PreferenceSample, read_preference_rows)
+from ppllava_jax.data.sft import IGNORE, RngFactory, SkipSample, frame_rng
 from ppllava_jax.models.ppllava_config import PPLLaVAConfig
 
 
@@ -223,18 +224,21 @@ class PairBatchBuilder(grain.transforms.Map):
 def make_preference_iterator(config: PreferenceDataConfig, *, tokenizer, model: PPLLaVAConfig,
                              scorer_tokenizer=None, state: dict | None = None,
                              reference: Mapping | None = None, pin_frames: bool = False,
-                             block: int | None = None, blocks: int | None = None
-                             ) -> pipeline.DataIterator:
+                             block: int | None = None, blocks: int | None = None,
+                             rng_factory: RngFactory = frame_rng,
+                             read: PreferenceRows | None = None) -> pipeline.DataIterator:
   """Data block ``block`` of ``blocks``' ``PairBatch``es (``data.pipeline``); ``reference``
-  and ``pin_frames`` as ``PairBatchBuilder``. The default, this process of all processes,
-  is right only when every process is its own data block (no ``tensor`` axis across
-  hosts); the trainer passes ``train.global_batch.data_blocks``' values."""
+  and ``pin_frames`` as ``PairBatchBuilder``, ``rng_factory`` as ``PreferenceBuilder``'s.
+  The default, this process of all processes, is right only when every process is its own
+  data block (no ``tensor`` axis across hosts); the trainer passes
+  ``train.global_batch.data_blocks``' values. ``read``: the rows, already read."""
   if block is None or blocks is None:
     block, blocks = jax.process_index(), jax.process_count()
-  read = read_preference_rows(config.rows, config.media_root)
+  if read is None:
+    read = read_preference_rows(config.rows, config.media_root)
   builder = make_builder(config, read.rows, tokenizer=tokenizer, model=model,
                          scorer_tokenizer=scorer_tokenizer, reference=reference,
-                         pin_frames=pin_frames)
+                         pin_frames=pin_frames, rng_factory=rng_factory)
   if state is None:  # the rows left out when reading count as skipped from the start
     state = {"next_batch": 0, "stats": {"skipped": read.counts, "samples": len(read.skipped)}}
   return pipeline.DataIterator(config, builder.plan, builder, block, blocks, state)
@@ -242,10 +246,13 @@ def make_preference_iterator(config: PreferenceDataConfig, *, tokenizer, model: 
 
 def make_builder(config: PreferenceDataConfig, rows: Sequence[PreferenceRow], *, tokenizer,
                  model: PPLLaVAConfig, scorer_tokenizer=None, reference: Mapping | None = None,
-                 pin_frames: bool = False, shuffle: bool = True) -> PairBatchBuilder:
+                 pin_frames: bool = False, shuffle: bool = True,
+                 rng_factory: RngFactory = frame_rng) -> PairBatchBuilder:
   """The builder (and its plan: ``config.num_epochs`` epochs, shuffled or in file order)
-  over validated ``rows``."""
+  over validated ``rows``; ``rng_factory(seed, epoch, position)`` makes each pair's frame
+  generator (with ``pin_frames``, ``(seed, 0, row)``)."""
   plan = pipeline.BatchPlan(functools.partial(pair_epoch, len(rows), config.batch_size,
                                               config.seed, shuffle=shuffle), config.num_epochs)
-  samples = PreferenceBuilder(tokenizer, model, scorer_tokenizer, config.sample)
+  samples = PreferenceBuilder(tokenizer, model, scorer_tokenizer, config.sample,
+                              rng_factory=rng_factory)
   return PairBatchBuilder(plan, tuple(rows), samples, model, config, reference, pin_frames)

@@ -8,17 +8,18 @@ where this module differs:
   rejected_score}``; ``video`` is joined to the media root (``os.path.join``: an absolute
   path stays). ``read_preference_rows`` checks every row before training. A malformed
   row (not an object, a key the sample needs missing, a wrong type, an empty ``video``,
-  an ``<image>`` in the prompt or a completion) is a ``files.DataFileError``
-  ``path:line: field 'name': problem``. ``answer`` and the scores are optional and kept.
-  A row that is well formed but cannot teach anything is skipped and counted by reason:
-  an empty (or blank) completion (``"empty_completion"``), chosen == rejected up to
-  surrounding whitespace (``"same_completions"``: no gradient, only noise in the
-  metrics), a video path that does not exist (``"missing"``). The original found such
-  rows only while training and then silently trained on a random other row.
+  an empty or blank ``chosen`` / ``rejected``, an ``<image>`` in the prompt or a
+  completion) is a ``files.DataFileError`` ``path:line: field 'name': problem``.
+  ``answer`` and the scores are optional and kept. A row that is well formed but cannot
+  teach anything is skipped and counted by reason: chosen == rejected up to surrounding
+  whitespace (``"same_completions"``: no gradient, only noise in the metrics), a video
+  path that does not exist (``"missing"``). The original found such rows only while
+  training and then silently trained on a random other row.
 - Prompt (``train_dpo.py:558-561``): ``<video>`` is removed, the rest stripped, and
   ``<image>\\n`` put in front; that stripped question alone is the scorer (CLIP) text
   (``both=False``, unlike the original's SFT, which scores the whole conversation),
-  padded / truncated to the text encoder's context as in SFT.
+  padded / truncated to the text encoder's context as in SFT
+  (``PreferenceConfig.scorer_padding``, as SFT's: the original's DPO, CLIP only, pads).
 - Template: the script asks for ``vicuna_v1``, which its conversation module does not
   define (it cannot run as released); ``templates.VICUNA_V1`` is LLaVA's
   ``conv_vicuna_v1``, the evident intent: ``{system} USER: <image>\\n{q} ASSISTANT:
@@ -35,7 +36,8 @@ where this module differs:
   warning; here the sample is skipped, reason ``"labels"``.
 - Frames: ``num_frames`` (32) by SFT's training sampling (``sft.load_training_video``):
   a frame folder (the original's) in natural name order, or a video file; seeded by
-  ``(seed, epoch, index)`` like an SFT sample. Unreadable media skip with SFT's reasons
+  ``(seed, epoch, index)`` like an SFT sample (or drawn from ``rng=`` / the builder's
+  ``rng_factory``, as SFT's). Unreadable media skip with SFT's reasons
   (``"missing"``, ``"corrupt"``, ``"empty"``), as does a row longer than
   ``max_length`` (``"too_long"``; the original never truncated either).
 
@@ -60,8 +62,9 @@ import numpy as np
 
 from ppllava_jax.data import preprocess, video
 from ppllava_jax.data.annotations import MEDIA_TOKEN, READERS
-from ppllava_jax.data.sft import (IGNORE, SampleBuilder, SampleConfig, SkipSample,
-                                  load_training_video, media_skip)
+from ppllava_jax.data.sft import (IGNORE, SCORER_PADDINGS, RngFactory, SampleBuilder,
+                                  SampleConfig, SkipSample, frame_rng, load_training_video,
+                                  media_skip)
 from ppllava_jax.data.templates import TEMPLATES, Turn, render_conversation
 from ppllava_jax.files import DataFileError, read_jsonl
 from ppllava_jax.models.ppllava_config import PPLLaVAConfig
@@ -70,9 +73,8 @@ logger = logging.getLogger(__name__)
 
 VIDEO_TAG = "<video>"  # LLaVA-Hound's placeholder in ``prompt``, removed
 SIDES = ("chosen", "rejected")
-# read time: "missing", "empty_completion", "same_completions"; build time: the rest
-SKIP_REASONS = ("missing", "empty_completion", "same_completions", "corrupt", "empty",
-                "too_long", "labels")
+# read time: "missing", "same_completions"; build time: the rest
+SKIP_REASONS = ("missing", "same_completions", "corrupt", "empty", "too_long", "labels")
 _REQUIRED = {"id": (str, int), "prompt": (str,), "video": (str,), "chosen": (str,),
              "rejected": (str,)}
 _OPTIONAL = {"answer": (str,), "chosen_score": (int, float), "rejected_score": (int, float)}
@@ -139,6 +141,10 @@ def parse_row(raw: Mapping[str, Any], path: str | Path, line: int,
                  for name, types in _OPTIONAL.items()})
   if not values["video"]:
     raise _field_error(path, line, "video", "is empty")
+  for name in SIDES:  # nothing to prefer: the data is broken, not merely unhelpful
+    if not values[name].strip():
+      raise _field_error(path, line, name, "is empty" if not values[name]
+                         else "is blank (whitespace only)")
   for name in ("prompt", *SIDES):
     if MEDIA_TOKEN in values[name]:
       raise _field_error(path, line, name, f"holds {MEDIA_TOKEN!r}: the one video placeholder "
@@ -150,10 +156,7 @@ def parse_row(raw: Mapping[str, Any], path: str | Path, line: int,
 
 def quality_problem(row: PreferenceRow, check_media: bool = True) -> str | None:
   """Why a well-formed row is skipped (a ``SKIP_REASONS`` entry), or None."""
-  chosen, rejected = row.chosen.strip(), row.rejected.strip()
-  if not chosen or not rejected:
-    return "empty_completion"
-  if chosen == rejected:
+  if row.chosen.strip() == row.rejected.strip():
     return "same_completions"
   if check_media and not os.path.exists(row.video):
     return "missing"
@@ -191,10 +194,12 @@ class PreferenceConfig:
   reader: str = "auto"  # as CorpusConfig.reader: "auto" (a folder: frames, else PyAV), ...
   max_length: int = 4096  # LLM tokens of the longer row of a pair, media included
   video_backend: str = "pyav"  # or "decord"
+  scorer_padding: str = "max_length"  # or "none" (SigLIP scorers): as SampleConfig's
 
   def __post_init__(self):
     for name, allowed in (("template", tuple(TEMPLATES)), ("reader", READERS),
-                          ("video_backend", video.BACKENDS)):
+                          ("video_backend", video.BACKENDS),
+                          ("scorer_padding", SCORER_PADDINGS)):
       if getattr(self, name) not in allowed:
         raise ValueError(f"PreferenceConfig.{name} must be one of {allowed}, got "
                          f"{getattr(self, name)!r}")
@@ -238,17 +243,19 @@ class PreferenceBuilder:
 
   Text, media geometry, placeholder ids and the scorer come from an SFT
   ``SampleBuilder`` with the same tokenizers and model config, so both kinds of sample
-  agree on them.
+  agree on them; ``rng_factory`` as ``SampleBuilder``'s.
   """
 
   def __init__(self, tokenizer, model: PPLLaVAConfig, scorer_tokenizer=None,
-               config: PreferenceConfig = PreferenceConfig(), scorer_length: int | None = None):
+               config: PreferenceConfig = PreferenceConfig(), scorer_length: int | None = None,
+               rng_factory: RngFactory = frame_rng):
     self.config = config
     self.sft = SampleBuilder(tokenizer, model, scorer_tokenizer,
                              SampleConfig(template=config.template, tokenization="whole",
                                           max_length=config.max_length,
-                                          video_backend=config.video_backend),
-                             scorer_length=scorer_length)
+                                          video_backend=config.video_backend,
+                                          scorer_padding=config.scorer_padding),
+                             scorer_length=scorer_length, rng_factory=rng_factory)
 
   def _ids(self, text: str) -> list[int]:
     return list(self.sft.tokenizer(text, add_special_tokens=False).input_ids)
@@ -267,8 +274,10 @@ class PreferenceBuilder:
                                  f"text ends {ids[-len(want):]}")
     return bos + conv.text[:conv.supervised[0][0]], ids[:cut], ids[cut:]
 
-  def __call__(self, row: PreferenceRow, *, seed: int = 0, epoch: int = 0,
-               index: int = 0) -> PreferenceSample:
+  def __call__(self, row: PreferenceRow, *, seed: int = 0, epoch: int = 0, index: int = 0,
+               rng: np.random.Generator | None = None) -> PreferenceSample:
+    """The pair of ``row``; its frames drawn from ``rng`` when given, else from the
+    builder's ``rng_factory(seed, epoch, index)``."""
     cfg, sft, model = self.config, self.sft, self.sft.model
     source = row.source
     prompt_text, prompt, chosen = self.tokenize(row.question, row.chosen, source, "chosen")
@@ -280,7 +289,7 @@ class PreferenceBuilder:
     length = len(prompt) - 1 + run + max(len(chosen), len(rejected))
     if length > cfg.max_length:
       raise SkipSample("too_long", f"{source}: {length} tokens, max_length is {cfg.max_length}")
-    rng = np.random.default_rng([seed, epoch, index])
+    rng = rng if rng is not None else sft.rng_factory(seed, epoch, index)
     try:
       frames, indices = load_training_video(row.video, cfg.num_frames, rng, reader=cfg.reader,
                                             backend=cfg.video_backend)

@@ -39,12 +39,26 @@ record without such an answer gets the original's ids and labels exactly.
 
 Scorer text: the whole rendered conversation without BOS (questions, answers, role
 strings, ``<image>``, end markers), tokenized to the text encoder's context
-(``model.scorer.text.max_position_embeddings``: 248 CLIP, 196 SigLIP), padded, with a
-mask; a longer text is truncated and ``Sample.scorer_truncated`` says by how many
-tokens (the original truncated CLIP text silently and gave SigLIP over-long text).
+(``model.scorer.text.max_position_embeddings``: 248 CLIP, 196 SigLIP) with a mask; a
+longer text is truncated (its end token kept) and ``Sample.scorer_truncated`` says by how
+many tokens (the original truncated silently). ``SampleConfig.scorer_padding``:
+
+- ``"max_length"`` (default): padded to the context, as evaluation pads it (the original's
+  ``padding="max_length"``, and its CLIP training text). CLIP pools the end token under a
+  causal mask, so padding never changes its features.
+- ``"none"``: the text alone, as the original trains the Qwen model (its SigLIP text is
+  tokenized with ``max_length=196`` only, which truncates and does not pad, and each
+  sample's text goes through the tower by itself). SigLIP pools the *last position*, so
+  the two forms differ: padded, a padding position attending to the text is pooled;
+  alone, the text's end token. The row is ``siglip.NO_TOKEN`` (-1) past the text's end,
+  mask 0, which the SigLIP tower reads as a shorter input (the original's pooled
+  features). A SigLIP scorer only: set it for Qwen SFT (``configs/sft_qwen7b.py``), and
+  evaluate padded, as the original does.
 
 Media (``seed``, ``epoch`` and ``index`` seed ``np.random.default_rng([seed, epoch,
-index])``, so a sample is the same on every host and after a resume):
+index])``, so a sample is the same on every host and after a resume; ``rng=`` or a
+builder's ``rng_factory`` replace that generator, e.g. to draw the frames another
+implementation drew from the same generator):
 
 - video: ``num_frames`` frames by the original's training sampling
   (``video.random_indices``: one random frame of each equal segment, its last frame
@@ -86,7 +100,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -98,12 +112,14 @@ from ppllava_jax.data import preprocess, video
 from ppllava_jax.data.annotations import CorpusConfig, Record, parse_record
 from ppllava_jax.data.templates import TEMPLATES, ChatTemplate, render_conversation
 from ppllava_jax.models.ppllava_config import PPLLaVAConfig
-from ppllava_jax.models.siglip import SiglipVisionConfig
+from ppllava_jax.models.scorer import SiglipScorerConfig
+from ppllava_jax.models.siglip import NO_TOKEN, SiglipVisionConfig
 
 IGNORE = -100
 TOKENIZATIONS = ("pieces", "whole")
 OVERFLOWS = ("drop", "truncate")
 PICTURE_ORDERS = ("sorted", "listed")
+SCORER_PADDINGS = ("max_length", "none")
 SKIP_REASONS = ("missing", "corrupt", "empty", "too_long", "too_many_pictures", "labels")
 NOT_STORED = "not in the media store"  # a MediaError's reason for a video a store lacks
 
@@ -130,13 +146,17 @@ class SampleConfig:
   video_backend: str = "pyav"  # or "decord" (what the original used)
   folder_fps: float = video.DEFAULT_FOLDER_FPS
   media_store: str | None = None  # a data.store folder: video frames from it, not decoded
+  # the scorer text: "max_length" (padded, as evaluation) | "none" (alone: the original's
+  # Qwen SFT; SigLIP scorers only). Module doc.
+  scorer_padding: str = "max_length"
 
   def __post_init__(self):
     checks = (("template", self.template, tuple(TEMPLATES)),
               ("tokenization", self.tokenization, TOKENIZATIONS),
               ("overflow", self.overflow, OVERFLOWS),
               ("picture_order", self.picture_order, PICTURE_ORDERS),
-              ("video_backend", self.video_backend, video.BACKENDS))
+              ("video_backend", self.video_backend, video.BACKENDS),
+              ("scorer_padding", self.scorer_padding, SCORER_PADDINGS))
     for name, value, allowed in checks:
       if value not in allowed:
         raise ValueError(f"SampleConfig.{name} must be one of {allowed}, got {value!r}")
@@ -151,7 +171,7 @@ class Sample:
   input_ids: np.ndarray  # (L,) int32, media placeholders expanded
   labels: np.ndarray  # (L,) int32, IGNORE (-100) where not supervised
   attention_mask: np.ndarray  # (L,) int32 ones
-  scorer_ids: np.ndarray | None  # (C,) int32, or None without a scorer tokenizer
+  scorer_ids: np.ndarray | None  # (C,) int32 (NO_TOKEN past the text unpadded), or None
   scorer_mask: np.ndarray | None  # (C,) int32
   kind: str  # "text" | "image" | "video" | "multi-image"
   video: np.ndarray | None = None  # (T, 3, S, S) float32
@@ -178,6 +198,23 @@ def picture_tokens(model: PPLLaVAConfig) -> int:
   pool, _ = model.image_packing()
   out, _, _ = ops.pool_geometry((1, g, g), kernel=(1, pool, pool))
   return int(np.prod(out))
+
+
+def frame_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+  """The default generator of a sample's media draws: a function of (seed, epoch, index)
+  alone, so a sample is the same on every host, in every worker and after a resume."""
+  return np.random.default_rng([seed, epoch, index])
+
+
+RngFactory = Callable[[int, int, int], np.random.Generator]  # (seed, epoch, index) -> generator
+
+
+def _siglip_scorer(model: PPLLaVAConfig) -> bool:
+  """Whether ``model``'s scorer is SigLIP (that of its config, else its vision tower's kind:
+  a scorer given at load time matches the tower)."""
+  if model.scorer is not None:
+    return isinstance(model.scorer, SiglipScorerConfig)
+  return isinstance(model.vision, SiglipVisionConfig)
 
 
 def _classify(err: video.MediaError) -> str:
@@ -281,14 +318,18 @@ class SampleBuilder:
   and truncation are state that every call sets, so two threads sharing one (the
   loader's threads, an evaluation on the main thread; the scorer's tokenizer may be
   the LLM's) would pad each other's texts.
+
+  ``rng_factory(seed, epoch, index)`` makes each sample's generator (default
+  ``frame_rng``); it travels to worker processes, so give a module-level function or a
+  ``functools.partial`` of one.
   """
 
   def __init__(self, tokenizer, model: PPLLaVAConfig, scorer_tokenizer=None,
                config: SampleConfig = SampleConfig(), media_token: str = "<image>",
-               scorer_length: int | None = None):
+               scorer_length: int | None = None, rng_factory: RngFactory = frame_rng):
     self._shared = (tokenizer, scorer_tokenizer)
     self._local = threading.local()
-    self.model, self.config = model, config
+    self.model, self.config, self.rng_factory = model, config, rng_factory
     self.template: ChatTemplate = TEMPLATES[config.template]
     self.media_token = media_token
     self.media_id = tokenizer.convert_tokens_to_ids(media_token)
@@ -301,6 +342,10 @@ class SampleBuilder:
       scorer_length = model.scorer.text.max_position_embeddings
     if scorer_tokenizer is not None and scorer_length is None:
       raise ValueError("give scorer_length: the model config has no scorer")
+    if config.scorer_padding == "none" and not _siglip_scorer(model):
+      raise ValueError("SampleConfig.scorer_padding='none' is a SigLIP scorer's form (SigLIP "
+                       "pools the last position); this model's scorer is CLIP, which pools its "
+                       "end token, so padding changes nothing: keep 'max_length'")
     self.scorer_length = scorer_length
     siglip = isinstance(model.vision, SiglipVisionConfig)
     self.mean, self.std = ((preprocess.SIGLIP_MEAN, preprocess.SIGLIP_STD) if siglip
@@ -387,9 +432,15 @@ class SampleBuilder:
         raise SkipSample("labels", f"{source}: turn {k}: {what}")
 
   def scorer_tokens(self, text: str) -> tuple[np.ndarray, np.ndarray, int]:
-    """(ids, mask, tokens cut) of ``text`` at exactly the scorer's context length."""
+    """(ids, mask, tokens cut) of ``text`` at exactly the scorer's context length: padded,
+    or with ``scorer_padding="none"`` the text alone and ``NO_TOKEN`` after it."""
     length = self.scorer_length
     full = len(self.scorer_tokenizer(text, verbose=False).input_ids)
+    if self.config.scorer_padding == "none":
+      ids = self.scorer_tokenizer(text, truncation=True, max_length=length).input_ids
+      ids_c = np.full(length, NO_TOKEN, np.int32)
+      ids_c[:len(ids)] = ids
+      return ids_c, (ids_c != NO_TOKEN).astype(np.int32), max(0, full - length)
     enc = self.scorer_tokenizer(text, truncation=True, max_length=length, padding="max_length")
     return (np.asarray(enc.input_ids, np.int32), np.asarray(enc.attention_mask, np.int32),
             max(0, full - length))
@@ -414,11 +465,14 @@ class SampleBuilder:
   # ---- the sample ---------------------------------------------------------------------
 
   def __call__(self, record: Record, *, corpus: CorpusConfig | None = None, seed: int = 0,
-               epoch: int = 0, index: int = 0, source: str | None = None) -> Sample:
+               epoch: int = 0, index: int = 0, source: str | None = None,
+               rng: np.random.Generator | None = None) -> Sample:
+    """The sample of ``record``; its media draws come from ``rng`` when given, else from
+    ``rng_factory(seed, epoch, index)``."""
     corpus = corpus or CorpusConfig("sample", "")
     source = source or f"corpus {corpus.name!r} ({corpus.annotation}) record {record.source}"
     cfg, model = self.config, self.model
-    rng = np.random.default_rng([seed, epoch, index])
+    rng = rng if rng is not None else self.rng_factory(seed, epoch, index)
     text, scorer_text, ids, labels = self.tokenize(record, source)
     kind = record.kind
     image = None
@@ -494,14 +548,16 @@ def build_sample(record: Mapping[str, Any] | Record, *, tokenizer, model: PPLLaV
                  scorer_tokenizer=None, media_root: str = "", seed: int = 0, index: int = 0,
                  epoch: int = 0, format: str = "qa", kind: str = "auto",
                  reader: str = "auto", num_frames: int = 32,
-                 config: SampleConfig = SampleConfig()) -> Sample:
+                 config: SampleConfig = SampleConfig(),
+                 rng: np.random.Generator | None = None) -> Sample:
   """One training sample from one annotation record (module doc).
 
   ``record``: a raw annotation (``format="qa"``, the original's, or ``"llava"``; checked
   by ``annotations.parse_record``, paths joined with ``media_root``) or a ``Record``.
   ``tokenizer``: the LLM's, with ``<image>`` as a special token; ``scorer_tokenizer``:
   the CLIP / SigLIP one (needed by the scored pooling modes). ``model`` fixes the
-  geometry and placeholder ids. ``seed``, ``epoch``, ``index`` seed the frame sampling.
+  geometry and placeholder ids. ``seed``, ``epoch``, ``index`` seed the frame sampling
+  (``frame_rng``), or ``rng`` draws the frames (and advances).
   Returns a ``Sample``; raises ``SkipSample`` for a sample the pipeline would skip
   (bad media, too long, too many pictures) and ``AnnotationError`` for a malformed record.
   """
@@ -510,4 +566,4 @@ def build_sample(record: Mapping[str, Any] | Record, *, tokenizer, model: PPLLaV
     record = parse_record(record, corpus, "<record>", index)
   builder = SampleBuilder(tokenizer, model, scorer_tokenizer, config)
   return builder(record, corpus=corpus, seed=seed, epoch=epoch, index=index,
-                 source=f"record {index}")
+                 source=f"record {index}", rng=rng)

@@ -5,6 +5,12 @@ patch, an attention-pooling head (a learned probe attending over the patches) fo
 image features, a bidirectional text encoder with padding mask whose pooled output
 is the **last** position (padding included, as transformers does: SigLIP expects
 ``padding="max_length"``). PPLLaVA's Qwen model extends the text context 64 -> 196.
+
+A row may also hold a text shorter than the batch: ``NO_TOKEN`` (-1) ids past its end.
+Those positions are no input at all (never attended, never pooled), so the row's pooled
+output is its last real token's, what transformers gives on that text alone. This is how
+a fixed-shape batch carries the original's unpadded training text (``data.sft``,
+``SampleConfig.scorer_padding="none"``); rows without ``NO_TOKEN`` pool as transformers.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from ppllava_jax.models.dual_encoder import DualEncoder, towers_from_hf, towers_
 from ppllava_jax.models.layers import (MLP, Embedding, Encoder, LayerNorm, Linear, PatchEmbedding,
                                        channels_last)
 from ppllava_jax.models.text import TextEmbeddings, prepare_text_inputs
+
+NO_TOKEN = -1  # an id past the end of a row's text (module doc)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,12 +171,18 @@ class SiglipTextTransformer(nnx.Module):
     self.head = Linear(cfg.hidden_size, cfg.projection_size, axes=("embed", "joint"), rngs=rngs)
 
   def __call__(self, ids_bl: jax.Array, mask_bl: jax.Array | None = None):
-    """(hidden states, last (B, L, D) after final_layer_norm, pooled (B, P) = head(last[:, -1]))."""
+    """(hidden states, last (B, L, D) after final_layer_norm, pooled (B, P) = head(last at
+    each row's end)): the end is the last position, or the last before ``NO_TOKEN`` ids."""
     ids_bl, mask_bl = prepare_text_inputs(ids_bl, mask_bl, self.cfg.max_position_embeddings,
                                           None)
-    hidden = self.encoder(self.embeddings(ids_bl), Mask(valid_bs=mask_bl.astype(bool)))
+    present_bl = ids_bl != NO_TOKEN
+    valid_bl = mask_bl.astype(bool) & present_bl
+    hidden = self.encoder(self.embeddings(jnp.where(present_bl, ids_bl, 0)),
+                          Mask(valid_bs=valid_bl))
     last_bld = self.final_layer_norm(hidden[-1])
-    return hidden, last_bld, self.head(last_bld[:, -1])
+    end_b = jnp.max(jnp.where(present_bl, jnp.arange(ids_bl.shape[1]), 0), axis=1)
+    pooled_bd = jnp.take_along_axis(last_bld, end_b[:, None, None], axis=1)[:, 0]
+    return hidden, last_bld, self.head(pooled_bd)
 
 
 class SiglipModel(DualEncoder):

@@ -49,6 +49,11 @@ def load(tmp_path, records, **kw):
      "2 <image> placeholders for 1 video item(s)"),
     ({"video": "v.mp4", "QA": [{"q": "x", "a": "see <image>"}]}, "qa", "auto",
      "field 'QA[0]': an answer holds '<image>'"),
+    # an empty answer: the original trains that turn on its end marker alone
+    ({"video": "v.mp4", "QA": [{"q": "x", "a": ""}]}, "qa", "auto",
+     "record 2: field 'QA[0].a': is empty"),
+    ({"video": "v.mp4", "QA": [{"q": "x", "a": "y"}, {"q": "z", "a": " \n\t"}]}, "qa", "auto",
+     "record 2: field 'QA[1].a': is blank (whitespace only)"),
     ({"image": "a.jpg", "QA": QA}, "qa", "video", "field 'video': missing (corpus 'c' holds video"),
     ({"conversations": [{"from": "gpt", "value": "x"}, {"from": "human", "value": "y"}]},
      "llava", "auto", "field 'conversations[0].from': expected 'human', got 'gpt'"),
@@ -61,6 +66,11 @@ def load(tmp_path, records, **kw):
      "field 'video': missing"),
     ({"conversations": [{"from": "human", "value": "<image>x"}, {"from": "gpt", "value": "y"}]},
      "llava", "auto", "1 <image> placeholders for 0 text item(s)"),
+    ({"conversations": [{"from": "system", "value": ""}, {"from": "human", "value": "x"},
+                        {"from": "gpt", "value": ""}]}, "llava", "auto",
+     "record 2: field 'conversations[2].value': is empty"),
+    ({"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "  "}]},
+     "llava", "auto", "record 2: field 'conversations[1].value': is blank (whitespace only)"),
 ])
 def test_a_malformed_record_names_file_record_and_field(tmp_path, bad, fmt, kind, where):
   good = ({"video": "v.mp4", "QA": QA} if fmt == "qa" else

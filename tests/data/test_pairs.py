@@ -339,7 +339,7 @@ def test_a_resumed_stream_is_the_uninterrupted_one(synthetic, cut):
 
 @pytest.fixture(scope="module")
 def flawed(synthetic, tmp_path_factory):
-  """A JSONL of the synthetic rows with flawed ones between: three left out when read,
+  """A JSONL of the synthetic rows with flawed ones between: two left out when read,
   two (garbage JPEGs, a corrupt mp4) that fail when built."""
   folder, _, rows = synthetic
   root = tmp_path_factory.mktemp("flawed")
@@ -351,13 +351,12 @@ def flawed(synthetic, tmp_path_factory):
   (root / "bad.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 but nothing after it")
   good = rows[:3]
   lines = [good[0],  # 1: usable row 0
-           {**good[0], "id": "empty", "chosen": "  "},  # 2: empty completion
-           good[1],  # 3: usable row 1
-           {**good[0], "id": "same", "rejected": good[0]["chosen"] + " "},  # 4: same completions
-           {**good[0], "id": "gone", "video": "frames/9999"},  # 5: missing video
-           {**good[0], "id": "garbage", "video": "garbage"},  # 6: usable row 2, corrupt frames
-           good[2],  # 7: usable row 3
-           {**good[1], "id": "bad_mp4", "video": "bad.mp4"}]  # 8: usable row 4, corrupt file
+           good[1],  # 2: usable row 1
+           {**good[0], "id": "same", "rejected": good[0]["chosen"] + " "},  # 3: same completions
+           {**good[0], "id": "gone", "video": "frames/9999"},  # 4: missing video
+           {**good[0], "id": "garbage", "video": "garbage"},  # 5: usable row 2, corrupt frames
+           good[2],  # 6: usable row 3
+           {**good[1], "id": "bad_mp4", "video": "bad.mp4"}]  # 7: usable row 4, corrupt file
   path = root / "rows.jsonl"
   path.write_text("".join(json.dumps(x) + "\n" for x in lines))
   return root, path, lines
@@ -365,16 +364,16 @@ def flawed(synthetic, tmp_path_factory):
 
 def test_rows_that_cannot_teach_are_skipped_and_bad_media_leave_empty_pairs(flawed):
   root, path, lines = flawed
-  usable = [lines[i] for i in (0, 2, 5, 6, 7)]  # file lines 1, 3, 6, 7, 8
+  usable = [lines[i] for i in (0, 1, 4, 5, 6)]  # file lines 1, 2, 5, 6, 7
   it = iterator(data_config(path, root, batch_size=5, max_skip_fraction=0.9))
   # the rows left out when reading count from the start
-  assert it.stats.skipped == {"empty_completion": 1, "same_completions": 1, "missing": 1}
-  assert it.stats.samples == 3
+  assert it.stats.skipped == {"same_completions": 1, "missing": 1}
+  assert it.stats.samples == 2
   batches = run(it)
   assert len(batches) == 1  # all 5 usable rows in one batch of 5 pairs
   batch, records, _ = batches[0]
   assert sorted(records) == list(range(5))
-  bad = {2: f"{path}:6 (id 'garbage')", 4: f"{path}:8 (id 'bad_mp4')"}
+  bad = {2: f"{path}:5 (id 'garbage')", 4: f"{path}:7 (id 'bad_mp4')"}
   for i, r in enumerate(records):
     if r in bad:
       check_empty_pair(batch, i)
@@ -385,9 +384,28 @@ def test_rows_that_cannot_teach_are_skipped_and_bad_media_leave_empty_pairs(flaw
   assert sorted(reason for reason, _ in skipped) == ["corrupt", "corrupt"]
   for source in bad.values():
     assert sum(source in detail for _, detail in skipped) == 1, (source, skipped)
-  assert it.stats.skipped == {"empty_completion": 1, "same_completions": 1, "missing": 1,
-                              "corrupt": 2}
-  assert it.stats.samples == 8 and it.stats.batches == 1
+  assert it.stats.skipped == {"same_completions": 1, "missing": 1, "corrupt": 2}
+  assert it.stats.samples == 7 and it.stats.batches == 1
+
+
+def pcg(seed: int, epoch: int, index: int) -> np.random.Generator:
+  """Another implementation's generator: PCG64 keyed by (seed, epoch, index)."""
+  return np.random.Generator(np.random.PCG64([seed, epoch, index]))
+
+
+def test_an_rng_factory_draws_each_pairs_frames(synthetic):
+  """``rng_factory(seed, epoch, position)`` (pinned: ``(seed, 0, row)``) makes the pair's
+  generator: 12 frames in 4 segments, linspace(0, 12, 5) = 0 3 6 9 12, one draw from each
+  range(lo, hi - 1)."""
+  folder, path, _ = synthetic
+  cfg = data_config(path, folder)
+  rows = read_preference_rows(path, str(folder)).rows
+  tok = char_tokenizer()
+  for pinned, key in ((False, (3, 1, 2)), (True, (3, 0, 4))):
+    builder = make_builder(cfg, rows, tokenizer=tok, model=MODEL, scorer_tokenizer=tok,
+                           pin_frames=pinned, rng_factory=pcg)
+    want = pcg(*key).integers([0, 3, 6, 9], [2, 5, 8, 11]).tolist()
+    assert builder.build(4, epoch=1, position=2).frame_indices == tuple(want)
 
 
 # ---- pinned frames ----------------------------------------------------------------------

@@ -18,6 +18,11 @@ from support.tokenizers import clip_tokenizer, llama_sp_tokenizer
 MISSING = 6  # records whose image does not exist
 
 
+def words(rng, most: int) -> int:
+  """An answer's word count: one at least (an empty answer is an annotation error)."""
+  return max(1, int(rng.integers(0, most)))
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
   root = tmp_path_factory.mktemp("pipeline")
@@ -26,11 +31,11 @@ def setup(tmp_path_factory):
   write_image(root / "b.jpg", (60, 20), 30)
   rng = np.random.default_rng(0)
   videos = [{"video": "v.mp4", "QA": [{"q": "Describe the video.",
-                                       "a": " ".join(["Yes"] * int(rng.integers(0, 120)))}]}
+                                       "a": " ".join(["Yes"] * words(rng, 120))}]}
             for _ in range(40)]
   llava = []
   for i in range(60):
-    answer = {"from": "gpt", "value": " ".join(["no"] * int(rng.integers(0, 150)))}
+    answer = {"from": "gpt", "value": " ".join(["no"] * words(rng, 150))}
     if i % 3 == 0:
       llava.append({"image": "a.jpg" if i % 2 else "b.jpg",
                     "conversations": [{"from": "human", "value": "<image>\nWhat?"}, answer]})

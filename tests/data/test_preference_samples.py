@@ -188,6 +188,18 @@ def test_frame_folder_in_name_order_seeded(tokenizers, media):
   assert len(draws) > 1
 
 
+def test_a_given_generator_draws_the_frames(tokenizers, media):
+  """``rng=`` replaces the (seed, epoch, index) generator: 10 frames in 4 segments,
+  linspace(0, 10, 5) = 0 2 5 7 10, one draw from each range(lo, hi - 1)."""
+  tok, _, clip = tokenizers
+  generator = lambda: np.random.Generator(np.random.PCG64(2024))
+  want = generator().integers([0, 2, 5, 7], [1, 4, 6, 9]).tolist()
+  s = make_builder(tok, clip)(make_row(media, video="frames"), seed=3, rng=generator())
+  assert s.frame_indices == tuple(want)
+  grey = (s.video[:, 0] * preprocess.CLIP_STD[0] + preprocess.CLIP_MEAN[0]) * 255
+  np.testing.assert_allclose(grey.mean(axis=(1, 2)), [10 * i for i in want], atol=2)
+
+
 def write_lines(path: Path, lines) -> Path:
   path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
   return path
@@ -197,24 +209,22 @@ def test_reading_skips_and_counts_rows_that_cannot_teach(media, tmp_path, caplog
   absolute = str(media / "frames")
   path = write_lines(tmp_path / "rows.jsonl", [
       ROW, "",  # a blank line is no row
-      {**ROW, "chosen": ""}, {**ROW, "rejected": "  \n"},  # lines 3, 4
-      {**ROW, "rejected": " The ball is red. "},  # 5: the same answer
-      {**ROW, "video": "gone.mp4"},  # 6
-      {**ROW, "id": 7, "video": absolute, "chosen_score": None}])
+      {**ROW, "rejected": " The ball is red. "},  # 3: the same answer
+      {**ROW, "video": "gone.mp4"},  # 4
+      {**ROW, "id": 5, "video": absolute, "chosen_score": None}])
   with caplog.at_level(logging.WARNING):
     rows = read_preference_rows(path, str(media))
-  assert [r.line for r in rows.rows] == [1, 7]
-  assert rows.skipped == ((3, "empty_completion"), (4, "empty_completion"),
-                          (5, "same_completions"), (6, "missing"))
-  assert rows.counts == {"missing": 1, "empty_completion": 2, "same_completions": 1}
-  assert "4 of 6 preference rows skipped" in caplog.text
+  assert [r.line for r in rows.rows] == [1, 5]
+  assert rows.skipped == ((3, "same_completions"), (4, "missing"))
+  assert rows.counts == {"missing": 1, "same_completions": 1}
+  assert "2 of 4 preference rows skipped" in caplog.text
   first, last = rows.rows
   assert first.question == "What color is the ball?" and first.video == str(media / "v.mp4")
   assert (first.chosen_score, first.rejected_score, first.answer) == (5, 2.5, "The ball is red.")
-  assert last.video == absolute and last.chosen_score is None and last.id == 7
-  assert last.source == f"{path}:7 (id 7)"
+  assert last.video == absolute and last.chosen_score is None and last.id == 5
+  assert last.source == f"{path}:5 (id 5)"
   unchecked = read_preference_rows(path, str(media), check_media=False)
-  assert [r.line for r in unchecked.rows] == [1, 6, 7]
+  assert [r.line for r in unchecked.rows] == [1, 4, 5]
 
 
 @pytest.mark.parametrize("line, problem", [
@@ -224,6 +234,8 @@ def test_reading_skips_and_counts_rows_that_cannot_teach(media, tmp_path, caplog
     ({**ROW, "rejected_score": "low"}, "field 'rejected_score': must be a number, got str"),
     ({**ROW, "chosen_score": True}, "field 'chosen_score': must be a number, got bool"),
     ({**ROW, "video": ""}, "field 'video': is empty"),
+    ({**ROW, "chosen": ""}, "field 'chosen': is empty"),  # nothing to prefer: an error
+    ({**ROW, "rejected": "  \n"}, "field 'rejected': is blank"),
     ({**ROW, "prompt": "<image>\nWhat?"}, "field 'prompt': holds '<image>'"),
     ({**ROW, "rejected": "See <image>"}, "field 'rejected': holds '<image>'"),
     ([ROW], "expected a JSON object, found an array"),
@@ -236,7 +248,8 @@ def test_malformed_rows_name_file_line_and_field(media, tmp_path, line, problem)
 
 
 def test_a_file_without_usable_rows_is_an_error(media, tmp_path):
-  path = write_lines(tmp_path / "rows.jsonl", [{**ROW, "chosen": ""}, {**ROW, "video": "x"}])
+  path = write_lines(tmp_path / "rows.jsonl", [{**ROW, "rejected": ROW["chosen"]},
+                                               {**ROW, "video": "x"}])
   with pytest.raises(DataFileError, match=r"rows.jsonl: no usable preference rows \(2 read"):
     read_preference_rows(path, str(media))
 

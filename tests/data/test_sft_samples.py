@@ -10,6 +10,7 @@ newline is ``<0x0A>`` and a word after it has no ``▁`` (``Des cribe``). The ti
 """
 
 import concurrent.futures
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -274,3 +275,33 @@ def test_threads_tokenize_with_their_own_tokenizers(tokenizers, media):
   mine = builder.tokenizer
   theirs = concurrent.futures.ThreadPoolExecutor(1).submit(lambda: builder.tokenizer).result()
   assert mine is not theirs and mine is not qwen and builder.scorer_tokenizer is mine
+
+
+def pcg(base: int, seed: int, epoch: int, index: int) -> np.random.Generator:
+  """Another implementation's generator: PCG64 keyed by (base, seed, epoch, index)."""
+  return np.random.Generator(np.random.PCG64([base, seed, epoch, index]))
+
+
+# 12 frames in 4 segments: linspace(0, 12, 5) = 0 3 6 9 12, one draw from each
+# range(lo, hi - 1) (the segment's last frame left out): uniform over [lo, hi - 1)
+SEGMENT_LOW, SEGMENT_HIGH = [0, 3, 6, 9], [2, 5, 8, 11]
+
+
+def test_a_given_generator_draws_the_frames(tokenizers, media):
+  """``rng=`` (or a builder's ``rng_factory``) replaces the (seed, epoch, index) generator:
+  the frames are the original's rule applied to that generator's draws."""
+  tok, _, clip = tokenizers
+  record = {"video": "v.mp4", "QA": [{"q": "A", "a": "Yes"}]}
+  want = pcg(5, 0, 0, 0).integers(SEGMENT_LOW, SEGMENT_HIGH).tolist()
+  s = build(tok, clip, record, media, seed=7, index=3, rng=pcg(5, 0, 0, 0))
+  assert s.frame_indices == tuple(want)
+  grey = (s.video[:, 0] * preprocess.CLIP_STD[0] + preprocess.CLIP_MEAN[0]) * 255
+  np.testing.assert_allclose(grey.mean(axis=(1, 2)), [20 * i for i in want], atol=1.5)
+  builder = SampleBuilder(tok, tiny_model_config(tok.convert_tokens_to_ids("<image>")), clip,
+                          rng_factory=functools.partial(pcg, 5))
+  corpus = CorpusConfig("c", "a.json", str(media), num_frames=4)
+  for seed, epoch, index in ((1, 2, 3), (1, 2, 4)):
+    got = builder(parse_record(record, corpus), corpus=corpus, seed=seed, epoch=epoch,
+                  index=index)
+    want = pcg(5, seed, epoch, index).integers(SEGMENT_LOW, SEGMENT_HIGH).tolist()
+    assert got.frame_indices == tuple(want)

@@ -9,6 +9,7 @@ from support import numpy_reference as ref
 from support.hf_fixtures import assert_same_state, assert_same_tensors, make_siglip, text_batch
 from ppllava_jax.convert.loader import CheckpointError
 from ppllava_jax.models import SiglipModel
+from ppllava_jax.models.siglip import NO_TOKEN
 
 TOL = 1e-4  # float32 max-abs-diff, tiny models
 
@@ -64,6 +65,27 @@ def test_text_features_with_padding(siglip_pair):
     assert max_diff(a, b) <= TOL, f"hidden state {i}"
   # Pooled at the last position, padding included, exactly as transformers does.
   assert max_diff(ours.get_text_features(jnp.asarray(ids), jnp.asarray(mask)), feats) <= TOL
+
+
+def test_rows_ending_in_no_token_pool_their_text_alone(siglip_pair):
+  """The original's unpadded training text in a fixed-shape batch: ids past a row's text
+  are ``NO_TOKEN`` (mask 0), and its features are transformers' on that text alone; a
+  padded row beside it keeps transformers' padded pooling (the last position)."""
+  hf, _, ours = siglip_pair
+  cfg = hf.config.text_config
+  total = min(cfg.max_position_embeddings, 12)
+  lengths = [total, 5, 2]
+  ids, mask = text_batch(cfg.vocab_size, cfg.eos_token_id, lengths, total)
+  short = np.where(mask == 1, ids, NO_TOKEN)
+  short[2] = np.where(mask[2] == 1, ids[2], cfg.pad_token_id)  # row 2: padded
+  got = np.asarray(ours.get_text_features(jnp.asarray(short), jnp.asarray(mask)))
+  with torch.no_grad():
+    for row, n in enumerate(lengths[:2]):
+      alone = pooled(hf.get_text_features(input_ids=torch.from_numpy(ids[row:row + 1, :n])))
+      assert max_diff(got[row:row + 1], alone) <= 1e-5, f"row {row}"
+    padded = torch.from_numpy(short[2:]), torch.from_numpy(mask[2:])
+    assert max_diff(got[2:], pooled(hf.get_text_features(input_ids=padded[0],
+                                                         attention_mask=padded[1]))) <= 1e-5
 
 
 def test_save_load_round_trip_is_bit_exact_and_loads_in_transformers(siglip_pair, tmp_path):
