@@ -52,7 +52,16 @@ Several hosts: the sequence bucket may differ between hosts for one step;
 
 Grain's workers are spawned processes: absl flags are marked parsed here (grain reads
 them), and a script that starts the pipeline needs an ``if __name__ == "__main__"``
-guard.
+guard. The parent decides when they stop (``DataIterator.close``, in the trainer's
+``finally``), so each worker first (``worker_start``) ignores SIGINT and SIGTERM, which a
+terminal's Ctrl-C or Slurm sends to every process of the group: no worker tracebacks,
+no batch cut off half sent, no worker gone while the parent still reads. A worker also
+ends as soon as its parent does, SIGKILL included (``end_with``), so no worker outlives
+a killed run; with them gone, multiprocessing's resource tracker frees what they held in
+shared memory and ends too. Only a signal that comes while a worker is still starting
+(importing, before ``worker_start`` runs) can print its traceback. The shared memory a batch
+arrives in is unlinked on arrival, and ``close`` waits for grain's own unlinks, so a
+stopped run leaves none for the tracker to warn about.
 """
 
 from __future__ import annotations
@@ -62,16 +71,23 @@ import dataclasses
 import functools
 import logging
 import math
+import os
+import select
+import signal
+import threading
+import time
 from collections.abc import Callable, Iterator
 
 import grain
+import jax
 import numpy as np
+from grain.multiprocessing import SharedMemoryArray
 
 from ppllava_jax.data import annotations
 from ppllava_jax.data.annotations import AnnotationSet, MixtureConfig
 from ppllava_jax.data.batch import (BatchConfig, Geometry, TrainBatch, as_shard, collate,
                                     concat_rows, plan_batches)
-from ppllava_jax.data.sft import SampleBuilder, SampleConfig, SkipSample
+from ppllava_jax.data.sft import RngFactory, SampleBuilder, SampleConfig, SkipSample, frame_rng
 from ppllava_jax.models.ppllava_config import PPLLaVAConfig
 
 log = logging.getLogger(__name__)
@@ -79,8 +95,9 @@ STATE_VERSION = 1
 _ENDLESS = 1 << 40  # steps of a pipeline without an epoch limit
 
 
-class DataError(RuntimeError):
-  """The data cannot go on: too many skipped samples, or a state that does not fit."""
+class DataError(ValueError):
+  """The data cannot go on: too many skipped samples, or a state that does not fit (a
+  problem of the data, so the CLIs print it as a one-line error)."""
 
 
 def check_shards(cfg) -> None:
@@ -291,6 +308,64 @@ class DataStats:
                d.get("last_skip", ""))
 
 
+def worker_start(parent: int, index: int, count: int) -> None:
+  """grain's ``worker_init_fn``, run first in each worker process of ``parent`` (module
+  doc): stop signals are the parent's to act on, and the worker ends with the parent."""
+  del index, count
+  for sig in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(sig, signal.SIG_IGN)
+  end_with(parent)
+
+
+def end_with(parent: int) -> None:
+  """Ends this process as soon as its parent process ``parent`` ends, by a watching thread.
+
+  Not ``prctl(PR_SET_PDEATHSIG)``: its "parent" is the thread that started the process,
+  here one of grain's threads, which can end while the parent process lives on."""
+  try:
+    pidfd = os.pidfd_open(parent)  # readable once the process has ended (Linux >= 5.3)
+  except (AttributeError, OSError):  # no pidfds, or the parent is gone already: poll
+    pidfd = None
+  if os.getppid() != parent:  # it ended before we watched (this process was re-parented)
+    os._exit(1)
+  threading.Thread(target=_exit_after, args=(parent, pidfd), daemon=True,
+                   name="ppllava-parent-watch").start()
+
+
+def _exit_after(parent: int, pidfd: int | None) -> None:
+  if pidfd is not None:
+    poll = select.poll()
+    poll.register(pidfd, select.POLLIN)
+    poll.poll()
+  else:
+    while os.getppid() == parent:
+      time.sleep(0.5)
+  os._exit(1)  # no clean-up: the parent is gone, nobody reads what this process holds
+
+
+def _unlink_received(tree) -> None:
+  """Removes the names of the shared memory blocks that ``tree`` arrived in from the
+  workers, now rather than when its arrays are freed: the arrays stay mapped, and a run
+  that stops leaves no name behind whatever still holds a batch (grain unlinks on a
+  background thread, which an exit can cut short: the resource tracker's "leaked
+  shared_memory" warnings)."""
+  for leaf in jax.tree_util.tree_leaves(tree):
+    if isinstance(leaf, SharedMemoryArray) and leaf._unlink_on_del:
+      leaf.shm.unlink()
+      leaf._unlink_on_del = False  # what grain's deleter reads: close only
+
+
+def _finish_unlinks() -> None:
+  """Waits for the unlinks grain queued on its deleter thread so far (the batches in its
+  buffers, dropped by ``close``), for the reason ``_unlink_received`` gives."""
+  pool = SharedMemoryArray._del_thread_pool  # grain 0.2: one thread, in order
+  if pool is not None:
+    try:
+      pool.apply(lambda: None)  # runs after every unlink queued before it
+    except ValueError:  # the pool was stopped (interpreter exit): nothing to wait for
+      pass
+
+
 def _mark_flags_parsed() -> None:
   from absl import flags
   if not flags.FLAGS.is_parsed():
@@ -323,7 +398,8 @@ class DataIterator(Iterator[TrainBatch]):
                                               prefetch_buffer_size=cfg.worker_buffer_size))
     if cfg.num_workers > 0:
       ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-          num_workers=cfg.num_workers, per_worker_buffer_size=cfg.worker_buffer_size))
+          num_workers=cfg.num_workers, per_worker_buffer_size=cfg.worker_buffer_size),
+          worker_init_fn=functools.partial(worker_start, os.getpid()))
     self._it = iter(ds)
     self._cursor = cursor
 
@@ -335,6 +411,7 @@ class DataIterator(Iterator[TrainBatch]):
     except StopIteration:  # a step's shards end together (StepSource's length)
       self.close()  # frees the workers and their shared memory now
       raise
+    _unlink_received(built)
     self._cursor += self.shards
     self.infos = [info for _, info in built]
     stats, cfg = self.stats, self.config
@@ -374,7 +451,8 @@ class DataIterator(Iterator[TrainBatch]):
   def close(self) -> None:
     it, self._it = self._it, None
     if it is not None and hasattr(it, "close"):
-      it.close()
+      it.close()  # stops the workers, unlinking what they had sent
+      _finish_unlinks()
 
   def __del__(self):
     try:
@@ -386,12 +464,13 @@ class DataIterator(Iterator[TrainBatch]):
 def make_train_iterator(config: DataConfig, *, tokenizer, model: PPLLaVAConfig,
                         scorer_tokenizer=None, state: dict | None = None,
                         block: int | None = None, blocks: int | None = None,
-                        annotation_set: AnnotationSet | None = None) -> DataIterator:
+                        annotation_set: AnnotationSet | None = None,
+                        rng_factory: RngFactory = frame_rng) -> DataIterator:
   """Data block ``block`` of ``blocks``' training batches (module doc). The default, this
   process of all processes, is right only when every process is its own data block (no
   ``tensor`` axis across hosts); the trainer passes ``train.global_batch.data_blocks``'
   values. Validates every annotation first (``AnnotationError``), unless
-  ``annotation_set`` is given already loaded."""
+  ``annotation_set`` is given already loaded; ``rng_factory`` as ``SampleBuilder``'s."""
   if block is None or blocks is None:
     import jax
     block, blocks = jax.process_index(), jax.process_count()
@@ -405,6 +484,7 @@ def make_train_iterator(config: DataConfig, *, tokenizer, model: PPLLaVAConfig,
                        f"BatchConfig.num_frames is {config.batch.num_frames}")
   plan = BatchPlan(functools.partial(mixture_epoch, aset, config.mixture, config.batch,
                                      config.seed), config.num_epochs)
-  samples = SampleBuilder(tokenizer, model, scorer_tokenizer, config.sample)
+  samples = SampleBuilder(tokenizer, model, scorer_tokenizer, config.sample,
+                          rng_factory=rng_factory)
   builder = BatchBuilder(plan, aset, samples, model, config.batch, config.seed)
   return DataIterator(config, plan, builder, block, blocks, state)

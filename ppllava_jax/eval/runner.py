@@ -19,6 +19,9 @@
   relevance map (cosines, ``PPLLaVA.relevance_maps``), titled with the question;
 - on several processes (``ppllava_jax.distributed``), splits the batches among them and
   merges their answers into ``out_path`` (below).
+- calls ``check_stop`` after reading each batch's media and after saving its answers,
+  the points where it can stop losing nothing: ``eval.py`` passes
+  ``signals.Signals.check``, which raises once SIGINT or SIGTERM came.
 
 Several processes: every process runs ``run`` with the same jobs and its own replica of
 the model on its own devices, and they share the folder of ``out_path`` (a filesystem
@@ -201,9 +204,11 @@ def _check_agreement(jobs: Sequence[Job], fingerprints: dict, pending: Sequence[
 
 
 def run(model, processor: Processor, jobs: Sequence[Job], out_path: str | Path,
-        cfg: RunConfig = RunConfig()) -> RunResult:
+        cfg: RunConfig = RunConfig(), check_stop: Callable[[], None] = lambda: None
+        ) -> RunResult:
   """Answers every job without a reusable answer in ``out_path``; returns a record per job
-  (on every process, when several share the jobs: module doc)."""
+  (on every process, when several share the jobs: module doc). ``check_stop`` raises to
+  stop between batches (module doc)."""
   out_path = Path(out_path)
   duplicates = [i for i, n in collections.Counter(job.id for job in jobs).items() if n > 1]
   if duplicates:
@@ -248,6 +253,7 @@ def run(model, processor: Processor, jobs: Sequence[Job], out_path: str | Path,
       saved.append(out, records[job.id])
 
     for batch, loaded in _prefetched(mine, cfg.video_backend):
+      check_stop()  # before generating: a signal while the media were read
       good = []
       for job, (item, error) in zip(batch, loaded):
         if error is None:
@@ -268,6 +274,7 @@ def run(model, processor: Processor, jobs: Sequence[Job], out_path: str | Path,
           if relevance is not None and item.videos:
             _picture(relevance, job, encoded, item.videos[0], cfg.visualize)
       bar.update(len(batch))
+      check_stop()  # the batch's answers are saved
   if processes > 1:
     distributed.barrier("eval: answered")
     records.update((r["id"], r) for part in _parts(out_path) for r in saved.read_records(part))

@@ -10,7 +10,7 @@ so a record written twice (by two writers) fails.
 
 The agreements, on 2 processes x 1 device: a batch fetch that ran out or failed on one
 process (``global_batch.agreed_next``) ends or fails on both, and a signal handled while
-its process waits in the stop gather (``loop._Signals.agreed``) stops both a step later.
+its process waits in the stop gather (``signals.Signals.agreed``) stops both a step later.
 
 The 2-process runs compile for themselves: with JAX's persistent compilation cache, the
 second 2-process run on this CPU read back executables whose outputs it then could not
@@ -150,7 +150,7 @@ distributed.initialize()
 import jax
 
 from ppllava_jax.data.pipeline import DataError
-from ppllava_jax.train import global_batch, loop
+from ppllava_jax.train import global_batch
 
 me = jax.process_index()
 
@@ -171,7 +171,8 @@ for outcome in ("batch", "end", "error"):
   except DataError as err:
     print(f"= {outcome}: DataError: {err}")
 
-signals, gather = loop._Signals(), multihost_utils.process_allgather
+from ppllava_jax.signals import Signals
+signals, gather = Signals(), multihost_utils.process_allgather
 
 
 def late(x):  # process 1's SIGTERM handled while it waits in the gather
