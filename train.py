@@ -10,24 +10,31 @@ Several hosts: start one process per host with the same command and --coordinato
 --cluster-detection auto): see ppllava_jax.distributed and scripts/.
 
 The config's get_config() returns a train.run_config.RunConfig; each --set a.b=value
-overrides one field, parsed with its type (train.steps=..., train.optim.lr=...). The
-workdir holds checkpoints/ (Orbax: state, data cursor, config), metrics.jsonl,
-tensorboard/ and loss.png. Rerunning the same command resumes from the latest checkpoint;
-SIGTERM / Ctrl-C save one first and exit with 128 + the signal's number. export writes a
-transformers-layout folder (weights, config, tokenizer) that eval.py --checkpoint reads.
+overrides one field, parsed with its type (steps=20, train.optim.lr=3e-4,
+data.mixture.corpora.videos.annotation=FILE: a corpus by its name). The workdir holds
+checkpoints/ (Orbax: state, data cursor, config), metrics.jsonl, tensorboard/ and
+loss.png. Rerunning the same command resumes from the latest intact checkpoint, and
+refuses a config that changes what the run computes (--set resume=KEYS allows named
+changes); SIGTERM / Ctrl-C save one first and exit with 128 + the signal's number. export
+writes a complete transformers folder (weights, config with the pooling, both tokenizers,
+generation config) that eval.py --checkpoint, train.py (model.checkpoint) and
+PPLLaVA.from_pretrained read with no other flag.
 """
 
 import argparse
-import signal
 import sys
 
 from ppllava_jax import cli, distributed
+from ppllava_jax.signals import exit_code
 
 
 def build_parser() -> argparse.ArgumentParser:
   description, epilog = __doc__.split("\n\n", 1)
-  parser = argparse.ArgumentParser(description=description, epilog=epilog.strip(),
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+      prog="train.py", description=description, epilog=epilog.strip(),
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      usage="%(prog)s --config FILE --workdir DIR [--set KEY=VALUE ...] [multi-process flags] "
+      "[--debug]\n       %(prog)s export --workdir DIR --out DIR [--step N] [--debug]")
   parser.add_argument("--config", required=True,
                       help="The run's config: a Python file whose get_config() returns a "
                       "RunConfig.")
@@ -45,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def export_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="train.py export",
-                                   description="Export a run's checkpoint as a transformers "
-                                   "folder (PPLLaVA.save_pretrained + tokenizer).")
+                                   description="Export a run's checkpoint as a complete "
+                                   "transformers folder: weights, config.json with the pooling, "
+                                   "the LLM's and the scorer's tokenizers, generation config.")
   parser.add_argument("--workdir", required=True, help="The run's folder, as given to training.")
   parser.add_argument("--out", required=True,
                       help="The folder to write: a transformers-layout checkpoint with its "
@@ -81,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
   print(f"step {summary['step']}: {summary['updates']} updates, {summary['skipped']} skipped, "
         f"last logged loss {loss}{mcq}; workdir {args.workdir}")
   if summary["stopped"]:
-    return 128 + signal.Signals[summary["stopped"]].value
+    return exit_code(summary["stopped"])
   return 0
 
 

@@ -179,7 +179,8 @@ def _ours(folder: Path, workload: str, mode: str, length: int = TEXT_LENGTH,
   inputs = np.load(folder / "inputs.npz")
   model = PPLLaVA.from_pretrained(folder / "llava", clip=folder / "clip" if mode == "ppllava"
                                   else None, pooling=PoolingConfig(mode))
-  tc = TrainConfig(optim=OptimConfig(lr=LR, schedule="constant", warmup_ratio=0.0),
+  tc = TrainConfig(optim=OptimConfig(lr=LR, schedule="constant", warmup_ratio=0.0,
+                                     total_steps=1),
                    trainable=DPO if workload == "llm" else VICUNA_SFT)  # DPO: the LLM alone
   part = partition(model, tc.trainable)
   tx = make_optimizer(tc.optim, decay_mask(part.split(model)[1]))

@@ -1,17 +1,27 @@
-"""The original's Vicuna-7B SFT recipe (config/vicuna/ppllava_vicuna7b_image_video.yaml).
+"""The original's Vicuna-7B SFT recipe (config/vicuna/ppllava_vicuna7b_image_video.yaml) as a
+whole run: ``python train.py --config configs/sft_vicuna7b.py --workdir W``.
 
-``get_config()``: the recipe as a ``train.config.TrainConfig``, what the train step needs.
-2e-5, cosine, warmup 0.03, no weight decay, AdamW (0.9, 0.999, 1e-8), max grad norm 1.0,
-2 micro-batches per update (8 per device x 8 GPUs x 2 = 128 a step), bf16 compute with
-float32 masters, gradient checkpointing, ZeRO-3 (here: fsdp over every device), seed 42.
-``total_steps`` is one epoch of the paper's 1.36M samples at 128 a step; set it from the
-real data (``--set optim.total_steps=...``).
+The start: llava-hf/llava-v1.6-vicuna-7b-hf, CLIP-L/336's text tower as the scorer (its
+tokenizer is the scorer's), a fresh BT-Adapter on the CLIP tower. The step: 2e-5, cosine,
+warmup 0.03, no weight decay, AdamW (0.9, 0.999, 1e-8), max grad norm 1.0, 2 micro-batches
+per update (8 rows per device x 8 GPUs x 2 = 128 a step), bf16 compute with float32
+masters, gradient checkpointing, ZeRO-3 (here: fsdp over every device), seed 42.
+``total_steps`` is one epoch of the paper's 1.36M samples at 128 a step.
 
-``get_run_config()``: the whole run around it (``python -m ppllava_jax.plan`` reads it): the
-recipe's start (llava-hf/llava-v1.6-vicuna-7b-hf, CLIP-L/336 as the scorer, a fresh
-BT-Adapter) and its data as one 8-device process loads it: 64 rows a batch (8 per device),
-every row may hold a 32-frame video, half of them an anyres image, sequences bucketed up
-to 4096 tokens. Annotation paths are placeholders: list the real corpora.
+The data, as one 8-device process loads it: 64 rows a batch (8 per device), every row may
+hold a 32-frame video, half of them an anyres image, sequences bucketed up to 4096 tokens.
+The corpora are placeholders for the original's mixture (LLaVA-1.5 images; LLaVA-Hound,
+K400, SSv2, NExT-QA, CLEVRER videos): list the real ones, or point these two at your files
+from the command line, e.g.::
+
+  python train.py --config configs/sft_vicuna7b.py --workdir out/sft_vicuna7b \\
+    --set data.mixture.corpora.images.annotation=/data/llava_v1_5/llava_v1_5_mix665k.json \\
+    --set data.mixture.corpora.images.media_root=/data/llava_v1_5 \\
+    --set data.mixture.corpora.videos.annotation=/data/videos/annotations.json \\
+    --set data.mixture.corpora.videos.media_root=/data/videos \\
+    --set train.optim.total_steps=<one epoch of your data at 128 a step>
+
+On several hosts see scripts/ (``python -m ppllava_jax.plan`` sizes the memory first).
 """
 
 from ppllava_jax.data.annotations import CorpusConfig, MixtureConfig
@@ -24,20 +34,11 @@ from ppllava_jax.train.partition import VICUNA_SFT
 from ppllava_jax.train.run_config import ModelConfig, RunConfig
 
 ROWS_PER_PROCESS = 64  # 8 per device on one 8-device host
+SAMPLES, GLOBAL_BATCH = 1_360_000, 128
 
 
-def get_config() -> TrainConfig:
-  return TrainConfig(
-      optim=OptimConfig(lr=2e-5, schedule="cosine", warmup_ratio=0.03,
-                        total_steps=1_360_000 // 128, weight_decay=0.0, clip_norm=1.0,
-                        grad_accum=2),
-      mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
-      trainable=VICUNA_SFT, compute_dtype="bfloat16", remat="nothing_saveable", seed=42)
-
-
-def get_run_config() -> RunConfig:
-  train = get_config()
-  corpora = (CorpusConfig("llava_images", "data/llava_v1_5/annotations.json", "data/llava_v1_5",
+def get_config() -> RunConfig:
+  corpora = (CorpusConfig("images", "data/llava_v1_5/annotations.json", "data/llava_v1_5",
                           "image"),
              CorpusConfig("videos", "data/videos/annotations.json", "data/videos", "video",
                           num_frames=32))
@@ -47,6 +48,12 @@ def get_run_config() -> RunConfig:
                   video_slots=ROWS_PER_PROCESS, image_slots=ROWS_PER_PROCESS // 2,
                   multi_image_slots=0, num_frames=32, pixel_dtype="bfloat16"),
       seed=42, num_epochs=1, num_workers=8)
+  train = TrainConfig(
+      optim=OptimConfig(lr=2e-5, schedule="cosine", warmup_ratio=0.03,
+                        total_steps=SAMPLES // GLOBAL_BATCH, weight_decay=0.0, clip_norm=1.0,
+                        grad_accum=2),
+      mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
+      trainable=VICUNA_SFT, compute_dtype="bfloat16", remat="nothing_saveable", seed=42)
   return RunConfig(
       data=data,
       model=ModelConfig(checkpoint="llava-hf/llava-v1.6-vicuna-7b-hf",

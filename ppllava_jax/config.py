@@ -12,23 +12,21 @@ from pathlib import Path
 from typing import Any
 
 
-def load_config(path: str | Path, expected_type: type | None = None,
-                functions: tuple[str, ...] = ("get_config",)) -> Any:
-  """Runs the first of ``functions`` that the Python file at ``path`` defines (a recipe
-  file may define ``get_run_config()`` beside a ``TrainConfig`` ``get_config()``)."""
+def load_config(path: str | Path, expected_type: type | None = None) -> Any:
+  """What the ``get_config()`` of the Python file at ``path`` returns, checked to be an
+  ``expected_type`` (a dataclass in any case)."""
   path = Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"config file not found: {path}")
   spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  name = next((f for f in functions if hasattr(module, f)), None)
-  if name is None:
-    raise ValueError(f"{path} defines no {' or '.join(f + '()' for f in functions)}")
-  config = getattr(module, name)()
+  if not hasattr(module, "get_config"):
+    raise ValueError(f"{path} defines no get_config()")
+  config = module.get_config()
   if expected_type is not None and not isinstance(config, expected_type):
-    raise TypeError(f"{path}: {name}() returned {type(config).__name__}, "
+    raise ValueError(f"{path}: get_config() returned {type(config).__name__}, "
                     f"expected {expected_type.__name__}")
   if not dataclasses.is_dataclass(config):
-    raise TypeError(f"{path}: {name}() must return a dataclass, got {type(config).__name__}")
+    raise ValueError(f"{path}: get_config() must return a dataclass, got {type(config).__name__}")
   return config

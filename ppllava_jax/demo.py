@@ -86,7 +86,7 @@ def overrides(cfg: DemoConfig) -> list[str]:
 def eval_args(cfg: DemoConfig, frames: int, data: Path, model: Path, out: Path) -> list[str]:
   """``eval.py``'s arguments for the held-out questions (``train.synthetic``'s layout),
   at the ``frames`` the model was trained on."""
-  return ["--checkpoint", str(model), "--scorer-tokenizer", str(model),
+  return ["--checkpoint", str(model),
           "--mvbench", str(data / "mcq"), "--video-root", str(data / "videos"),
           "--frames", str(frames), "--max-new-tokens", str(cfg.max_new_tokens),
           "--batch-size", str(cfg.eval_batch_size), "--out", str(out),

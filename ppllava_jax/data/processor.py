@@ -13,7 +13,10 @@ the media, the scorer's text) into token ids and pixels:
   anyres tiles (``data.preprocess``);
 - the scorer's text is tokenized to exactly the scorer's context length (248 CLIP,
   196 SigLIP; SigLIP pools the last position, so it must be padded to that length),
-  truncated with a warning that says by how much.
+  truncated: the first time with a warning that says by how much, after that counted
+  (``scorer_truncated``), so a benchmark of long prompts logs one line, not one per item;
+- every id is checked against the table it indexes (``data.tokenizer.check_ids``): a
+  tokenizer of another model fails the item with a clear error, never NaN logits.
 
 ``Processor.collate`` stacks encoded items with left padding (generation needs the
 last position real). Shapes are bucketed so a long evaluation compiles a handful of
@@ -33,6 +36,7 @@ from typing import Literal
 import numpy as np
 
 from ppllava_jax.data import preprocess
+from ppllava_jax.data.tokenizer import check_ids
 from ppllava_jax.models.ppllava_config import PPLLaVAConfig
 from ppllava_jax.models.siglip import SiglipVisionConfig
 
@@ -81,6 +85,7 @@ class Processor:
                            else (preprocess.CLIP_MEAN, preprocess.CLIP_STD))
     self.letterbox = siglip
     self.max_tiles = 1 + max(h * w for h, w in cfg.grid_pinpoints) // cfg.vision.image_size**2
+    self.scorer_truncated = 0  # items whose scorer text was cut to the context
 
   # ---- one item -----------------------------------------------------------------------
 
@@ -106,9 +111,11 @@ class Processor:
         raise ValueError(f"media kind must be 'video' or 'image', got {item.kind!r}")
     for slot, run in zip(reversed(slots), reversed(runs)):  # back to front: slots stay valid
       ids[slot:slot + 1] = run
+    check_ids(ids, self.cfg.text.vocab_size, "the prompt's token ids")
     scorer_ids = scorer_mask = None
     if self.scorer_tokenizer is not None:  # scored pooling, or relevance pictures
       scorer_ids, scorer_mask = self._scorer_tokens(prompt.scorer_text)
+      check_ids(scorer_ids, self.cfg.scorer.text.vocab_size, "the scorer text's token ids")
     return Encoded(np.asarray(ids, np.int32), tuple(videos), tuple(images), scorer_ids,
                    scorer_mask)
 
@@ -116,8 +123,10 @@ class Processor:
     length = self.cfg.scorer.text.max_position_embeddings
     full = len(self.scorer_tokenizer(text).input_ids)
     if full > length:
-      log.warning("scorer text truncated from %d to %d tokens (the text encoder's context): "
-                  "%.80r...", full, length, text)
+      if not self.scorer_truncated:
+        log.warning("scorer text truncated from %d to %d tokens (the text encoder's context): "
+                    "%.80r...; further truncations are counted, not logged", full, length, text)
+      self.scorer_truncated += 1
     enc = self.scorer_tokenizer(text, truncation=True, max_length=length, padding="max_length")
     return np.asarray(enc.input_ids, np.int32), np.asarray(enc.attention_mask, np.int32)
 

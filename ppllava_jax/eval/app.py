@@ -4,9 +4,16 @@
 Decisions:
 
 - The checkpoint is a transformers folder (``PPLLaVA.from_pretrained``: llava-hf
-  LLaVA-NeXT(-Video) / OneVision, PPLLaVA's released folders, what ``convert.py
-  to-hf`` writes). Its tokenizer is read from it (or ``--tokenizer``); the scorer's
-  tokenizer from ``--clip`` (or ``--scorer-tokenizer``), as the original reads CLIP's.
+  LLaVA-NeXT(-Video) / OneVision, PPLLaVA's released folders, what ``train.py export``
+  and ``convert.py to-hf`` write). Its tokenizer is read from it (or ``--tokenizer``);
+  the scorer's from ``--scorer-tokenizer``, else ``--clip``, else the folder's
+  ``scorer_tokenizer/`` (``data.tokenizer.tokenizer_folders``); the pooling mode is the
+  one the folder was saved with unless ``--pooling`` says otherwise. Each tokenizer is
+  checked against the embedding it feeds before anything runs: another model's
+  tokenizer is an error, never NaN logits and empty answers.
+- Nothing wrong is reported as a result: a run whose every answer is empty exits 1
+  saying so (the original protocol would count empty MVBench replies as right), and the
+  table prints the empty and unparseable counts beside each accuracy.
 - Templates follow the LLM: Vicuna ``plain_v1`` for LLaMA, ChatML for Qwen2.
 - Frames: ``--frames`` for every video; by default 32, and 64 for VideoMME's medium
   and long videos (the original's settings).
@@ -22,7 +29,13 @@ Decisions:
   come) and for benchmarks ``results.json`` plus the printed table, which names the
   failed items and how many answers were empty or unparseable. A rerun reuses an
   answer only for the same item id and fingerprint (``eval.jobs``, ``eval.fingerprint``).
-- Ctrl-C stops with one line, ``interrupted: N answers kept in <path>``, and exit 130.
+- Ctrl-C (SIGINT) or SIGTERM stops at the next batch with one line, ``interrupted: N
+  answers kept in <path>``, and exit 130 (143 for SIGTERM); every finished answer is
+  kept. A first signal only sets a flag (``ppllava_jax.signals``) that the runner checks
+  after the model loads, after each batch's media are read and after its answers are
+  saved, so no library that catches a ``KeyboardInterrupt`` can make the run go on; a
+  second one stops at once. On several processes each stops by its own signal: signal
+  all of them.
 - Several processes (``--coordinator``/``--num-processes``/``--process-id`` or the
   ``JAX_*`` variables, ``--cluster-detection``, or a cluster JAX detects:
   ``ppllava_jax.distributed``): each loads its own replica of
@@ -43,7 +56,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ppllava_jax import cli, distributed
+from ppllava_jax import cli, distributed, signals
 from ppllava_jax.data.video import BACKENDS
 from ppllava_jax.eval import mcq, records
 from ppllava_jax.eval.fingerprint import model_key
@@ -68,13 +81,17 @@ OUT/results.json and are printed as a table. A rerun with the same --out reuses 
 saved answer only when the same question was asked of the same video file under the
 same settings (checkpoint and tokenizer files, pooling, dtype, frames, max new tokens,
 video decoder); everything else is generated again, and a summary line says how many
-answers were reused and how many redone. Ctrl-C keeps every finished answer.
+answers were reused and how many redone. Ctrl-C or SIGTERM stops after the batch in
+progress and keeps every finished answer (exit status 130 or 143; again: at once).
 
 On several hosts, run the same command on each, with --coordinator HOST:PORT
 --num-processes N --process-id I (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
 JAX_PROCESS_ID) and an OUT every host mounts: they split the items, and process 0
 writes the one predictions.jsonl and results.json.
 """
+
+
+STOP_NOTICE = "{} received: stopping after the batch in progress (again: at once)"
 
 
 def _at_least(low: int) -> Callable[[str], int]:
@@ -101,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--tokenizer", metavar="DIR",
                  help="The tokenizer folder (default: --checkpoint).")
   p.add_argument("--scorer-tokenizer", metavar="DIR",
-                 help="The scorer's tokenizer folder (default: --clip).")
+                 help="The scorer's tokenizer folder (default: --clip, else the checkpoint's "
+                 "scorer_tokenizer/).")
   what = p.add_mutually_exclusive_group(required=True)
   what.add_argument("--video", metavar="PATH",
                     help="One video file or frame folder to ask --question of.")
@@ -133,10 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
                  help="How many items generate together (default: 4).")
   p.add_argument("--frames", type=_at_least(1), metavar="N", help="Frames sampled per video "
                  "(default: 32; VideoMME's medium and long videos 64).")
-  p.add_argument("--pooling", default="ppllava",
+  p.add_argument("--pooling",
                  choices=("ppllava", "paper", "average", "llava_next_video", "llava_onevision",
                           "none"),
-                 help="How visual tokens are pooled (default: ppllava, the original's).")
+                 help="How visual tokens are pooled (default: the mode the checkpoint was "
+                 "saved with, else ppllava, the original's).")
   p.add_argument("--max-new-tokens", type=_at_least(1), metavar="N",
                  help="The most tokens generated per answer (default: the protocol's; 200 "
                  "for open-ended questions).")
@@ -162,12 +181,26 @@ def parse_args(argv):
   return args
 
 
+def _pooling(args) -> str:
+  """``--pooling``, else the mode config.json says the checkpoint was saved with."""
+  if args.pooling:
+    return args.pooling
+  from ppllava_jax.models.pretrained import resolve_checkpoint
+  from ppllava_jax.models.ppllava_config import POOLING_MODE_KEY
+  config = resolve_checkpoint(args.checkpoint) / "config.json"
+  try:
+    return json.loads(config.read_text()).get(POOLING_MODE_KEY, PoolingConfig().mode)
+  except (OSError, ValueError):
+    return PoolingConfig().mode  # the model's loader names a missing or bad config.json
+
+
 def _read_inputs(args) -> list[mcq.Item] | list[QAItem] | None:
   """The benchmark items or open-ended rows (None for ``--video``), and every path the
   run needs, checked before the model loads."""
-  if PoolingConfig(args.pooling).scored and not (args.scorer_tokenizer or args.clip):
-    raise ValueError(f"pooling {args.pooling!r} needs the scorer's tokenizer: give "
-                     "--scorer-tokenizer (or --clip) with the CLIP / SigLIP folder")
+  if PoolingConfig(args.pooling).scored and args.folders.scorer is None:
+    raise ValueError(f"pooling {args.pooling!r} needs the scorer's tokenizer, and "
+                     f"{args.checkpoint} has no scorer_tokenizer/: give --scorer-tokenizer "
+                     "(or --clip) with the CLIP / SigLIP folder")
   if args.video:
     if not Path(args.video).exists():
       raise ValueError(f"--video {args.video}: no such file or folder")
@@ -181,16 +214,20 @@ def _read_inputs(args) -> list[mcq.Item] | list[QAItem] | None:
 
 
 def load(args):
+  """The model and its processor: the weights with progress, then the tokenizers, each
+  checked against the embedding it feeds (``data.tokenizer.model_tokenizers``)."""
   import jax.numpy as jnp
-  from transformers import AutoTokenizer
   from ppllava_jax.data.processor import Processor
+  from ppllava_jax.data.tokenizer import model_tokenizers
   from ppllava_jax.models.ppllava import PPLLaVA
+  start = time.perf_counter()
   model = PPLLaVA.from_pretrained(args.checkpoint, clip=args.clip,
                                   pooling=PoolingConfig(args.pooling),
-                                  dtype=getattr(jnp, args.dtype) if args.dtype else None)
-  source = args.scorer_tokenizer or args.clip
-  scorer_tokenizer = AutoTokenizer.from_pretrained(source) if source else None
-  tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.checkpoint)
+                                  dtype=getattr(jnp, args.dtype) if args.dtype else None,
+                                  progress=distributed.is_primary())
+  tokenizer, scorer_tokenizer = model_tokenizers(model.cfg, args.folders, args.checkpoint)
+  if distributed.is_primary():
+    print(f"loaded {args.checkpoint} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
   return model, Processor(model.cfg, tokenizer, scorer_tokenizer)
 
 
@@ -200,15 +237,21 @@ def main(argv=None) -> int:
   args = parse_args(argv)
   distributed.initialize(args)
   predictions = Path(args.out) / "predictions.jsonl"
-  try:
-    return _evaluate(args, predictions)
-  except KeyboardInterrupt:
-    mine = process_output(predictions)  # a part on several processes: the next run merges it
-    print(f"interrupted: {records.count_answers(mine)} answers kept in {mine}", file=sys.stderr)
-    return 130
+  with signals.Signals(STOP_NOTICE) as stop:
+    try:
+      return _evaluate(args, predictions, stop.check)
+    except KeyboardInterrupt:  # stop.check's Interrupted, or a second signal
+      mine = process_output(predictions)  # a part on several processes: the next run merges it
+      print(f"interrupted: {records.count_answers(mine)} answers kept in {mine}",
+            file=sys.stderr)
+      return signals.exit_code(stop.received or "SIGINT")
 
 
-def _evaluate(args, predictions: Path) -> int:
+def _evaluate(args, predictions: Path, check_stop: Callable[[], None]) -> int:
+  from ppllava_jax.data.tokenizer import tokenizer_folders
+  args.folders = tokenizer_folders(args.checkpoint, tokenizer=args.tokenizer,
+                                   scorer_tokenizer=args.scorer_tokenizer, clip=args.clip)
+  args.pooling = _pooling(args)
   items = _read_inputs(args)
   protocol = (mcq.make_protocol(args.protocol, args.subtitles, args.videomme_extractor)
               if args.mvbench or args.videomme else None)
@@ -218,10 +261,12 @@ def _evaluate(args, predictions: Path) -> int:
                   visualize=Path(args.visualize) if args.visualize else None,
                   video_backend=args.video_backend,
                   model_key=model_key(checkpoint=args.checkpoint, clip=args.clip,
-                                      tokenizer=args.tokenizer or args.checkpoint,
-                                      scorer_tokenizer=args.scorer_tokenizer or args.clip,
+                                      tokenizer=str(args.folders.llm),
+                                      scorer_tokenizer=args.folders.scorer and
+                                      str(args.folders.scorer),
                                       pooling=args.pooling, dtype=args.dtype))
   model, processor = load(args)
+  check_stop()  # a signal while the model loaded
   template = chat_template(model.cfg)
   root = Path(args.video_root)
   if args.video:
@@ -232,14 +277,24 @@ def _evaluate(args, predictions: Path) -> int:
     jobs = mcq_jobs(items, protocol, template, root, args.frames,
                     Path(args.subtitle_root) if args.subtitle_root else None)
   start = time.perf_counter()
-  result = run(model, processor, jobs, predictions, cfg)
+  result = run(model, processor, jobs, predictions, cfg, check_stop)
   seconds = time.perf_counter() - start
   if not distributed.is_primary():
     return 0  # process 0 reports and scores every process's answers
   print(result.summary())
+  if processor.scorer_truncated:
+    print(f"the scorer text of {processor.scorer_truncated} items was cut to the text "
+          "encoder's context")
   failed = failures(jobs, result)
   for job_id, error in failed.items():
     print(f"failed: {job_id}: {error}")
+  answers = [r["prediction"] for r in result.records.values() if "prediction" in r]
+  empty = sum(not a.strip() for a in answers)
+  if answers and empty == len(answers):
+    print(f"error: all {len(answers)} answers are empty: the model generated only end or "
+          "special tokens (is the tokenizer the checkpoint's own? are the weights trained?); "
+          f"nothing is scored. The answers are in {predictions}", file=sys.stderr)
+    return 1
   if args.video:
     if failed:
       return 1

@@ -3,6 +3,7 @@ methods, and checkpoint loading / saving."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 from typing import Any, ClassVar
@@ -21,12 +22,26 @@ EXTEND_KEEP_KEY = "ppllava_extend_keep"
 EXTENDED_TABLE_KEY = "text_model.embeddings.position_embedding_res"
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+  """transformers' SiglipConfig checks its own default sub-config's CLIP-sized BOS / EOS
+  against SigLIP's vocabulary and warns, whatever the file says: not the user's problem."""
+  from transformers.utils import logging as hf_logging
+  level = hf_logging.get_verbosity()
+  hf_logging.set_verbosity_error()
+  try:
+    yield
+  finally:
+    hf_logging.set_verbosity(level)
+
+
 def towers_from_hf(hf_config_cls: type, hf: dict, vision_cls: type, text_cls: type):
   """(full transformers config, vision config, text config) from a config.json dict.
 
   transformers parses it, so defaults the file omits are filled as transformers would.
   """
-  full = hf_config_cls.from_dict(hf)
+  with _quiet_transformers():
+    full = hf_config_cls.from_dict(hf)
   text = pretrained.pick_fields(text_cls, full.text_config)
   keep = hf.get("text_config", {}).get(EXTEND_KEEP_KEY)
   return full, pretrained.pick_fields(vision_cls, full.vision_config), dataclasses.replace(text, extend_keep=keep)
@@ -34,8 +49,9 @@ def towers_from_hf(hf_config_cls: type, hf: dict, vision_cls: type, text_cls: ty
 
 def towers_to_hf(hf_config_cls: type, vision: Any, text: Any, **top: Any) -> dict:
   text_fields = {k: v for k, v in dataclasses.asdict(text).items() if k != "extend_keep"}
-  hf = hf_config_cls(text_config=text_fields, vision_config=dataclasses.asdict(vision),
-                     **top).to_dict()
+  with _quiet_transformers():
+    hf = hf_config_cls(text_config=text_fields, vision_config=dataclasses.asdict(vision),
+                       **top).to_dict()
   if text.extend_keep is not None:
     hf["text_config"][EXTEND_KEEP_KEY] = text.extend_keep
   return hf
@@ -59,7 +75,7 @@ class DualEncoder(nnx.Module):
 
   @classmethod
   def from_pretrained(cls, path: str | Path, dtype: jnp.dtype | None = None,
-                      extend_text: int | None = None):
+                      extend_text: int | None = None, progress: bool = False):
     """Reads a transformers checkpoint folder (or a hub id when online).
 
     The model is built abstractly (no random init) and filled from the checkpoint;
@@ -74,7 +90,8 @@ class DualEncoder(nnx.Module):
       raise CheckpointError(f"{path} holds extended text positions ({EXTENDED_TABLE_KEY}) but its "
                             f"config.json has no text_config.{EXTEND_KEEP_KEY}; add it (20 for "
                             "PPLLaVA)")
-    model = load_into(nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0))), path, cls.rules, dtype)
+    model = load_into(nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0))), path, cls.rules, dtype,
+                      progress=progress)
     return model if extend_text is None else extend_text_positions(model, keep=extend_text)
 
   def save_pretrained(self, path: str | Path) -> Path:

@@ -55,7 +55,8 @@ from ppllava_jax.models.generate import generate
 from ppllava_jax.models.layers import Linear, set_attention, set_remat
 from ppllava_jax.models.llm import CausalLM, CausalLMOutput, KVCache
 from ppllava_jax.models.pooling_modes import MODES, POOLING_MODES
-from ppllava_jax.models.ppllava_config import MODEL_TYPES, PoolingConfig, PPLLaVAConfig
+from ppllava_jax.models.ppllava_config import (MODEL_TYPES, POOLING_MODE_KEY, PoolingConfig,
+                                               PPLLaVAConfig)
 from ppllava_jax.models.released import SCORER_TENSOR, complete_config, pooling_for, vision_config
 from ppllava_jax.models.scorer import RelevanceScorer, SiglipRelevanceScorer, build_scorer
 from ppllava_jax.models.siglip import SiglipModel, SiglipVisionConfig, SiglipVisionTransformer
@@ -289,17 +290,18 @@ class PPLLaVA(nnx.Module):
   @classmethod
   def from_pretrained(cls, path: str | Path,
                       clip: str | Path | CLIPModel | SiglipModel | None = None,
-                      pooling: PoolingConfig | str = PoolingConfig(),
+                      pooling: PoolingConfig | str | None = None,
                       dtype: jnp.dtype | None = None,
-                      clip_extend_keep: int | None = 20) -> "PPLLaVA":
+                      clip_extend_keep: int | None = 20, progress: bool = False) -> "PPLLaVA":
     """A llava-hf LLaVA-NeXT(-Video) or LLaVA-OneVision folder, PPLLaVA's own, or one
     ``save_pretrained`` wrote.
 
-    ``pooling``: a mode (``POOLING_MODES``) or a PoolingConfig. The ``"ppllava"`` /
-    ``"paper"`` modes need the relevance scorer: PPLLaVA's folders and ours hold it
-    (``multi_modal_projector.clip_*`` tensors). For a plain llava-hf folder give ``clip=``:
-    a CLIP (LLaVA-NeXT) or SigLIP (OneVision) folder or model, whose text tower is extended
-    (77 -> 248, SigLIP 64 -> 196) with ``clip_extend_keep`` (PPLLaVA's 20; None keeps it)
+    ``pooling``: a mode (``POOLING_MODES``) or a PoolingConfig; None: the mode the folder
+    was saved with (config.json's ``ppllava_pooling_mode``), else ``"ppllava"``. The
+    ``"ppllava"`` / ``"paper"`` modes need the relevance scorer: PPLLaVA's folders and ours
+    hold it (``multi_modal_projector.clip_*`` tensors). For a plain llava-hf folder give
+    ``clip=``: a CLIP (LLaVA-NeXT) or SigLIP (OneVision) folder or model, whose text tower
+    is extended (77 -> 248, SigLIP 64 -> 196) with ``clip_extend_keep`` (PPLLaVA's 20; None keeps it)
     when loaded from a folder. Given with a folder that holds a scorer, ``clip=`` describes
     it (head counts, activation, epsilon, EOS rule; the sizes must match the tensors'), and
     the log says whether the token embeddings are the given model's.
@@ -327,14 +329,17 @@ class PPLLaVA(nnx.Module):
       encoder = SiglipModel if isinstance(vision_config(hf), SiglipVisionConfig) else CLIPModel
       # it only describes a scorer already inside, whose position tables are the tensors'
       clip = encoder.from_pretrained(
-          clip, dtype, extend_text=None if SCORER_TENSOR in shapes else clip_extend_keep)
+          clip, dtype, extend_text=None if SCORER_TENSOR in shapes else clip_extend_keep,
+          progress=progress)
     hf = complete_config(hf, shapes, path, None if clip is None else clip.cfg, source)
+    if pooling is None:
+      pooling = hf.get(POOLING_MODE_KEY, PoolingConfig().mode)
     cfg = PPLLaVAConfig.from_hf(hf, pooling_for(pooling, hf, shapes, path))
     if cfg.scorer is None and cfg.pooling.scored and clip is None:
       raise ValueError(f"pooling mode {cfg.pooling.mode!r} needs the relevance scorer, and "
                        f"{path} has none: give clip= (a CLIP or SigLIP folder or model)")
     model = load_into(nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0))), path,
-                      LLAVA_NEXT_RULES, dtype)
+                      LLAVA_NEXT_RULES, dtype, progress=progress)
     if clip is not None and model.scorer is not None:
       # The original builds a fresh token table for its extended text tower and nothing
       # copies CLIP's into it (reference section 3): say which one this checkpoint holds.
@@ -353,7 +358,7 @@ class PPLLaVA(nnx.Module):
       model.scorer = nnx.data(scorer)
     return model
 
-  def save_pretrained(self, path: str | Path) -> Path:
+  def save_pretrained(self, path: str | Path, progress: bool = False) -> Path:
     """The llava-hf layout (hub vision-tower names); a scorer goes in as PPLLaVA's
     ``multi_modal_projector.clip_*`` tensors, its config as ``ppllava_scorer``."""
-    return pretrained.save_pretrained(self, path, LLAVA_NEXT_RULES, self.cfg.to_hf())
+    return pretrained.save_pretrained(self, path, LLAVA_NEXT_RULES, self.cfg.to_hf(), progress)

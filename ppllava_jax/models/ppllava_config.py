@@ -25,6 +25,7 @@ from ppllava_jax.ops.geometry import Size3
 MODEL_TYPES = ("llava_next", "llava_next_video", "llava_onevision")
 SCORER_KEY = "ppllava_scorer"
 BTADAPTER_KEY = "ppllava_btadapter"
+POOLING_MODE_KEY = "ppllava_pooling_mode"  # the mode the folder was trained / saved with
 _VISION = {"clip_vision_model": CLIPVisionConfig, "siglip_vision_model": SiglipVisionConfig}
 _ANYRES_MAX = "anyres_max_"
 
@@ -218,6 +219,7 @@ class PPLLaVAConfig:
       hf = LlavaNextVideoConfig(**common,
                                 spatial_pool_stride=self.pooling.llava_next_stride).to_dict()
     hf.update(self.pooling.to_hf())
+    hf[POOLING_MODE_KEY] = self.pooling.mode
     if self.scorer is not None:
       hf[SCORER_KEY] = self.scorer.to_hf()
     if self.btadapter is not None:

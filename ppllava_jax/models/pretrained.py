@@ -25,6 +25,10 @@ SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.jso
               "processor_config.json", "generation_config.json")
 
 
+SCORER_TOKENIZER = "scorer_tokenizer"  # the subfolder that holds the scorer's tokenizer
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
+
+
 def pick_fields(dc: type, src: Any):
   """Our config dataclass ``dc`` from a parsed transformers config: same-named fields."""
   return dc(**{f.name: getattr(src, f.name) for f in dataclasses.fields(dc) if hasattr(src, f.name)})
@@ -60,17 +64,26 @@ def read_config(path: Path, model_types: Sequence[str]) -> dict[str, Any]:
 
 
 def save_pretrained(model: nnx.Module, path: str | Path, rules: Sequence[Rule],
-                    hf_config: dict[str, Any]) -> Path:
+                    hf_config: dict[str, Any], progress: bool = False) -> Path:
   path = Path(path)
-  save_tensors(hf_tensors(model, rules), path)
+  save_tensors(hf_tensors(model, rules), path, progress=progress)
   (path / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
   return path
 
 
 def copy_side_files(src: Path, dst: Path) -> tuple[str, ...]:
-  """Copies the ``SIDE_FILES`` that ``src`` has into ``dst``; returns their names. New
-  files get the mode a plain ``open()`` gives (the source's mode is not copied)."""
+  """Copies the ``SIDE_FILES`` that ``src`` has into ``dst``, and those of its
+  ``scorer_tokenizer/`` into ``dst``'s; returns the names copied (the scorer's with their
+  folder). New files get the mode a plain ``open()`` gives (the source's is not copied)."""
   names = tuple(name for name in SIDE_FILES if (src / name).is_file())
   for name in names:
     shutil.copyfile(src / name, dst / name)
+  if (src / SCORER_TOKENIZER).is_dir() and src / SCORER_TOKENIZER != dst / SCORER_TOKENIZER:
+    (dst / SCORER_TOKENIZER).mkdir(parents=True, exist_ok=True)
+    names += tuple(f"{SCORER_TOKENIZER}/{n}"
+                   for n in copy_side_files(src / SCORER_TOKENIZER, dst / SCORER_TOKENIZER))
   return names
+
+
+def has_tokenizer(folder: Path) -> bool:
+  return any((folder / name).is_file() for name in TOKENIZER_FILES)

@@ -50,15 +50,10 @@ def simulate_devices(count: int) -> None:
 
 
 def load_run_config(path: str):
-  """A config file's ``RunConfig``: its ``get_run_config()`` where it has one (a recipe
-  file whose ``get_config()`` is the step's ``TrainConfig``), else its ``get_config()``."""
+  """A config file's ``RunConfig`` (its ``get_config()``)."""
   from ppllava_jax.config import load_config
   from ppllava_jax.train.run_config import RunConfig
-  try:
-    return load_config(path, RunConfig, ("get_run_config", "get_config"))
-  except TypeError as err:  # a TrainConfig-only file
-    raise ValueError(f"{err}: the plan needs a RunConfig (get_config(), or get_run_config() "
-                     "beside a TrainConfig get_config())") from None
+  return load_config(path, RunConfig)
 
 
 def _gib(n: float) -> str:

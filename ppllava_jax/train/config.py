@@ -40,7 +40,9 @@ class OptimConfig:
   decay, AdamW (0.9, 0.999, 1e-8), max grad norm 1.0) but one micro-batch per update and
   a placeholder ``total_steps``; ``configs/`` give whole recipes.
 
-  total_steps: optimizer updates of the run (not micro-batches), what the schedule decays over.
+  total_steps: optimizer updates the schedule decays over (not micro-batches); None: the
+    run's ``steps`` (``RunConfig.resolved``). A run may stop before it (``steps`` smaller),
+    never after it: past ``total_steps`` the cosine would climb back to its peak.
   warmup_ratio: warmup updates are ``ceil(total_steps * warmup_ratio)``, as transformers'
     ``TrainingArguments.get_warmup_steps``.
   schedule: after the warmup, "cosine" (half a cosine to 0), "linear" (to 0) or "constant";
@@ -56,7 +58,7 @@ class OptimConfig:
   lr: float = 2e-5
   schedule: str = "cosine"
   warmup_ratio: float = 0.03
-  total_steps: int = 1000
+  total_steps: int | None = None
   weight_decay: float = 0.0
   b1: float = 0.9
   b2: float = 0.999
@@ -69,7 +71,7 @@ class OptimConfig:
   def __post_init__(self):
     _choice("OptimConfig", "schedule", self.schedule, SCHEDULES)
     _choice("OptimConfig", "accum_reduction", self.accum_reduction, ACCUM_REDUCTIONS)
-    if self.total_steps < 1 or self.grad_accum < 1:
+    if (self.total_steps is not None and self.total_steps < 1) or self.grad_accum < 1:
       raise ValueError(f"OptimConfig: total_steps and grad_accum must be >= 1, got "
                        f"{self.total_steps}, {self.grad_accum}")
     if not 0 <= self.warmup_ratio <= 1 or self.lr < 0 or self.weight_decay < 0:
@@ -80,6 +82,9 @@ class OptimConfig:
 
   @property
   def warmup_steps(self) -> int:
+    if self.total_steps is None:
+      raise ValueError("OptimConfig.total_steps is unset: RunConfig.resolved() sets it to the "
+                       "run's steps")
     return math.ceil(self.total_steps * self.warmup_ratio)
 
 

@@ -1,16 +1,20 @@
 """The training loop: ``train(cfg, workdir)`` and ``export(workdir, out)``.
 
-``train`` builds the model (``PPLLaVA.from_pretrained(cfg.model.checkpoint)``, or the
-tiny random one of ``cfg.model.tiny`` with the char tokenizer), partitions it, makes
-the optimizer, the state on the mesh and the jitted ``Steps``, then resumes: the run's
-own latest checkpoint (state, data cursor), else ``cfg.init_from``'s trainable
+``train`` first checks what can fail cheaply: that the workdir's latest checkpoint is
+this run's and intact (``train.resume``), every annotation and the media roots
+(``data.preflight``). Then it builds the model (``PPLLaVA.from_pretrained
+(cfg.model.checkpoint)`` with its tokenizers, checked against the embeddings they feed,
+or the tiny random one of ``cfg.model.tiny`` with the char tokenizer), partitions it,
+makes the optimizer, the state on the mesh and the jitted ``Steps``, then resumes: the
+run's own latest checkpoint (state, data cursor), else ``cfg.init_from``'s trainable
 parameters, else the initial model. A DPO run (``cfg.preference``) first starts its
 reference from the starting parameters (``start_reference``: a live copy, or the cached
 log-probs, computed once), whatever checkpoint it then resumes. Then, per update (a
 batch, or ``grad_accum`` of them stacked: ``_next_update``): data -> step -> hooks
 (``every(n, k)``): metrics (fetched to the host only on log steps), evaluation (``eval_every``),
 multiple-choice accuracy (``mcq.every``, and after the last batch: ``evaluation``),
-checkpoints, the stop checks.
+checkpoints, the stop checks. A run that trained on no sample (every one skipped) ends
+with a ``DataError``, not a summary of 0 updates.
 
 Exactness: a checkpoint is taken between batches and holds the state (the rng is the
 state's base key: batch n's key is ``fold_in(rng, n)``, nothing is drawn on the host),
@@ -44,7 +48,6 @@ import dataclasses
 import functools
 import json
 import logging
-import signal
 import sys
 import time
 from pathlib import Path
@@ -57,11 +60,16 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from ppllava_jax import distributed
+from ppllava_jax.data import preflight
 from ppllava_jax.data.batch import empty_like
+from ppllava_jax.data.pipeline import DataError
+from ppllava_jax.data.tokenizer import check_batch_ids, model_tokenizers, tokenizer_folders
 from ppllava_jax.train import checkpoint as ckpt_lib
+from ppllava_jax.models import pretrained
 from ppllava_jax.models.attention import check_attention
 from ppllava_jax.train import evaluation
 from ppllava_jax.train import metrics as metrics_lib
+from ppllava_jax.train import resume
 from ppllava_jax.train import run_config as rc
 from ppllava_jax.train.dpo import DPOConstants, PreferenceObjective, check_trainable, reference_copy
 from ppllava_jax.train.global_batch import DataBlocks, agreed_next, data_blocks, to_global
@@ -69,6 +77,9 @@ from ppllava_jax.train.optimizer import make_optimizer
 from ppllava_jax.train.partition import decay_mask, partition
 from ppllava_jax.train.state import init_state, make_mesh, placed
 from ppllava_jax.train.step import Steps, stack_micro_batches
+from ppllava_jax.signals import Signals
+
+STOP_NOTICE = "{} received: saving a checkpoint at the next step, then stopping"
 
 log = logging.getLogger(__name__)
 
@@ -106,18 +117,19 @@ class Run:
 
 
 def _model(cfg: rc.RunConfig):
-  """(constructor or loaded model, tokenizer, scorer tokenizer)."""
+  """(constructor or loaded model, tokenizer, scorer tokenizer): the folder's, each checked
+  against the embedding it feeds (``data.tokenizer.model_tokenizers``)."""
   if cfg.model.checkpoint:
-    from transformers import AutoTokenizer
-
     from ppllava_jax.models.ppllava import PPLLaVA
     m = cfg.model
-    model = PPLLaVA.from_pretrained(m.checkpoint, clip=m.clip or None)
+    folders = tokenizer_folders(m.checkpoint, scorer_tokenizer=m.scorer_tokenizer or None,
+                                clip=m.clip or None)
+    model = PPLLaVA.from_pretrained(m.checkpoint, clip=m.clip or None, pooling=None,
+                                    progress=distributed.is_primary())
     if m.btadapter is not None and model.cfg.btadapter is None:
       model.add_btadapter(m.btadapter, nnx.Rngs(cfg.train.seed))
-      log.info("a fresh BT-Adapter (%s) on the vision tower of %s", m.btadapter, m.checkpoint)
-    tok = AutoTokenizer.from_pretrained(m.checkpoint)
-    scorer = AutoTokenizer.from_pretrained(m.scorer_tokenizer or m.clip or m.checkpoint)
+      _say(f"a fresh BT-Adapter ({m.btadapter}) on the vision tower of {m.checkpoint}")
+    tok, scorer = model_tokenizers(model.cfg, folders, m.checkpoint)
     return model, tok, scorer
   from ppllava_jax.data.tokenizer import char_tokenizer
   from ppllava_jax.models.tiny import build_tiny
@@ -125,14 +137,17 @@ def _model(cfg: rc.RunConfig):
   return (lambda: build_tiny(cfg.model.tiny, len(tok))), tok, tok
 
 
-def build(cfg: rc.RunConfig) -> Run:
+def build(cfg: rc.RunConfig, cast_frozen: bool = True) -> Run:
+  """The run's model side (``Run``). ``cast_frozen``: the frozen parameters in the compute
+  dtype, as the step reads them; ``export`` keeps them as loaded, so a bfloat16 run's
+  frozen vision tower is written back bit for bit."""
   model, tok, scorer = _model(cfg)
   abstract = model if isinstance(model, nnx.Module) else nnx.eval_shape(model)
   part = partition(abstract, cfg.train.trainable)
   tx = make_optimizer(cfg.train.optim, decay_mask(part.split(abstract)[1]))
   mesh = make_mesh(cfg.train.mesh)
   check_attention(cfg.train.attention, mesh.size)  # before the weights load
-  frozen_dtype = cfg.train.dtype if cfg.train.compute_dtype != "float32" else None
+  frozen_dtype = cfg.train.dtype if cfg.train.compute_dtype != "float32" and cast_frozen else None
   graphdef, state, frozen, shardings = init_state(model, part, tx, mesh, seed=cfg.train.seed,
                                                   frozen_dtype=frozen_dtype)
   if cfg.dpo is None:
@@ -172,59 +187,21 @@ def prepare_data(cfg: rc.RunConfig, workdir: Path) -> rc.RunConfig:
 
 
 def _data(cfg: rc.RunConfig, run: Run, blocks: DataBlocks, state: dict | None,
-          reference: dict | None):
+          reference: dict | None, inputs):
   """This process's block of the run's batches: SFT ``TrainBatch``es or DPO
-  ``PairBatch``es."""
+  ``PairBatch``es; ``inputs``: what ``_check_data`` read."""
   where = dict(block=blocks.block, blocks=blocks.blocks)
   if cfg.preference is not None:
     from ppllava_jax.data.pairs import make_preference_iterator
     return make_preference_iterator(cfg.preference, tokenizer=run.tokenizer, model=run.model_cfg,
                                     scorer_tokenizer=run.scorer_tokenizer, state=state,
                                     reference=reference,
-                                    pin_frames=cfg.dpo.precompute_reference, **where)
+                                    pin_frames=cfg.dpo.precompute_reference, read=inputs,
+                                    **where)
   from ppllava_jax.data.pipeline import make_train_iterator
   return make_train_iterator(cfg.data, tokenizer=run.tokenizer, model=run.model_cfg,
-                             scorer_tokenizer=run.scorer_tokenizer, state=state, **where)
-
-
-class _Signals:
-  """SIGTERM / SIGINT -> a flag (the loop saves and stops at the next batch)."""
-
-  def __init__(self):
-    self.received: str | None = None
-    self._old = {}
-
-  def agreed(self) -> str | None:
-    """The signal any process received (one all-gather on several processes), so that
-    every process saves and stops at the same batch. Only the gathered value counts: a
-    signal handled while this process waited in the gather set ``received`` after it
-    sent its own, so the others did not see it; this step goes on, and the next
-    gather carries it."""
-    if jax.process_count() == 1:
-      return self.received
-    names = (signal.SIGTERM.name, signal.SIGINT.name)
-    mine = np.int32(names.index(self.received) + 1 if self.received else 0)
-    got = int(np.max(multihost_utils.process_allgather(mine)))
-    return names[got - 1] if got else None
-
-  def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      try:
-        self._old[sig] = signal.signal(sig, self._handle)
-      except ValueError:  # not the main thread
-        pass
-    return self
-
-  def _handle(self, signum, frame):
-    if self.received is not None:  # a second one: stop now
-      raise KeyboardInterrupt
-    self.received = signal.Signals(signum).name
-    print(f"\n{self.received} received: saving a checkpoint at the next step, then stopping",
-          flush=True)
-
-  def __exit__(self, *exc):
-    for sig, old in self._old.items():
-      signal.signal(sig, old)
+                             scorer_tokenizer=run.scorer_tokenizer, state=state,
+                             annotation_set=inputs, **where)
 
 
 def _next_update(data, k: int, pad_id: int):
@@ -259,49 +236,62 @@ def train(cfg: rc.RunConfig, workdir: str | Path) -> dict:
   """Runs (or resumes) ``cfg`` in ``workdir`` (module doc). Returns a summary:
   step, updates, skipped, stopped (a signal name or None), the final loss, the last
   multiple-choice accuracy (None without one)."""
+  cfg = cfg.resolved()
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  checkpoints = ckpt_lib.Checkpoints(workdir, keep=cfg.keep)
+  try:
+    return _train(cfg, workdir, checkpoints)
+  finally:
+    checkpoints.close()
+
+
+def _train(cfg: rc.RunConfig, workdir: Path, checkpoints: ckpt_lib.Checkpoints) -> dict:
   primary = distributed.is_primary()
   config_dict = rc.to_dict(cfg)
+  latest = resume.resume_step(checkpoints, cfg)  # this workdir's run, before anything loads
   cfg = prepare_data(cfg, workdir)
+  inputs = _check_data(cfg)  # every annotation and the media roots, before the weights
   mcq_eval = evaluation.McqEval(cfg.mcq, workdir / "mcq") if cfg.mcq else None
   if primary:
     (workdir / "config.json").write_text(json.dumps(config_dict, indent=1, sort_keys=True))
   run = build(cfg)
   blocks = data_blocks(run.shardings.mesh)
-  checkpoints = ckpt_lib.Checkpoints(workdir, keep=cfg.keep)
   target = placed(run.state, run.shardings.state)
-  start, data_state, state = 0, None, run.state
   initial = functools.cache(lambda: ckpt_lib.restore_params(cfg.init_from, target).params
                             if cfg.init_from else run.state.params)  # read once
   reference = start_reference(run, cfg, workdir, initial) if cfg.dpo else None
-  latest = checkpoints.latest_step()
-  if latest is not None:
-    state, data_state, _ = checkpoints.restore(latest, target)
-    start = latest
-    _say(f"resuming from checkpoint {latest} in {checkpoints.directory}")
+  start, state, data_state = resume.restore(checkpoints, cfg, latest, target, run.state)
+  if start:
+    _say(f"resuming from checkpoint {start} in {checkpoints.directory}")
   elif cfg.init_from:
     state = state.replace(params=initial())
     _say(f"starting from the parameters of {cfg.init_from}")
-  data = _data(cfg, run, blocks, data_state, reference)
+  data = _data(cfg, run, blocks, data_state, reference, inputs)
   writer = (metrics_lib.MetricsWriter(workdir, resume_step=start) if primary
             else metrics_lib.NoMetrics())
   # on the whole mesh, like the step's metrics, so every process can read it
   replicated = run.shardings.replicated
   streak_fn = jax.jit(lambda s, k: jnp.where(k > 0, s + 1, 0), out_shardings=replicated)
   streak = jax.device_put(np.zeros((), np.int32), replicated)
-  pending, flops, samples = [], {}, 0
+  pending, flops, samples, trained = [], {}, 0, 0
   skipped_before = data.stats.skipped_total  # this block's, at the last record
   last_time, last_step, stopped, done = time.perf_counter(), start, None, start
   last = {}
   pad_id = data.builder.pad_id  # what the pipeline pads with
   micro = cfg.train.optim.grad_accum > 1
+
+  def fetch():
+    batch = _next_update(data, cfg.train.optim.grad_accum, pad_id)
+    check_batch_ids(batch, run.model_cfg)
+    return batch
+
   bar = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True, mininterval=1.0,
              disable=not primary)
   try:
-    with _Signals() as signals:
+    with Signals(STOP_NOTICE) as signals:
       for done in range(start + 1, cfg.steps + 1):
-        batch = agreed_next(lambda: _next_update(data, cfg.train.optim.grad_accum, pad_id))
+        batch = agreed_next(fetch)
         if batch is None:
           _say(f"the data ran out after {done - 1} batches")
           done -= 1
@@ -309,9 +299,15 @@ def train(cfg: rc.RunConfig, workdir: str | Path) -> dict:
         samples += int(np.sum(batch.sample_mask))  # this process's
         batch = to_global(batch, run.shardings.mesh, blocks, micro, pad_id)
         key = batch.shape_key()
-        if key not in flops:
+        compiling = key not in flops
+        if compiling:
+          _say(f"compiling the train step for {_shapes(batch)} ...")
+          compile_start = time.perf_counter()
           flops[key] = _step_flops(run.steps, state, run.constants, batch)
         state, m = run.steps.train(state, run.constants, batch)
+        if compiling:
+          jax.block_until_ready(m["loss"])
+          _say(f"train step compiled and run in {time.perf_counter() - compile_start:.1f} s")
         streak = streak_fn(streak, m["skipped"])
         pending.append((m, flops[key]))
         bar.update(1)
@@ -328,6 +324,7 @@ def train(cfg: rc.RunConfig, workdir: str | Path) -> dict:
           counts = _over_blocks((samples, skipped - skipped_before), blocks)
           last = _log(writer, run, state, pending, done, last_step, last_time, counts, cfg)
           bar.set_postfix(loss=f"{last['loss']:.4f}", refresh=False)
+          trained += counts[0]
           pending, samples, last_step, last_time = [], 0, done, time.perf_counter()
           skipped_before = skipped
         if every(done, cfg.eval_every):
@@ -340,8 +337,13 @@ def train(cfg: rc.RunConfig, workdir: str | Path) -> dict:
         if received:
           stopped = received
           break
+      trained += _over_blocks((samples,), blocks)[0]
       if done > start or checkpoints.latest_step() is None:
         checkpoints.save(done, state, data.get_state(), config_dict)
+      if done > start and not stopped and not trained:
+        raise DataError(f"no sample was trained on: every sample of the {done - start} batches "
+                        f"read was skipped ({data.stats.as_dict()}); check the annotations and "
+                        "the media roots")
       if mcq_eval and done > start and not stopped and not every(done, cfg.mcq.every):
         _evaluate_mcq(writer, mcq_eval, run, state, done)  # the run's end
       checkpoints.wait()
@@ -349,7 +351,6 @@ def train(cfg: rc.RunConfig, workdir: str | Path) -> dict:
     bar.close()
     data.close()
     writer.close()
-    checkpoints.close()
   if stopped:
     _say(f"stopped by {stopped} after step {done}: checkpoint {done} saved in "
          f"{checkpoints.directory}; run the same command again to resume")
@@ -362,6 +363,23 @@ def train(cfg: rc.RunConfig, workdir: str | Path) -> dict:
   return dict(step=done, updates=int(updates), skipped=int(skipped), stopped=stopped,
               loss=last.get("loss"), loss_curve=str(curve) if curve else None,
               mcq_accuracy=accuracies[-1] if accuracies else None)
+
+
+def _shapes(batch) -> str:
+  """The fields that set a step's size, as a compile message shows them."""
+  return ", ".join(f"{name} {shape}" for name, shape, _ in batch.shape_key()
+                   if name in ("input_ids", "videos", "images"))
+
+
+def _check_data(cfg: rc.RunConfig):
+  """The run's data validated before any weight loads (``data.preflight``): SFT's
+  annotation set, or DPO's preference rows; the held-out set's annotations too."""
+  if cfg.eval_data is not None:
+    preflight.sft_annotations(cfg.eval_data.mixture, cfg.eval_data.sample.media_store)
+  if cfg.preference is not None:
+    from ppllava_jax.data.preference import read_preference_rows
+    return read_preference_rows(cfg.preference.rows, cfg.preference.media_root)
+  return preflight.sft_annotations(cfg.data.mixture, cfg.data.sample.media_store)
 
 
 def _over_blocks(counts: tuple[int, ...], blocks: DataBlocks) -> tuple[int, ...]:
@@ -430,9 +448,8 @@ def _evaluate_mcq(writer, mcq_eval: evaluation.McqEval, run: Run, state, done: i
 
 
 def export(workdir: str | Path, out: str | Path, step: int | None = None) -> Path:
-  """Checkpoint ``step`` (default: the latest) of the run in ``workdir`` as a transformers
-  folder: ``save_pretrained`` of the model with the trained parameters, and its tokenizer
-  (the scorer's too, as ``scorer_tokenizer/`` when it differs)."""
+  """Checkpoint ``step`` (default: the latest) of the run in ``workdir`` as a complete
+  transformers folder (``write_model_folder``), with progress lines."""
   workdir = Path(workdir)
   checkpoints = ckpt_lib.Checkpoints(workdir, async_save=False)
   try:
@@ -444,15 +461,47 @@ def export(workdir: str | Path, out: str | Path, step: int | None = None) -> Pat
       raise ValueError(f"no checkpoint {step} in {checkpoints.directory}; there are {steps}")
     cfg = rc.from_dict(rc.RunConfig, rc._tuples(checkpoints.read_config(step)))  # noqa: SLF001
     cfg = rc.with_workdir(cfg, str(workdir))
-    run = build(cfg)
-    state, _, _ = checkpoints.restore(step, placed(run.state,
-                                                                    run.shardings.state))
+    started = time.perf_counter()
+    print(f"export: building the model of checkpoint {step} of {workdir} ...", flush=True)
+    run = build(cfg, cast_frozen=False)
+    print("export: reading the trained parameters ...", flush=True)
+    state, _, _ = checkpoints.restore(step, placed(run.state, run.shardings.state))
   finally:
     checkpoints.close()
   model = nnx.merge(run.graphdef, state.params, run.frozen)
-  folder = model.save_pretrained(Path(out))
-  run.tokenizer.save_pretrained(folder)
-  if run.scorer_tokenizer is not run.tokenizer:
-    run.scorer_tokenizer.save_pretrained(folder / "scorer_tokenizer")
-  print(f"exported checkpoint {step} of {workdir} to {folder}")
+  folder = write_model_folder(model, Path(out), cfg, run.tokenizer, run.scorer_tokenizer)
+  print(f"exported checkpoint {step} of {workdir} to {folder} in "
+        f"{time.perf_counter() - started:.1f} s", flush=True)
+  return folder
+
+
+def write_model_folder(model, out: Path, cfg: rc.RunConfig, tokenizer, scorer_tokenizer
+                       ) -> Path:
+  """``model`` as a folder the next stage reads with no extra flag: ``save_pretrained``'s
+  weights and config.json (pooling mode and windows, scorer, BT-Adapter included), the
+  LLM's tokenizer files as its source folder had them (``tokenizer.model`` included) with
+  its processor, chat template and generation config, the scorer's tokenizer in
+  ``scorer_tokenizer/``, and a ``generation_config.json`` made from the model's ids when
+  the source had none. The tiny model's char tokenizer is saved as transformers writes it."""
+  folder = model.save_pretrained(out, progress=True)
+  folders = (tokenizer_folders(cfg.model.checkpoint, scorer_tokenizer=cfg.model.scorer_tokenizer
+                               or None, clip=cfg.model.clip or None)
+             if cfg.model.checkpoint else None)
+  if folders is not None:
+    pretrained.copy_side_files(folders.llm, folder)
+  if not pretrained.has_tokenizer(folder):
+    tokenizer.save_pretrained(folder)
+  if scorer_tokenizer is not None:
+    scorer_dir = folder / pretrained.SCORER_TOKENIZER
+    scorer_dir.mkdir(exist_ok=True)
+    if folders is not None and folders.scorer is not None and folders.scorer != scorer_dir:
+      pretrained.copy_side_files(folders.scorer, scorer_dir)
+    if not pretrained.has_tokenizer(scorer_dir):
+      scorer_tokenizer.save_pretrained(scorer_dir)
+  if not (folder / "generation_config.json").is_file():
+    text = model.cfg.text
+    eos = list(text.eos_token_id)
+    (folder / "generation_config.json").write_text(json.dumps(
+        dict(bos_token_id=text.bos_token_id, eos_token_id=eos[0] if len(eos) == 1 else eos,
+             pad_token_id=text.pad_token_id), indent=2) + "\n")
   return folder

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from ppllava_jax import distributed
 from ppllava_jax.data import pairs, pipeline
 from ppllava_jax.data.preference import read_preference_rows
+from ppllava_jax.data.tokenizer import check_batch_ids
 from ppllava_jax.train import run_config as rc
 from ppllava_jax.train.dpo import reference_logps
 from ppllava_jax.train.state import batch_shardings
@@ -97,6 +98,7 @@ def compute(run, cfg: rc.RunConfig, params) -> dict:
   try:
     for batch in tqdm(data, total=builder.plan.total(), desc="reference log-probs",
                       dynamic_ncols=True, mininterval=1.0, disable=not distributed.is_primary()):
+      check_batch_ids(batch, run.model_cfg)
       with jax.set_mesh(mesh):
         logp = np.asarray(jax.device_get(fn(params, run.frozen, jax.device_put(
             batch, batch_shardings(batch, mesh)))))
@@ -105,7 +107,19 @@ def compute(run, cfg: rc.RunConfig, params) -> dict:
           table[read.rows[r].id] = (logp[2 * i], logp[2 * i + 1])
   finally:
     data.close()
+  check_finite(table, read.file)
   return table
+
+
+def check_finite(table: dict, rows_file: str) -> None:
+  """Every cached log-prob is finite: a NaN or inf would poison every DPO step of its
+  row (and be kept on disk), so the table is refused whole, naming the rows."""
+  bad = [row_id for row_id, pair in table.items() if not np.all(np.isfinite(pair))]
+  if bad:
+    raise ValueError(f"the reference log-probs of {len(bad)} of {len(table)} rows of "
+                     f"{rows_file} are not finite (e.g. row {bad[0]!r}: {table[bad[0]]}); "
+                     "nothing was cached. A NaN here usually means the starting model "
+                     "does not fit its tokenizers or its weights are broken")
 
 
 def reference_table(run, cfg: rc.RunConfig, workdir: Path, initial_params) -> dict:
@@ -114,6 +128,7 @@ def reference_table(run, cfg: rc.RunConfig, workdir: Path, initial_params) -> di
   path, want = Path(workdir) / CACHE, fingerprint(cfg)
   if path.is_file():
     table = load(path, want)
+    check_finite(table, str(path))
     if distributed.is_primary():  # every process reads it; one says so
       print(f"reference log-probs of {len(table)} rows read from {path}", flush=True)
     return table

@@ -9,8 +9,17 @@ loop replaces it with the run's folder (a config that generates its data there).
 
 ``apply_overrides(cfg, ["train.optim.lr=1e-3", "steps=20"])`` parses each value with the
 type of the field it sets (int, float, bool, str, None for optional fields, tuples and
-anything else as a Python literal); an unknown key is an error naming the valid ones.
-``to_json`` / ``from_json`` round-trip the whole tree (what a checkpoint stores).
+anything else as a Python literal; a tuple of strings also as ``a,b``); an unknown key is
+an error naming the valid ones. An item of a tuple of sections is named by its index or,
+for corpora, its name: ``data.mixture.corpora.videos.annotation=/data/v.json`` (or
+``corpora.1.annotation=...``). ``to_json`` / ``from_json`` round-trip the whole tree (what
+a checkpoint stores).
+
+A workdir belongs to one run: ``resume_changes(stored, cfg)`` lists what a resumed run
+would change in the checkpoint's config. ``SAFE_ON_RESUME`` may always change (when to
+log, evaluate and checkpoint, where to stop, the data workers, the mesh, remat and the
+attention kernel: how the same updates are computed or reported, not which); anything
+else that differs stops the run unless ``RunConfig.resume`` names it.
 """
 
 from __future__ import annotations
@@ -108,7 +117,9 @@ class RunConfig:
   that stop the run; peak_flops: the FLOP/s the MFU estimate divides by (default: about
   what this class of CPU does); eval_every: steps between evaluations (0: none) of
   the token-mean loss over the first ``eval_batches`` batches of ``eval_data``; mcq:
-  multiple-choice accuracy, at its own interval (``McqEvalConfig``).
+  multiple-choice accuracy, at its own interval (``McqEvalConfig``); resume: config keys
+  (or whole sections) that may differ from the checkpoint's when the run resumes, beyond
+  ``SAFE_ON_RESUME`` (``--set resume=train.optim.lr,data.mixture``).
 
   The run's kind: SFT with ``data``; DPO with ``preference`` (pairs, ``data.pairs``) and
   ``dpo`` (the loss and the reference, ``train.preference.DPOConfig``) instead. The held-out
@@ -130,11 +141,18 @@ class RunConfig:
   init_from: str = ""
   max_nan_in_a_row: int = 10
   peak_flops: float = 100e9
+  resume: tuple[str, ...] = ()
 
   def __post_init__(self):
     for name in ("steps", "log_every", "checkpoint_every", "keep", "max_nan_in_a_row"):
       if getattr(self, name) < 1:
         raise ValueError(f"RunConfig.{name} must be >= 1, got {getattr(self, name)}")
+    total = self.train.optim.total_steps
+    if total is not None and self.steps > total:
+      raise ValueError(f"RunConfig.steps={self.steps} is past train.optim.total_steps={total}, "
+                       f"where the {self.train.optim.schedule} schedule ends (a cosine would "
+                       "climb back to its peak): raise train.optim.total_steps too, or set it "
+                       "to None to follow steps")
     if self.eval_every < 0 or self.eval_batches < 1:
       raise ValueError(f"RunConfig: need eval_every >= 0 and eval_batches >= 1, got "
                        f"{self.eval_every}, {self.eval_batches}")
@@ -151,6 +169,51 @@ class RunConfig:
       raise ValueError("RunConfig.eval_every is set but there is no eval_data")
     if self.peak_flops <= 0:
       raise ValueError(f"RunConfig.peak_flops must be positive, got {self.peak_flops}")
+
+
+  def resolved(self) -> "RunConfig":
+    """This config with ``train.optim.total_steps`` set (None follows ``steps``): what a
+    run computes with, stores and compares at resume."""
+    if self.train.optim.total_steps is not None:
+      return self
+    optim = dataclasses.replace(self.train.optim, total_steps=self.steps)
+    return dataclasses.replace(self, train=dataclasses.replace(self.train, optim=optim))
+
+
+# Keys that change how a run is reported, when it stops, or how the same updates are laid
+# out on the machine, never which updates it makes (module doc).
+SAFE_ON_RESUME = ("steps", "log_every", "checkpoint_every", "keep", "eval_every",
+                  "eval_batches", "eval_data", "mcq", "max_nan_in_a_row", "peak_flops",
+                  "resume", "data.num_workers", "data.worker_buffer_size", "data.threads",
+                  "preference.num_workers", "preference.worker_buffer_size",
+                  "preference.threads", "train.mesh", "train.remat", "train.attention")
+
+
+def _flat(tree, prefix: str = "") -> dict[str, Any]:
+  if isinstance(tree, dict):
+    out = {}
+    for key, value in tree.items():
+      out.update(_flat(value, f"{prefix}.{key}" if prefix else key))
+    return out if out or not prefix else {prefix: {}}
+  return {prefix: tree}
+
+
+def _under(key: str, prefixes) -> bool:
+  return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def resume_changes(stored: dict, cfg: RunConfig) -> tuple[list[str], list[str]]:
+  """(refused, allowed): ``key: stored -> new`` for each config key that ``cfg`` (resolved)
+  changes in ``stored`` (a checkpoint's ``to_dict``); refused unless ``SAFE_ON_RESUME`` or
+  ``cfg.resume`` covers it."""
+  old = _flat(to_dict(from_dict(RunConfig, _tuples(stored))))  # defaults of newer fields
+  new = _flat(to_dict(cfg.resolved()))
+  refused, allowed = [], []
+  for key in sorted(set(old) | set(new)):
+    if old.get(key, "(absent)") != new.get(key, "(absent)"):
+      line = f"{key}: {old.get(key, '(absent)')!r} -> {new.get(key, '(absent)')!r}"
+      (allowed if _under(key, SAFE_ON_RESUME + cfg.resume) else refused).append(line)
+  return refused, allowed
 
 
 @functools.cache
@@ -185,10 +248,16 @@ def parse_value(text: str, tp, key: str = "value"):
       return float(text)
     if base is str:
       return text
+    if _str_tuple(base) and not text.strip().startswith(("(", "[")):
+      return tuple(part.strip() for part in text.split(",") if part.strip())
     value = ast.literal_eval(text)
   except (ValueError, SyntaxError) as err:
     raise ValueError(f"--set {key}={text}: not a {getattr(base, '__name__', base)} ({err})") from None
   return _coerce(value, base, key)
+
+
+def _str_tuple(tp) -> bool:
+  return typing.get_origin(tp) is tuple and typing.get_args(tp) == (str, Ellipsis)
 
 
 def _coerce(value, tp, key):
@@ -239,6 +308,8 @@ def apply_overrides(cfg, overrides) -> Any:
 
 
 def _apply(node, tree: dict, prefix: str):
+  if isinstance(node, tuple) and node and all(dataclasses.is_dataclass(v) for v in node):
+    return _apply_items(node, tree, prefix)
   if not dataclasses.is_dataclass(node):
     raise ValueError(f"--set {prefix}.{next(iter(tree))}: {prefix} is not a config section "
                      f"({type(node).__name__})")
@@ -254,6 +325,24 @@ def _apply(node, tree: dict, prefix: str):
     else:
       changes[name] = parse_value(sub[0], _hints(type(node))[name], sub[1])
   return dataclasses.replace(node, **changes)
+
+
+def _apply_items(items: tuple, tree: dict, prefix: str) -> tuple:
+  """Overrides of the items of a tuple of sections, each named by its index or its
+  ``name`` field."""
+  names = [getattr(item, "name", None) for item in items]
+  out = list(items)
+  for part, sub in tree.items():
+    index = (int(part) if part.isdigit() and int(part) < len(items)
+             else names.index(part) if part in names else None)
+    if index is None:
+      valid = ", ".join([str(i) for i in range(len(items))] + [n for n in names if n])
+      raise ValueError(f"--set {prefix}.{part}: {prefix} has no item {part!r}; valid: {valid}")
+    if not isinstance(sub, dict):
+      raise ValueError(f"--set {prefix}.{part}: set a field of the item ({prefix}.{part}.FIELD="
+                       f"...), or the whole tuple ({prefix}=...)")
+    out[index] = _apply(out[index], sub, f"{prefix}.{part}")
+  return tuple(out)
 
 
 def to_dict(cfg) -> dict:

@@ -236,8 +236,10 @@ class Steps:
     key = (kind, batch.shape_key())
     if key not in self._seen:
       self._seen.add(key)
-      log.info("%s step: compiling for batch shape %s",
-               kind, {n: s for n, s, _ in batch.shape_key() if n in ("input_ids", "videos")})
+      # the loop says when the train step compiles, and how long it took
+      say = log.debug if kind == "train" else log.info
+      say("%s step: compiling for batch shape %s", kind,
+          {n: s for n, s, _ in batch.shape_key() if n in ("input_ids", "videos")})
     batch_sh = batch_shardings(batch, self.shardings.mesh, micro)
     spec = (kind, tuple(s.spec for s in jax.tree.leaves(batch_sh)))
     if spec not in self._jitted:

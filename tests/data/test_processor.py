@@ -39,7 +39,9 @@ def test_image_prompt_matches_llava_next_processor(llava, size):
       LlavaNextImageProcessorPil)
   tok = char_tokenizer()
   model_cfg = PPLLaVA.from_pretrained(llava, pooling=PoolingConfig("llava_next_video")).cfg
-  cfg = dataclasses.replace(model_cfg, image_token_index=tok.convert_tokens_to_ids("<image>"))
+  # the char tokenizer's text ids, not the tiny LLM's 64: what is compared is the processor
+  cfg = dataclasses.replace(model_cfg, image_token_index=tok.convert_tokens_to_ids("<image>"),
+                            text=dataclasses.replace(model_cfg.text, vocab_size=len(tok)))
   theirs = LlavaNextProcessor(
       image_processor=LlavaNextImageProcessorPil(image_grid_pinpoints=LLAVA_PINPOINTS,
                                                  size={"shortest_edge": 24},

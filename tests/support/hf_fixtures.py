@@ -209,27 +209,35 @@ def make_scorer_clip(path: Path, seed: int = 1, openai_like: bool = False, **tex
 OV_PINPOINTS = [[28, 56], [56, 28], [56, 56]]
 
 
-def make_llava_onevision(path: Path, seed: int = 0, max_patches: int = 2):
+def make_llava_onevision(path: Path, seed: int = 0, max_patches: int = 2,
+                         vocab_size: int | None = None, image_token: int = LLAVA_IMAGE_TOKEN,
+                         video_token: int = LLAVA_VIDEO_TOKEN):
   """Tiny LLaVA-OneVision: SigLIP tower on 28 px tiles of 7x7 patches (an odd grid, so the
   video's 2x downscale is a real bilinear resize), a Qwen2 LLM with GQA and biases, and
-  ``anyres_max_{max_patches}`` small enough that 2x2-tile images are downscaled."""
+  ``anyres_max_{max_patches}`` small enough that 2x2-tile images are downscaled;
+  ``vocab_size`` and the placeholder ids can be a real tokenizer's."""
   from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
-  config = LlavaOnevisionConfig(**_tiny_llava("siglip_vision_model", "qwen2", 28, OV_PINPOINTS),
-                                vision_aspect_ratio=f"anyres_max_{max_patches}")
+  fields = _tiny_llava("siglip_vision_model", "qwen2", 28, OV_PINPOINTS)
+  fields.update(image_token_index=image_token, video_token_index=video_token)
+  if vocab_size:
+    fields["text_config"]["vocab_size"] = vocab_size
+  config = LlavaOnevisionConfig(**fields, vision_aspect_ratio=f"anyres_max_{max_patches}")
   return _randomised(LlavaOnevisionForConditionalGeneration, config, path, seed)
 
 
-def make_scorer_siglip(path: Path, seed: int = 1, google_like: bool = False):
+def make_scorer_siglip(path: Path, seed: int = 1, google_like: bool = False, **text_fields):
   """A SigLIP whose vision tower matches the tiny OneVision's (width 24, 28 px, head on; the
   text head projects to that width too, as so400m's 1152 -> 1152),
   as the Qwen model's scorer. ``google_like``: siglip-so400m's 72-wide text heads and room
-  for keep=20, so a scorer config can be inferred from its tensors."""
+  for keep=20, so a scorer config can be inferred from its tensors. ``text_fields``
+  override the text config's (a real tokenizer's ids)."""
   from transformers import SiglipConfig, SiglipModel
   text = dict(vocab_size=99, hidden_size=72 if google_like else 20, intermediate_size=40,
               num_hidden_layers=2 if google_like else 1,
               num_attention_heads=1 if google_like else 2,
               max_position_embeddings=24 if google_like else 16, projection_size=24,
               bos_token_id=97, eos_token_id=98, pad_token_id=1)
+  text.update(text_fields)
   config = SiglipConfig(
       vision_config=dict(hidden_size=24, intermediate_size=40, num_hidden_layers=1,
                          num_attention_heads=3, image_size=28, patch_size=4),

@@ -10,6 +10,7 @@ failed one kills the rest, so a test never hangs on a peer waiting in a collecti
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import tempfile
@@ -86,3 +87,13 @@ def report(results) -> str:
     return err[start:start + 8000] if start >= 0 else err[-6000:]
   return "\n".join(f"--- process {i}: rc {r.returncode}\n{r.stdout[-3000:]}\n{tail(r.stderr)}"
                    for i, r in enumerate(results))
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+  """SIGKILL to the process group ``proc`` leads (``start_new_session=True``): a launcher
+  script and everything it started."""
+  try:
+    os.killpg(proc.pid, signal.SIGKILL)
+  except ProcessLookupError:
+    pass
+  proc.wait()

@@ -72,11 +72,40 @@ def test_export_loads_with_from_pretrained_and_eval_runs_on_it(reference_run, tm
   export = ["export", "--workdir", str(workdir), "--out", str(out), "--step", "5"]
   assert cli.run(train_runs.train_main(), export) == 2
   assert "no checkpoint 5" in capsys.readouterr().err
+  # the folder is complete: eval.py finds the scorer's tokenizer in it with no flag
+  assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors",
+                                             "tokenizer.json", "generation_config.json",
+                                             "scorer_tokenizer"}
   qa = tmp_path / "qa.jsonl"
   qa.write_text(json.dumps(dict(id="q1", video="0000.mp4", question="Which way?")) + "\n")
-  argv = ["--checkpoint", str(out), "--scorer-tokenizer", str(out), "--video-root",
-          str(workdir / "data" / "videos"), "--out", str(tmp_path / "eval"), "--frames", "4",
-          "--max-new-tokens", "1", "--batch-size", "1", "--qa", str(qa)]
+  argv = ["--checkpoint", str(out), "--video-root", str(workdir / "data" / "videos"), "--out",
+          str(tmp_path / "eval"), "--frames", "4", "--max-new-tokens", "1", "--batch-size", "1",
+          "--qa", str(qa)]
   assert app.main(argv) == 0
   (line,) = (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()
   assert json.loads(line)["status"] == "ok"
+
+
+def test_answers_that_are_all_empty_fail_the_run(reference_run, tmp_path, capsys):
+  """A model that only ever generates a special token answers "" to everything, which the
+  original MVBench protocol counts as right: eval.py says so and exits 1, scoring nothing."""
+  from safetensors.numpy import load_file, save_file
+
+  from ppllava_jax.eval import app
+  workdir, _ = reference_run
+  out = tmp_path / "hf"
+  assert cli.run(train_runs.train_main(), ["export", "--workdir", str(workdir), "--out",
+                                            str(out)]) == 0
+  tensors = load_file(out / "model.safetensors")
+  # every logit 0: the greedy token is id 0, <pad>, which decoding skips
+  tensors["language_model.model.norm.weight"][:] = 0
+  save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+  data = workdir / "data"
+  argv = ["--checkpoint", str(out), "--mvbench", str(data / "mcq"), "--video-root",
+          str(data / "videos"), "--out", str(tmp_path / "eval"), "--frames", "4",
+          "--max-new-tokens", "2", "--limit", "4"]
+  capsys.readouterr()
+  assert app.main(argv) == 1
+  captured = capsys.readouterr()
+  assert "error: all 4 answers are empty" in captured.err
+  assert not (tmp_path / "eval" / "results.json").exists()

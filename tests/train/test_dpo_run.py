@@ -86,7 +86,8 @@ def test_dpo_from_an_sft_export_resumes_after_sigkill_exports_and_evaluates(
   events = b"".join(b for f in (workdir / "tensorboard").iterdir() for b in read_frames(f))
   assert b"rewards/margins" in events and b"logps/rejected" in events
   from PIL import Image
-  assert Image.open(workdir / "loss.png").size == (640, 900)  # loss, margins, accuracies
+  # loss, multiple-choice accuracy, reward margins and accuracies
+  assert Image.open(workdir / "loss.png").size == (640, 1200)
 
   out = export(workdir, tmp_path / "exported")
   before, after = tensors(sft_export), tensors(out)
@@ -145,7 +146,8 @@ def test_margins_rise_the_cache_equals_recomputed_log_probs_and_is_refused_for_o
   rows_file.write_text("\n".join(lines[:-1]) + "\n")
   with pytest.raises(ValueError, match=r"logps\.npz holds reference log-probs for another setup "
                                        r"\(rows_sha256 changed\); delete it"):
-    train(dataclasses.replace(cfg, steps=13), tmp_path)
+    train(rc.apply_overrides(cfg, ["steps=13", "train.optim.total_steps=13",
+                                   "resume=train.optim.total_steps"]), tmp_path)
 
 
 def test_accumulated_micro_batches_train_as_one_batch(tmp_path):

@@ -83,11 +83,13 @@ def test_recipe_configs_load(name, lr):
   from pathlib import Path
 
   from ppllava_jax.config import load_config
-  from ppllava_jax.train.config import TrainConfig
-  cfg = load_config(Path(__file__).parents[2] / "configs" / f"{name}.py", TrainConfig)
+  from ppllava_jax.train.run_config import RunConfig
+  run = load_config(Path(__file__).parents[2] / "configs" / f"{name}.py", RunConfig)
+  cfg = run.train
   assert (cfg.optim.lr, cfg.optim.schedule, cfg.optim.grad_accum, cfg.compute_dtype) == (
       lr, "cosine", 2, "bfloat16")
   assert cfg.mesh.shape(8) == (1, 8, 1)
+  assert run.steps == cfg.optim.total_steps  # one epoch of the recipe's data
 
 
 def test_config_checks():
