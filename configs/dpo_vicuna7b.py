@@ -10,7 +10,8 @@ sharded over every device (the original: ZeRO-2). The reference runs live in bfl
 original's frozen copy, in its compute dtype); ``--set dpo.precompute_reference=true``
 caches its log-probs once instead (``train.reference``) and keeps no copy in memory.
 
-Paths are placeholders: point them at the SFT export (``train.py export``) and the data.
+Paths are placeholders: point them at the SFT export (``train.py export``) and the data;
+``steps`` (two epochs of 17k rows; the schedule decays over them) from the rows you keep.
 On H hosts keep 64 pairs an update with ``--set preference.shards=H --set
 preference.batch_size=16/H`` (``data.pipeline``: a step is ``shards`` planned batches).
 
@@ -44,7 +45,7 @@ def get_config() -> RunConfig:
                     reference_dtype="bfloat16"),
       model=ModelConfig(checkpoint="out/sft_vicuna7b/hf"),
       train=TrainConfig(
-          optim=OptimConfig(lr=5e-6, schedule="linear", warmup_ratio=0.1, total_steps=steps,
+          optim=OptimConfig(lr=5e-6, schedule="linear", warmup_ratio=0.1, total_steps=None,
                             weight_decay=0.0, clip_norm=1.0, grad_accum=ACCUM),
           mesh=MeshConfig(data=1, fsdp=-1, tensor=1), trainable=DPO,
           compute_dtype="bfloat16", remat="nothing_saveable", seed=42),

@@ -7,7 +7,8 @@ scorer (extended 64 -> 196 positions; its tokenizer is the scorer's). The data: 
 weight decay, AdamW (0.9, 0.999, 1e-8), max grad norm 1.0, 8 rows per device x 8 GPUs x 2
 micro-batches = 128 a step, bf16 compute, gradient checkpointing, ZeRO-3 (fsdp over every
 device); what trains: ``train.partition.QWEN_SFT`` (the LLM, the projector and the SigLIP
-text tower). ``total_steps``: one epoch of the 300k videos at 128 a step.
+text tower). ``steps``: one epoch of the 300k videos at 128 a step, over which the
+schedule decays (``train.optim.total_steps=None``): ``--set steps=N`` for your data.
 
 Point the corpus at your files from the command line, e.g.::
 
@@ -41,13 +42,12 @@ def get_config() -> RunConfig:
                   num_frames=32, pixel_dtype="bfloat16"),
       seed=42, num_epochs=1, num_workers=8)
   train = TrainConfig(
-      optim=OptimConfig(lr=1e-5, schedule="cosine", warmup_ratio=0.03,
-                        total_steps=-(-SAMPLES // GLOBAL_BATCH), weight_decay=0.0,
-                        clip_norm=1.0, grad_accum=2),
+      optim=OptimConfig(lr=1e-5, schedule="cosine", warmup_ratio=0.03, total_steps=None,
+                        weight_decay=0.0, clip_norm=1.0, grad_accum=2),
       mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
       trainable=QWEN_SFT, compute_dtype="bfloat16", remat="nothing_saveable", seed=42)
   return RunConfig(
       data=data,
       model=ModelConfig(checkpoint="llava-hf/llava-onevision-qwen2-7b-si-hf",
                         clip="google/siglip-so400m-patch14-384"),
-      train=train, steps=train.optim.total_steps, log_every=10, checkpoint_every=500, keep=3)
+      train=train, steps=-(-SAMPLES // GLOBAL_BATCH), log_every=10, checkpoint_every=500, keep=3)

@@ -6,7 +6,9 @@ tokenizer is the scorer's), a fresh BT-Adapter on the CLIP tower. The step: 2e-5
 warmup 0.03, no weight decay, AdamW (0.9, 0.999, 1e-8), max grad norm 1.0, 2 micro-batches
 per update (8 rows per device x 8 GPUs x 2 = 128 a step), bf16 compute with float32
 masters, gradient checkpointing, ZeRO-3 (here: fsdp over every device), seed 42.
-``total_steps`` is one epoch of the paper's 1.36M samples at 128 a step.
+``steps`` is one epoch of the paper's 1.36M samples at 128 a step, and the schedule
+decays over the run's steps (``train.optim.total_steps=None``): ``--set steps=N`` for
+one epoch of your data.
 
 The data, as one 8-device process loads it: 64 rows a batch (8 per device), every row may
 hold a 32-frame video, half of them an anyres image, sequences bucketed up to 4096 tokens.
@@ -19,7 +21,7 @@ from the command line, e.g.::
     --set data.mixture.corpora.images.media_root=/data/llava_v1_5 \\
     --set data.mixture.corpora.videos.annotation=/data/videos/annotations.json \\
     --set data.mixture.corpora.videos.media_root=/data/videos \\
-    --set train.optim.total_steps=<one epoch of your data at 128 a step>
+    --set steps=<one epoch of your data at 128 a step>
 
 On several hosts see scripts/ (``python -m ppllava_jax.plan`` sizes the memory first).
 """
@@ -49,13 +51,12 @@ def get_config() -> RunConfig:
                   multi_image_slots=0, num_frames=32, pixel_dtype="bfloat16"),
       seed=42, num_epochs=1, num_workers=8)
   train = TrainConfig(
-      optim=OptimConfig(lr=2e-5, schedule="cosine", warmup_ratio=0.03,
-                        total_steps=SAMPLES // GLOBAL_BATCH, weight_decay=0.0, clip_norm=1.0,
-                        grad_accum=2),
+      optim=OptimConfig(lr=2e-5, schedule="cosine", warmup_ratio=0.03, total_steps=None,
+                        weight_decay=0.0, clip_norm=1.0, grad_accum=2),
       mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
       trainable=VICUNA_SFT, compute_dtype="bfloat16", remat="nothing_saveable", seed=42)
   return RunConfig(
       data=data,
       model=ModelConfig(checkpoint="llava-hf/llava-v1.6-vicuna-7b-hf",
                         clip="openai/clip-vit-large-patch14-336", btadapter=BTAdapterConfig()),
-      train=train, steps=train.optim.total_steps, log_every=10, checkpoint_every=500, keep=3)
+      train=train, steps=SAMPLES // GLOBAL_BATCH, log_every=10, checkpoint_every=500, keep=3)

@@ -25,9 +25,16 @@ def add_debug_flag(parser: argparse.ArgumentParser) -> None:
 def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
   """Runs ``main(argv)`` and returns its exit status (None counts as 0). A user error
   prints as ``error: <message>`` on stderr and returns 2; with ``--debug`` in the
-  arguments (``sys.argv[1:]`` when ``argv`` is None) it propagates, traceback and all."""
+  arguments (``sys.argv[1:]`` when ``argv`` is None) it propagates, traceback and all.
+  A Ctrl-C that the program does not handle itself (while weights load, say) prints one
+  line and returns 130, as a shell reports it."""
   try:
     return main(argv) or 0
+  except KeyboardInterrupt:
+    if DEBUG_FLAG in (sys.argv[1:] if argv is None else argv):
+      raise
+    print("\ninterrupted", file=sys.stderr)
+    return 130
   except USER_ERRORS as err:
     if DEBUG_FLAG in (sys.argv[1:] if argv is None else argv):
       raise

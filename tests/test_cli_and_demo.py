@@ -2,6 +2,7 @@ import argparse
 import collections
 import dataclasses
 import json
+import re
 import runpy
 import subprocess
 import sys
@@ -35,6 +36,18 @@ def test_train_cli_without_arguments_prints_usage_and_exits_2():
                         cwd=ROOT, check=False)
   assert done.returncode == 2
   assert done.stderr.startswith("usage:") and "--config" in done.stderr
+
+
+def test_train_help_shows_export_and_only_keys_that_exist():
+  done = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True,
+                        text=True, cwd=ROOT, check=True)
+  assert "train.py export --workdir DIR --out DIR [--step N]" in done.stdout
+  from ppllava_jax.config import load_config
+  from ppllava_jax.train import run_config as rc
+  cfg = load_config(ROOT / "configs" / "sft_vicuna7b.py", rc.RunConfig)
+  keys = re.findall(r"\b((?:steps|train|data|model)[\w.]*)=", done.stdout)
+  assert keys and all(rc.apply_overrides(cfg, [f"{k}=1e-4" if "lr" in k else f"{k}=7"])
+                      for k in keys if "corpora" not in k), keys
 
 
 def _is_sentence(text: str) -> bool:

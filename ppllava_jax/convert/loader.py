@@ -246,7 +246,7 @@ def hf_tensors(model: nnx.Module, rules: Sequence[Rule]) -> Iterator[tuple[str, 
     yield key, rule.transform.to_hf(jnp.asarray(variable[...]))
 
 
-def _segment(entry) -> str:
+def path_segment(entry) -> str:
   """One step of a jax key path as a state path segment: a dict key, an index, an attribute."""
   for field in ("key", "idx", "name"):
     if hasattr(entry, field):
@@ -260,7 +260,7 @@ def tree_leaves_by_name(tree) -> list[tuple[str, Any]]:
   (``nnx.to_pure_dict``); None leaves (masked-out parts) are no leaves."""
   flat, _ = jax.tree_util.tree_flatten_with_path(
       tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
-  return [(".".join(_segment(k) for k in path),
+  return [(".".join(path_segment(k) for k in path),
            leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf) for path, leaf in flat]
 
 

@@ -18,6 +18,7 @@ import dataclasses
 from pathlib import Path
 
 from ppllava_jax.models import pretrained
+from ppllava_jax.models.clip import CLIPTextConfig
 from ppllava_jax.models.pretrained import SCORER_TOKENIZER
 
 SPECIAL = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
@@ -61,6 +62,8 @@ def tokenizer_folders(checkpoint: str | Path, *, tokenizer: str | Path | None = 
   checkpoint = pretrained.resolve_checkpoint(checkpoint)
   llm = Path(tokenizer) if tokenizer else checkpoint
   scorer = scorer_tokenizer or clip
+  if scorer_tokenizer and (Path(scorer_tokenizer) / SCORER_TOKENIZER).is_dir():
+    scorer = Path(scorer_tokenizer) / SCORER_TOKENIZER  # an exported folder, named whole
   if not scorer and (checkpoint / SCORER_TOKENIZER).is_dir():
     scorer = checkpoint / SCORER_TOKENIZER
   if not scorer:
@@ -127,7 +130,49 @@ def model_tokenizers(cfg, folders: TokenizerFolders, model: str):
     return tokenizer, None
   scorer = load_tokenizer(folders.scorer, "scorer")
   check_vocab(scorer, cfg.scorer.text.vocab_size, folders.scorer, model, "scorer")
+  check_clip_eos(scorer, cfg.scorer.text, folders.scorer, model)
   return tokenizer, scorer
+
+
+def check_clip_eos(tokenizer, text_cfg, folder, model: str) -> None:
+  """A CLIP text tower pools the features at its end token, found by id (legacy configs,
+  ``eos_token_id == 2``: at the highest id of the row, CLIP's end token): a tokenizer
+  smaller than the table (a Vicuna tokenizer's 32k ids fit CLIP's 49k rows) must end its
+  texts at that id, or the tower pools the wrong position with every id in range. A
+  tokenizer of exactly the table's size is the tower's own (the tiny model's char
+  tokenizer pools at its highest id by design); SigLIP pools the last position whatever
+  its id, so it is not checked."""
+  if not isinstance(text_cfg, CLIPTextConfig) or len(tokenizer) == text_cfg.vocab_size:
+    return
+  eos = text_cfg.eos_token_id
+  want = text_cfg.vocab_size - 1 if eos == 2 else eos
+  if tokenizer.eos_token_id != want:
+    raise ValueError(
+        f"the scorer tokenizer of {folder} ends a text with id {tokenizer.eos_token_id}, but "
+        f"{model}'s CLIP text tower pools at id {want}: it is another model's tokenizer; give "
+        "the scorer's own (eval.py --scorer-tokenizer / --clip, or a run's "
+        "model.scorer_tokenizer / model.clip)")
+
+
+def write_tokenizers(folder: Path, sources: TokenizerFolders | None, tokenizer,
+                     scorer_tokenizer) -> None:
+  """A model folder's tokenizers, for the next stage to find with no flag: the LLM's files
+  as ``sources.llm`` had them (``tokenizer.model`` included) with its processor, chat
+  template and generation config; the scorer's, from ``sources.scorer`` alone, in
+  ``scorer_tokenizer/``. Without a source folder (the tiny model's char tokenizer) each is
+  saved as transformers writes it."""
+  if sources is not None:
+    pretrained.copy_side_files(sources.llm, folder, scorer=False)
+  if not pretrained.has_tokenizer(folder):
+    tokenizer.save_pretrained(folder)
+  if scorer_tokenizer is None:
+    return
+  scorer_dir = folder / SCORER_TOKENIZER
+  scorer_dir.mkdir(exist_ok=True)
+  if sources is not None and sources.scorer is not None:
+    pretrained.copy_side_files(sources.scorer, scorer_dir, scorer=False)
+  if not pretrained.has_tokenizer(scorer_dir):
+    scorer_tokenizer.save_pretrained(scorer_dir)
 
 
 def check_batch_ids(batch, cfg) -> None:

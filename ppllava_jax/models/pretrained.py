@@ -71,14 +71,15 @@ def save_pretrained(model: nnx.Module, path: str | Path, rules: Sequence[Rule],
   return path
 
 
-def copy_side_files(src: Path, dst: Path) -> tuple[str, ...]:
-  """Copies the ``SIDE_FILES`` that ``src`` has into ``dst``, and those of its
-  ``scorer_tokenizer/`` into ``dst``'s; returns the names copied (the scorer's with their
-  folder). New files get the mode a plain ``open()`` gives (the source's is not copied)."""
+def copy_side_files(src: Path, dst: Path, scorer: bool = True) -> tuple[str, ...]:
+  """Copies the ``SIDE_FILES`` that ``src`` has into ``dst``, and (``scorer``) those of
+  its ``scorer_tokenizer/`` into ``dst``'s; returns the names copied (the scorer's with
+  their folder). New files get the mode a plain ``open()`` gives (the source's is not
+  copied)."""
   names = tuple(name for name in SIDE_FILES if (src / name).is_file())
   for name in names:
     shutil.copyfile(src / name, dst / name)
-  if (src / SCORER_TOKENIZER).is_dir() and src / SCORER_TOKENIZER != dst / SCORER_TOKENIZER:
+  if scorer and (src / SCORER_TOKENIZER).is_dir():
     (dst / SCORER_TOKENIZER).mkdir(parents=True, exist_ok=True)
     names += tuple(f"{SCORER_TOKENIZER}/{n}"
                    for n in copy_side_files(src / SCORER_TOKENIZER, dst / SCORER_TOKENIZER))
@@ -87,3 +88,14 @@ def copy_side_files(src: Path, dst: Path) -> tuple[str, ...]:
 
 def has_tokenizer(folder: Path) -> bool:
   return any((folder / name).is_file() for name in TOKENIZER_FILES)
+
+
+def write_generation_config(folder: Path, text) -> None:
+  """``generation_config.json`` from the LLM's ids (``text``: a ``DecoderConfig``), when
+  the folder has none (a source folder's is copied with its side files)."""
+  if (folder / "generation_config.json").is_file():
+    return
+  eos = list(text.eos_token_id)
+  (folder / "generation_config.json").write_text(json.dumps(
+      dict(bos_token_id=text.bos_token_id, eos_token_id=eos[0] if len(eos) == 1 else eos,
+           pad_token_id=text.pad_token_id), indent=2) + "\n")

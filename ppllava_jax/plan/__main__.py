@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     raise ValueError(f"JAX started with {jax.device_count()} devices, not the mesh's "
                      f"{devices}: run the plan in a fresh process (python -m ppllava_jax.plan)")
   overrides = list(args.overrides) + ([f"train.remat={args.remat}"] if args.remat else [])
-  cfg = rc.apply_overrides(load_run_config(args.config), overrides)
+  cfg = rc.apply_overrides(load_run_config(args.config), overrides).resolved()
   cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, mesh=MeshConfig(**mesh)))
   plan = plan_step(cfg, args.arch, args.compile_step)
   wall_s = time.perf_counter() - start

@@ -16,13 +16,17 @@ run killed mid-write resumes from the previous one (the half-written folder is r
 when the manager next starts). ``restore`` reads the state into an
 abstract target carrying the run's shardings: every array lands sharded.
 
-Damage: once a save is final, process 0 writes ``files.json`` beside it (every file's
-size). ``check`` compares the folder with it and parses the JSON files Orbax reads, so a
-truncated, missing or garbled file is named before anything is restored; a failed
-restore names the checkpoint and Orbax's first line. ``set_aside`` renames a damaged
-checkpoint to ``<step>.damaged`` (kept for inspection, no longer listed), so the run can
-go on from the one before. A checkpoint whose arrays do not fit the model (another model
-in the same workdir) is ``CheckpointMismatch``, listing the differing arrays.
+Damage: once a save this process made is final, process 0 writes ``files.json`` beside
+it (every file's size). ``check`` compares the folder with it and parses the JSON files
+Orbax reads, so a truncated, missing or garbled file is named before anything is
+restored (``CheckpointDamaged``): evidence every process reads alike from the shared
+folder, on which ``set_aside`` renames the checkpoint to ``<step>.damaged`` (kept for
+inspection, no longer listed) and the run goes on from the one before. Any other failure
+to restore (memory, the filesystem, a library upgrade, a shard garbled at its own size)
+is a ``CheckpointError`` naming the checkpoint and Orbax's first line, and nothing is set
+aside: a guess of damage would throw away good checkpoints. A checkpoint whose arrays do
+not fit the model (another model in the same workdir) is ``CheckpointMismatch``, listing
+the differing arrays.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from ppllava_jax import distributed
-from ppllava_jax.convert.loader import CheckpointError
+from ppllava_jax.convert.loader import CheckpointError, path_segment
 from ppllava_jax.train.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -65,6 +69,7 @@ class Checkpoints:
                                            cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "data", "config"))
+    self._unlisted: set[int] = set()  # saved here, no manifest yet
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -80,16 +85,17 @@ class Checkpoints:
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
         config=ocp.args.JsonSave(config)), force=True)
+    self._unlisted.add(step)
     log.info("checkpoint %d: saving in %s", step, self.directory)
 
   def _write_manifests(self) -> None:
-    """``files.json`` (path -> size) for each finished checkpoint that lacks one."""
+    """``files.json`` (path -> size) of the finished saves of this process (never of
+    checkpoints found here: their sizes now are no evidence)."""
+    done, self._unlisted = self._unlisted, set()
     if not distributed.is_primary():
       return
-    for step in self.manager.all_steps():
+    for step in sorted(done & set(self.manager.all_steps())):  # max_to_keep may drop one
       folder = self.directory / str(step)
-      if (folder / MANIFEST).exists():
-        continue
       sizes = {str(p.relative_to(folder)): p.stat().st_size
                for p in sorted(folder.rglob("*")) if p.is_file()}
       tmp = folder / (MANIFEST + ".tmp")
@@ -122,8 +128,9 @@ class Checkpoints:
 
   def restore(self, step: int, target: TrainState) -> tuple[TrainState, dict, dict]:
     """(state, data state, config dict) of checkpoint ``step``; ``target``: an abstract
-    sharded state (``train.state.placed``). Raises ``CheckpointMismatch`` when its arrays
-    are not ``target``'s, ``CheckpointDamaged`` when it cannot be read."""
+    sharded state (``train.state.placed``). Raises ``CheckpointDamaged`` when ``check``
+    finds a damaged file, ``CheckpointMismatch`` when its arrays are not ``target``'s, a
+    ``CheckpointError`` when Orbax fails to read it for any other reason."""
     self.check(step)
     check_fits(self.directory / str(step) / "state", target)
     try:
@@ -131,18 +138,17 @@ class Checkpoints:
           state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(),
           config=ocp.args.JsonRestore()))
     except Exception as err:  # noqa: BLE001 (Orbax / TensorStore raise many kinds)
-      raise CheckpointDamaged(f"checkpoint {step} in {self.directory} cannot be read: "
-                              f"{_first_line(err)}") from err
+      raise CheckpointError(
+          f"checkpoint {step} in {self.directory} could not be restored: {_first_line(err)}. "
+          f"If its files are damaged, move {self.directory / str(step)} aside and run again "
+          "to resume from the checkpoint before it") from err
     return out.state, out.data, out.config
 
   def read_config(self, step: int) -> dict:
+    """The config item of checkpoint ``step``, after ``check``."""
     self.check(step)
-    try:
-      return self.manager.restore(step, args=ocp.args.Composite(
-          config=ocp.args.JsonRestore())).config
-    except Exception as err:  # noqa: BLE001
-      raise CheckpointDamaged(f"the config of checkpoint {step} in {self.directory} cannot be "
-                              f"read: {_first_line(err)}") from err
+    return self.manager.restore(step, args=ocp.args.Composite(
+        config=ocp.args.JsonRestore())).config
 
   def set_aside(self, step: int, why: Exception) -> None:
     """Checkpoint ``step`` renamed to ``<step>.damaged`` (by process 0; every process then
@@ -174,7 +180,7 @@ def _first_line(err: BaseException) -> str:
 
 def _keys(path) -> tuple[str, ...]:
   """A tree path as strings: the saved metadata keys lists by dict key, the target by index."""
-  return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+  return tuple(path_segment(k) for k in path)
 
 
 def check_fits(state_dir: Path, target) -> None:
@@ -187,7 +193,7 @@ def check_fits(state_dir: Path, target) -> None:
     with ocp.StandardCheckpointer() as ckptr:
       saved = ckptr.metadata(state_dir).item_metadata
   except Exception as err:  # noqa: BLE001
-    raise CheckpointDamaged(f"{state_dir}: the array metadata cannot be read: "
+    raise CheckpointError(f"{state_dir}: the array metadata cannot be read: "
                             f"{_first_line(err)}") from err
   finally:
     absl.setLevel(level)

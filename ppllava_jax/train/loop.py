@@ -63,7 +63,8 @@ from ppllava_jax import distributed
 from ppllava_jax.data import preflight
 from ppllava_jax.data.batch import empty_like
 from ppllava_jax.data.pipeline import DataError
-from ppllava_jax.data.tokenizer import check_batch_ids, model_tokenizers, tokenizer_folders
+from ppllava_jax.data.tokenizer import (check_batch_ids, model_tokenizers, tokenizer_folders,
+                                        write_tokenizers)
 from ppllava_jax.train import checkpoint as ckpt_lib
 from ppllava_jax.models import pretrained
 from ppllava_jax.models.attention import check_attention
@@ -160,13 +161,15 @@ def build(cfg: rc.RunConfig, cast_frozen: bool = True) -> Run:
   return Run(tok, scorer, abstract.cfg, graphdef, state, frozen, shardings, steps)
 
 
-def start_reference(run: Run, cfg: rc.RunConfig, workdir: Path, initial_params) -> dict | None:
+def start_reference(run: Run, cfg: rc.RunConfig, workdir: Path, initial_params,
+                    read=None) -> dict | None:
   """A DPO run's reference (``train.dpo``): a live copy of ``initial_params()`` into
-  ``run.constants``, or the cached log-probs table (returned, for the data pipeline)."""
+  ``run.constants``, or the cached log-probs table (returned, for the data pipeline) of
+  the rows ``read``."""
   if cfg.dpo.precompute_reference:
     from ppllava_jax.train.reference import reference_table
     run.constants = DPOConstants(run.frozen, None)
-    return reference_table(run, cfg, workdir, initial_params)
+    return reference_table(run, cfg, workdir, initial_params, read)
   dtype = jnp.dtype(cfg.dpo.reference_dtype)
   run.constants = DPOConstants(run.frozen, reference_copy(initial_params(), dtype,
                                                           run.shardings.state.params))
@@ -260,7 +263,7 @@ def _train(cfg: rc.RunConfig, workdir: Path, checkpoints: ckpt_lib.Checkpoints) 
   target = placed(run.state, run.shardings.state)
   initial = functools.cache(lambda: ckpt_lib.restore_params(cfg.init_from, target).params
                             if cfg.init_from else run.state.params)  # read once
-  reference = start_reference(run, cfg, workdir, initial) if cfg.dpo else None
+  reference = start_reference(run, cfg, workdir, initial, inputs) if cfg.dpo else None
   start, state, data_state = resume.restore(checkpoints, cfg, latest, target, run.state)
   if start:
     _say(f"resuming from checkpoint {start} in {checkpoints.directory}")
@@ -274,7 +277,7 @@ def _train(cfg: rc.RunConfig, workdir: Path, checkpoints: ckpt_lib.Checkpoints) 
   replicated = run.shardings.replicated
   streak_fn = jax.jit(lambda s, k: jnp.where(k > 0, s + 1, 0), out_shardings=replicated)
   streak = jax.device_put(np.zeros((), np.int32), replicated)
-  pending, flops, samples, trained = [], {}, 0, 0
+  pending, flops, samples = [], {}, 0
   skipped_before = data.stats.skipped_total  # this block's, at the last record
   last_time, last_step, stopped, done = time.perf_counter(), start, None, start
   last = {}
@@ -324,7 +327,6 @@ def _train(cfg: rc.RunConfig, workdir: Path, checkpoints: ckpt_lib.Checkpoints) 
           counts = _over_blocks((samples, skipped - skipped_before), blocks)
           last = _log(writer, run, state, pending, done, last_step, last_time, counts, cfg)
           bar.set_postfix(loss=f"{last['loss']:.4f}", refresh=False)
-          trained += counts[0]
           pending, samples, last_step, last_time = [], 0, done, time.perf_counter()
           skipped_before = skipped
         if every(done, cfg.eval_every):
@@ -337,13 +339,10 @@ def _train(cfg: rc.RunConfig, workdir: Path, checkpoints: ckpt_lib.Checkpoints) 
         if received:
           stopped = received
           break
-      trained += _over_blocks((samples,), blocks)[0]
+      if not stopped:
+        _check_trained(data.stats, blocks)  # before the last save: a rerun says it again
       if done > start or checkpoints.latest_step() is None:
         checkpoints.save(done, state, data.get_state(), config_dict)
-      if done > start and not stopped and not trained:
-        raise DataError(f"no sample was trained on: every sample of the {done - start} batches "
-                        f"read was skipped ({data.stats.as_dict()}); check the annotations and "
-                        "the media roots")
       if mcq_eval and done > start and not stopped and not every(done, cfg.mcq.every):
         _evaluate_mcq(writer, mcq_eval, run, state, done)  # the run's end
       checkpoints.wait()
@@ -363,6 +362,16 @@ def _train(cfg: rc.RunConfig, workdir: Path, checkpoints: ckpt_lib.Checkpoints) 
   return dict(step=done, updates=int(updates), skipped=int(skipped), stopped=stopped,
               loss=last.get("loss"), loss_curve=str(curve) if curve else None,
               mcq_accuracy=accuracies[-1] if accuracies else None)
+
+
+def _check_trained(stats, blocks: DataBlocks) -> None:
+  """A ``DataError`` when every sample the run has read (all data blocks, since its start:
+  the counters resume with the data state) was skipped: not a success of 0 updates."""
+  seen, skipped = _over_blocks((stats.samples, stats.skipped_total), blocks)
+  if seen and skipped >= seen:
+    raise DataError(f"no sample was trained on: all {seen} samples read were skipped "
+                    f"({dict(stats.skipped)}; the last: {stats.last_skip}); check the "
+                    "annotations and the media roots")
 
 
 def _shapes(batch) -> str:
@@ -479,29 +488,12 @@ def write_model_folder(model, out: Path, cfg: rc.RunConfig, tokenizer, scorer_to
                        ) -> Path:
   """``model`` as a folder the next stage reads with no extra flag: ``save_pretrained``'s
   weights and config.json (pooling mode and windows, scorer, BT-Adapter included), the
-  LLM's tokenizer files as its source folder had them (``tokenizer.model`` included) with
-  its processor, chat template and generation config, the scorer's tokenizer in
-  ``scorer_tokenizer/``, and a ``generation_config.json`` made from the model's ids when
-  the source had none. The tiny model's char tokenizer is saved as transformers writes it."""
+  tokenizers of the run's source folders (``data.tokenizer.write_tokenizers``) and a
+  ``generation_config.json``."""
   folder = model.save_pretrained(out, progress=True)
-  folders = (tokenizer_folders(cfg.model.checkpoint, scorer_tokenizer=cfg.model.scorer_tokenizer
-                               or None, clip=cfg.model.clip or None)
-             if cfg.model.checkpoint else None)
-  if folders is not None:
-    pretrained.copy_side_files(folders.llm, folder)
-  if not pretrained.has_tokenizer(folder):
-    tokenizer.save_pretrained(folder)
-  if scorer_tokenizer is not None:
-    scorer_dir = folder / pretrained.SCORER_TOKENIZER
-    scorer_dir.mkdir(exist_ok=True)
-    if folders is not None and folders.scorer is not None and folders.scorer != scorer_dir:
-      pretrained.copy_side_files(folders.scorer, scorer_dir)
-    if not pretrained.has_tokenizer(scorer_dir):
-      scorer_tokenizer.save_pretrained(scorer_dir)
-  if not (folder / "generation_config.json").is_file():
-    text = model.cfg.text
-    eos = list(text.eos_token_id)
-    (folder / "generation_config.json").write_text(json.dumps(
-        dict(bos_token_id=text.bos_token_id, eos_token_id=eos[0] if len(eos) == 1 else eos,
-             pad_token_id=text.pad_token_id), indent=2) + "\n")
+  m = cfg.model
+  sources = (tokenizer_folders(m.checkpoint, scorer_tokenizer=m.scorer_tokenizer or None,
+                               clip=m.clip or None) if m.checkpoint else None)
+  write_tokenizers(folder, sources, tokenizer, scorer_tokenizer)
+  pretrained.write_generation_config(folder, model.cfg.text)
   return folder

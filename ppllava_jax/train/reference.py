@@ -82,10 +82,12 @@ def save(path: Path, table: dict, fp: dict) -> None:
   tmp.rename(path)  # last: an interrupted pass is redone
 
 
-def compute(run, cfg: rc.RunConfig, params) -> dict:
-  """``id -> (chosen, rejected)`` log-probs under ``params`` (module doc), with progress."""
+def compute(run, cfg: rc.RunConfig, params, read=None) -> dict:
+  """``id -> (chosen, rejected)`` log-probs under ``params`` (module doc), with progress;
+  ``read``: the rows, already read (``read_preference_rows``)."""
   data_cfg = dataclasses.replace(cfg.preference, num_epochs=1, shards=None)
-  read = read_preference_rows(data_cfg.rows, data_cfg.media_root)
+  if read is None:
+    read = read_preference_rows(data_cfg.rows, data_cfg.media_root)
   _check_unique(read.rows)
   builder = pairs.make_builder(data_cfg, read.rows, tokenizer=run.tokenizer, model=run.model_cfg,
                                scorer_tokenizer=run.scorer_tokenizer, pin_frames=True,
@@ -122,7 +124,7 @@ def check_finite(table: dict, rows_file: str) -> None:
                      "does not fit its tokenizers or its weights are broken")
 
 
-def reference_table(run, cfg: rc.RunConfig, workdir: Path, initial_params) -> dict:
+def reference_table(run, cfg: rc.RunConfig, workdir: Path, initial_params, read=None) -> dict:
   """The run's cached reference log-probs: read from ``workdir``, or computed with
   ``initial_params()`` (called only then) and written first."""
   path, want = Path(workdir) / CACHE, fingerprint(cfg)
@@ -132,7 +134,7 @@ def reference_table(run, cfg: rc.RunConfig, workdir: Path, initial_params) -> di
     if distributed.is_primary():  # every process reads it; one says so
       print(f"reference log-probs of {len(table)} rows read from {path}", flush=True)
     return table
-  table = compute(run, cfg, initial_params())
+  table = compute(run, cfg, initial_params(), read)
   if distributed.is_primary():
     save(path, table, want)
   distributed.barrier("reference cache")

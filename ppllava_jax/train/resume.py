@@ -8,10 +8,12 @@ log, evaluate, checkpoint or stop, or how the same updates are laid out on the d
 (``SAFE_ON_RESUME``), are printed and accepted.
 
 A damaged checkpoint (``checkpoint.CheckpointDamaged``: a file missing, truncated or
-garbled) is set aside as ``<step>.damaged`` with a warning naming the file, and the one
-before it is used: a run killed while its disk filled up, or a copy cut short, loses the
-steps since the previous checkpoint, not the run. A checkpoint of another model is an
-error (``CheckpointMismatch``), never set aside: the older ones are the same model.
+garbled, by the evidence of its files) is set aside as ``<step>.damaged`` with a warning
+naming the file, and the one before it is used: a run killed while its disk filled up,
+or a copy cut short, loses the steps since the previous checkpoint, not the run. When
+every checkpoint is damaged the run stops (``ResumeError``) rather than start over and
+overwrite its metrics. Any other failure to restore, and a checkpoint of another model
+(``CheckpointMismatch``), is an error that sets nothing aside.
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ def _say(text: str) -> None:
 
 def resume_step(checkpoints: Checkpoints, cfg: rc.RunConfig) -> int | None:
   """The step of the latest intact checkpoint, after checking that ``cfg`` may continue
-  it (module doc); None when there is none."""
-  for step in reversed(checkpoints.all_steps()):
+  it (module doc); None when the workdir has none. A workdir whose checkpoints are all
+  damaged is an error."""
+  steps = checkpoints.all_steps()
+  for step in reversed(steps):
     try:
       stored = checkpoints.read_config(step)
     except CheckpointDamaged as err:
@@ -51,17 +55,20 @@ def resume_step(checkpoints: Checkpoints, cfg: rc.RunConfig) -> int | None:
     if allowed:
       _say(f"resuming checkpoint {step} with changed settings: " + "; ".join(allowed))
     return step
+  if steps:
+    raise ResumeError(f"every checkpoint in {checkpoints.directory} is damaged (set aside as "
+                      "<step>.damaged): nothing to resume; start over in a new --workdir")
   return None
 
 
 def restore(checkpoints: Checkpoints, cfg: rc.RunConfig, step: int | None, target, initial):
   """(step, state, data state) of checkpoint ``step`` read into ``target``, or of the
-  intact one before it when it is damaged; (0, ``initial``, None) when none is left."""
+  intact one before it when it is damaged; (0, ``initial``, None) without ``step``."""
   while step is not None:
     try:
       state, data_state, _ = checkpoints.restore(step, target)
       return step, state, data_state
     except CheckpointDamaged as err:
       checkpoints.set_aside(step, err)
-      step = resume_step(checkpoints, cfg)
+      step = resume_step(checkpoints, cfg)  # raises when none intact is left
   return 0, initial, None

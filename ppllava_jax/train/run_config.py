@@ -47,9 +47,11 @@ class ModelConfig:
   PPLLaVA's own, or one ``train.py export`` wrote) with its tokenizer; empty: the tiny
   random model ``tiny`` (``models.tiny.build_tiny``) and the char tokenizer. clip: a CLIP /
   SigLIP folder whose text tower becomes the scorer, for a llava-hf folder without one.
-  scorer_tokenizer: the scorer's tokenizer folder (default: ``clip``, else
-  ``checkpoint``). btadapter: a fresh BT-Adapter put on a CLIP tower that has none
-  (``PPLLaVA.add_btadapter``, the Vicuna recipe's start); a tower that has one keeps it."""
+  scorer_tokenizer: the scorer's tokenizer folder (default: ``clip``, else the
+  checkpoint's ``scorer_tokenizer/``, else its config.json's ``clip_weight`` folder:
+  ``data.tokenizer.tokenizer_folders``). btadapter: a fresh BT-Adapter put on a CLIP
+  tower that has none (``PPLLaVA.add_btadapter``, the Vicuna recipe's start); a tower that
+  has one keeps it."""
   checkpoint: str = ""
   clip: str = ""
   scorer_tokenizer: str = ""
@@ -151,8 +153,8 @@ class RunConfig:
     if total is not None and self.steps > total:
       raise ValueError(f"RunConfig.steps={self.steps} is past train.optim.total_steps={total}, "
                        f"where the {self.train.optim.schedule} schedule ends (a cosine would "
-                       "climb back to its peak): raise train.optim.total_steps too, or set it "
-                       "to None to follow steps")
+                       "climb back to its peak): lower steps, raise train.optim.total_steps, "
+                       "or set it to None to follow steps")
     if self.eval_every < 0 or self.eval_batches < 1:
       raise ValueError(f"RunConfig: need eval_every >= 0 and eval_batches >= 1, got "
                        f"{self.eval_every}, {self.eval_batches}")
@@ -190,6 +192,10 @@ SAFE_ON_RESUME = ("steps", "log_every", "checkpoint_every", "keep", "eval_every"
 
 
 def _flat(tree, prefix: str = "") -> dict[str, Any]:
+  """``to_dict``'s tree as dotted keys; a list of sections by their ``name`` (or index),
+  as ``--set`` names them."""
+  if isinstance(tree, list) and tree and all(isinstance(v, dict) for v in tree):
+    tree = {str(v.get("name", i)): v for i, v in enumerate(tree)}
   if isinstance(tree, dict):
     out = {}
     for key, value in tree.items():

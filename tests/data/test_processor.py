@@ -121,3 +121,17 @@ def test_bad_inputs_name_the_problem(llava):
     proc.collate([a, b])
   with pytest.raises(ValueError, match="scores relevance: give scorer_tokenizer"):
     Processor(dataclasses.replace(model_cfg, pooling=PoolingConfig("ppllava")), char_tokenizer())
+
+
+def test_a_truncated_scorer_text_is_logged_once_and_counted(caplog):
+  """A benchmark of long prompts logs one line, not one per item; eval.py prints the count."""
+  from support.train_data import tiny_model_config
+  tok = char_tokenizer()
+  proc = Processor(tiny_model_config(image_token=tok.convert_tokens_to_ids("<image>")), tok, tok)
+  with caplog.at_level("WARNING", logger="ppllava_jax.data.processor"):
+    for i in range(3):
+      enc = proc.encode(Prompt("USER: hi", (), scorer_text=f"question {i} " + "x" * 60))
+      assert enc.scorer_mask.sum() == 40  # the tiny scorer's context, full
+  assert proc.scorer_truncated == 3
+  (record,) = caplog.records
+  assert "scorer text truncated from 72 to 40 tokens" in record.getMessage()  # <s> + 71

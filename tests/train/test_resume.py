@@ -4,6 +4,7 @@ before it resumes, another model's checkpoint is a short error, a torn metrics l
 cut; and the data is checked before any weight loads."""
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -31,6 +32,16 @@ def copy(workdir, tmp_path):
   return shutil.copytree(workdir, tmp_path / "run")
 
 
+@pytest.fixture
+def no_model(monkeypatch):
+  """Fails the test if the run builds its model (loads weights)."""
+  from ppllava_jax.train import loop
+
+  def build(*args, **kwargs):
+    raise AssertionError("the model was built")
+  monkeypatch.setattr(loop, "build", build)
+
+
 def test_resume_changes_sorts_what_a_run_may_change():
   cfg = load_config(train_runs.CONFIG, rc.RunConfig)
   stored = rc.to_dict(cfg.resolved())
@@ -51,7 +62,7 @@ def test_resume_changes_sorts_what_a_run_may_change():
   assert refused == ["train.optim.total_steps: 200 -> 300"]
 
 
-def test_a_changed_config_is_refused_before_anything_loads(finished, tmp_path, capsys):
+def test_a_changed_config_is_refused_before_anything_loads(finished, tmp_path, capsys, no_model):
   workdir = copy(finished, tmp_path)
   before = (workdir / "config.json").read_text()
   argv = train_runs.command(workdir, *STEPS, "train.optim.lr=0.5", "data.seed=7")[2:]
@@ -60,7 +71,6 @@ def test_a_changed_config_is_refused_before_anything_loads(finished, tmp_path, c
   assert "holds another run: checkpoint 4's config differs in 2 setting(s)" in err.err
   assert "data.seed: 0 -> 7" in err.err and "train.optim.lr: 0.001 -> 0.5" in err.err
   assert "--set resume=data.seed,train.optim.lr" in err.err
-  assert "trainable parameters" not in err.out + err.err  # no model was built
   assert (workdir / "config.json").read_text() == before
 
 
@@ -123,23 +133,21 @@ def test_another_models_checkpoint_is_a_short_error(finished, tmp_path, compile_
      "corpus 'shapes' ({workdir}/data/train.json): none of the media of its first 16 records "
      "exist, e.g. /nowhere/0000.mp4; is media_root '/nowhere' right?"),
 ])
-def test_bad_runs_stop_before_any_weight_loads(item, message, tmp_path, capsys):
+def test_bad_runs_stop_before_any_weight_loads(item, message, tmp_path, capsys, no_model):
   workdir = tmp_path / "w"
   argv = train_runs.command(workdir, item)[2:]
   assert cli.run(train_runs.train_main(), argv) == 2
   out = capsys.readouterr()
   assert message.format(workdir=workdir) in out.err
-  assert "trainable parameters" not in out.out + out.err  # no model was built
 
 
-def test_annotation_errors_stop_before_any_weight_loads(tmp_path, capsys):
+def test_annotation_errors_stop_before_any_weight_loads(tmp_path, capsys, no_model):
   bad = tmp_path / "bad.json"
   bad.write_text(json.dumps([{"video": "0000.mp4", "QA": [{"q": "Which way?", "a": " "}]}]))
   argv = train_runs.command(tmp_path / "w", f"data.mixture.corpora.shapes.annotation={bad}")[2:]
   assert cli.run(train_runs.train_main(), argv) == 2
   out = capsys.readouterr()
   assert f"{bad}: record 0: field 'QA[0].a'" in out.err
-  assert "trainable parameters" not in out.out + out.err
 
 
 def test_a_run_whose_every_sample_is_skipped_fails(tmp_path, compile_cache):
@@ -151,10 +159,12 @@ def test_a_run_whose_every_sample_is_skipped_fails(tmp_path, compile_cache):
     (tmp_path / "media" / f"{i}.mp4").write_bytes(b"not a video")
     records.append({"video": f"{i}.mp4", "QA": [{"q": "Which way?", "a": "Left."}]})
   (tmp_path / "train.json").write_text(json.dumps(records))
-  done = train_runs.run(train_runs.command(
+  command = train_runs.command(
       tmp_path / "w", "steps=2", "mcq=None", "eval_every=0",
       f"data.mixture.corpora.shapes.annotation={tmp_path / 'train.json'}",
-      f"data.mixture.corpora.shapes.media_root={tmp_path / 'media'}"), compile_cache)
-  assert done.returncode == 2, done.stdout + done.stderr
-  assert "no sample was trained on: every sample of the 2 batches read was skipped" in done.stderr
-  assert "'corrupt': " in done.stderr
+      f"data.mixture.corpora.shapes.media_root={tmp_path / 'media'}")
+  for _ in range(2):  # and a rerun of the same command does not call it done
+    done = train_runs.run(command, compile_cache)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert re.search(r"no sample was trained on: all \d+ samples read were skipped "
+                     r"\(\{'corrupt': \d+\}", done.stderr), done.stderr[-2000:]
