@@ -12,3 +12,10 @@ import pytest  # noqa: E402
 @pytest.fixture
 def rng():
   return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def compile_cache(tmp_path_factory):
+  """One persistent compilation cache for the subprocess runs of a test session (they
+  compile the same steps: only the first pays)."""
+  return tmp_path_factory.mktemp("jax_cache")

@@ -32,11 +32,6 @@ TINY = TinyConfig(frames=8, image_size=112, patch_size=14, vision_width=32, visi
 ITEMS = 300  # batches of one item, ~10 ms each on a CPU: seconds of answers to signal into
 
 
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-  return tmp_path_factory.mktemp("jax_cache")
-
-
 # --- processes, from /proc ---
 
 

@@ -4,11 +4,6 @@ from support import train_runs
 
 
 @pytest.fixture(scope="session")
-def compile_cache(tmp_path_factory):
-  return tmp_path_factory.mktemp("jax_cache")
-
-
-@pytest.fixture(scope="session")
 def reference_run(tmp_path_factory, compile_cache):
   """One uninterrupted run of the small tiny config (8 batches)."""
   workdir = tmp_path_factory.mktemp("reference")
