@@ -9,7 +9,7 @@ Several hosts: start one process per host with the same command and --coordinato
 (srun steps and GKE TPU slices by themselves, a Cloud TPU VM slice with
 --cluster-detection auto): see ppllava_jax.distributed and scripts/.
 
-The config's get_config() returns a train.run_config.RunConfig; each --set a.b=value
+The config's get_config() returns a train.run.config.RunConfig; each --set a.b=value
 overrides one field, parsed with its type (steps=20, train.optim.lr=3e-4,
 data.mixture.corpora.videos.annotation=FILE: a corpus by its name). The workdir holds
 checkpoints/ (Orbax: state, data cursor, config), metrics.jsonl, tensorboard/ and
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   if argv[:1] == ["export"]:
     args = export_parser().parse_args(argv[1:])
-    from ppllava_jax.train.loop import export
+    from ppllava_jax.train.run.export import export
     export(args.workdir, args.out, args.step)
     return 0
   args = build_parser().parse_args(argv)
@@ -79,9 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger(noisy).setLevel(logging.WARNING)
   distributed.initialize(args)  # after logging, so its "process i of n" line shows
   from ppllava_jax.config import load_config
-  from ppllava_jax.train import run_config as rc
-  from ppllava_jax.train.loop import train
-  cfg = rc.apply_overrides(load_config(args.config, rc.RunConfig), args.overrides)
+  from ppllava_jax.config import apply_overrides
+  from ppllava_jax.train.run import config as rc
+  from ppllava_jax.train.run.loop import train
+  cfg = apply_overrides(load_config(args.config, rc.RunConfig), args.overrides)
   summary = train(cfg, args.workdir)
   loss = "n/a" if summary["loss"] is None else f"{summary['loss']:.4f}"
   mcq = summary.get("mcq_accuracy")

@@ -1,5 +1,5 @@
 """The SFT input pipeline's throughput for 32-frame videos, with 0, 1 and 2 Grain workers,
-decoding the videos or reading them from a media store (``data.store``, uint8 and JPEG).
+decoding the videos or reading them from a media store (``data.media.store``, uint8 and JPEG).
 
 Each sample is the whole per-sample work of training: decode a video (H.264, 320x240,
 96 frames; ``--video WxHxN`` for another) and sample 32 frames the original's training
@@ -36,7 +36,7 @@ SOURCES = ("decode", "uint8", "jpeg")  # videos decoded, or read from a store of
 
 def write_video(path: Path, frames: int = 96, size=(240, 320)) -> None:
   rng = np.random.default_rng(0)
-  from ppllava_jax.data.video import write_video
+  from ppllava_jax.data.media.video import write_video
   base_hwc = rng.integers(0, 255, (*size, 3), np.uint8)
   write_video(path, (np.roll(base_hwc, 4 * i, axis=1) for i in range(frames)), rate=24)
 
@@ -44,17 +44,17 @@ def write_video(path: Path, frames: int = 96, size=(240, 320)) -> None:
 def model_config():
   """The real geometry (CLIP-336/14, 24 x 24 patches, (2, 3, 3) pooling, 248 scorer
   positions) at tiny widths: only the config is needed, no weights."""
-  from ppllava_jax.data.tokenizer import char_tokenizer
+  from ppllava_jax.data.text.tokenizer import char_tokenizer
   from ppllava_jax.models.tiny import TinyConfig
   return TinyConfig().model_config(len(char_tokenizer()))
 
 
 def iter_batches(workers: int, folder: Path, store: str | None = None):
-  from ppllava_jax.data.annotations import CorpusConfig, MixtureConfig
-  from ppllava_jax.data.batch import BatchConfig
-  from ppllava_jax.data.pipeline import DataConfig, make_train_iterator
-  from ppllava_jax.data.sft import SampleConfig
-  from ppllava_jax.data.tokenizer import char_tokenizer
+  from ppllava_jax.data.sft.annotations import CorpusConfig, MixtureConfig
+  from ppllava_jax.data.sft.batches import BatchConfig
+  from ppllava_jax.data.sft.pipeline import DataConfig, make_train_iterator
+  from ppllava_jax.data.sft.samples import SampleConfig
+  from ppllava_jax.data.text.tokenizer import char_tokenizer
   model = model_config()
   tok = char_tokenizer()
   cfg = DataConfig(
@@ -69,8 +69,8 @@ def iter_batches(workers: int, folder: Path, store: str | None = None):
 
 def build_stores(folder: Path) -> dict:
   """A uint8 and a JPEG store of the benchmark's videos: {format: (path, build seconds)}."""
-  from ppllava_jax.data.annotations import CorpusConfig
-  from ppllava_jax.data.store import StoreConfig, build_store
+  from ppllava_jax.data.sft.annotations import CorpusConfig
+  from ppllava_jax.data.media.store import StoreConfig, build_store
   corpus = CorpusConfig("videos", str(folder / "ann.json"), str(folder))
   stores = {}
   for fmt in SOURCES[1:]:
@@ -104,8 +104,8 @@ def step_rate(steps: int, folder: Path) -> dict:
   import optax
   from flax import nnx
   from ppllava_jax.models.ppllava import PPLLaVA
-  from ppllava_jax.train import losses
-  from ppllava_jax.train.inputs import embed_batch
+  from ppllava_jax.train.core import losses
+  from ppllava_jax.train.core.inputs import embed_batch
   model_cfg = model_config()
   it = iter_batches(0, folder)
   batch = jax.tree.map(jnp.asarray, next(it))
@@ -139,7 +139,7 @@ def step_rate(steps: int, folder: Path) -> dict:
 
 
 def validation_time(records: int, folder: Path) -> dict:
-  from ppllava_jax.data.annotations import CorpusConfig, MixtureConfig, load_mixture
+  from ppllava_jax.data.sft.annotations import CorpusConfig, MixtureConfig, load_mixture
   rows = []
   for i in range(records):
     kind = i % 3

@@ -7,11 +7,11 @@ original (LLaVA-Hound's trl-0.8-era trainer: trl's concatenated forward) joins t
 rejected rows with a copy of the pixels each, so the policy runs the vision tower (and
 the scorer, and the pooling) over 2B videos, and its live reference model, run in the
 same step, embeds the same 2B rows again: 4B passes of the tower per step. Ours
-(``train.dpo``) encodes the B videos once (``train.inputs.pair_media``), writes each
+(``train.dpo.objective``) encodes the B videos once (``train.core.inputs.pair_media``), writes each
 video's tokens into both of its rows (``embed_pairs``), and reads the reference's
 log-probs from ``PairBatch.ref_logps``, computed once before training
-(``train.reference``): B passes of the tower, one LLM forward + backward, no reference
-weights. Only the LLM trains under DPO (``train.partition.DPO``), so the media tokens
+(``train.dpo.reference``): B passes of the tower, one LLM forward + backward, no reference
+weights. Only the LLM trains under DPO (``train.core.partition.DPO``), so the media tokens
 are the same for the policy and the reference and both forms compute the same loss.
 
 Workload: the tiny PPLLaVA (``models.tiny.TinyConfig``) at 32 frames of 168 px / 14 px
@@ -29,21 +29,21 @@ clipped to norm 1, sigmoid DPO, beta 0.1.
 
 Contenders, each in a worker process of its own (its peak memory, VmHWM, is its own:
 runtime, weights, optimizer state, compiled program, activations), all through the same
-``train.step.Steps`` (jitted, the state donated) on the same weights (``build_tiny``,
+``train.core.step.Steps`` (jitted, the state donated) on the same weights (``build_tiny``,
 seed 0, built once and saved; each worker loads them and runs ``init_state``):
 
 - ours: ``PreferenceObjective`` with ``DPOConstants(frozen, None)`` on a ``PairBatch``
-  (``data.pairs.collate_pairs``) whose ``ref_logps`` come from ``train.dpo.
+  (``data.dpo.pairs.collate_pairs``) whose ``ref_logps`` come from ``train.dpo.objective.
   reference_logps`` of the initial parameters (the cache's function; its time per batch
   is printed: a run pays it once per pair, not per step or epoch).
 - ours, live reference: the same step with ``DPOConstants(frozen, reference_copy(...))``
   (``DPOConfig.precompute_reference=False``): the media still once, the reference's LLM
   run in the step on the same media tokens.
 - duplicated + live: ``Duplicated`` below, an ``Objective`` of package primitives: the
-  pairs as a ``TrainBatch`` of 2B rows (``data.batch.collate``) whose 2B video slots each
+  pairs as a ``TrainBatch`` of 2B rows (``data.sft.batches.collate``) whose 2B video slots each
   hold a copy of their pair's video (``video_row`` = the row), embedded by
-  ``train.inputs.embed_batch`` for the policy and again for the live reference, then
-  ``losses.sequence_logprobs`` and ``train.preference.preference_loss`` as ours. The
+  ``train.core.inputs.embed_batch`` for the policy and again for the live reference, then
+  ``losses.sequence_logprobs`` and ``train.dpo.losses.preference_loss`` as ours. The
   reference is a whole float32 model of its own, as the original's: a copy of the LLM and
   a copy of the frozen state. (On the policy's frozen buffers XLA sees that the
   reference's media path repeats the policy's and computes it once: 75 instead of 90
@@ -99,11 +99,11 @@ MIB = 2**20
 
 def _setup():
   """(tokenizer vocab size, TinyConfig, its model config, TrainConfig, DPOConfig)."""
-  from ppllava_jax.data.tokenizer import char_tokenizer
+  from ppllava_jax.data.text.tokenizer import char_tokenizer
   from ppllava_jax.models.tiny import TinyConfig
-  from ppllava_jax.train.config import MeshConfig, OptimConfig, TrainConfig
-  from ppllava_jax.train.partition import DPO
-  from ppllava_jax.train.preference import DPOConfig
+  from ppllava_jax.train.core.config import MeshConfig, OptimConfig, TrainConfig
+  from ppllava_jax.train.core.partition import DPO
+  from ppllava_jax.train.dpo.losses import DPOConfig
   vocab = len(char_tokenizer())
   tiny = TinyConfig(**TINY)
   tc = TrainConfig(optim=OptimConfig(lr=LR, schedule="constant", warmup_ratio=0.0,
@@ -115,7 +115,7 @@ def _setup():
 def _pairs(model_cfg, vocab: int):
   """The ``PreferenceSample``s of the workload (random tokens and pixels, seed 0) and
   the sequence bucket they share."""
-  from ppllava_jax.data.preference import PreferenceSample
+  from ppllava_jax.data.dpo.rows import PreferenceSample
   rng = np.random.default_rng(0)
   video_tokens = model_cfg.video_tokens(FRAMES)
   context = model_cfg.scorer.text.max_position_embeddings
@@ -137,8 +137,8 @@ def _pairs(model_cfg, vocab: int):
 
 def pair_batch(samples, model_cfg, length: int):
   """Ours: a ``PairBatch`` of the pairs (``ref_logps`` zeros, filled by the worker)."""
-  from ppllava_jax.data.pairs import PreferenceDataConfig, collate_pairs
-  from ppllava_jax.data.preference import PreferenceConfig
+  from ppllava_jax.data.dpo.pairs import PreferenceDataConfig, collate_pairs
+  from ppllava_jax.data.dpo.rows import PreferenceConfig
   layout = PreferenceDataConfig("unused", sample=PreferenceConfig(num_frames=FRAMES,
                                                                   max_length=length),
                                 batch_size=len(samples), seq_buckets=(length,))
@@ -149,8 +149,8 @@ def pair_batch(samples, model_cfg, length: int):
 def duplicated_batch(samples, model_cfg, length: int):
   """The original's form: a ``TrainBatch`` of 2B rows (2i chosen, 2i + 1 rejected, as a
   ``PairBatch``), each row a video sample with its own copy of its pair's video."""
-  from ppllava_jax.data.batch import BatchConfig, collate
-  from ppllava_jax.data.sft import Sample
+  from ppllava_jax.data.sft.batches import BatchConfig, collate
+  from ppllava_jax.data.sft.samples import Sample
   rows = []
   for x in samples:
     for side in ("chosen", "rejected"):
@@ -176,7 +176,7 @@ class WholeReference:
 
 @dataclasses.dataclass(frozen=True)
 class Duplicated:
-  """The duplicated-media DPO with a live reference as a ``train.step.Objective`` on a
+  """The duplicated-media DPO with a live reference as a ``train.core.step.Objective`` on a
   ``TrainBatch`` of interleaved rows; constants: ``WholeReference``. The policy and the
   reference each embed the whole batch (``embed_batch``: scorer, vision tower and pooling
   over every row's video copy). The reference's frozen state has buffers of its own, as
@@ -190,16 +190,16 @@ class Duplicated:
 
   def totals(self, batch):
     import jax.numpy as jnp
-    from ppllava_jax.train.step import supervised_targets
+    from ppllava_jax.train.core.losses import supervised_targets
     supervised = supervised_targets(batch.labels)
     return {"pairs": batch.row_mask[0::2].sum().astype(jnp.float32),
             "tokens": supervised.sum().astype(jnp.float32),
             "chosen_tokens": supervised[0::2].sum().astype(jnp.float32)}
 
   def _logps(self, params, frozen, batch):
-    from ppllava_jax.train import losses
-    from ppllava_jax.train.inputs import embed_batch
-    from ppllava_jax.train.step import merged
+    from ppllava_jax.train.core import losses
+    from ppllava_jax.train.core.inputs import embed_batch
+    from ppllava_jax.train.core.step import merged
     model = merged(self.graphdef, self.cfg, params, frozen)
     model.eval()
     lm = model.language_model
@@ -210,7 +210,7 @@ class Duplicated:
 
   def share(self, params, constants: WholeReference, batch, key, totals):
     import jax
-    from ppllava_jax.train.preference import preference_loss
+    from ppllava_jax.train.dpo.losses import preference_loss
     del key
     logp_r, count_r = self._logps(params, constants.frozen, batch)
     ref_r = jax.lax.stop_gradient(
@@ -268,12 +268,11 @@ def worker(folder: Path, contender: str) -> None:
   import functools
 
   import jax
-  from ppllava_jax.train.dpo import (DPOConstants, PreferenceObjective, reference_copy,
-                                     reference_logps)
-  from ppllava_jax.train.optimizer import make_optimizer
-  from ppllava_jax.train.partition import decay_mask, partition
-  from ppllava_jax.train.state import init_state, make_mesh
-  from ppllava_jax.train.step import Steps
+  from ppllava_jax.train.dpo.objective import (DPOConstants, PreferenceObjective, reference_copy, reference_logps)
+  from ppllava_jax.train.core.optimizer import make_optimizer
+  from ppllava_jax.train.core.partition import decay_mask, partition
+  from ppllava_jax.train.core.state import init_state, make_mesh
+  from ppllava_jax.train.core.step import Steps
   vocab, _, model_cfg, tc, dpo = _setup()
   model = _model(folder)
   part = partition(model, tc.trainable)
@@ -295,7 +294,7 @@ def worker(folder: Path, contender: str) -> None:
   else:
     batch = jax.device_put(pair_batch(samples, model_cfg, length))
     objective = PreferenceObjective(graphdef, tc, dpo)
-    if contender == "ours":  # the cache's pass (train.reference), on the initial parameters
+    if contender == "ours":  # the cache's pass (train.dpo.reference), on the initial parameters
       fn = jax.jit(functools.partial(reference_logps, graphdef, tc))
 
       def reference():  # timed later on the current parameters: the same work

@@ -10,12 +10,12 @@ plus N(0, 0.02) on every tensor, as tests/support/hf_fixtures.py, saved once), f
   77 -> 248 positions) at ``models.tiny.TinyConfig``'s tower widths (vision 2 x 64, scorer
   text 2 x 64), in front of the same 4 x 512 LLM; one sample: a 32-frame video between a
   prompt and a 32-token supervised answer. The vision tower is frozen, the LLM and the
-  projector train (``train.partition.VICUNA_SFT``).
+  projector train (``train.core.partition.VICUNA_SFT``).
 
 Contenders, each in a fresh worker process (peak memory = the worker's VmHWM: runtime,
 weights, optimizer state and activations):
 
-- ours: the real train step (``train.step.Steps`` of ``train.state.init_state``: jitted,
+- ours: the real train step (``train.core.step.Steps`` of ``train.core.state.init_state``: jitted,
   state donated), on a ``PPLLaVA`` read with ``PPLLaVA.from_pretrained``; the llm workload
   is a text-only ``TrainBatch`` through the same step (the shell's vision tower is never
   run). AdamW (0.9, 0.999, 1e-8), weight decay 0, constant learning rate, gradients
@@ -142,8 +142,8 @@ def _video_prompt(inputs, mode: str) -> tuple[np.ndarray, np.ndarray]:
 
 def _train_batch(model_cfg, ids_bl, labels_bl, video=None, clip_ids=None):
   """A ``TrainBatch`` of these rows (the collate a run's pipeline does)."""
-  from ppllava_jax.data.batch import BatchConfig, collate
-  from ppllava_jax.data.sft import Sample
+  from ppllava_jax.data.sft.batches import BatchConfig, collate
+  from ppllava_jax.data.sft.samples import Sample
   rows, length = ids_bl.shape
   scorer = 0 if clip_ids is None else len(clip_ids)
   samples = []
@@ -171,11 +171,12 @@ def _ours(folder: Path, workload: str, mode: str, length: int = TEXT_LENGTH,
           rows: int = TEXT_BATCH) -> Ours:
   import jax
   from ppllava_jax.models.ppllava import PoolingConfig, PPLLaVA
-  from ppllava_jax.train.config import MeshConfig, OptimConfig, TrainConfig
-  from ppllava_jax.train.optimizer import make_optimizer
-  from ppllava_jax.train.partition import DPO, VICUNA_SFT, decay_mask, partition
-  from ppllava_jax.train.state import init_state, make_mesh
-  from ppllava_jax.train.step import Steps
+  from ppllava_jax.train.core.config import MeshConfig, OptimConfig, TrainConfig
+  from ppllava_jax.train.core.optimizer import make_optimizer
+  from ppllava_jax.train.core.partition import DPO, VICUNA_SFT, decay_mask, partition
+  from ppllava_jax.train.core.state import init_state, make_mesh
+  from ppllava_jax.train.core.step import Steps
+  from ppllava_jax.train.sft import TokenMean
   inputs = np.load(folder / "inputs.npz")
   model = PPLLaVA.from_pretrained(folder / "llava", clip=folder / "clip" if mode == "ppllava"
                                   else None, pooling=PoolingConfig(mode))
@@ -192,7 +193,9 @@ def _ours(folder: Path, workload: str, mode: str, length: int = TEXT_LENGTH,
     batch = _train_batch(model.cfg, *_video_prompt(inputs, mode), video=inputs["video"],
                          clip_ids=inputs["clip_ids"].astype(np.int32))
   del model
-  return Ours(Steps(graphdef, tc, tx, shardings), state, frozen, jax.device_put(batch),
+  sft = TokenMean(graphdef, tc)
+  return Ours(Steps(graphdef, tc, tx, shardings, sft, held_out=sft), state, frozen,
+              jax.device_put(batch),
               int(np.prod(batch.input_ids.shape)))
 
 

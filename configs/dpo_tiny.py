@@ -1,7 +1,7 @@
 """A tiny DPO run for the CPU: the tiny model of ``configs/sft_tiny.py`` (so an export of
 that run can start it: ``--set model.checkpoint=out/tiny/hf``; by default the random one)
 on a synthetic preference set that the run draws into its workdir first
-(``train.synthetic.generate_preference``: per video, a chosen sentence that describes its
+(``train.run.synthetic.generate_preference``: per video, a chosen sentence that describes its
 shape, colour and motion and a rejected one with one of them wrong, frame folders as the
 original's data), the reference log-probs precomputed and cached, accuracy on the held-out
 multiple-choice questions at the end.
@@ -13,13 +13,13 @@ beta 0.1 and two epochs.
   python train.py --config configs/dpo_tiny.py --workdir out/dpo_tiny [--set steps=20]
 """
 
-from ppllava_jax.data.pairs import PreferenceDataConfig
-from ppllava_jax.data.preference import PreferenceConfig
+from ppllava_jax.data.dpo.pairs import PreferenceDataConfig
+from ppllava_jax.data.dpo.rows import PreferenceConfig
 from ppllava_jax.models.tiny import TinyConfig
-from ppllava_jax.train.config import MeshConfig, OptimConfig, TrainConfig
-from ppllava_jax.train.partition import DPO
-from ppllava_jax.train.preference import DPOConfig
-from ppllava_jax.train.run_config import McqEvalConfig, ModelConfig, RunConfig, SyntheticConfig
+from ppllava_jax.train.core.config import MeshConfig, OptimConfig, TrainConfig
+from ppllava_jax.train.core.partition import DPO
+from ppllava_jax.train.dpo.losses import DPOConfig
+from ppllava_jax.train.run.config import McqEvalConfig, ModelConfig, RunConfig, SyntheticConfig
 
 
 def get_config() -> RunConfig:

@@ -1,19 +1,19 @@
 """The original's DPO recipe (config/dpo/dpo_ppllava_vicuna7b.yaml) on its data: LLaVA-Hound's
 ``sft_dpo_17k.jsonl`` preference rows over frame folders, from the Vicuna-7B SFT export.
 
-Only the LLM trains (``train.partition.DPO``); 5e-6, linear decay after a 10% warmup, no
+Only the LLM trains (``train.core.partition.DPO``); 5e-6, linear decay after a 10% warmup, no
 weight decay, AdamW (0.9, 0.999, 1e-8), max grad norm 1.0; sigmoid loss, beta 0.1, no label
 smoothing, no SFT term; two epochs; 64 pairs an update (the original: 2 per GPU x 4
 accumulation x 8 GPUs; here 16 pairs per process on one 8-device host x 4 micro-batches);
 32 frames; bfloat16 compute with float32 masters, gradient checkpointing, the parameters
 sharded over every device (the original: ZeRO-2). The reference runs live in bfloat16 (the
 original's frozen copy, in its compute dtype); ``--set dpo.precompute_reference=true``
-caches its log-probs once instead (``train.reference``) and keeps no copy in memory.
+caches its log-probs once instead (``train.dpo.reference``) and keeps no copy in memory.
 
 Paths are placeholders: point them at the SFT export (``train.py export``) and the data;
 ``steps`` (two epochs of 17k rows; the schedule decays over them) from the rows you keep.
 On H hosts keep 64 pairs an update with ``--set preference.shards=H --set
-preference.batch_size=16/H`` (``data.pipeline``: a step is ``shards`` planned batches).
+preference.batch_size=16/H`` (``data.sft.pipeline``: a step is ``shards`` planned batches).
 
   python train.py --config configs/dpo_vicuna7b.py --workdir out/dpo_vicuna7b \\
     --set model.checkpoint=out/sft_vicuna7b/hf \\
@@ -21,12 +21,12 @@ preference.batch_size=16/H`` (``data.pipeline``: a step is ``shards`` planned ba
     --set preference.media_root=data/llava_hound/frames
 """
 
-from ppllava_jax.data.pairs import PreferenceDataConfig
-from ppllava_jax.data.preference import PreferenceConfig
-from ppllava_jax.train.config import MeshConfig, OptimConfig, TrainConfig
-from ppllava_jax.train.partition import DPO
-from ppllava_jax.train.preference import DPOConfig
-from ppllava_jax.train.run_config import ModelConfig, RunConfig
+from ppllava_jax.data.dpo.pairs import PreferenceDataConfig
+from ppllava_jax.data.dpo.rows import PreferenceConfig
+from ppllava_jax.train.core.config import MeshConfig, OptimConfig, TrainConfig
+from ppllava_jax.train.core.partition import DPO
+from ppllava_jax.train.dpo.losses import DPOConfig
+from ppllava_jax.train.run.config import ModelConfig, RunConfig
 
 ROWS = 17_000  # about sft_dpo_17k.jsonl's rows
 PAIRS_PER_UPDATE = 64

@@ -6,7 +6,7 @@ scorer (extended 64 -> 196 positions; its tokenizer is the scorer's). The data: 
 300k video QA, 32 frames, ChatML (``plain_qwen``). The step: 1e-5, cosine, warmup 0.03, no
 weight decay, AdamW (0.9, 0.999, 1e-8), max grad norm 1.0, 8 rows per device x 8 GPUs x 2
 micro-batches = 128 a step, bf16 compute, gradient checkpointing, ZeRO-3 (fsdp over every
-device); what trains: ``train.partition.QWEN_SFT`` (the LLM, the projector and the SigLIP
+device); what trains: ``train.core.partition.QWEN_SFT`` (the LLM, the projector and the SigLIP
 text tower). ``steps``: one epoch of the 300k videos at 128 a step, over which the
 schedule decays (``train.optim.total_steps=None``): ``--set steps=N`` for your data.
 
@@ -17,13 +17,13 @@ Point the corpus at your files from the command line, e.g.::
     --set data.mixture.corpora.llava_hound.media_root=/data/llava_hound/frames
 """
 
-from ppllava_jax.data.annotations import CorpusConfig, MixtureConfig
-from ppllava_jax.data.batch import BatchConfig
-from ppllava_jax.data.pipeline import DataConfig
-from ppllava_jax.data.sft import SampleConfig
-from ppllava_jax.train.config import MeshConfig, OptimConfig, TrainConfig
-from ppllava_jax.train.partition import QWEN_SFT
-from ppllava_jax.train.run_config import ModelConfig, RunConfig
+from ppllava_jax.data.sft.annotations import CorpusConfig, MixtureConfig
+from ppllava_jax.data.sft.batches import BatchConfig
+from ppllava_jax.data.sft.pipeline import DataConfig
+from ppllava_jax.data.sft.samples import SampleConfig
+from ppllava_jax.train.core.config import MeshConfig, OptimConfig, TrainConfig
+from ppllava_jax.train.core.partition import QWEN_SFT
+from ppllava_jax.train.run.config import ModelConfig, RunConfig
 
 ROWS_PER_PROCESS = 64  # 8 per device on one 8-device host
 SAMPLES, GLOBAL_BATCH = 300_000, 128
@@ -35,7 +35,7 @@ def get_config() -> RunConfig:
   data = DataConfig(
       MixtureConfig(corpora),
       # the original trains the SigLIP scorer on each text unpadded (pooled at its own last
-      # token) and evaluates it padded; "max_length" pads in training too (data.sft)
+      # token) and evaluates it padded; "max_length" pads in training too (data.sft.samples)
       SampleConfig(template="plain_qwen", max_length=4096, scorer_padding="none"),
       BatchConfig(batch_size=ROWS_PER_PROCESS, seq_buckets=(1024, 2048, 4096),
                   video_slots=ROWS_PER_PROCESS, image_slots=0, multi_image_slots=0,

@@ -2,7 +2,7 @@
 (``models.tiny.build_tiny``: 4 frames of 126 pixels, 9 x 9 patches of 14, which the (2, 3, 3)
 kernel pools to 2 x 3 x 3 tokens with no remainder left out; one layer per tower), the char
 tokenizer, on a synthetic video-QA set of moving coloured shapes that the run draws into its
-workdir first (``train.synthetic``: colour, shape and direction questions in the original
+workdir first (``train.run.synthetic``: colour, shape and direction questions in the original
 MVBench prompt format, the original's qa format), evaluated every 50 batches on 8 other
 videos, whose questions are also MVBench task files in ``{workdir}/data/mcq``.
 
@@ -11,15 +11,15 @@ videos, whose questions are also MVBench task files in ``{workdir}/data/mcq``.
 
 import dataclasses
 
-from ppllava_jax.data.annotations import CorpusConfig, MixtureConfig
-from ppllava_jax.data.batch import BatchConfig
-from ppllava_jax.data.pipeline import DataConfig
-from ppllava_jax.data.sft import SampleConfig
+from ppllava_jax.data.sft.annotations import CorpusConfig, MixtureConfig
+from ppllava_jax.data.sft.batches import BatchConfig
+from ppllava_jax.data.sft.pipeline import DataConfig
+from ppllava_jax.data.sft.samples import SampleConfig
 from ppllava_jax.models.tiny import TinyConfig
-from ppllava_jax.train.config import MeshConfig, OptimConfig, TrainConfig
-from ppllava_jax.train.partition import VICUNA_SFT
-from ppllava_jax.train.run_config import ModelConfig, RunConfig, SyntheticConfig
-from ppllava_jax.train.run_config import McqEvalConfig
+from ppllava_jax.train.core.config import MeshConfig, OptimConfig, TrainConfig
+from ppllava_jax.train.core.partition import VICUNA_SFT
+from ppllava_jax.train.run.config import ModelConfig, RunConfig, SyntheticConfig
+from ppllava_jax.train.run.config import McqEvalConfig
 
 
 def get_config() -> RunConfig:

@@ -26,14 +26,14 @@ from the command line, e.g.::
 On several hosts see scripts/ (``python -m ppllava_jax.plan`` sizes the memory first).
 """
 
-from ppllava_jax.data.annotations import CorpusConfig, MixtureConfig
-from ppllava_jax.data.batch import BatchConfig
-from ppllava_jax.data.pipeline import DataConfig
-from ppllava_jax.data.sft import SampleConfig
+from ppllava_jax.data.sft.annotations import CorpusConfig, MixtureConfig
+from ppllava_jax.data.sft.batches import BatchConfig
+from ppllava_jax.data.sft.pipeline import DataConfig
+from ppllava_jax.data.sft.samples import SampleConfig
 from ppllava_jax.models.btadapter import BTAdapterConfig
-from ppllava_jax.train.config import MeshConfig, OptimConfig, TrainConfig
-from ppllava_jax.train.partition import VICUNA_SFT
-from ppllava_jax.train.run_config import ModelConfig, RunConfig
+from ppllava_jax.train.core.config import MeshConfig, OptimConfig, TrainConfig
+from ppllava_jax.train.core.partition import VICUNA_SFT
+from ppllava_jax.train.run.config import ModelConfig, RunConfig
 
 ROWS_PER_PROCESS = 64  # 8 per device on one 8-device host
 SAMPLES, GLOBAL_BATCH = 1_360_000, 128

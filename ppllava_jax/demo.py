@@ -1,12 +1,12 @@
 """``make demo``: the whole story on the CPU in a few minutes: data, training, evaluation.
 
-1. Draws a small synthetic video-QA set (``train.synthetic``: one coloured shape moving
+1. Draws a small synthetic video-QA set (``train.run.synthetic``: one coloured shape moving
    across a grey field; colour, shape and direction questions whose answers only the
    pixels give), with the held-out questions as MVBench task files.
 2. Trains a tiny PPLLaVA on it from random weights with the real trainer
-   (``train.loop.train`` on ``configs/sft_tiny.py`` with ``DemoConfig``'s ``--set``
+   (``train.run.loop.train`` on ``configs/sft_tiny.py`` with ``DemoConfig``'s ``--set``
    overrides; its progress bar, metrics and ``loss.png``), and exports it
-   (``train.loop.export``) as a transformers folder.
+   (``train.run.export``) as a transformers folder.
 3. Evaluates the held-out questions with ``eval.py`` itself (``eval.app.main``, in
    this process), as a converted real checkpoint is evaluated on MVBench.
 4. Copies eval.py's relevance heat-map of one held-out question (the trained scorer, with
@@ -37,10 +37,11 @@ from flax import nnx
 from ppllava_jax.config import load_config
 from ppllava_jax.eval import app, mcq
 from ppllava_jax.models.ppllava import PPLLaVA
-from ppllava_jax.train import loop
-from ppllava_jax.train import run_config as rc
-from ppllava_jax.train.metrics import read_metrics
-from ppllava_jax.train.synthetic import generate
+from ppllava_jax.train.run import export, loop
+from ppllava_jax.config import apply_overrides
+from ppllava_jax.train.run import config as rc
+from ppllava_jax.train.run.metrics import read_metrics
+from ppllava_jax.train.run.synthetic import generate
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: configs/ and train.py
 
@@ -84,7 +85,7 @@ def overrides(cfg: DemoConfig) -> list[str]:
 
 
 def eval_args(cfg: DemoConfig, frames: int, data: Path, model: Path, out: Path) -> list[str]:
-  """``eval.py``'s arguments for the held-out questions (``train.synthetic``'s layout),
+  """``eval.py``'s arguments for the held-out questions (``train.run.synthetic``'s layout),
   at the ``frames`` the model was trained on."""
   return ["--checkpoint", str(model),
           "--mvbench", str(data / "mcq"), "--video-root", str(data / "videos"),
@@ -113,7 +114,7 @@ def run(cfg: DemoConfig, out: Path) -> dict:
   workdir, model_dir, eval_dir = out / "train", out / "model", out / "eval"
   for folder in (workdir, model_dir, eval_dir):
     shutil.rmtree(folder, ignore_errors=True)
-  run_cfg = rc.apply_overrides(load_config(ROOT / cfg.base, rc.RunConfig), overrides(cfg))
+  run_cfg = apply_overrides(load_config(ROOT / cfg.base, rc.RunConfig), overrides(cfg))
   data = workdir / "data"
   start = time.perf_counter()
   generate(run_cfg.synthetic, data)
@@ -121,7 +122,7 @@ def run(cfg: DemoConfig, out: Path) -> dict:
   start = time.perf_counter()
   trained = loop.train(run_cfg, workdir)
   times["train"] = time.perf_counter() - start
-  loop.export(workdir, model_dir)
+  export.export(workdir, model_dir)
   start = time.perf_counter()
   args = eval_args(cfg, run_cfg.model.tiny.frames, data, model_dir, eval_dir)
   if app.main(args) != 0:

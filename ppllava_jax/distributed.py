@@ -38,7 +38,7 @@ Only the primary process (index 0) writes what a run shares: metrics, pictures, 
 files (``is_primary``); every process takes part in the collectives and in Orbax saves.
 
 Signals: a first SIGTERM / Ctrl-C that any process receives is agreed on at the next step,
-and all save and stop (``train.loop``); a second one stops only the process that receives
+and all save and stop (``train.run.loop``); a second one stops only the process that receives
 it, at once. The others then fail in their next collective, or the coordination service,
 missing that process's heartbeat, tears them down. So send signals to every process, as
 Slurm (``scancel``, ``--signal``) and TPU preemption do; ``scripts/localhost.sh`` passes
@@ -51,6 +51,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import sys
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +230,15 @@ def initialize(args: argparse.Namespace | None = None, environ=os.environ) -> bo
 def is_primary() -> bool:
   import jax
   return jax.process_index() == 0
+
+
+def say(text: str) -> None:
+  """A message of the run, printed once (by process 0: every process runs the same code)
+  and past any progress bar."""
+  if is_primary():
+    from tqdm import tqdm
+    tqdm.write(text)
+    sys.stdout.flush()
 
 
 def barrier(name: str) -> None:

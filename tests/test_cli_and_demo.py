@@ -13,19 +13,19 @@ import pytest
 from PIL import Image
 
 from ppllava_jax.config import load_config
-from ppllava_jax.data.annotations import CorpusConfig
 from ppllava_jax.data.processor import Media, Processor, Prompt
-from ppllava_jax.data.sft import IGNORE, build_sample
-from ppllava_jax.data.templates import VICUNA
-from ppllava_jax.data.tokenizer import char_tokenizer
-from ppllava_jax.data.video import load_video
+from ppllava_jax.data.batching import IGNORE
+from ppllava_jax.data.sft.samples import build_sample
+from ppllava_jax.data.text.templates import VICUNA
+from ppllava_jax.data.text.tokenizer import char_tokenizer
+from ppllava_jax.data.media.video import load_video
 from ppllava_jax.demo import DemoConfig
 from ppllava_jax.eval import mcq
 from ppllava_jax.eval.heatmap import colorbar, relevance_grid
 from ppllava_jax.eval.jobs import mcq_jobs
 from ppllava_jax.models.tiny import TinyConfig
-from ppllava_jax.train import synthetic
-from ppllava_jax.train.run_config import SyntheticConfig
+from ppllava_jax.train.run import synthetic
+from ppllava_jax.train.run.config import SyntheticConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 INFERNO_TOP, INFERNO_BOTTOM = (252, 255, 164), (0, 0, 4)
@@ -43,10 +43,11 @@ def test_train_help_shows_export_and_only_keys_that_exist():
                         text=True, cwd=ROOT, check=True)
   assert "train.py export --workdir DIR --out DIR [--step N]" in done.stdout
   from ppllava_jax.config import load_config
-  from ppllava_jax.train import run_config as rc
+  from ppllava_jax.config import apply_overrides
+  from ppllava_jax.train.run import config as rc
   cfg = load_config(ROOT / "configs" / "sft_vicuna7b.py", rc.RunConfig)
   keys = re.findall(r"\b((?:steps|train|data|model)[\w.]*)=", done.stdout)
-  assert keys and all(rc.apply_overrides(cfg, [f"{k}=1e-4" if "lr" in k else f"{k}=7"])
+  assert keys and all(apply_overrides(cfg, [f"{k}=1e-4" if "lr" in k else f"{k}=7"])
                       for k in keys if "corpora" not in k), keys
 
 
@@ -156,7 +157,7 @@ def test_sft_tiny_pools_the_whole_frame():
   """126-pixel frames of 14-pixel patches: the (2, 3, 3) windows tile the 9 x 9 grid, so
   no patch row or column (where a shape may be) is left out of the pooled tokens."""
   from ppllava_jax.ops.geometry import pool_geometry
-  from ppllava_jax.train.run_config import RunConfig
+  from ppllava_jax.train.run.config import RunConfig
   cfg = load_config(ROOT / "configs" / "sft_tiny.py", RunConfig)
   g = cfg.model.tiny.image_size // cfg.model.tiny.patch_size
   out, kernel, _ = pool_geometry((cfg.model.tiny.frames, g, g), kernel=cfg.model.tiny.kernel)

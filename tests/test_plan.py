@@ -34,9 +34,9 @@ def _param_counts(trainable_rules):
   """(trainable, frozen, LLM) element counts of the tiny model, from its shapes."""
   from flax import nnx
 
-  from ppllava_jax.data.tokenizer import char_tokenizer
+  from ppllava_jax.data.text.tokenizer import char_tokenizer
   from ppllava_jax.models.tiny import TinyConfig, build_tiny
-  from ppllava_jax.train.partition import partition
+  from ppllava_jax.train.core.partition import partition
   tiny = TinyConfig(frames=4, image_size=126, patch_size=14, vision_width=32, vision_layers=1,
                     llm_width=64, llm_layers=1, text_width=32, text_layers=1)
   model = nnx.eval_shape(lambda: build_tiny(tiny, len(char_tokenizer())))
@@ -68,7 +68,7 @@ def _check_numbers(plan, trainable, frozen, fsdp):
 
 
 def test_sft_plan(tmp_path):
-  from ppllava_jax.train.partition import VICUNA_SFT
+  from ppllava_jax.train.core.partition import VICUNA_SFT
   trainable, frozen, llm = _param_counts(VICUNA_SFT)
   stdout, plan = _plan(tmp_path, *SFT_RUN)
   for line in ("memory per device", "saved residuals", "estimate:", "temporaries",
@@ -82,7 +82,7 @@ def test_sft_plan(tmp_path):
 
 
 def test_dpo_plan(tmp_path):
-  from ppllava_jax.train.partition import DPO
+  from ppllava_jax.train.core.partition import DPO
   trainable, frozen, llm = _param_counts(DPO)
   assert trainable == llm  # only the LLM trains
   stdout, plan = _plan(tmp_path, *DPO_RUN)

@@ -10,12 +10,12 @@ the media, the scorer's text) into token ids and pixels:
   a video token) or ``image_tokens(size)`` image placeholders;
 - videos: frames resized to the tower's square input, CLIP-normalised (SigLIP towers:
   letterboxed, SigLIP-normalised: the original's two video processors); images:
-  anyres tiles (``data.preprocess``);
+  anyres tiles (``data.media.preprocess``);
 - the scorer's text is tokenized to exactly the scorer's context length (248 CLIP,
   196 SigLIP; SigLIP pools the last position, so it must be padded to that length),
   truncated: the first time with a warning that says by how much, after that counted
   (``scorer_truncated``), so a benchmark of long prompts logs one line, not one per item;
-- every id is checked against the table it indexes (``data.tokenizer.check_ids``): a
+- every id is checked against the table it indexes (``data.text.tokenizer.check_ids``): a
   tokenizer of another model fails the item with a clear error, never NaN logits.
 
 ``Processor.collate`` stacks encoded items with left padding (generation needs the
@@ -35,8 +35,8 @@ from typing import Literal
 
 import numpy as np
 
-from ppllava_jax.data import preprocess
-from ppllava_jax.data.tokenizer import check_ids
+from ppllava_jax.data.media import preprocess
+from ppllava_jax.data.text.tokenizer import check_ids
 from ppllava_jax.models.ppllava_config import PPLLaVAConfig
 from ppllava_jax.models.siglip import SiglipVisionConfig
 
@@ -53,7 +53,7 @@ class Media:
 class Prompt:
   text: str  # the LLM's text, one ``media_token`` per item of ``media``, in order
   media: tuple[Media, ...] = ()
-  scorer_text: str = ""  # the relevance scorer's text (the question; see data.templates)
+  scorer_text: str = ""  # the relevance scorer's text (the question; see data.text.templates)
 
 
 @dataclasses.dataclass(frozen=True)

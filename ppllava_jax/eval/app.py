@@ -7,7 +7,7 @@ Decisions:
   LLaVA-NeXT(-Video) / OneVision, PPLLaVA's released folders, what ``train.py export``
   and ``convert.py to-hf`` write). Its tokenizer is read from it (or ``--tokenizer``);
   the scorer's from ``--scorer-tokenizer``, else ``--clip``, else the folder's
-  ``scorer_tokenizer/`` (``data.tokenizer.tokenizer_folders``); the pooling mode is the
+  ``scorer_tokenizer/`` (``data.text.tokenizer.tokenizer_folders``); the pooling mode is the
   one the folder was saved with unless ``--pooling`` says otherwise. Each tokenizer is
   checked against the embedding it feeds before anything runs: another model's
   tokenizer is an error, never NaN logits and empty answers.
@@ -22,7 +22,7 @@ Decisions:
   ``<videoID>/``); open-ended JSONL lines ``{"id", "video", "question"}``.
 - VideoMME with ``--subtitles``: the items' own ``subtitles`` lines, or with
   ``--subtitle-root`` the lines of ``<videoID>.srt`` shown at the sampled frames
-  (``data.subtitles``, as the original picks them).
+  (``data.media.subtitles``, as the original picks them).
 - Inputs (benchmark and question files, the video and its folders, the numbers) are
   checked before the model loads, so a typo costs seconds, not a model load.
 - Outputs in ``--out``: ``predictions.jsonl`` (``eval.records``, appended as answers
@@ -57,7 +57,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ppllava_jax import cli, distributed, signals
-from ppllava_jax.data.video import BACKENDS
+from ppllava_jax.data.media.video import BACKENDS
 from ppllava_jax.eval import mcq, records
 from ppllava_jax.eval.fingerprint import model_key
 from ppllava_jax.eval.jobs import chat_template, mcq_jobs, qa_jobs, video_job
@@ -215,10 +215,10 @@ def _read_inputs(args) -> list[mcq.Item] | list[QAItem] | None:
 
 def load(args):
   """The model and its processor: the weights with progress, then the tokenizers, each
-  checked against the embedding it feeds (``data.tokenizer.model_tokenizers``)."""
+  checked against the embedding it feeds (``data.text.tokenizer.model_tokenizers``)."""
   import jax.numpy as jnp
   from ppllava_jax.data.processor import Processor
-  from ppllava_jax.data.tokenizer import model_tokenizers
+  from ppllava_jax.data.text.tokenizer import model_tokenizers
   from ppllava_jax.models.ppllava import PPLLaVA
   start = time.perf_counter()
   model = PPLLaVA.from_pretrained(args.checkpoint, clip=args.clip,
@@ -248,7 +248,7 @@ def main(argv=None) -> int:
 
 
 def _evaluate(args, predictions: Path, check_stop: Callable[[], None]) -> int:
-  from ppllava_jax.data.tokenizer import tokenizer_folders
+  from ppllava_jax.data.text.tokenizer import tokenizer_folders
   args.folders = tokenizer_folders(args.checkpoint, tokenizer=args.tokenizer,
                                    scorer_tokenizer=args.scorer_tokenizer, clip=args.clip)
   args.pooling = _pooling(args)

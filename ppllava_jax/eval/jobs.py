@@ -18,8 +18,8 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ppllava_jax.data.templates import CHATML, VICUNA, ChatTemplate, render_generation_prompt
-from ppllava_jax.data.video import VIDEO_EXTENSIONS
+from ppllava_jax.data.text.templates import CHATML, VICUNA, ChatTemplate, render_generation_prompt
+from ppllava_jax.data.media.video import VIDEO_EXTENSIONS
 from ppllava_jax.eval import mcq
 from ppllava_jax.eval.fingerprint import digest
 from ppllava_jax.eval.qa import QAItem

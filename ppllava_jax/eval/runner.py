@@ -10,7 +10,7 @@
   job is generated, failed ones again, and the result counts what was reused and redone;
 - reads media on a background thread, one batch ahead, while the model generates
   (a VideoMME prompt with subtitles is completed there, quoting the lines shown at
-  the frames actually sampled: ``data.subtitles``);
+  the frames actually sampled: ``data.media.subtitles``);
 - batches jobs of equal frame count, pads them into the processor's shape buckets and
   runs ``model.generate`` (one jitted program per bucket; each new one is logged, with
   the running count, so a long evaluation shows it compiles a handful of times);
@@ -66,9 +66,9 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from ppllava_jax import distributed
-from ppllava_jax.data import subtitles
+from ppllava_jax.data.media import subtitles
 from ppllava_jax.data.processor import Encoded, Media, Processor, Prompt
-from ppllava_jax.data.video import MediaError, load_video
+from ppllava_jax.data.media.video import MediaError, load_video
 from ppllava_jax.eval import mcq
 from ppllava_jax.eval import records as saved
 from ppllava_jax.eval.fingerprint import digest, job_fingerprint
@@ -86,7 +86,7 @@ class RunConfig:
   max_new_tokens: int = 200
   length_multiple: int = 64  # prompt lengths round up to this (shape buckets)
   visualize: Path | None = None
-  video_backend: str = "pyav"  # data.video.load_video's decoder: "pyav" or "decord"
+  video_backend: str = "pyav"  # data.media.video.load_video's decoder: "pyav" or "decord"
   model_key: str = ""  # what built the model (fingerprint.model_key)
 
   @property

@@ -290,7 +290,7 @@ class CausalLM(nnx.Module):
     ``last_only``: logits of the last position only, (B, 1, V), as a prefill needs
     (a 18k-token video prompt would otherwise spend 2.4 GB on 32k-word logits).
     Training takes ``hidden_states`` and ``head_dv`` instead and never builds the
-    full logits (``ppllava_jax.train.losses``).
+    full logits (``ppllava_jax.train.core.losses``).
     """
     x_bld, cache = self.hidden_states(input_ids, attention_mask, position_ids, inputs_embeds,
                                       cache)

@@ -12,7 +12,7 @@ pooling head used per patch (value projection, then the residual MLP). SigLIP's
 patch of an item, so it does not change the softmax and Eq. 1 ignores it. SigLIP text is
 pooled at the last position, so padding changes it: the original trains on unpadded text
 (each row's last real token pooled) and evaluates padded text (a padding position pooled);
-``data.sft``'s ``SampleConfig.scorer_padding`` picks the form, the ids carry it
+``data.sft.samples``'s ``SampleConfig.scorer_padding`` picks the form, the ids carry it
 (``siglip.NO_TOKEN`` past an unpadded text's end).
 
 Released checkpoints store both kinds as ``multi_modal_projector.clip_*``.
@@ -265,7 +265,7 @@ class SiglipRelevanceScorer(_Scorer):
   def text_features(self, input_ids: jax.Array, attention_mask: jax.Array | None) -> jax.Array:
     """(B, L) prompt ids -> (B, E), SigLIP's pooled text state through its head: the last
     position of a padded row (evaluation's form), the last real token of a row that ends in
-    ``siglip.NO_TOKEN`` ids (the original's unpadded training text, ``data.sft``)."""
+    ``siglip.NO_TOKEN`` ids (the original's unpadded training text, ``data.sft.samples``)."""
     return self.text_model(input_ids, attention_mask)[2]
 
   def patch_embeddings(self, feats: jax.Array) -> jax.Array:

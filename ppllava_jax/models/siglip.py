@@ -9,7 +9,7 @@ is the **last** position (padding included, as transformers does: SigLIP expects
 A row may also hold a text shorter than the batch: ``NO_TOKEN`` (-1) ids past its end.
 Those positions are no input at all (never attended, never pooled), so the row's pooled
 output is its last real token's, what transformers gives on that text alone. This is how
-a fixed-shape batch carries the original's unpadded training text (``data.sft``,
+a fixed-shape batch carries the original's unpadded training text (``data.sft.samples``,
 ``SampleConfig.scorer_padding="none"``); rows without ``NO_TOKEN`` pool as transformers.
 """
 

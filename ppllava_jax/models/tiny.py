@@ -4,7 +4,7 @@
 build: CLIP-style patches (336-pixel frames of 14-pixel patches: 24 x 24 per frame by
 default), the (2, 3, 3) prompt-guided pooling kernel, a CLIP text scorer extended from 77
 to 248 positions, and a LLaMA decoder, each a layer or two of a few dozen channels. The
-vocabulary is the caller's (the char tokenizer's: ``data.tokenizer.char_tokenizer``), whose
+vocabulary is the caller's (the char tokenizer's: ``data.text.tokenizer.char_tokenizer``), whose
 ``<image>`` id 4 is the media placeholder and whose bos / eos / pad are 1 / 2 / 0.
 """
 

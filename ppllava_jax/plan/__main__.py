@@ -52,7 +52,7 @@ def simulate_devices(count: int) -> None:
 def load_run_config(path: str):
   """A config file's ``RunConfig`` (its ``get_config()``)."""
   from ppllava_jax.config import load_config
-  from ppllava_jax.train.run_config import RunConfig
+  from ppllava_jax.train.run.config import RunConfig
   return load_config(path, RunConfig)
 
 
@@ -152,13 +152,13 @@ def main(argv=None) -> int:
   import jax
 
   from ppllava_jax.plan.steps import plan_step
-  from ppllava_jax.train import run_config as rc
-  from ppllava_jax.train.config import MeshConfig
+  from ppllava_jax.config import apply_overrides
+  from ppllava_jax.train.core.config import MeshConfig
   if jax.device_count() != devices:
     raise ValueError(f"JAX started with {jax.device_count()} devices, not the mesh's "
                      f"{devices}: run the plan in a fresh process (python -m ppllava_jax.plan)")
   overrides = list(args.overrides) + ([f"train.remat={args.remat}"] if args.remat else [])
-  cfg = rc.apply_overrides(load_run_config(args.config), overrides).resolved()
+  cfg = apply_overrides(load_run_config(args.config), overrides).resolved()
   cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, mesh=MeshConfig(**mesh)))
   plan = plan_step(cfg, args.arch, args.compile_step)
   wall_s = time.perf_counter() - start

@@ -1,8 +1,8 @@
 """A run's train step from abstract state: its memory estimate, and XLA's memory and FLOPs.
 
-``plan_step(cfg)`` builds what ``train.loop.build`` builds (partition, optimizer, shardings,
+``plan_step(cfg)`` builds what ``train.run.loop.build`` builds (partition, optimizer, shardings,
 the objective and its constants) but from ``nnx.eval_shape`` and
-``train.state.abstract_state``, so the state is ``jax.ShapeDtypeStruct``s with shardings;
+``train.core.state.abstract_state``, so the state is ``jax.ShapeDtypeStruct``s with shardings;
 the batch is one of the config's global layout at its largest sequence bucket
 (``abstract_batch``). Two readings of the step:
 
@@ -31,22 +31,23 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ppllava_jax.data.batch import collate, pad_batch
-from ppllava_jax.data.pairs import collate_pairs
+from ppllava_jax.data.sft.batches import collate
+from ppllava_jax.data.batching import pad_batch
+from ppllava_jax.data.dpo.pairs import collate_pairs
 from ppllava_jax.models.ppllava import PPLLaVA
 from ppllava_jax.models.ppllava_config import PPLLaVAConfig
 from ppllava_jax.plan.architectures import RELEASES, release_for
 from ppllava_jax.plan.memory import (DeviceShare, MemoryEstimate, largest_layer, saved_residuals,
                                      shard_bytes)
-from ppllava_jax.train import run_config as rc
-from ppllava_jax.train.config import TrainConfig
-from ppllava_jax.train.dpo import DPOConstants, PreferenceObjective, check_trainable
-from ppllava_jax.train.metrics import cost_flops
-from ppllava_jax.train.optimizer import make_optimizer
-from ppllava_jax.train.partition import decay_mask, partition
-from ppllava_jax.train.state import (abstract_state, batch_devices, batch_shardings, cast_floating,
-                                     make_mesh, placed)
-from ppllava_jax.train.step import Steps, TokenMean
+from ppllava_jax.train.run import config as rc
+from ppllava_jax.train.core.config import TrainConfig
+from ppllava_jax.train.dpo.objective import DPOConstants, PreferenceObjective, check_trainable
+from ppllava_jax.train.run.metrics import cost_flops
+from ppllava_jax.train.core.optimizer import make_optimizer
+from ppllava_jax.train.core.partition import decay_mask, partition
+from ppllava_jax.train.core.state import (abstract_state, batch_devices, batch_shardings, cast_floating, make_mesh, placed)
+from ppllava_jax.train.core.step import Steps
+from ppllava_jax.train.sft import TokenMean
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +141,7 @@ def model_config(cfg: rc.RunConfig, arch: str | None = None) -> tuple[PPLLaVACon
       raise ValueError(f"--arch {arch!r}: expected one of {sorted(RELEASES)}")
     model, source = RELEASES[arch], f"built-in {arch}"
   elif not m.checkpoint:
-    from ppllava_jax.data.tokenizer import char_tokenizer
+    from ppllava_jax.data.text.tokenizer import char_tokenizer
     return m.tiny.model_config(len(char_tokenizer())), "tiny, built in code"
   elif Path(m.checkpoint).is_dir():
     model, source = _folder_config(Path(m.checkpoint)), f"{m.checkpoint}/config.json"

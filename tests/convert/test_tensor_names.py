@@ -18,7 +18,7 @@ from safetensors.numpy import load_file
 from ppllava_jax.convert import tensor_names
 from ppllava_jax.convert.loader import CheckpointError
 from ppllava_jax.models.ppllava import PPLLaVA
-from ppllava_jax.train.partition import VICUNA_SFT, partition
+from ppllava_jax.train.core.partition import VICUNA_SFT, partition
 from support.hf_fixtures import make_llava_next_video, make_scorer_clip
 
 # VICUNA_SFT's trainable parts, as checkpoint names (the original's module names)

@@ -7,9 +7,8 @@ import pickle
 import numpy as np
 import pytest
 
-from ppllava_jax.data.annotations import (AnnotationError, CorpusConfig,
-                                          MixtureConfig, epoch_order, load_mixture, parse_record)
-from ppllava_jax.data.templates import Turn
+from ppllava_jax.data.sft.annotations import (AnnotationError, CorpusConfig, MixtureConfig, epoch_order, load_mixture, parse_record)
+from ppllava_jax.data.text.templates import Turn
 from ppllava_jax.files import DataFileError
 
 QA = [{"q": "What is it?", "a": "A dog."}]

@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 
 from ppllava_jax import ops
-from ppllava_jax.data.annotations import KIND_CODES
-from ppllava_jax.data.batch import (BatchConfig, Geometry, anyres_gather_indices, collate,
-                                    pad_batch, plan_batches)
-from ppllava_jax.data.sft import IGNORE, Sample
+from ppllava_jax.data.sft.annotations import KIND_CODES
+from ppllava_jax.data.sft.batches import (BatchConfig, Geometry, anyres_gather_indices, collate, plan_batches)
+from ppllava_jax.data.batching import pad_batch
+from ppllava_jax.data.batching import IGNORE
+from ppllava_jax.data.sft.samples import Sample
 from support.train_data import tiny_model_config
 
 IMG = 7  # the tiny config's image placeholder id here

@@ -1,4 +1,4 @@
-"""The DPO input pipeline (``data.pairs``): pair collation, the epoch plan, the iterator.
+"""The DPO input pipeline (``data.dpo.pairs``): pair collation, the epoch plan, the iterator.
 
 Expectations are written from the documented layout: row ``2i`` is pair ``i``'s chosen
 completion, row ``2i + 1`` its rejected one, each the shared prompt (labels IGNORE) then
@@ -8,7 +8,7 @@ printable ASCII from id 5, the newline 100) and ``plain_v1``'s text, ``USER: <im
 ASSISTANT: {a}</s>``. The tiny model: 24-pixel frames of 6 x 6 patches pooled (2, 3, 3),
 so a 4-frame video is 8 placeholders (id -1) and a 2-frame one 4.
 
-The pipeline tests run on a synthetic preference set (``train.synthetic``) of 5 frame
+The pipeline tests run on a synthetic preference set (``train.run.synthetic``) of 5 frame
 folders of 12 frames each (more than the 4 sampled, so sampling can differ per epoch).
 """
 
@@ -22,15 +22,12 @@ import shutil
 import numpy as np
 import pytest
 
-from ppllava_jax.data.pairs import (MissingReference, PairBatch, PreferenceDataConfig,
-                                    collate_pairs, make_builder, make_preference_iterator,
-                                    pair_epoch)
-from ppllava_jax.data.preference import (PreferenceBuilder, PreferenceConfig, PreferenceRow,
-                                         PreferenceSample, read_preference_rows)
-from ppllava_jax.data.sft import IGNORE
-from ppllava_jax.data.tokenizer import char_tokenizer
-from ppllava_jax.train.run_config import SyntheticConfig
-from ppllava_jax.train.synthetic import PREFERENCE_QUESTION, generate_preference
+from ppllava_jax.data.dpo.pairs import (MissingReference, PairBatch, PreferenceDataConfig, collate_pairs, make_builder, make_preference_iterator, pair_epoch)
+from ppllava_jax.data.dpo.rows import (PreferenceBuilder, PreferenceConfig, PreferenceRow, PreferenceSample, read_preference_rows)
+from ppllava_jax.data.batching import IGNORE
+from ppllava_jax.data.text.tokenizer import char_tokenizer
+from ppllava_jax.train.run.config import SyntheticConfig
+from ppllava_jax.train.run.synthetic import PREFERENCE_QUESTION, generate_preference
 from support.train_data import tiny_model_config, write_numbered_frames
 
 V = -1  # the tiny model's video placeholder id

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from ppllava_jax.data.annotations import CorpusConfig, MixtureConfig, load_mixture
-from ppllava_jax.data.batch import BatchConfig, Geometry, pad_batch
-from ppllava_jax.data.pipeline import DataConfig, DataError, make_train_iterator
-from ppllava_jax.data.sft import SampleConfig
+from ppllava_jax.data.sft.annotations import CorpusConfig, MixtureConfig, load_mixture
+from ppllava_jax.data.sft.batches import BatchConfig, Geometry
+from ppllava_jax.data.batching import pad_batch
+from ppllava_jax.data.sft.pipeline import DataConfig, make_train_iterator
+from ppllava_jax.data.engine import DataError
+from ppllava_jax.data.sft.samples import SampleConfig
 from support.train_data import tiny_model_config, write_image, write_json, write_video
 from support.tokenizers import clip_tokenizer, llama_sp_tokenizer
 
@@ -165,7 +167,7 @@ def test_a_steps_shards_are_one_global_batch_whatever_the_blocks(setup):
   """``shards=2``: one block (one process) yields the two planned batches of a step as one
   global batch; two blocks yield its halves; each half is the planned batch itself with its
   row references moved to its rows and its gather indices into the global image table
-  (images of both shards, pictures of both, the newline: data.batch's layout)."""
+  (images of both shards, pictures of both, the newline: data.sft.batches's layout)."""
   cfg = config(setup, num_epochs=1, shards=2)
   plain = iterator(setup, config(setup, num_epochs=1), block=0, blocks=1)
   whole = iterator(setup, cfg, block=0, blocks=1)

@@ -21,12 +21,12 @@ import pytest
 import sentencepiece as spm
 from transformers import AutoTokenizer
 
-from ppllava_jax.data import preprocess
-from ppllava_jax.data.preference import (PreferenceBuilder, PreferenceConfig, parse_row,
-                                         read_preference_rows)
-from ppllava_jax.data.sft import IGNORE, SkipSample
-from ppllava_jax.data.templates import VICUNA_V1, Turn, render_conversation
-from ppllava_jax.data.video import random_indices
+from ppllava_jax.data.media import preprocess
+from ppllava_jax.data.dpo.rows import (PreferenceBuilder, PreferenceConfig, parse_row, read_preference_rows)
+from ppllava_jax.data.batching import IGNORE
+from ppllava_jax.data.sft.samples import SkipSample
+from ppllava_jax.data.text.templates import VICUNA_V1, Turn, render_conversation
+from ppllava_jax.data.media.video import random_indices
 from ppllava_jax.files import DataFileError
 from support.tokenizers import clip_tokenizer, llama_sp_tokenizer, qwen_tokenizer
 from support.train_data import tiny_model_config, write_numbered_frames, write_video

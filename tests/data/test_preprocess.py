@@ -14,10 +14,7 @@ from transformers import (CLIPImageProcessorPil, LlavaNextImageProcessorPil,
 from transformers.image_utils import (IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD,
                                       OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
 
-from ppllava_jax.data.preprocess import (CLIP_MEAN, CLIP_STD, LLAVA_NEXT_PINPOINTS,
-                                         ONEVISION_PINPOINTS, SIGLIP_MEAN, SIGLIP_STD,
-                                         clip_image_pixels, llava_next_image_pixels,
-                                         normalize, siglip_image_pixels, to_rgb, video_pixels)
+from ppllava_jax.data.media.preprocess import (CLIP_MEAN, CLIP_STD, LLAVA_NEXT_PINPOINTS, ONEVISION_PINPOINTS, SIGLIP_MEAN, SIGLIP_STD, clip_image_pixels, llava_next_image_pixels, normalize, siglip_image_pixels, to_rgb, video_pixels)
 
 MAX_DIFF = 1e-6
 # odd sizes; portrait and landscape; smaller than a tile; very wide; square; tall

@@ -10,7 +10,7 @@ import pytest
 
 from support.hf_fixtures import LLAVA_PINPOINTS, make_llava_next_video, make_scorer_clip
 from ppllava_jax.data.processor import Media, Processor, Prompt
-from ppllava_jax.data.tokenizer import char_tokenizer
+from ppllava_jax.data.text.tokenizer import char_tokenizer
 from ppllava_jax.models.ppllava import PPLLaVA, PoolingConfig
 
 # Characters whose char_tokenizer ids fit the tiny LLM's vocabulary (64; 62 and 63

@@ -22,8 +22,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from ppllava_jax.data.preference import PreferenceBuilder, PreferenceConfig, parse_row
-from ppllava_jax.data.sft import SampleBuilder, SampleConfig, build_sample
+from ppllava_jax.data.dpo.rows import PreferenceBuilder, PreferenceConfig, parse_row
+from ppllava_jax.data.sft.samples import SampleBuilder, SampleConfig, build_sample
 from ppllava_jax.models.llm import DecoderConfig
 from ppllava_jax.models.ppllava_config import PPLLaVAConfig
 from ppllava_jax.models.scorer import SiglipRelevanceScorer
@@ -102,7 +102,7 @@ def test_features_equal_transformers_on_each_text_alone_or_padded(setup):
   features = {}
   for padding in ("none", "max_length"):
     rows = [sample(setup, r, padding) for r in records]
-    ids = np.stack([s.scorer_ids for s in rows])  # the batch copies each row (data.batch)
+    ids = np.stack([s.scorer_ids for s in rows])  # the batch copies each row (data.sft.batches)
     mask = np.stack([s.scorer_mask for s in rows])
     features[padding] = np.asarray(scorer.text_features(jnp.asarray(ids), jnp.asarray(mask)))
     with torch.no_grad():

@@ -19,14 +19,13 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from ppllava_jax.data import preprocess
-from ppllava_jax.data.annotations import CorpusConfig
-from ppllava_jax.data.sft import SampleBuilder, SampleConfig, SkipSample, build_sample
-from ppllava_jax.data.store import (MediaStore, StoreConfig, StoreError, build_store, main,
-                                    media_key, nearest)
-from ppllava_jax.data.tokenizer import char_tokenizer
+from ppllava_jax.data.media import preprocess
+from ppllava_jax.data.sft.annotations import CorpusConfig
+from ppllava_jax.data.sft.samples import SampleBuilder, SampleConfig, SkipSample, build_sample
+from ppllava_jax.data.media.store import (MediaStore, StoreConfig, StoreError, build_store, main, media_key, nearest)
+from ppllava_jax.data.text.tokenizer import char_tokenizer
 from ppllava_jax.models.siglip import SiglipVisionConfig
-from ppllava_jax.data.video import cover_indices, write_video
+from ppllava_jax.data.media.video import cover_indices, write_video
 from support.train_data import TILE, tiny_model_config, write_json, write_numbered_frames
 
 KEEP = 16  # frames the store keeps a video

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import pytest
 
-from ppllava_jax.data.templates import (CHATML, TEMPLATES, VICUNA, VICUNA_V1, Turn,
-                                        render_conversation, render_generation_prompt, with_media)
+from ppllava_jax.data.text.templates import (CHATML, TEMPLATES, VICUNA, VICUNA_V1, Turn, render_conversation, render_generation_prompt, with_media)
 
 
 def test_registry_names_are_the_originals():
   # conv.py conv_templates: "plain_v1" (Vicuna scripts), "plain_qwen" (Qwen scripts);
-  # "vicuna_v1": LLaVA's, which the original's DPO script names (data.preference).
+  # "vicuna_v1": LLaVA's, which the original's DPO script names (data.dpo.rows).
   assert TEMPLATES == {"plain_v1": VICUNA, "plain_qwen": CHATML, "vicuna_v1": VICUNA_V1}
 
 

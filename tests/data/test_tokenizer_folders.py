@@ -7,8 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from ppllava_jax.data.tokenizer import (check_ids, model_tokenizers, tokenizer_folders,
-                                        write_tokenizers)
+from ppllava_jax.data.text.tokenizer import (check_ids, model_tokenizers, tokenizer_folders, write_tokenizers)
 from support.tokenizers import clip_tokenizer, llama_sp_tokenizer
 from support.train_data import tiny_model_config
 
@@ -97,15 +96,16 @@ def test_written_tokenizers_are_the_sources_files(tokenizer_dirs, tmp_path):
 
 def test_non_finite_reference_log_probs_are_refused_and_never_read_back(tmp_path):
   from ppllava_jax.config import load_config
-  from ppllava_jax.train import reference
-  from ppllava_jax.train import run_config as rc
+  from ppllava_jax.train.dpo import reference
+  from ppllava_jax.config import apply_overrides
+  from ppllava_jax.train.run import config as rc
   from support import train_runs
   with pytest.raises(ValueError, match="the reference log-probs of 1 of 2 rows of rows.jsonl are "
                      "not finite \\(e.g. row 'b'"):
     reference.check_finite({"a": (-1.0, -2.0), "b": (float("nan"), -2.0)}, "rows.jsonl")
   rows = tmp_path / "rows.jsonl"
   rows.write_text("{}\n")
-  cfg = rc.apply_overrides(load_config(train_runs.ROOT / "configs" / "dpo_tiny.py", rc.RunConfig),
+  cfg = apply_overrides(load_config(train_runs.ROOT / "configs" / "dpo_tiny.py", rc.RunConfig),
                            [f"preference.rows={rows}"])
   cache = tmp_path / reference.CACHE
   reference.save(cache, {"a": (-1.0, float("inf"))}, reference.fingerprint(cfg))  # older code's

@@ -14,9 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from ppllava_jax.data.video import (MediaError, frame_files, load_video, middle_indices,
-                                    random_indices, seconds_to_window)
-from ppllava_jax.data.video import write_video as encode
+from ppllava_jax.data.media.video import (MediaError, frame_files, load_video, middle_indices, random_indices, seconds_to_window)
+from ppllava_jax.data.media.video import write_video as encode
 
 STEP = 6
 

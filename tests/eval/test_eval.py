@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 from ppllava_jax import cli
-from ppllava_jax.data.video import load_video, write_video
+from ppllava_jax.data.media.video import load_video, write_video
 from ppllava_jax.eval import app, runner
 from ppllava_jax.eval.jobs import Job, MediaRef
 from ppllava_jax.eval.records import read_records
 from ppllava_jax.models.tiny import TinyConfig
-from ppllava_jax.train.synthetic import COLOURS, frames
+from ppllava_jax.train.run.synthetic import COLOURS, frames
 from support.eval_folders import eval_folder
 
 SMALL = TinyConfig(frames=8, image_size=112, patch_size=14, vision_width=32, vision_layers=1,
@@ -106,7 +106,7 @@ no font tag: dropped, as the originals drop it
 
 def test_subtitles_at_sampled_frames(tmp_path):
   """8 fps: cue 1 covers frames 0-3, cue 2 frames 4-7, cues 3/4 frames 8-10."""
-  from ppllava_jax.data.subtitles import lines_at_frames, read_srt
+  from ppllava_jax.data.media.subtitles import lines_at_frames, read_srt
   (tmp_path / "v.srt").write_text(SRT)
   cues = read_srt(tmp_path / "v.srt")
   assert [c.start for c in cues] == [0.0, 0.5, 1.0]  # blocks 3 and 4 share a range

@@ -133,7 +133,7 @@ def mcq_record(done) -> dict:
 
 @pytest.mark.slow
 def test_mcq_eval_of_sharded_parameters_on_two_processes(setup, runs, tmp_path):
-  """``train.evaluation.McqEval`` on parameters sharded over 2 processes x 2 devices (each
+  """``train.run.evaluation.McqEval`` on parameters sharded over 2 processes x 2 devices (each
   takes a local copy; the runner splits and merges) against eval.py on one process: the
   same answers in the same order, the same scores, and one record on both processes."""
   root, checkpoint = setup

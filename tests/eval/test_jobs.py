@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from ppllava_jax.data.templates import VICUNA
+from ppllava_jax.data.text.templates import VICUNA
 from ppllava_jax.eval import mcq
 from ppllava_jax.eval.jobs import mcq_jobs, video_job
 from ppllava_jax.eval.qa import load_qa

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ppllava_jax.data.templates import CHATML, VICUNA, render_generation_prompt
+from ppllava_jax.data.text.templates import CHATML, VICUNA, render_generation_prompt
 from ppllava_jax.eval.mcq import (LMMS_VIDEOMME_POST_PROMPT_LLAVA_VID, LmmsEvalProtocol,
                                   McqDataError, MVBenchItem, OriginalProtocol, VideoMMEItem,
                                   build_prompt, check_ans, lmms_mcq_extract, lmms_mcq_read,

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from ppllava_jax.train.metrics import read_metrics
+from ppllava_jax.train.run.metrics import read_metrics
 from support import journeys, multiprocess, train_runs
 
 pytestmark = pytest.mark.slow

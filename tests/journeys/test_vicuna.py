@@ -15,7 +15,7 @@ import pytest
 from safetensors.numpy import load_file
 from transformers import AutoTokenizer
 
-from ppllava_jax.train.metrics import read_metrics
+from ppllava_jax.train.run.metrics import read_metrics
 from support import journeys, train_runs
 
 pytestmark = pytest.mark.slow

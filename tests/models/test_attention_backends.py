@@ -29,9 +29,9 @@ from jax.extend import backend as jax_backend
 from ppllava_jax.models import attention as attn
 from ppllava_jax.models.attention import Mask, attention
 from ppllava_jax.models.tiny import TinyConfig, build_tiny
-from ppllava_jax.train.config import MeshConfig, TrainConfig
-from ppllava_jax.train.state import make_mesh
-from ppllava_jax.train.step import merged
+from ppllava_jax.train.core.config import MeshConfig, TrainConfig
+from ppllava_jax.train.core.state import make_mesh
+from ppllava_jax.train.core.step import merged
 
 PLATFORM = attn._platform()  # "cuda" / "rocm" where JAX says "gpu"
 B, L, N, K, A = 2, 37, 4, 2, 16  # GQA: 2 query heads per kv head; L pads to 128 in splash

@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ppllava_jax.data.tokenizer import char_tokenizer
-from ppllava_jax.data.video import write_video
+from ppllava_jax.data.text.tokenizer import char_tokenizer
+from ppllava_jax.data.media.video import write_video
 from ppllava_jax.models.tiny import TinyConfig, build_tiny
-from ppllava_jax.train.synthetic import COLOURS, frames
+from ppllava_jax.train.run.synthetic import COLOURS, frames
 
 
 def eval_folder(root: Path, tiny: TinyConfig, videos: dict[str, str], task: str,

@@ -11,7 +11,7 @@
   ``configs/sft_qwen7b.py`` names llava-onevision-qwen2-7b-si-hf and siglip-so400m.
 - ``sft_data``: videos and images with annotation files in the original's ``qa`` format,
   and multiple-choice task files about the videos; ``preference_data``: LLaVA-Hound rows
-  over frame folders (``train.synthetic``).
+  over frame folders (``train.run.synthetic``).
 - ``recipe_overrides``: the ``--set`` items that point a recipe at them and shrink its
   batch to this CPU.
 """
@@ -92,9 +92,9 @@ def sft_data(root: Path, videos: int = 4, images: int = 2) -> dict[str, Path]:
 
 def preference_data(root: Path, videos: int = 4) -> dict[str, Path]:
   """LLaVA-Hound rows (one pair per video) over frame folders, and their held-out
-  multiple-choice tasks (``train.synthetic.generate_preference``)."""
-  from ppllava_jax.train import synthetic
-  from ppllava_jax.train.run_config import SyntheticConfig
+  multiple-choice tasks (``train.run.synthetic.generate_preference``)."""
+  from ppllava_jax.train.run import synthetic
+  from ppllava_jax.train.run.config import SyntheticConfig
   synthetic.generate_preference(SyntheticConfig(kind="preference", videos=videos, eval_videos=2,
                                                 frames=8, size=32), root)
   return dict(rows=root / "preference.jsonl", media_root=root, mcq=root / "mcq",

@@ -1,5 +1,5 @@
 """Hand-built DPO pairs for the train tests: ``PreferenceSample``s of random token ids
-around one video's placeholders, and their ``PairBatch`` (``data.pairs.collate_pairs``).
+around one video's placeholders, and their ``PairBatch`` (``data.dpo.pairs.collate_pairs``).
 
 Ids 0-4 are the char tokenizer's specials (pad, bos, eos, unk, <image>); text ids are drawn
 from 5 up. A completion of ``n`` tokens is ``n - 1`` random ids then eos (2), all
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ppllava_jax.data.pairs import PairBatch, PreferenceDataConfig, collate_pairs
-from ppllava_jax.data.preference import PreferenceConfig, PreferenceSample
+from ppllava_jax.data.dpo.pairs import PairBatch, PreferenceDataConfig, collate_pairs
+from ppllava_jax.data.dpo.rows import PreferenceConfig, PreferenceSample
 from ppllava_jax.models.ppllava_config import PPLLaVAConfig
 
 BOS, EOS = 1, 2

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ppllava_jax.data.video import write_video as encode
+from ppllava_jax.data.media.video import write_video as encode
 from ppllava_jax.models.clip import CLIPTextConfig, CLIPVisionConfig
 from ppllava_jax.models.llm import DecoderConfig
 from ppllava_jax.models.ppllava import PoolingConfig, PPLLaVAConfig

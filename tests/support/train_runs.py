@@ -52,10 +52,10 @@ def command(workdir: Path, *extra: str, config: Path = CONFIG) -> list[str]:
 
 
 SUMMARY = """import json, sys
-from ppllava_jax.config import load_config
-from ppllava_jax.train import run_config as rc
+from ppllava_jax.config import apply_overrides, load_config
+from ppllava_jax.train.run import config as rc
 from ppllava_jax.train.loop import train
-cfg = rc.apply_overrides(load_config(sys.argv[1], rc.RunConfig), sys.argv[3:])
+cfg = apply_overrides(load_config(sys.argv[1], rc.RunConfig), sys.argv[3:])
 print("summary:", json.dumps(train(cfg, sys.argv[2])))
 """
 

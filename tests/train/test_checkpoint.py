@@ -4,7 +4,7 @@ from another run's parameters."""
 
 import signal
 
-from ppllava_jax.train.metrics import read_metrics
+from ppllava_jax.train.run.metrics import read_metrics
 from support import train_runs
 
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from ppllava_jax import cli
-from ppllava_jax.config import load_config
-from ppllava_jax.train import run_config as rc
+from ppllava_jax.config import apply_overrides, from_json, load_config, to_json
+from ppllava_jax.train.run import config as rc
 from support import train_runs
 
 
@@ -17,7 +17,7 @@ def tiny():
 
 
 def test_set_parses_each_value_with_its_field_type():
-  cfg = rc.apply_overrides(tiny(), [
+  cfg = apply_overrides(tiny(), [
       "steps=7", "checkpoint_every=3", "log_every=1", "peak_flops=2e12", "init_from=/x/y",
       "train.optim.lr=0.5", "train.optim.clip_norm=none", "train.compute_dtype=bfloat16",
       "data.batch.seq_buckets=(64, 256)", "data.num_epochs=None", "model.tiny.kernel=(1,2,2)",
@@ -49,14 +49,14 @@ def test_bad_overrides_are_errors_that_name_the_problem(item, message, tmp_path,
 
 
 def test_config_round_trips_through_json():
-  cfg = rc.apply_overrides(tiny(), ["train.optim.clip_norm=none"])
-  assert rc.from_json(rc.to_json(cfg)) == cfg
+  cfg = apply_overrides(tiny(), ["train.optim.clip_norm=none"])
+  assert from_json(rc.RunConfig, to_json(cfg)) == cfg
 
 
 def test_export_loads_with_from_pretrained_and_eval_runs_on_it(reference_run, tmp_path, capsys):
   from ppllava_jax.eval import app
   from ppllava_jax.models.ppllava import PPLLaVA
-  from ppllava_jax.train.partition import path_name
+  from ppllava_jax.train.core.partition import path_name
   from flax import nnx
   workdir, _ = reference_run
   out = tmp_path / "hf"

@@ -1,4 +1,4 @@
-"""train.dpo on a tiny PPLLaVA (``models.tiny.build_tiny``), against independent references.
+"""train.dpo.objective on a tiny PPLLaVA (``models.tiny.build_tiny``), against independent references.
 
 References, none of them values the code under test produced:
 
@@ -27,20 +27,20 @@ import pytest
 import torch
 from flax import nnx
 
-from ppllava_jax.data.batch import BatchConfig, collate
-from ppllava_jax.data.sft import IGNORE, Sample
-from ppllava_jax.data.tokenizer import char_tokenizer
+from ppllava_jax.data.sft.batches import BatchConfig, collate
+from ppllava_jax.data.batching import IGNORE
+from ppllava_jax.data.sft.samples import Sample
+from ppllava_jax.data.text.tokenizer import char_tokenizer
 from ppllava_jax.models.ppllava import PPLLaVA
 from ppllava_jax.models.tiny import TinyConfig, build_tiny
-from ppllava_jax.train.config import MeshConfig, OptimConfig, TrainConfig
-from ppllava_jax.train.dpo import (DPOConstants, PreferenceObjective, check_trainable, pair_logps,
-                                   reference_copy, reference_logps)
-from ppllava_jax.train.inputs import embed_batch, embed_pairs, pair_media
-from ppllava_jax.train.optimizer import make_optimizer
-from ppllava_jax.train.partition import DPO, VICUNA_SFT, decay_mask, partition, path_name
-from ppllava_jax.train.preference import DPOConfig
-from ppllava_jax.train.state import init_state, make_mesh
-from ppllava_jax.train.step import Steps, make_gradients, stack_micro_batches
+from ppllava_jax.train.core.config import MeshConfig, OptimConfig, TrainConfig
+from ppllava_jax.train.dpo.objective import (DPOConstants, PreferenceObjective, check_trainable, pair_logps, reference_copy, reference_logps)
+from ppllava_jax.train.core.inputs import embed_batch, embed_pairs, pair_media
+from ppllava_jax.train.core.optimizer import make_optimizer
+from ppllava_jax.train.core.partition import DPO, VICUNA_SFT, decay_mask, partition, path_name
+from ppllava_jax.train.dpo.losses import DPOConfig
+from ppllava_jax.train.core.state import init_state, make_mesh
+from ppllava_jax.train.core.step import Steps, make_gradients, stack_micro_batches
 from support.pairs import make_pair, pair_batch
 
 VOCAB = len(char_tokenizer())

@@ -6,7 +6,6 @@ uninterrupted run; the result is exported and evaluated with ``eval.py``. Also: 
 synthetic preference set the reward margins rise and the accuracy reaches 1; the cached
 log-probs equal recomputed ones; a cache computed for other rows is refused."""
 
-import dataclasses
 import json
 import sys
 
@@ -15,14 +14,17 @@ import pytest
 from safetensors.numpy import load_file
 
 from ppllava_jax.config import load_config
-from ppllava_jax.data.pairs import PairBatch
+from ppllava_jax.data.dpo.pairs import PairBatch
 from ppllava_jax.eval import app
 from ppllava_jax.eval.records import read_records
-from ppllava_jax.train import reference
-from ppllava_jax.train import run_config as rc
-from ppllava_jax.train.dpo import reference_logps
-from ppllava_jax.train.loop import build, export, prepare_data, train
-from ppllava_jax.train.metrics import read_frames, read_metrics
+from ppllava_jax.train.dpo import reference
+from ppllava_jax.config import apply_overrides
+from ppllava_jax.train.run import config as rc
+from ppllava_jax.train.dpo.objective import reference_logps
+from ppllava_jax.train.run.assembly import build
+from ppllava_jax.train.run.export import export
+from ppllava_jax.train.run.loop import prepare_data, train
+from ppllava_jax.train.run.metrics import read_frames, read_metrics
 from support import train_runs
 
 DPO_CONFIG = train_runs.ROOT / "configs" / "dpo_tiny.py"
@@ -107,7 +109,7 @@ def test_dpo_from_an_sft_export_resumes_after_sigkill_exports_and_evaluates(
 
 
 def _config(workdir, *extra):
-  cfg = rc.apply_overrides(load_config(DPO_CONFIG, rc.RunConfig),
+  cfg = apply_overrides(load_config(DPO_CONFIG, rc.RunConfig),
                            [*SMALL_DPO, "mcq=None", "model.tiny.image_size=56", *extra])
   return prepare_data(cfg, workdir)
 
@@ -130,8 +132,8 @@ def test_margins_rise_the_cache_equals_recomputed_log_probs_and_is_refused_for_o
   assert len(table) == 8 and fresh.keys() == table.keys()
   np.testing.assert_allclose([fresh[k] for k in table], [table[k] for k in table], rtol=1e-6)
   # one batch by hand, in another order and epoch: frames are pinned per row
-  from ppllava_jax.data import pairs
-  from ppllava_jax.data.preference import read_preference_rows
+  from ppllava_jax.data.dpo import pairs
+  from ppllava_jax.data.dpo.rows import read_preference_rows
   rows = read_preference_rows(cfg.preference.rows, cfg.preference.media_root).rows
   builder = pairs.make_builder(cfg.preference, rows, tokenizer=run.tokenizer,
                                model=run.model_cfg, scorer_tokenizer=run.scorer_tokenizer,
@@ -146,7 +148,7 @@ def test_margins_rise_the_cache_equals_recomputed_log_probs_and_is_refused_for_o
   rows_file.write_text("\n".join(lines[:-1]) + "\n")
   with pytest.raises(ValueError, match=r"logps\.npz holds reference log-probs for another setup "
                                        r"\(rows_sha256 changed\); delete it"):
-    train(rc.apply_overrides(cfg, ["steps=13", "train.optim.total_steps=13",
+    train(apply_overrides(cfg, ["steps=13", "train.optim.total_steps=13",
                                    "resume=train.optim.total_steps"]), tmp_path)
 
 

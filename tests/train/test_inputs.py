@@ -1,4 +1,4 @@
-"""train.inputs.embed_batch: a mixed fixed-shape batch equals each sample through the
+"""train.core.inputs.embed_batch: a mixed fixed-shape batch equals each sample through the
 inference path alone (``PPLLaVA.embed``), so padding, slots and gathers change nothing."""
 
 import jax
@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ppllava_jax.data.batch import BatchConfig, collate
-from ppllava_jax.data.sft import IGNORE, Sample
+from ppllava_jax.data.sft.batches import BatchConfig, collate
+from ppllava_jax.data.batching import IGNORE
+from ppllava_jax.data.sft.samples import Sample
 from ppllava_jax.models.ppllava import PPLLaVA
-from ppllava_jax.train.inputs import embed_batch
+from ppllava_jax.train.core.inputs import embed_batch
 from support.train_data import tiny_model_config
 
 IMG = 7

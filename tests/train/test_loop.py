@@ -10,7 +10,7 @@ import random
 import numpy as np
 from tensorboard.backend.event_processing import event_accumulator, event_file_loader
 
-from ppllava_jax.train.metrics import read_frames, read_metrics
+from ppllava_jax.train.run.metrics import read_frames, read_metrics
 from support import train_runs
 
 FIELDS = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "step_time",
@@ -85,10 +85,10 @@ def test_sigkill_at_a_random_point_then_the_same_command_equals_an_uninterrupted
 
 NAN_CONFIG = '''
 import numpy as np
-from ppllava_jax.data import pipeline
+from ppllava_jax.data import engine
 from configs_sft_tiny import get_config as base
 
-_next = pipeline.DataIterator.__next__
+_next = engine.DataIterator.__next__
 
 
 def _nan_videos(self):
@@ -96,7 +96,7 @@ def _nan_videos(self):
   return batch.replace(videos=np.full_like(batch.videos, np.nan))
 
 
-pipeline.DataIterator.__next__ = _nan_videos  # every batch's pixels are NaN
+engine.DataIterator.__next__ = _nan_videos  # every batch's pixels are NaN
 
 
 def get_config():

@@ -1,11 +1,11 @@
-"""train.losses against NumPy written from the definitions, on explicit logits."""
+"""train.core.losses against NumPy written from the definitions, on explicit logits."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ppllava_jax.train import losses
+from ppllava_jax.train.core import losses
 
 
 def numpy_logprobs(hidden, head, labels):

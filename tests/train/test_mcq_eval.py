@@ -1,4 +1,4 @@
-"""Multiple-choice accuracy during training (``RunConfig.mcq``, ``train.evaluation.McqEval``), on the
+"""Multiple-choice accuracy during training (``RunConfig.mcq``, ``train.run.evaluation.McqEval``), on the
 small tiny run of ``support.train_runs`` (4 items in 2 tasks, one of a missing video,
 evaluated every 3 of 8 batches and at the end): its records, an accuracy recounted from
 the predictions files, fresh answers at every evaluation and after a resume, a bad
@@ -10,16 +10,16 @@ import shutil
 import pytest
 
 from ppllava_jax import cli
-from ppllava_jax.config import load_config
-from ppllava_jax.data.templates import VICUNA
+from ppllava_jax.config import apply_overrides, load_config
+from ppllava_jax.data.text.templates import VICUNA
 from ppllava_jax.eval import mcq, runner
 from ppllava_jax.eval.fingerprint import job_fingerprint
 from ppllava_jax.eval.jobs import mcq_jobs
 from ppllava_jax.eval.records import read_records
-from ppllava_jax.train import run_config as rc
-from ppllava_jax.train.evaluation import McqEval
-from ppllava_jax.train.loop import prepare_data
-from ppllava_jax.train.metrics import read_metrics
+from ppllava_jax.train.run import config as rc
+from ppllava_jax.train.run.evaluation import McqEval
+from ppllava_jax.train.run.loop import prepare_data
+from ppllava_jax.train.run.metrics import read_metrics
 from support import train_runs
 
 ITEMS = mcq.load_mvbench(train_runs.MCQ_TASKS)
@@ -132,7 +132,7 @@ def test_a_bad_mcq_section_stops_the_run_before_it_trains(section, message, tmp_
 
 
 def test_the_tiny_configs_section_reads_the_task_files_of_its_synthetic_set(tmp_path):
-  cfg = rc.apply_overrides(load_config(train_runs.CONFIG, rc.RunConfig),
+  cfg = apply_overrides(load_config(train_runs.CONFIG, rc.RunConfig),
                            ["synthetic.videos=1", "synthetic.eval_videos=2"])
   cfg = prepare_data(cfg, tmp_path)
   evaluation = McqEval(cfg.mcq, tmp_path / "mcq")

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from ppllava_jax.files import DataFileError
-from ppllava_jax.train import metrics
+from ppllava_jax.train.run import metrics
 
 
 # ---- ticks -----------------------------------------------------------------------------

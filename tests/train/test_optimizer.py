@@ -1,4 +1,4 @@
-"""train.optimizer: the schedules are transformers', and clip + AdamW + the decay mask
+"""train.core.optimizer: the schedules are transformers', and clip + AdamW + the decay mask
 update as torch's clip_grad_norm_ + AdamW with param groups do."""
 
 import math
@@ -13,8 +13,8 @@ from transformers.optimization import (get_constant_schedule_with_warmup,
                                        get_cosine_schedule_with_warmup,
                                        get_linear_schedule_with_warmup)
 
-from ppllava_jax.train.config import MeshConfig, OptimConfig
-from ppllava_jax.train.optimizer import lr_schedule, make_optimizer
+from ppllava_jax.train.core.config import MeshConfig, OptimConfig
+from ppllava_jax.train.core.optimizer import lr_schedule, make_optimizer
 
 HF = {"cosine": get_cosine_schedule_with_warmup, "linear": get_linear_schedule_with_warmup,
       "constant": get_constant_schedule_with_warmup}
@@ -83,7 +83,7 @@ def test_recipe_configs_load(name, lr):
   from pathlib import Path
 
   from ppllava_jax.config import load_config
-  from ppllava_jax.train.run_config import RunConfig
+  from ppllava_jax.train.run.config import RunConfig
   run = load_config(Path(__file__).parents[2] / "configs" / f"{name}.py", RunConfig)
   cfg = run.train
   assert (cfg.optim.lr, cfg.optim.schedule, cfg.optim.grad_accum, cfg.compute_dtype) == (

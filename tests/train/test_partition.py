@@ -1,4 +1,4 @@
-"""train.partition: the rules resolve as documented, and each preset trains exactly the
+"""train.core.partition: the rules resolve as documented, and each preset trains exactly the
 parameters its recipe names (hand-listed on tiny models built with the right parts)."""
 
 import dataclasses
@@ -12,8 +12,7 @@ from ppllava_jax.models.llm import RMSNorm
 from ppllava_jax.models.ppllava import PPLLaVA
 from ppllava_jax.models.scorer import SiglipScorerConfig
 from ppllava_jax.models.siglip import SiglipTextConfig, SiglipVisionConfig
-from ppllava_jax.train.partition import (DECAY_RULES, DPO, QWEN_SFT, VICUNA_SFT, decay_mask,
-                                         partition, path_name, resolve)
+from ppllava_jax.train.core.partition import (DECAY_RULES, DPO, QWEN_SFT, VICUNA_SFT, decay_mask, partition, path_name, resolve)
 from support.train_data import tiny_model_config
 
 LLM = """

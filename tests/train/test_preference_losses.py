@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ppllava_jax.train import losses
-from ppllava_jax.train.preference import DPOConfig, dpo_loss, preference_loss
+from ppllava_jax.train.core import losses
+from ppllava_jax.train.dpo.losses import DPOConfig, dpo_loss, preference_loss
 
 RNG = np.random.default_rng(0)
 B = 6

@@ -7,14 +7,13 @@ import json
 import re
 import shutil
 
-import numpy as np
 import pytest
 
 from ppllava_jax import cli
-from ppllava_jax.config import load_config
-from ppllava_jax.train import run_config as rc
-from ppllava_jax.train.checkpoint import CheckpointDamaged, Checkpoints
-from ppllava_jax.train.metrics import read_metrics
+from ppllava_jax.config import apply_overrides, load_config, to_dict
+from ppllava_jax.train.run import config as rc
+from ppllava_jax.train.run.checkpoint import CheckpointDamaged, Checkpoints
+from ppllava_jax.train.run.metrics import read_metrics
 from support import train_runs
 
 STEPS = ("steps=4", "checkpoint_every=2", "eval_every=0", "mcq=None")
@@ -35,7 +34,7 @@ def copy(workdir, tmp_path):
 @pytest.fixture
 def no_model(monkeypatch):
   """Fails the test if the run builds its model (loads weights)."""
-  from ppllava_jax.train import loop
+  from ppllava_jax.train.run import loop
 
   def build(*args, **kwargs):
     raise AssertionError("the model was built")
@@ -44,21 +43,21 @@ def no_model(monkeypatch):
 
 def test_resume_changes_sorts_what_a_run_may_change():
   cfg = load_config(train_runs.CONFIG, rc.RunConfig)
-  stored = rc.to_dict(cfg.resolved())
-  refused, allowed = rc.resume_changes(stored, rc.apply_overrides(cfg, [
+  stored = to_dict(cfg.resolved())
+  refused, allowed = rc.resume_changes(stored, apply_overrides(cfg, [
       "steps=20", "log_every=3", "data.num_workers=4", "train.remat=nothing_saveable",
       "train.optim.lr=0.5", "data.seed=3", "model.tiny.llm_layers=2"]))
   assert refused == ["data.seed: 0 -> 3", "model.tiny.llm_layers: 1 -> 2",
                      "train.optim.lr: 0.001 -> 0.5"]
   assert allowed == ["data.num_workers: 0 -> 4", "log_every: 10 -> 3", "steps: 200 -> 20",
                      "train.remat: 'none' -> 'nothing_saveable'"]
-  refused, _ = rc.resume_changes(stored, rc.apply_overrides(cfg, [
+  refused, _ = rc.resume_changes(stored, apply_overrides(cfg, [
       "train.optim.lr=0.5", "resume=train.optim,model"]))
   assert refused == []
   # total_steps follows steps when unset: then a new steps changes the schedule
-  unset = rc.apply_overrides(cfg, ["train.optim.total_steps=None"])
-  refused, _ = rc.resume_changes(rc.to_dict(unset.resolved()),
-                                 rc.apply_overrides(unset, ["steps=300"]))
+  unset = apply_overrides(cfg, ["train.optim.total_steps=None"])
+  refused, _ = rc.resume_changes(to_dict(unset.resolved()),
+                                 apply_overrides(unset, ["steps=300"]))
   assert refused == ["train.optim.total_steps: 200 -> 300"]
 
 

@@ -1,4 +1,4 @@
-"""train.step on a tiny PPLLaVA: the loss is a plain cross-entropy over the model's logits,
+"""train.core.step on a tiny PPLLaVA: the loss is a plain cross-entropy over the model's logits,
 frozen parameters never move, accumulation is token-weighted, the sharded step equals the
 unsharded one, a non-finite batch is skipped, and the model can overfit one batch."""
 
@@ -13,16 +13,18 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-from ppllava_jax.data.batch import BatchConfig, collate
-from ppllava_jax.data.sft import IGNORE, Sample
+from ppllava_jax.data.sft.batches import BatchConfig, collate
+from ppllava_jax.data.batching import IGNORE
+from ppllava_jax.data.sft.samples import Sample
 from ppllava_jax.models.btadapter import BTAdapterConfig
 from ppllava_jax.models.ppllava import PPLLaVA
-from ppllava_jax.train.config import MeshConfig, OptimConfig, TrainConfig
-from ppllava_jax.train.inputs import embed_batch
-from ppllava_jax.train.optimizer import lr_schedule, make_optimizer
-from ppllava_jax.train.partition import VICUNA_SFT, decay_mask, partition, path_name
-from ppllava_jax.train.state import init_state, make_mesh
-from ppllava_jax.train.step import Steps, TokenMean, make_gradients, stack_micro_batches
+from ppllava_jax.train.core.config import MeshConfig, OptimConfig, TrainConfig
+from ppllava_jax.train.core.inputs import embed_batch
+from ppllava_jax.train.core.optimizer import lr_schedule, make_optimizer
+from ppllava_jax.train.core.partition import VICUNA_SFT, decay_mask, partition, path_name
+from ppllava_jax.train.core.state import init_state, make_mesh
+from ppllava_jax.train.core.step import Steps, make_gradients, stack_micro_batches
+from ppllava_jax.train.sft import TokenMean
 from support.train_data import tiny_model_config
 
 IMG, SCORER = 7, 40
@@ -55,7 +57,8 @@ def setup(model, tc, mesh_shape=(1, 1, 1)):
   mesh = make_mesh(MeshConfig(*mesh_shape), jax.devices()[:int(np.prod(mesh_shape))])
   graphdef, state, frozen, shardings = init_state(model, part, tx, mesh, frozen_dtype=tc.dtype)
   return SimpleNamespace(part=part, graphdef=graphdef, state=state, frozen=frozen,
-                         steps=Steps(graphdef, tc, tx, shardings), shardings=shardings)
+                         steps=Steps(graphdef, tc, tx, shardings, TokenMean(graphdef, tc),
+                                     held_out=TokenMean(graphdef, tc)), shardings=shardings)
 
 
 def flat(state):

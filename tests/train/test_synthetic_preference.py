@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ppllava_jax.data.preference import PreferenceBuilder, PreferenceConfig, read_preference_rows
-from ppllava_jax.data.tokenizer import char_tokenizer
+from ppllava_jax.data.dpo.rows import PreferenceBuilder, PreferenceConfig, read_preference_rows
+from ppllava_jax.data.text.tokenizer import char_tokenizer
 from ppllava_jax.eval import mcq
 from ppllava_jax.models.tiny import TinyConfig
-from ppllava_jax.train import synthetic
-from ppllava_jax.train.run_config import SyntheticConfig
+from ppllava_jax.train.run import synthetic
+from ppllava_jax.train.run.config import SyntheticConfig
 
 CFG = SyntheticConfig(videos=6, eval_videos=2, frames=4, size=56, seed=3)
 ATTRIBUTES = tuple(q.task for q in synthetic.QUESTIONS)  # colour, shape, direction

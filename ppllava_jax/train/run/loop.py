@@ -1,0 +1,368 @@
+"""The training loop: ``train(cfg, workdir)`` and ``export(workdir, out)``.
+
+``train`` first checks what can fail cheaply: that the workdir's latest checkpoint is
+this run's and intact (``train.run.resume``), every annotation and the media roots
+(``data.sft.preflight``). Then it builds the model (``PPLLaVA.from_pretrained
+(cfg.model.checkpoint)`` with its tokenizers, checked against the embeddings they feed,
+or the tiny random one of ``cfg.model.tiny`` with the char tokenizer), partitions it,
+makes the optimizer, the state on the mesh and the jitted ``Steps``, then resumes: the
+run's own latest checkpoint (state, data cursor), else ``cfg.init_from``'s trainable
+parameters, else the initial model. A DPO run (``cfg.preference``) first starts its
+reference from the starting parameters (``start_reference``: a live copy, or the cached
+log-probs, computed once), whatever checkpoint it then resumes. Then, per update (a
+batch, or ``grad_accum`` of them stacked: ``_next_update``): data -> step -> hooks
+(``every(n, k)``): metrics (fetched to the host only on log steps), evaluation (``eval_every``),
+multiple-choice accuracy (``mcq.every``, and after the last batch: ``evaluation``),
+checkpoints, the stop checks. A run that trained on no sample (every one skipped) ends
+with a ``DataError``, not a summary of 0 updates.
+
+Exactness: a checkpoint is taken between batches and holds the state (the rng is the
+state's base key: batch n's key is ``fold_in(rng, n)``, nothing is drawn on the host),
+the data cursor and the loop step, and the data stream from a cursor is a function of
+(config, cursor) alone; so a run killed at any point and started again with the same
+command ends with the parameters of one that never stopped (bit for bit on one CPU).
+
+Several processes (``ppllava_jax.distributed``; ``train.py`` starts the runtime): every
+process runs this loop in lockstep on one global mesh. Each loads its data block's
+slice of every step (``train.run.global_batch``; the data config's ``shards`` fix the global
+batch whatever the process count), ``to_global`` makes the step's global arrays, and
+Orbax saves and restores the sharded state collectively, so a checkpoint of P processes
+resumes on any other count. Only process 0 writes what the run shares (metrics, pictures,
+config.json, the synthetic set, the reference cache) and shows progress and messages; a
+stop signal any process receives is all-gathered each step, and so is the outcome of each
+batch fetch (``global_batch.agreed_next``: the data's end, or an error on any process), so
+all of them save and stop, or raise, together.
+
+Stopping: SIGTERM / SIGINT set a flag; the loop saves at the next batch boundary
+(skipping a multiple-choice evaluation due there, and the final one: they can take
+long) and ``train`` returns with ``stopped`` set to the signal's name (``train.py``
+exits with 128 + its number). ``max_nan_in_a_row`` consecutive skipped updates (non-finite loss or
+gradient, or nothing supervised: ``train.core.step``) raise ``NonFiniteError``; the streak
+is counted on the device and checked on log steps and every ``max_nan_in_a_row``
+batches.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from ppllava_jax import distributed
+from ppllava_jax.data.sft import preflight
+from ppllava_jax.data.batching import empty_like
+from ppllava_jax.data.engine import DataError
+from ppllava_jax.data.text.tokenizer import (check_batch_ids)
+from ppllava_jax.train.run import checkpoint as ckpt_lib
+from ppllava_jax.train.run import evaluation
+from ppllava_jax.train.run import metrics as metrics_lib
+from ppllava_jax.train.run import resume
+from ppllava_jax.train.run.assembly import Run, build, start_reference
+from ppllava_jax.config import to_dict
+from ppllava_jax.train.run import config as rc
+from ppllava_jax.train.run.global_batch import DataBlocks, agreed_next, data_blocks, to_global
+from ppllava_jax.train.core.state import placed
+from ppllava_jax.train.core.step import Steps, stack_micro_batches
+from ppllava_jax.signals import Signals
+
+STOP_NOTICE = "{} received: saving a checkpoint at the next step, then stopping"
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(ValueError):
+  """Too many updates in a row were skipped."""
+
+
+def every(step: int, n: int) -> bool:
+  return n > 0 and step % n == 0
+
+
+def prepare_data(cfg: rc.RunConfig, workdir: Path) -> rc.RunConfig:
+  """``{workdir}`` substituted; the synthetic set generated first if the config has one
+  (by process 0, the others waiting for it)."""
+  cfg = rc.with_workdir(cfg, str(workdir))
+  if cfg.synthetic is not None:
+    from ppllava_jax.train.run import synthetic
+    make = synthetic.generate if cfg.synthetic.kind == "qa" else synthetic.generate_preference
+    if distributed.is_primary():
+      make(cfg.synthetic, workdir / "data")
+    distributed.barrier("synthetic data")
+  return cfg
+
+
+def _data(cfg: rc.RunConfig, run: Run, blocks: DataBlocks, state: dict | None,
+          reference: dict | None, inputs):
+  """This process's block of the run's batches: SFT ``TrainBatch``es or DPO
+  ``PairBatch``es; ``inputs``: what ``_check_data`` read."""
+  where = dict(block=blocks.block, blocks=blocks.blocks)
+  if cfg.preference is not None:
+    from ppllava_jax.data.dpo.pairs import make_preference_iterator
+    return make_preference_iterator(cfg.preference, tokenizer=run.tokenizer, model=run.model_cfg,
+                                    scorer_tokenizer=run.scorer_tokenizer, state=state,
+                                    reference=reference,
+                                    pin_frames=cfg.dpo.precompute_reference, read=inputs,
+                                    **where)
+  from ppllava_jax.data.sft.pipeline import make_train_iterator
+  return make_train_iterator(cfg.data, tokenizer=run.tokenizer, model=run.model_cfg,
+                             scorer_tokenizer=run.scorer_tokenizer, state=state,
+                             annotation_set=inputs, **where)
+
+
+def _next_update(data, k: int, pad_id: int):
+  """The batch of one update: the next batch, or under ``grad_accum = k`` the next k
+  stacked on a leading axis (``step.stack_micro_batches``); when the data ends inside an
+  update, its last micro-batches are empty (``batch.empty_like``), so every batch read
+  is trained on. ``StopIteration`` when no batch is left."""
+  if k == 1:
+    return next(data)
+  micro = []
+  for _ in range(k):
+    try:
+      micro.append(next(data))
+    except StopIteration:
+      if not micro:
+        raise
+      break
+  micro += [empty_like(micro[0])] * (k - len(micro))
+  return stack_micro_batches(micro, pad_id)
+
+
+def _step_flops(steps: Steps, state, constants, batch) -> float | None:
+  """FLOPs of one train step from XLA's cost analysis of its lowering."""
+  try:
+    return metrics_lib.cost_flops(steps.lower_train(state, constants, batch).cost_analysis())
+  except Exception as err:  # noqa: BLE001 (an estimate; never stops a run)
+    log.warning("no FLOP count for the MFU estimate: %s", err)
+    return None
+
+
+def train(cfg: rc.RunConfig, workdir: str | Path) -> dict:
+  """Runs (or resumes) ``cfg`` in ``workdir`` (module doc). Returns a summary:
+  step, updates, skipped, stopped (a signal name or None), the final loss, the last
+  multiple-choice accuracy (None without one)."""
+  cfg = cfg.resolved()
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  checkpoints = ckpt_lib.Checkpoints(workdir, keep=cfg.keep)
+  try:
+    return _train(cfg, workdir, checkpoints)
+  finally:
+    checkpoints.close()
+
+
+def _train(cfg: rc.RunConfig, workdir: Path, checkpoints: ckpt_lib.Checkpoints) -> dict:
+  primary = distributed.is_primary()
+  config_dict = to_dict(cfg)
+  latest = resume.resume_step(checkpoints, cfg)  # this workdir's run, before anything loads
+  cfg = prepare_data(cfg, workdir)
+  inputs = _check_data(cfg)  # every annotation and the media roots, before the weights
+  mcq_eval = evaluation.McqEval(cfg.mcq, workdir / "mcq") if cfg.mcq else None
+  if primary:
+    (workdir / "config.json").write_text(json.dumps(config_dict, indent=1, sort_keys=True))
+  run = build(cfg)
+  blocks = data_blocks(run.shardings.mesh)
+  target = placed(run.state, run.shardings.state)
+  initial = functools.cache(lambda: ckpt_lib.restore_params(cfg.init_from, target).params
+                            if cfg.init_from else run.state.params)  # read once
+  reference = start_reference(run, cfg, workdir, initial, inputs) if cfg.dpo else None
+  start, state, data_state = resume.restore(checkpoints, cfg, latest, target, run.state)
+  if start:
+    distributed.say(f"resuming from checkpoint {start} in {checkpoints.directory}")
+  elif cfg.init_from:
+    state = state.replace(params=initial())
+    distributed.say(f"starting from the parameters of {cfg.init_from}")
+  data = _data(cfg, run, blocks, data_state, reference, inputs)
+  writer = (metrics_lib.MetricsWriter(workdir, resume_step=start) if primary
+            else metrics_lib.NoMetrics())
+  # on the whole mesh, like the step's metrics, so every process can read it
+  replicated = run.shardings.replicated
+  streak_fn = jax.jit(lambda s, k: jnp.where(k > 0, s + 1, 0), out_shardings=replicated)
+  streak = jax.device_put(np.zeros((), np.int32), replicated)
+  pending, flops, samples = [], {}, 0
+  skipped_before = data.stats.skipped_total  # this block's, at the last record
+  last_time, last_step, stopped, done = time.perf_counter(), start, None, start
+  last = {}
+  pad_id = data.builder.pad_id  # what the pipeline pads with
+  micro = cfg.train.optim.grad_accum > 1
+
+  def fetch():
+    batch = _next_update(data, cfg.train.optim.grad_accum, pad_id)
+    check_batch_ids(batch, run.model_cfg)
+    return batch
+
+  bar = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True, mininterval=1.0,
+             disable=not primary)
+  try:
+    with Signals(STOP_NOTICE) as signals:
+      for done in range(start + 1, cfg.steps + 1):
+        batch = agreed_next(fetch)
+        if batch is None:
+          distributed.say(f"the data ran out after {done - 1} batches")
+          done -= 1
+          break
+        samples += int(np.sum(batch.sample_mask))  # this process's
+        batch = to_global(batch, run.shardings.mesh, blocks, micro, pad_id)
+        key = batch.shape_key()
+        compiling = key not in flops
+        if compiling:
+          distributed.say(f"compiling the train step for {_shapes(batch)} ...")
+          compile_start = time.perf_counter()
+          flops[key] = _step_flops(run.steps, state, run.constants, batch)
+        state, m = run.steps.train(state, run.constants, batch)
+        if compiling:
+          jax.block_until_ready(m["loss"])
+          distributed.say(f"train step compiled and run in {time.perf_counter() - compile_start:.1f} s")
+        streak = streak_fn(streak, m["skipped"])
+        pending.append((m, flops[key]))
+        bar.update(1)
+        if every(done, cfg.log_every) or every(done, cfg.max_nan_in_a_row) or done == cfg.steps:
+          run_streak = int(jax.device_get(streak))
+          if run_streak >= cfg.max_nan_in_a_row:
+            raise NonFiniteError(
+                f"{run_streak} updates in a row were skipped (non-finite loss or gradient "
+                f"norm, or no supervised token) by step {done}; max_nan_in_a_row="
+                f"{cfg.max_nan_in_a_row}. Lower train.optim.lr, check the data, or resume "
+                f"from an earlier checkpoint in {checkpoints.directory}")
+        if every(done, cfg.log_every) or done == cfg.steps:
+          skipped = data.stats.skipped_total
+          counts = _over_blocks((samples, skipped - skipped_before), blocks)
+          last = _log(writer, run, state, pending, done, last_step, last_time, counts, cfg)
+          bar.set_postfix(loss=f"{last['loss']:.4f}", refresh=False)
+          pending, samples, last_step, last_time = [], 0, done, time.perf_counter()
+          skipped_before = skipped
+        if every(done, cfg.eval_every):
+          _evaluate(writer, run, state, cfg, done, blocks)
+        received = signals.agreed()
+        if mcq_eval and every(done, cfg.mcq.every) and not received:
+          _evaluate_mcq(writer, mcq_eval, run, state, done)
+        if every(done, cfg.checkpoint_every) or received:
+          checkpoints.save(done, state, data.get_state(), config_dict)
+        if received:
+          stopped = received
+          break
+      if not stopped:
+        _check_trained(data.stats, blocks)  # before the last save: a rerun says it again
+      if done > start or checkpoints.latest_step() is None:
+        checkpoints.save(done, state, data.get_state(), config_dict)
+      if mcq_eval and done > start and not stopped and not every(done, cfg.mcq.every):
+        _evaluate_mcq(writer, mcq_eval, run, state, done)  # the run's end
+      checkpoints.wait()
+  finally:
+    bar.close()
+    data.close()
+    writer.close()
+  if stopped:
+    distributed.say(f"stopped by {stopped} after step {done}: checkpoint {done} saved in "
+         f"{checkpoints.directory}; run the same command again to resume")
+  curve, accuracies = None, []
+  if primary:
+    records = metrics_lib.read_metrics(workdir)
+    curve = metrics_lib.loss_curve(records, workdir / "loss.png")
+    accuracies = [r["mcq_accuracy"] for r in records if "mcq_accuracy" in r]
+  updates, skipped = jax.device_get((state.step, state.skipped))  # replicated scalars
+  return dict(step=done, updates=int(updates), skipped=int(skipped), stopped=stopped,
+              loss=last.get("loss"), loss_curve=str(curve) if curve else None,
+              mcq_accuracy=accuracies[-1] if accuracies else None)
+
+
+def _check_trained(stats, blocks: DataBlocks) -> None:
+  """A ``DataError`` when every sample the run has read (all data blocks, since its start:
+  the counters resume with the data state) was skipped: not a success of 0 updates."""
+  seen, skipped = _over_blocks((stats.samples, stats.skipped_total), blocks)
+  if seen and skipped >= seen:
+    raise DataError(f"no sample was trained on: all {seen} samples read were skipped "
+                    f"({dict(stats.skipped)}; the last: {stats.last_skip}); check the "
+                    "annotations and the media roots")
+
+
+def _shapes(batch) -> str:
+  """The fields that set a step's size, as a compile message shows them."""
+  return ", ".join(f"{name} {shape}" for name, shape, _ in batch.shape_key()
+                   if name in ("input_ids", "videos", "images"))
+
+
+def _check_data(cfg: rc.RunConfig):
+  """The run's data validated before any weight loads (``data.sft.preflight``): SFT's
+  annotation set, or DPO's preference rows; the held-out set's annotations too."""
+  if cfg.eval_data is not None:
+    preflight.sft_annotations(cfg.eval_data.mixture, cfg.eval_data.sample.media_store)
+  if cfg.preference is not None:
+    from ppllava_jax.data.dpo.rows import read_preference_rows
+    return read_preference_rows(cfg.preference.rows, cfg.preference.media_root)
+  return preflight.sft_annotations(cfg.data.mixture, cfg.data.sample.media_store)
+
+
+def _over_blocks(counts: tuple[int, ...], blocks: DataBlocks) -> tuple[int, ...]:
+  """``counts`` (this process's block's) summed over every data block: one all-gather on
+  several processes, each block taken once (from its owner)."""
+  if jax.process_count() == 1:
+    return tuple(counts)
+  gathered = multihost_utils.process_allgather(np.asarray(counts, np.int64))  # (processes, n)
+  return tuple(int(v) for v in gathered[list(blocks.owners)].sum(0))
+
+
+def _log(writer, run, state, pending, done, last_step, last_time, counts, cfg) -> dict:
+  """The metrics record of the updates since the last one (``pending``): means of the
+  loss (of updates not skipped), grad norm and an objective's own metrics; the last lr;
+  tokens/s, samples/s, step time and MFU over the interval; the train-step compilations,
+  and the skipped updates and updates so far (the state's counts, the run's totals).
+  ``counts``: (samples, skipped samples) of every data block in the interval, so
+  ``skipped_samples`` is the samples skipped since the previous record, not a running
+  total: a data state's counters are per block and resume from process 0's, while these
+  differences summed over the blocks are exact on any process count, resumed or not
+  (their sum over the records is the run's; DPO rows left out when reading, which the
+  data state counts from the start, are not in it)."""
+  samples, skipped_samples = counts
+  host = jax.device_get([m for m, _ in pending])
+  seconds = time.perf_counter() - last_time
+  n = max(1, done - last_step)
+  losses = [float(m["loss"]) for m in host if not m["skipped"]]
+  tokens = sum(float(m["tokens"]) for m in host)
+  step_flops = [f for _, f in pending]
+  flops = sum(step_flops) if all(f is not None for f in step_flops) else None
+  record = dict(
+      step=done, loss=float(np.mean(losses)) if losses else float("nan"),
+      lr=float(host[-1]["lr"]), grad_norm=float(np.mean([float(m["grad_norm"]) for m in host])),
+      tokens_per_s=tokens / seconds, samples_per_s=samples / seconds, step_time=seconds / n,
+      compilations=run.steps.train_compilations,
+      skipped_samples=skipped_samples,  # in the interval, over every block (docstring)
+      skipped_updates=int(jax.device_get(state.skipped)),
+      updates=int(jax.device_get(state.step)),
+      mfu=metrics_lib.mfu(flops, seconds, cfg.peak_flops), peak_flops=cfg.peak_flops)
+  kept = [m for m in host if not m["skipped"]]
+  for name in sorted(host[-1]):  # an objective's own metrics (DPO: rewards/*, logps/*, ...)
+    if "/" in name:
+      record[name] = float(np.mean([float(m[name]) for m in kept])) if kept else float("nan")
+  if "pairs" in host[-1]:
+    record["pairs"] = sum(float(m["pairs"]) for m in host)
+  writer.write(record)
+  return record
+
+
+def _evaluate(writer, run, state, cfg: rc.RunConfig, done: int, blocks: DataBlocks) -> None:
+  record = evaluation.held_out_loss(run, state, cfg.eval_data, cfg.eval_batches, done, blocks)
+  writer.write(record)
+  log.info("eval at step %d: loss %.4f over %d tokens", done, record["eval_loss"],
+           record["eval_tokens"])
+
+
+def _evaluate_mcq(writer, mcq_eval: evaluation.McqEval, run: Run, state, done: int) -> None:
+  """One multiple-choice evaluation, written and printed. It runs between steps and
+  ends with every answer on the host: the model it merges holds ``state.params``'
+  buffers, which the next train step donates."""
+  record = mcq_eval(run, state.params, done)
+  writer.write(record)
+  accuracy = "n/a" if record["mcq_accuracy"] is None else f"{record['mcq_accuracy']:.2f}%"
+  distributed.say(f"mcq at step {done}: accuracy {accuracy} over {record['mcq_items']} items "
+       f"({record['mcq_failed']} failed), {record['mcq_time']:.1f} s")
+
+
