@@ -30,7 +30,7 @@ clipped to norm 1, sigmoid DPO, beta 0.1.
 Contenders, each in a worker process of its own (its peak memory, VmHWM, is its own:
 runtime, weights, optimizer state, compiled program, activations), all through the same
 ``train.core.step.Steps`` (jitted, the state donated) on the same weights (``build_tiny``,
-seed 0, built once and saved; each worker loads them and runs ``init_state``):
+seed 0, built once and saved; each worker loads them and assembles the run (``train.run.assembly``)):
 
 - ours: ``PreferenceObjective`` with ``DPOConstants(frozen, None)`` on a ``PairBatch``
   (``data.dpo.pairs.collate_pairs``) whose ``ref_logps`` come from ``train.dpo.objective.
@@ -269,16 +269,13 @@ def worker(folder: Path, contender: str) -> None:
 
   import jax
   from ppllava_jax.train.dpo.objective import (DPOConstants, PreferenceObjective, reference_copy, reference_logps)
-  from ppllava_jax.train.core.optimizer import make_optimizer
-  from ppllava_jax.train.core.partition import decay_mask, partition
-  from ppllava_jax.train.core.state import init_state, make_mesh
   from ppllava_jax.train.core.step import Steps
+  from ppllava_jax.train.run.assembly import assemble, materialize
   vocab, _, model_cfg, tc, dpo = _setup()
   model = _model(folder)
-  part = partition(model, tc.trainable)
-  tx = make_optimizer(tc.optim, decay_mask(part.split(model)[1]))
-  mesh = make_mesh(tc.mesh, jax.devices()[:1])
-  graphdef, state, frozen, shardings = init_state(model, part, tx, mesh, seed=tc.seed)
+  a = assemble(model, tc, devices=jax.devices()[:1])
+  state, frozen = materialize(a, model, seed=tc.seed)
+  graphdef, tx, shardings, mesh = a.graphdef, a.tx, a.shardings, a.mesh
   del model
   samples, length = _pairs(model_cfg, vocab)
   out = dict(length=length, rows=2 * len(samples), video_tokens=model_cfg.video_tokens(FRAMES))

@@ -15,7 +15,7 @@ plus N(0, 0.02) on every tensor, as tests/support/hf_fixtures.py, saved once), f
 Contenders, each in a fresh worker process (peak memory = the worker's VmHWM: runtime,
 weights, optimizer state and activations):
 
-- ours: the real train step (``train.core.step.Steps`` of ``train.core.state.init_state``: jitted,
+- ours: the real train step (``train.core.step.Steps`` of ``train.run.assembly.assemble``: jitted,
   state donated), on a ``PPLLaVA`` read with ``PPLLaVA.from_pretrained``; the llm workload
   is a text-only ``TrainBatch`` through the same step (the shell's vision tower is never
   run). AdamW (0.9, 0.999, 1e-8), weight decay 0, constant learning rate, gradients
@@ -172,31 +172,24 @@ def _ours(folder: Path, workload: str, mode: str, length: int = TEXT_LENGTH,
   import jax
   from ppllava_jax.models.ppllava import PoolingConfig, PPLLaVA
   from ppllava_jax.train.core.config import MeshConfig, OptimConfig, TrainConfig
-  from ppllava_jax.train.core.optimizer import make_optimizer
-  from ppllava_jax.train.core.partition import DPO, VICUNA_SFT, decay_mask, partition
-  from ppllava_jax.train.core.state import init_state, make_mesh
-  from ppllava_jax.train.core.step import Steps
-  from ppllava_jax.train.sft import TokenMean
+  from ppllava_jax.train.core.partition import DPO, VICUNA_SFT
+  from ppllava_jax.train.run.assembly import assemble, materialize
   inputs = np.load(folder / "inputs.npz")
   model = PPLLaVA.from_pretrained(folder / "llava", clip=folder / "clip" if mode == "ppllava"
                                   else None, pooling=PoolingConfig(mode))
   tc = TrainConfig(optim=OptimConfig(lr=LR, schedule="constant", warmup_ratio=0.0,
                                      total_steps=1),
                    trainable=DPO if workload == "llm" else VICUNA_SFT)  # DPO: the LLM alone
-  part = partition(model, tc.trainable)
-  tx = make_optimizer(tc.optim, decay_mask(part.split(model)[1]))
-  mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
-  graphdef, state, frozen, shardings = init_state(model, part, tx, mesh, frozen_dtype=tc.dtype)
+  a = assemble(model, dataclasses.replace(tc, mesh=MeshConfig(1, 1, 1)),
+               devices=jax.devices()[:1])
+  state, frozen = materialize(a, model)
   if workload == "llm":
     batch = _train_batch(model.cfg, *_text(inputs, rows, length))
   else:
     batch = _train_batch(model.cfg, *_video_prompt(inputs, mode), video=inputs["video"],
                          clip_ids=inputs["clip_ids"].astype(np.int32))
   del model
-  sft = TokenMean(graphdef, tc)
-  return Ours(Steps(graphdef, tc, tx, shardings, sft, held_out=sft), state, frozen,
-              jax.device_put(batch),
-              int(np.prod(batch.input_ids.shape)))
+  return Ours(a.steps, state, frozen, jax.device_put(batch), int(np.prod(batch.input_ids.shape)))
 
 
 def ours_worker(folder: Path, workload: str, mode: str, reps: int, profile: bool) -> dict:

@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from ppllava_jax.data.sft.batches import collate
@@ -40,14 +39,10 @@ from ppllava_jax.plan.architectures import RELEASES, release_for
 from ppllava_jax.plan.memory import (DeviceShare, MemoryEstimate, largest_layer, saved_residuals,
                                      shard_bytes)
 from ppllava_jax.train.run import config as rc
+from ppllava_jax.train.run.assembly import assemble, objective
 from ppllava_jax.train.core.config import TrainConfig
-from ppllava_jax.train.dpo.objective import DPOConstants, PreferenceObjective, check_trainable
 from ppllava_jax.train.run.metrics import cost_flops
-from ppllava_jax.train.core.optimizer import make_optimizer
-from ppllava_jax.train.core.partition import decay_mask, partition
-from ppllava_jax.train.core.state import (abstract_state, batch_devices, batch_shardings, cast_floating, make_mesh, placed)
-from ppllava_jax.train.core.step import Steps
-from ppllava_jax.train.sft import TokenMean
+from ppllava_jax.train.core.state import (batch_devices, batch_shardings, placed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,28 +228,14 @@ def plan_step(cfg: rc.RunConfig, arch: str | None = None, compile_step: bool = T
   from the program alone, no XLA numbers."""
   model_cfg, source = model_config(cfg, arch)
   abstract = nnx.eval_shape(lambda: PPLLaVA(model_cfg, rngs=nnx.Rngs(cfg.train.seed)))
-  part = partition(abstract, cfg.train.trainable)
-  tx = make_optimizer(cfg.train.optim, decay_mask(part.split(abstract)[1]))
-  mesh = make_mesh(cfg.train.mesh)
-  frozen_dtype = cfg.train.dtype if cfg.train.compute_dtype != "float32" else None
-  graphdef, state, frozen, shardings = abstract_state(abstract, part, tx, mesh,
-                                                      frozen_dtype=frozen_dtype)
+  a = assemble(abstract, cfg.train, cfg.dpo)
+  mesh, state, frozen, constants = a.mesh, a.state, a.frozen, a.constants
   batch = abstract_batch(cfg, model_cfg)
   micro = cfg.train.optim.grad_accum > 1
   _check_rows(batch, mesh, micro)
-
-  if cfg.dpo is None:
-    kind, constants, constant_sh = "SFT", frozen, None
-    objective_for = lambda train_cfg: TokenMean(graphdef, train_cfg)
-  else:
-    check_trainable(part)
-    live = not cfg.dpo.precompute_reference
-    reference = (placed(cast_floating(state.params, jnp.dtype(cfg.dpo.reference_dtype)),
-                        shardings.state.params) if live else None)
-    kind = f"DPO, {'live' if live else 'cached'} reference"
-    constants = DPOConstants(frozen, reference)
-    constant_sh = DPOConstants(shardings.frozen, shardings.state.params if live else None)
-    objective_for = lambda train_cfg: PreferenceObjective(graphdef, train_cfg, cfg.dpo)
+  kind = ("SFT" if cfg.dpo is None else
+          f"DPO, {'cached' if cfg.dpo.precompute_reference else 'live'} reference")
+  objective_for = lambda train_cfg: objective(a.graphdef, train_cfg, cfg.dpo)
   sharded = placed(batch, batch_shardings(batch, mesh, micro))
   memory = estimate_memory(cfg.train, objective_for, state, constants, sharded, mesh)
   replicated = {f.name: shard_bytes(x) for f in dataclasses.fields(sharded)
@@ -262,9 +243,8 @@ def plan_step(cfg: rc.RunConfig, arch: str | None = None, compile_step: bool = T
                 and shard_bytes(x) >= 2 ** 20}
   xla = None
   if compile_step:
-    steps = Steps(graphdef, cfg.train, tx, shardings, objective_for(cfg.train), constant_sh)
     start = time.perf_counter()
-    lowered = steps.lower_train(state, constants, batch)
+    lowered = a.steps.lower_train(state, constants, batch)
     lower_s = time.perf_counter() - start
     start = time.perf_counter()
     compiled = lowered.compile()

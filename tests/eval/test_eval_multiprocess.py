@@ -107,8 +107,8 @@ from ppllava_jax import distributed
 distributed.initialize()
 from transformers import AutoTokenizer
 from ppllava_jax.models.ppllava import PPLLaVA
-from ppllava_jax.train.evaluation import McqEval
-from ppllava_jax.train.run_config import McqEvalConfig
+from ppllava_jax.train.run.evaluation import McqEval
+from ppllava_jax.train.run.config import McqEvalConfig
 checkpoint, tasks, videos, folder = sys.argv[1:]
 model = PPLLaVA.from_pretrained(checkpoint)
 graphdef, params, frozen = nnx.split(model, nnx.Param, ...)

@@ -54,7 +54,7 @@ def command(workdir: Path, *extra: str, config: Path = CONFIG) -> list[str]:
 SUMMARY = """import json, sys
 from ppllava_jax.config import apply_overrides, load_config
 from ppllava_jax.train.run import config as rc
-from ppllava_jax.train.loop import train
+from ppllava_jax.train.run.loop import train
 cfg = apply_overrides(load_config(sys.argv[1], rc.RunConfig), sys.argv[3:])
 print("summary:", json.dumps(train(cfg, sys.argv[2])))
 """

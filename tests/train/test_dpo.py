@@ -17,6 +17,7 @@ Pairs are hand-built (``support.pairs``): random ids around a video's 8 placehol
 completions of different lengths.
 """
 
+import dataclasses
 import functools
 import math
 
@@ -36,10 +37,9 @@ from ppllava_jax.models.tiny import TinyConfig, build_tiny
 from ppllava_jax.train.core.config import MeshConfig, OptimConfig, TrainConfig
 from ppllava_jax.train.dpo.objective import (DPOConstants, PreferenceObjective, check_trainable, pair_logps, reference_copy, reference_logps)
 from ppllava_jax.train.core.inputs import embed_batch, embed_pairs, pair_media
-from ppllava_jax.train.core.optimizer import make_optimizer
-from ppllava_jax.train.core.partition import DPO, VICUNA_SFT, decay_mask, partition, path_name
+from ppllava_jax.train.core.partition import DPO, VICUNA_SFT, partition, path_name
 from ppllava_jax.train.dpo.losses import DPOConfig
-from ppllava_jax.train.core.state import init_state, make_mesh
+from ppllava_jax.train.run.assembly import assemble, materialize
 from ppllava_jax.train.core.step import Steps, make_gradients, stack_micro_batches
 from support.pairs import make_pair, pair_batch
 
@@ -69,10 +69,9 @@ def batch_of(samples, size, length=LENGTH, ref_logps=None):
 def run():
   """The tiny model, its DPO partition on one device, the pairs and their batches."""
   model = build_tiny(TINY, VOCAB)
-  part = partition(model, DPO)
-  tx = make_optimizer(TC.optim, decay_mask(part.split(model)[1]))
-  mesh = make_mesh(TC.mesh, jax.devices()[:1])
-  graphdef, state, frozen, shardings = init_state(model, part, tx, mesh)
+  a = assemble(model, dataclasses.replace(TC, trainable=DPO), devices=jax.devices()[:1])
+  state, frozen = materialize(a, model)
+  part, tx, graphdef, shardings = a.partition, a.tx, a.graphdef, a.shardings
   rng = np.random.default_rng(0)
   pairs = [make_pair(rng, CFG, FRAMES, *shape, scorer_length=SCORER) for shape in SHAPES]
   keys = iter(jax.random.split(jax.random.key(7), len(jax.tree.leaves(state.params))))

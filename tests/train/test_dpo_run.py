@@ -21,7 +21,7 @@ from ppllava_jax.train.dpo import reference
 from ppllava_jax.config import apply_overrides
 from ppllava_jax.train.run import config as rc
 from ppllava_jax.train.dpo.objective import reference_logps
-from ppllava_jax.train.run.assembly import build
+from ppllava_jax.train.run.assembly import load
 from ppllava_jax.train.run.export import export
 from ppllava_jax.train.run.loop import prepare_data, train
 from ppllava_jax.train.run.metrics import read_frames, read_metrics
@@ -126,9 +126,9 @@ def test_margins_rise_the_cache_equals_recomputed_log_probs_and_is_refused_for_o
   assert first["rewards/margins"] < 0.5 < 1.0 < last["rewards/margins"]
   assert last["rewards/accuracies"] == 1.0 and last["loss"] < 0.3 < np.log(2)
 
-  run = build(cfg)  # the tiny model of the config's seed: the run's starting parameters
+  run, start = load(cfg)  # the tiny model of the config's seed: the run's starting parameters
   table = reference.load(tmp_path / reference.CACHE, reference.fingerprint(cfg))
-  fresh = reference.compute(run, cfg, run.state.params)
+  fresh = reference.compute(run, cfg, start.params)
   assert len(table) == 8 and fresh.keys() == table.keys()
   np.testing.assert_allclose([fresh[k] for k in table], [table[k] for k in table], rtol=1e-6)
   # one batch by hand, in another order and epoch: frames are pinned per row
@@ -139,7 +139,7 @@ def test_margins_rise_the_cache_equals_recomputed_log_probs_and_is_refused_for_o
                                model=run.model_cfg, scorer_tokenizer=run.scorer_tokenizer,
                                pin_frames=True)
   batch: PairBatch = builder.collate([builder.build(r, 1, 0) for r in (5, 2, 7, 0)])
-  logp = np.asarray(reference_logps(run.graphdef, cfg.train, run.state.params, run.frozen, batch))
+  logp = np.asarray(reference_logps(run.graphdef, cfg.train, start.params, run.frozen, batch))
   np.testing.assert_allclose(logp, [v for r in (5, 2, 7, 0) for v in table[rows[r].id]],
                              rtol=1e-5)
 

@@ -149,7 +149,7 @@ from ppllava_jax import distributed
 distributed.initialize()
 import jax
 
-from ppllava_jax.data.pipeline import DataError
+from ppllava_jax.data.engine import DataError
 from ppllava_jax.train import global_batch
 
 me = jax.process_index()

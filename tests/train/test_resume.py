@@ -38,7 +38,7 @@ def no_model(monkeypatch):
 
   def build(*args, **kwargs):
     raise AssertionError("the model was built")
-  monkeypatch.setattr(loop, "build", build)
+  monkeypatch.setattr(loop, "load", build)
 
 
 def test_resume_changes_sorts_what_a_run_may_change():

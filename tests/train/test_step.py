@@ -20,10 +20,10 @@ from ppllava_jax.models.btadapter import BTAdapterConfig
 from ppllava_jax.models.ppllava import PPLLaVA
 from ppllava_jax.train.core.config import MeshConfig, OptimConfig, TrainConfig
 from ppllava_jax.train.core.inputs import embed_batch
-from ppllava_jax.train.core.optimizer import lr_schedule, make_optimizer
-from ppllava_jax.train.core.partition import VICUNA_SFT, decay_mask, partition, path_name
-from ppllava_jax.train.core.state import init_state, make_mesh
-from ppllava_jax.train.core.step import Steps, make_gradients, stack_micro_batches
+from ppllava_jax.train.core.optimizer import lr_schedule
+from ppllava_jax.train.core.partition import VICUNA_SFT, partition, path_name
+from ppllava_jax.train.core.step import make_gradients, stack_micro_batches
+from ppllava_jax.train.run.assembly import assemble, materialize
 from ppllava_jax.train.sft import TokenMean
 from support.train_data import tiny_model_config
 
@@ -50,15 +50,14 @@ def batch_of(samples, cfg, rows, video_slots=0, length=32):
 
 
 def setup(model, tc, mesh_shape=(1, 1, 1)):
-  """A run of ``model`` (a module, or a constructor) on a mesh of the first devices."""
-  abstract = model if isinstance(model, nnx.Module) else nnx.eval_shape(model)
-  part = partition(abstract, tc.trainable)
-  tx = make_optimizer(tc.optim, decay_mask(part.split(abstract)[1]))
-  mesh = make_mesh(MeshConfig(*mesh_shape), jax.devices()[:int(np.prod(mesh_shape))])
-  graphdef, state, frozen, shardings = init_state(model, part, tx, mesh, frozen_dtype=tc.dtype)
-  return SimpleNamespace(part=part, graphdef=graphdef, state=state, frozen=frozen,
-                         steps=Steps(graphdef, tc, tx, shardings, TokenMean(graphdef, tc),
-                                     held_out=TokenMean(graphdef, tc)), shardings=shardings)
+  """A run of ``model`` (a module, or a constructor) on a mesh of the first devices, as
+  the trainer assembles one (``train.run.assembly``)."""
+  model = model if isinstance(model, nnx.Module) else model()
+  a = assemble(model, dataclasses.replace(tc, mesh=MeshConfig(*mesh_shape)),
+               devices=jax.devices()[:int(np.prod(mesh_shape))])
+  state, frozen = materialize(a, model)
+  return SimpleNamespace(part=a.partition, graphdef=a.graphdef, state=state, frozen=frozen,
+                         steps=a.steps, shardings=a.shardings)
 
 
 def flat(state):

@@ -153,5 +153,5 @@ class TrainConfig:
 
   @property
   def dtype(self) -> np.dtype:
-    """The compute dtype (also the frozen state's: ``state.init_state(frozen_dtype=)``)."""
+    """The compute dtype (also the frozen state's: ``train.run.assembly.assemble``)."""
     return jnp.dtype(self.compute_dtype)

@@ -1,4 +1,4 @@
-"""The train state, its shardings and its initialisation on a mesh.
+"""The train state and its shardings on a mesh.
 
 ``TrainState`` is a small pytree: the update count, the trainable parameters (float32
 masters), their optimizer state, a base PRNG key and a count of skipped updates. The
@@ -8,10 +8,11 @@ not part of the state a checkpoint must save (they are the initial checkpoint's)
 Shardings come from abstract shapes (``jax.eval_shape``): a parameter's ``NamedSharding``
 is its logical ``axes`` metadata through ``models.sharding.LOGICAL_RULES`` (a dimension a
 mesh axis does not divide is replicated instead, and logged); optimizer moments take
-their parameter's sharding, scalars are replicated. ``init_state`` then builds the state
-under ``jax.jit(out_shardings=...)``: from a model constructor nothing is ever
-materialised unsharded. ``abstract_state`` gives the same as shapes with shardings, for
-lowering a step without any weights (``ppllava_jax.plan``).
+their parameter's sharding, scalars are replicated. ``abstract_state`` gives the state and
+the frozen state as shapes with their shardings: what a checkpoint restores into, what
+lowers a step without any weights (``ppllava_jax.plan``), and what
+``train.run.assembly.fresh_state`` / ``place_frozen`` fill under
+``jax.jit(out_shardings=...)`` when a run starts.
 """
 
 from __future__ import annotations
@@ -107,9 +108,10 @@ def abstract_state(model: nnx.Module | Callable[[], nnx.Module], part: Partition
                    tx: optax.GradientTransformation, mesh: Mesh, *, frozen_dtype=None,
                    rules: Rules = LOGICAL_RULES
                    ) -> tuple[nnx.GraphDef, TrainState, nnx.State, Shardings]:
-  """(graphdef, state, frozen, shardings) as ``init_state`` gives them, but the state and
-  the frozen state are ``jax.ShapeDtypeStruct``s carrying their shardings: nothing is
-  materialised (what lowering a step for its memory plan needs, ``ppllava_jax.plan``)."""
+  """(graphdef, state, frozen, shardings) of a run of ``model`` (a module, abstract or not,
+  or a constructor) on ``mesh``: the state and the frozen state as
+  ``jax.ShapeDtypeStruct``s carrying their shardings, nothing materialised;
+  ``frozen_dtype`` (bfloat16 compute) is the frozen state's dtype."""
   graphdef, params, frozen = part.split(model if isinstance(model, nnx.Module)
                                         else nnx.eval_shape(model))
   params_a, frozen_a = _abstract(params), cast_floating(_abstract(frozen), frozen_dtype)
@@ -125,33 +127,6 @@ def abstract_state(model: nnx.Module | Callable[[], nnx.Module], part: Partition
   state_a = TrainState(count, params_a, opt_a, key, count)
   return (graphdef, placed(state_a, shardings.state), placed(frozen_a, shardings.frozen),
           shardings)
-
-
-def init_state(model: nnx.Module | Callable[[], nnx.Module], part: Partition,
-               tx: optax.GradientTransformation, mesh: Mesh, *, seed: int = 0,
-               frozen_dtype=None, rules: Rules = LOGICAL_RULES
-               ) -> tuple[nnx.GraphDef, TrainState, nnx.State, Shardings]:
-  """(graphdef, state, frozen, shardings) of a run on ``mesh``.
-
-  ``model``: a constructor (``lambda: PPLLaVA(cfg, rngs=nnx.Rngs(0))``), run under jit with
-  sharded outputs, or a built / loaded model, whose arrays are copied onto the mesh.
-  ``part`` splits it (``train.core.partition.partition``); ``frozen_dtype`` (bfloat16 compute)
-  stores the frozen state in that dtype.
-  """
-  graphdef, _, _, shardings = abstract_state(model, part, tx, mesh, frozen_dtype=frozen_dtype,
-                                             rules=rules)
-
-  def finish(p, f):
-    key = jax.random.key_data(jax.random.key(seed))
-    return (TrainState(jnp.zeros((), jnp.int32), p, tx.init(p), key, jnp.zeros((), jnp.int32)),
-            cast_floating(f, frozen_dtype))
-
-  out = (shardings.state, shardings.frozen)
-  if isinstance(model, nnx.Module):
-    state, frozen = jax.jit(finish, out_shardings=out)(*part.split(model)[1:])
-  else:
-    state, frozen = jax.jit(lambda: finish(*part.split(model())[1:]), out_shardings=out)()
-  return graphdef, state, frozen, shardings
 
 
 # ---- batches ------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+from flax import nnx
 
 from ppllava_jax import distributed
 from ppllava_jax.convert.loader import CheckpointError, path_segment
@@ -144,6 +145,12 @@ class Checkpoints:
           "to resume from the checkpoint before it") from err
     return out.state, out.data, out.config
 
+  def restore_params(self, step: int, target: nnx.State) -> nnx.State:
+    """The trainable parameters of checkpoint ``step`` alone (``read_params``), after
+    ``check``: what ``export`` needs, without the optimizer state."""
+    self.check(step)
+    return read_params(self.directory / str(step), target)
+
   def read_config(self, step: int) -> dict:
     """The config item of checkpoint ``step``, after ``check``."""
     self.check(step)
@@ -183,9 +190,10 @@ def _keys(path) -> tuple[str, ...]:
   return tuple(path_segment(k) for k in path)
 
 
-def check_fits(state_dir: Path, target) -> None:
+def check_fits(state_dir: Path, target, partial: bool = False) -> None:
   """Raises ``CheckpointMismatch`` listing the arrays that the saved state at
-  ``state_dir`` and ``target`` do not share with one shape and dtype."""
+  ``state_dir`` and ``target`` do not share with one shape and dtype (``partial``: only
+  the saved arrays under ``target``'s top-level keys count)."""
   absl = logging.getLogger("absl")
   level = absl.level
   absl.setLevel(logging.ERROR)  # "no _CHECKPOINT_METADATA": an item folder has none, rightly
@@ -201,6 +209,9 @@ def check_fits(state_dir: Path, target) -> None:
           for p, m in jax.tree_util.tree_flatten_with_path(saved)[0]}
   want = {_keys(p): (tuple(x.shape), str(x.dtype))
           for p, x in jax.tree_util.tree_flatten_with_path(target)[0]}
+  if partial:
+    tops = {k[0] for k in want}
+    have = {k: v for k, v in have.items() if k[0] in tops}
   name = lambda k: "/".join(str(p) for p in k)
   problems = ([f"{name(k)}: only in the checkpoint {have[k]}" for k in have.keys() - want.keys()]
               + [f"{name(k)}: not in the checkpoint" for k in want.keys() - have.keys()]
@@ -214,8 +225,23 @@ def check_fits(state_dir: Path, target) -> None:
         f"{len(problems)} array(s) differ:\n  " + "\n  ".join(shown[:12]) + more)
 
 
-def restore_params(path: str | Path, target: TrainState) -> TrainState:
-  """The ``state`` item of another run's checkpoint (``path``: its workdir, its
+def read_params(step_dir: Path, target: nnx.State) -> nnx.State:
+  """The trainable parameters of the checkpoint in ``step_dir`` alone, never its optimizer
+  state, into ``target`` (abstract, with shardings: ``Assembly.state.params``)."""
+  tree = {"params": target}
+  check_fits(step_dir / "state", tree, partial=True)
+  restore = ocp.args.PyTreeRestore(item=tree, partial_restore=True,
+                                   restore_args=ocp.checkpoint_utils.construct_restore_args(tree))
+  try:
+    with ocp.PyTreeCheckpointer() as ckptr:
+      return ckptr.restore(step_dir / "state", args=restore)["params"]
+  except Exception as err:  # noqa: BLE001
+    raise CheckpointError(f"the parameters of {step_dir} could not be restored: "
+                          f"{_first_line(err)}") from err
+
+
+def restore_params(path: str | Path, target: nnx.State) -> nnx.State:
+  """The trainable parameters of another run's checkpoint (``path``: its workdir, its
   ``checkpoints`` folder or one step's folder; the latest step), into ``target``."""
   path = Path(path).absolute()
   if (path / "checkpoints").is_dir():
@@ -227,7 +253,5 @@ def restore_params(path: str | Path, target: TrainState) -> TrainState:
     if not steps:
       raise FileNotFoundError(f"init_from: no checkpoint in {path}")
     step_dir = path / str(steps[-1])
-  log.info("init_from: reading the state of %s", step_dir)
-  check_fits(step_dir / "state", target)
-  with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(step_dir / "state", target)
+  log.info("init_from: reading the parameters of %s", step_dir)
+  return read_params(step_dir, target)

@@ -20,10 +20,9 @@ from flax import nnx
 from ppllava_jax.config import from_dict
 from ppllava_jax.data.text.tokenizer import tokenizer_folders, write_tokenizers
 from ppllava_jax.models import pretrained
-from ppllava_jax.train.core.state import placed
 from ppllava_jax.train.run import checkpoint as ckpt_lib
 from ppllava_jax.train.run import config as rc
-from ppllava_jax.train.run.assembly import build
+from ppllava_jax.train.run.assembly import load
 
 
 def export(workdir: str | Path, out: str | Path, step: int | None = None) -> Path:
@@ -42,12 +41,12 @@ def export(workdir: str | Path, out: str | Path, step: int | None = None) -> Pat
     cfg = rc.with_workdir(cfg, str(workdir))
     started = time.perf_counter()
     print(f"export: building the model of checkpoint {step} of {workdir} ...", flush=True)
-    run = build(cfg, cast_frozen=False)
+    run, _ = load(cfg, cast_frozen=False)
     print("export: reading the trained parameters ...", flush=True)
-    state, _, _ = checkpoints.restore(step, placed(run.state, run.shardings.state))
+    params = checkpoints.restore_params(step, run.assembly.state.params)
   finally:
     checkpoints.close()
-  model = nnx.merge(run.graphdef, state.params, run.frozen)
+  model = nnx.merge(run.graphdef, params, run.frozen)
   folder = write_model_folder(model, Path(out), cfg, run.tokenizer, run.scorer_tokenizer)
   print(f"exported checkpoint {step} of {workdir} to {folder} in "
         f"{time.perf_counter() - started:.1f} s", flush=True)

@@ -65,11 +65,10 @@ from ppllava_jax.train.run import checkpoint as ckpt_lib
 from ppllava_jax.train.run import evaluation
 from ppllava_jax.train.run import metrics as metrics_lib
 from ppllava_jax.train.run import resume
-from ppllava_jax.train.run.assembly import Run, build, start_reference
+from ppllava_jax.train.run.assembly import Run, fresh_state, load, start_reference
 from ppllava_jax.config import to_dict
 from ppllava_jax.train.run import config as rc
 from ppllava_jax.train.run.global_batch import DataBlocks, agreed_next, data_blocks, to_global
-from ppllava_jax.train.core.state import placed
 from ppllava_jax.train.core.step import Steps, stack_micro_batches
 from ppllava_jax.signals import Signals
 
@@ -168,17 +167,19 @@ def _train(cfg: rc.RunConfig, workdir: Path, checkpoints: ckpt_lib.Checkpoints) 
   mcq_eval = evaluation.McqEval(cfg.mcq, workdir / "mcq") if cfg.mcq else None
   if primary:
     (workdir / "config.json").write_text(json.dumps(config_dict, indent=1, sort_keys=True))
-  run = build(cfg)
+  run, loaded = load(cfg)
   blocks = data_blocks(run.shardings.mesh)
-  target = placed(run.state, run.shardings.state)
-  initial = functools.cache(lambda: ckpt_lib.restore_params(cfg.init_from, target).params
-                            if cfg.init_from else run.state.params)  # read once
-  reference = start_reference(run, cfg, workdir, initial, inputs) if cfg.dpo else None
-  start, state, data_state = resume.restore(checkpoints, cfg, latest, target, run.state)
+  target = run.assembly.state
+  initial = functools.cache(lambda: ckpt_lib.restore_params(cfg.init_from, target.params)
+                            if cfg.init_from else loaded.params)  # read once
+  constants, reference = start_reference(run, cfg, workdir, initial, inputs)
+  start, state, data_state = resume.restore(
+      checkpoints, cfg, latest, target, lambda: fresh_state(run.assembly, initial(),
+                                                            cfg.train.seed))
+  initial = loaded = None  # free the loaded trainable parameters: the state holds them now
   if start:
     distributed.say(f"resuming from checkpoint {start} in {checkpoints.directory}")
   elif cfg.init_from:
-    state = state.replace(params=initial())
     distributed.say(f"starting from the parameters of {cfg.init_from}")
   data = _data(cfg, run, blocks, data_state, reference, inputs)
   writer = (metrics_lib.MetricsWriter(workdir, resume_step=start) if primary
@@ -216,8 +217,8 @@ def _train(cfg: rc.RunConfig, workdir: Path, checkpoints: ckpt_lib.Checkpoints) 
         if compiling:
           distributed.say(f"compiling the train step for {_shapes(batch)} ...")
           compile_start = time.perf_counter()
-          flops[key] = _step_flops(run.steps, state, run.constants, batch)
-        state, m = run.steps.train(state, run.constants, batch)
+          flops[key] = _step_flops(run.steps, state, constants, batch)
+        state, m = run.steps.train(state, constants, batch)
         if compiling:
           jax.block_until_ready(m["loss"])
           distributed.say(f"train step compiled and run in {time.perf_counter() - compile_start:.1f} s")

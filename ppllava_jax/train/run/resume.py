@@ -56,9 +56,10 @@ def resume_step(checkpoints: Checkpoints, cfg: rc.RunConfig) -> int | None:
   return None
 
 
-def restore(checkpoints: Checkpoints, cfg: rc.RunConfig, step: int | None, target, initial):
+def restore(checkpoints: Checkpoints, cfg: rc.RunConfig, step: int | None, target, fresh):
   """(step, state, data state) of checkpoint ``step`` read into ``target``, or of the
-  intact one before it when it is damaged; (0, ``initial``, None) without ``step``."""
+  intact one before it when it is damaged; (0, ``fresh()``, None) without ``step``: the
+  first state is made only when there is nothing to resume."""
   while step is not None:
     try:
       state, data_state, _ = checkpoints.restore(step, target)
@@ -66,4 +67,4 @@ def restore(checkpoints: Checkpoints, cfg: rc.RunConfig, step: int | None, targe
     except CheckpointDamaged as err:
       checkpoints.set_aside(step, err)
       step = resume_step(checkpoints, cfg)  # raises when none intact is left
-  return 0, initial, None
+  return 0, fresh(), None
