@@ -1,5 +1,5 @@
 """The SFT input pipeline's throughput for 32-frame videos, with 0, 1 and 2 Grain workers,
-decoding the videos or reading them from a media store (``data.media.store``, uint8 and JPEG).
+decoding the videos or reading them from a media store (``data.sft.store``, uint8 and JPEG).
 
 Each sample is the whole per-sample work of training: decode a video (H.264, 320x240,
 96 frames; ``--video WxHxN`` for another) and sample 32 frames the original's training
@@ -70,7 +70,7 @@ def iter_batches(workers: int, folder: Path, store: str | None = None):
 def build_stores(folder: Path) -> dict:
   """A uint8 and a JPEG store of the benchmark's videos: {format: (path, build seconds)}."""
   from ppllava_jax.data.sft.annotations import CorpusConfig
-  from ppllava_jax.data.media.store import StoreConfig, build_store
+  from ppllava_jax.data.sft.store import StoreConfig, build_store
   corpus = CorpusConfig("videos", str(folder / "ann.json"), str(folder))
   stores = {}
   for fmt in SOURCES[1:]:

@@ -41,12 +41,3 @@ def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] 
     print(f"error: {err}", file=sys.stderr)
     return 2
 
-
-def not_implemented(parser: argparse.ArgumentParser, what: str,
-                    argv: Sequence[str] | None = None) -> int:
-  """Parses ``argv`` (so --help works), prints the help and 'not implemented yet: <what>';
-  returns exit status 2."""
-  parser.parse_args(argv)
-  parser.print_help()
-  print(f"not implemented yet: {what}", file=sys.stderr)
-  return 2

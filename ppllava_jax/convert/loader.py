@@ -237,13 +237,21 @@ def load_into(abstract_model: nnx.Module, path: str | Path, rules: Sequence[Rule
 
 def hf_tensors(model: nnx.Module, rules: Sequence[Rule]) -> Iterator[tuple[str, jax.Array]]:
   """The model's parameters under their Hugging Face names and layouts, one at a time."""
-  for path, variable in nnx.to_flat_state(nnx.state(model)):
-    name = ".".join(map(str, path))
-    hit = _hf_key(name, rules)
-    if hit is None:
+  for name, value in tree_leaves_by_name(nnx.state(model)):
+    named = _to_checkpoint(name, jnp.asarray(value), rules)
+    if named is None:
       raise CheckpointError(f"no rule names parameter {name} for saving")
-    key, rule = hit
-    yield key, rule.transform.to_hf(jnp.asarray(variable[...]))
+    yield named
+
+
+def _to_checkpoint(name: str, value, rules: Sequence[Rule]) -> tuple[str, Any] | None:
+  """(checkpoint tensor name, ``value`` in the checkpoint's layout) of the parameter at
+  dotted path ``name``, or None when no rule names it."""
+  hit = _hf_key(name, rules)
+  if hit is None:
+    return None
+  key, rule = hit
+  return key, rule.transform.to_hf(value)
 
 
 def path_segment(entry) -> str:
@@ -280,12 +288,11 @@ def named_tensors(tree, rules: Sequence[Rule],
       problems.append(f"{name}: shape {tuple(np.shape(value))}, the parameter's is "
                       f"{tuple(shapes[name])}")
       continue
-    hit = _hf_key(name, rules)
+    hit = _to_checkpoint(name, value, rules)
     if hit is None:
       problems.append(f"{name}: no rule of the table names it")
       continue
-    key, rule = hit
-    named[key] = rule.transform.to_hf(value)
+    named[hit[0]] = hit[1]
   if problems:
     raise CheckpointError(f"{len(problems)} leaves of the tree have no checkpoint tensor name:\n"
                           + "\n".join(f"  {p}" for p in problems))

@@ -62,7 +62,7 @@ from ppllava_jax.eval import mcq, records
 from ppllava_jax.eval.fingerprint import model_key
 from ppllava_jax.eval.jobs import chat_template, mcq_jobs, qa_jobs, video_job
 from ppllava_jax.eval.qa import QAItem, load_qa
-from ppllava_jax.eval.runner import RunConfig, failures, process_output, run, score_answers
+from ppllava_jax.eval.runner import GenerationSettings, failures, process_output, run, score_answers
 from ppllava_jax.models.ppllava_config import PoolingConfig
 
 
@@ -255,7 +255,7 @@ def _evaluate(args, predictions: Path, check_stop: Callable[[], None]) -> int:
   items = _read_inputs(args)
   protocol = (mcq.make_protocol(args.protocol, args.subtitles, args.videomme_extractor)
               if args.mvbench or args.videomme else None)
-  cfg = RunConfig(batch_size=args.batch_size,
+  cfg = GenerationSettings(batch_size=args.batch_size,
                   max_new_tokens=args.max_new_tokens or (protocol.max_new_tokens if protocol
                                                          else 200),
                   visualize=Path(args.visualize) if args.visualize else None,

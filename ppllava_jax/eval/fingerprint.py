@@ -3,7 +3,7 @@ whose fingerprint is the same.
 
 A job's fingerprint covers its prompt text and scorer text, each media file (absolute
 path, size and modification time, the clip bounds), the frame count and the subtitle
-file, plus the run's settings (``RunConfig.settings``): the model (``model_key``: the
+file, plus the run's settings (``GenerationSettings.settings``): the model (``model_key``: the
 checkpoint, scorer, tokenizer folders' files, the pooling mode, the dtype), the
 generation settings (``max_new_tokens``; decoding is greedy), the video decoder and the
 JAX backend. The sampled frame indices are known only after decoding, so the

@@ -81,7 +81,8 @@ log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
-class RunConfig:
+class GenerationSettings:
+  """How eval.py answers its jobs (not what it asks, which is the ``Job``)."""
   batch_size: int = 4
   max_new_tokens: int = 200
   length_multiple: int = 64  # prompt lengths round up to this (shape buckets)
@@ -204,12 +205,34 @@ def _check_agreement(jobs: Sequence[Job], fingerprints: dict, pending: Sequence[
 
 
 def run(model, processor: Processor, jobs: Sequence[Job], out_path: str | Path,
-        cfg: RunConfig = RunConfig(), check_stop: Callable[[], None] = lambda: None
-        ) -> RunResult:
+        cfg: GenerationSettings = GenerationSettings(),
+        check_stop: Callable[[], None] = lambda: None) -> RunResult:
   """Answers every job without a reusable answer in ``out_path``; returns a record per job
   (on every process, when several share the jobs: module doc). ``check_stop`` raises to
   stop between batches (module doc)."""
   out_path = Path(out_path)
+  _check_jobs(model, jobs, cfg)
+  processes, primary = jax.process_count(), distributed.is_primary()
+  if primary:
+    _merge_parts(out_path)  # a killed multi-process run's answers
+  distributed.barrier("eval: leftover parts merged")
+  fingerprints = {job.id: job_fingerprint(job, cfg.settings) for job in jobs}
+  records, pending, redone = _reusable(jobs, fingerprints, out_path)
+  reused = len(records)
+  if processes > 1:
+    _check_agreement(jobs, fingerprints, pending)
+  relevance = _relevance(model, processor, cfg.visualize)
+  # A run shorter than one batch needs no filler rows (a single video: batch 1).
+  cfg = dataclasses.replace(cfg, batch_size=max(1, min(cfg.batch_size, len(pending))))
+  batches = list(_batches(pending, cfg.batch_size))
+  _answer(model, processor, batches[jax.process_index()::processes], cfg, fingerprints,
+          records, out_path, relevance, check_stop)
+  if processes > 1:
+    _gather(records, pending, batches, out_path)
+  return RunResult(records, reused, redone, out_path)
+
+
+def _check_jobs(model, jobs: Sequence[Job], cfg: GenerationSettings) -> None:
   duplicates = [i for i, n in collections.Counter(job.id for job in jobs).items() if n > 1]
   if duplicates:
     raise ValueError(f"job ids must be unique; repeated: {duplicates[:5]}")
@@ -217,11 +240,12 @@ def run(model, processor: Processor, jobs: Sequence[Job], out_path: str | Path,
   if cfg.max_new_tokens >= context:
     raise ValueError(f"max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in the "
                      f"LLM's context of {context} positions (max_position_embeddings)")
-  processes, primary = jax.process_count(), distributed.is_primary()
-  if primary:
-    _merge_parts(out_path)  # a killed multi-process run's answers
-  distributed.barrier("eval: leftover parts merged")
-  fingerprints = {job.id: job_fingerprint(job, cfg.settings) for job in jobs}
+
+
+def _reusable(jobs: Sequence[Job], fingerprints: dict[str, str], out_path: Path
+              ) -> tuple[dict[str, dict], list[Job], int]:
+  """(the saved answers made for these very jobs and settings, by job id; the jobs left to
+  answer; how many of those had a record, failed or made under other settings)."""
   previous = saved.read_records(out_path)
   answers = {(str(r.get("id")), r.get("fingerprint")): r for r in previous
              if r.get("status") == "ok"}
@@ -229,25 +253,31 @@ def run(model, processor: Processor, jobs: Sequence[Job], out_path: str | Path,
              if (job.id, fingerprints[job.id]) in answers}
   pending = [job for job in jobs if job.id not in records]
   before = {str(r.get("id")) for r in previous}
-  reused, redone = len(records), sum(job.id in before for job in pending)
-  if processes > 1:
-    _check_agreement(jobs, fingerprints, pending)
-  relevance = None
-  if cfg.visualize is not None:
-    if getattr(model, "scorer", None) is None or processor.scorer_tokenizer is None:
-      log.warning("--visualize needs the relevance scorer and its tokenizer (a checkpoint "
-                  "with one, or --clip; --scorer-tokenizer); no pictures will be written")
-    else:
-      cfg.visualize.mkdir(parents=True, exist_ok=True)
-      fn, state = pure(model, "relevance_maps")
-      relevance = (jax.jit(fn), state)
-  # A run shorter than one batch needs no filler rows (a single video: batch 1).
-  cfg = dataclasses.replace(cfg, batch_size=max(1, min(cfg.batch_size, len(pending))))
-  batches = list(_batches(pending, cfg.batch_size))
-  mine = batches[jax.process_index()::processes]
+  return records, pending, sum(job.id in before for job in pending)
+
+
+def _relevance(model, processor: Processor, folder: Path | None):
+  """(jitted relevance maps, model state) for ``--visualize``, or None."""
+  if folder is None:
+    return None
+  if getattr(model, "scorer", None) is None or processor.scorer_tokenizer is None:
+    log.warning("--visualize needs the relevance scorer and its tokenizer (a checkpoint "
+                "with one, or --clip; --scorer-tokenizer); no pictures will be written")
+    return None
+  folder.mkdir(parents=True, exist_ok=True)
+  fn, state = pure(model, "relevance_maps")
+  return jax.jit(fn), state
+
+
+def _answer(model, processor: Processor, mine: list[list[Job]], cfg: GenerationSettings,
+            fingerprints: dict[str, str], records: dict[str, dict], out_path: Path,
+            relevance, check_stop: Callable[[], None]) -> None:
+  """Answers this process's batches, appending each record to its output as it comes."""
+  context = model.cfg.text.max_position_embeddings
   compiled = generation.compilations()
   with saved.open_for_append(process_output(out_path)) as out, tqdm(
-      total=sum(map(len, mine)), unit="item", desc="eval", disable=not primary) as bar:
+      total=sum(map(len, mine)), unit="item", desc="eval",
+      disable=not distributed.is_primary()) as bar:
     def write(job: Job, **fields) -> None:
       records[job.id] = dict(id=job.id, fingerprint=fingerprints[job.id], **fields)
       saved.append(out, records[job.id])
@@ -275,18 +305,22 @@ def run(model, processor: Processor, jobs: Sequence[Job], out_path: str | Path,
             _picture(relevance, job, encoded, item.videos[0], cfg.visualize)
       bar.update(len(batch))
       check_stop()  # the batch's answers are saved
-  if processes > 1:
-    distributed.barrier("eval: answered")
-    records.update((r["id"], r) for part in _parts(out_path) for r in saved.read_records(part))
-    distributed.barrier("eval: parts read")
-    missing = [job.id for job in pending if job.id not in records]
-    if missing:
-      raise ValueError(f"the records of {len(missing)} jobs other processes ran (e.g. {missing[0]})"
-                       f" are not in {out_path.parent}: --out must be a folder every host mounts")
-    if primary:
-      batch_of = {job.id: k for k, batch in enumerate(batches) for job in batch}
-      _merge_parts(out_path, order=lambda r: batch_of[r["id"]])
-  return RunResult(records, reused, redone, out_path)
+
+
+def _gather(records: dict[str, dict], pending: Sequence[Job], batches: list[list[Job]],
+            out_path: Path) -> None:
+  """Every process's new records into ``records``; process 0 merges the parts in job
+  order."""
+  distributed.barrier("eval: answered")
+  records.update((r["id"], r) for part in _parts(out_path) for r in saved.read_records(part))
+  distributed.barrier("eval: parts read")
+  missing = [job.id for job in pending if job.id not in records]
+  if missing:
+    raise ValueError(f"the records of {len(missing)} jobs other processes ran (e.g. {missing[0]})"
+                     f" are not in {out_path.parent}: --out must be a folder every host mounts")
+  if distributed.is_primary():
+    batch_of = {job.id: k for k, batch in enumerate(batches) for job in batch}
+    _merge_parts(out_path, order=lambda r: batch_of[r["id"]])
 
 
 def _prefetched(batches: list[list[Job]], video_backend: str
@@ -315,7 +349,7 @@ def _try(fn, *args):
     return None, f"{type(err).__name__}: {err}"
 
 
-def _generate(model, processor: Processor, encoded: list, cfg: RunConfig) -> list[str]:
+def _generate(model, processor: Processor, encoded: list, cfg: GenerationSettings) -> list[str]:
   batch = processor.collate(encoded, cfg.batch_size, cfg.length_multiple)
   arrays = {k: jnp.asarray(v) for k, v in batch.items() if k not in ("num_real", "image_sizes")}
   ids = model.generate(**arrays, image_sizes=batch.get("image_sizes"),

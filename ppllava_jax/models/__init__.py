@@ -1,14 +1,28 @@
 """Flax NNX networks. Each takes arrays (never paths) in ``__call__``; checkpoints are
-read and written by ``from_pretrained`` / ``save_pretrained``."""
+read and written by ``from_pretrained`` / ``save_pretrained``.
 
-from ppllava_jax.models.btadapter import BTAdapterConfig, CLIPVisionBTAdapter
-from ppllava_jax.models.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
-from ppllava_jax.models.llm import LlamaForCausalLM, Qwen2ForCausalLM
-from ppllava_jax.models.siglip import (SiglipConfig, SiglipModel, SiglipTextConfig,
-                                       SiglipVisionConfig)
+The names below resolve lazily (``from ppllava_jax.models import CLIPModel`` imports
+``models.clip`` alone), so importing one family does not build the others."""
 
-__all__ = [
-    "BTAdapterConfig", "CLIPVisionBTAdapter",
-    "CLIPConfig", "LlamaForCausalLM", "Qwen2ForCausalLM", "CLIPModel", "CLIPTextConfig", "CLIPVisionConfig",
-    "SiglipConfig", "SiglipModel", "SiglipTextConfig", "SiglipVisionConfig",
-]
+import importlib
+
+_HOMES = {
+    "PPLLaVA": "ppllava", "PPLLaVAConfig": "ppllava_config",
+    "BTAdapterConfig": "btadapter", "CLIPVisionBTAdapter": "btadapter",
+    "CLIPConfig": "clip", "CLIPModel": "clip", "CLIPTextConfig": "clip",
+    "CLIPVisionConfig": "clip",
+    "LlamaForCausalLM": "llm", "Qwen2ForCausalLM": "llm",
+    "SiglipConfig": "siglip", "SiglipModel": "siglip", "SiglipTextConfig": "siglip",
+    "SiglipVisionConfig": "siglip",
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+  if name not in _HOMES:
+    raise AttributeError(f"module 'ppllava_jax.models' has no attribute {name!r}")
+  return getattr(importlib.import_module(f"ppllava_jax.models.{_HOMES[name]}"), name)
+
+
+def __dir__() -> list[str]:
+  return __all__

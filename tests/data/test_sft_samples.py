@@ -21,7 +21,8 @@ from transformers import AutoTokenizer
 from ppllava_jax.data.media import preprocess
 from ppllava_jax.data.sft.annotations import CorpusConfig, parse_record
 from ppllava_jax.data.batching import IGNORE
-from ppllava_jax.data.sft.samples import (SampleBuilder, SampleConfig, SkipSample, build_sample, load_numbered_frames)
+from ppllava_jax.data.sft.samples import (SampleBuilder, SampleConfig, SkipSample, build_sample)
+from ppllava_jax.data.media.frames import load_numbered_frames
 from ppllava_jax.data.media.video import random_indices
 from support.tokenizers import clip_tokenizer, llama_sp_tokenizer, qwen_tokenizer
 from support.train_data import tiny_model_config, write_image, write_numbered_frames, write_video

@@ -22,7 +22,7 @@ from PIL import Image
 from ppllava_jax.data.media import preprocess
 from ppllava_jax.data.sft.annotations import CorpusConfig
 from ppllava_jax.data.sft.samples import SampleBuilder, SampleConfig, SkipSample, build_sample
-from ppllava_jax.data.media.store import (MediaStore, StoreConfig, StoreError, build_store, main, media_key, nearest)
+from ppllava_jax.data.sft.store import (MediaStore, StoreConfig, StoreError, build_store, main, media_key, nearest)
 from ppllava_jax.data.text.tokenizer import char_tokenizer
 from ppllava_jax.models.siglip import SiglipVisionConfig
 from ppllava_jax.data.media.video import cover_indices, write_video

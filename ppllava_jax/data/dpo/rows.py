@@ -63,7 +63,8 @@ import numpy as np
 from ppllava_jax.data.media import preprocess, video
 from ppllava_jax.data.sft.annotations import MEDIA_TOKEN, READERS
 from ppllava_jax.data.batching import IGNORE
-from ppllava_jax.data.sft.samples import (SCORER_PADDINGS, RngFactory, SampleBuilder, SampleConfig, SkipSample, frame_rng, load_training_video, media_skip)
+from ppllava_jax.data.sft.samples import (SCORER_PADDINGS, RngFactory, SampleBuilder, SampleConfig, SkipSample, frame_rng, media_skip)
+from ppllava_jax.data.media.frames import load_training_video
 from ppllava_jax.data.text.templates import TEMPLATES, Turn, render_conversation
 from ppllava_jax.files import DataFileError, read_jsonl
 from ppllava_jax.models.ppllava_config import PPLLaVAConfig

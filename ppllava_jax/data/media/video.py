@@ -8,7 +8,7 @@ Which frames are read follows the original PPLLaVA, as pure functions on ints:
   ``EvalDataset.get_index`` (MVBench, VideoMME);
 - training, ``sample="random"``: ``random_indices``, the original's
   ``get_frame_indices(sample="rand")``, drawing from a ``numpy.random.Generator``;
-- a media store's frames (``data.media.store``), ``sample="cover"``: ``cover_indices``, every
+- a media store's frames (``data.sft.store``), ``sample="cover"``: ``cover_indices``, every
   frame of a short video, else ``middle_indices``;
 - bounds in seconds: ``seconds_to_window``, times to frames with the average frame
   rate, as ``get_index`` does with decord's ``get_avg_fps``.
@@ -138,7 +138,7 @@ def cover_indices(num_frames: int, start: int, stop: int) -> list[int]:
   ``num_frames``, else the middle frame of each of ``num_frames`` equal segments
   (``middle_indices`` over [start, stop - 1]). Distinct and increasing either way, so that
   training can draw from the kept frames as it draws from the whole video
-  (``data.media.store``)."""
+  (``data.sft.store``)."""
   _check_num_frames(num_frames)
   if not 0 <= start < stop:
     raise ValueError(f"cover_indices: need 0 <= start < stop, got start={start}, stop={stop}")

@@ -216,87 +216,109 @@ def collate(samples: Sequence[Sample | None], model: PPLLaVAConfig, cfg: BatchCo
             pad_id: int = 0, scorer_length: int = 0, scorer_pad_id: int = 0) -> TrainBatch:
   """``samples`` (None: an empty row) -> one ``TrainBatch`` of the config's shapes."""
   geo = Geometry.of(model, cfg)
-  b = cfg.batch_size
-  if len(samples) > b:
-    raise ValueError(f"collate: {len(samples)} samples for batch_size {b}")
-  real = [x for x in samples if x is not None]
-  length = cfg.bucket(max([x.length for x in real], default=1))
-  video_slots, image_slots, multi_image_slots = cfg.slots()
-  t, p, s, k = cfg.num_frames, cfg.max_pictures, geo.tile, geo.max_tiles
-  dtype = PIXEL_DTYPES[cfg.pixel_dtype]
-  ids = np.full((b, length), pad_id, np.int32)
-  mask = np.zeros((b, length), np.int32)
-  labels = np.full((b, length), IGNORE, np.int32)
-  row_mask = np.zeros(b, bool)
-  scorer_ids = np.full((b, scorer_length), scorer_pad_id, np.int32)
-  scorer_mask = np.zeros((b, scorer_length), np.int32)
-  videos = np.zeros((video_slots, t, 3, s, s), dtype)
-  video_mask, video_row = np.zeros(video_slots, bool), np.zeros(video_slots, np.int32)
-  frame_mask = np.zeros((video_slots, t), bool)
-  video_token_mask = np.zeros((video_slots, geo.video_tokens), bool)
-  images = np.zeros((image_slots, k, 3, s, s), dtype)
-  image_mask, image_row = np.zeros(image_slots, bool), np.zeros(image_slots, np.int32)
-  tile_mask = np.zeros((image_slots, k), bool)
-  pictures = np.zeros((multi_image_slots, p, 3, s, s), dtype)
-  item_mask, item_row = np.zeros(multi_image_slots, bool), np.zeros(multi_image_slots, np.int32)
-  picture_mask = np.zeros((multi_image_slots, p), bool)
-  budget, rows_table = geo.gather_budget(cfg), geo.table_rows(cfg)
-  gather, gather_mask = np.zeros(budget, np.int32), np.zeros(budget, bool)
-  newline, picture_base = rows_table - 1, image_slots * k * geo.picture_tokens
-  counts = [0, 0, 0]  # slots used: videos, images, multi-image items
+  if len(samples) > cfg.batch_size:
+    raise ValueError(f"collate: {len(samples)} samples for batch_size {cfg.batch_size}")
+  length = cfg.bucket(max([x.length for x in samples if x is not None], default=1))
+  batch = _empty(geo, cfg, length, pad_id, scorer_length, scorer_pad_id)
+  used = dict.fromkeys(_PLACE, 0)  # slots taken, by media kind
+  limits = dict(zip(_PLACE, cfg.slots()))
   n_gather = 0
-
-  def take(which: int, limit: int, what: str) -> int:
-    if counts[which] == limit:
-      raise ValueError(f"collate: more {what} than the layout's {limit} slots (plan the "
-                       "batch with plan_batches)")
-    counts[which] += 1
-    return counts[which] - 1
-
   for row, x in enumerate(samples):
     if x is None:
       continue
     n = x.length
-    ids[row, :n], mask[row, :n], labels[row, :n] = x.input_ids, 1, x.labels
-    row_mask[row] = True
+    batch.input_ids[row, :n], batch.attention_mask[row, :n] = x.input_ids, 1
+    batch.labels[row, :n], batch.row_mask[row] = x.labels, True
     if scorer_length and x.scorer_ids is not None:
-      scorer_ids[row], scorer_mask[row] = x.scorer_ids, x.scorer_mask
-    pieces = []
-    if x.kind == "video":
-      slot = take(0, video_slots, "videos")
-      frames = len(x.video)
-      if frames > t:
-        raise ValueError(f"collate: {x.source}: {frames} frames, the slots hold "
-                         f"BatchConfig.num_frames={t}")
-      videos[slot, :frames] = x.video
-      video_mask[slot], video_row[slot], frame_mask[slot, :frames] = True, row, True
-      video_token_mask[slot, :model.video_tokens(frames)] = True
-    elif x.kind == "image":
-      slot = take(1, image_slots, "images")
-      tiles = len(x.image)
-      images[slot, :tiles] = x.image
-      image_mask[slot], image_row[slot], tile_mask[slot, :tiles] = True, row, True
-      pieces.append(anyres_gather_indices(x.image_size, model, slot * k * geo.picture_tokens,
-                                          newline))
-    elif x.kind == "multi-image":
-      slot = take(2, multi_image_slots, "multi-image items")
-      count = len(x.pictures)
-      if count > p:
-        raise ValueError(f"collate: {x.source}: {count} pictures, the slots hold "
-                         f"BatchConfig.max_pictures={p}")
-      pictures[slot, :count] = x.pictures
-      item_mask[slot], item_row[slot], picture_mask[slot, :count] = True, row, True
-      base = picture_base + slot * p * geo.picture_tokens
-      pieces.append(base + np.arange(count * geo.picture_tokens, dtype=np.int32))
-    for piece in pieces:
-      gather[n_gather:n_gather + len(piece)] = piece
-      gather_mask[n_gather:n_gather + len(piece)] = True
-      n_gather += len(piece)
-  positions = np.where(mask > 0, np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
-  return TrainBatch(ids, mask, positions, labels, labels != IGNORE, row_mask, scorer_ids,
-                    scorer_mask, videos, video_mask, video_row, frame_mask, video_token_mask,
-                    images, image_mask, image_row, tile_mask, pictures, item_mask, item_row,
-                    picture_mask, gather, gather_mask)
+      batch.scorer_ids[row], batch.scorer_mask[row] = x.scorer_ids, x.scorer_mask
+    if x.kind not in _PLACE:
+      continue
+    if used[x.kind] == limits[x.kind]:
+      raise ValueError(f"collate: more {_PLURAL[x.kind]} than the layout's {limits[x.kind]} "
+                       "slots (plan the batch with plan_batches)")
+    piece = _PLACE[x.kind](batch, used[x.kind], row, x, model, geo, cfg)
+    used[x.kind] += 1
+    batch.image_gather[n_gather:n_gather + len(piece)] = piece
+    batch.image_gather_mask[n_gather:n_gather + len(piece)] = True
+    n_gather += len(piece)
+  mask = batch.attention_mask
+  return batch.replace(
+      position_ids=np.where(mask > 0, np.cumsum(mask, axis=1) - 1, 0).astype(np.int32),
+      loss_mask=batch.labels != IGNORE)
+
+
+def _empty(geo: Geometry, cfg: BatchConfig, length: int, pad_id: int, scorer_length: int,
+           scorer_pad_id: int) -> TrainBatch:
+  """A batch of ``cfg``'s layout with no sample in it; ``position_ids`` and ``loss_mask``
+  are left for ``collate`` to fill."""
+  b, t, p, s, k = cfg.batch_size, cfg.num_frames, cfg.max_pictures, geo.tile, geo.max_tiles
+  v, i, m = cfg.slots()
+  dtype = PIXEL_DTYPES[cfg.pixel_dtype]
+  budget = geo.gather_budget(cfg)
+  return TrainBatch(
+      input_ids=np.full((b, length), pad_id, np.int32),
+      attention_mask=np.zeros((b, length), np.int32),
+      position_ids=np.zeros((b, length), np.int32),
+      labels=np.full((b, length), IGNORE, np.int32),
+      loss_mask=np.zeros((b, length), bool),
+      row_mask=np.zeros(b, bool),
+      scorer_ids=np.full((b, scorer_length), scorer_pad_id, np.int32),
+      scorer_mask=np.zeros((b, scorer_length), np.int32),
+      videos=np.zeros((v, t, 3, s, s), dtype), video_mask=np.zeros(v, bool),
+      video_row=np.zeros(v, np.int32), video_frame_mask=np.zeros((v, t), bool),
+      video_token_mask=np.zeros((v, geo.video_tokens), bool),
+      images=np.zeros((i, k, 3, s, s), dtype), image_mask=np.zeros(i, bool),
+      image_row=np.zeros(i, np.int32), image_tile_mask=np.zeros((i, k), bool),
+      pictures=np.zeros((m, p, 3, s, s), dtype), picture_item_mask=np.zeros(m, bool),
+      multi_image_row=np.zeros(m, np.int32), picture_mask=np.zeros((m, p), bool),
+      image_gather=np.zeros(budget, np.int32), image_gather_mask=np.zeros(budget, bool))
+
+
+# Each media kind's placement of sample x (of batch row ``row``) in its slot ``slot``;
+# returns the rows of the image-token table its LLM tokens gather (none for a video,
+# whose tokens the model places itself).
+
+def _place_video(batch: TrainBatch, slot: int, row: int, x: Sample, model: PPLLaVAConfig,
+                 geo: Geometry, cfg: BatchConfig) -> np.ndarray:
+  frames = len(x.video)
+  if frames > cfg.num_frames:
+    raise ValueError(f"collate: {x.source}: {frames} frames, the slots hold "
+                     f"BatchConfig.num_frames={cfg.num_frames}")
+  batch.videos[slot, :frames] = x.video
+  batch.video_mask[slot], batch.video_row[slot] = True, row
+  batch.video_frame_mask[slot, :frames] = True
+  batch.video_token_mask[slot, :model.video_tokens(frames)] = True
+  return np.zeros(0, np.int32)
+
+
+def _place_image(batch: TrainBatch, slot: int, row: int, x: Sample, model: PPLLaVAConfig,
+                 geo: Geometry, cfg: BatchConfig) -> np.ndarray:
+  tiles = len(x.image)
+  batch.images[slot, :tiles] = x.image
+  batch.image_mask[slot], batch.image_row[slot] = True, row
+  batch.image_tile_mask[slot, :tiles] = True
+  newline = geo.table_rows(cfg) - 1
+  return anyres_gather_indices(x.image_size, model, slot * geo.max_tiles * geo.picture_tokens,
+                               newline)
+
+
+def _place_pictures(batch: TrainBatch, slot: int, row: int, x: Sample, model: PPLLaVAConfig,
+                    geo: Geometry, cfg: BatchConfig) -> np.ndarray:
+  count, p = len(x.pictures), cfg.max_pictures
+  if count > p:
+    raise ValueError(f"collate: {x.source}: {count} pictures, the slots hold "
+                     f"BatchConfig.max_pictures={p}")
+  batch.pictures[slot, :count] = x.pictures
+  batch.picture_item_mask[slot], batch.multi_image_row[slot] = True, row
+  batch.picture_mask[slot, :count] = True
+  _, image_slots, _ = cfg.slots()
+  base = (image_slots * geo.max_tiles + slot * p) * geo.picture_tokens
+  return base + np.arange(count * geo.picture_tokens, dtype=np.int32)
+
+
+_PLACE = {"video": _place_video, "image": _place_image,  # in BatchConfig.slots() order
+          "multi-image": _place_pictures}
+_PLURAL = {"video": "videos", "image": "images", "multi-image": "multi-image items"}
 
 
 def as_shard(batch: TrainBatch, shard: int, shards: int, picture_tokens: int) -> TrainBatch:

@@ -81,10 +81,10 @@ sample is skipped (``SkipSample``, reason ``"too_long"``, naming the sample and 
 lengths) or, with ``overflow="truncate"``, cut to ``max_length`` when the cut keeps
 every media placeholder and at least one supervised token (``Sample.truncated``).
 
-With ``SampleConfig.media_store`` (a store built by ``data.media.store``) video frames come
+With ``SampleConfig.media_store`` (a store built by ``data.sft.store``) video frames come
 from the store instead of the video: the same draw over the video's frame count, each
 index taken to the nearest stored frame (equal to decoding when the store holds every
-frame of the video; ``data.media.store`` says how the kept frames are chosen). A video is looked
+frame of the video; ``data.sft.store`` says how the kept frames are chosen). A video is looked
 up by its path relative to the corpus's media root; one not in the store is a
 ``"missing"`` skip naming the video and the store. Videos given as lists of frame files
 are read from their files as before (they are decoded pictures already).
@@ -105,11 +105,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from ppllava_jax import ops
 from ppllava_jax.data.batching import IGNORE
 from ppllava_jax.data.media import preprocess, video
+from ppllava_jax.data.media.frames import NOT_STORED, load_rgb, load_training_video, open_image
 from ppllava_jax.data.sft.annotations import CorpusConfig, Record, parse_record
 from ppllava_jax.data.text.templates import TEMPLATES, ChatTemplate, render_conversation
 from ppllava_jax.models.ppllava_config import PPLLaVAConfig
@@ -121,7 +121,6 @@ OVERFLOWS = ("drop", "truncate")
 PICTURE_ORDERS = ("sorted", "listed")
 SCORER_PADDINGS = ("max_length", "none")
 SKIP_REASONS = ("missing", "corrupt", "empty", "too_long", "too_many_pictures", "labels")
-NOT_STORED = "not in the media store"  # a MediaError's reason for a video a store lacks
 
 
 class SkipSample(Exception):
@@ -145,7 +144,7 @@ class SampleConfig:
   max_pictures: int = 16  # more pictures than this: skipped ("too_many_pictures")
   video_backend: str = "pyav"  # or "decord" (what the original used)
   folder_fps: float = video.DEFAULT_FOLDER_FPS
-  media_store: str | None = None  # a data.media.store folder: video frames from it, not decoded
+  media_store: str | None = None  # a data.sft.store folder: video frames from it, not decoded
   # the scorer text: "max_length" (padded, as evaluation) | "none" (alone: the original's
   # Qwen SFT; SigLIP scorers only). Module doc.
   scorer_padding: str = "max_length"
@@ -231,83 +230,6 @@ def media_skip(err: video.MediaError, source: str) -> SkipSample:
   return SkipSample(_classify(err), f"{source}: {err}")
 
 
-def open_image(path: str | Path) -> Image.Image:
-  """A PIL image (lazily decoded), or ``MediaError``."""
-  path = Path(path)
-  if not path.is_file():
-    raise video.MediaError(path, "no such file or directory")
-  try:
-    return Image.open(path)  # reads the header (the size) only
-  except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
-    raise video.MediaError(path, f"not a readable image ({err})") from err
-
-
-def load_rgb(path: str | Path, image: Image.Image | None = None) -> Image.Image:
-  """The RGB pixels of ``path`` (or of ``image``, opened from it), or ``MediaError``."""
-  image = image if image is not None else open_image(path)
-  try:
-    return image.convert("RGB")  # the original's Image.open(...).convert("RGB")
-  except (OSError, ValueError, Image.DecompressionBombError) as err:
-    raise video.MediaError(path, f"not a readable image ({err})") from err
-
-
-def load_numbered_frames(folder: str | Path, total_frames: int, num_frames: int,
-                         rng: np.random.Generator | None = None, *, sample: str = "random"
-                         ) -> tuple[np.ndarray, tuple[int, ...]]:
-  """Training frames of a ``{:06d}.jpg`` folder numbered from 1 (``total_frames`` given):
-  the original's ``read_frames_rawframes`` with ``max_num_frames``: random indices over
-  ``total_frames`` (``sample="cover"``: ``video.cover_indices``, a media store's), frame
-  ``i`` read from ``{i+1:06d}.jpg`` or, when that is missing, ``{i+2:06d}.jpg``."""
-  folder = Path(folder)
-  if not folder.is_dir():
-    raise video.MediaError(folder, "no such file or directory")
-  indices = (video.cover_indices(num_frames, 0, total_frames) if sample == "cover"
-             else video.random_indices(num_frames, 0, total_frames, rng))
-  frames: dict[int, np.ndarray] = {}
-  for i in dict.fromkeys(indices):
-    path = folder / f"{i + 1:06d}.jpg"
-    if not path.is_file():
-      path = folder / f"{i + 2:06d}.jpg"
-    frames[i] = np.asarray(load_rgb(path))
-  shapes = {f.shape for f in frames.values()}
-  if len(shapes) > 1:
-    raise video.MediaError(folder, f"frames differ in size: {sorted(shapes)}")
-  return np.stack([frames[i] for i in indices]), tuple(indices)
-
-
-def read_video(path: str | Path, num_frames: int, rng: np.random.Generator | None = None, *,
-               sample: str = "random", reader: str = "auto", backend: str = "pyav",
-               folder_fps: float = video.DEFAULT_FOLDER_FPS, total_frames: int | None = None
-               ) -> tuple[np.ndarray, tuple[int, ...], int]:
-  """(frames (T, H, W, 3) uint8, their indices, the video's frame count) of a video file
-  or a frame folder: ``num_frames`` by the original's random sampling, or with
-  ``sample="cover"`` the frames a media store keeps (``video.cover_indices``). ``reader``
-  as ``CorpusConfig.reader`` (``"decord"`` / ``"pyav"`` override ``backend``); with
-  ``total_frames`` a folder is a ``{:06d}.jpg`` folder numbered from 1
-  (``load_numbered_frames``)."""
-  path = Path(path)
-  if total_frames is not None and reader in ("auto", "frames") and path.is_dir():
-    frames, indices = load_numbered_frames(path, total_frames, num_frames, rng, sample=sample)
-    return frames, indices, total_frames
-  if reader == "frames" and not path.is_dir():
-    raise video.MediaError(path, "no such file or directory" if not path.exists()
-                           else "not a folder of frames")
-  backend = reader if reader in video.BACKENDS else backend
-  frames, info = video.load_video(path, num_frames, sample=sample, rng=rng,
-                                  folder_fps=folder_fps, backend=backend)
-  return frames, info.indices, info.total_frames
-
-
-def load_training_video(path: str | Path, num_frames: int, rng: np.random.Generator, *,
-                        reader: str = "auto", backend: str = "pyav",
-                        folder_fps: float = video.DEFAULT_FOLDER_FPS,
-                        total_frames: int | None = None) -> tuple[np.ndarray, tuple[int, ...]]:
-  """(frames (T, H, W, 3) uint8, their indices): ``read_video``'s random sampling."""
-  frames, indices, _ = read_video(path, num_frames, rng, reader=reader, backend=backend,
-                                  folder_fps=folder_fps, total_frames=total_frames)
-  return frames, indices
-
-
 class SampleBuilder:
   """``build_sample`` with its tokenizers and configs bound; picklable (worker processes).
 
@@ -354,7 +276,7 @@ class SampleBuilder:
     self.picture_tokens = picture_tokens(model)
     self.store = None
     if config.media_store is not None:
-      from ppllava_jax.data.media.store import MediaStore
+      from ppllava_jax.data.sft.store import MediaStore
       self.store = MediaStore(config.media_store)
       self.store.check_geometry(model.vision.image_size, self.letterbox)
     end = tokenizer(self.template.assistant_end, add_special_tokens=False).input_ids
@@ -471,27 +393,10 @@ class SampleBuilder:
     ``rng_factory(seed, epoch, index)``."""
     corpus = corpus or CorpusConfig("sample", "")
     source = source or f"corpus {corpus.name!r} ({corpus.annotation}) record {record.source}"
-    cfg, model = self.config, self.model
+    cfg = self.config
     rng = rng if rng is not None else self.rng_factory(seed, epoch, index)
     text, scorer_text, ids, labels = self.tokenize(record, source)
-    kind = record.kind
-    image = None
-    if kind == "image":
-      try:
-        image = open_image(record.media[0])
-      except video.MediaError as err:
-        raise media_skip(err, source) from None
-      size_hw = (image.height, image.width)
-      runs = [model.image_tokens(size_hw)]
-    elif kind == "video":
-      runs = [model.video_tokens(corpus.num_frames)]
-    elif kind == "multi-image":
-      if len(record.media) > cfg.max_pictures:
-        raise SkipSample("too_many_pictures", f"{source}: {len(record.media)} pictures, "
-                                              f"max_pictures is {cfg.max_pictures}")
-      runs = [self.picture_tokens] * len(record.media)
-    else:
-      runs = []
+    runs, image = self._media_runs(record, corpus, source)
     slots = [i for i, t in enumerate(ids) if t == self.media_id]
     if len(slots) != len(runs):  # validation makes this unreachable for validated records
       raise ValueError(f"{source}: {len(slots)} {self.media_token} tokens for {len(runs)} "
@@ -506,29 +411,13 @@ class SampleBuilder:
       truncated = length - cfg.max_length
     # media, only now that the sample is known to fit
     sample = Sample(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.int32), None,
-                    None, kind, text=text, scorer_text=scorer_text, source=source,
+                    None, record.kind, text=text, scorer_text=scorer_text, source=source,
                     media_tokens=tuple(runs))
-    mean, std, s = self.mean, self.std, model.vision.image_size
     try:
-      if kind == "image":
-        sample.image, sample.image_size = preprocess.llava_next_image_pixels(
-            load_rgb(record.media[0], image), model.grid_pinpoints, s, mean, std)
-      elif kind == "video":
-        frames, indices = self._video(record, corpus, rng)
-        sample.video = preprocess.video_pixels(frames, s, mean, std, letterbox=self.letterbox)
-        sample.frame_indices = tuple(int(i) for i in indices)
-      elif kind == "multi-image":
-        order = (sorted(range(len(record.media)), key=lambda i: record.media[i])
-                 if cfg.picture_order == "sorted" else list(range(len(record.media))))
-        pictures = [load_rgb(record.media[i]) for i in order]
-        sample.pictures = preprocess.video_pixels(pictures, s, mean, std, letterbox=self.letterbox)
-        sample.frame_indices = tuple(order)
+      self._load_media(sample, record, corpus, rng, image)
     except video.MediaError as err:
       raise media_skip(err, source) from None
-    placeholder = {"video": model.video_token_index}.get(kind, model.image_token_index)
-    for slot, run in zip(reversed(slots), reversed(runs)):  # back to front: slots stay valid
-      ids[slot:slot + 1] = [placeholder] * run
-      labels[slot:slot + 1] = [IGNORE] * run
+    ids, labels = self._expand(ids, labels, slots, runs, record.kind)
     if truncated:
       ids, labels = ids[:cfg.max_length], labels[:cfg.max_length]
       if all(t == IGNORE for t in labels):
@@ -543,6 +432,53 @@ class SampleBuilder:
           scorer_text)
     return sample
 
+  def _media_runs(self, record: Record, corpus: CorpusConfig, source: str):
+    """(the LLM tokens each media item of ``record`` takes, the opened image or None): what
+    decides the length, read before any pixel is decoded."""
+    model, kind = self.model, record.kind
+    if kind == "image":
+      try:
+        image = open_image(record.media[0])
+      except video.MediaError as err:
+        raise media_skip(err, source) from None
+      return [model.image_tokens((image.height, image.width))], image
+    if kind == "video":
+      return [model.video_tokens(corpus.num_frames)], None
+    if kind == "multi-image":
+      if len(record.media) > self.config.max_pictures:
+        raise SkipSample("too_many_pictures", f"{source}: {len(record.media)} pictures, "
+                                              f"max_pictures is {self.config.max_pictures}")
+      return [self.picture_tokens] * len(record.media), None
+    return [], None
+
+  def _load_media(self, sample: Sample, record: Record, corpus: CorpusConfig, rng,
+                  image) -> None:
+    """``sample``'s pixels (and frame or picture order) from ``record``'s media."""
+    cfg, model = self.config, self.model
+    mean, std, s = self.mean, self.std, model.vision.image_size
+    if record.kind == "image":
+      sample.image, sample.image_size = preprocess.llava_next_image_pixels(
+          load_rgb(record.media[0], image), model.grid_pinpoints, s, mean, std)
+    elif record.kind == "video":
+      frames, indices = self._video(record, corpus, rng)
+      sample.video = preprocess.video_pixels(frames, s, mean, std, letterbox=self.letterbox)
+      sample.frame_indices = tuple(int(i) for i in indices)
+    elif record.kind == "multi-image":
+      order = (sorted(range(len(record.media)), key=lambda i: record.media[i])
+               if cfg.picture_order == "sorted" else list(range(len(record.media))))
+      pictures = [load_rgb(record.media[i]) for i in order]
+      sample.pictures = preprocess.video_pixels(pictures, s, mean, std, letterbox=self.letterbox)
+      sample.frame_indices = tuple(order)
+
+  def _expand(self, ids: list[int], labels: list[int], slots: list[int], runs: list[int],
+              kind: str) -> tuple[list[int], list[int]]:
+    """Each media token at ``slots`` replaced by its run of placeholders, unsupervised."""
+    placeholder = (self.model.video_token_index if kind == "video"
+                   else self.model.image_token_index)
+    for slot, run in zip(reversed(slots), reversed(runs)):  # back to front: slots stay valid
+      ids[slot:slot + 1] = [placeholder] * run
+      labels[slot:slot + 1] = [IGNORE] * run
+    return ids, labels
 
 def build_sample(record: Mapping[str, Any] | Record, *, tokenizer, model: PPLLaVAConfig,
                  scorer_tokenizer=None, media_root: str = "", seed: int = 0, index: int = 0,

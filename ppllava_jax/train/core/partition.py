@@ -84,8 +84,6 @@ DECAY_RULES: Rules = (
     (r".*", True),
 )
 
-PRESETS: dict[str, Rules] = {"vicuna_sft": VICUNA_SFT, "qwen_sft": QWEN_SFT, "dpo": DPO}
-
 
 def path_name(path: Sequence) -> str:
   """An NNX state path as the rules see it: its keys joined by '/'."""

@@ -44,6 +44,7 @@ batches.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -159,113 +160,174 @@ def train(cfg: rc.RunConfig, workdir: str | Path) -> dict:
 
 
 def _train(cfg: rc.RunConfig, workdir: Path, checkpoints: ckpt_lib.Checkpoints) -> dict:
-  primary = distributed.is_primary()
   config_dict = to_dict(cfg)
   latest = resume.resume_step(checkpoints, cfg)  # this workdir's run, before anything loads
   cfg = prepare_data(cfg, workdir)
   inputs = _check_data(cfg)  # every annotation and the media roots, before the weights
   mcq_eval = evaluation.McqEval(cfg.mcq, workdir / "mcq") if cfg.mcq else None
-  if primary:
+  if distributed.is_primary():
     (workdir / "config.json").write_text(json.dumps(config_dict, indent=1, sort_keys=True))
+  run, constants, start, state, data = _start(cfg, workdir, checkpoints, latest, inputs)
+  writer = (metrics_lib.MetricsWriter(workdir, resume_step=start) if distributed.is_primary()
+            else metrics_lib.NoMetrics())
+  loop = _Loop(cfg, run, constants, data, checkpoints, writer, mcq_eval, config_dict, start)
+  try:
+    state, done, stopped = loop(state)
+  finally:
+    loop.close()
+  if stopped:
+    distributed.say(f"stopped by {stopped} after step {done}: checkpoint {done} saved in "
+                    f"{checkpoints.directory}; run the same command again to resume")
+  return _summary(workdir, state, done, stopped, loop.last)
+
+
+def _start(cfg: rc.RunConfig, workdir: Path, checkpoints: ckpt_lib.Checkpoints,
+           latest: int | None, inputs):
+  """(run, the step's constants, the step it starts after, its state, its data): the
+  model loaded and assembled, the reference started (DPO), then the checkpoint restored,
+  or the first state made from ``init_from``'s or the loaded parameters; those are then
+  dropped, so one state is live."""
   run, loaded = load(cfg)
-  blocks = data_blocks(run.shardings.mesh)
   target = run.assembly.state
   initial = functools.cache(lambda: ckpt_lib.restore_params(cfg.init_from, target.params)
                             if cfg.init_from else loaded.params)  # read once
   constants, reference = start_reference(run, cfg, workdir, initial, inputs)
   start, state, data_state = resume.restore(
-      checkpoints, cfg, latest, target, lambda: fresh_state(run.assembly, initial(),
-                                                            cfg.train.seed))
-  initial = loaded = None  # free the loaded trainable parameters: the state holds them now
+      checkpoints, cfg, latest, target,
+      lambda: fresh_state(run.assembly, initial(), cfg.train.seed))
+  initial = loaded = None  # free the loaded parameters: the state holds them now
   if start:
     distributed.say(f"resuming from checkpoint {start} in {checkpoints.directory}")
   elif cfg.init_from:
     distributed.say(f"starting from the parameters of {cfg.init_from}")
-  data = _data(cfg, run, blocks, data_state, reference, inputs)
-  writer = (metrics_lib.MetricsWriter(workdir, resume_step=start) if primary
-            else metrics_lib.NoMetrics())
-  # on the whole mesh, like the step's metrics, so every process can read it
-  replicated = run.shardings.replicated
-  streak_fn = jax.jit(lambda s, k: jnp.where(k > 0, s + 1, 0), out_shardings=replicated)
-  streak = jax.device_put(np.zeros((), np.int32), replicated)
-  pending, flops, samples = [], {}, 0
-  skipped_before = data.stats.skipped_total  # this block's, at the last record
-  last_time, last_step, stopped, done = time.perf_counter(), start, None, start
-  last = {}
-  pad_id = data.builder.pad_id  # what the pipeline pads with
-  micro = cfg.train.optim.grad_accum > 1
+  data = _data(cfg, run, data_blocks(run.shardings.mesh), data_state, reference, inputs)
+  return run, constants, start, state, data
 
-  def fetch():
-    batch = _next_update(data, cfg.train.optim.grad_accum, pad_id)
-    check_batch_ids(batch, run.model_cfg)
-    return batch
 
-  bar = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True, mininterval=1.0,
-             disable=not primary)
-  try:
+class _Loop:
+  """The updates of a run from step ``start`` to ``cfg.steps`` (module doc): ``loop(state)``
+  returns (state, the last step done, the stop signal's name or None)."""
+
+  def __init__(self, cfg: rc.RunConfig, run: Run, constants, data,
+               checkpoints: ckpt_lib.Checkpoints, writer, mcq_eval, config_dict: dict,
+               start: int):
+    self.cfg, self.run, self.constants, self.data = cfg, run, constants, data
+    self.checkpoints, self.writer, self.mcq_eval = checkpoints, writer, mcq_eval
+    self.config_dict, self.start = config_dict, start
+    self.blocks = data_blocks(run.shardings.mesh)
+    # the skipped-update streak, on the whole mesh like the step's metrics, so every
+    # process can read it
+    replicated = run.shardings.replicated
+    self._streak_fn = jax.jit(lambda s, k: jnp.where(k > 0, s + 1, 0), out_shardings=replicated)
+    self.streak = jax.device_put(np.zeros((), np.int32), replicated)
+    self.flops: dict = {}  # by batch shape: the step's FLOPs (XLA's count)
+    self.window = _Window(start, time.perf_counter(), data.stats.skipped_total)
+    self.last: dict = {}  # the last metrics record
+    self.bar = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True,
+                    mininterval=1.0, disable=not distributed.is_primary())
+
+  def __call__(self, state):
+    cfg, checkpoints, start = self.cfg, self.checkpoints, self.start
+    done, stopped = start, None
     with Signals(STOP_NOTICE) as signals:
       for done in range(start + 1, cfg.steps + 1):
-        batch = agreed_next(fetch)
+        batch = agreed_next(self._fetch)
         if batch is None:
           distributed.say(f"the data ran out after {done - 1} batches")
           done -= 1
           break
-        samples += int(np.sum(batch.sample_mask))  # this process's
-        batch = to_global(batch, run.shardings.mesh, blocks, micro, pad_id)
-        key = batch.shape_key()
-        compiling = key not in flops
-        if compiling:
-          distributed.say(f"compiling the train step for {_shapes(batch)} ...")
-          compile_start = time.perf_counter()
-          flops[key] = _step_flops(run.steps, state, constants, batch)
-        state, m = run.steps.train(state, constants, batch)
-        if compiling:
-          jax.block_until_ready(m["loss"])
-          distributed.say(f"train step compiled and run in {time.perf_counter() - compile_start:.1f} s")
-        streak = streak_fn(streak, m["skipped"])
-        pending.append((m, flops[key]))
-        bar.update(1)
-        if every(done, cfg.log_every) or every(done, cfg.max_nan_in_a_row) or done == cfg.steps:
-          run_streak = int(jax.device_get(streak))
-          if run_streak >= cfg.max_nan_in_a_row:
-            raise NonFiniteError(
-                f"{run_streak} updates in a row were skipped (non-finite loss or gradient "
-                f"norm, or no supervised token) by step {done}; max_nan_in_a_row="
-                f"{cfg.max_nan_in_a_row}. Lower train.optim.lr, check the data, or resume "
-                f"from an earlier checkpoint in {checkpoints.directory}")
+        state = self._update(state, batch)
+        self._check_streak(done)
         if every(done, cfg.log_every) or done == cfg.steps:
-          skipped = data.stats.skipped_total
-          counts = _over_blocks((samples, skipped - skipped_before), blocks)
-          last = _log(writer, run, state, pending, done, last_step, last_time, counts, cfg)
-          bar.set_postfix(loss=f"{last['loss']:.4f}", refresh=False)
-          pending, samples, last_step, last_time = [], 0, done, time.perf_counter()
-          skipped_before = skipped
+          self._record(state, done)
         if every(done, cfg.eval_every):
-          _evaluate(writer, run, state, cfg, done, blocks)
+          _evaluate(self.writer, self.run, state, cfg, done, self.blocks)
         received = signals.agreed()
-        if mcq_eval and every(done, cfg.mcq.every) and not received:
-          _evaluate_mcq(writer, mcq_eval, run, state, done)
+        if self.mcq_eval and every(done, cfg.mcq.every) and not received:
+          _evaluate_mcq(self.writer, self.mcq_eval, self.run, state, done)
         if every(done, cfg.checkpoint_every) or received:
-          checkpoints.save(done, state, data.get_state(), config_dict)
+          checkpoints.save(done, state, self.data.get_state(), self.config_dict)
         if received:
           stopped = received
           break
       if not stopped:
-        _check_trained(data.stats, blocks)  # before the last save: a rerun says it again
+        _check_trained(self.data.stats, self.blocks)  # before the last save: a rerun says it again
       if done > start or checkpoints.latest_step() is None:
-        checkpoints.save(done, state, data.get_state(), config_dict)
-      if mcq_eval and done > start and not stopped and not every(done, cfg.mcq.every):
-        _evaluate_mcq(writer, mcq_eval, run, state, done)  # the run's end
+        checkpoints.save(done, state, self.data.get_state(), self.config_dict)
+      if self.mcq_eval and done > start and not stopped and not every(done, cfg.mcq.every):
+        _evaluate_mcq(self.writer, self.mcq_eval, self.run, state, done)  # the run's end
       checkpoints.wait()
-  finally:
-    bar.close()
-    data.close()
-    writer.close()
-  if stopped:
-    distributed.say(f"stopped by {stopped} after step {done}: checkpoint {done} saved in "
-         f"{checkpoints.directory}; run the same command again to resume")
+    return state, done, stopped
+
+  def close(self) -> None:
+    self.bar.close()
+    self.data.close()
+    self.writer.close()
+
+  def _fetch(self):
+    batch = _next_update(self.data, self.cfg.train.optim.grad_accum, self.data.builder.pad_id)
+    check_batch_ids(batch, self.run.model_cfg)
+    return batch
+
+  def _update(self, state, batch):
+    """One train step on this process's ``batch``, compiled (with a message) on a new
+    shape."""
+    self.window.samples += int(np.sum(batch.sample_mask))  # this process's
+    batch = to_global(batch, self.run.shardings.mesh, self.blocks,
+                      self.cfg.train.optim.grad_accum > 1, self.data.builder.pad_id)
+    steps, key = self.run.steps, batch.shape_key()
+    compiling = key not in self.flops
+    if compiling:
+      distributed.say(f"compiling the train step for {_shapes(batch)} ...")
+      compile_start = time.perf_counter()
+      self.flops[key] = _step_flops(steps, state, self.constants, batch)
+    state, m = steps.train(state, self.constants, batch)
+    if compiling:
+      jax.block_until_ready(m["loss"])
+      distributed.say(f"train step compiled and run in {time.perf_counter() - compile_start:.1f} s")
+    self.streak = self._streak_fn(self.streak, m["skipped"])
+    self.window.metrics.append((m, self.flops[key]))
+    self.bar.update(1)
+    return state
+
+  def _check_streak(self, done: int) -> None:
+    """``NonFiniteError`` after ``max_nan_in_a_row`` skipped updates, read from the device
+    only on log steps, every ``max_nan_in_a_row`` steps and the last."""
+    cfg = self.cfg
+    if not (every(done, cfg.log_every) or every(done, cfg.max_nan_in_a_row)
+            or done == cfg.steps):
+      return
+    streak = int(jax.device_get(self.streak))
+    if streak >= cfg.max_nan_in_a_row:
+      raise NonFiniteError(
+          f"{streak} updates in a row were skipped (non-finite loss or gradient "
+          f"norm, or no supervised token) by step {done}; max_nan_in_a_row="
+          f"{cfg.max_nan_in_a_row}. Lower train.optim.lr, check the data, or resume "
+          f"from an earlier checkpoint in {self.checkpoints.directory}")
+
+  def _record(self, state, done: int) -> None:
+    window, skipped = self.window, self.data.stats.skipped_total
+    counts = _over_blocks((window.samples, skipped - window.skipped_before), self.blocks)
+    self.last = _log(self.writer, self.run, state, window.metrics, done, window.step,
+                     window.time, counts, self.cfg)
+    self.bar.set_postfix(loss=f"{self.last['loss']:.4f}", refresh=False)
+    self.window = _Window(done, time.perf_counter(), skipped)
+
+
+@dataclasses.dataclass
+class _Window:
+  """The updates since the last metrics record: it was at ``step`` and ``time``, with
+  ``skipped_before`` samples skipped (this block's count)."""
+  step: int
+  time: float
+  skipped_before: int
+  metrics: list = dataclasses.field(default_factory=list)  # (step metrics, FLOPs) per update
+  samples: int = 0  # this process's samples since
+
+
+def _summary(workdir: Path, state, done: int, stopped: str | None, last: dict) -> dict:
   curve, accuracies = None, []
-  if primary:
+  if distributed.is_primary():
     records = metrics_lib.read_metrics(workdir)
     curve = metrics_lib.loss_curve(records, workdir / "loss.png")
     accuracies = [r["mcq_accuracy"] for r in records if "mcq_accuracy" in r]

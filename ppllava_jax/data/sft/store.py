@@ -1,7 +1,7 @@
 """The media store: every training video decoded once into ArrayRecord shards of frames at
 the tower's square, read back by key in place of decoding (``SampleConfig.media_store``).
 
-Building (``build_store``, or ``python -m ppllava_jax.data.media.store build``): the video records
+Building (``build_store``, or ``python -m ppllava_jax.data.sft.store build``): the video records
 of one or more annotation files (validated as training validates them) -> one row per
 distinct video, keyed by its path relative to the corpus's media root (absolute paths stay
 as written): ``key``, ``frames`` (uint8 (K, S, S, 3), or K JPEG images), ``frame_indices``
@@ -60,7 +60,7 @@ from tqdm import tqdm
 
 from ppllava_jax import cli
 from ppllava_jax.data.media import preprocess, video
-from ppllava_jax.data.sft import samples as sft
+from ppllava_jax.data.media import frames as media_frames
 from ppllava_jax.data.sft.annotations import FORMATS as ANNOTATION_FORMATS
 from ppllava_jax.data.sft.annotations import READERS, CorpusConfig, Record, load_corpus
 
@@ -167,7 +167,7 @@ def _example(job: tuple[_Video, StoreConfig]) -> dict:
   """One row: the kept frames of one video, squared and encoded (runs in the workers)."""
   v, cfg = job
   try:
-    frames_thwc, indices, total = sft.read_video(
+    frames_thwc, indices, total = media_frames.read_video(
         v.path, cfg.frames, sample="cover", reader=v.reader, backend=cfg.backend,
         folder_fps=cfg.folder_fps, total_frames=v.total_frames)
   except video.MediaError as err:
@@ -217,7 +217,7 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self, description="Video frames at the tower's square (ppllava_jax.data.media.store).",
+        builder=self, description="Video frames at the tower's square (ppllava_jax.data.sft.store).",
         features=_features(self.store_config), disable_shuffling=True,
         metadata=tfds.core.MetadataDict(store=dataclasses.asdict(self.store_config),
                                         keys=self.keys))
@@ -309,7 +309,7 @@ class MediaStore:
     folder = Path(self.path) / NAME / VERSION
     if not (folder / "dataset_info.json").is_file():
       raise StoreError(f"{self.path}: not a media store (no {NAME}/{VERSION}/dataset_info.json"
-                       "); build one with python -m ppllava_jax.data.media.store build")
+                       "); build one with python -m ppllava_jax.data.sft.store build")
     builder = tfds.builder_from_directory(str(folder))
     meta = builder.info.metadata
     self.config = StoreConfig(**meta["store"])
@@ -372,7 +372,7 @@ class MediaStore:
     key = media_key(path, media_root)
     row = self.lookup(key)
     if row is None:
-      raise video.MediaError(path, f"{sft.NOT_STORED} {self.path} (key {key!r})")
+      raise video.MediaError(path, f"{media_frames.NOT_STORED} {self.path} (key {key!r})")
     drawn = video.random_indices(num_frames, 0, row.total_frames, rng)
     positions = nearest(row.frame_indices, drawn)
     return row.pixels(positions), tuple(int(i) for i in row.frame_indices[positions])
@@ -382,7 +382,7 @@ class MediaStore:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m ppllava_jax.data.media.store",
+  parser = argparse.ArgumentParser(prog="python -m ppllava_jax.data.sft.store",
                                    description=__doc__.splitlines()[0])
   commands = parser.add_subparsers(dest="command", required=True)
   build = commands.add_parser("build", help="decode the videos of annotation files into a store")
