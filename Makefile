@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench clean
+.PHONY: demo test lint bench clean
 
 $(VENV)/.runtime: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,14 @@ demo: $(VENV)/.runtime
 # much of the suite is single-threaded XLA compilation, so two cores run it in ~12 min, not ~19.
 test: $(VENV)/.test
 	$(PY) -m pytest -n 2 --dist loadfile tests
+
+# ruff (pyflakes, pycodestyle, import order, bugbear, pyupgrade; the format) and mypy over
+# the package; configured in pyproject.toml. `ruff format .` and `ruff check --fix .` fix
+# most of what it finds.
+lint: $(VENV)/.test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 bench: $(VENV)/.test
 	$(PY) benchmarks/pooling.py --scale

@@ -23,18 +23,30 @@ from ppllava_jax import checkpoints, cli
 
 def build_parser() -> argparse.ArgumentParser:
   description, epilog = __doc__.split("\n\n", 1)
-  parser = argparse.ArgumentParser(description=description, epilog=epilog,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("direction", choices=["to-orbax", "to-hf"],
-                      help="The direction: to-orbax reads a transformers folder and writes an "
-                      "Orbax one; to-hf reads an Orbax folder this script wrote and writes a "
-                      "transformers one.")
-  parser.add_argument("src", help="The folder to read (for to-orbax also a hub id, fetched "
-                      "when online).")
-  parser.add_argument("dst", help="The folder the converted checkpoint is written into "
-                      "(created if needed; see below for its files).")
-  parser.add_argument("--max-shard-gb", type=float, default=5.0,
-                      help="The largest safetensors shard to-hf writes, in GiB (default 5).")
+  parser = argparse.ArgumentParser(
+    description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  parser.add_argument(
+    "direction",
+    choices=["to-orbax", "to-hf"],
+    help="The direction: to-orbax reads a transformers folder and writes an "
+    "Orbax one; to-hf reads an Orbax folder this script wrote and writes a "
+    "transformers one.",
+  )
+  parser.add_argument(
+    "src", help="The folder to read (for to-orbax also a hub id, fetched when online)."
+  )
+  parser.add_argument(
+    "dst",
+    help="The folder the converted checkpoint is written into "
+    "(created if needed; see below for its files).",
+  )
+  parser.add_argument(
+    "--max-shard-gb",
+    type=float,
+    default=5.0,
+    help="The largest safetensors shard to-hf writes, in GiB (default 5).",
+  )
   cli.add_debug_flag(parser)
   return parser
 

@@ -34,8 +34,10 @@ def main() -> None:
   pixels = np.random.default_rng(0).standard_normal((args.frames, 3, 336, 336)).astype(np.float32)
   tokens = args.frames * (cfg.grid**2 + 1)
   flops = 2 * tokens * 12 * cfg.hidden_size**2 * cfg.num_hidden_layers  # matmuls, rough
-  print(f"CLIP ViT-L/14-336 vision tower, {args.frames} frames ({tokens} tokens), "
-        f"{jax.device_count()} x {jax.devices()[0].platform}; ~{flops / 1e12:.1f} TFLOP of matmuls")
+  print(
+    f"CLIP ViT-L/14-336 vision tower, {args.frames} frames ({tokens} tokens), "
+    f"{jax.device_count()} x {jax.devices()[0].platform}; ~{flops / 1e12:.1f} TFLOP of matmuls"
+  )
   for dtype in (jnp.float32, jnp.bfloat16):
     st = jax.tree.map(lambda a: a.astype(dtype), state)
     x = jnp.asarray(pixels, dtype)
@@ -48,8 +50,10 @@ def main() -> None:
       compiled(st, x).block_until_ready()
       times.append(time.perf_counter() - start)
     sec = float(np.median(times))
-    print(f"{jnp.dtype(dtype).name:9s} compile {compile_s:6.1f} s   forward {sec:6.1f} s "
-          f"({sec / args.frames * 1e3:.0f} ms/frame, {flops / sec / 1e9:.0f} GFLOP/s)")
+    print(
+      f"{jnp.dtype(dtype).name:9s} compile {compile_s:6.1f} s   forward {sec:6.1f} s "
+      f"({sec / args.frames * 1e3:.0f} ms/frame, {flops / sec / 1e9:.0f} GFLOP/s)"
+    )
 
 
 if __name__ == "__main__":

@@ -44,8 +44,9 @@ def median_time(fn, reps: int):
 def run_worker(script: str, args: list[str]) -> dict:
   """Runs ``script`` with ``args`` in a fresh process and returns its last JSON line, or
   ``{"error": ...}`` saying why it did not finish (a kill is most likely out of memory)."""
-  done = subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
-                        check=False)
+  done = subprocess.run(
+    [sys.executable, script, *args], capture_output=True, text=True, check=False
+  )
   if done.returncode != 0:
     lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
     reason = "killed (out of memory?)" if done.returncode in (-9, 137) else lines[-1]

@@ -26,9 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 import common
+import numpy as np
 
 FRAMES, BATCH, KEPT = 32, 4, 64
 SOURCES = ("decode", "uint8", "jpeg")  # videos decoded, or read from a store of that format
@@ -37,6 +36,7 @@ SOURCES = ("decode", "uint8", "jpeg")  # videos decoded, or read from a store of
 def write_video(path: Path, frames: int = 96, size=(240, 320)) -> None:
   rng = np.random.default_rng(0)
   from ppllava_jax.data.media.video import write_video
+
   base_hwc = rng.integers(0, 255, (*size, 3), np.uint8)
   write_video(path, (np.roll(base_hwc, 4 * i, axis=1) for i in range(frames)), rate=24)
 
@@ -46,6 +46,7 @@ def model_config():
   positions) at tiny widths: only the config is needed, no weights."""
   from ppllava_jax.data.text.tokenizer import char_tokenizer
   from ppllava_jax.models.tiny import TinyConfig
+
   return TinyConfig().model_config(len(char_tokenizer()))
 
 
@@ -55,28 +56,36 @@ def iter_batches(workers: int, folder: Path, store: str | None = None):
   from ppllava_jax.data.sft.pipeline import DataConfig, make_train_iterator
   from ppllava_jax.data.sft.samples import SampleConfig
   from ppllava_jax.data.text.tokenizer import char_tokenizer
+
   model = model_config()
   tok = char_tokenizer()
   cfg = DataConfig(
-      MixtureConfig((CorpusConfig("videos", str(folder / "ann.json"), str(folder), "video",
-                                  num_frames=FRAMES),)),
-      sample=SampleConfig(max_length=2048, media_store=store),
-      batch=BatchConfig(batch_size=BATCH, seq_buckets=(2048,), num_frames=FRAMES),
-      num_workers=workers, worker_buffer_size=2, num_epochs=None)
-  return make_train_iterator(cfg, tokenizer=tok, model=model, scorer_tokenizer=tok,
-                             block=0, blocks=1)
+    MixtureConfig(
+      (CorpusConfig("videos", str(folder / "ann.json"), str(folder), "video", num_frames=FRAMES),)
+    ),
+    sample=SampleConfig(max_length=2048, media_store=store),
+    batch=BatchConfig(batch_size=BATCH, seq_buckets=(2048,), num_frames=FRAMES),
+    num_workers=workers,
+    worker_buffer_size=2,
+    num_epochs=None,
+  )
+  return make_train_iterator(
+    cfg, tokenizer=tok, model=model, scorer_tokenizer=tok, block=0, blocks=1
+  )
 
 
 def build_stores(folder: Path) -> dict:
   """A uint8 and a JPEG store of the benchmark's videos: {format: (path, build seconds)}."""
   from ppllava_jax.data.sft.annotations import CorpusConfig
   from ppllava_jax.data.sft.store import StoreConfig, build_store
+
   corpus = CorpusConfig("videos", str(folder / "ann.json"), str(folder))
   stores = {}
   for fmt in SOURCES[1:]:
     start = time.perf_counter()
-    path = build_store([corpus], folder / f"store-{fmt}", StoreConfig(KEPT, 336, format=fmt),
-                       progress=False)
+    path = build_store(
+      [corpus], folder / f"store-{fmt}", StoreConfig(KEPT, 336, format=fmt), progress=False
+    )
     stores[fmt] = (str(path), time.perf_counter() - start)
   return stores
 
@@ -92,8 +101,13 @@ def worker(workers: int, batches: int, folder: Path, source: str, store: str | N
   elapsed = time.perf_counter() - start
   it.close()
   assert batch.videos.shape == (BATCH, FRAMES, 3, 336, 336)
-  return dict(source=source, workers=workers, first_batch_s=first,
-              samples_per_s=batches * BATCH / elapsed, peak_mib=common.status_kib("VmHWM") / 1024)
+  return dict(
+    source=source,
+    workers=workers,
+    first_batch_s=first,
+    samples_per_s=batches * BATCH / elapsed,
+    peak_mib=common.status_kib("VmHWM") / 1024,
+  )
 
 
 def step_rate(steps: int, folder: Path) -> dict:
@@ -103,9 +117,11 @@ def step_rate(steps: int, folder: Path) -> dict:
   import jax.numpy as jnp
   import optax
   from flax import nnx
+
   from ppllava_jax.models.ppllava import PPLLaVA
   from ppllava_jax.train.core import losses
   from ppllava_jax.train.core.inputs import embed_batch
+
   model_cfg = model_config()
   it = iter_batches(0, folder)
   batch = jax.tree.map(jnp.asarray, next(it))
@@ -116,8 +132,10 @@ def step_rate(steps: int, folder: Path) -> dict:
   def loss(params, batch):
     model = nnx.merge(graphdef, params, rest)
     hidden, _ = model.language_model.hidden_states(
-        inputs_embeds=embed_batch(model, batch), attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids)
+      inputs_embeds=embed_batch(model, batch),
+      attention_mask=batch.attention_mask,
+      position_ids=batch.position_ids,
+    )
     total, count = losses.cross_entropy(hidden, model.language_model.head_dv, batch.labels)
     return total / jnp.maximum(count, 1)
 
@@ -134,33 +152,56 @@ def step_rate(steps: int, folder: Path) -> dict:
     params, opt_state, value = step(params, opt_state, batch)
   jax.block_until_ready(value)
   elapsed = time.perf_counter() - start
-  return dict(samples_per_s=steps * BATCH / elapsed, step_s=elapsed / steps,
-              tokens=int(batch.input_ids.shape[1]))
+  return dict(
+    samples_per_s=steps * BATCH / elapsed,
+    step_s=elapsed / steps,
+    tokens=int(batch.input_ids.shape[1]),
+  )
 
 
 def validation_time(records: int, folder: Path) -> dict:
   from ppllava_jax.data.sft.annotations import CorpusConfig, MixtureConfig, load_mixture
+
   rows = []
   for i in range(records):
     kind = i % 3
     if kind == 0:
-      rows.append({"video": f"v/{i}.mp4", "QA": [{"q": "Describe the video in detail.",
-                                                   "a": "A man walks a dog in the park."}]})
+      rows.append(
+        {
+          "video": f"v/{i}.mp4",
+          "QA": [{"q": "Describe the video in detail.", "a": "A man walks a dog in the park."}],
+        }
+      )
     elif kind == 1:
-      rows.append({"id": i, "image": f"coco/{i}.jpg", "conversations": [
-          {"from": "human", "value": "<image>\nWhat is in the image?"},
-          {"from": "gpt", "value": "A cat on a mat."},
-          {"from": "human", "value": "What color is it?"}, {"from": "gpt", "value": "Black."}]})
+      rows.append(
+        {
+          "id": i,
+          "image": f"coco/{i}.jpg",
+          "conversations": [
+            {"from": "human", "value": "<image>\nWhat is in the image?"},
+            {"from": "gpt", "value": "A cat on a mat."},
+            {"from": "human", "value": "What color is it?"},
+            {"from": "gpt", "value": "Black."},
+          ],
+        }
+      )
     else:
-      rows.append({"multi-image": [f"m/{i}a.jpg", f"m/{i}b.jpg"],
-                   "QA": [{"q": "<image><image>Compare them.", "a": "The first is darker."}]})
+      rows.append(
+        {
+          "multi-image": [f"m/{i}a.jpg", f"m/{i}b.jpg"],
+          "QA": [{"q": "<image><image>Compare them.", "a": "The first is darker."}],
+        }
+      )
   qa = [r for r in rows if "QA" in r]
   llava = [r for r in rows if "conversations" in r]
   (folder / "qa.json").write_text(json.dumps(qa))
   (folder / "llava.jsonl").write_text("\n".join(json.dumps(r) for r in llava))
-  mix = MixtureConfig((CorpusConfig("qa", str(folder / "qa.json"), "/data"),
-                       CorpusConfig("llava", str(folder / "llava.jsonl"), "/data",
-                                    format="llava")))
+  mix = MixtureConfig(
+    (
+      CorpusConfig("qa", str(folder / "qa.json"), "/data"),
+      CorpusConfig("llava", str(folder / "llava.jsonl"), "/data", format="llava"),
+    )
+  )
   start = time.perf_counter()
   aset = load_mixture(mix)
   total = time.perf_counter() - start
@@ -188,17 +229,24 @@ def main():
   parser.add_argument("--store", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker is not None:
-    result = (step_rate(args.steps, Path(args.folder)) if args.worker < 0
-              else worker(args.worker, args.batches, Path(args.folder), args.source, args.store))
+    result = (
+      step_rate(args.steps, Path(args.folder))
+      if args.worker < 0
+      else worker(args.worker, args.batches, Path(args.folder), args.source, args.store)
+    )
     print(json.dumps(result))
     return
   with tempfile.TemporaryDirectory() as tmp:
     folder = Path(tmp)
     width, height, count = (int(n) for n in args.video.split("x"))
     write_video(folder / "v.mp4", count, (height, width))
-    records = [{"video": "v.mp4", "QA": [{"q": "Describe the video.",
-                                          "a": f"Answer {i}: a patterned strip moves right."}]}
-               for i in range(64)]
+    records = [
+      {
+        "video": "v.mp4",
+        "QA": [{"q": "Describe the video.", "a": f"Answer {i}: a patterned strip moves right."}],
+      }
+      for i in range(64)
+    ]
     (folder / "ann.json").write_text(json.dumps(records))
     stores = build_stores(folder)
     results = {}
@@ -206,14 +254,29 @@ def main():
       for source in SOURCES:
         extra = ["--store", stores[source][0]] if source in stores else []
         results[source, w] = common.run_worker(
-            __file__, ["--worker", str(w), "--batches", str(args.batches), "--folder", tmp,
-                       "--source", source, *extra])
+          __file__,
+          [
+            "--worker",
+            str(w),
+            "--batches",
+            str(args.batches),
+            "--folder",
+            tmp,
+            "--source",
+            source,
+            *extra,
+          ],
+        )
     built = ", ".join(f"{fmt} {seconds:.1f} s" for fmt, (_, seconds) in stores.items())
-    print(f"SFT pipeline, {FRAMES}-frame videos ({width}x{height} H.264, {count} frames) -> "
-          f"336 x 336, batches of {BATCH}, {args.batches} timed batches each; the stores keep "
-          f"{KEPT} frames a video (built in {built}):")
-    print(f"{'source':>12} {'workers':>8} {'samples/s':>10} {'vs decode':>10} "
-          f"{'first batch s':>14} {'peak MiB':>9}")
+    print(
+      f"SFT pipeline, {FRAMES}-frame videos ({width}x{height} H.264, {count} frames) -> "
+      f"336 x 336, batches of {BATCH}, {args.batches} timed batches each; the stores keep "
+      f"{KEPT} frames a video (built in {built}):"
+    )
+    print(
+      f"{'source':>12} {'workers':>8} {'samples/s':>10} {'vs decode':>10} "
+      f"{'first batch s':>14} {'peak MiB':>9}"
+    )
     for (source, w), r in results.items():
       name = "decode" if source == "decode" else f"{source} store"
       if "error" in r:
@@ -221,20 +284,27 @@ def main():
         continue
       base = results["decode", w].get("samples_per_s")
       ratio = f"{r['samples_per_s'] / base:.2f}x" if base else "-"
-      print(f"{name:>12} {w:>8} {r['samples_per_s']:>10.2f} {ratio:>10} "
-            f"{r['first_batch_s']:>14.1f} {r['peak_mib']:>9.0f}")
-    step = common.run_worker(__file__, ["--worker", "-1", "--steps", str(args.steps),
-                                        "--folder", tmp])
+      print(
+        f"{name:>12} {w:>8} {r['samples_per_s']:>10.2f} {ratio:>10} "
+        f"{r['first_batch_s']:>14.1f} {r['peak_mib']:>9.0f}"
+      )
+    step = common.run_worker(
+      __file__, ["--worker", "-1", "--steps", str(args.steps), "--folder", tmp]
+    )
     if "error" in step:
       print(f"train step: {step['error']}")
     else:
-      print(f"the tiny train step (forward + backward + AdamW, {step['tokens']} tokens a row) "
-            f"consumes {step['samples_per_s']:.2f} samples/s ({step['step_s']:.2f} s a step)")
+      print(
+        f"the tiny train step (forward + backward + AdamW, {step['tokens']} tokens a row) "
+        f"consumes {step['samples_per_s']:.2f} samples/s ({step['step_s']:.2f} s a step)"
+      )
     if args.records:
       v = validation_time(args.records, folder)
-      print(f"validating {v['records']:,} annotation records: {v['total_s']:.1f} s "
-            f"(JSON parsing {v['json_parse_s']:.1f} s, checks and storage "
-            f"{v['checks_s']:.1f} s)")
+      print(
+        f"validating {v['records']:,} annotation records: {v['total_s']:.1f} s "
+        f"(JSON parsing {v['json_parse_s']:.1f} s, checks and storage "
+        f"{v['checks_s']:.1f} s)"
+      )
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ clipped to norm 1, sigmoid DPO, beta 0.1.
 Contenders, each in a worker process of its own (its peak memory, VmHWM, is its own:
 runtime, weights, optimizer state, compiled program, activations), all through the same
 ``train.core.step.Steps`` (jitted, the state donated) on the same weights (``build_tiny``,
-seed 0, built once and saved; each worker loads them and assembles the run (``train.run.assembly``)):
+seed 0, built once and saved; each worker loads them and assembles the run
+(``train.run.assembly``)):
 
 - ours: ``PreferenceObjective`` with ``DPOConstants(frozen, None)`` on a ``PairBatch``
   (``data.dpo.pairs.collate_pairs``) whose ``ref_logps`` come from ``train.dpo.objective.
@@ -79,20 +80,30 @@ from pathlib import Path
 
 import flax.struct
 import numpy as np
-
 from common import status_kib
 
 FRAMES, IMAGE, PATCH = 32, 168, 14
 PAIRS = 4
-TINY = dict(frames=FRAMES, image_size=IMAGE, patch_size=PATCH, vision_width=64,
-            vision_layers=2, llm_width=256, llm_layers=2, text_width=64, text_layers=2)
+TINY = dict(
+  frames=FRAMES,
+  image_size=IMAGE,
+  patch_size=PATCH,
+  vision_width=64,
+  vision_layers=2,
+  llm_width=256,
+  llm_layers=2,
+  text_width=64,
+  text_layers=2,
+)
 BEFORE, AFTER = 40, 24  # prompt tokens before / after the video's placeholders
 COMPLETIONS = ((96, 64), (72, 48), (88, 80), (56, 64))  # (chosen, rejected) per pair
 QUESTION = 16  # scorer tokens between its BOS and EOS
 LR, BETA = 1e-5, 0.1
-CONTENDERS = {"ours": "ours (shared, cached ref)",
-              "ours_live": "ours (shared, live ref)",
-              "duplicated": "duplicated + live ref"}
+CONTENDERS = {
+  "ours": "ours (shared, cached ref)",
+  "ours_live": "ours (shared, live ref)",
+  "duplicated": "duplicated + live ref",
+}
 BASE = "ours"
 MIB = 2**20
 
@@ -104,11 +115,15 @@ def _setup():
   from ppllava_jax.train.core.config import MeshConfig, OptimConfig, TrainConfig
   from ppllava_jax.train.core.partition import DPO
   from ppllava_jax.train.dpo.losses import DPOConfig
+
   vocab = len(char_tokenizer())
   tiny = TinyConfig(**TINY)
-  tc = TrainConfig(optim=OptimConfig(lr=LR, schedule="constant", warmup_ratio=0.0,
-                                     clip_norm=1.0),
-                   mesh=MeshConfig(1, 1, 1), trainable=DPO, seed=0)
+  tc = TrainConfig(
+    optim=OptimConfig(lr=LR, schedule="constant", warmup_ratio=0.0, clip_norm=1.0),
+    mesh=MeshConfig(1, 1, 1),
+    trainable=DPO,
+    seed=0,
+  )
   return vocab, tiny, tiny.model_config(vocab), tc, DPOConfig(loss_type="sigmoid", beta=BETA)
 
 
@@ -116,21 +131,30 @@ def _pairs(model_cfg, vocab: int):
   """The ``PreferenceSample``s of the workload (random tokens and pixels, seed 0) and
   the sequence bucket they share."""
   from ppllava_jax.data.dpo.rows import PreferenceSample
+
   rng = np.random.default_rng(0)
   video_tokens = model_cfg.video_tokens(FRAMES)
   context = model_cfg.scorer.text.max_position_embeddings
   words = lambda n: rng.integers(5, vocab, n).astype(np.int32)  # past the specials and <image>
   samples = []
   for chosen, rejected in COMPLETIONS:
-    prompt = np.concatenate([[1], words(BEFORE - 1),
-                             np.full(video_tokens, model_cfg.video_token_index), words(AFTER)])
+    prompt = np.concatenate(
+      [[1], words(BEFORE - 1), np.full(video_tokens, model_cfg.video_token_index), words(AFTER)]
+    )
     scorer_ids = np.zeros(context, np.int32)
-    scorer_ids[:QUESTION + 2] = np.concatenate([[1], words(QUESTION), [2]])
-    samples.append(PreferenceSample(
-        prompt.astype(np.int32), np.append(words(chosen - 1), 2).astype(np.int32),
+    scorer_ids[: QUESTION + 2] = np.concatenate([[1], words(QUESTION), [2]])
+    samples.append(
+      PreferenceSample(
+        prompt.astype(np.int32),
+        np.append(words(chosen - 1), 2).astype(np.int32),
         np.append(words(rejected - 1), 2).astype(np.int32),
-        rng.standard_normal((FRAMES, 3, IMAGE, IMAGE), dtype=np.float32), tuple(range(FRAMES)),
-        video_tokens, scorer_ids, (np.arange(context) < QUESTION + 2).astype(np.int32)))
+        rng.standard_normal((FRAMES, 3, IMAGE, IMAGE), dtype=np.float32),
+        tuple(range(FRAMES)),
+        video_tokens,
+        scorer_ids,
+        (np.arange(context) < QUESTION + 2).astype(np.int32),
+      )
+    )
   longest = max(s.length for s in samples)
   return samples, -(-longest // 64) * 64
 
@@ -139,11 +163,16 @@ def pair_batch(samples, model_cfg, length: int):
   """Ours: a ``PairBatch`` of the pairs (``ref_logps`` zeros, filled by the worker)."""
   from ppllava_jax.data.dpo.pairs import PreferenceDataConfig, collate_pairs
   from ppllava_jax.data.dpo.rows import PreferenceConfig
-  layout = PreferenceDataConfig("unused", sample=PreferenceConfig(num_frames=FRAMES,
-                                                                  max_length=length),
-                                batch_size=len(samples), seq_buckets=(length,))
-  return collate_pairs(samples, model_cfg, layout,
-                       scorer_length=model_cfg.scorer.text.max_position_embeddings)
+
+  layout = PreferenceDataConfig(
+    "unused",
+    sample=PreferenceConfig(num_frames=FRAMES, max_length=length),
+    batch_size=len(samples),
+    seq_buckets=(length,),
+  )
+  return collate_pairs(
+    samples, model_cfg, layout, scorer_length=model_cfg.scorer.text.max_position_embeddings
+  )
 
 
 def duplicated_batch(samples, model_cfg, length: int):
@@ -151,17 +180,36 @@ def duplicated_batch(samples, model_cfg, length: int):
   ``PairBatch``), each row a video sample with its own copy of its pair's video."""
   from ppllava_jax.data.sft.batches import BatchConfig, collate
   from ppllava_jax.data.sft.samples import Sample
+
   rows = []
   for x in samples:
     for side in ("chosen", "rejected"):
       ids, labels = x.row(side)
-      rows.append(Sample(ids, labels, np.ones_like(ids), x.scorer_ids, x.scorer_mask, "video",
-                         video=x.video.copy(), frame_indices=x.frame_indices,
-                         media_tokens=(x.media_tokens,)))
-  layout = BatchConfig(batch_size=len(rows), seq_buckets=(length,), video_slots=len(rows),
-                       image_slots=0, multi_image_slots=0, num_frames=FRAMES, max_pictures=1)
-  return collate(rows, model_cfg, layout,
-                 scorer_length=model_cfg.scorer.text.max_position_embeddings)
+      rows.append(
+        Sample(
+          ids,
+          labels,
+          np.ones_like(ids),
+          x.scorer_ids,
+          x.scorer_mask,
+          "video",
+          video=x.video.copy(),
+          frame_indices=x.frame_indices,
+          media_tokens=(x.media_tokens,),
+        )
+      )
+  layout = BatchConfig(
+    batch_size=len(rows),
+    seq_buckets=(length,),
+    video_slots=len(rows),
+    image_slots=0,
+    multi_image_slots=0,
+    num_frames=FRAMES,
+    max_pictures=1,
+  )
+  return collate(
+    rows, model_cfg, layout, scorer_length=model_cfg.scorer.text.max_position_embeddings
+  )
 
 
 @flax.struct.dataclass
@@ -169,6 +217,7 @@ class WholeReference:
   """``Duplicated``'s constants: the policy's frozen state, and the reference as a whole
   model of its own (the original's separate reference model): a copy of the trainable
   part (the LLM) and a copy of the frozen state (vision tower, scorer, projector)."""
+
   frozen: object
   reference: object
   reference_frozen: object
@@ -183,6 +232,7 @@ class Duplicated:
   the original's reference model: on the policy's, XLA would find the reference's media
   path identical and compute it once (common subexpressions), which no eager framework
   does."""
+
   graphdef: object
   cfg: object
   config: object
@@ -190,38 +240,58 @@ class Duplicated:
 
   def totals(self, batch):
     import jax.numpy as jnp
+
     from ppllava_jax.train.core.losses import supervised_targets
+
     supervised = supervised_targets(batch.labels)
-    return {"pairs": batch.row_mask[0::2].sum().astype(jnp.float32),
-            "tokens": supervised.sum().astype(jnp.float32),
-            "chosen_tokens": supervised[0::2].sum().astype(jnp.float32)}
+    return {
+      "pairs": batch.row_mask[0::2].sum().astype(jnp.float32),
+      "tokens": supervised.sum().astype(jnp.float32),
+      "chosen_tokens": supervised[0::2].sum().astype(jnp.float32),
+    }
 
   def _logps(self, params, frozen, batch):
     from ppllava_jax.train.core import losses
     from ppllava_jax.train.core.inputs import embed_batch
     from ppllava_jax.train.core.step import merged
+
     model = merged(self.graphdef, self.cfg, params, frozen)
     model.eval()
     lm = model.language_model
-    hidden_bld, _ = lm.hidden_states(inputs_embeds=embed_batch(model, batch),
-                                     attention_mask=batch.attention_mask,
-                                     position_ids=batch.position_ids)
+    hidden_bld, _ = lm.hidden_states(
+      inputs_embeds=embed_batch(model, batch),
+      attention_mask=batch.attention_mask,
+      position_ids=batch.position_ids,
+    )
     return losses.sequence_logprobs(hidden_bld, lm.head_dv, batch.labels, self.cfg.loss_chunk)
 
   def share(self, params, constants: WholeReference, batch, key, totals):
     import jax
+
     from ppllava_jax.train.dpo.losses import preference_loss
+
     del key
     logp_r, count_r = self._logps(params, constants.frozen, batch)
     ref_r = jax.lax.stop_gradient(
-        self._logps(constants.reference, constants.reference_frozen, batch)[0])
-    return preference_loss(logp_r[0::2], logp_r[1::2], ref_r[0::2], ref_r[1::2], count_r[0::2],
-                           count_r[1::2], self.config, batch.row_mask[0::2], totals["pairs"],
-                           totals["chosen_tokens"])
+      self._logps(constants.reference, constants.reference_frozen, batch)[0]
+    )
+    return preference_loss(
+      logp_r[0::2],
+      logp_r[1::2],
+      ref_r[0::2],
+      ref_r[1::2],
+      count_r[0::2],
+      count_r[1::2],
+      self.config,
+      batch.row_mask[0::2],
+      totals["pairs"],
+      totals["chosen_tokens"],
+    )
 
 
 def _nbytes(tree) -> int:
   import jax
+
   return sum(x.nbytes for x in jax.tree.leaves(tree))
 
 
@@ -238,7 +308,9 @@ def save_weights(folder: Path) -> None:
   once for every worker (an initialisation compiles one small program per shape)."""
   import jax
   from flax import nnx
+
   from ppllava_jax.models.tiny import build_tiny
+
   vocab, tiny, *_ = _setup()
   leaves = jax.tree.leaves(nnx.split(build_tiny(tiny, vocab))[1])
   np.savez(folder / "weights.npz", *[np.asarray(x) for x in leaves])
@@ -248,7 +320,9 @@ def _model(folder: Path):
   """The saved model, merged into the abstract one."""
   import jax
   from flax import nnx
+
   from ppllava_jax.models.tiny import build_tiny
+
   vocab, tiny, *_ = _setup()
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_tiny(tiny, vocab)))
   with np.load(folder / "weights.npz") as z:
@@ -268,9 +342,16 @@ def worker(folder: Path, contender: str) -> None:
   import functools
 
   import jax
-  from ppllava_jax.train.dpo.objective import (DPOConstants, PreferenceObjective, reference_copy, reference_logps)
+
   from ppllava_jax.train.core.step import Steps
+  from ppllava_jax.train.dpo.objective import (
+    DPOConstants,
+    PreferenceObjective,
+    reference_copy,
+    reference_logps,
+  )
   from ppllava_jax.train.run.assembly import assemble, materialize
+
   vocab, _, model_cfg, tc, dpo = _setup()
   model = _model(folder)
   a = assemble(model, tc, devices=jax.devices()[:1])
@@ -285,8 +366,10 @@ def worker(folder: Path, contender: str) -> None:
     batch = duplicated_batch(samples, model_cfg, length)
     objective = Duplicated(graphdef, tc, dpo)
     constants = WholeReference(
-        frozen, reference_copy(state.params, jax.numpy.float32, shardings.state.params),
-        reference_copy(frozen, jax.numpy.float32, shardings.frozen))
+      frozen,
+      reference_copy(state.params, jax.numpy.float32, shardings.state.params),
+      reference_copy(frozen, jax.numpy.float32, shardings.frozen),
+    )
     sh = WholeReference(shardings.frozen, shardings.state.params, shardings.frozen)
   else:
     batch = jax.device_put(pair_batch(samples, model_cfg, length))
@@ -297,21 +380,32 @@ def worker(folder: Path, contender: str) -> None:
       def reference():  # timed later on the current parameters: the same work
         with jax.set_mesh(mesh):
           return np.asarray(jax.device_get(fn(box["state"].params, frozen, batch)))
+
       batch = batch.replace(ref_logps=reference())
       constants, sh = DPOConstants(frozen, None), DPOConstants(shardings.frozen, None)
     else:
-      constants, sh = DPOConstants(frozen, reference_copy(state.params, jax.numpy.float32,
-                                                          shardings.state.params)), live_sh
+      constants, sh = (
+        DPOConstants(
+          frozen, reference_copy(state.params, jax.numpy.float32, shardings.state.params)
+        ),
+        live_sh,
+      )
   steps = Steps(graphdef, tc, tx, shardings, objective, sh)
   batch = jax.device_put(batch)
   lowered = steps.lower_train(state, constants, batch)
   compiled = lowered.compile()  # the step below reuses this executable
   mem = compiled.memory_analysis()
-  out.update(flops=_cost(compiled), hlo_flops=_cost(lowered), temp=mem.temp_size_in_bytes,
-             argument=mem.argument_size_in_bytes, output=mem.output_size_in_bytes,
-             alias=mem.alias_size_in_bytes, batch_bytes=_nbytes(batch),
-             reference_bytes=_nbytes(constants.reference)
-             + _nbytes(getattr(constants, "reference_frozen", None)))
+  out.update(
+    flops=_cost(compiled),
+    hlo_flops=_cost(lowered),
+    temp=mem.temp_size_in_bytes,
+    argument=mem.argument_size_in_bytes,
+    output=mem.output_size_in_bytes,
+    alias=mem.alias_size_in_bytes,
+    batch_bytes=_nbytes(batch),
+    reference_bytes=_nbytes(constants.reference)
+    + _nbytes(getattr(constants, "reference_frozen", None)),
+  )
   seen = []
 
   def step():
@@ -324,10 +418,13 @@ def worker(folder: Path, contender: str) -> None:
   out["first_seconds"] = time.perf_counter() - start
   step()  # warm: allocator, first touch of the buffers
   first = seen[0]
-  out.update(loss=first["loss"], second_loss=seen[1]["loss"],
-             logps=[first["logps/chosen"], first["logps/rejected"]],
-             ref_logps=[first["ref_logps/chosen"], first["ref_logps/rejected"]],
-             grad_norm=first["grad_norm"])
+  out.update(
+    loss=first["loss"],
+    second_loss=seen[1]["loss"],
+    logps=[first["logps/chosen"], first["logps/rejected"]],
+    ref_logps=[first["ref_logps/chosen"], first["ref_logps/rejected"]],
+    grad_norm=first["grad_norm"],
+  )
   _send(out)
   times = {"step": [], "reference": []}
   for line in sys.stdin:
@@ -338,13 +435,19 @@ def worker(folder: Path, contender: str) -> None:
     step() if what == "step" else reference()
     times[what].append(time.perf_counter() - start)
     _send({"seconds": times[what][-1]})
-  _send(dict(seconds=float(np.median(times["step"])) if times["step"] else None,
-             times=times["step"], reference_seconds=float(np.median(times["reference"]))
-             if times["reference"] else None, traces=steps.traces["train"],
-             peak_mib=status_kib("VmHWM") / 1024))
+  _send(
+    dict(
+      seconds=float(np.median(times["step"])) if times["step"] else None,
+      times=times["step"],
+      reference_seconds=float(np.median(times["reference"])) if times["reference"] else None,
+      traces=steps.traces["train"],
+      peak_mib=status_kib("VmHWM") / 1024,
+    )
+  )
 
 
 # ---- the run ---------------------------------------------------------------------------
+
 
 class WorkerError(RuntimeError):
   """A worker ended before answering."""
@@ -357,8 +460,12 @@ class Worker:
     self.name, self.stderr = name, folder / f"{name}.stderr"
     with open(self.stderr, "w") as err:
       self.proc = subprocess.Popen(
-          [sys.executable, __file__, "--folder", str(folder), "--worker", name],
-          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True)
+        [sys.executable, __file__, "--folder", str(folder), "--worker", name],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=err,
+        text=True,
+      )
 
   def ask(self, what: str | None = None) -> dict:
     """Sends ``what`` (None: nothing) and returns the next JSON line the worker prints."""
@@ -406,7 +513,7 @@ def run(names, reps: int, folder: Path) -> dict:
         rows[name] = got
     for rep in range(reps):
       live = [n for n in names if "error" not in rows[n]]
-      for name in live[rep % len(live):] + live[:rep % len(live)] if live else ():
+      for name in live[rep % len(live) :] + live[: rep % len(live)] if live else ():
         if ask(name, "step") is not None and name == BASE:
           ask(name, "reference")
     for name in names:
@@ -423,8 +530,9 @@ def run(names, reps: int, folder: Path) -> dict:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--reps", type=int, default=7, help="timed steps per contender")
-  parser.add_argument("--quick", action="store_true",
-                      help="one timed step; ours and duplicated + live only")
+  parser.add_argument(
+    "--quick", action="store_true", help="one timed step; ours and duplicated + live only"
+  )
   parser.add_argument("--worker", help=argparse.SUPPRESS)
   parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -436,33 +544,47 @@ def main() -> None:
   names = ("ours", "duplicated") if args.quick else tuple(CONTENDERS)
   start = time.perf_counter()
   t = TINY
-  print(f"tiny PPLLaVA: {FRAMES} frames of {IMAGE} px / {PATCH} px patches, vision tower "
-        f"{t['vision_layers']} x {t['vision_width']} (frozen), CLIP text scorer "
-        f"{t['text_layers']} x {t['text_width']}, LLM {t['llm_layers']} x {t['llm_width']} "
-        f"(trains); f32; AdamW; sigmoid DPO, beta {BETA}; {PAIRS} pairs; {os.cpu_count()} CPUs, "
-        f"load average {os.getloadavg()[0]:.1f} at start; median of {reps} warm steps, "
-        "round-robin", flush=True)
+  print(
+    f"tiny PPLLaVA: {FRAMES} frames of {IMAGE} px / {PATCH} px patches, vision tower "
+    f"{t['vision_layers']} x {t['vision_width']} (frozen), CLIP text scorer "
+    f"{t['text_layers']} x {t['text_width']}, LLM {t['llm_layers']} x {t['llm_width']} "
+    f"(trains); f32; AdamW; sigmoid DPO, beta {BETA}; {PAIRS} pairs; {os.cpu_count()} CPUs, "
+    f"load average {os.getloadavg()[0]:.1f} at start; median of {reps} warm steps, "
+    "round-robin",
+    flush=True,
+  )
   with tempfile.TemporaryDirectory() as tmp:
     folder = Path(tmp)
     save_weights(folder)
     rows = run(names, reps, folder)
   r = rows[BASE]
   if "error" not in r:
-    print(f"{PAIRS} pairs = {r['rows']} rows of {r['length']} tokens ({r['video_tokens']} "
-          f"video tokens each); the cached reference's pass over the batch: "
-          f"{r['reference_seconds']:.2f} s (once per pair per run, not per step)")
-  print(f"{'contender':30s}{'tower passes':>13s}{'step s':>9s}{'GFLOP':>8s}{'temp MiB':>10s}"
-        f"{'arg MiB':>9s}{'peak MiB':>10s}{'1st loss':>10s}{'2nd loss':>11s}")
+    print(
+      f"{PAIRS} pairs = {r['rows']} rows of {r['length']} tokens ({r['video_tokens']} "
+      f"video tokens each); the cached reference's pass over the batch: "
+      f"{r['reference_seconds']:.2f} s (once per pair per run, not per step)"
+    )
+  print(
+    f"{'contender':30s}{'tower passes':>13s}{'step s':>9s}{'GFLOP':>8s}{'temp MiB':>10s}"
+    f"{'arg MiB':>9s}{'peak MiB':>10s}{'1st loss':>10s}{'2nd loss':>11s}"
+  )
   for name in names:
     _print_row(name, rows[name])
-  print("timed steps (s), in order: " + "; ".join(
-      f"{CONTENDERS[n]} {' '.join(f'{x:.2f}' for x in rows[n]['times'])}" for n in names
-      if "times" in rows[n]))
+  print(
+    "timed steps (s), in order: "
+    + "; ".join(
+      f"{CONTENDERS[n]} {' '.join(f'{x:.2f}' for x in rows[n]['times'])}"
+      for n in names
+      if "times" in rows[n]
+    )
+  )
   _print_ratios(rows)
   _print_agreement(rows)
   _print_markdown(rows)
-  print(f"whole run {time.perf_counter() - start:.0f} s; load average "
-        f"{os.getloadavg()[0]:.1f} at the end")
+  print(
+    f"whole run {time.perf_counter() - start:.0f} s; load average "
+    f"{os.getloadavg()[0]:.1f} at the end"
+  )
 
 
 def _passes(name: str) -> str:
@@ -476,9 +598,11 @@ def _print_row(name: str, r: dict) -> None:
     print(f"{label:30s}  {r['error']}", flush=True)
     return
   flops = f"{r['flops'] / 1e9:8.1f}" if r["flops"] else f"{'n/a':>8s}"
-  print(f"{label:30s}{_passes(name):>13s}{r['seconds']:9.2f}{flops}{r['temp'] / MIB:10.0f}"
-        f"{r['argument'] / MIB:9.0f}{r['peak_mib']:10.0f}{r['loss']:10.5f}{r['second_loss']:11.6f}",
-        flush=True)
+  print(
+    f"{label:30s}{_passes(name):>13s}{r['seconds']:9.2f}{flops}{r['temp'] / MIB:10.0f}"
+    f"{r['argument'] / MIB:9.0f}{r['peak_mib']:10.0f}{r['loss']:10.5f}{r['second_loss']:11.6f}",
+    flush=True,
+  )
 
 
 def _others(rows: dict):
@@ -487,6 +611,10 @@ def _others(rows: dict):
   if "error" in base or not base:
     return None, []
   return base, [(n, r) for n, r in rows.items() if n != BASE and "error" not in r]
+
+
+def _sum_ratio(r: dict, base: dict) -> float:
+  return (r["temp"] + r["argument"]) / (base["temp"] + base["argument"])
 
 
 def _time_ratio(r: dict, base: dict) -> float:
@@ -499,27 +627,36 @@ def _print_ratios(rows: dict) -> None:
   """Each contender over ours (> 1: ours is smaller or faster)."""
   base, others = _others(rows)
   for name, r in others:
-    flops = (f", FLOPs {r['flops'] / base['flops']:.2f}x (as written, before XLA: "
-             f"{r['hlo_flops'] / base['hlo_flops']:.2f}x)" if r["flops"] and base["flops"] else "")
-    print(f"{CONTENDERS[name]} / {CONTENDERS[BASE]}: step time {_time_ratio(r, base):.2f}x "
-          f"(round by round; medians {r['seconds'] / base['seconds']:.2f}x){flops}, temp "
-          f"{r['temp'] / base['temp']:.2f}x, arguments {r['argument'] / base['argument']:.2f}x, "
-          f"temp + arguments {(r['temp'] + r['argument']) / (base['temp'] + base['argument']):.2f}x, peak RSS "
-          f"{r['peak_mib'] / base['peak_mib']:.2f}x")
+    flops = (
+      f", FLOPs {r['flops'] / base['flops']:.2f}x (as written, before XLA: "
+      f"{r['hlo_flops'] / base['hlo_flops']:.2f}x)"
+      if r["flops"] and base["flops"]
+      else ""
+    )
+    print(
+      f"{CONTENDERS[name]} / {CONTENDERS[BASE]}: step time {_time_ratio(r, base):.2f}x "
+      f"(round by round; medians {r['seconds'] / base['seconds']:.2f}x){flops}, temp "
+      f"{r['temp'] / base['temp']:.2f}x, arguments {r['argument'] / base['argument']:.2f}x, "
+      f"temp + arguments {_sum_ratio(r, base):.2f}x, peak RSS "
+      f"{r['peak_mib'] / base['peak_mib']:.2f}x"
+    )
 
 
 def _print_agreement(rows: dict) -> None:
   """Same weights, same pairs: the first step's log-probs and the second step's loss agree."""
   base, others = _others(rows)
   for name, r in others:
-    logps = max(abs(a - b) for a, b in zip(r["logps"] + r["ref_logps"],
-                                           base["logps"] + base["ref_logps"]))
-    print(f"{CONTENDERS[name]} vs {CONTENDERS[BASE]}: first-step loss {r['loss']:.6f} vs "
-          f"{base['loss']:.6f} (log 2 = {np.log(2):.6f}: policy = reference), |diff| "
-          f"{abs(r['loss'] - base['loss']):.1e}; first-step policy and reference mean log-probs "
-          f"max |diff| {logps:.1e} (of {abs(base['logps'][0]):.1f}); second-step loss "
-          f"{r['second_loss']:.6f} vs {base['second_loss']:.6f}, |diff| "
-          f"{abs(r['second_loss'] - base['second_loss']):.1e}")
+    logps = max(
+      abs(a - b) for a, b in zip(r["logps"] + r["ref_logps"], base["logps"] + base["ref_logps"])
+    )
+    print(
+      f"{CONTENDERS[name]} vs {CONTENDERS[BASE]}: first-step loss {r['loss']:.6f} vs "
+      f"{base['loss']:.6f} (log 2 = {np.log(2):.6f}: policy = reference), |diff| "
+      f"{abs(r['loss'] - base['loss']):.1e}; first-step policy and reference mean log-probs "
+      f"max |diff| {logps:.1e} (of {abs(base['logps'][0]):.1f}); second-step loss "
+      f"{r['second_loss']:.6f} vs {base['second_loss']:.6f}, |diff| "
+      f"{abs(r['second_loss'] - base['second_loss']):.1e}"
+    )
 
 
 def _print_markdown(rows: dict) -> None:
@@ -527,16 +664,20 @@ def _print_markdown(rows: dict) -> None:
   base, others = _others(rows)
   if base is None:
     return
-  print("| contender | tower passes | step s | GFLOP | temp + arguments MiB (batch, reference) "
-        "| peak MiB | step time vs ours |")
+  print(
+    "| contender | tower passes | step s | GFLOP | temp + arguments MiB (batch, reference) "
+    "| peak MiB | step time vs ours |"
+  )
   print("|---|---|---|---|---|---|---|")
   for name, r in [(BASE, base), *others]:
     label = f"**{CONTENDERS[name]}**" if name == BASE else CONTENDERS[name]
     flops = f"{r['flops'] / 1e9:.1f}" if r["flops"] else "n/a"
-    print(f"| {label} | {_passes(name)} | {r['seconds']:.2f} | {flops} | "
-          f"{r['temp'] / MIB:.0f} + {r['argument'] / MIB:.0f} ({r['batch_bytes'] / MIB:.0f}, "
-          f"{r['reference_bytes'] / MIB:.1f}) | {r['peak_mib']:.0f} | "
-          f"{_time_ratio(r, base):.2f}x |")
+    print(
+      f"| {label} | {_passes(name)} | {r['seconds']:.2f} | {flops} | "
+      f"{r['temp'] / MIB:.0f} + {r['argument'] / MIB:.0f} ({r['batch_bytes'] / MIB:.0f}, "
+      f"{r['reference_bytes'] / MIB:.1f}) | {r['peak_mib']:.0f} | "
+      f"{_time_ratio(r, base):.2f}x |"
+    )
 
 
 if __name__ == "__main__":

@@ -48,9 +48,9 @@ def synthetic_clip(cfg: SyntheticConfig):
   for i in range(t):
     # The target crosses the frame diagonally; the distractor moves the other way.
     r = c = round(i / max(t - 1, 1) * (g - s))
-    target[i, r:r + s, c:c + s] = True
-    patches[i, r:r + s, c:c + s] = 1.0 * prompt + rng.standard_normal((s, s, e))
-    patches[i, g - s - r:g - r, c:c + s] = 2.0 * distractor
+    target[i, r : r + s, c : c + s] = True
+    patches[i, r : r + s, c : c + s] = 1.0 * prompt + rng.standard_normal((s, s, e))
+    patches[i, g - s - r : g - r, c : c + s] = 2.0 * distractor
   # A fixed random map stands in for the MLP projector into the LLM space.
   projector = rng.standard_normal((e, cfg.feature_dim)) / np.sqrt(e)
   features = patches @ projector
@@ -62,14 +62,18 @@ def synthetic_clip(cfg: SyntheticConfig):
 def run(cfg: SyntheticConfig, out_dir: Path) -> dict:
   patches, query, features, target, target_feature = synthetic_clip(cfg)
   probs = jax.jit(ops.relevance_scores)(patches, query, cfg.logit_scale)
-  pooled = {mode: ops.prompt_guided_pool(features, probs, cfg.kernel, mode=mode,
-                                         temperature=cfg.temperature)
-            for mode in ops.POOL_MODES}
+  pooled = {
+    mode: ops.prompt_guided_pool(
+      features, probs, cfg.kernel, mode=mode, temperature=cfg.temperature
+    )
+    for mode in ops.POOL_MODES
+  }
 
   # Windows that hold any target patch: prompt-guided pooling should emit the
   # target's feature there, average pooling blurs it with the background.
-  target_share = ops.prompt_guided_pool(jnp.asarray(target, jnp.float32)[None, ..., None],
-                                        probs, cfg.kernel, mode="average")
+  target_share = ops.prompt_guided_pool(
+    jnp.asarray(target, jnp.float32)[None, ..., None], probs, cfg.kernel, mode="average"
+  )
   touched = np.asarray(target_share)[0, ..., 0] > 0
 
   def mean_cosine(tokens):  # float64: weighted_sum tokens are ~1e-4 of the features
@@ -79,21 +83,25 @@ def run(cfg: SyntheticConfig, out_dir: Path) -> dict:
     return float(cos.mean())
 
   stats = dict(
-      input_tokens=int(np.prod(features.shape[1:4])),
-      pooled_tokens=int(np.prod(pooled["average"].shape[1:4])),
-      pooled_shape=tuple(pooled["average"].shape[1:4]),
-      target_patch_share=float(target.mean()),
-      target_relevance_share=float(np.asarray(probs)[0][target].sum()),
-      windows_with_target=int(touched.sum()),
-      cosine={mode: mean_cosine(tokens) for mode, tokens in pooled.items()},
+    input_tokens=int(np.prod(features.shape[1:4])),
+    pooled_tokens=int(np.prod(pooled["average"].shape[1:4])),
+    pooled_shape=tuple(pooled["average"].shape[1:4]),
+    target_patch_share=float(target.mean()),
+    target_relevance_share=float(np.asarray(probs)[0][target].sum()),
+    windows_with_target=int(touched.sum()),
+    cosine={mode: mean_cosine(tokens) for mode, tokens in pooled.items()},
   )
   out_dir.mkdir(parents=True, exist_ok=True)
   # Pictures show cosines: the probabilities, exp(100 * cos) normalised, are so
   # peaked that a linear colour scale would light up a handful of patches.
   cosines = np.asarray(ops.relevance_logits(patches, query))[0]
-  picture = relevance_grid(cosines, title=(
+  picture = relevance_grid(
+    cosines,
+    title=(
       f"cosine of each patch to the prompt ({cfg.frames} frames, {cfg.grid}x{cfg.grid} patches; "
-      "the target moves down-right, a distractor up-right)"))
+      "the target moves down-right, a distractor up-right)"
+    ),
+  )
   stats["heatmap"] = str(out_dir / "relevance.png")
   picture.save(stats["heatmap"])
   return stats
@@ -105,18 +113,29 @@ def main(argv: list[str] | None = None) -> None:
   args = parser.parse_args(argv)
   cfg = SyntheticConfig()
   s = run(cfg, Path(args.out))
-  print(f"synthetic video: {cfg.frames} frames x {cfg.grid}x{cfg.grid} patches, "
-        f"features of dim {cfg.feature_dim}; ops run on {jax.default_backend()}")
-  print(f"visual tokens: {s['input_tokens']} in -> {s['pooled_tokens']} out "
-        f"{s['pooled_shape']} with kernel {cfg.kernel} "
-        f"({s['input_tokens'] / s['pooled_tokens']:.0f}x fewer)")
-  print(f"relevance on the target: {100 * s['target_relevance_share']:.1f}% of the probability "
-        f"on {100 * s['target_patch_share']:.1f}% of the patches")
-  print(f"how well the {s['windows_with_target']} pooled tokens whose window holds the target "
-        f"keep its feature (mean cosine):")
-  notes = dict(softmax=f"the original code, temperature {cfg.temperature}",
-               weighted_sum="the paper's Eq. 3", max="most relevant token per window",
-               average="plain average pooling, the baseline")
+  print(
+    f"synthetic video: {cfg.frames} frames x {cfg.grid}x{cfg.grid} patches, "
+    f"features of dim {cfg.feature_dim}; ops run on {jax.default_backend()}"
+  )
+  print(
+    f"visual tokens: {s['input_tokens']} in -> {s['pooled_tokens']} out "
+    f"{s['pooled_shape']} with kernel {cfg.kernel} "
+    f"({s['input_tokens'] / s['pooled_tokens']:.0f}x fewer)"
+  )
+  print(
+    f"relevance on the target: {100 * s['target_relevance_share']:.1f}% of the probability "
+    f"on {100 * s['target_patch_share']:.1f}% of the patches"
+  )
+  print(
+    f"how well the {s['windows_with_target']} pooled tokens whose window holds the target "
+    f"keep its feature (mean cosine):"
+  )
+  notes = dict(
+    softmax=f"the original code, temperature {cfg.temperature}",
+    weighted_sum="the paper's Eq. 3",
+    max="most relevant token per window",
+    average="plain average pooling, the baseline",
+  )
   for mode, cosine in s["cosine"].items():
     print(f"  {mode:13s}{cosine:.3f}  ({notes[mode]})")
   print(f"heat-map: {s['heatmap']}")

@@ -45,21 +45,41 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 import common
+import numpy as np
 from common import median_time, status_kib
 
 FRAMES, IMAGE, PATCH = 32, 336, 14
 VOCAB, IMAGE_TOKEN, VIDEO_TOKEN = 32064, 32001, 32000
-VISION = dict(model_type="clip_vision_model", image_size=IMAGE, patch_size=PATCH,
-              hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2)
-TEXT = dict(model_type="llama", hidden_size=512, num_hidden_layers=4, num_attention_heads=8,
-            num_key_value_heads=8, intermediate_size=1376, vocab_size=VOCAB,
-            max_position_embeddings=32768, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+VISION = dict(
+  model_type="clip_vision_model",
+  image_size=IMAGE,
+  patch_size=PATCH,
+  hidden_size=64,
+  intermediate_size=256,
+  num_hidden_layers=2,
+  num_attention_heads=2,
+)
+TEXT = dict(
+  model_type="llama",
+  hidden_size=512,
+  num_hidden_layers=4,
+  num_attention_heads=8,
+  num_key_value_heads=8,
+  intermediate_size=1376,
+  vocab_size=VOCAB,
+  max_position_embeddings=32768,
+  bos_token_id=1,
+  eos_token_id=2,
+  pad_token_id=0,
+)
 GRID = IMAGE // PATCH  # 24 patches a side
-VIDEO_TOKENS = {"none": FRAMES * GRID**2, "llava_next_video": FRAMES * (GRID // 2)**2,
-                "ppllava": FRAMES // 2 * (GRID // 3)**2, "average": FRAMES // 2 * (GRID // 3)**2}
+VIDEO_TOKENS = {
+  "none": FRAMES * GRID**2,
+  "llava_next_video": FRAMES * (GRID // 2) ** 2,
+  "ppllava": FRAMES // 2 * (GRID // 3) ** 2,
+  "average": FRAMES // 2 * (GRID // 3) ** 2,
+}
 MODES = tuple(VIDEO_TOKENS)
 TORCH = {"torch_eager": "eager", "torch_sdpa": "sdpa"}  # worker name: attn_implementation
 
@@ -67,49 +87,75 @@ TORCH = {"torch_eager": "eager", "torch_sdpa": "sdpa"}  # worker name: attn_impl
 def build(folder: Path) -> None:
   """The LLaVA-NeXT-Video and scorer checkpoints (random transformers init) and inputs."""
   import torch
-  from transformers import (CLIPConfig, CLIPModel, LlavaNextVideoConfig,
-                            LlavaNextVideoForConditionalGeneration)
+  from transformers import (
+    CLIPConfig,
+    CLIPModel,
+    LlavaNextVideoConfig,
+    LlavaNextVideoForConditionalGeneration,
+  )
+
   torch.manual_seed(0)
-  llava = LlavaNextVideoConfig(vision_config=VISION, text_config=TEXT,
-                               image_token_index=IMAGE_TOKEN, video_token_index=VIDEO_TOKEN)
-  clip = CLIPConfig(vision_config={k: v for k, v in VISION.items() if k != "model_type"},
-                    text_config=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2,
-                                     num_attention_heads=2),
-                    projection_dim=128)
-  for model, name in ((LlavaNextVideoForConditionalGeneration(llava), "llava"),
-                      (CLIPModel(clip), "clip")):
+  llava = LlavaNextVideoConfig(
+    vision_config=VISION,
+    text_config=TEXT,
+    image_token_index=IMAGE_TOKEN,
+    video_token_index=VIDEO_TOKEN,
+  )
+  clip = CLIPConfig(
+    vision_config={k: v for k, v in VISION.items() if k != "model_type"},
+    text_config=dict(
+      hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2
+    ),
+    projection_dim=128,
+  )
+  for model, name in (
+    (LlavaNextVideoForConditionalGeneration(llava), "llava"),
+    (CLIPModel(clip), "clip"),
+  ):
     with torch.no_grad():  # transformers' init alone makes a model repeat one token forever
       for p in model.parameters():
         p.add_(torch.randn_like(p) * 0.02)
     model.save_pretrained(folder / name)
   rng = np.random.default_rng(0)
   clip_ids = np.concatenate([[49406], rng.integers(300, 49000, 14), [49407]])[None]
-  np.savez(folder / "inputs.npz",
-           video=rng.standard_normal((1, FRAMES, 3, IMAGE, IMAGE), dtype=np.float32),
-           before=np.concatenate([[1], rng.integers(3, 31000, 12)]),
-           after=rng.integers(3, 31000, 10), clip_ids=clip_ids, clip_mask=np.ones_like(clip_ids))
+  np.savez(
+    folder / "inputs.npz",
+    video=rng.standard_normal((1, FRAMES, 3, IMAGE, IMAGE), dtype=np.float32),
+    before=np.concatenate([[1], rng.integers(3, 31000, 12)]),
+    after=rng.integers(3, 31000, 10),
+    clip_ids=clip_ids,
+    clip_mask=np.ones_like(clip_ids),
+  )
 
 
 def _prompt(inputs, mode: str) -> np.ndarray:
   """(1, L) ids: text, the mode's count of video placeholders, text."""
-  ids = np.concatenate([inputs["before"], np.full(VIDEO_TOKENS[mode], VIDEO_TOKEN),
-                        inputs["after"]])
+  ids = np.concatenate(
+    [inputs["before"], np.full(VIDEO_TOKENS[mode], VIDEO_TOKEN), inputs["after"]]
+  )
   return ids[None].astype(np.int64)
 
 
 def jax_worker(folder: Path, mode: str, new: int, reps: int) -> dict:
   import jax
   import jax.numpy as jnp
-  from ppllava_jax.models.ppllava import PPLLaVA, PoolingConfig
+
+  from ppllava_jax.models.ppllava import PoolingConfig, PPLLaVA
   from ppllava_jax.models.pure import pure
+
   inputs = np.load(folder / "inputs.npz")
-  model = PPLLaVA.from_pretrained(folder / "llava", clip=folder / "clip" if mode == "ppllava"
-                                  else None, pooling=PoolingConfig(mode))
+  model = PPLLaVA.from_pretrained(
+    folder / "llava",
+    clip=folder / "clip" if mode == "ppllava" else None,
+    pooling=PoolingConfig(mode),
+  )
   ids = jnp.asarray(_prompt(inputs, mode))
   media = dict(pixel_values_videos=jnp.asarray(inputs["video"]))
   if mode == "ppllava":
-    media.update(clip_input_ids=jnp.asarray(inputs["clip_ids"]),
-                 clip_attention_mask=jnp.asarray(inputs["clip_mask"]))
+    media.update(
+      clip_input_ids=jnp.asarray(inputs["clip_ids"]),
+      clip_attention_mask=jnp.asarray(inputs["clip_mask"]),
+    )
   fn, state = pure(model, "__call__")
   prefill = jax.jit(lambda state, ids, media: fn(state, ids, last_only=True, **media).logits)
   prefill = prefill.lower(state, ids, media).compile()
@@ -119,37 +165,54 @@ def jax_worker(folder: Path, mode: str, new: int, reps: int) -> dict:
     return np.asarray(model.generate(ids, max_new_tokens=new, stop_tokens=(), **media))
 
   t_new, out = median_time(generate, reps)
-  return dict(prefill=t_prefill, generate=t_new, decode_tps=new / (t_new - t_prefill),
-              tokens=out[0, ids.shape[1]:].tolist(),
-              peak_mib=status_kib("VmHWM") / 1024, llm_tokens=int(ids.shape[1]))
+  return dict(
+    prefill=t_prefill,
+    generate=t_new,
+    decode_tps=new / (t_new - t_prefill),
+    tokens=out[0, ids.shape[1] :].tolist(),
+    peak_mib=status_kib("VmHWM") / 1024,
+    llm_tokens=int(ids.shape[1]),
+  )
 
 
 def torch_worker(folder: Path, attn: str, new: int, reps: int) -> dict:
   import torch
   from transformers import LlavaNextVideoForConditionalGeneration
+
   inputs = np.load(folder / "inputs.npz")
   hf = LlavaNextVideoForConditionalGeneration.from_pretrained(
-      folder / "llava", dtype=torch.float32, attn_implementation=attn).eval()
+    folder / "llava", dtype=torch.float32, attn_implementation=attn
+  ).eval()
   hf.generation_config.eos_token_id = None  # as ours with stop_tokens=(): always N tokens
   ids = torch.from_numpy(_prompt(inputs, "llava_next_video"))
   video = torch.from_numpy(inputs["video"])
 
   def generate():
-    return hf.generate(input_ids=ids, pixel_values_videos=video, max_new_tokens=new,
-                       do_sample=False, pad_token_id=0)
+    return hf.generate(
+      input_ids=ids, pixel_values_videos=video, max_new_tokens=new, do_sample=False, pad_token_id=0
+    )
 
   with torch.no_grad():
-    t_prefill, _ = median_time(lambda: hf(input_ids=ids, pixel_values_videos=video,
-                                           logits_to_keep=1), reps)
+    t_prefill, _ = median_time(
+      lambda: hf(input_ids=ids, pixel_values_videos=video, logits_to_keep=1), reps
+    )
     t_new, out = median_time(generate, reps)
-  return dict(prefill=t_prefill, generate=t_new, decode_tps=(new - 1) / (t_new - t_prefill),
-              tokens=out[0, ids.shape[1]:].tolist(), peak_mib=status_kib("VmHWM") / 1024,
-              llm_tokens=int(ids.shape[1]), attn=hf.config.text_config._attn_implementation)
+  return dict(
+    prefill=t_prefill,
+    generate=t_new,
+    decode_tps=(new - 1) / (t_new - t_prefill),
+    tokens=out[0, ids.shape[1] :].tolist(),
+    peak_mib=status_kib("VmHWM") / 1024,
+    llm_tokens=int(ids.shape[1]),
+    attn=hf.config.text_config._attn_implementation,
+  )
 
 
 def run_worker(folder: Path, which: str, new: int, reps: int) -> dict:
-  return common.run_worker(__file__, ["--worker", which, "--folder", str(folder),
-                                      "--new-tokens", str(new), "--reps", str(reps)])
+  return common.run_worker(
+    __file__,
+    ["--worker", which, "--folder", str(folder), "--new-tokens", str(new), "--reps", str(reps)],
+  )
 
 
 def main() -> None:
@@ -171,12 +234,17 @@ def main() -> None:
   with tempfile.TemporaryDirectory() as tmp:
     folder = Path(tmp)
     build(folder)
-    print(f"LLaMA 4 x 512 (8 heads, MLP 1376, vocab {VOCAB}); CLIP vision tower {IMAGE} px / "
-          f"{PATCH} px patches, width {VISION['hidden_size']}, {VISION['num_hidden_layers']} "
-          f"layers; {FRAMES} frames; f32; {args.new_tokens} new tokens; {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.1f} at start", flush=True)
-    print(f"{'':24s}{'LLM tokens':>11s}{'prefill s':>11s}{'decode tok/s':>14s}"
-          f"{'generate s':>12s}{'peak MiB':>10s}")
+    print(
+      f"LLaMA 4 x 512 (8 heads, MLP 1376, vocab {VOCAB}); CLIP vision tower {IMAGE} px / "
+      f"{PATCH} px patches, width {VISION['hidden_size']}, {VISION['num_hidden_layers']} "
+      f"layers; {FRAMES} frames; f32; {args.new_tokens} new tokens; {os.cpu_count()} CPUs, "
+      f"load average {os.getloadavg()[0]:.1f} at start",
+      flush=True,
+    )
+    print(
+      f"{'':24s}{'LLM tokens':>11s}{'prefill s':>11s}{'decode tok/s':>14s}"
+      f"{'generate s':>12s}{'peak MiB':>10s}"
+    )
     rows = {}
     for mode in MODES:
       if mode == "none" and args.quick:
@@ -184,8 +252,9 @@ def main() -> None:
       rows[mode] = run_worker(folder, mode, args.new_tokens, 1 if mode == "none" else args.reps)
       _print_row(f"ours {mode}", rows[mode])
     for name, attn in TORCH.items():
-      rows[name] = run_worker(folder, name, args.new_tokens,
-                              min(args.reps, 2) if attn == "eager" else args.reps)
+      rows[name] = run_worker(
+        folder, name, args.new_tokens, min(args.reps, 2) if attn == "eager" else args.reps
+      )
       _print_row(f"transformers ({attn})", rows[name])
   _print_verdicts(rows)
   print(f"whole run {time.perf_counter() - start:.0f} s")
@@ -195,8 +264,11 @@ def _print_row(label: str, r: dict) -> None:
   if "error" in r:
     print(f"{label:24s}  {r['error']}", flush=True)
     return
-  print(f"{label:24s}{r['llm_tokens']:11d}{r['prefill']:11.2f}{r['decode_tps']:14.1f}"
-        f"{r['generate']:12.2f}{r['peak_mib']:10.0f}", flush=True)
+  print(
+    f"{label:24s}{r['llm_tokens']:11d}{r['prefill']:11.2f}{r['decode_tps']:14.1f}"
+    f"{r['generate']:12.2f}{r['peak_mib']:10.0f}",
+    flush=True,
+  )
 
 
 def _print_verdicts(rows: dict) -> None:
@@ -205,17 +277,28 @@ def _print_verdicts(rows: dict) -> None:
     hf = rows[name]
     if "tokens" in ours and "tokens" in hf:
       diff = [i for i, (a, b) in enumerate(zip(ours["tokens"], hf["tokens"])) if a != b]
-      print(f"greedy tokens, ours (llava_next_video) vs transformers ({TORCH[name]}): "
-            f"{f'differ from token {diff[0]}' if diff else 'identical'} ({len(hf['tokens'])} tokens)")
+      print(
+        f"greedy tokens, ours (llava_next_video) vs transformers ({TORCH[name]}): "
+        f"{f'differ from token {diff[0]}' if diff else 'identical'} ({len(hf['tokens'])} tokens)"
+      )
 
   def ratio(slow: str, fast: str, key: str) -> float | None:
-    return (rows[slow][key] / rows[fast][key]
-            if key in rows.get(slow, {}) and key in rows.get(fast, {}) else None)
+    return (
+      rows[slow][key] / rows[fast][key]
+      if key in rows.get(slow, {}) and key in rows.get(fast, {})
+      else None
+    )
 
-  checks = (("ppllava prefill speed-up over none", ratio("none", "ppllava", "prefill"), ">=", 4.0),
-            ("ppllava prefill time / average's", ratio("ppllava", "average", "prefill"), "<=", 1.3),
-            ("our generate speed-up over transformers (eager attention)",
-             ratio("torch_eager", "llava_next_video", "generate"), ">=", 1.5))
+  checks = (
+    ("ppllava prefill speed-up over none", ratio("none", "ppllava", "prefill"), ">=", 4.0),
+    ("ppllava prefill time / average's", ratio("ppllava", "average", "prefill"), "<=", 1.3),
+    (
+      "our generate speed-up over transformers (eager attention)",
+      ratio("torch_eager", "llava_next_video", "generate"),
+      ">=",
+      1.5,
+    ),
+  )
   for name, value, op, target in checks:
     if value is None:
       print(f"{name}: not measured (target {op} {target}x)")
@@ -225,13 +308,17 @@ def _print_verdicts(rows: dict) -> None:
   for name in TORCH:
     prefill = ratio(name, "llava_next_video", "prefill")
     if prefill is not None:
-      print(f"ours (llava_next_video) vs transformers ({TORCH[name]}): generate "
-            f"{ratio(name, 'llava_next_video', 'generate'):.2f}x, prefill {prefill:.2f}x, decode "
-            f"tokens/s {ours['decode_tps'] / rows[name]['decode_tps']:.2f}x")
+      print(
+        f"ours (llava_next_video) vs transformers ({TORCH[name]}): generate "
+        f"{ratio(name, 'llava_next_video', 'generate'):.2f}x, prefill {prefill:.2f}x, decode "
+        f"tokens/s {ours['decode_tps'] / rows[name]['decode_tps']:.2f}x"
+      )
   ppllava = ratio("torch_sdpa", "ppllava", "generate")
   if ppllava is not None:
-    print(f"ours (ppllava) vs transformers (sdpa, llava_next_video's 4.6k tokens): generate "
-          f"{ppllava:.2f}x")
+    print(
+      f"ours (ppllava) vs transformers (sdpa, llava_next_video's 4.6k tokens): generate "
+      f"{ppllava:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -24,21 +24,45 @@ from ppllava_jax.train.run.config import McqEvalConfig, ModelConfig, RunConfig, 
 
 def get_config() -> RunConfig:
   frames, size, videos, pairs = 4, 126, 24, 4
-  tiny = TinyConfig(frames=frames, image_size=size, patch_size=14, vision_width=32,
-                    vision_layers=1, llm_width=64, llm_layers=1, text_width=32, text_layers=1)
+  tiny = TinyConfig(
+    frames=frames,
+    image_size=size,
+    patch_size=14,
+    vision_width=32,
+    vision_layers=1,
+    llm_width=64,
+    llm_layers=1,
+    text_width=32,
+    text_layers=1,
+  )
   steps = 2 * videos // pairs  # two epochs
   return RunConfig(
-      preference=PreferenceDataConfig(
-          "{workdir}/data/preference.jsonl", "{workdir}/data",
-          PreferenceConfig(template="plain_v1", num_frames=frames, max_length=256),
-          batch_size=pairs, seq_buckets=(256,), seed=0, num_epochs=2, num_workers=0),
-      dpo=DPOConfig(loss_type="sigmoid", beta=0.1, precompute_reference=True),
-      model=ModelConfig(tiny=tiny),
-      mcq=McqEvalConfig("{workdir}/data/mcq", "{workdir}/data/videos", frames=frames,
-                        max_new_tokens=16),
-      synthetic=SyntheticConfig(kind="preference", videos=videos, eval_videos=8, frames=8,
-                                size=size),
-      train=TrainConfig(optim=OptimConfig(lr=1e-3, schedule="linear", warmup_ratio=0.1,
-                                          total_steps=steps, clip_norm=1.0),
-                        mesh=MeshConfig(data=-1), trainable=DPO, seed=0),
-      steps=steps, log_every=2, checkpoint_every=6, keep=2)
+    preference=PreferenceDataConfig(
+      "{workdir}/data/preference.jsonl",
+      "{workdir}/data",
+      PreferenceConfig(template="plain_v1", num_frames=frames, max_length=256),
+      batch_size=pairs,
+      seq_buckets=(256,),
+      seed=0,
+      num_epochs=2,
+      num_workers=0,
+    ),
+    dpo=DPOConfig(loss_type="sigmoid", beta=0.1, precompute_reference=True),
+    model=ModelConfig(tiny=tiny),
+    mcq=McqEvalConfig(
+      "{workdir}/data/mcq", "{workdir}/data/videos", frames=frames, max_new_tokens=16
+    ),
+    synthetic=SyntheticConfig(kind="preference", videos=videos, eval_videos=8, frames=8, size=size),
+    train=TrainConfig(
+      optim=OptimConfig(
+        lr=1e-3, schedule="linear", warmup_ratio=0.1, total_steps=steps, clip_norm=1.0
+      ),
+      mesh=MeshConfig(data=-1),
+      trainable=DPO,
+      seed=0,
+    ),
+    steps=steps,
+    log_every=2,
+    checkpoint_every=6,
+    keep=2,
+  )

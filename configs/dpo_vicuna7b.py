@@ -36,17 +36,39 @@ ACCUM = 4
 def get_config() -> RunConfig:
   steps = 2 * ROWS // PAIRS_PER_UPDATE  # two epochs; set from the rows actually kept
   return RunConfig(
-      preference=PreferenceDataConfig(
-          "data/llava_hound/sft_dpo_17k.jsonl", "data/llava_hound/frames",
-          PreferenceConfig(template="vicuna_v1", num_frames=32, max_length=4096),
-          batch_size=PAIRS_PER_UPDATE // ACCUM, seq_buckets=(2048, 4096),
-          pixel_dtype="bfloat16", seed=42, num_epochs=2, num_workers=8),
-      dpo=DPOConfig(loss_type="sigmoid", beta=0.1, label_smoothing=0.0, gamma=0.0,
-                    reference_dtype="bfloat16"),
-      model=ModelConfig(checkpoint="out/sft_vicuna7b/hf"),
-      train=TrainConfig(
-          optim=OptimConfig(lr=5e-6, schedule="linear", warmup_ratio=0.1, total_steps=None,
-                            weight_decay=0.0, clip_norm=1.0, grad_accum=ACCUM),
-          mesh=MeshConfig(data=1, fsdp=-1, tensor=1), trainable=DPO,
-          compute_dtype="bfloat16", remat="nothing_saveable", seed=42),
-      steps=steps, log_every=10, checkpoint_every=100, keep=3)
+    preference=PreferenceDataConfig(
+      "data/llava_hound/sft_dpo_17k.jsonl",
+      "data/llava_hound/frames",
+      PreferenceConfig(template="vicuna_v1", num_frames=32, max_length=4096),
+      batch_size=PAIRS_PER_UPDATE // ACCUM,
+      seq_buckets=(2048, 4096),
+      pixel_dtype="bfloat16",
+      seed=42,
+      num_epochs=2,
+      num_workers=8,
+    ),
+    dpo=DPOConfig(
+      loss_type="sigmoid", beta=0.1, label_smoothing=0.0, gamma=0.0, reference_dtype="bfloat16"
+    ),
+    model=ModelConfig(checkpoint="out/sft_vicuna7b/hf"),
+    train=TrainConfig(
+      optim=OptimConfig(
+        lr=5e-6,
+        schedule="linear",
+        warmup_ratio=0.1,
+        total_steps=None,
+        weight_decay=0.0,
+        clip_norm=1.0,
+        grad_accum=ACCUM,
+      ),
+      mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
+      trainable=DPO,
+      compute_dtype="bfloat16",
+      remat="nothing_saveable",
+      seed=42,
+    ),
+    steps=steps,
+    log_every=10,
+    checkpoint_every=100,
+    keep=3,
+  )

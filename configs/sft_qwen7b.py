@@ -30,24 +30,57 @@ SAMPLES, GLOBAL_BATCH = 300_000, 128
 
 
 def get_config() -> RunConfig:
-  corpora = (CorpusConfig("llava_hound", "data/llava_hound/annotations.json",
-                          "data/llava_hound/frames", "video", num_frames=32),)
+  corpora = (
+    CorpusConfig(
+      "llava_hound",
+      "data/llava_hound/annotations.json",
+      "data/llava_hound/frames",
+      "video",
+      num_frames=32,
+    ),
+  )
   data = DataConfig(
-      MixtureConfig(corpora),
-      # the original trains the SigLIP scorer on each text unpadded (pooled at its own last
-      # token) and evaluates it padded; "max_length" pads in training too (data.sft.samples)
-      SampleConfig(template="plain_qwen", max_length=4096, scorer_padding="none"),
-      BatchConfig(batch_size=ROWS_PER_PROCESS, seq_buckets=(1024, 2048, 4096),
-                  video_slots=ROWS_PER_PROCESS, image_slots=0, multi_image_slots=0,
-                  num_frames=32, pixel_dtype="bfloat16"),
-      seed=42, num_epochs=1, num_workers=8)
+    MixtureConfig(corpora),
+    # the original trains the SigLIP scorer on each text unpadded (pooled at its own last
+    # token) and evaluates it padded; "max_length" pads in training too (data.sft.samples)
+    SampleConfig(template="plain_qwen", max_length=4096, scorer_padding="none"),
+    BatchConfig(
+      batch_size=ROWS_PER_PROCESS,
+      seq_buckets=(1024, 2048, 4096),
+      video_slots=ROWS_PER_PROCESS,
+      image_slots=0,
+      multi_image_slots=0,
+      num_frames=32,
+      pixel_dtype="bfloat16",
+    ),
+    seed=42,
+    num_epochs=1,
+    num_workers=8,
+  )
   train = TrainConfig(
-      optim=OptimConfig(lr=1e-5, schedule="cosine", warmup_ratio=0.03, total_steps=None,
-                        weight_decay=0.0, clip_norm=1.0, grad_accum=2),
-      mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
-      trainable=QWEN_SFT, compute_dtype="bfloat16", remat="nothing_saveable", seed=42)
+    optim=OptimConfig(
+      lr=1e-5,
+      schedule="cosine",
+      warmup_ratio=0.03,
+      total_steps=None,
+      weight_decay=0.0,
+      clip_norm=1.0,
+      grad_accum=2,
+    ),
+    mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
+    trainable=QWEN_SFT,
+    compute_dtype="bfloat16",
+    remat="nothing_saveable",
+    seed=42,
+  )
   return RunConfig(
-      data=data,
-      model=ModelConfig(checkpoint="llava-hf/llava-onevision-qwen2-7b-si-hf",
-                        clip="google/siglip-so400m-patch14-384"),
-      train=train, steps=-(-SAMPLES // GLOBAL_BATCH), log_every=10, checkpoint_every=500, keep=3)
+    data=data,
+    model=ModelConfig(
+      checkpoint="llava-hf/llava-onevision-qwen2-7b-si-hf", clip="google/siglip-so400m-patch14-384"
+    ),
+    train=train,
+    steps=-(-SAMPLES // GLOBAL_BATCH),
+    log_every=10,
+    checkpoint_every=500,
+    keep=3,
+  )

@@ -40,23 +40,52 @@ SAMPLES, GLOBAL_BATCH = 1_360_000, 128
 
 
 def get_config() -> RunConfig:
-  corpora = (CorpusConfig("images", "data/llava_v1_5/annotations.json", "data/llava_v1_5",
-                          "image"),
-             CorpusConfig("videos", "data/videos/annotations.json", "data/videos", "video",
-                          num_frames=32))
+  corpora = (
+    CorpusConfig("images", "data/llava_v1_5/annotations.json", "data/llava_v1_5", "image"),
+    CorpusConfig("videos", "data/videos/annotations.json", "data/videos", "video", num_frames=32),
+  )
   data = DataConfig(
-      MixtureConfig(corpora), SampleConfig(template="plain_v1", max_length=4096),
-      BatchConfig(batch_size=ROWS_PER_PROCESS, seq_buckets=(1024, 2048, 4096),
-                  video_slots=ROWS_PER_PROCESS, image_slots=ROWS_PER_PROCESS // 2,
-                  multi_image_slots=0, num_frames=32, pixel_dtype="bfloat16"),
-      seed=42, num_epochs=1, num_workers=8)
+    MixtureConfig(corpora),
+    SampleConfig(template="plain_v1", max_length=4096),
+    BatchConfig(
+      batch_size=ROWS_PER_PROCESS,
+      seq_buckets=(1024, 2048, 4096),
+      video_slots=ROWS_PER_PROCESS,
+      image_slots=ROWS_PER_PROCESS // 2,
+      multi_image_slots=0,
+      num_frames=32,
+      pixel_dtype="bfloat16",
+    ),
+    seed=42,
+    num_epochs=1,
+    num_workers=8,
+  )
   train = TrainConfig(
-      optim=OptimConfig(lr=2e-5, schedule="cosine", warmup_ratio=0.03, total_steps=None,
-                        weight_decay=0.0, clip_norm=1.0, grad_accum=2),
-      mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
-      trainable=VICUNA_SFT, compute_dtype="bfloat16", remat="nothing_saveable", seed=42)
+    optim=OptimConfig(
+      lr=2e-5,
+      schedule="cosine",
+      warmup_ratio=0.03,
+      total_steps=None,
+      weight_decay=0.0,
+      clip_norm=1.0,
+      grad_accum=2,
+    ),
+    mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
+    trainable=VICUNA_SFT,
+    compute_dtype="bfloat16",
+    remat="nothing_saveable",
+    seed=42,
+  )
   return RunConfig(
-      data=data,
-      model=ModelConfig(checkpoint="llava-hf/llava-v1.6-vicuna-7b-hf",
-                        clip="openai/clip-vit-large-patch14-336", btadapter=BTAdapterConfig()),
-      train=train, steps=SAMPLES // GLOBAL_BATCH, log_every=10, checkpoint_every=500, keep=3)
+    data=data,
+    model=ModelConfig(
+      checkpoint="llava-hf/llava-v1.6-vicuna-7b-hf",
+      clip="openai/clip-vit-large-patch14-336",
+      btadapter=BTAdapterConfig(),
+    ),
+    train=train,
+    steps=SAMPLES // GLOBAL_BATCH,
+    log_every=10,
+    checkpoint_every=500,
+    keep=3,
+  )

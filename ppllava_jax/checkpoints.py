@@ -24,8 +24,14 @@ from flax import nnx
 from ppllava_jax.convert.clip import CLIP_RULES
 from ppllava_jax.convert.llava import LLAVA_NEXT_RULES
 from ppllava_jax.convert.llm import LLM_RULES
-from ppllava_jax.convert.loader import (CheckpointError, Rule, checkpoint_shapes, hf_tensors,
-                                        load_into, save_tensors)
+from ppllava_jax.convert.loader import (
+  CheckpointError,
+  Rule,
+  checkpoint_shapes,
+  hf_tensors,
+  load_into,
+  save_tensors,
+)
 from ppllava_jax.convert.siglip import SIGLIP_RULES
 from ppllava_jax.models import pretrained
 from ppllava_jax.models.clip import CLIPConfig, CLIPModel
@@ -55,14 +61,17 @@ _LLAVA = Family(_llava, LLAVA_NEXT_RULES, complete_config)
 
 
 FAMILIES: dict[str, Family] = {
-    "clip": Family(lambda hf: CLIPModel(CLIPConfig.from_hf(hf), rngs=nnx.Rngs(0)), CLIP_RULES),
-    "siglip": Family(lambda hf: SiglipModel(SiglipConfig.from_hf(hf), rngs=nnx.Rngs(0)),
-                     SIGLIP_RULES),
-    "llama": Family(lambda hf: LlamaForCausalLM(DecoderConfig.from_hf(hf), rngs=nnx.Rngs(0)),
-                    LLM_RULES),
-    "qwen2": Family(lambda hf: Qwen2ForCausalLM(DecoderConfig.from_hf(hf), rngs=nnx.Rngs(0)),
-                    LLM_RULES),
-    **{model_type: _LLAVA for model_type in MODEL_TYPES},
+  "clip": Family(lambda hf: CLIPModel(CLIPConfig.from_hf(hf), rngs=nnx.Rngs(0)), CLIP_RULES),
+  "siglip": Family(
+    lambda hf: SiglipModel(SiglipConfig.from_hf(hf), rngs=nnx.Rngs(0)), SIGLIP_RULES
+  ),
+  "llama": Family(
+    lambda hf: LlamaForCausalLM(DecoderConfig.from_hf(hf), rngs=nnx.Rngs(0)), LLM_RULES
+  ),
+  "qwen2": Family(
+    lambda hf: Qwen2ForCausalLM(DecoderConfig.from_hf(hf), rngs=nnx.Rngs(0)), LLM_RULES
+  ),
+  **{model_type: _LLAVA for model_type in MODEL_TYPES},
 }
 
 
@@ -78,13 +87,17 @@ def load_hf(path: str | Path, progress: bool = False) -> tuple[nnx.Module, dict]
   path = pretrained.resolve_checkpoint(path)
   hf, family = _family(path)
   hf = family.complete(hf, checkpoint_shapes(path), path)
-  model = load_into(nnx.eval_shape(lambda: family.build(hf)), path, family.rules,
-                    progress=progress)
+  model = load_into(nnx.eval_shape(lambda: family.build(hf)), path, family.rules, progress=progress)
   return model, hf
 
 
-def save_hf(model: nnx.Module, hf: dict, path: str | Path, max_shard_bytes: int = 5 * 2**30,
-            progress: bool = False) -> list[Path]:
+def save_hf(
+  model: nnx.Module,
+  hf: dict,
+  path: str | Path,
+  max_shard_bytes: int = 5 * 2**30,
+  progress: bool = False,
+) -> list[Path]:
   """Streams ``model`` to a transformers folder (sharded above ``max_shard_bytes``)."""
   family = FAMILIES[hf["model_type"]]
   path = Path(path)
@@ -130,8 +143,9 @@ def to_orbax(src: str | Path, dst: str | Path, progress: bool = False) -> Conver
   return Conversion(model, hf, pretrained.copy_side_files(src, dst))
 
 
-def to_hf(src: str | Path, dst: str | Path, max_shard_bytes: int = 5 * 2**30,
-          progress: bool = False) -> Conversion:
+def to_hf(
+  src: str | Path, dst: str | Path, max_shard_bytes: int = 5 * 2**30, progress: bool = False
+) -> Conversion:
   """The Orbax folder ``src`` (from ``to_orbax``) as the transformers folder ``dst``."""
   model, hf = load_orbax(src)
   save_hf(model, hf, dst, max_shard_bytes, progress)

@@ -22,7 +22,9 @@ def add_debug_flag(parser: argparse.ArgumentParser) -> None:
   parser.add_argument(DEBUG_FLAG, action="store_true", help="Show the full traceback on errors.")
 
 
-def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
+def run(
+  main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None
+) -> int:
   """Runs ``main(argv)`` and returns its exit status (None counts as 0). A user error
   prints as ``error: <message>`` on stderr and returns 2; with ``--debug`` in the
   arguments (``sys.argv[1:]`` when ``argv`` is None) it propagates, traceback and all.
@@ -40,4 +42,3 @@ def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] 
       raise
     print(f"error: {err}", file=sys.stderr)
     return 2
-

@@ -40,8 +40,9 @@ def load_config(path: str | Path, expected_type: type | None = None) -> Any:
     raise ValueError(f"{path} defines no get_config()")
   config = module.get_config()
   if expected_type is not None and not isinstance(config, expected_type):
-    raise ValueError(f"{path}: get_config() returned {type(config).__name__}, "
-                    f"expected {expected_type.__name__}")
+    raise ValueError(
+      f"{path}: get_config() returned {type(config).__name__}, expected {expected_type.__name__}"
+    )
   if not dataclasses.is_dataclass(config):
     raise ValueError(f"{path}: get_config() must return a dataclass, got {type(config).__name__}")
   return config
@@ -83,7 +84,9 @@ def parse_value(text: str, tp, key: str = "value"):
       return tuple(part.strip() for part in text.split(",") if part.strip())
     value = ast.literal_eval(text)
   except (ValueError, SyntaxError) as err:
-    raise ValueError(f"--set {key}={text}: not a {getattr(base, '__name__', base)} ({err})") from None
+    raise ValueError(
+      f"--set {key}={text}: not a {getattr(base, '__name__', base)} ({err})"
+    ) from None
   return _coerce(value, base, key)
 
 
@@ -142,15 +145,18 @@ def _apply(node, tree: dict, prefix: str):
   if isinstance(node, tuple) and node and all(dataclasses.is_dataclass(v) for v in node):
     return _apply_items(node, tree, prefix)
   if not dataclasses.is_dataclass(node):
-    raise ValueError(f"--set {prefix}.{next(iter(tree))}: {prefix} is not a config section "
-                     f"({type(node).__name__})")
+    raise ValueError(
+      f"--set {prefix}.{next(iter(tree))}: {prefix} is not a config section ({type(node).__name__})"
+    )
   valid, changes = _fields(type(node)), {}
   for name, sub in tree.items():
     key = f"{prefix}.{name}".lstrip(".")
     if name not in valid:
       where = prefix or "the config"
-      raise ValueError(f"--set {key}: {where} ({type(node).__name__}) has no field {name!r}; "
-                       f"valid: {', '.join(valid)}")
+      raise ValueError(
+        f"--set {key}: {where} ({type(node).__name__}) has no field {name!r}; "
+        f"valid: {', '.join(valid)}"
+      )
     if isinstance(sub, dict):
       changes[name] = _apply(getattr(node, name), sub, key)
     else:
@@ -164,14 +170,21 @@ def _apply_items(items: tuple, tree: dict, prefix: str) -> tuple:
   names = [getattr(item, "name", None) for item in items]
   out = list(items)
   for part, sub in tree.items():
-    index = (int(part) if part.isdigit() and int(part) < len(items)
-             else names.index(part) if part in names else None)
+    index = (
+      int(part)
+      if part.isdigit() and int(part) < len(items)
+      else names.index(part)
+      if part in names
+      else None
+    )
     if index is None:
       valid = ", ".join([str(i) for i in range(len(items))] + [n for n in names if n])
       raise ValueError(f"--set {prefix}.{part}: {prefix} has no item {part!r}; valid: {valid}")
     if not isinstance(sub, dict):
-      raise ValueError(f"--set {prefix}.{part}: set a field of the item ({prefix}.{part}.FIELD="
-                       f"...), or the whole tuple ({prefix}=...)")
+      raise ValueError(
+        f"--set {prefix}.{part}: set a field of the item ({prefix}.{part}.FIELD="
+        f"...), or the whole tuple ({prefix}=...)"
+      )
     out[index] = _apply(out[index], sub, f"{prefix}.{part}")
   return tuple(out)
 
@@ -191,8 +204,14 @@ def from_dict(cls, data: dict, key: str = ""):
     if name not in hints:
       raise ValueError(f"{key or cls.__name__}: unknown field {name!r}")
     kwargs[name] = _coerce(_tuples(value), hints[name], f"{key}.{name}".lstrip("."))
-  missing = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in kwargs
-             and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+  missing = [
+    f.name
+    for f in dataclasses.fields(cls)
+    if f.init
+    and f.name not in kwargs
+    and f.default is dataclasses.MISSING
+    and f.default_factory is dataclasses.MISSING
+  ]
   if missing:
     raise ValueError(f"{key or cls.__name__}: missing field(s) {', '.join(missing)}")
   return cls(**kwargs)

@@ -55,14 +55,22 @@ import sys
 
 log = logging.getLogger(__name__)
 
-ENV = {"coordinator": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
-       "process_id": "JAX_PROCESS_ID"}
+ENV = {
+  "coordinator": "JAX_COORDINATOR_ADDRESS",
+  "num_processes": "JAX_NUM_PROCESSES",
+  "process_id": "JAX_PROCESS_ID",
+}
 CLUSTER_ENV = "JAX_CLUSTER_DETECTION"
 # JAX 0.10's cluster_detection_method names (jax._src.clusters), and auto: try them all.
 # (Kubernetes has no name there: auto finds it.)
 CLUSTER_METHODS = ("auto", "deactivate", "slurm", "ompi", "mpi4py", "gketpu", "gcetpu")
-_SLURM_STEP = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
-               "SLURM_LOCALID")  # SlurmCluster.is_env_present
+_SLURM_STEP = (
+  "SLURM_JOB_ID",
+  "SLURM_STEP_NODELIST",
+  "SLURM_NTASKS",
+  "SLURM_PROCID",
+  "SLURM_LOCALID",
+)  # SlurmCluster.is_env_present
 
 
 def _source(name: str) -> str:
@@ -72,6 +80,7 @@ def _source(name: str) -> str:
 @dataclasses.dataclass(frozen=True)
 class Launch:
   """How this process was launched: explicit values (all three, or none)."""
+
   coordinator: str | None = None
   num_processes: int | None = None
   process_id: int | None = None
@@ -82,34 +91,57 @@ class Launch:
       return
     if not all(given):
       missing = [_source(name) for name, v in dataclasses.asdict(self).items() if v is None]
-      raise ValueError(f"a multi-process launch needs the coordinator, the process count and "
-                       f"this process's id; missing: {', '.join(missing)}")
+      raise ValueError(
+        f"a multi-process launch needs the coordinator, the process count and "
+        f"this process's id; missing: {', '.join(missing)}"
+      )
     host, _, port = self.coordinator.rpartition(":")
     if not host or not port.isdigit():
-      raise ValueError(f"{_source('coordinator')} is {self.coordinator!r}: expected HOST:PORT, "
-                       f"process 0's address and a free port (e.g. node0:12355)")
+      raise ValueError(
+        f"{_source('coordinator')} is {self.coordinator!r}: expected HOST:PORT, "
+        f"process 0's address and a free port (e.g. node0:12355)"
+      )
     if self.num_processes < 1:
-      raise ValueError(f"{_source('num_processes')} is {self.num_processes}: expected the "
-                       f"number of processes in the run, at least 1")
+      raise ValueError(
+        f"{_source('num_processes')} is {self.num_processes}: expected the "
+        f"number of processes in the run, at least 1"
+      )
     if not 0 <= self.process_id < self.num_processes:
-      raise ValueError(f"{_source('process_id')} is {self.process_id}: expected this "
-                       f"process's index, 0 to {self.num_processes - 1} "
-                       f"({_source('num_processes')} is {self.num_processes})")
+      raise ValueError(
+        f"{_source('process_id')} is {self.process_id}: expected this "
+        f"process's index, 0 to {self.num_processes - 1} "
+        f"({_source('num_processes')} is {self.num_processes})"
+      )
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
   group = parser.add_argument_group("multi-process (module ppllava_jax.distributed)")
-  group.add_argument("--coordinator", metavar="HOST:PORT",
-                     help=f"Process 0's address (default: ${ENV['coordinator']}).")
-  group.add_argument("--num-processes", type=int, metavar="N",
-                     help=f"Processes in the run (default: ${ENV['num_processes']}).")
-  group.add_argument("--process-id", type=int, metavar="I",
-                     help=f"This process's index (default: ${ENV['process_id']}).")
-  group.add_argument("--cluster-detection", choices=CLUSTER_METHODS, metavar="METHOD",
-                     help=f"Let JAX find the processes by METHOD ({', '.join(CLUSTER_METHODS)}): "
-                     f"auto for a Cloud TPU VM slice, deactivate for one process in a Slurm "
-                     f"step (default: ${CLUSTER_ENV}, else Slurm steps, Open MPI and GKE TPU "
-                     f"slices are detected).")
+  group.add_argument(
+    "--coordinator",
+    metavar="HOST:PORT",
+    help=f"Process 0's address (default: ${ENV['coordinator']}).",
+  )
+  group.add_argument(
+    "--num-processes",
+    type=int,
+    metavar="N",
+    help=f"Processes in the run (default: ${ENV['num_processes']}).",
+  )
+  group.add_argument(
+    "--process-id",
+    type=int,
+    metavar="I",
+    help=f"This process's index (default: ${ENV['process_id']}).",
+  )
+  group.add_argument(
+    "--cluster-detection",
+    choices=CLUSTER_METHODS,
+    metavar="METHOD",
+    help=f"Let JAX find the processes by METHOD ({', '.join(CLUSTER_METHODS)}): "
+    f"auto for a Cloud TPU VM slice, deactivate for one process in a Slurm "
+    f"step (default: ${CLUSTER_ENV}, else Slurm steps, Open MPI and GKE TPU "
+    f"slices are detected).",
+  )
 
 
 def _int(name: str, value: str | int) -> int:
@@ -139,8 +171,9 @@ def cluster_detection_of(args: argparse.Namespace | None = None, environ=os.envi
   if method is None and environ.get(CLUSTER_ENV):
     method = environ[CLUSTER_ENV].strip().lower()
     if method not in CLUSTER_METHODS:
-      raise ValueError(f"{CLUSTER_ENV} is {environ[CLUSTER_ENV]!r}: expected one of "
-                       f"{', '.join(CLUSTER_METHODS)}")
+      raise ValueError(
+        f"{CLUSTER_ENV} is {environ[CLUSTER_ENV]!r}: expected one of {', '.join(CLUSTER_METHODS)}"
+      )
   return method
 
 
@@ -163,9 +196,12 @@ def detected_cluster(environ=os.environ) -> str | None:
   if tasks > 1 and all(var in environ for var in _SLURM_STEP):
     return "slurm"
   if tasks > 1 and "SLURM_JOB_ID" in environ and "SLURM_STEP_NODELIST" not in environ:
-    log.warning("a Slurm job of %d tasks, but this is not an srun step of them (no "
-                "SLURM_STEP_NODELIST): running as one process; start the tasks with srun "
-                "(scripts/slurm_gpu.sbatch)", tasks)
+    log.warning(
+      "a Slurm job of %d tasks, but this is not an srun step of them (no "
+      "SLURM_STEP_NODELIST): running as one process; start the tasks with srun "
+      "(scripts/slurm_gpu.sbatch)",
+      tasks,
+    )
   hosts = environ.get("TPU_PROCESS_ADDRESSES", environ.get("TPU_WORKER_HOSTNAMES", ""))
   if len([h for h in hosts.split(",") if h]) > 1:
     return "gketpu"
@@ -189,15 +225,23 @@ def init_kwargs(args: argparse.Namespace | None = None, environ=os.environ) -> d
   method = cluster_detection_of(args, environ)
   if method is not None and (missing := _missing(method, environ)):
     hint = " (an srun step sets them)" if method == "slurm" else ""
-    raise ValueError(f"--cluster-detection / {CLUSTER_ENV} is {method}, but the environment "
-                     f"lacks {', '.join(missing)}{hint}")
+    raise ValueError(
+      f"--cluster-detection / {CLUSTER_ENV} is {method}, but the environment "
+      f"lacks {', '.join(missing)}{hint}"
+    )
   if launch.num_processes is not None:
     # Explicit: JAX's detection would only add local_device_ids (one GPU per process in a
     # Slurm step), so it runs only when asked for.
-    return dict(coordinator_address=launch.coordinator, num_processes=launch.num_processes,
-                process_id=launch.process_id,
-                cluster_detection_method="deactivate" if method is None else
-                None if method == "auto" else method)
+    return dict(
+      coordinator_address=launch.coordinator,
+      num_processes=launch.num_processes,
+      process_id=launch.process_id,
+      cluster_detection_method="deactivate"
+      if method is None
+      else None
+      if method == "auto"
+      else method,
+    )
   if method is None:
     method = detected_cluster(environ)
   if method is None or method == "deactivate":
@@ -212,6 +256,7 @@ def initialize(args: argparse.Namespace | None = None, environ=os.environ) -> bo
   if kwargs is None:
     return False
   import jax
+
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   try:
     jax.distributed.initialize(**kwargs)
@@ -219,16 +264,24 @@ def initialize(args: argparse.Namespace | None = None, environ=os.environ) -> bo
     if "coordinator_address" in kwargs:
       raise
     method = kwargs["cluster_detection_method"] or "auto"
-    raise ValueError(f"cluster detection {method} (--cluster-detection / {CLUSTER_ENV}, or "
-                     f"found in the environment) did not give JAX a cluster to join: {err!r}; "
-                     f"pass --coordinator / --num-processes / --process-id instead") from err
-  log.info("process %d of %d: %d local devices of %d", jax.process_index(),
-           jax.process_count(), jax.local_device_count(), jax.device_count())
+    raise ValueError(
+      f"cluster detection {method} (--cluster-detection / {CLUSTER_ENV}, or "
+      f"found in the environment) did not give JAX a cluster to join: {err!r}; "
+      f"pass --coordinator / --num-processes / --process-id instead"
+    ) from err
+  log.info(
+    "process %d of %d: %d local devices of %d",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )
   return True
 
 
 def is_primary() -> bool:
   import jax
+
   return jax.process_index() == 0
 
 
@@ -237,6 +290,7 @@ def say(text: str) -> None:
   and past any progress bar."""
   if is_primary():
     from tqdm import tqdm
+
     tqdm.write(text)
     sys.stdout.flush()
 
@@ -244,6 +298,8 @@ def say(text: str) -> None:
 def barrier(name: str) -> None:
   """Every process waits here for the others (a no-op on one process)."""
   import jax
+
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     multihost_utils.sync_global_devices(name)

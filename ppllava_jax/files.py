@@ -20,8 +20,15 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-_JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
-               float: "number", type(None): "null"}
+_JSON_TYPES = {
+  dict: "object",
+  list: "array",
+  str: "string",
+  bool: "boolean",
+  int: "number",
+  float: "number",
+  type(None): "null",
+}
 
 
 class DataFileError(ValueError):
@@ -41,8 +48,9 @@ def _text(path: Path) -> str:
   try:
     return raw.decode("utf-8")
   except UnicodeDecodeError as err:
-    raise DataFileError(path, f"not UTF-8 text (byte 0x{raw[err.start]:02x})",
-                        raw.count(b"\n", 0, err.start) + 1) from err
+    raise DataFileError(
+      path, f"not UTF-8 text (byte 0x{raw[err.start]:02x})", raw.count(b"\n", 0, err.start) + 1
+    ) from err
 
 
 def _parse(path: Path, text: str, expect: type | None, line: int | None = None) -> Any:
@@ -53,8 +61,11 @@ def _parse(path: Path, text: str, expect: type | None, line: int | None = None) 
     raise DataFileError(path, f"invalid JSON: {err.msg} (column {err.colno})", where) from err
   if expect is not None and not isinstance(value, expect):
     found = _JSON_TYPES[type(value)]
-    raise DataFileError(path, f"expected a JSON {_JSON_TYPES[expect]}, found "
-                        f"{'an' if found[0] in 'ao' else 'a'} {found}", line)
+    raise DataFileError(
+      path,
+      f"expected a JSON {_JSON_TYPES[expect]}, found {'an' if found[0] in 'ao' else 'a'} {found}",
+      line,
+    )
   return value
 
 
@@ -73,8 +84,11 @@ def read_jsonl(path: str | Path, expect: type | None = None) -> list[tuple[int, 
   each checked against ``expect`` when given. Reads the whole file before returning,
   so a bad line fails before any is used."""
   path = Path(path)
-  return [(number, _parse(path, line, expect, number))
-          for number, line in enumerate(_text(path).splitlines(), 1) if line.strip()]
+  return [
+    (number, _parse(path, line, expect, number))
+    for number, line in enumerate(_text(path).splitlines(), 1)
+    if line.strip()
+  ]
 
 
 def cut_torn_last_line(path: str | Path) -> int:

@@ -83,10 +83,12 @@ class Signals:
     own, so the others did not see it; this call returns without it, and the next
     gather carries it."""
     import jax
+
     if jax.process_count() == 1:
       return self.received
     import numpy as np
     from jax.experimental import multihost_utils
+
     names = [sig.name for sig in HANDLED]
     mine = np.int32(names.index(self.received) + 1 if self.received else 0)
     got = int(np.max(multihost_utils.process_allgather(mine)))

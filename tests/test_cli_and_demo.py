@@ -13,12 +13,12 @@ import pytest
 from PIL import Image
 
 from ppllava_jax.config import load_config
-from ppllava_jax.data.processor import Media, Processor, Prompt
 from ppllava_jax.data.batching import IGNORE
+from ppllava_jax.data.media.video import load_video
+from ppllava_jax.data.processor import Media, Processor, Prompt
 from ppllava_jax.data.sft.samples import build_sample
 from ppllava_jax.data.text.templates import VICUNA
 from ppllava_jax.data.text.tokenizer import char_tokenizer
-from ppllava_jax.data.media.video import load_video
 from ppllava_jax.demo import DemoConfig
 from ppllava_jax.eval import mcq
 from ppllava_jax.eval.heatmap import colorbar, relevance_grid
@@ -32,23 +32,32 @@ INFERNO_TOP, INFERNO_BOTTOM = (252, 255, 164), (0, 0, 4)
 
 
 def test_train_cli_without_arguments_prints_usage_and_exits_2():
-  done = subprocess.run([sys.executable, str(ROOT / "train.py")], capture_output=True, text=True,
-                        cwd=ROOT, check=False)
+  done = subprocess.run(
+    [sys.executable, str(ROOT / "train.py")], capture_output=True, text=True, cwd=ROOT, check=False
+  )
   assert done.returncode == 2
   assert done.stderr.startswith("usage:") and "--config" in done.stderr
 
 
 def test_train_help_shows_export_and_only_keys_that_exist():
-  done = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True,
-                        text=True, cwd=ROOT, check=True)
+  done = subprocess.run(
+    [sys.executable, str(ROOT / "train.py"), "--help"],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    check=True,
+  )
   assert "train.py export --workdir DIR --out DIR [--step N]" in done.stdout
-  from ppllava_jax.config import load_config
-  from ppllava_jax.config import apply_overrides
+  from ppllava_jax.config import apply_overrides, load_config
   from ppllava_jax.train.run import config as rc
+
   cfg = load_config(ROOT / "configs" / "sft_vicuna7b.py", rc.RunConfig)
   keys = re.findall(r"\b((?:steps|train|data|model)[\w.]*)=", done.stdout)
-  assert keys and all(apply_overrides(cfg, [f"{k}=1e-4" if "lr" in k else f"{k}=7"])
-                      for k in keys if "corpora" not in k), keys
+  assert keys and all(
+    apply_overrides(cfg, [f"{k}=1e-4" if "lr" in k else f"{k}=7"])
+    for k in keys
+    if "corpora" not in k
+  ), keys
 
 
 def _is_sentence(text: str) -> bool:
@@ -129,25 +138,44 @@ def test_training_text_is_the_eval_prompt_then_the_answer(drawn):
   ids eval.py feeds the model for that question; what follows (supervised) is the
   option the pixels show."""
   tokenizer = char_tokenizer()
-  model = TinyConfig(frames=4, image_size=126, patch_size=14, vision_width=32, vision_layers=1,
-                     llm_width=64, llm_layers=1, text_width=32,
-                     text_layers=1).model_config(len(tokenizer))
+  model = TinyConfig(
+    frames=4,
+    image_size=126,
+    patch_size=14,
+    vision_width=32,
+    vision_layers=1,
+    llm_width=64,
+    llm_layers=1,
+    text_width=32,
+    text_layers=1,
+  ).model_config(len(tokenizer))
   records = json.loads((drawn / "eval.json").read_text())
   items = mcq.load_mvbench(drawn / "mcq")
   by_question = {(i.video, i.question): i for i in items}
   processor = Processor(model, tokenizer, tokenizer)
   for index, record in enumerate(records[:3]):  # one video's three questions
-    sample = build_sample(record, tokenizer=tokenizer, scorer_tokenizer=tokenizer, model=model,
-                          media_root=str(drawn / "videos"), num_frames=4, index=index)
-    question = next(i for (v, q), i in by_question.items()
-                    if v == record["video"] and f"Question: {q}\n" in record["QA"][0]["q"])
+    sample = build_sample(
+      record,
+      tokenizer=tokenizer,
+      scorer_tokenizer=tokenizer,
+      model=model,
+      media_root=str(drawn / "videos"),
+      num_frames=4,
+      index=index,
+    )
+    question = next(
+      i
+      for (v, q), i in by_question.items()
+      if v == record["video"] and f"Question: {q}\n" in record["QA"][0]["q"]
+    )
     job = mcq_jobs([question], mcq.OriginalProtocol(), VICUNA, drawn / "videos", 4)[0]
     frames_thwc, _ = load_video(job.media[0].path, 4)
-    eval_ids = processor.encode(Prompt(job.text, (Media("video", frames_thwc),),
-                                       job.scorer_text)).input_ids
+    eval_ids = processor.encode(
+      Prompt(job.text, (Media("video", frames_thwc),), job.scorer_text)
+    ).input_ids
     assert job.text.endswith("ASSISTANT: Best option:(")
     assert sample.text.startswith(tokenizer.bos_token + job.text)
-    np.testing.assert_array_equal(sample.input_ids[:len(eval_ids)], eval_ids)
+    np.testing.assert_array_equal(sample.input_ids[: len(eval_ids)], eval_ids)
     letter = mcq.LETTERS[question.candidates.index(question.answer)]
     supervised = tokenizer.decode(sample.labels[sample.labels != IGNORE])
     assert supervised == f"Best option:({letter}) {question.answer}</s>"
@@ -158,6 +186,7 @@ def test_sft_tiny_pools_the_whole_frame():
   no patch row or column (where a shape may be) is left out of the pooled tokens."""
   from ppllava_jax.ops.geometry import pool_geometry
   from ppllava_jax.train.run.config import RunConfig
+
   cfg = load_config(ROOT / "configs" / "sft_tiny.py", RunConfig)
   g = cfg.model.tiny.image_size // cfg.model.tiny.patch_size
   out, kernel, _ = pool_geometry((cfg.model.tiny.frames, g, g), kernel=cfg.model.tiny.kernel)
@@ -172,9 +201,9 @@ def test_heatmap_colour_bar_reads_the_maps_range():
   bare = relevance_grid(probs, cell=48)
   img = relevance_grid(probs, cell=48, colorbar_label="cosine")
   assert img.height == bare.height and img.width > bare.width
-  strip = np.asarray(img)[:, bare.width:]
+  strip = np.asarray(img)[:, bare.width :]
   # the ramp's first column: brightest at the top (the maximum), darkest at the bottom
-  column = strip[14:14 + 48, 8]
+  column = strip[14 : 14 + 48, 8]
   assert tuple(column[0]) == INFERNO_TOP and tuple(column[-1]) == INFERNO_BOTTOM
   lum = column.astype(float) @ np.array([0.299, 0.587, 0.114])
   assert (np.diff(lum) <= 1e-9).all()
@@ -192,12 +221,26 @@ def test_demo_trains_evaluates_and_reports_beside_chance(tmp_path):
   # enough steps to answer in words: eval.py refuses to score a run of empty answers
   small = dict(steps=30, videos=4, eval_videos=2, eval_batch_size=6, max_new_tokens=3)
   (tmp_path / "small.py").write_text(
-      "from ppllava_jax.demo import DemoConfig\n"
-      f"def get_config():\n  return DemoConfig(**{small!r})\n")
+    "from ppllava_jax.demo import DemoConfig\n"
+    f"def get_config():\n  return DemoConfig(**{small!r})\n"
+  )
   out = tmp_path / "out"
-  done = subprocess.run([sys.executable, "-m", "ppllava_jax.demo", "--config",
-                         str(tmp_path / "small.py"), "--out", str(out)],
-                        capture_output=True, text=True, cwd=ROOT, check=False, timeout=600)
+  done = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "ppllava_jax.demo",
+      "--config",
+      str(tmp_path / "small.py"),
+      "--out",
+      str(out),
+    ],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    check=False,
+    timeout=600,
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   printed = done.stdout
   results = json.loads((out / "eval" / "results.json").read_text())

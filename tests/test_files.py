@@ -11,9 +11,12 @@ def test_read_json(tmp_path):
   assert read_json(tmp_path / "ok.json") == {"a": [1, 2]}
   assert read_json(tmp_path / "ok.json", expect=dict) == {"a": [1, 2]}
   cases = {
-      "syntax.json": ('{\n  "a": 1\n  "b": 2\n}', r":3: invalid JSON: Expecting ',' delimiter \(column 3\)"),
-      "empty.json": ("", r": the file is empty, expected JSON"),
-      "list.json": ("[1]", r": expected a JSON object, found an array"),
+    "syntax.json": (
+      '{\n  "a": 1\n  "b": 2\n}',
+      r":3: invalid JSON: Expecting ',' delimiter \(column 3\)",
+    ),
+    "empty.json": ("", r": the file is empty, expected JSON"),
+    "list.json": ("[1]", r": expected a JSON object, found an array"),
   }
   for name, (text, problem) in cases.items():
     (tmp_path / name).write_text(text)

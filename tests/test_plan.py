@@ -17,14 +17,26 @@ from ppllava_jax.plan.__main__ import parse_mesh
 ROOT = Path(__file__).parents[1]
 # Short sequences keep the compiles small; the layout is still the configs'.
 SFT_RUN = ("configs/sft_tiny.py", ["data.sample.max_length=64", "data.batch.seq_buckets=(64,)"])
-DPO_RUN = ("configs/dpo_tiny.py",
-           ["preference.sample.max_length=64", "preference.seq_buckets=(64,)"])
+DPO_RUN = (
+  "configs/dpo_tiny.py",
+  ["preference.sample.max_length=64", "preference.seq_buckets=(64,)"],
+)
 
 
 def _plan(tmp_path, config, overrides, mesh="data=2,fsdp=2", extra=()):
   out = tmp_path / "plan.json"
-  cmd = [sys.executable, "-m", "ppllava_jax.plan", "--config", config, "--mesh", mesh,
-         "--json", str(out), *extra] + [a for o in overrides for a in ("--set", o)]
+  cmd = [
+    sys.executable,
+    "-m",
+    "ppllava_jax.plan",
+    "--config",
+    config,
+    "--mesh",
+    mesh,
+    "--json",
+    str(out),
+    *extra,
+  ] + [a for o in overrides for a in ("--set", o)]
   run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert run.returncode == 0, run.stderr[-3000:]
   return run.stdout, json.loads(out.read_text())
@@ -37,8 +49,18 @@ def _param_counts(trainable_rules):
   from ppllava_jax.data.text.tokenizer import char_tokenizer
   from ppllava_jax.models.tiny import TinyConfig, build_tiny
   from ppllava_jax.train.core.partition import partition
-  tiny = TinyConfig(frames=4, image_size=126, patch_size=14, vision_width=32, vision_layers=1,
-                    llm_width=64, llm_layers=1, text_width=32, text_layers=1)
+
+  tiny = TinyConfig(
+    frames=4,
+    image_size=126,
+    patch_size=14,
+    vision_width=32,
+    vision_layers=1,
+    llm_width=64,
+    llm_layers=1,
+    text_width=32,
+    text_layers=1,
+  )
   model = nnx.eval_shape(lambda: build_tiny(tiny, len(char_tokenizer())))
   _, params, frozen = partition(model, trainable_rules).split(model)
   size = lambda tree: sum(int(np.prod(x.shape)) for x in __import__("jax").tree.leaves(tree))
@@ -50,7 +72,7 @@ def _check_numbers(plan, trainable, frozen, fsdp):
   # float32 params + AdamW mu, nu, and the float32 frozen ones, sharded at most fsdp ways
   state_bytes = 3 * 4 * trainable + 4 * frozen
   xla, memory = plan["compiled"], plan["memory"]
-  assert state_bytes / fsdp <= xla["argument_bytes"] <= state_bytes + 16 * 2 ** 20
+  assert state_bytes / fsdp <= xla["argument_bytes"] <= state_bytes + 16 * 2**20
   # the estimate's arguments are what the step is passed; XLA drops what it never reads
   assert xla["argument_bytes"] <= memory["arguments"] <= 1.05 * xla["argument_bytes"]
   assert memory["gradients"] == 2 * 4 * trainable / fsdp  # every trainable leaf splits
@@ -69,13 +91,25 @@ def _check_numbers(plan, trainable, frozen, fsdp):
 
 def test_sft_plan(tmp_path):
   from ppllava_jax.train.core.partition import VICUNA_SFT
+
   trainable, frozen, llm = _param_counts(VICUNA_SFT)
   stdout, plan = _plan(tmp_path, *SFT_RUN)
-  for line in ("memory per device", "saved residuals", "estimate:", "temporaries",
-               "FLOPs per step", "TPU v5e", "H100 SXM", "fits, remat nothing_saveable"):
+  for line in (
+    "memory per device",
+    "saved residuals",
+    "estimate:",
+    "temporaries",
+    "FLOPs per step",
+    "TPU v5e",
+    "H100 SXM",
+    "fits, remat nothing_saveable",
+  ):
     assert line in stdout
   assert (plan["mesh"], plan["devices"], plan["kind"]) == (
-      {"data": 2, "fsdp": 2, "tensor": 1}, 4, "SFT")
+    {"data": 2, "fsdp": 2, "tensor": 1},
+    4,
+    "SFT",
+  )
   assert (plan["rows"], plan["seq_len"], plan["micro_batches"]) == (4, 64, 1)
   _check_numbers(plan, trainable, frozen, fsdp=2)
   assert plan["llm_params"] == llm
@@ -83,6 +117,7 @@ def test_sft_plan(tmp_path):
 
 def test_dpo_plan(tmp_path):
   from ppllava_jax.train.core.partition import DPO
+
   trainable, frozen, llm = _param_counts(DPO)
   assert trainable == llm  # only the LLM trains
   stdout, plan = _plan(tmp_path, *DPO_RUN)
@@ -91,9 +126,15 @@ def test_dpo_plan(tmp_path):
   _check_numbers(plan, trainable, frozen, fsdp=2)
 
 
-@pytest.mark.parametrize("text, where", [("data=1,fsdp=0", "'fsdp=0'"), ("fsdp8", "'fsdp8'"),
-                                         ("data=1,pipe=2", "'pipe=2'"),
-                                         ("data=2,data=2", "given twice")])
+@pytest.mark.parametrize(
+  "text, where",
+  [
+    ("data=1,fsdp=0", "'fsdp=0'"),
+    ("fsdp8", "'fsdp8'"),
+    ("data=1,pipe=2", "'pipe=2'"),
+    ("data=2,data=2", "given twice"),
+  ],
+)
 def test_bad_mesh(text, where):
   assert parse_mesh("fsdp=8") == {"data": 1, "fsdp": 8, "tensor": 1}
   with pytest.raises(ValueError, match=where) as err:
@@ -107,12 +148,18 @@ def test_bad_mesh_cli_and_batch_divisibility():
   cmd = [sys.executable, "-m", "ppllava_jax.plan", "--config", SFT_RUN[0]]
   run = subprocess.run(cmd + ["--mesh", "data=x"], cwd=ROOT, capture_output=True, text=True)
   assert run.returncode == 2 and "error: --mesh 'data=x'" in run.stderr
-  run = subprocess.run(cmd + ["--mesh", "data=8"] + [a for o in SFT_RUN[1] for a in ("--set", o)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+  run = subprocess.run(
+    cmd + ["--mesh", "data=8"] + [a for o in SFT_RUN[1] for a in ("--set", o)],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert run.returncode == 2 and "not divisible by the 8 devices" in run.stderr
 
 
 # plan.memory, in this process: residual and liveness counts checked against hand counts.
+
 
 def _mlp(policy):
   """A stack of residual tanh MLP layers; ``policy``: jax.checkpoint's, None: no remat."""
@@ -128,7 +175,8 @@ def _mlp(policy):
     step = layer if policy is None else jax.checkpoint(layer, policy=policy)
     for w_kdd in ws:
       x_nd = step(w_kdd, x_nd)
-    return jnp.sum(x_nd ** 2)
+    return jnp.sum(x_nd**2)
+
   return loss
 
 
@@ -141,12 +189,14 @@ def test_saved_residuals_are_what_the_backward_keeps():
   import jax.numpy as jnp
 
   from ppllava_jax.plan.memory import saved_residuals
+
   layers, n, d = 4, 64, 32
   ws = [jax.ShapeDtypeStruct((3, d, d), jnp.float32) for _ in range(layers)]
   x = jax.ShapeDtypeStruct((n, d), jnp.float32)
   shapes = lambda policy: sorted(a.shape for a in saved_residuals(_mlp(policy), ws, x))
-  assert shapes(None) == sorted([(n, d)] * (4 * layers + layers - 1 + 1)
-                                + [(d, d)] * (3 * layers - 1))
+  assert shapes(None) == sorted(
+    [(n, d)] * (4 * layers + layers - 1 + 1) + [(d, d)] * (3 * layers - 1)
+  )
   assert shapes(jax.checkpoint_policies.nothing_saveable) == [(n, d)] * layers
 
 
@@ -160,12 +210,17 @@ def test_saved_residuals_agree_with_jax_print_saved_residuals(capsys):
   from jax.ad_checkpoint import print_saved_residuals
 
   from ppllava_jax.plan.memory import saved_residuals
+
   ws = [jnp.ones((3, 16, 16)) for _ in range(3)]
   x = jnp.ones((8, 16))
-  for policy in (None, jax.checkpoint_policies.nothing_saveable,
-                 jax.checkpoint_policies.dots_saveable):
-    ours = sorted((str(a.dtype), a.shape) for a in saved_residuals(
-        lambda both: _mlp(policy)(*both), (ws, x)))
+  for policy in (
+    None,
+    jax.checkpoint_policies.nothing_saveable,
+    jax.checkpoint_policies.dots_saveable,
+  ):
+    ours = sorted(
+      (str(a.dtype), a.shape) for a in saved_residuals(lambda both: _mlp(policy)(*both), (ws, x))
+    )
     print_saved_residuals(_mlp(policy), ws, x)
     theirs = []
     for line in capsys.readouterr().out.splitlines():
@@ -182,6 +237,7 @@ def test_live_peak_counts_values_live_at_once():
   import jax.numpy as jnp
 
   from ppllava_jax.plan.memory import DeviceShare, largest_layer, live_peak
+
   n = 1000
   x = jax.ShapeDtypeStruct((n,), jnp.float32)
   nbytes = lambda aval: int(np.prod(aval.shape)) * aval.dtype.itemsize
@@ -207,6 +263,7 @@ def test_device_shares():
   from jax.sharding import NamedSharding, PartitionSpec
 
   from ppllava_jax.plan.memory import DeviceShare, shard_bytes
+
   mesh = jax.make_mesh((8,), ("fsdp",))
   rows = NamedSharding(mesh, PartitionSpec("fsdp"))
   w = jax.ShapeDtypeStruct((16, 4), jnp.float32, sharding=rows)
@@ -221,8 +278,9 @@ def test_no_compile_estimates_one_micro_batch(tmp_path):
   """``--no-compile``: the estimate only. Under two micro-batches the residuals are one
   micro-batch's, the same as a single batch's, and the arguments hold both batches."""
   _, one = _plan(tmp_path, *SFT_RUN, extra=["--no-compile"])
-  stdout, two = _plan(tmp_path, SFT_RUN[0], SFT_RUN[1] + ["train.optim.grad_accum=2"],
-                      extra=["--no-compile"])
+  stdout, two = _plan(
+    tmp_path, SFT_RUN[0], SFT_RUN[1] + ["train.optim.grad_accum=2"], extra=["--no-compile"]
+  )
   assert "XLA:CPU: not compiled (--no-compile)" in stdout and two["compiled"] is None
   assert two["micro_batches"] == 2
   for field in ("residuals", "residuals_without_remat", "largest_layer", "gradients"):

@@ -19,16 +19,25 @@ import time
 from pathlib import Path
 
 import pytest
+from support import multiprocess, train_runs
+from support.eval_folders import eval_folder
 
 from ppllava_jax.eval import app, runner
 from ppllava_jax.eval.records import count_answers
 from ppllava_jax.models.tiny import TinyConfig
-from support import multiprocess, train_runs
-from support.eval_folders import eval_folder
 
 ROOT = train_runs.ROOT
-TINY = TinyConfig(frames=8, image_size=112, patch_size=14, vision_width=32, vision_layers=1,
-                  llm_width=64, llm_layers=1, text_width=32, text_layers=1)
+TINY = TinyConfig(
+  frames=8,
+  image_size=112,
+  patch_size=14,
+  vision_width=32,
+  vision_layers=1,
+  llm_width=64,
+  llm_layers=1,
+  text_width=32,
+  text_layers=1,
+)
 ITEMS = 300  # batches of one item, ~10 ms each on a CPU: seconds of answers to signal into
 
 
@@ -79,8 +88,9 @@ def start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
   """``cmd`` in a session of its own: its process group is the one a terminal's Ctrl-C
   would reach."""
   with open(log, "w") as out:
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(
+      cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 @contextlib.contextmanager
@@ -110,8 +120,7 @@ def running_workers(proc: subprocess.Popen, workdir: Path) -> list[int]:
   return workers
 
 
-def test_ctrl_c_with_data_workers_saves_exits_130_and_leaves_no_process(compile_cache,
-                                                                         tmp_path):
+def test_ctrl_c_with_data_workers_saves_exits_130_and_leaves_no_process(compile_cache, tmp_path):
   """Seen failing before: a KeyboardInterrupt traceback from every worker, and "leaked
   shared_memory objects" warnings from the resource tracker."""
   workdir, log = tmp_path / "run", tmp_path / "run.log"
@@ -122,8 +131,7 @@ def test_ctrl_c_with_data_workers_saves_exits_130_and_leaves_no_process(compile_
     assert left_after(proc.pid, timeout=15) == []
   printed = log.read_text()  # the tracker, gone now, would have warned into it
   assert "Traceback" not in printed and "leaked" not in printed, printed[-3000:]
-  assert printed.count("SIGINT received: saving a checkpoint at the next step, then "
-                       "stopping") == 1
+  assert printed.count("SIGINT received: saving a checkpoint at the next step, then stopping") == 1
   step = int(re.search(r"stopped by SIGINT after step (\d+): checkpoint \1 saved", printed)[1])
   assert step in train_runs.finished_steps(workdir)
 
@@ -146,15 +154,37 @@ def test_sigkill_of_train_py_ends_its_data_workers_within_seconds(compile_cache,
 def bench(tmp_path_factory):
   """A tiny checkpoint and an MVBench task of ``ITEMS`` questions on two videos."""
   root = tmp_path_factory.mktemp("stops_eval")
-  items = [dict(video=f"{'ab'[i % 2]}.mp4", question=f"Where is the circle {i}?",
-                candidates=["left", "right", "up"], answer="right") for i in range(ITEMS)]
+  items = [
+    dict(
+      video=f"{'ab'[i % 2]}.mp4",
+      question=f"Where is the circle {i}?",
+      candidates=["left", "right", "up"],
+      answer="right",
+    )
+    for i in range(ITEMS)
+  ]
   return root, eval_folder(root, TINY, {"a": "red", "b": "blue"}, "object_shuffle", items)
 
 
 def eval_args(root: Path, checkpoint: Path, out: Path) -> list[str]:
-  return ["--checkpoint", str(checkpoint), "--scorer-tokenizer", str(checkpoint),
-          "--mvbench", str(root / "tasks"), "--video-root", str(root / "videos"),
-          "--out", str(out), "--frames", "4", "--max-new-tokens", "8", "--batch-size", "1"]
+  return [
+    "--checkpoint",
+    str(checkpoint),
+    "--scorer-tokenizer",
+    str(checkpoint),
+    "--mvbench",
+    str(root / "tasks"),
+    "--video-root",
+    str(root / "videos"),
+    "--out",
+    str(out),
+    "--frames",
+    "4",
+    "--max-new-tokens",
+    "8",
+    "--batch-size",
+    "1",
+  ]
 
 
 def wait_for_an_answer(proc: subprocess.Popen, predictions: Path, timeout: float = 120) -> None:
@@ -167,7 +197,8 @@ def wait_for_an_answer(proc: subprocess.Popen, predictions: Path, timeout: float
 
 @pytest.mark.parametrize("name, delay", [("SIGINT", 0.0), ("SIGINT", 0.2), ("SIGTERM", 0.1)])
 def test_eval_py_stops_at_the_next_batch_on_a_signal_and_keeps_its_answers(
-    bench, compile_cache, tmp_path, name, delay):
+  bench, compile_cache, tmp_path, name, delay
+):
   """The signal lands at another moment each time (a swallowed one would let the run
   finish). Seen failing before: SIGTERM killed eval.py without its line (exit -15)."""
   root, checkpoint = bench
@@ -186,8 +217,9 @@ def test_eval_py_stops_at_the_next_batch_on_a_signal_and_keeps_its_answers(
   assert 1 <= int(kept[0][0]) < ITEMS
 
 
-def test_a_keyboard_interrupt_that_the_code_swallows_still_stops_the_eval(bench, tmp_path,
-                                                                           monkeypatch, capsys):
+def test_a_keyboard_interrupt_that_the_code_swallows_still_stops_the_eval(
+  bench, tmp_path, monkeypatch, capsys
+):
   """Seen failing before: the KeyboardInterrupt was raised inside code that caught and
   dropped it (as callbacks that XLA or a library runs do), and the run went on to the end."""
   calls = []

@@ -2,13 +2,13 @@
 LLaMA from a sentencepiece model only, SigLIP's sentencepiece model (the Qwen model's
 scorer), CLIP's BPE files, Qwen2's BPE files."""
 
-from transformers import AutoTokenizer
-
 from support.tokenizers import clip_tokenizer, llama_sp_tokenizer, qwen_tokenizer, siglip_tokenizer
+from transformers import AutoTokenizer
 
 
 def _sentencepiece(path):
   import sentencepiece as spm
+
   return spm.SentencePieceProcessor(model_file=str(path))
 
 
@@ -26,7 +26,7 @@ def test_llama_tokenizer_from_a_sentencepiece_model_only(tmp_path):
   # legacy: the text after a special token is encoded as sentencepiece encodes it alone
   ids = tok("a dog</s>\nthe red", add_special_tokens=False)["input_ids"]
   assert ids == [*sp.encode("a dog"), 2, *sp.encode("\nthe red")]
-  after = tok.convert_ids_to_tokens(ids)[ids.index(2) + 1:]
+  after = tok.convert_ids_to_tokens(ids)[ids.index(2) + 1 :]
   assert after[:2] == ["▁", "<0x0A>"]  # its own dummy prefix
 
 
@@ -36,7 +36,7 @@ def test_siglip_tokenizer_from_its_sentencepiece_model(tmp_path):
   batch = tok(["the red circle", "a dog runs"], padding="max_length", max_length=24)
   ids = batch["input_ids"][0]
   expected = _sentencepiece(folder / "spiece.model").encode("the red circle") + [1]
-  assert ids[:len(expected)] == expected and set(ids[len(expected):]) == {1}  # </s> pads
+  assert ids[: len(expected)] == expected and set(ids[len(expected) :]) == {1}  # </s> pads
   assert tok.decode(ids, skip_special_tokens=True) == "the red circle"
 
 
@@ -53,6 +53,14 @@ def test_qwen_tokenizer_from_its_bpe_files(tmp_path):
   tok = AutoTokenizer.from_pretrained(qwen_tokenizer(tmp_path / "qwen"))
   assert type(tok).__name__ == "Qwen2Tokenizer" and tok.bos_token is None
   ids = tok("<|im_start|>user\nWhat color?<|im_end|>\n")["input_ids"]
-  assert tok.convert_ids_to_tokens(ids) == ["<|im_start|>", "user", "Ċ", "What", "Ġcolor", "?",
-                                            "<|im_end|>", "Ċ"]
+  assert tok.convert_ids_to_tokens(ids) == [
+    "<|im_start|>",
+    "user",
+    "Ċ",
+    "What",
+    "Ġcolor",
+    "?",
+    "<|im_end|>",
+    "Ċ",
+  ]
   assert (tok.eos_token, tok.pad_token) == ("<|im_end|>", "<|endoftext|>")

@@ -21,11 +21,11 @@ from ppllava_jax.convert.siglip import SIGLIP_RULES
 # The table each model class saves with, by class name: the models import this package,
 # so it names them rather than importing them. Subclasses find their base's entry.
 FAMILY_RULES: dict[str, tuple[Rule, ...]] = {
-    "PPLLaVA": LLAVA_NEXT_RULES,
-    "CLIPModel": CLIP_RULES,
-    "SiglipModel": SIGLIP_RULES,
-    "CausalLM": LLM_RULES,
-    "CLIPVisionBTAdapter": BTADAPTER_RULES,
+  "PPLLaVA": LLAVA_NEXT_RULES,
+  "CLIPModel": CLIP_RULES,
+  "SiglipModel": SIGLIP_RULES,
+  "CausalLM": LLM_RULES,
+  "CLIPVisionBTAdapter": BTADAPTER_RULES,
 }
 
 
@@ -34,8 +34,9 @@ def family_rules(model_type: type) -> tuple[Rule, ...]:
   for cls in model_type.__mro__:
     if cls.__name__ in FAMILY_RULES:
       return FAMILY_RULES[cls.__name__]
-  raise TypeError(f"{model_type.__name__} has no checkpoint key table (known: "
-                  f"{sorted(FAMILY_RULES)})")
+  raise TypeError(
+    f"{model_type.__name__} has no checkpoint key table (known: {sorted(FAMILY_RULES)})"
+  )
 
 
 def tensor_names(model: nnx.Module | nnx.GraphDef, tree) -> dict[str, Any]:
@@ -50,6 +51,8 @@ def tensor_names(model: nnx.Module | nnx.GraphDef, tree) -> dict[str, Any]:
   ``CheckpointError`` naming each."""
   if isinstance(model, nnx.GraphDef):
     return named_tensors(tree, family_rules(model.nodes[0].type))
-  shapes = {".".join(map(str, path)): tuple(getattr(var.get_value(), "shape", ()))
-            for path, var in nnx.to_flat_state(nnx.state(model))}
+  shapes = {
+    ".".join(map(str, path)): tuple(getattr(var.get_value(), "shape", ()))
+    for path, var in nnx.to_flat_state(nnx.state(model))
+  }
   return named_tensors(tree, family_rules(type(model)), shapes)

@@ -10,6 +10,6 @@ from ppllava_jax.convert.clip import CLIP_RULES
 from ppllava_jax.convert.loader import Rule, Transform
 
 BTADAPTER_RULES = (
-    Rule("{p*}.temporal_fc.weight", "{p*}.temporal_fc.kernel", Transform.LINEAR),
-    *CLIP_RULES,
+  Rule("{p*}.temporal_fc.weight", "{p*}.temporal_fc.kernel", Transform.LINEAR),
+  *CLIP_RULES,
 )

@@ -47,6 +47,7 @@ INDEX_FILE = "model.safetensors.index.json"
 
 class Transform(enum.Enum):
   """How a tensor's axes are laid out in torch vs here, as the permutation to ours."""
+
   COPY = None
   LINEAR = (1, 0)  # torch (out, in) -> ours (in, out)
   CONV = (2, 3, 1, 0)  # torch (out, in, kh, kw) -> ours (kh, kw, in, out)
@@ -64,7 +65,7 @@ _PLACEHOLDER = re.compile(r"\{(\w+)(\*)?(?::([^}]*))?\}")
 def _template_regex(template: str) -> re.Pattern:
   parts, pos = [], 0
   for m in _PLACEHOLDER.finditer(template):
-    parts.append(re.escape(template[pos:m.start()]))
+    parts.append(re.escape(template[pos : m.start()]))
     name, many, choices = m.groups()
     body = choices if choices else (r".+" if many else r"[^.]+")
     parts.append(f"(?P<{name}>{body})")
@@ -122,8 +123,10 @@ def checkpoint_files(path: str | Path) -> list[Path]:
   if (path / INDEX_FILE).is_file():
     weight_map = read_checkpoint_json(path / INDEX_FILE).get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-      raise CheckpointError(f"{path / INDEX_FILE}: no \"weight_map\" object of tensor names to "
-                            f"shard files; checkpoint {path} cannot be loaded")
+      raise CheckpointError(
+        f'{path / INDEX_FILE}: no "weight_map" object of tensor names to '
+        f"shard files; checkpoint {path} cannot be loaded"
+      )
     shards = sorted(set(weight_map.values()))
     missing = [s for s in shards if not (path / s).is_file()]
     if missing:
@@ -132,8 +135,10 @@ def checkpoint_files(path: str | Path) -> list[Path]:
   if (path / SINGLE_FILE).is_file():
     return [path / SINGLE_FILE]
   found = sorted(p.name for p in path.iterdir())
-  raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path} (found: {found}); "
-                        "only safetensors checkpoints are read")
+  raise CheckpointError(
+    f"no {SINGLE_FILE} or {INDEX_FILE} in {path} (found: {found}); "
+    "only safetensors checkpoints are read"
+  )
 
 
 @contextlib.contextmanager
@@ -144,9 +149,11 @@ def _reading(file: Path):
     with safe_open(file, framework="flax") as f:
       yield f
   except SafetensorError as err:
-    raise CheckpointError(f"{file}: not a readable safetensors file ({file.stat().st_size:,} "
-                          f"bytes; safetensors: {err}); it may be truncated or corrupt, so "
-                          f"checkpoint {file.parent} cannot be loaded") from err
+    raise CheckpointError(
+      f"{file}: not a readable safetensors file ({file.stat().st_size:,} "
+      f"bytes; safetensors: {err}); it may be truncated or corrupt, so "
+      f"checkpoint {file.parent} cannot be loaded"
+    ) from err
 
 
 def checkpoint_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
@@ -182,8 +189,13 @@ def _missing_key(name: str, rules: Sequence[Rule]) -> str:
   return hit[0] if hit[0] == name else f"{hit[0]} (-> {name})"
 
 
-def load_into(abstract_model: nnx.Module, path: str | Path, rules: Sequence[Rule],
-              dtype: jnp.dtype | None = None, progress: bool = False) -> nnx.Module:
+def load_into(
+  abstract_model: nnx.Module,
+  path: str | Path,
+  rules: Sequence[Rule],
+  dtype: jnp.dtype | None = None,
+  progress: bool = False,
+) -> nnx.Module:
   """Fills ``abstract_model`` (from ``nnx.eval_shape``) from the checkpoint at ``path``.
 
   ``dtype`` casts floating tensors; by default each keeps its stored dtype.
@@ -194,8 +206,9 @@ def load_into(abstract_model: nnx.Module, path: str | Path, rules: Sequence[Rule
   filled: dict[tuple, jax.Array] = {}
   unexpected, mismatched, mismatched_names = [], [], set()
   files = checkpoint_files(path)
-  for key, tensor in tqdm(iter_tensors(files), desc=f"reading {Path(path).name}", unit="tensor",
-                          disable=not progress):
+  for key, tensor in tqdm(
+    iter_tensors(files), desc=f"reading {Path(path).name}", unit="tensor", disable=not progress
+  ):
     hit = _match(key, rules, "hf")
     if hit is None:
       unexpected.append(key)
@@ -210,20 +223,27 @@ def load_into(abstract_model: nnx.Module, path: str | Path, rules: Sequence[Rule
     value = rule.transform.to_ours(tensor)
     target = flat[wanted[name]]
     if tuple(value.shape) != tuple(target.shape):
-      mismatched.append(f"{key}: checkpoint {tuple(tensor.shape)} -> {tuple(value.shape)}, "
-                        f"model {name} expects {tuple(target.shape)}")
+      mismatched.append(
+        f"{key}: checkpoint {tuple(tensor.shape)} -> {tuple(value.shape)}, "
+        f"model {name} expects {tuple(target.shape)}"
+      )
       mismatched_names.add(name)
       continue
     if dtype is not None and jnp.issubdtype(value.dtype, jnp.floating):
       value = value.astype(dtype)
     filled[wanted[name]] = value
-  missing = sorted(_missing_key(name, rules) for name, p in wanted.items()
-                   if p not in filled and name not in mismatched_names)
+  missing = sorted(
+    _missing_key(name, rules)
+    for name, p in wanted.items()
+    if p not in filled and name not in mismatched_names
+  )
   if unexpected or missing or mismatched:
     lines = [f"checkpoint {Path(path)} does not fit {type(abstract_model).__name__}:"]
-    for title, items in (("missing (keys the checkpoint lacks -> the parameter each fills)", missing),
-                         ("unexpected (keys no parameter takes)", unexpected),
-                         ("shape mismatches", mismatched)):
+    for title, items in (
+      ("missing (keys the checkpoint lacks -> the parameter each fills)", missing),
+      ("unexpected (keys no parameter takes)", unexpected),
+      ("shape mismatches", mismatched),
+    ):
       if items:
         lines.append(f"  {title}: {len(items)}")
         lines += [f"    {item}" for item in items[:50]]
@@ -267,13 +287,20 @@ def tree_leaves_by_name(tree) -> list[tuple[str, Any]]:
   ``nnx.Variable``s or plain arrays as leaves) or nested dicts / lists keyed like one
   (``nnx.to_pure_dict``); None leaves (masked-out parts) are no leaves."""
   flat, _ = jax.tree_util.tree_flatten_with_path(
-      tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
-  return [(".".join(path_segment(k) for k in path),
-           leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf) for path, leaf in flat]
+    tree, is_leaf=lambda x: isinstance(x, nnx.Variable)
+  )
+  return [
+    (
+      ".".join(path_segment(k) for k in path),
+      leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf,
+    )
+    for path, leaf in flat
+  ]
 
 
-def named_tensors(tree, rules: Sequence[Rule],
-                  shapes: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, Any]:
+def named_tensors(
+  tree, rules: Sequence[Rule], shapes: Mapping[str, tuple[int, ...]] | None = None
+) -> dict[str, Any]:
   """``{checkpoint tensor name: value in the checkpoint's layout}`` of ``tree``, shaped like a
   model's parameter state or a part of it (``tree_leaves_by_name``), by the rules saving
   uses (``hf_tensors``): the same names, transposes and reshapes. ``shapes`` (the model's
@@ -285,8 +312,9 @@ def named_tensors(tree, rules: Sequence[Rule],
       problems.append(f"{name}: not a parameter of the model")
       continue
     if shapes is not None and tuple(np.shape(value)) != tuple(shapes[name]):
-      problems.append(f"{name}: shape {tuple(np.shape(value))}, the parameter's is "
-                      f"{tuple(shapes[name])}")
+      problems.append(
+        f"{name}: shape {tuple(np.shape(value))}, the parameter's is {tuple(shapes[name])}"
+      )
       continue
     hit = _to_checkpoint(name, value, rules)
     if hit is None:
@@ -294,8 +322,10 @@ def named_tensors(tree, rules: Sequence[Rule],
       continue
     named[hit[0]] = hit[1]
   if problems:
-    raise CheckpointError(f"{len(problems)} leaves of the tree have no checkpoint tensor name:\n"
-                          + "\n".join(f"  {p}" for p in problems))
+    raise CheckpointError(
+      f"{len(problems)} leaves of the tree have no checkpoint tensor name:\n"
+      + "\n".join(f"  {p}" for p in problems)
+    )
   return named
 
 
@@ -308,8 +338,12 @@ def _ordinary_permissions(file: Path) -> None:
   file.chmod(0o666 & ~umask)
 
 
-def save_tensors(tensors: Iterable[tuple[str, jax.Array]], path: str | Path,
-                 max_shard_bytes: int = 5 * 2**30, progress: bool = False) -> list[Path]:
+def save_tensors(
+  tensors: Iterable[tuple[str, jax.Array]],
+  path: str | Path,
+  max_shard_bytes: int = 5 * 2**30,
+  progress: bool = False,
+) -> list[Path]:
   """Writes (name, array) pairs as safetensors, streaming: at most one shard in memory.
 
   One shard is ``model.safetensors``; more are ``model-0000i-of-0000n.safetensors`` with
@@ -327,7 +361,9 @@ def save_tensors(tensors: Iterable[tuple[str, jax.Array]], path: str | Path,
     shards.append((file, list(current)))
     current, size = {}, 0
 
-  for name, value in tqdm(tensors, desc=f"writing {path.name}", unit="tensor", disable=not progress):
+  for name, value in tqdm(
+    tensors, desc=f"writing {path.name}", unit="tensor", disable=not progress
+  ):
     # safetensors wants contiguous host buffers; transposed views are materialised here.
     host = jnp.asarray(np.array(jax.device_get(value), order="C"))
     if current and size + host.nbytes > max_shard_bytes:
@@ -340,9 +376,12 @@ def save_tensors(tensors: Iterable[tuple[str, jax.Array]], path: str | Path,
     final = [shards[0][0].rename(path / SINGLE_FILE)]
   else:
     n = len(shards)
-    final = [file.rename(path / f"model-{i + 1:05d}-of-{n:05d}.safetensors")
-             for i, (file, _) in enumerate(shards)]
+    final = [
+      file.rename(path / f"model-{i + 1:05d}-of-{n:05d}.safetensors")
+      for i, (file, _) in enumerate(shards)
+    ]
     weight_map = {name: f.name for f, (_, names) in zip(final, shards) for name in names}
-    (path / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map},
-                                              indent=2, sort_keys=True) + "\n")
+    (path / INDEX_FILE).write_text(
+      json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2, sort_keys=True) + "\n"
+    )
   return final

@@ -23,8 +23,10 @@ def check_batching(cfg) -> None:
   known pixel dtype."""
   owner = type(cfg).__name__
   if cfg.batch_size < 1 or not cfg.seq_buckets or min(cfg.seq_buckets) < 1:
-    raise ValueError(f"{owner}: batch_size and seq_buckets must be positive, got "
-                     f"{cfg.batch_size}, {cfg.seq_buckets}")
+    raise ValueError(
+      f"{owner}: batch_size and seq_buckets must be positive, got "
+      f"{cfg.batch_size}, {cfg.seq_buckets}"
+    )
   if tuple(sorted(set(cfg.seq_buckets))) != tuple(cfg.seq_buckets):
     raise ValueError(f"{owner}.seq_buckets must be increasing, got {cfg.seq_buckets}")
   if cfg.pixel_dtype not in PIXEL_DTYPES:
@@ -37,14 +39,17 @@ def seq_bucket(buckets: Sequence[int], length: int, limit: str) -> int:
   for b in buckets:
     if length <= b:
       return b
-  raise ValueError(f"a sample of {length} tokens exceeds the largest bucket {buckets[-1]}: "
-                   f"keep {limit} <= it")
+  raise ValueError(
+    f"a sample of {length} tokens exceeds the largest bucket {buckets[-1]}: keep {limit} <= it"
+  )
 
 
 def shape_key(batch) -> tuple:
   """The shapes and dtypes of every field of a batch: what a jitted step compiles for."""
-  return tuple((k, tuple(v.shape), str(v.dtype))
-               for k, v in sorted(dataclasses.asdict(batch).items()))
+  return tuple(
+    (k, tuple(v.shape), str(v.dtype)) for k, v in sorted(dataclasses.asdict(batch).items())
+  )
+
 
 _TEXT_PADS = {"attention_mask": 0, "position_ids": 0, "labels": IGNORE, "loss_mask": False}
 
@@ -61,9 +66,13 @@ def pad_batch(batch, length: int, pad_id: int = 0):
     return batch
   extra = ((0, 0),) * (batch.input_ids.ndim - 1) + ((0, length - have),)
   pads = dict(_TEXT_PADS, input_ids=pad_id)
-  return batch.replace(**{name: np.pad(np.asarray(getattr(batch, name)), extra,
-                                       constant_values=value)
-                          for name, value in pads.items() if hasattr(batch, name)})
+  return batch.replace(
+    **{
+      name: np.pad(np.asarray(getattr(batch, name)), extra, constant_values=value)
+      for name, value in pads.items()
+      if hasattr(batch, name)
+    }
+  )
 
 
 def join_batches(batches, pad_id: int = 0, stack: bool = False):
@@ -85,9 +94,12 @@ def concat_rows(batches, pad_id: int = 0):
 def empty_like(batch):
   """A batch of ``batch``'s shapes with nothing in it: every mask False, no label
   supervised (what fills an update's micro-batches when the data ends inside it)."""
+
   def clear(name, x):
     if name == "labels":
       return np.full_like(np.asarray(x), IGNORE)
     return np.zeros_like(np.asarray(x)) if name.endswith("mask") else np.asarray(x)
-  return batch.replace(**{f.name: clear(f.name, getattr(batch, f.name))
-                          for f in dataclasses.fields(batch)})
+
+  return batch.replace(
+    **{f.name: clear(f.name, getattr(batch, f.name)) for f in dataclasses.fields(batch)}
+  )

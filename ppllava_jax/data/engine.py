@@ -87,8 +87,7 @@ class BatchPlan:
   ``cut`` must pickle (grain workers plan for themselves).
   """
 
-  def __init__(self, cut: Callable[[int], tuple[np.ndarray, list[int]]],
-               num_epochs: int | None):
+  def __init__(self, cut: Callable[[int], tuple[np.ndarray, list[int]]], num_epochs: int | None):
     self.cut, self.num_epochs = cut, num_epochs
     self._counts: dict[int, int] = {}
     self._epoch: tuple[int, np.ndarray, np.ndarray] | None = None
@@ -153,8 +152,10 @@ class StepSource:
 
   def __init__(self, plan: BatchPlan, cursor: int, block: int, blocks: int, shards: int):
     if shards % blocks:
-      raise ValueError(f"{shards} shards per step do not split over {blocks} data blocks "
-                       "(processes): set the data config's shards to a multiple of them")
+      raise ValueError(
+        f"{shards} shards per step do not split over {blocks} data blocks "
+        "(processes): set the data config's shards to a multiple of them"
+      )
     self.cursor, self.shards, self.local = cursor, shards, shards // blocks
     self.first = block * self.local
     total = plan.total()
@@ -196,15 +197,25 @@ class DataStats:
     return sum(self.skipped.values())
 
   def as_dict(self) -> dict:
-    return dict(samples=self.samples, skipped=dict(self.skipped),
-                scorer_truncated=self.scorer_truncated, truncated=self.truncated,
-                batches=self.batches, last_skip=self.last_skip)
+    return dict(
+      samples=self.samples,
+      skipped=dict(self.skipped),
+      scorer_truncated=self.scorer_truncated,
+      truncated=self.truncated,
+      batches=self.batches,
+      last_skip=self.last_skip,
+    )
 
   @classmethod
-  def from_dict(cls, d: dict) -> "DataStats":
-    return cls(d.get("samples", 0), collections.Counter(d.get("skipped", {})),
-               d.get("scorer_truncated", 0), d.get("truncated", 0), d.get("batches", 0),
-               d.get("last_skip", ""))
+  def from_dict(cls, d: dict) -> DataStats:
+    return cls(
+      d.get("samples", 0),
+      collections.Counter(d.get("skipped", {})),
+      d.get("scorer_truncated", 0),
+      d.get("truncated", 0),
+      d.get("batches", 0),
+      d.get("last_skip", ""),
+    )
 
 
 class DataIterator(Iterator):
@@ -215,8 +226,15 @@ class DataIterator(Iterator):
   worker and skip settings (a ``data.sft.pipeline.DataConfig`` or a
   ``data.dpo.pairs.PreferenceDataConfig``)."""
 
-  def __init__(self, config, plan: BatchPlan, builder: grain.transforms.Map,
-               block: int, blocks: int, state: dict | None = None):
+  def __init__(
+    self,
+    config,
+    plan: BatchPlan,
+    builder: grain.transforms.Map,
+    block: int,
+    blocks: int,
+    state: dict | None = None,
+  ):
     self.config, self.plan, self.builder = config, plan, builder
     self.block, self.blocks = block, blocks
     self.shards = config.shards or blocks
@@ -230,12 +248,16 @@ class DataIterator(Iterator):
     cfg = self.config
     source = StepSource(self.plan, cursor, self.block, self.blocks, self.shards)
     ds = grain.MapDataset.source(source).map(self.builder)
-    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.threads,
-                                              prefetch_buffer_size=cfg.worker_buffer_size))
+    ds = ds.to_iter_dataset(
+      grain.ReadOptions(num_threads=cfg.threads, prefetch_buffer_size=cfg.worker_buffer_size)
+    )
     if cfg.num_workers > 0:
-      ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-          num_workers=cfg.num_workers, per_worker_buffer_size=cfg.worker_buffer_size),
-          worker_init_fn=functools.partial(workers.worker_start, os.getpid()))
+      ds = ds.mp_prefetch(
+        grain.MultiprocessingOptions(
+          num_workers=cfg.num_workers, per_worker_buffer_size=cfg.worker_buffer_size
+        ),
+        worker_init_fn=functools.partial(workers.worker_start, os.getpid()),
+      )
     self._it = iter(ds)
     self._cursor = cursor
 
@@ -262,25 +284,34 @@ class DataIterator(Iterator):
         stats.skipped[reason] += 1
         stats.last_skip = detail
         log.warning("skipped sample (%s): %s", reason, detail)
-    if (stats.samples >= cfg.skip_check_after
-        and stats.skipped_total > cfg.max_skip_fraction * stats.samples):
+    if (
+      stats.samples >= cfg.skip_check_after
+      and stats.skipped_total > cfg.max_skip_fraction * stats.samples
+    ):
       raise DataError(
-          f"{stats.skipped_total} of {stats.samples} samples skipped "
-          f"({stats.skipped_total / stats.samples:.1%}), more than max_skip_fraction="
-          f"{cfg.max_skip_fraction:g}: {dict(stats.skipped)}; the last: {stats.last_skip}")
+        f"{stats.skipped_total} of {stats.samples} samples skipped "
+        f"({stats.skipped_total / stats.samples:.1%}), more than max_skip_fraction="
+        f"{cfg.max_skip_fraction:g}: {dict(stats.skipped)}; the last: {stats.last_skip}"
+      )
     return concat_rows([batch for batch, _ in built], self.builder.pad_id)
 
   def get_state(self) -> dict:
     """The global batch cursor and this process's counters (JSON-able)."""
-    return {"version": STATE_VERSION, "next_batch": self._cursor, "seed": self.config.seed,
-            "stats": self.stats.as_dict()}
+    return {
+      "version": STATE_VERSION,
+      "next_batch": self._cursor,
+      "seed": self.config.seed,
+      "stats": self.stats.as_dict(),
+    }
 
   def set_state(self, state: dict) -> None:
     if state.get("version", STATE_VERSION) != STATE_VERSION:
       raise DataError(f"data state version {state.get('version')} is not {STATE_VERSION}")
     if "seed" in state and state["seed"] != self.config.seed:
-      raise DataError(f"the data state was saved with seed {state['seed']}, the config has "
-                      f"{self.config.seed}: the stream would not continue")
+      raise DataError(
+        f"the data state was saved with seed {state['seed']}, the config has "
+        f"{self.config.seed}: the stream would not continue"
+      )
     self.stats = DataStats.from_dict(state.get("stats", {}))
     self._start(int(state["next_batch"]))
 
@@ -293,5 +324,5 @@ class DataIterator(Iterator):
   def __del__(self):
     try:
       self.close()
-    except Exception:  # noqa: BLE001 (interpreter shutdown)
+    except Exception:
       pass

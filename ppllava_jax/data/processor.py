@@ -66,23 +66,30 @@ class Encoded:
 
 
 class Processor:
-
-  def __init__(self, cfg: PPLLaVAConfig, tokenizer, scorer_tokenizer=None,
-               media_token: str = "<image>"):
+  def __init__(
+    self, cfg: PPLLaVAConfig, tokenizer, scorer_tokenizer=None, media_token: str = "<image>"
+  ):
     self.cfg = cfg
     self.tokenizer = tokenizer
     self.scorer_tokenizer = scorer_tokenizer
     self.media_token = media_token
     self.media_id = tokenizer.convert_tokens_to_ids(media_token)
     if self.media_id is None or self.media_id == tokenizer.unk_token_id:
-      raise ValueError(f"the tokenizer has no {media_token!r} token: add it as a special "
-                       "token (llava-hf tokenizers have it)")
+      raise ValueError(
+        f"the tokenizer has no {media_token!r} token: add it as a special "
+        "token (llava-hf tokenizers have it)"
+      )
     if cfg.pooling.scored and scorer_tokenizer is None:
-      raise ValueError(f"pooling mode {cfg.pooling.mode!r} scores relevance: give "
-                       "scorer_tokenizer (the CLIP / SigLIP tokenizer)")
+      raise ValueError(
+        f"pooling mode {cfg.pooling.mode!r} scores relevance: give "
+        "scorer_tokenizer (the CLIP / SigLIP tokenizer)"
+      )
     siglip = isinstance(cfg.vision, SiglipVisionConfig)
-    self.mean, self.std = ((preprocess.SIGLIP_MEAN, preprocess.SIGLIP_STD) if siglip
-                           else (preprocess.CLIP_MEAN, preprocess.CLIP_STD))
+    self.mean, self.std = (
+      (preprocess.SIGLIP_MEAN, preprocess.SIGLIP_STD)
+      if siglip
+      else (preprocess.CLIP_MEAN, preprocess.CLIP_STD)
+    )
     self.letterbox = siglip
     self.max_tiles = 1 + max(h * w for h, w in cfg.grid_pinpoints) // cfg.vision.image_size**2
     self.scorer_truncated = 0  # items whose scorer text was cut to the context
@@ -93,47 +100,58 @@ class Processor:
     ids = list(self.tokenizer(prompt.text).input_ids)
     slots = [i for i, t in enumerate(ids) if t == self.media_id]
     if len(slots) != len(prompt.media):
-      raise ValueError(f"the prompt has {len(slots)} {self.media_token} placeholders but "
-                       f"{len(prompt.media)} media items")
+      raise ValueError(
+        f"the prompt has {len(slots)} {self.media_token} placeholders but "
+        f"{len(prompt.media)} media items"
+      )
     videos, images, runs = [], [], []
     for item in prompt.media:
       if item.kind == "video":
         frames = np.asarray(item.data)
-        videos.append(preprocess.video_pixels(frames, self.cfg.vision.image_size, self.mean,
-                                              self.std, letterbox=self.letterbox))
+        videos.append(
+          preprocess.video_pixels(
+            frames, self.cfg.vision.image_size, self.mean, self.std, letterbox=self.letterbox
+          )
+        )
         runs.append([self.cfg.video_token_index] * self.cfg.video_tokens(len(frames)))
       elif item.kind == "image":
         tiles, size = preprocess.llava_next_image_pixels(
-            item.data, self.cfg.grid_pinpoints, self.cfg.vision.image_size, self.mean, self.std)
+          item.data, self.cfg.grid_pinpoints, self.cfg.vision.image_size, self.mean, self.std
+        )
         images.append((tiles, size))
         runs.append([self.cfg.image_token_index] * self.cfg.image_tokens(size))
       else:
         raise ValueError(f"media kind must be 'video' or 'image', got {item.kind!r}")
     for slot, run in zip(reversed(slots), reversed(runs)):  # back to front: slots stay valid
-      ids[slot:slot + 1] = run
+      ids[slot : slot + 1] = run
     check_ids(ids, self.cfg.text.vocab_size, "the prompt's token ids")
     scorer_ids = scorer_mask = None
     if self.scorer_tokenizer is not None:  # scored pooling, or relevance pictures
       scorer_ids, scorer_mask = self._scorer_tokens(prompt.scorer_text)
       check_ids(scorer_ids, self.cfg.scorer.text.vocab_size, "the scorer text's token ids")
-    return Encoded(np.asarray(ids, np.int32), tuple(videos), tuple(images), scorer_ids,
-                   scorer_mask)
+    return Encoded(np.asarray(ids, np.int32), tuple(videos), tuple(images), scorer_ids, scorer_mask)
 
   def _scorer_tokens(self, text: str) -> tuple[np.ndarray, np.ndarray]:
     length = self.cfg.scorer.text.max_position_embeddings
     full = len(self.scorer_tokenizer(text).input_ids)
     if full > length:
       if not self.scorer_truncated:
-        log.warning("scorer text truncated from %d to %d tokens (the text encoder's context): "
-                    "%.80r...; further truncations are counted, not logged", full, length, text)
+        log.warning(
+          "scorer text truncated from %d to %d tokens (the text encoder's context): "
+          "%.80r...; further truncations are counted, not logged",
+          full,
+          length,
+          text,
+        )
       self.scorer_truncated += 1
     enc = self.scorer_tokenizer(text, truncation=True, max_length=length, padding="max_length")
     return np.asarray(enc.input_ids, np.int32), np.asarray(enc.attention_mask, np.int32)
 
   # ---- a batch ------------------------------------------------------------------------
 
-  def collate(self, items: Sequence[Encoded], batch_size: int | None = None,
-              length_multiple: int = 64) -> dict[str, np.ndarray | int]:
+  def collate(
+    self, items: Sequence[Encoded], batch_size: int | None = None, length_multiple: int = 64
+  ) -> dict[str, np.ndarray | int]:
     """Model keyword arguments for ``items`` (plus ``num_real``), shapes bucketed."""
     if not items:
       raise ValueError("collate: no items")
@@ -145,23 +163,25 @@ class Processor:
     ids = np.full((batch_size, length), self.tokenizer.pad_token_id or 0, np.int32)
     mask = np.zeros((batch_size, length), np.int32)
     for i, row in enumerate(rows):
-      ids[i, length - len(row.input_ids):] = row.input_ids
-      mask[i, length - len(row.input_ids):] = 1
-    batch: dict[str, np.ndarray | int] = dict(input_ids=ids, attention_mask=mask,
-                                              num_real=len(items))
+      ids[i, length - len(row.input_ids) :] = row.input_ids
+      mask[i, length - len(row.input_ids) :] = 1
+    batch: dict[str, np.ndarray | int] = dict(
+      input_ids=ids, attention_mask=mask, num_real=len(items)
+    )
     videos = [v for r in rows for v in r.videos]
     if videos:
       frames = {len(v) for v in videos}
       if len(frames) > 1:
-        raise ValueError(f"collate: videos of one batch must have one frame count, got "
-                         f"{sorted(frames)}")
+        raise ValueError(
+          f"collate: videos of one batch must have one frame count, got {sorted(frames)}"
+        )
       batch["pixel_values_videos"] = np.stack(videos)
     images = [im for r in rows for im in r.images]
     if images:
       s = self.cfg.vision.image_size
       pixels = np.zeros((len(images), self.max_tiles, 3, s, s), np.float32)
       for i, (tiles, _) in enumerate(images):
-        pixels[i, :len(tiles)] = tiles
+        pixels[i, : len(tiles)] = tiles
       batch["pixel_values"] = pixels
       batch["image_sizes"] = np.asarray([size for _, size in images], np.int64)
     if self.cfg.pooling.scored:

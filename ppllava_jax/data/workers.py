@@ -49,8 +49,9 @@ def end_with(parent: int) -> None:
     pidfd = None
   if os.getppid() != parent:  # it ended before we watched (this process was re-parented)
     os._exit(1)
-  threading.Thread(target=_exit_after, args=(parent, pidfd), daemon=True,
-                   name="ppllava-parent-watch").start()
+  threading.Thread(
+    target=_exit_after, args=(parent, pidfd), daemon=True, name="ppllava-parent-watch"
+  ).start()
 
 
 def _exit_after(parent: int, pidfd: int | None) -> None:
@@ -89,5 +90,6 @@ def finish_unlinks() -> None:
 
 def mark_flags_parsed() -> None:
   from absl import flags
+
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()

@@ -65,7 +65,6 @@ from ppllava_jax.eval.qa import QAItem, load_qa
 from ppllava_jax.eval.runner import GenerationSettings, failures, process_output, run, score_answers
 from ppllava_jax.models.ppllava_config import PoolingConfig
 
-
 DESCRIPTION = """\
 Run a PPLLaVA checkpoint on one video, a multiple-choice benchmark (MVBench, VideoMME)
 or open-ended questions, resumably, and score it."""
@@ -103,69 +102,128 @@ def _at_least(low: int) -> Callable[[str], int]:
     if value < low:
       raise argparse.ArgumentTypeError(f"must be {low} or more, got {value}")
     return value
+
   return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="eval.py", description=DESCRIPTION, epilog=EPILOG,
-                              formatter_class=argparse.RawDescriptionHelpFormatter,
-                              add_help=False)
+  p = argparse.ArgumentParser(
+    prog="eval.py",
+    description=DESCRIPTION,
+    epilog=EPILOG,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+    add_help=False,
+  )
   p.add_argument("-h", "--help", action="help", help="Show this help and exit.")
-  p.add_argument("--checkpoint", required=True, metavar="DIR",
-                 help="The transformers-layout PPLLaVA or LLaVA folder to run.")
-  p.add_argument("--clip", metavar="DIR", help="A CLIP or SigLIP folder to score relevance "
-                 "with, for checkpoints without a scorer.")
-  p.add_argument("--tokenizer", metavar="DIR",
-                 help="The tokenizer folder (default: --checkpoint).")
-  p.add_argument("--scorer-tokenizer", metavar="DIR",
-                 help="The scorer's tokenizer folder (default: --clip, else the checkpoint's "
-                 "scorer_tokenizer/).")
+  p.add_argument(
+    "--checkpoint",
+    required=True,
+    metavar="DIR",
+    help="The transformers-layout PPLLaVA or LLaVA folder to run.",
+  )
+  p.add_argument(
+    "--clip",
+    metavar="DIR",
+    help="A CLIP or SigLIP folder to score relevance with, for checkpoints without a scorer.",
+  )
+  p.add_argument("--tokenizer", metavar="DIR", help="The tokenizer folder (default: --checkpoint).")
+  p.add_argument(
+    "--scorer-tokenizer",
+    metavar="DIR",
+    help="The scorer's tokenizer folder (default: --clip, else the checkpoint's "
+    "scorer_tokenizer/).",
+  )
   what = p.add_mutually_exclusive_group(required=True)
-  what.add_argument("--video", metavar="PATH",
-                    help="One video file or frame folder to ask --question of.")
-  what.add_argument("--mvbench", metavar="PATH",
-                    help="An MVBench task JSON file, or a folder of them.")
-  what.add_argument("--videomme", metavar="FILE",
-                    help="VideoMME items as JSON, JSONL or parquet.")
-  what.add_argument("--qa", metavar="FILE", help="Open-ended questions, one JSON object "
-                    "{id, video, question} per line.")
+  what.add_argument(
+    "--video", metavar="PATH", help="One video file or frame folder to ask --question of."
+  )
+  what.add_argument(
+    "--mvbench", metavar="PATH", help="An MVBench task JSON file, or a folder of them."
+  )
+  what.add_argument("--videomme", metavar="FILE", help="VideoMME items as JSON, JSONL or parquet.")
+  what.add_argument(
+    "--qa",
+    metavar="FILE",
+    help="Open-ended questions, one JSON object {id, video, question} per line.",
+  )
   p.add_argument("--question", metavar="TEXT", help="The question to ask of --video.")
-  p.add_argument("--video-root", default=".", metavar="DIR",
-                 help="The folder the benchmark's video paths start in (default: here).")
-  p.add_argument("--protocol", choices=mcq.PROTOCOLS, default="original",
-                 help="Whose prompts and scorers to reproduce: PPLLaVA's scripts or "
-                 "lmms-eval's.")
-  p.add_argument("--videomme-extractor", choices=("2024", "2026"), default="2024",
-                 help="The lmms-eval VideoMME answer extractor: 2024, the regex one; 2026, "
-                 "extract_mcq_answer.")
-  p.add_argument("--subtitles", action="store_true",
-                 help="Put VideoMME's subtitles in the prompt.")
-  p.add_argument("--subtitle-root", metavar="DIR", help="The folder of VideoMME's "
-                 "<videoID>.srt files; without it, --subtitles uses the items' own lines.")
-  p.add_argument("--out", default="out/eval", metavar="DIR", help="The folder "
-                 "predictions.jsonl and results.json go to; a rerun reuses what it holds "
-                 "(default: out/eval).")
-  p.add_argument("--limit", type=_at_least(0), metavar="N",
-                 help="Run only the first N items; 0 checks the inputs and runs nothing.")
-  p.add_argument("--batch-size", type=_at_least(1), default=4, metavar="N",
-                 help="How many items generate together (default: 4).")
-  p.add_argument("--frames", type=_at_least(1), metavar="N", help="Frames sampled per video "
-                 "(default: 32; VideoMME's medium and long videos 64).")
-  p.add_argument("--pooling",
-                 choices=("ppllava", "paper", "average", "llava_next_video", "llava_onevision",
-                          "none"),
-                 help="How visual tokens are pooled (default: the mode the checkpoint was "
-                 "saved with, else ppllava, the original's).")
-  p.add_argument("--max-new-tokens", type=_at_least(1), metavar="N",
-                 help="The most tokens generated per answer (default: the protocol's; 200 "
-                 "for open-ended questions).")
-  p.add_argument("--dtype", choices=("float32", "bfloat16"),
-                 help="The dtype to compute in (default: as stored).")
-  p.add_argument("--visualize", metavar="DIR",
-                 help="A folder to write one relevance heat-map PNG per item to.")
-  p.add_argument("--video-backend", choices=BACKENDS, default="pyav",
-                 help="The video decoder: PyAV, or decord as the original (pip install "
-                 "decord).")
+  p.add_argument(
+    "--video-root",
+    default=".",
+    metavar="DIR",
+    help="The folder the benchmark's video paths start in (default: here).",
+  )
+  p.add_argument(
+    "--protocol",
+    choices=mcq.PROTOCOLS,
+    default="original",
+    help="Whose prompts and scorers to reproduce: PPLLaVA's scripts or lmms-eval's.",
+  )
+  p.add_argument(
+    "--videomme-extractor",
+    choices=("2024", "2026"),
+    default="2024",
+    help="The lmms-eval VideoMME answer extractor: 2024, the regex one; 2026, extract_mcq_answer.",
+  )
+  p.add_argument("--subtitles", action="store_true", help="Put VideoMME's subtitles in the prompt.")
+  p.add_argument(
+    "--subtitle-root",
+    metavar="DIR",
+    help="The folder of VideoMME's "
+    "<videoID>.srt files; without it, --subtitles uses the items' own lines.",
+  )
+  p.add_argument(
+    "--out",
+    default="out/eval",
+    metavar="DIR",
+    help="The folder "
+    "predictions.jsonl and results.json go to; a rerun reuses what it holds "
+    "(default: out/eval).",
+  )
+  p.add_argument(
+    "--limit",
+    type=_at_least(0),
+    metavar="N",
+    help="Run only the first N items; 0 checks the inputs and runs nothing.",
+  )
+  p.add_argument(
+    "--batch-size",
+    type=_at_least(1),
+    default=4,
+    metavar="N",
+    help="How many items generate together (default: 4).",
+  )
+  p.add_argument(
+    "--frames",
+    type=_at_least(1),
+    metavar="N",
+    help="Frames sampled per video (default: 32; VideoMME's medium and long videos 64).",
+  )
+  p.add_argument(
+    "--pooling",
+    choices=("ppllava", "paper", "average", "llava_next_video", "llava_onevision", "none"),
+    help="How visual tokens are pooled (default: the mode the checkpoint was "
+    "saved with, else ppllava, the original's).",
+  )
+  p.add_argument(
+    "--max-new-tokens",
+    type=_at_least(1),
+    metavar="N",
+    help="The most tokens generated per answer (default: the protocol's; 200 "
+    "for open-ended questions).",
+  )
+  p.add_argument(
+    "--dtype", choices=("float32", "bfloat16"), help="The dtype to compute in (default: as stored)."
+  )
+  p.add_argument(
+    "--visualize", metavar="DIR", help="A folder to write one relevance heat-map PNG per item to."
+  )
+  p.add_argument(
+    "--video-backend",
+    choices=BACKENDS,
+    default="pyav",
+    help="The video decoder: PyAV, or decord as the original (pip install decord).",
+  )
   distributed.add_flags(p)
   cli.add_debug_flag(p)
   return p
@@ -185,8 +243,9 @@ def _pooling(args) -> str:
   """``--pooling``, else the mode config.json says the checkpoint was saved with."""
   if args.pooling:
     return args.pooling
-  from ppllava_jax.models.pretrained import resolve_checkpoint
   from ppllava_jax.models.ppllava_config import POOLING_MODE_KEY
+  from ppllava_jax.models.pretrained import resolve_checkpoint
+
   config = resolve_checkpoint(args.checkpoint) / "config.json"
   try:
     return json.loads(config.read_text()).get(POOLING_MODE_KEY, PoolingConfig().mode)
@@ -198,9 +257,11 @@ def _read_inputs(args) -> list[mcq.Item] | list[QAItem] | None:
   """The benchmark items or open-ended rows (None for ``--video``), and every path the
   run needs, checked before the model loads."""
   if PoolingConfig(args.pooling).scored and args.folders.scorer is None:
-    raise ValueError(f"pooling {args.pooling!r} needs the scorer's tokenizer, and "
-                     f"{args.checkpoint} has no scorer_tokenizer/: give --scorer-tokenizer "
-                     "(or --clip) with the CLIP / SigLIP folder")
+    raise ValueError(
+      f"pooling {args.pooling!r} needs the scorer's tokenizer, and "
+      f"{args.checkpoint} has no scorer_tokenizer/: give --scorer-tokenizer "
+      "(or --clip) with the CLIP / SigLIP folder"
+    )
   if args.video:
     if not Path(args.video).exists():
       raise ValueError(f"--video {args.video}: no such file or folder")
@@ -208,23 +269,33 @@ def _read_inputs(args) -> list[mcq.Item] | list[QAItem] | None:
   for flag, folder in (("--video-root", args.video_root), ("--subtitle-root", args.subtitle_root)):
     if folder is not None and not Path(folder).is_dir():
       raise ValueError(f"{flag} {folder}: not a folder")
-  items = (mcq.load_mvbench(args.mvbench) if args.mvbench
-           else mcq.load_videomme(args.videomme) if args.videomme else load_qa(args.qa))
-  return items[:args.limit]
+  items = (
+    mcq.load_mvbench(args.mvbench)
+    if args.mvbench
+    else mcq.load_videomme(args.videomme)
+    if args.videomme
+    else load_qa(args.qa)
+  )
+  return items[: args.limit]
 
 
 def load(args):
   """The model and its processor: the weights with progress, then the tokenizers, each
   checked against the embedding it feeds (``data.text.tokenizer.model_tokenizers``)."""
   import jax.numpy as jnp
+
   from ppllava_jax.data.processor import Processor
   from ppllava_jax.data.text.tokenizer import model_tokenizers
   from ppllava_jax.models.ppllava import PPLLaVA
+
   start = time.perf_counter()
-  model = PPLLaVA.from_pretrained(args.checkpoint, clip=args.clip,
-                                  pooling=PoolingConfig(args.pooling),
-                                  dtype=getattr(jnp, args.dtype) if args.dtype else None,
-                                  progress=distributed.is_primary())
+  model = PPLLaVA.from_pretrained(
+    args.checkpoint,
+    clip=args.clip,
+    pooling=PoolingConfig(args.pooling),
+    dtype=getattr(jnp, args.dtype) if args.dtype else None,
+    progress=distributed.is_primary(),
+  )
   tokenizer, scorer_tokenizer = model_tokenizers(model.cfg, args.folders, args.checkpoint)
   if distributed.is_primary():
     print(f"loaded {args.checkpoint} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
@@ -242,29 +313,40 @@ def main(argv=None) -> int:
       return _evaluate(args, predictions, stop.check)
     except KeyboardInterrupt:  # stop.check's Interrupted, or a second signal
       mine = process_output(predictions)  # a part on several processes: the next run merges it
-      print(f"interrupted: {records.count_answers(mine)} answers kept in {mine}",
-            file=sys.stderr)
+      print(f"interrupted: {records.count_answers(mine)} answers kept in {mine}", file=sys.stderr)
       return signals.exit_code(stop.received or "SIGINT")
 
 
 def _evaluate(args, predictions: Path, check_stop: Callable[[], None]) -> int:
   from ppllava_jax.data.text.tokenizer import tokenizer_folders
-  args.folders = tokenizer_folders(args.checkpoint, tokenizer=args.tokenizer,
-                                   scorer_tokenizer=args.scorer_tokenizer, clip=args.clip)
+
+  args.folders = tokenizer_folders(
+    args.checkpoint,
+    tokenizer=args.tokenizer,
+    scorer_tokenizer=args.scorer_tokenizer,
+    clip=args.clip,
+  )
   args.pooling = _pooling(args)
   items = _read_inputs(args)
-  protocol = (mcq.make_protocol(args.protocol, args.subtitles, args.videomme_extractor)
-              if args.mvbench or args.videomme else None)
-  cfg = GenerationSettings(batch_size=args.batch_size,
-                  max_new_tokens=args.max_new_tokens or (protocol.max_new_tokens if protocol
-                                                         else 200),
-                  visualize=Path(args.visualize) if args.visualize else None,
-                  video_backend=args.video_backend,
-                  model_key=model_key(checkpoint=args.checkpoint, clip=args.clip,
-                                      tokenizer=str(args.folders.llm),
-                                      scorer_tokenizer=args.folders.scorer and
-                                      str(args.folders.scorer),
-                                      pooling=args.pooling, dtype=args.dtype))
+  protocol = (
+    mcq.make_protocol(args.protocol, args.subtitles, args.videomme_extractor)
+    if args.mvbench or args.videomme
+    else None
+  )
+  cfg = GenerationSettings(
+    batch_size=args.batch_size,
+    max_new_tokens=args.max_new_tokens or (protocol.max_new_tokens if protocol else 200),
+    visualize=Path(args.visualize) if args.visualize else None,
+    video_backend=args.video_backend,
+    model_key=model_key(
+      checkpoint=args.checkpoint,
+      clip=args.clip,
+      tokenizer=str(args.folders.llm),
+      scorer_tokenizer=args.folders.scorer and str(args.folders.scorer),
+      pooling=args.pooling,
+      dtype=args.dtype,
+    ),
+  )
   model, processor = load(args)
   check_stop()  # a signal while the model loaded
   template = chat_template(model.cfg)
@@ -274,8 +356,14 @@ def _evaluate(args, predictions: Path, check_stop: Callable[[], None]) -> int:
   elif protocol is None:
     jobs = qa_jobs(items, template, root, args.frames)
   else:
-    jobs = mcq_jobs(items, protocol, template, root, args.frames,
-                    Path(args.subtitle_root) if args.subtitle_root else None)
+    jobs = mcq_jobs(
+      items,
+      protocol,
+      template,
+      root,
+      args.frames,
+      Path(args.subtitle_root) if args.subtitle_root else None,
+    )
   start = time.perf_counter()
   result = run(model, processor, jobs, predictions, cfg, check_stop)
   seconds = time.perf_counter() - start
@@ -283,17 +371,21 @@ def _evaluate(args, predictions: Path, check_stop: Callable[[], None]) -> int:
     return 0  # process 0 reports and scores every process's answers
   print(result.summary())
   if processor.scorer_truncated:
-    print(f"the scorer text of {processor.scorer_truncated} items was cut to the text "
-          "encoder's context")
+    print(
+      f"the scorer text of {processor.scorer_truncated} items was cut to the text encoder's context"
+    )
   failed = failures(jobs, result)
   for job_id, error in failed.items():
     print(f"failed: {job_id}: {error}")
   answers = [r["prediction"] for r in result.records.values() if "prediction" in r]
   empty = sum(not a.strip() for a in answers)
   if answers and empty == len(answers):
-    print(f"error: all {len(answers)} answers are empty: the model generated only end or "
-          "special tokens (is the tokenizer the checkpoint's own? are the weights trained?); "
-          f"nothing is scored. The answers are in {predictions}", file=sys.stderr)
+    print(
+      f"error: all {len(answers)} answers are empty: the model generated only end or "
+      "special tokens (is the tokenizer the checkpoint's own? are the weights trained?); "
+      f"nothing is scored. The answers are in {predictions}",
+      file=sys.stderr,
+    )
     return 1
   if args.video:
     if failed:

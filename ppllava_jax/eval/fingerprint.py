@@ -52,17 +52,36 @@ def folder_identity(path: str | Path | None) -> list | None:
   return [file_identity(p) for p in sorted(path.iterdir()) if p.is_file()]
 
 
-def model_key(checkpoint: str, clip: str | None, tokenizer: str, scorer_tokenizer: str | None,
-              pooling: str, dtype: str | None) -> str:
+def model_key(
+  checkpoint: str,
+  clip: str | None,
+  tokenizer: str,
+  scorer_tokenizer: str | None,
+  pooling: str,
+  dtype: str | None,
+) -> str:
   """What builds the model and its tokenizers, as ``eval.py`` loads them."""
-  return digest(dict(checkpoint=folder_identity(checkpoint), clip=folder_identity(clip),
-                     tokenizer=folder_identity(tokenizer),
-                     scorer_tokenizer=folder_identity(scorer_tokenizer), pooling=pooling,
-                     dtype=dtype))
+  return digest(
+    dict(
+      checkpoint=folder_identity(checkpoint),
+      clip=folder_identity(clip),
+      tokenizer=folder_identity(tokenizer),
+      scorer_tokenizer=folder_identity(scorer_tokenizer),
+      pooling=pooling,
+      dtype=dtype,
+    )
+  )
 
 
 def job_fingerprint(job: Job, settings: Mapping[str, Any]) -> str:
   media = [[ref.kind, file_identity(ref.path), ref.start_sec, ref.end_sec] for ref in job.media]
-  return digest(dict(settings, prompt=job.text, scorer=job.scorer_text, media=media,
-                     frames=job.frames,
-                     subtitles=file_identity(job.subtitled.path) if job.subtitled else None))
+  return digest(
+    dict(
+      settings,
+      prompt=job.text,
+      scorer=job.scorer_text,
+      media=media,
+      frames=job.frames,
+      subtitles=file_identity(job.subtitled.path) if job.subtitled else None,
+    )
+  )

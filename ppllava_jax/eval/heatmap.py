@@ -14,9 +14,19 @@ from PIL import Image, ImageDraw
 
 # Anchors of a perceptually ordered dark-to-bright map (close to matplotlib's
 # "inferno"), interpolated linearly; kept here to avoid a plotting dependency.
-_ANCHORS = np.array([[0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99],
-                     [212, 72, 66], [245, 125, 21], [250, 193, 39], [252, 255, 164]],
-                    np.float32)
+_ANCHORS = np.array(
+  [
+    [0, 0, 4],
+    [40, 11, 84],
+    [101, 21, 110],
+    [159, 42, 99],
+    [212, 72, 66],
+    [245, 125, 21],
+    [250, 193, 39],
+    [252, 255, 164],
+  ],
+  np.float32,
+)
 
 
 def colorize(values: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
@@ -32,8 +42,10 @@ def colorbar(vmin: float, vmax: float, height: int, label: str, bar: int = 12) -
   """A vertical colour bar ``bar`` pixels wide and ``height`` tall, ``vmax`` at the top and
   ``vmin`` at the bottom, its ends and middle marked with their values, ``label`` above."""
   draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-  ticks = [(f"{v:.3g}", y) for v, y in ((vmax, 0), ((vmin + vmax) / 2, (height - 1) / 2),
-                                        (vmin, height - 1))]
+  ticks = [
+    (f"{v:.3g}", y)
+    for v, y in ((vmax, 0), ((vmin + vmax) / 2, (height - 1) / 2), (vmin, height - 1))
+  ]
   width = bar + 8 + max(draw.textlength(t) for t, _ in ticks)
   width = int(max(width, draw.textlength(label)) + 4)
   picture = Image.new("RGB", (width, height + 14), (255, 255, 255))
@@ -48,9 +60,15 @@ def colorbar(vmin: float, vmax: float, height: int, label: str, bar: int = 12) -
   return picture
 
 
-def relevance_grid(probs_thw: np.ndarray, frames_thwc: np.ndarray | None = None, cols: int = 8,
-                   cell: int = 96, alpha: float = 0.6, title: str | None = None,
-                   colorbar_label: str | None = None) -> Image.Image:
+def relevance_grid(
+  probs_thw: np.ndarray,
+  frames_thwc: np.ndarray | None = None,
+  cols: int = 8,
+  cell: int = 96,
+  alpha: float = 0.6,
+  title: str | None = None,
+  colorbar_label: str | None = None,
+) -> Image.Image:
   """A (rows x cols) grid of per-frame heat-maps of ``probs_thw`` (T, H, W).
 
   ``frames_thwc`` (T, h, w, 3) uint8, optional: the video frames to draw under the
@@ -62,18 +80,26 @@ def relevance_grid(probs_thw: np.ndarray, frames_thwc: np.ndarray | None = None,
   if probs_thw.ndim != 3:
     raise ValueError(f"relevance_grid: probs must be (T, H, W), got shape {probs_thw.shape}")
   if frames_thwc is not None and (frames_thwc.ndim != 4 or len(frames_thwc) != len(probs_thw)):
-    raise ValueError(f"relevance_grid: frames must be (T, h, w, 3) with T={len(probs_thw)}, "
-                     f"got shape {frames_thwc.shape}")
+    raise ValueError(
+      f"relevance_grid: frames must be (T, h, w, 3) with T={len(probs_thw)}, "
+      f"got shape {frames_thwc.shape}"
+    )
   t = len(probs_thw)
   cols = min(cols, t)
   rows = -(-t // cols)
   header = 24 if title else 0
   vmin, vmax = float(probs_thw.min()), float(probs_thw.max())
-  bar = (None if colorbar_label is None
-         else colorbar(vmin, vmax, rows * (cell + 14) - 14, colorbar_label))
+  bar = (
+    None
+    if colorbar_label is None
+    else colorbar(vmin, vmax, rows * (cell + 14) - 14, colorbar_label)
+  )
   grid_w = cols * cell + (0 if bar is None else 8)
-  canvas = Image.new("RGB", (grid_w + (0 if bar is None else bar.width),
-                             rows * (cell + 14) + header), (255, 255, 255))
+  canvas = Image.new(
+    "RGB",
+    (grid_w + (0 if bar is None else bar.width), rows * (cell + 14) + header),
+    (255, 255, 255),
+  )
   draw = ImageDraw.Draw(canvas)
   if title:
     draw.text((4, 6), title, fill=(0, 0, 0))

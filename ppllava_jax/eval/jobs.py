@@ -18,8 +18,8 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ppllava_jax.data.text.templates import CHATML, VICUNA, ChatTemplate, render_generation_prompt
 from ppllava_jax.data.media.video import VIDEO_EXTENSIONS
+from ppllava_jax.data.text.templates import CHATML, VICUNA, ChatTemplate, render_generation_prompt
 from ppllava_jax.eval import mcq
 from ppllava_jax.eval.fingerprint import digest
 from ppllava_jax.eval.qa import QAItem
@@ -41,6 +41,7 @@ class MediaRef:
 @dataclasses.dataclass(frozen=True)
 class Subtitled:
   """A prompt that quotes the subtitles shown at the sampled frames (VideoMME)."""
+
   path: str  # the video's .srt; a missing file means "no subtitles"
   render: Callable[[tuple[str, ...] | None], tuple[str, str]]  # lines -> (text, scorer_text)
 
@@ -64,15 +65,22 @@ def _video_path(root: Path, stem: str) -> str:
   return str(root / stem) if (root / stem).is_dir() else str(root / (stem + ".mp4"))
 
 
-def _mcq_text(item: mcq.Item, protocol: mcq.EvalProtocol,
-              template: ChatTemplate) -> tuple[str, str]:
+def _mcq_text(
+  item: mcq.Item, protocol: mcq.EvalProtocol, template: ChatTemplate
+) -> tuple[str, str]:
   question, prefix, scorer_text = mcq.build_prompt(item, protocol)
   prompt = render_generation_prompt(template, question, prefix, scorer_text=scorer_text)
   return prompt.text, prompt.scorer_text
 
 
-def mcq_jobs(items: Sequence[mcq.Item], protocol: mcq.EvalProtocol, template: ChatTemplate,
-             root: Path, frames: int | None, subtitle_root: Path | None = None) -> list[Job]:
+def mcq_jobs(
+  items: Sequence[mcq.Item],
+  protocol: mcq.EvalProtocol,
+  template: ChatTemplate,
+  root: Path,
+  frames: int | None,
+  subtitle_root: Path | None = None,
+) -> list[Job]:
   """One job per item (in ``load_mvbench`` / ``load_videomme`` order); with
   ``subtitle_root``, VideoMME prompts quote ``<videoID>.srt``."""
   seen: collections.Counter[str] = collections.Counter()  # items so far per task / video
@@ -92,25 +100,42 @@ def mcq_jobs(items: Sequence[mcq.Item], protocol: mcq.EvalProtocol, template: Ch
       n = frames or (32 if item.duration == "short" else 64)
       if subtitle_root is not None and protocol.subtitles:
         subtitled = Subtitled(
-            str(subtitle_root / f"{item.video_id}.srt"),
-            lambda lines, item=item: _mcq_text(dataclasses.replace(item, subtitles=lines),
-                                               protocol, template))
+          str(subtitle_root / f"{item.video_id}.srt"),
+          lambda lines, item=item: _mcq_text(
+            dataclasses.replace(item, subtitles=lines), protocol, template
+          ),
+        )
     jobs.append(Job(job_id, text, scorer_text, (ref,), n, item.question, subtitled))
   return jobs
 
 
-def qa_jobs(items: Sequence[QAItem], template: ChatTemplate, root: Path,
-            frames: int | None) -> list[Job]:
+def qa_jobs(
+  items: Sequence[QAItem], template: ChatTemplate, root: Path, frames: int | None
+) -> list[Job]:
   jobs = []
   for item in items:
     prompt = render_generation_prompt(template, item.question)
-    jobs.append(Job(item.id, prompt.text, prompt.scorer_text,
-                    (MediaRef("video", str(root / item.video)),), frames or 32, item.question))
+    jobs.append(
+      Job(
+        item.id,
+        prompt.text,
+        prompt.scorer_text,
+        (MediaRef("video", str(root / item.video)),),
+        frames or 32,
+        item.question,
+      )
+    )
   return jobs
 
 
 def video_job(path: str, question: str, template: ChatTemplate, frames: int | None) -> Job:
   key = digest([str(Path(path).resolve()), question])[:12]
   prompt = render_generation_prompt(template, question)
-  return Job(f"{Path(path).name}/{key}", prompt.text, prompt.scorer_text,
-             (MediaRef("video", path),), frames or 32, question)
+  return Job(
+    f"{Path(path).name}/{key}",
+    prompt.text,
+    prompt.scorer_text,
+    (MediaRef("video", path),),
+    frames or 32,
+    question,
+  )

@@ -22,16 +22,17 @@ def load_qa(path: str | Path) -> list[QAItem]:
   for number, row in read_jsonl(path, expect=dict):
     for name in ("video", "question"):
       if not isinstance(row.get(name), str) or not row[name].strip():
-        raise DataFileError(path, f"field {name!r} must be a non-blank string, got "
-                            f"{row.get(name)!r:.60}", number)
+        raise DataFileError(
+          path, f"field {name!r} must be a non-blank string, got {row.get(name)!r:.60}", number
+        )
     item_id = row.get("id", number)
     if isinstance(item_id, bool) or not isinstance(item_id, (str, int)):
-      raise DataFileError(path, f"field 'id' must be a string or an integer, got "
-                          f"{item_id!r:.60}", number)
+      raise DataFileError(
+        path, f"field 'id' must be a string or an integer, got {item_id!r:.60}", number
+      )
     item_id = str(item_id)
     if item_id in lines:
-      raise DataFileError(path, f"id {item_id!r} is already used on line {lines[item_id]}",
-                          number)
+      raise DataFileError(path, f"id {item_id!r} is already used on line {lines[item_id]}", number)
     lines[item_id] = number
     items.append(QAItem(item_id, row["video"], row["question"]))
   return items

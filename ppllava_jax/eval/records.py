@@ -34,8 +34,9 @@ def read_records(path: str | Path) -> list[dict]:
 
 def count_answers(path: str | Path) -> int:
   """Distinct answers (id and fingerprint) the file holds."""
-  return len({(r.get("id"), r.get("fingerprint")) for r in read_records(path)
-              if r.get("status") == "ok"})
+  return len(
+    {(r.get("id"), r.get("fingerprint")) for r in read_records(path) if r.get("status") == "ok"}
+  )
 
 
 def open_for_append(path: str | Path) -> TextIO:

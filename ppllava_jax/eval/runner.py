@@ -67,8 +67,8 @@ from tqdm.auto import tqdm
 
 from ppllava_jax import distributed
 from ppllava_jax.data.media import subtitles
-from ppllava_jax.data.processor import Encoded, Media, Processor, Prompt
 from ppllava_jax.data.media.video import MediaError, load_video
+from ppllava_jax.data.processor import Encoded, Media, Processor, Prompt
 from ppllava_jax.eval import mcq
 from ppllava_jax.eval import records as saved
 from ppllava_jax.eval.fingerprint import digest, job_fingerprint
@@ -83,6 +83,7 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass(frozen=True)
 class GenerationSettings:
   """How eval.py answers its jobs (not what it asks, which is the ``Job``)."""
+
   batch_size: int = 4
   max_new_tokens: int = 200
   length_multiple: int = 64  # prompt lengths round up to this (shape buckets)
@@ -93,8 +94,12 @@ class GenerationSettings:
   @property
   def settings(self) -> dict[str, Any]:
     """What, besides the job, decides its answer: part of every fingerprint."""
-    return dict(model=self.model_key, max_new_tokens=self.max_new_tokens,
-                video_backend=self.video_backend, backend=jax.default_backend())
+    return dict(
+      model=self.model_key,
+      max_new_tokens=self.max_new_tokens,
+      video_backend=self.video_backend,
+      backend=jax.default_backend(),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,8 +111,10 @@ class RunResult:
 
   def summary(self) -> str:
     new = len(self.records) - self.reused - self.redone
-    return (f"{self.reused} answers reused, {self.redone} redone (failed before, or made "
-            f"under other settings), {new} new: {self.path}")
+    return (
+      f"{self.reused} answers reused, {self.redone} redone (failed before, or made "
+      f"under other settings), {new} new: {self.path}"
+    )
 
 
 class _Loaded(NamedTuple):
@@ -122,15 +129,17 @@ def _load(job: Job, read_video: Callable) -> _Loaded:
   text, scorer_text = job.text, job.scorer_text
   for ref in job.media:
     if ref.kind == "video":
-      frames, info = read_video(ref.path, job.frames, start_sec=ref.start_sec,
-                                end_sec=ref.end_sec)
+      frames, info = read_video(ref.path, job.frames, start_sec=ref.start_sec, end_sec=ref.end_sec)
       media.append(Media("video", frames))
       videos.append(frames)
       indices.append([int(i) for i in info.indices])
       if job.subtitled is not None:
         srt = Path(job.subtitled.path)
-        lines = (subtitles.lines_at_frames(subtitles.read_srt(srt), info.indices, info.fps)
-                 if srt.exists() else None)
+        lines = (
+          subtitles.lines_at_frames(subtitles.read_srt(srt), info.indices, info.fps)
+          if srt.exists()
+          else None
+        )
         text, scorer_text = job.subtitled.render(lines)
     elif ref.kind == "image":
       try:
@@ -146,9 +155,11 @@ def _load(job: Job, read_video: Callable) -> _Loaded:
 def _encode(processor: Processor, prompt: Prompt, max_new_tokens: int, context: int) -> Encoded:
   encoded = processor.encode(prompt)
   if len(encoded.input_ids) + max_new_tokens > context:
-    raise ValueError(f"the prompt has {len(encoded.input_ids)} tokens, and with "
-                     f"{max_new_tokens} new tokens needs {len(encoded.input_ids) + max_new_tokens}"
-                     f" positions; the LLM's context is {context} (max_position_embeddings)")
+    raise ValueError(
+      f"the prompt has {len(encoded.input_ids)} tokens, and with "
+      f"{max_new_tokens} new tokens needs {len(encoded.input_ids) + max_new_tokens}"
+      f" positions; the LLM's context is {context} (max_position_embeddings)"
+    )
   return encoded
 
 
@@ -159,7 +170,7 @@ def _batches(jobs: Sequence[Job], size: int) -> Iterator[list[Job]]:
     by_frames.setdefault(job.frames, []).append(job)
   for group in by_frames.values():
     for start in range(0, len(group), size):
-      yield group[start:start + size]
+      yield group[start : start + size]
 
 
 def _picture_name(job_id: str) -> str:
@@ -195,18 +206,27 @@ def _merge_parts(out_path: Path, order: Callable[[dict], int] | None = None) -> 
 
 def _check_agreement(jobs: Sequence[Job], fingerprints: dict, pending: Sequence[Job]) -> None:
   """Every process must split the same pending jobs, or the merged file mixes two runs."""
-  mine = np.frombuffer(bytes.fromhex(digest([[j.id, fingerprints[j.id]] for j in jobs]
-                                            + [j.id for j in pending])), np.uint8)
+  mine = np.frombuffer(
+    bytes.fromhex(digest([[j.id, fingerprints[j.id]] for j in jobs] + [j.id for j in pending])),
+    np.uint8,
+  )
   everyone = multihost_utils.process_allgather(mine)
   if not (everyone == mine).all():
-    raise ValueError("the processes disagree on the jobs or on the answers saved in the "
-                     "--out folder: every host needs the same command, inputs and files "
-                     "(the same paths, sizes and modification times)")
+    raise ValueError(
+      "the processes disagree on the jobs or on the answers saved in the "
+      "--out folder: every host needs the same command, inputs and files "
+      "(the same paths, sizes and modification times)"
+    )
 
 
-def run(model, processor: Processor, jobs: Sequence[Job], out_path: str | Path,
-        cfg: GenerationSettings = GenerationSettings(),
-        check_stop: Callable[[], None] = lambda: None) -> RunResult:
+def run(
+  model,
+  processor: Processor,
+  jobs: Sequence[Job],
+  out_path: str | Path,
+  cfg: GenerationSettings = GenerationSettings(),
+  check_stop: Callable[[], None] = lambda: None,
+) -> RunResult:
   """Answers every job without a reusable answer in ``out_path``; returns a record per job
   (on every process, when several share the jobs: module doc). ``check_stop`` raises to
   stop between batches (module doc)."""
@@ -225,8 +245,17 @@ def run(model, processor: Processor, jobs: Sequence[Job], out_path: str | Path,
   # A run shorter than one batch needs no filler rows (a single video: batch 1).
   cfg = dataclasses.replace(cfg, batch_size=max(1, min(cfg.batch_size, len(pending))))
   batches = list(_batches(pending, cfg.batch_size))
-  _answer(model, processor, batches[jax.process_index()::processes], cfg, fingerprints,
-          records, out_path, relevance, check_stop)
+  _answer(
+    model,
+    processor,
+    batches[jax.process_index() :: processes],
+    cfg,
+    fingerprints,
+    records,
+    out_path,
+    relevance,
+    check_stop,
+  )
   if processes > 1:
     _gather(records, pending, batches, out_path)
   return RunResult(records, reused, redone, out_path)
@@ -238,19 +267,26 @@ def _check_jobs(model, jobs: Sequence[Job], cfg: GenerationSettings) -> None:
     raise ValueError(f"job ids must be unique; repeated: {duplicates[:5]}")
   context = model.cfg.text.max_position_embeddings
   if cfg.max_new_tokens >= context:
-    raise ValueError(f"max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in the "
-                     f"LLM's context of {context} positions (max_position_embeddings)")
+    raise ValueError(
+      f"max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in the "
+      f"LLM's context of {context} positions (max_position_embeddings)"
+    )
 
 
-def _reusable(jobs: Sequence[Job], fingerprints: dict[str, str], out_path: Path
-              ) -> tuple[dict[str, dict], list[Job], int]:
+def _reusable(
+  jobs: Sequence[Job], fingerprints: dict[str, str], out_path: Path
+) -> tuple[dict[str, dict], list[Job], int]:
   """(the saved answers made for these very jobs and settings, by job id; the jobs left to
   answer; how many of those had a record, failed or made under other settings)."""
   previous = saved.read_records(out_path)
-  answers = {(str(r.get("id")), r.get("fingerprint")): r for r in previous
-             if r.get("status") == "ok"}
-  records = {job.id: answers[job.id, fingerprints[job.id]] for job in jobs
-             if (job.id, fingerprints[job.id]) in answers}
+  answers = {
+    (str(r.get("id")), r.get("fingerprint")): r for r in previous if r.get("status") == "ok"
+  }
+  records = {
+    job.id: answers[job.id, fingerprints[job.id]]
+    for job in jobs
+    if (job.id, fingerprints[job.id]) in answers
+  }
   pending = [job for job in jobs if job.id not in records]
   before = {str(r.get("id")) for r in previous}
   return records, pending, sum(job.id in before for job in pending)
@@ -261,23 +297,37 @@ def _relevance(model, processor: Processor, folder: Path | None):
   if folder is None:
     return None
   if getattr(model, "scorer", None) is None or processor.scorer_tokenizer is None:
-    log.warning("--visualize needs the relevance scorer and its tokenizer (a checkpoint "
-                "with one, or --clip; --scorer-tokenizer); no pictures will be written")
+    log.warning(
+      "--visualize needs the relevance scorer and its tokenizer (a checkpoint "
+      "with one, or --clip; --scorer-tokenizer); no pictures will be written"
+    )
     return None
   folder.mkdir(parents=True, exist_ok=True)
   fn, state = pure(model, "relevance_maps")
   return jax.jit(fn), state
 
 
-def _answer(model, processor: Processor, mine: list[list[Job]], cfg: GenerationSettings,
-            fingerprints: dict[str, str], records: dict[str, dict], out_path: Path,
-            relevance, check_stop: Callable[[], None]) -> None:
+def _answer(
+  model,
+  processor: Processor,
+  mine: list[list[Job]],
+  cfg: GenerationSettings,
+  fingerprints: dict[str, str],
+  records: dict[str, dict],
+  out_path: Path,
+  relevance,
+  check_stop: Callable[[], None],
+) -> None:
   """Answers this process's batches, appending each record to its output as it comes."""
   context = model.cfg.text.max_position_embeddings
   compiled = generation.compilations()
-  with saved.open_for_append(process_output(out_path)) as out, tqdm(
-      total=sum(map(len, mine)), unit="item", desc="eval",
-      disable=not distributed.is_primary()) as bar:
+  with (
+    saved.open_for_append(process_output(out_path)) as out,
+    tqdm(
+      total=sum(map(len, mine)), unit="item", desc="eval", disable=not distributed.is_primary()
+    ) as bar,
+  ):
+
     def write(job: Job, **fields) -> None:
       records[job.id] = dict(id=job.id, fingerprint=fingerprints[job.id], **fields)
       saved.append(out, records[job.id])
@@ -296,19 +346,29 @@ def _answer(model, processor: Processor, mine: list[list[Job]], cfg: GenerationS
         texts = _generate(model, processor, [e for _, e, _ in good], cfg)
         if generation.compilations() > compiled:
           compiled = generation.compilations()
-          log.info("compiled generation program #%d (batch %d x frames %d)", compiled,
-                   cfg.batch_size, batch[0].frames)
+          log.info(
+            "compiled generation program #%d (batch %d x frames %d)",
+            compiled,
+            cfg.batch_size,
+            batch[0].frames,
+          )
         for (job, encoded, item), text in zip(good, texts):
-          write(job, status="ok", prediction=text, prompt=item.prompt.text,
-                frame_indices=item.frame_indices)
+          write(
+            job,
+            status="ok",
+            prediction=text,
+            prompt=item.prompt.text,
+            frame_indices=item.frame_indices,
+          )
           if relevance is not None and item.videos:
             _picture(relevance, job, encoded, item.videos[0], cfg.visualize)
       bar.update(len(batch))
       check_stop()  # the batch's answers are saved
 
 
-def _gather(records: dict[str, dict], pending: Sequence[Job], batches: list[list[Job]],
-            out_path: Path) -> None:
+def _gather(
+  records: dict[str, dict], pending: Sequence[Job], batches: list[list[Job]], out_path: Path
+) -> None:
   """Every process's new records into ``records``; process 0 merges the parts in job
   order."""
   distributed.barrier("eval: answered")
@@ -316,22 +376,22 @@ def _gather(records: dict[str, dict], pending: Sequence[Job], batches: list[list
   distributed.barrier("eval: parts read")
   missing = [job.id for job in pending if job.id not in records]
   if missing:
-    raise ValueError(f"the records of {len(missing)} jobs other processes ran (e.g. {missing[0]})"
-                     f" are not in {out_path.parent}: --out must be a folder every host mounts")
+    raise ValueError(
+      f"the records of {len(missing)} jobs other processes ran (e.g. {missing[0]})"
+      f" are not in {out_path.parent}: --out must be a folder every host mounts"
+    )
   if distributed.is_primary():
     batch_of = {job.id: k for k, batch in enumerate(batches) for job in batch}
     _merge_parts(out_path, order=lambda r: batch_of[r["id"]])
 
 
-def _prefetched(batches: list[list[Job]], video_backend: str
-                ) -> Iterator[tuple[list[Job], list]]:
+def _prefetched(batches: list[list[Job]], video_backend: str) -> Iterator[tuple[list[Job], list]]:
   """Each batch with its loaded media; the next batch loads on a thread meanwhile.
 
   The last few decoded videos are kept: VideoMME asks three questions of each video,
   and its jobs come in order, so each video is decoded once, not three times.
   """
-  read_video = functools.lru_cache(maxsize=2)(functools.partial(load_video,
-                                                                backend=video_backend))
+  read_video = functools.lru_cache(maxsize=2)(functools.partial(load_video, backend=video_backend))
   load = lambda batch: [_try(_load, job, read_video) for job in batch]
   with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
     ahead = pool.submit(load, batches[0]) if batches else None
@@ -352,37 +412,48 @@ def _try(fn, *args):
 def _generate(model, processor: Processor, encoded: list, cfg: GenerationSettings) -> list[str]:
   batch = processor.collate(encoded, cfg.batch_size, cfg.length_multiple)
   arrays = {k: jnp.asarray(v) for k, v in batch.items() if k not in ("num_real", "image_sizes")}
-  ids = model.generate(**arrays, image_sizes=batch.get("image_sizes"),
-                       max_new_tokens=cfg.max_new_tokens,
-                       pad_token_id=processor.tokenizer.pad_token_id)
-  new = np.asarray(ids)[:batch["num_real"], batch["input_ids"].shape[1]:]
+  ids = model.generate(
+    **arrays,
+    image_sizes=batch.get("image_sizes"),
+    max_new_tokens=cfg.max_new_tokens,
+    pad_token_id=processor.tokenizer.pad_token_id,
+  )
+  new = np.asarray(ids)[: batch["num_real"], batch["input_ids"].shape[1] :]
   return [t.strip() for t in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
 
 def _picture(relevance, job: Job, encoded, frames_thwc: np.ndarray, folder: Path) -> None:
   fn, state = relevance
-  cos_btgg = fn(state, jnp.asarray(encoded.videos[0][None]),
-                jnp.asarray(encoded.scorer_ids[None]),
-                jnp.asarray(encoded.scorer_mask[None]))
-  picture = relevance_grid(np.asarray(cos_btgg)[0], frames_thwc,
-                           title=(job.title or job.scorer_text)[:120],
-                           colorbar_label="cosine to the question")
+  cos_btgg = fn(
+    state,
+    jnp.asarray(encoded.videos[0][None]),
+    jnp.asarray(encoded.scorer_ids[None]),
+    jnp.asarray(encoded.scorer_mask[None]),
+  )
+  picture = relevance_grid(
+    np.asarray(cos_btgg)[0],
+    frames_thwc,
+    title=(job.title or job.scorer_text)[:120],
+    colorbar_label="cosine to the question",
+  )
   picture.save(folder / _picture_name(job.id))
 
 
 def failures(jobs: Sequence[Job], result: RunResult) -> dict[str, str]:
   """Job id -> error, for the jobs that got no answer."""
-  return {j.id: result.records[j.id]["error"] for j in jobs
-          if result.records[j.id]["status"] != "ok"}
+  return {
+    j.id: result.records[j.id]["error"] for j in jobs if result.records[j.id]["status"] != "ok"
+  }
 
 
-def score_answers(items: Sequence[mcq.Item], jobs: Sequence[Job], result: RunResult,
-                  protocol: mcq.EvalProtocol) -> mcq.ScoreReport | None:
+def score_answers(
+  items: Sequence[mcq.Item], jobs: Sequence[Job], result: RunResult, protocol: mcq.EvalProtocol
+) -> mcq.ScoreReport | None:
   """The answered items (``items[i]`` asked by ``jobs[i]``) scored by ``protocol``; the
   failed ones are left out. None when no item got an answer."""
-  ok = [(item, job) for item, job in zip(items, jobs)
-        if result.records[job.id]["status"] == "ok"]
+  ok = [(item, job) for item, job in zip(items, jobs) if result.records[job.id]["status"] == "ok"]
   if not ok:
     return None
-  return mcq.score([i for i, _ in ok], [result.records[j.id]["prediction"] for _, j in ok],
-                   protocol)
+  return mcq.score(
+    [i for i, _ in ok], [result.records[j.id]["prediction"] for _, j in ok], protocol
+  )

@@ -7,13 +7,20 @@ The names below resolve lazily (``from ppllava_jax.models import CLIPModel`` imp
 import importlib
 
 _HOMES = {
-    "PPLLaVA": "ppllava", "PPLLaVAConfig": "ppllava_config",
-    "BTAdapterConfig": "btadapter", "CLIPVisionBTAdapter": "btadapter",
-    "CLIPConfig": "clip", "CLIPModel": "clip", "CLIPTextConfig": "clip",
-    "CLIPVisionConfig": "clip",
-    "LlamaForCausalLM": "llm", "Qwen2ForCausalLM": "llm",
-    "SiglipConfig": "siglip", "SiglipModel": "siglip", "SiglipTextConfig": "siglip",
-    "SiglipVisionConfig": "siglip",
+  "PPLLaVA": "ppllava",
+  "PPLLaVAConfig": "ppllava_config",
+  "BTAdapterConfig": "btadapter",
+  "CLIPVisionBTAdapter": "btadapter",
+  "CLIPConfig": "clip",
+  "CLIPModel": "clip",
+  "CLIPTextConfig": "clip",
+  "CLIPVisionConfig": "clip",
+  "LlamaForCausalLM": "llm",
+  "Qwen2ForCausalLM": "llm",
+  "SiglipConfig": "siglip",
+  "SiglipModel": "siglip",
+  "SiglipTextConfig": "siglip",
+  "SiglipVisionConfig": "siglip",
 }
 __all__ = sorted(_HOMES)
 

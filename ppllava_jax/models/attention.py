@@ -132,6 +132,7 @@ class Mask:
   index, None for 0), and, with segments, ``q_segment_bl[b, l] == kv_segment_bs[b, s]``
   (packed sequences: give both or neither).
   """
+
   valid_bs: jax.Array
   q_segment_bl: jax.Array | None = None
   kv_segment_bs: jax.Array | None = None
@@ -154,8 +155,7 @@ class Mask:
 def check_implementation(implementation: str) -> str:
   """``implementation`` if it is one of ``IMPLEMENTATIONS``, else a ValueError."""
   if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"attention implementation {implementation!r} is not one of "
-                     f"{IMPLEMENTATIONS}")
+    raise ValueError(f"attention implementation {implementation!r} is not one of {IMPLEMENTATIONS}")
   return implementation
 
 
@@ -165,15 +165,23 @@ def check_attention(implementation: str, devices: int) -> str:
   Mosaic would otherwise report only when the step is lowered, the model long built."""
   check_implementation(implementation)
   if implementation == "pallas" and devices > 1:
-    raise ValueError(f"attention implementation 'pallas' (splash attention) runs on one device: "
-                     f"the kernel is not wrapped in shard_map, and XLA cannot partition a Mosaic "
-                     f"kernel over {devices} devices; use 'xla', or a 1-device mesh")
+    raise ValueError(
+      f"attention implementation 'pallas' (splash attention) runs on one device: "
+      f"the kernel is not wrapped in shard_map, and XLA cannot partition a Mosaic "
+      f"kernel over {devices} devices; use 'xla', or a 1-device mesh"
+    )
   return implementation
 
 
-def attention(q_blna: jax.Array, k_bska: jax.Array, v_bska: jax.Array,
-              mask: Mask | jax.Array | None = None, *, implementation: str = "xla",
-              block: int = BLOCK) -> jax.Array:
+def attention(
+  q_blna: jax.Array,
+  k_bska: jax.Array,
+  v_bska: jax.Array,
+  mask: Mask | jax.Array | None = None,
+  *,
+  implementation: str = "xla",
+  block: int = BLOCK,
+) -> jax.Array:
   """Softmax attention (B, L, N, A) of queries over keys/values (B, S, K, A), K | N.
 
   ``mask``: a ``Mask``, a (B, L, S) bool array (True where a query may attend a key), or
@@ -182,8 +190,10 @@ def attention(q_blna: jax.Array, k_bska: jax.Array, v_bska: jax.Array,
   """
   (b, l, n, a), s, kv = q_blna.shape, k_bska.shape[1], k_bska.shape[2]
   if n % kv or k_bska.shape != v_bska.shape or (k_bska.shape[0], k_bska.shape[3]) != (b, a):
-    raise ValueError(f"queries {q_blna.shape} need keys/values (B, S, K, A) with K dividing "
-                     f"the heads, got {k_bska.shape} / {v_bska.shape}")
+    raise ValueError(
+      f"queries {q_blna.shape} need keys/values (B, S, K, A) with K dividing "
+      f"the heads, got {k_bska.shape} / {v_bska.shape}"
+    )
   _check_mask(mask, b, l, s)
   check_attention(implementation, _partitioned_devices())
   if implementation == "xla":
@@ -191,9 +201,11 @@ def attention(q_blna: jax.Array, k_bska: jax.Array, v_bska: jax.Array,
   _check_platform(implementation)
   if implementation == "cudnn":
     if q_blna.dtype not in (jnp.float16, jnp.bfloat16):
-      raise ValueError(f"attention implementation 'cudnn': cuDNN's flash attention takes "
-                       f"float16 / bfloat16, got {q_blna.dtype} (compute in bfloat16, or use "
-                       "'xla')")
+      raise ValueError(
+        f"attention implementation 'cudnn': cuDNN's flash attention takes "
+        f"float16 / bfloat16, got {q_blna.dtype} (compute in bfloat16, or use "
+        "'xla')"
+      )
     return _dot_product(q_blna, k_bska, v_bska, mask, "cudnn")
   return _splash(q_blna, k_bska, v_bska, mask, interpret=implementation == "pallas_interpret")
 
@@ -204,10 +216,12 @@ def _check_mask(mask, b: int, l: int, s: int) -> None:
     got = {name: getattr(mask, name) for name in want}
     bad = any(x is not None and x.shape != want[name] for name, x in got.items())
     if bad or (got["q_segment_bl"] is None) != (got["kv_segment_bs"] is None):
-      raise ValueError(f"Mask for B, L, S = {(b, l, s)} needs valid_bs {want['valid_bs']} and "
-                       f"both or neither of q_segment_bl {want['q_segment_bl']} / "
-                       f"kv_segment_bs {want['kv_segment_bs']}; got "
-                       + ", ".join(f"{k} {None if x is None else x.shape}" for k, x in got.items()))
+      raise ValueError(
+        f"Mask for B, L, S = {(b, l, s)} needs valid_bs {want['valid_bs']} and "
+        f"both or neither of q_segment_bl {want['q_segment_bl']} / "
+        f"kv_segment_bs {want['kv_segment_bs']}; got "
+        + ", ".join(f"{k} {None if x is None else x.shape}" for k, x in got.items())
+      )
   elif mask is not None and mask.shape != (b, l, s):
     raise ValueError(f"mask must be (B, L, S) = {(b, l, s)}, got {mask.shape}")
 
@@ -234,6 +248,7 @@ def _platform() -> str:
   if found != "gpu":
     return found
   from jax.extend import backend
+
   version = backend.get_backend().platform_version.lower()
   return next((name for name in ("cuda", "rocm") if name in version), found)
 
@@ -244,10 +259,14 @@ def _check_platform(implementation: str) -> None:
   platform, what = _PLATFORMS[implementation]
   found = _platform()
   if found != platform:
-    hint = {"tpu": " ('pallas_interpret' runs the kernel interpreted anywhere)",
-            "cuda": " (cuDNN is NVIDIA's: on ROCm or other GPUs use 'xla')"}[platform]
-    raise RuntimeError(f"attention implementation {implementation!r} needs {what}; JAX's "
-                       f"platform here is {found!r}{hint}")
+    hint = {
+      "tpu": " ('pallas_interpret' runs the kernel interpreted anywhere)",
+      "cuda": " (cuDNN is NVIDIA's: on ROCm or other GPUs use 'xla')",
+    }[platform]
+    raise RuntimeError(
+      f"attention implementation {implementation!r} needs {what}; JAX's "
+      f"platform here is {found!r}{hint}"
+    )
 
 
 def _xla(q_blna, k_bska, v_bska, mask_bls, block):
@@ -293,10 +312,10 @@ def _step(carry: Carry, q_bkrqa, k_bksa, v_bksa, keep_bkrqs) -> Carry:
   m_new = jnp.maximum(m_bkrq, scores.max(-1))
   p_bkrqs = jnp.exp(scores - m_new[..., None])
   rescale = jnp.exp(m_bkrq - m_new)  # 0 on the first block (m = -inf)
-  pv_bkrqa = jnp.einsum("bkrqs,bksa->bkrqa", p_bkrqs.astype(v_bksa.dtype), v_bksa,
-                        preferred_element_type=jnp.float32)
-  return (m_new, l_bkrq * rescale + p_bkrqs.sum(-1),
-          acc_bkrqa * rescale[..., None] + pv_bkrqa)
+  pv_bkrqa = jnp.einsum(
+    "bkrqs,bksa->bkrqa", p_bkrqs.astype(v_bksa.dtype), v_bksa, preferred_element_type=jnp.float32
+  )
+  return (m_new, l_bkrq * rescale + p_bkrqs.sum(-1), acc_bkrqa * rescale[..., None] + pv_bkrqa)
 
 
 def _blockwise(q_bkrla, k_bksa, v_bksa, mask_bls, bq, nq, bk, nk):
@@ -327,8 +346,13 @@ def _forward(q_bkrla, k_bksa, v_bksa, mask_bls, blocks):
     mask_bqs = None if mask_bls is None else lax.dynamic_slice_in_dim(mask_bls, q0, bq, axis=1)
 
     def step(carry, k0, keep):
-      return _step(carry, q_bkrqa, lax.dynamic_slice_in_dim(k_bksa, k0, bk, axis=2),
-                   lax.dynamic_slice_in_dim(v_bksa, k0, bk, axis=2), keep)
+      return _step(
+        carry,
+        q_bkrqa,
+        lax.dynamic_slice_in_dim(k_bksa, k0, bk, axis=2),
+        lax.dynamic_slice_in_dim(v_bksa, k0, bk, axis=2),
+        keep,
+      )
 
     def key_block(carry, j):
       k0 = jnp.minimum(j * bk, s - bk)
@@ -341,8 +365,9 @@ def _forward(q_bkrla, k_bksa, v_bksa, mask_bls, blocks):
     valid_bkrq = m_bkrq > _NEG
     # A row with no key left: skipped blocks and overlaps made its sums partial, so
     # give it what one dense softmax over all-masked scores gives, the mean of v.
-    out_bkrqa = jnp.where(valid_bkrq[..., None], acc_bkrqa / l_bkrq[..., None],
-                          mean_bka[:, :, None, None])
+    out_bkrqa = jnp.where(
+      valid_bkrq[..., None], acc_bkrqa / l_bkrq[..., None], mean_bka[:, :, None, None]
+    )
     return out_bkrqa, jnp.where(valid_bkrq, m_bkrq + jnp.log(l_bkrq), jnp.inf)
 
   return tuple(_assemble(x, l, bq) for x in lax.map(query_block, jnp.arange(nq)))
@@ -354,7 +379,7 @@ def _assemble(x_jbkrq, l, bq):
   nq = x_jbkrq.shape[0]
   head = jnp.moveaxis(x_jbkrq[:-1], 0, 3)
   head = head.reshape(*head.shape[:3], (nq - 1) * bq, *head.shape[5:])
-  tail = x_jbkrq[-1][:, :, :, (nq - 1) * bq - (l - bq):]
+  tail = x_jbkrq[-1][:, :, :, (nq - 1) * bq - (l - bq) :]
   return jnp.concatenate([head, tail], axis=3)
 
 
@@ -403,18 +428,24 @@ def _flash_bwd(blocks, residuals, dout_bkrla):
       # Keys-first score blocks (module doc): dK, dV contract their minor (R, Q) axes and
       # dQᵀ = Kᵀ·dS is a plain matmul, so no (bk, R·Q) block is ever transposed.
       dk_bksa, dv_bksa, dq_bkarl = carry
-      scores_bksrq = jnp.einsum("bksa,bkrqa->bksrq", k_block_bksa, q_bkrqa,
-                                preferred_element_type=f32) * scale
+      scores_bksrq = (
+        jnp.einsum("bksa,bkrqa->bksrq", k_block_bksa, q_bkrqa, preferred_element_type=f32) * scale
+      )
       p_bksrq = jnp.exp(jnp.where(keep, scores_bksrq, _NEG) - lse_bkrq[:, :, None])
-      dp_bksrq = jnp.einsum("bksa,bkrqa->bksrq", v_block_bksa, do_bkrqa.astype(dtype),
-                            preferred_element_type=f32)
+      dp_bksrq = jnp.einsum(
+        "bksa,bkrqa->bksrq", v_block_bksa, do_bkrqa.astype(dtype), preferred_element_type=f32
+      )
       ds_bksrq = (p_bksrq * (dp_bksrq - delta_bkrq[:, :, None]) * scale).astype(dtype)
-      dv_bksa = dv_bksa + jnp.einsum("bksrq,bkrqa->bksa", p_bksrq.astype(dtype),
-                                     do_bkrqa.astype(dtype), preferred_element_type=f32)
-      dk_bksa = dk_bksa + jnp.einsum("bksrq,bkrqa->bksa", ds_bksrq, q_bkrqa,
-                                     preferred_element_type=f32)
-      dq_bkarq = jnp.einsum("bkas,bksrq->bkarq", k_block_bkas, ds_bksrq,
-                            preferred_element_type=f32)
+      dv_bksa = dv_bksa + jnp.einsum(
+        "bksrq,bkrqa->bksa",
+        p_bksrq.astype(dtype),
+        do_bkrqa.astype(dtype),
+        preferred_element_type=f32,
+      )
+      dk_bksa = dk_bksa + jnp.einsum(
+        "bksrq,bkrqa->bksa", ds_bksrq, q_bkrqa, preferred_element_type=f32
+      )
+      dq_bkarq = jnp.einsum("bkas,bksrq->bkarq", k_block_bkas, ds_bksrq, preferred_element_type=f32)
       return dk_bksa, dv_bksa, _add_at(dq_bkarl, dq_bkarq, q0, axis=4)
 
     if mask_bqs is None:
@@ -426,21 +457,31 @@ def _flash_bwd(blocks, residuals, dout_bkrla):
     k0 = jnp.minimum(j * bk, s - bk)
     zeros = jnp.zeros((b, kv, bk, a), jnp.float32)
     (dk_bksa, dv_bksa, dq_bkarl), _ = lax.scan(
-        lambda c, i: query_step(c, i, k0, j), (zeros, zeros, dq_bkarl), jnp.arange(nq))
-    return (_add_at(dk_full, dk_bksa, k0, axis=2), _add_at(dv_full, dv_bksa, k0, axis=2),
-            dq_bkarl), None
+      lambda c, i: query_step(c, i, k0, j), (zeros, zeros, dq_bkarl), jnp.arange(nq)
+    )
+    return (
+      _add_at(dk_full, dk_bksa, k0, axis=2),
+      _add_at(dv_full, dv_bksa, k0, axis=2),
+      dq_bkarl,
+    ), None
 
   kv_zeros = jnp.zeros((b, kv, s, a), jnp.float32)
   dq_zeros = jnp.zeros((b, kv, a, q_bkrla.shape[2], l), jnp.float32)
   (dk_bksa, dv_bksa, dq_bkarl), _ = lax.scan(
-      key_block, (kv_zeros, kv_zeros, dq_zeros), jnp.arange(nk))
+    key_block, (kv_zeros, kv_zeros, dq_zeros), jnp.arange(nk)
+  )
   dq_bkrla = dq_bkarl.transpose(0, 1, 3, 4, 2)
   # Rows with no key: out = mean over all S keys of v, so each key gets dO / S.
-  masked_do_bka = jnp.sum(jnp.where(valid_bkrl[..., None], 0.0,
-                                    dout_bkrla.astype(jnp.float32)), axis=(2, 3))
+  masked_do_bka = jnp.sum(
+    jnp.where(valid_bkrl[..., None], 0.0, dout_bkrla.astype(jnp.float32)), axis=(2, 3)
+  )
   dv_bksa = dv_bksa + masked_do_bka[:, :, None] / s
-  return (dq_bkrla.astype(q_bkrla.dtype), dk_bksa.astype(k_bksa.dtype),
-          dv_bksa.astype(v_bksa.dtype), None)
+  return (
+    dq_bkrla.astype(q_bkrla.dtype),
+    dk_bksa.astype(k_bksa.dtype),
+    dv_bksa.astype(v_bksa.dtype),
+    None,
+  )
 
 
 def _add_at(full, block, start, axis):
@@ -474,9 +515,13 @@ def _dot_product(q_blna, k_bska, v_bska, mask, implementation):
   mask_bls = _dense(mask, l)
   causal = isinstance(mask, Mask) and mask.causal and mask.q_start is None and l == s
   out_blna = jax.nn.dot_product_attention(
-      q_blna, k_bska.astype(q_blna.dtype), v_bska.astype(q_blna.dtype),
-      mask=None if mask_bls is None else mask_bls[:, None], is_causal=causal,
-      implementation=implementation)
+    q_blna,
+    k_bska.astype(q_blna.dtype),
+    v_bska.astype(q_blna.dtype),
+    mask=None if mask_bls is None else mask_bls[:, None],
+    is_causal=causal,
+    implementation=implementation,
+  )
   return _uniform_rows(out_blna, v_bska, mask_bls)
 
 
@@ -484,15 +529,20 @@ def _splash(q_blna, k_bska, v_bska, mask, interpret: bool):
   """Splash attention, one kernel vmapped over the batch: the static causal / full mask,
   padding and segments as segment ids, L and S padded to the lanes (module doc)."""
   from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
+
   (b, l, n, a), s = q_blna.shape, k_bska.shape[1]
   if mask is not None and not isinstance(mask, Mask):
-    raise ValueError("attention implementation 'pallas' (splash attention) takes a "
-                     "models.attention.Mask (validity, causality, segments), not a dense "
-                     "(B, L, S) boolean mask: splash's mask is static per head plus segment ids")
+    raise ValueError(
+      "attention implementation 'pallas' (splash attention) takes a "
+      "models.attention.Mask (validity, causality, segments), not a dense "
+      "(B, L, S) boolean mask: splash's mask is static per head plus segment ids"
+    )
   if mask is not None and mask.causal and mask.q_start is not None:
-    raise ValueError("attention implementation 'pallas' (splash attention): a causal Mask "
-                     "whose first query slot (q_start, a KV cache's index) is traced; splash "
-                     "fixes its causal offset when the kernel is built (use 'xla' or 'cudnn')")
+    raise ValueError(
+      "attention implementation 'pallas' (splash attention): a causal Mask "
+      "whose first query slot (q_start, a KV cache's index) is traced; splash "
+      "fixes its causal offset when the kernel is built (use 'xla' or 'cudnn')"
+    )
   lp, sp = -(-l // _LANES) * _LANES, -(-s // _LANES) * _LANES
   kernel = _splash_kernel(lp, sp, n, mask is not None and mask.causal, interpret)
   pad = lambda x, length: jnp.pad(x, ((0, 0), (0, 0), (0, length - x.shape[2]), (0, 0)))
@@ -504,24 +554,38 @@ def _splash(q_blna, k_bska, v_bska, mask, interpret: bool):
   segmented = mask is not None and mask.q_segment_bl is not None
   kv_ids_bs = jnp.where(valid_bs, mask.kv_segment_bs if segmented else 0, _NO_SEGMENT)
   q_ids_bl = mask.q_segment_bl if segmented else jnp.zeros((b, l), jnp.int32)
-  ids = SegmentIds(jnp.pad(q_ids_bl.astype(jnp.int32), ((0, 0), (0, lp - l))),
-                   jnp.pad(kv_ids_bs.astype(jnp.int32), ((0, 0), (0, sp - s)),
-                           constant_values=_NO_SEGMENT))
+  ids = SegmentIds(
+    jnp.pad(q_ids_bl.astype(jnp.int32), ((0, 0), (0, lp - l))),
+    jnp.pad(kv_ids_bs.astype(jnp.int32), ((0, 0), (0, sp - s)), constant_values=_NO_SEGMENT),
+  )
   out_bnla = jax.vmap(kernel)(q_bnla, k_bksa, v_bksa, ids)
   return _uniform_rows(out_bnla[:, :, :l].transpose(0, 2, 1, 3), v_bska, _dense(mask, l))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _splash_kernel(lp: int, sp: int, heads: int, causal: bool, interpret: bool):
   """The splash kernel for (lp, sp) blocks of ``heads`` heads, built once: blocks of
   512, 256 or 128 (the largest dividing each padded length; not tuned, no TPU here).
   Its mask tables are built outside any trace, so the cached kernel holds no tracer."""
   from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
   bq, bk = (next(size for size in (512, 256, 128) if length % size == 0) for length in (lp, sp))
-  blocks = splash.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq,
-                             block_kv_dkv=bk, block_kv_dkv_compute=bk, block_q_dq=bq,
-                             block_kv_dq=bk)
+  blocks = splash.BlockSizes(
+    block_q=bq,
+    block_kv=bk,
+    block_kv_compute=bk,
+    block_q_dkv=bq,
+    block_kv_dkv=bk,
+    block_kv_dkv_compute=bk,
+    block_q_dq=bq,
+    block_kv_dq=bk,
+  )
   head_mask = splash.CausalMask((lp, sp)) if causal else splash.FullMask((lp, sp))
   with jax.ensure_compile_time_eval():
-    return splash.make_splash_mha(splash.MultiHeadMask([head_mask] * heads), block_sizes=blocks,
-                                  head_shards=1, q_seq_shards=1, interpret=interpret)
+    return splash.make_splash_mha(
+      splash.MultiHeadMask([head_mask] * heads),
+      block_sizes=blocks,
+      head_shards=1,
+      q_seq_shards=1,
+      interpret=interpret,
+    )

@@ -34,8 +34,16 @@ from ppllava_jax.convert.btadapter import BTADAPTER_RULES
 from ppllava_jax.convert.loader import load_into
 from ppllava_jax.models import pretrained
 from ppllava_jax.models.clip import CLIPVisionConfig, CLIPVisionTransformer
-from ppllava_jax.models.layers import (REMAT_NONE, Embedding, EncoderLayer, LayerNorm, Linear,
-                                       SelfAttention, channels_last, remat_call)
+from ppllava_jax.models.layers import (
+  REMAT_NONE,
+  Embedding,
+  EncoderLayer,
+  LayerNorm,
+  Linear,
+  SelfAttention,
+  channels_last,
+  remat_call,
+)
 
 # The original builds its adapter LayerNorms with torch's default eps, not CLIP's.
 ADAPTER_LN_EPS = 1e-5
@@ -53,6 +61,7 @@ class BTAdapterConfig:
     spatial schedule to an unused argument of its temporal block, whose own default
     (0.1) then applies to all.
   """
+
   depth: int = 4
   max_T: int = 64
   drop_path_rate: float = 0.1
@@ -62,22 +71,25 @@ class BTAdapterConfig:
     return self.drop_path_rate * i / (self.depth - 1) if self.depth > 1 else 0.0
 
   @classmethod
-  def from_shapes(cls, shapes: dict[str, tuple[int, ...]], prefix: str) -> "BTAdapterConfig":
+  def from_shapes(cls, shapes: dict[str, tuple[int, ...]], prefix: str) -> BTAdapterConfig:
     """What the adapter tensors under ``prefix`` fix (depth, max_T); drop-path rates, which
     only training reads and no tensor records, stay the original's."""
-    pairs = {k[len(prefix):].split(".")[1] for k in shapes
-             if k.startswith(prefix + "btadapter_S_layers.")}
+    pairs = {
+      k[len(prefix) :].split(".")[1] for k in shapes if k.startswith(prefix + "btadapter_S_layers.")
+    }
     return cls(depth=len(pairs), max_T=shapes[prefix + "btadapter_time_embed.weight"][0])
 
   @classmethod
-  def from_hf(cls, vision_config: dict) -> "BTAdapterConfig":
+  def from_hf(cls, vision_config: dict) -> BTAdapterConfig:
     """Reads ``depth`` / ``max_T``, which the original stamps onto the CLIP vision config."""
-    return cls(depth=vision_config.get("depth", cls.depth),
-               max_T=vision_config.get("max_T", cls.max_T))
+    return cls(
+      depth=vision_config.get("depth", cls.depth), max_T=vision_config.get("max_T", cls.max_T)
+    )
 
 
 def vision_config_from_hf(hf: dict) -> CLIPVisionConfig:
   from transformers import CLIPVisionConfig as HFCLIPVisionConfig  # fills omitted defaults
+
   return pretrained.pick_fields(CLIPVisionConfig, HFCLIPVisionConfig.from_dict(hf))
 
 
@@ -118,12 +130,19 @@ class SpatialBlock(EncoderLayer):
   """
 
   def __init__(self, cfg: CLIPVisionConfig, drop_rate: float, *, rngs: nnx.Rngs):
-    super().__init__(cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
-                     cfg.hidden_act, ADAPTER_LN_EPS, rngs=rngs)
+    super().__init__(
+      cfg.hidden_size,
+      cfg.intermediate_size,
+      cfg.num_attention_heads,
+      cfg.hidden_act,
+      ADAPTER_LN_EPS,
+      rngs=rngs,
+    )
     self.drop_path = drop_path(drop_rate)
 
-  def __call__(self, cls_bd: jax.Array, patches_btpd: jax.Array,
-               rngs: nnx.Rngs | None = None) -> tuple[jax.Array, jax.Array]:
+  def __call__(
+    self, cls_bd: jax.Array, patches_btpd: jax.Array, rngs: nnx.Rngs | None = None
+  ) -> tuple[jax.Array, jax.Array]:
     b, t, p, d = patches_btpd.shape
     cls_bt1d = jnp.broadcast_to(cls_bd[:, None, None], (b, t, 1, d))
     x_bld = jnp.concatenate([cls_bt1d, patches_btpd], axis=2).reshape(b * t, 1 + p, d)  # B·T rows
@@ -140,20 +159,28 @@ class BTAdapterVisionTransformer(CLIPVisionTransformer):
 
   def __init__(self, cfg: CLIPVisionConfig, adapter: BTAdapterConfig, *, rngs: nnx.Rngs):
     if not 1 <= adapter.depth <= cfg.num_hidden_layers:
-      raise ValueError(f"adapter depth {adapter.depth} must be in 1..{cfg.num_hidden_layers} "
-                       "(the CLIP layers it runs beside)")
+      raise ValueError(
+        f"adapter depth {adapter.depth} must be in 1..{cfg.num_hidden_layers} "
+        "(the CLIP layers it runs beside)"
+      )
     super().__init__(cfg, rngs=rngs)
     self.adapter_cfg = adapter
-    self.btadapter_S_layers = nnx.List([
+    self.btadapter_S_layers = nnx.List(
+      [
         SpatialBlock(cfg, adapter.spatial_drop_path_rate(i), rngs=rngs)
-        for i in range(adapter.depth)])
-    self.btadapter_T_layers = nnx.List([
-        TemporalBlock(cfg, adapter.temporal_drop_path_rate, rngs=rngs)
-        for _ in range(adapter.depth)])
-    self.btadapter_time_embed = Embedding(adapter.max_T, cfg.hidden_size, axes=(None, "embed"),
-                                          rngs=rngs)
-    self.btadapter_cls_token = nnx.Param(jnp.zeros((1, 1, cfg.hidden_size)),  # original's shape
-                                         axes=(None, None, "embed"))
+        for i in range(adapter.depth)
+      ]
+    )
+    self.btadapter_T_layers = nnx.List(
+      [TemporalBlock(cfg, adapter.temporal_drop_path_rate, rngs=rngs) for _ in range(adapter.depth)]
+    )
+    self.btadapter_time_embed = Embedding(
+      adapter.max_T, cfg.hidden_size, axes=(None, "embed"), rngs=rngs
+    )
+    self.btadapter_cls_token = nnx.Param(
+      jnp.zeros((1, 1, cfg.hidden_size)),  # original's shape
+      axes=(None, None, "embed"),
+    )
     # The policy of every CLIP layer and adapter block this tower's own loop runs (it calls
     # ``encoder.layers`` itself); ``layers.set_remat`` sets it with the encoder's.
     self.remat = REMAT_NONE
@@ -167,12 +194,13 @@ class BTAdapterVisionTransformer(CLIPVisionTransformer):
     if stream is not None:
       return stream[0] + cls_bd, stream[1] + patches_btpd
     pos_ld = self.embeddings.position_embedding.weight[...].astype(x_btld.dtype)
-    time_td = self.btadapter_time_embed.weight[:x_btld.shape[1]].astype(x_btld.dtype)
+    time_td = self.btadapter_time_embed.weight[: x_btld.shape[1]].astype(x_btld.dtype)
     own_cls_d = self.btadapter_cls_token[0, 0].astype(x_btld.dtype) + pos_ld[0]
     return (cls_bd + own_cls_d) / 2, patches_btpd + pos_ld[1:] + time_td[:, None]
 
-  def __call__(self, pixel_values: jax.Array,
-               rngs: nnx.Rngs | None = None) -> tuple[list[jax.Array], jax.Array]:
+  def __call__(
+    self, pixel_values: jax.Array, rngs: nnx.Rngs | None = None
+  ) -> tuple[list[jax.Array], jax.Array]:
     """(hidden states, pooled) for frames ``pixel_values`` (B, T, C, H, W), each NCHW.
 
     Hidden states are (B, T, 1 + P, D), ``num_hidden_layers + 1`` of them like HF's:
@@ -181,13 +209,18 @@ class BTAdapterVisionTransformer(CLIPVisionTransformer):
     (B, T, D) is ``post_layernorm(frame CLS + the video's adapter CLS)``.
     """
     if pixel_values.ndim != 5:
-      raise ValueError("pixel_values must be video frames (B, T, C, H, W), each NCHW; got "
-                       f"shape {tuple(pixel_values.shape)} (an image batch is (B, 1, C, H, W))")
+      raise ValueError(
+        "pixel_values must be video frames (B, T, C, H, W), each NCHW; got "
+        f"shape {tuple(pixel_values.shape)} (an image batch is (B, 1, C, H, W))"
+      )
     b, t = pixel_values.shape[:2]
     if t > self.adapter_cfg.max_T:
       raise ValueError(f"{t} frames exceed the time embedding's max_T={self.adapter_cfg.max_T}")
-    x_bhwc = channels_last(pixel_values.reshape(b * t, *pixel_values.shape[2:]),  # B·T rows
-                           self.cfg.num_channels, self.cfg.image_size)
+    x_bhwc = channels_last(
+      pixel_values.reshape(b * t, *pixel_values.shape[2:]),  # B·T rows
+      self.cfg.num_channels,
+      self.cfg.image_size,
+    )
     x_bld = self.pre_layrnorm(self.embeddings(x_bhwc))
     frames = lambda x: x.reshape(b, t, *x.shape[1:])
     hidden, stream = [frames(x_bld)], None
@@ -210,20 +243,27 @@ class BTAdapterVisionTransformer(CLIPVisionTransformer):
 class CLIPVisionBTAdapter(nnx.Module):
   """The tower as the original's ``CLIPVisionModel_BTAdapter``: all under ``vision_model``."""
 
-  def __init__(self, vision: CLIPVisionConfig, adapter: BTAdapterConfig = BTAdapterConfig(), *,
-               rngs: nnx.Rngs):
+  def __init__(
+    self, vision: CLIPVisionConfig, adapter: BTAdapterConfig = BTAdapterConfig(), *, rngs: nnx.Rngs
+  ):
     self.cfg = vision
     self.adapter_cfg = adapter
     self.vision_model = BTAdapterVisionTransformer(vision, adapter, rngs=rngs)
 
-  def __call__(self, pixel_values: jax.Array,
-               rngs: nnx.Rngs | None = None) -> tuple[list[jax.Array], jax.Array]:
+  def __call__(
+    self, pixel_values: jax.Array, rngs: nnx.Rngs | None = None
+  ) -> tuple[list[jax.Array], jax.Array]:
     """See ``BTAdapterVisionTransformer.__call__``; PPLLaVA reads hidden state -2."""
     return self.vision_model(pixel_values, rngs)
 
   @classmethod
-  def from_clip(cls, clip: CLIPVisionTransformer, adapter: BTAdapterConfig = BTAdapterConfig(), *,
-                rngs: nnx.Rngs) -> "CLIPVisionBTAdapter":
+  def from_clip(
+    cls,
+    clip: CLIPVisionTransformer,
+    adapter: BTAdapterConfig = BTAdapterConfig(),
+    *,
+    rngs: nnx.Rngs,
+  ) -> CLIPVisionBTAdapter:
     """A fresh adapter on a CLIP vision tower, initialised as the original does.
 
     CLIP's tensors are taken as they are; spatial block k starts as CLIP layer
@@ -239,24 +279,26 @@ class CLIPVisionBTAdapter(nnx.Module):
     for k, block in enumerate(tower.btadapter_S_layers):
       nnx.update(block, nnx.state(clip.encoder.layers[start + k]))
     tower.btadapter_time_embed.weight.set_value(
-        jax.random.normal(rngs.params(), (adapter.max_T, clip.cfg.hidden_size)))
+      jax.random.normal(rngs.params(), (adapter.max_T, clip.cfg.hidden_size))
+    )
     return model
 
   # ---- checkpoints -------------------------------------------------------------------
 
   @classmethod
-  def from_pretrained(cls, path: str | Path, dtype: jnp.dtype | None = None
-                      ) -> "CLIPVisionBTAdapter":
+  def from_pretrained(cls, path: str | Path, dtype: jnp.dtype | None = None) -> CLIPVisionBTAdapter:
     """Loads a folder whose config.json is a CLIP vision config carrying the original's
     ``depth`` / ``max_T`` and whose tensors use the original's ``vision_model.`` names."""
     path = pretrained.resolve_checkpoint(path)
     hf = pretrained.read_config(path, ["clip_vision_model"])
     vision, adapter = vision_config_from_hf(hf), BTAdapterConfig.from_hf(hf)
-    return load_into(nnx.eval_shape(lambda: cls(vision, adapter, rngs=nnx.Rngs(0))), path,
-                     BTADAPTER_RULES, dtype)
+    return load_into(
+      nnx.eval_shape(lambda: cls(vision, adapter, rngs=nnx.Rngs(0))), path, BTADAPTER_RULES, dtype
+    )
 
   def save_pretrained(self, path: str | Path) -> Path:
     from transformers import CLIPVisionConfig as HFCLIPVisionConfig
+
     hf = HFCLIPVisionConfig(**dataclasses.asdict(self.cfg)).to_dict()
     hf.update(depth=self.adapter_cfg.depth, max_T=self.adapter_cfg.max_T)
     return pretrained.save_pretrained(self, path, BTADAPTER_RULES, hf)

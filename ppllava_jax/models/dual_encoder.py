@@ -27,6 +27,7 @@ def _quiet_transformers():
   """transformers' SiglipConfig checks its own default sub-config's CLIP-sized BOS / EOS
   against SigLIP's vocabulary and warns, whatever the file says: not the user's problem."""
   from transformers.utils import logging as hf_logging
+
   level = hf_logging.get_verbosity()
   hf_logging.set_verbosity_error()
   try:
@@ -44,14 +45,19 @@ def towers_from_hf(hf_config_cls: type, hf: dict, vision_cls: type, text_cls: ty
     full = hf_config_cls.from_dict(hf)
   text = pretrained.pick_fields(text_cls, full.text_config)
   keep = hf.get("text_config", {}).get(EXTEND_KEEP_KEY)
-  return full, pretrained.pick_fields(vision_cls, full.vision_config), dataclasses.replace(text, extend_keep=keep)
+  return (
+    full,
+    pretrained.pick_fields(vision_cls, full.vision_config),
+    dataclasses.replace(text, extend_keep=keep),
+  )
 
 
 def towers_to_hf(hf_config_cls: type, vision: Any, text: Any, **top: Any) -> dict:
   text_fields = {k: v for k, v in dataclasses.asdict(text).items() if k != "extend_keep"}
   with _quiet_transformers():
-    hf = hf_config_cls(text_config=text_fields, vision_config=dataclasses.asdict(vision),
-                       **top).to_dict()
+    hf = hf_config_cls(
+      text_config=text_fields, vision_config=dataclasses.asdict(vision), **top
+    ).to_dict()
   if text.extend_keep is not None:
     hf["text_config"][EXTEND_KEEP_KEY] = text.extend_keep
   return hf
@@ -68,14 +74,20 @@ class DualEncoder(nnx.Module):
     """Like HF ``output_hidden_states``: embeddings output, then each layer's (NCHW input)."""
     return self.vision_model(pixel_values)
 
-  def text_hidden_states(self, input_ids: jax.Array,
-                         attention_mask: jax.Array | None = None) -> list[jax.Array]:
+  def text_hidden_states(
+    self, input_ids: jax.Array, attention_mask: jax.Array | None = None
+  ) -> list[jax.Array]:
     """Like HF ``output_hidden_states``: embeddings output, then each layer's, (B, L, D)."""
     return self.text_model(input_ids, attention_mask)[0]
 
   @classmethod
-  def from_pretrained(cls, path: str | Path, dtype: jnp.dtype | None = None,
-                      extend_text: int | None = None, progress: bool = False):
+  def from_pretrained(
+    cls,
+    path: str | Path,
+    dtype: jnp.dtype | None = None,
+    extend_text: int | None = None,
+    progress: bool = False,
+  ):
     """Reads a transformers checkpoint folder (or a hub id when online).
 
     The model is built abstractly (no random init) and filled from the checkpoint;
@@ -87,11 +99,14 @@ class DualEncoder(nnx.Module):
     path = pretrained.resolve_checkpoint(path)
     cfg = cls.config_class.from_hf(pretrained.read_config(path, cls.model_types))
     if cfg.text.extend_keep is None and EXTENDED_TABLE_KEY in checkpoint_keys(path):
-      raise CheckpointError(f"{path} holds extended text positions ({EXTENDED_TABLE_KEY}) but its "
-                            f"config.json has no text_config.{EXTEND_KEEP_KEY}; add it (20 for "
-                            "PPLLaVA)")
-    model = load_into(nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0))), path, cls.rules, dtype,
-                      progress=progress)
+      raise CheckpointError(
+        f"{path} holds extended text positions ({EXTENDED_TABLE_KEY}) but its "
+        f"config.json has no text_config.{EXTEND_KEEP_KEY}; add it (20 for "
+        "PPLLaVA)"
+      )
+    model = load_into(
+      nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0))), path, cls.rules, dtype, progress=progress
+    )
     return model if extend_text is None else extend_text_positions(model, keep=extend_text)
 
   def save_pretrained(self, path: str | Path) -> Path:

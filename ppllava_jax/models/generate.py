@@ -44,12 +44,27 @@ def choose(logits_bv: jax.Array, rng: jax.Array, sampling: Sampling) -> jax.Arra
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "static_media"))
-def _generate(graphdef, state, input_ids, attention_mask, rng, media, *, sampling: Sampling,
-              static_media: tuple = ()):
+def _generate(
+  graphdef,
+  state,
+  input_ids,
+  attention_mask,
+  rng,
+  media,
+  *,
+  sampling: Sampling,
+  static_media: tuple = (),
+):
   model = nnx.merge(graphdef, state)
   b, t = input_ids.shape
-  out = model(input_ids, attention_mask, cache=model.init_cache(b, t + sampling.max_new_tokens),
-              last_only=True, **media, **dict(static_media))
+  out = model(
+    input_ids,
+    attention_mask,
+    cache=model.init_cache(b, t + sampling.max_new_tokens),
+    last_only=True,
+    **media,
+    **dict(static_media),
+  )
   positions_b = jnp.sum(attention_mask, axis=1).astype(jnp.int32)  # next position per row
   stops = jnp.asarray(sampling.stop_tokens or (-1,), jnp.int32)
   tokens = jnp.full((b, sampling.max_new_tokens), sampling.pad_token_id, jnp.int32)
@@ -67,16 +82,32 @@ def _generate(graphdef, state, input_ids, attention_mask, rng, media, *, samplin
     step_out = model(token_b[:, None], jnp.ones((b, 1), bool), positions_b[:, None], cache=cache)
     return step + 1, tokens, step_out.cache, step_out.logits[:, -1], done, positions_b + 1, rng
 
-  carry = (jnp.zeros((), jnp.int32), tokens, out.cache, out.logits[:, -1],
-           jnp.zeros((b,), bool), positions_b, rng)
+  carry = (
+    jnp.zeros((), jnp.int32),
+    tokens,
+    out.cache,
+    out.logits[:, -1],
+    jnp.zeros((b,), bool),
+    positions_b,
+    rng,
+  )
   return jax.lax.while_loop(cond, body, carry)[1]
 
 
-def generate(model: nnx.Module, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
-             max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-             stop_tokens: Sequence[int] | None = None, pad_token_id: int | None = None,
-             rng: jax.Array | None = None, media: dict | None = None,
-             static_media: dict | None = None) -> jax.Array:
+def generate(
+  model: nnx.Module,
+  input_ids: jax.Array,
+  attention_mask: jax.Array | None = None,
+  *,
+  max_new_tokens: int,
+  temperature: float = 0.0,
+  top_p: float = 1.0,
+  stop_tokens: Sequence[int] | None = None,
+  pad_token_id: int | None = None,
+  rng: jax.Array | None = None,
+  media: dict | None = None,
+  static_media: dict | None = None,
+) -> jax.Array:
   """(B, T + max_new_tokens) ids: the prompt, then the generated tokens (pad after a stop).
 
   ``stop_tokens`` default to the model config's EOS ids; ``pad_token_id`` to its pad id
@@ -89,19 +120,31 @@ def generate(model: nnx.Module, input_ids: jax.Array, attention_mask: jax.Array 
   input_ids = jnp.asarray(input_ids, jnp.int32)
   if input_ids.ndim != 2:
     raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
-  mask = jnp.ones(input_ids.shape, bool) if attention_mask is None else jnp.asarray(attention_mask,
-                                                                                    bool)
+  mask = (
+    jnp.ones(input_ids.shape, bool) if attention_mask is None else jnp.asarray(attention_mask, bool)
+  )
   if not bool(jnp.all(mask[:, -1])):
     raise ValueError("prompts must be left-padded: the last position of every row must be real")
   cfg = getattr(model.cfg, "text", model.cfg)  # a multimodal model's LLM config
   sampling = Sampling(
-      max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p),
-      stop_tokens=tuple(cfg.eos_token_id if stop_tokens is None else stop_tokens),
-      pad_token_id=int(pad_token_id if pad_token_id is not None else (cfg.pad_token_id or 0)))
+    max_new_tokens=max_new_tokens,
+    temperature=float(temperature),
+    top_p=float(top_p),
+    stop_tokens=tuple(cfg.eos_token_id if stop_tokens is None else stop_tokens),
+    pad_token_id=int(pad_token_id if pad_token_id is not None else (cfg.pad_token_id or 0)),
+  )
   graphdef, state = nnx.split(model)
   rng = jax.random.key(0) if rng is None else rng
-  new = _generate(graphdef, state, input_ids, mask, rng, media or {}, sampling=sampling,
-                  static_media=tuple(sorted((static_media or {}).items())))
+  new = _generate(
+    graphdef,
+    state,
+    input_ids,
+    mask,
+    rng,
+    media or {},
+    sampling=sampling,
+    static_media=tuple(sorted((static_media or {}).items())),
+  )
   return jnp.concatenate([input_ids, new], axis=1)
 
 

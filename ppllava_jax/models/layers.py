@@ -40,8 +40,7 @@ def remat_policy(name: str):
   """The ``jax.checkpoint_policies`` entry called ``name`` (a ValueError for any other)."""
   policy = getattr(jax.checkpoint_policies, name, None) if not name.startswith("_") else None
   if policy is None or not callable(policy):
-    raise ValueError(f"remat policy {name!r} is neither 'none' nor a jax.checkpoint_policies "
-                     "name")
+    raise ValueError(f"remat policy {name!r} is neither 'none' nor a jax.checkpoint_policies name")
   return policy
 
 
@@ -81,10 +80,10 @@ def quick_gelu(x: jax.Array) -> jax.Array:
 
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "quick_gelu": quick_gelu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+  "quick_gelu": quick_gelu,
+  "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+  "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+  "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
 }
 
 
@@ -107,7 +106,9 @@ class LayerNorm(nnx.Module):
     mean = x32.mean(-1, keepdims=True)
     var = jnp.square(x32 - mean).mean(-1, keepdims=True)
     y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-    return (y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+    return (y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(
+      x.dtype
+    )
 
 
 Axes = tuple[str | None, ...]  # logical axis names of a parameter (see models/sharding.py)
@@ -116,10 +117,19 @@ Axes = tuple[str | None, ...]  # logical axis names of a parameter (see models/s
 class Linear(nnx.Module):
   """y = x @ kernel + bias, kernel stored (in, out); ``axes`` names (in, out) logically."""
 
-  def __init__(self, d_in: int, d_out: int, *, use_bias: bool = True, rngs: nnx.Rngs,
-               axes: Axes = (None, None), dtype=jnp.float32):
-    self.kernel = nnx.Param(jax.random.normal(rngs.params(), (d_in, d_out), dtype) * d_in**-0.5,
-                            axes=axes)
+  def __init__(
+    self,
+    d_in: int,
+    d_out: int,
+    *,
+    use_bias: bool = True,
+    rngs: nnx.Rngs,
+    axes: Axes = (None, None),
+    dtype=jnp.float32,
+  ):
+    self.kernel = nnx.Param(
+      jax.random.normal(rngs.params(), (d_in, d_out), dtype) * d_in**-0.5, axes=axes
+    )
     self.bias = nnx.Param(jnp.zeros((d_out,), dtype), axes=axes[1:]) if use_bias else None
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -128,7 +138,6 @@ class Linear(nnx.Module):
 
 
 class SelfAttention(nnx.Module):
-
   def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs):
     if dim % num_heads:
       raise ValueError(f"hidden size {dim} is not divisible by {num_heads} heads")
@@ -142,13 +151,17 @@ class SelfAttention(nnx.Module):
   def __call__(self, x_bld: jax.Array, mask: Mask | jax.Array | None = None) -> jax.Array:
     b, l, d = x_bld.shape
     heads = lambda t: t.reshape(b, l, self.num_heads, d // self.num_heads)
-    out_blna = attention(heads(self.q_proj(x_bld)), heads(self.k_proj(x_bld)),
-                         heads(self.v_proj(x_bld)), mask, implementation=self.implementation)
+    out_blna = attention(
+      heads(self.q_proj(x_bld)),
+      heads(self.k_proj(x_bld)),
+      heads(self.v_proj(x_bld)),
+      mask,
+      implementation=self.implementation,
+    )
     return self.out_proj(out_blna.reshape(b, l, d))
 
 
 class MLP(nnx.Module):
-
   def __init__(self, dim: int, hidden: int, act: str, *, rngs: nnx.Rngs):
     self.act = activation(act)
     self.fc1 = Linear(dim, hidden, axes=("embed", "mlp"), rngs=rngs)
@@ -161,8 +174,9 @@ class MLP(nnx.Module):
 class EncoderLayer(nnx.Module):
   """Pre-LN block: x + attn(ln1(x)), then + mlp(ln2(x))."""
 
-  def __init__(self, dim: int, hidden: int, num_heads: int, act: str, eps: float, *,
-               rngs: nnx.Rngs):
+  def __init__(
+    self, dim: int, hidden: int, num_heads: int, act: str, eps: float, *, rngs: nnx.Rngs
+  ):
     self.layer_norm1 = LayerNorm(dim, eps)
     self.self_attn = SelfAttention(dim, num_heads, rngs=rngs)
     self.layer_norm2 = LayerNorm(dim, eps)
@@ -177,10 +191,20 @@ class Encoder(nnx.Module):
   """A stack of EncoderLayers returning every hidden state (input first, like HF); each
   layer runs under the ``remat`` policy (module doc)."""
 
-  def __init__(self, num_layers: int, dim: int, hidden: int, num_heads: int, act: str,
-               eps: float, *, rngs: nnx.Rngs):
-    self.layers = nnx.List([EncoderLayer(dim, hidden, num_heads, act, eps, rngs=rngs)
-                            for _ in range(num_layers)])
+  def __init__(
+    self,
+    num_layers: int,
+    dim: int,
+    hidden: int,
+    num_heads: int,
+    act: str,
+    eps: float,
+    *,
+    rngs: nnx.Rngs,
+  ):
+    self.layers = nnx.List(
+      [EncoderLayer(dim, hidden, num_heads, act, eps, rngs=rngs) for _ in range(num_layers)]
+    )
     self.remat = REMAT_NONE
 
   def __call__(self, x_bld: jax.Array, mask: Mask | jax.Array | None = None) -> list[jax.Array]:
@@ -191,7 +215,6 @@ class Encoder(nnx.Module):
 
 
 class Embedding(nnx.Module):
-
   def __init__(self, num: int, dim: int, *, rngs: nnx.Rngs, axes: Axes = (None, None)):
     self.weight = nnx.Param(jax.random.normal(rngs.params(), (num, dim)) * 0.02, axes=axes)
 
@@ -204,14 +227,20 @@ class PatchEmbedding(nnx.Module):
 
   def __init__(self, channels: int, dim: int, patch: int, *, use_bias: bool, rngs: nnx.Rngs):
     self.patch = patch
-    self.kernel = nnx.Param(jax.random.normal(rngs.params(), (patch, patch, channels, dim)) * 0.02,
-                            axes=(None, None, None, "embed"))
+    self.kernel = nnx.Param(
+      jax.random.normal(rngs.params(), (patch, patch, channels, dim)) * 0.02,
+      axes=(None, None, None, "embed"),
+    )
     self.bias = nnx.Param(jnp.zeros((dim,)), axes=("embed",)) if use_bias else None
 
   def __call__(self, x_bhwc: jax.Array) -> jax.Array:
     y = jax.lax.conv_general_dilated(
-        x_bhwc, self.kernel[...].astype(x_bhwc.dtype), (self.patch, self.patch), "VALID",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      x_bhwc,
+      self.kernel[...].astype(x_bhwc.dtype),
+      (self.patch, self.patch),
+      "VALID",
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
     if self.bias is not None:
       y = y + self.bias[...].astype(y.dtype)
     return y.reshape(y.shape[0], -1, y.shape[-1])
@@ -220,6 +249,8 @@ class PatchEmbedding(nnx.Module):
 def channels_last(pixel_values: jax.Array, channels: int, size: int) -> jax.Array:
   """(B, C, H, W) pixels, as HF image processors give them -> (B, H, W, C)."""
   if pixel_values.ndim != 4 or pixel_values.shape[1:] != (channels, size, size):
-    raise ValueError(f"pixel_values must be (B, {channels}, {size}, {size}) (NCHW, as HF image "
-                     f"processors give), got shape {tuple(pixel_values.shape)}")
+    raise ValueError(
+      f"pixel_values must be (B, {channels}, {size}, {size}) (NCHW, as HF image "
+      f"processors give), got shape {tuple(pixel_values.shape)}"
+    )
   return pixel_values.transpose(0, 2, 3, 1)

@@ -28,8 +28,14 @@ from ppllava_jax.convert.loader import load_into
 from ppllava_jax.models import pretrained
 from ppllava_jax.models.attention import PALLAS, Mask, attention
 from ppllava_jax.models.generate import generate
-from ppllava_jax.models.layers import (REMAT_NONE, Embedding, Linear, remat_call, set_attention,
-                                       set_remat)
+from ppllava_jax.models.layers import (
+  REMAT_NONE,
+  Embedding,
+  Linear,
+  remat_call,
+  set_attention,
+  set_remat,
+)
 from ppllava_jax.models.sharding import constrain
 
 
@@ -57,40 +63,57 @@ class DecoderConfig:
   model_type: str = "llama"
 
   @classmethod
-  def from_hf(cls, hf: dict) -> "DecoderConfig":
+  def from_hf(cls, hf: dict) -> DecoderConfig:
     """From a config.json dict of model_type llama or qwen2 (transformers fills defaults)."""
     from transformers import AutoConfig
+
     full = AutoConfig.for_model(**hf)
     if getattr(full, "use_sliding_window", False):
       raise ValueError("Qwen2 sliding-window attention (use_sliding_window=true) is not supported")
     qwen2 = full.model_type == "qwen2"
     eos = full.eos_token_id
     return cls(
-        vocab_size=full.vocab_size, hidden_size=full.hidden_size,
-        intermediate_size=full.intermediate_size, num_hidden_layers=full.num_hidden_layers,
-        num_attention_heads=full.num_attention_heads,
-        num_key_value_heads=full.num_key_value_heads or full.num_attention_heads,
-        head_dim=getattr(full, "head_dim", None) or full.hidden_size // full.num_attention_heads,
-        max_position_embeddings=full.max_position_embeddings, rms_norm_eps=full.rms_norm_eps,
-        rope=tuple(sorted(dict(full.rope_parameters).items())), hidden_act=full.hidden_act,
-        qkv_bias=True if qwen2 else full.attention_bias,
-        o_bias=False if qwen2 else full.attention_bias,
-        mlp_bias=False if qwen2 else full.mlp_bias,
-        tie_word_embeddings=full.tie_word_embeddings, bos_token_id=full.bos_token_id,
-        eos_token_id=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
-        pad_token_id=full.pad_token_id, model_type=full.model_type)
+      vocab_size=full.vocab_size,
+      hidden_size=full.hidden_size,
+      intermediate_size=full.intermediate_size,
+      num_hidden_layers=full.num_hidden_layers,
+      num_attention_heads=full.num_attention_heads,
+      num_key_value_heads=full.num_key_value_heads or full.num_attention_heads,
+      head_dim=getattr(full, "head_dim", None) or full.hidden_size // full.num_attention_heads,
+      max_position_embeddings=full.max_position_embeddings,
+      rms_norm_eps=full.rms_norm_eps,
+      rope=tuple(sorted(dict(full.rope_parameters).items())),
+      hidden_act=full.hidden_act,
+      qkv_bias=True if qwen2 else full.attention_bias,
+      o_bias=False if qwen2 else full.attention_bias,
+      mlp_bias=False if qwen2 else full.mlp_bias,
+      tie_word_embeddings=full.tie_word_embeddings,
+      bos_token_id=full.bos_token_id,
+      eos_token_id=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
+      pad_token_id=full.pad_token_id,
+      model_type=full.model_type,
+    )
 
   def to_hf(self) -> dict:
     from transformers import AutoConfig
+
     fields = dict(
-        vocab_size=self.vocab_size, hidden_size=self.hidden_size,
-        intermediate_size=self.intermediate_size, num_hidden_layers=self.num_hidden_layers,
-        num_attention_heads=self.num_attention_heads, num_key_value_heads=self.num_key_value_heads,
-        head_dim=self.head_dim, max_position_embeddings=self.max_position_embeddings,
-        rms_norm_eps=self.rms_norm_eps, rope_parameters=dict(self.rope),
-        hidden_act=self.hidden_act, tie_word_embeddings=self.tie_word_embeddings,
-        bos_token_id=self.bos_token_id, pad_token_id=self.pad_token_id,
-        eos_token_id=list(self.eos_token_id) if len(self.eos_token_id) != 1 else self.eos_token_id[0])
+      vocab_size=self.vocab_size,
+      hidden_size=self.hidden_size,
+      intermediate_size=self.intermediate_size,
+      num_hidden_layers=self.num_hidden_layers,
+      num_attention_heads=self.num_attention_heads,
+      num_key_value_heads=self.num_key_value_heads,
+      head_dim=self.head_dim,
+      max_position_embeddings=self.max_position_embeddings,
+      rms_norm_eps=self.rms_norm_eps,
+      rope_parameters=dict(self.rope),
+      hidden_act=self.hidden_act,
+      tie_word_embeddings=self.tie_word_embeddings,
+      bos_token_id=self.bos_token_id,
+      pad_token_id=self.pad_token_id,
+      eos_token_id=list(self.eos_token_id) if len(self.eos_token_id) != 1 else self.eos_token_id[0],
+    )
     if self.model_type == "llama":
       fields.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
     return AutoConfig.for_model(self.model_type, **fields).to_dict()
@@ -118,11 +141,15 @@ def rope_inv_freq(cfg: DecoderConfig) -> tuple[jax.Array, float]:
   raise NotImplementedError(f"rope_type {kind!r} is not supported (default, linear, llama3 are)")
 
 
-def apply_rope(x_blna: jax.Array, positions_bl: jax.Array, inv_freq: jax.Array,
-               scale: float) -> jax.Array:
+def apply_rope(
+  x_blna: jax.Array, positions_bl: jax.Array, inv_freq: jax.Array, scale: float
+) -> jax.Array:
   freqs_bla = positions_bl[..., None].astype(jnp.float32) * inv_freq  # (B, L, A / 2)
   angles = jnp.concatenate([freqs_bla, freqs_bla], axis=-1)[:, :, None, :]
-  cos, sin = (jnp.cos(angles) * scale).astype(x_blna.dtype), (jnp.sin(angles) * scale).astype(x_blna.dtype)
+  cos, sin = (
+    (jnp.cos(angles) * scale).astype(x_blna.dtype),
+    (jnp.sin(angles) * scale).astype(x_blna.dtype),
+  )
   half = x_blna.shape[-1] // 2
   rotated = jnp.concatenate([-x_blna[..., half:], x_blna[..., :half]], axis=-1)
   return x_blna * cos + rotated * sin
@@ -137,22 +164,25 @@ class KVCache:
   ``while_loop`` XLA copied the whole stacked cache for every layer's read, which made
   a 4-layer step at 4.7k slots take 40 ms instead of 13 ms.
   """
+
   k: tuple[jax.Array, ...]
   v: tuple[jax.Array, ...]
   valid: jax.Array
   index: jax.Array
 
   @classmethod
-  def init(cls, cfg: DecoderConfig, batch: int, length: int, dtype=jnp.float32) -> "KVCache":
+  def init(cls, cfg: DecoderConfig, batch: int, length: int, dtype=jnp.float32) -> KVCache:
     shape = (batch, length, cfg.num_key_value_heads, cfg.head_dim)
     layers = range(cfg.num_hidden_layers)
-    return cls(tuple(jnp.zeros(shape, dtype) for _ in layers),
-               tuple(jnp.zeros(shape, dtype) for _ in layers),
-               jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32))
+    return cls(
+      tuple(jnp.zeros(shape, dtype) for _ in layers),
+      tuple(jnp.zeros(shape, dtype) for _ in layers),
+      jnp.zeros((batch, length), bool),
+      jnp.zeros((), jnp.int32),
+    )
 
 
 class RMSNorm(nnx.Module):
-
   def __init__(self, dim: int, eps: float):
     self.eps = eps
     self.weight = nnx.Param(jnp.ones((dim,)), axes=("embed",))
@@ -164,7 +194,6 @@ class RMSNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-
   def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
     n, k, a, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
     if n % k:
@@ -195,8 +224,13 @@ class Attention(nnx.Module):
     else:
       k_bska, v_bska = k_blka, v_blka
     cached_pallas = kv_cache is not None and self.implementation in PALLAS
-    out_blna = attention(q_blna, k_bska, v_bska, key_mask,
-                         implementation="xla" if cached_pallas else self.implementation)
+    out_blna = attention(
+      q_blna,
+      k_bska,
+      v_bska,
+      key_mask,
+      implementation="xla" if cached_pallas else self.implementation,
+    )
     return self.o_proj(out_blna.reshape(b, l, n * a)), kv_cache
 
 
@@ -216,7 +250,6 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-
   def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
     self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
     self.self_attn = Attention(cfg, rngs=rngs)
@@ -224,18 +257,17 @@ class DecoderLayer(nnx.Module):
     self.mlp = MLP(cfg, rngs=rngs)
 
   def __call__(self, x_bld, positions_bl, rope, key_mask, kv_cache):
-    attn, kv = self.self_attn(self.input_layernorm(x_bld), positions_bl, rope, key_mask,
-                              kv_cache)
+    attn, kv = self.self_attn(self.input_layernorm(x_bld), positions_bl, rope, key_mask, kv_cache)
     x_bld = x_bld + attn
     x_bld = x_bld + self.mlp(self.post_attention_layernorm(x_bld))
     return constrain(x_bld, ("batch", "length", "embed")), kv
 
 
 class Decoder(nnx.Module):
-
   def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
-    self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, axes=("vocab", "embed"),
-                                  rngs=rngs)
+    self.embed_tokens = Embedding(
+      cfg.vocab_size, cfg.hidden_size, axes=("vocab", "embed"), rngs=rngs
+    )
     self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
     self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
     # "none" or a jax.checkpoint_policies name each layer runs under (layers.remat_call)
@@ -262,26 +294,37 @@ class CausalLM(nnx.Module):
   def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     self.model = Decoder(cfg, rngs=rngs)
-    self.lm_head = None if cfg.tie_word_embeddings else Linear(
-        cfg.hidden_size, cfg.vocab_size, use_bias=False, axes=("embed", "vocab"), rngs=rngs)
+    self.lm_head = (
+      None
+      if cfg.tie_word_embeddings
+      else Linear(
+        cfg.hidden_size, cfg.vocab_size, use_bias=False, axes=("embed", "vocab"), rngs=rngs
+      )
+    )
 
   def embed(self, input_ids: jax.Array) -> jax.Array:
     return self.model.embed_tokens(input_ids)
 
-  def set_remat(self, remat: str) -> "CausalLM":
+  def set_remat(self, remat: str) -> CausalLM:
     """Every decoder layer under ``remat``: "none" or a ``jax.checkpoint_policies`` name
     (``layers.set_remat``); returns the model."""
     return set_remat(self, remat)
 
-  def set_attention(self, implementation: str) -> "CausalLM":
+  def set_attention(self, implementation: str) -> CausalLM:
     """Every decoder layer's attention through ``implementation`` ("xla", "cudnn",
     "pallas", "pallas_interpret": ``models.attention``; ``layers.set_attention``); returns
     the model."""
     return set_attention(self, implementation)
 
-  def __call__(self, input_ids: jax.Array | None = None, attention_mask: jax.Array | None = None,
-               position_ids: jax.Array | None = None, inputs_embeds: jax.Array | None = None,
-               cache: KVCache | None = None, last_only: bool = False) -> CausalLMOutput:
+  def __call__(
+    self,
+    input_ids: jax.Array | None = None,
+    attention_mask: jax.Array | None = None,
+    position_ids: jax.Array | None = None,
+    inputs_embeds: jax.Array | None = None,
+    cache: KVCache | None = None,
+    last_only: bool = False,
+  ) -> CausalLMOutput:
     """Logits (B, L, V) float32 for ``input_ids`` (or ``inputs_embeds`` (B, L, D)).
 
     ``attention_mask`` (B, L) marks real tokens (left or right padding); positions
@@ -292,12 +335,12 @@ class CausalLM(nnx.Module):
     Training takes ``hidden_states`` and ``head_dv`` instead and never builds the
     full logits (``ppllava_jax.train.core.losses``).
     """
-    x_bld, cache = self.hidden_states(input_ids, attention_mask, position_ids, inputs_embeds,
-                                      cache)
+    x_bld, cache = self.hidden_states(input_ids, attention_mask, position_ids, inputs_embeds, cache)
     x_bld = x_bld[:, -1:] if last_only else x_bld
     logits = x_bld @ self.head_dv.astype(x_bld.dtype)
-    return CausalLMOutput(constrain(logits.astype(jnp.float32), ("batch", "length", "vocab")),
-                          cache)
+    return CausalLMOutput(
+      constrain(logits.astype(jnp.float32), ("batch", "length", "vocab")), cache
+    )
 
   @property
   def head_dv(self) -> jax.Array:
@@ -306,11 +349,14 @@ class CausalLM(nnx.Module):
       return self.model.embed_tokens.weight[...].T
     return self.lm_head.kernel[...]
 
-  def hidden_states(self, input_ids: jax.Array | None = None,
-                    attention_mask: jax.Array | None = None,
-                    position_ids: jax.Array | None = None,
-                    inputs_embeds: jax.Array | None = None,
-                    cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+  def hidden_states(
+    self,
+    input_ids: jax.Array | None = None,
+    attention_mask: jax.Array | None = None,
+    position_ids: jax.Array | None = None,
+    inputs_embeds: jax.Array | None = None,
+    cache: KVCache | None = None,
+  ) -> tuple[jax.Array, KVCache | None]:
     """The final-norm hidden states (B, L, D) and the updated cache (arguments as
     ``__call__``)."""
     if (input_ids is None) == (inputs_embeds is None):
@@ -329,8 +375,15 @@ class CausalLM(nnx.Module):
     x_bld = constrain(x_bld, ("batch", "length", "embed"))
     new_keys, new_values = [], []
     for i, layer in enumerate(self.model.layers):
-      x_bld, kv = remat_call(layer, self.model.remat, x_bld, position_ids, rope, key_mask,
-                             None if cache is None else (cache.k[i], cache.v[i], cache.index))
+      x_bld, kv = remat_call(
+        layer,
+        self.model.remat,
+        x_bld,
+        position_ids,
+        rope,
+        key_mask,
+        None if cache is None else (cache.k[i], cache.v[i], cache.index),
+      )
       if kv is not None:
         new_keys.append(kv[0])
         new_values.append(kv[1])
@@ -341,8 +394,7 @@ class CausalLM(nnx.Module):
   def init_cache(self, batch: int, length: int, dtype=None) -> KVCache:
     """An empty cache in ``dtype``, by default the model's (bf16 weights: a bf16 cache,
     as transformers keeps it, half the memory and traffic of f32)."""
-    return KVCache.init(self.cfg, batch, length,
-                        dtype or self.model.embed_tokens.weight[...].dtype)
+    return KVCache.init(self.cfg, batch, length, dtype or self.model.embed_tokens.weight[...].dtype)
 
   def generate(self, input_ids, attention_mask=None, **kwargs):
     """Token ids (B, L + max_new_tokens): see ``ppllava_jax.models.generate.generate``."""

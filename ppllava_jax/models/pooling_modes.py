@@ -30,8 +30,9 @@ if TYPE_CHECKING:
   from ppllava_jax.models.ppllava_config import PPLLaVAConfig
 
 
-def _windowed(model: PPLLaVA, feats_btggf: jax.Array, text_be: jax.Array | None,
-              mask_bt: jax.Array | None) -> jax.Array:
+def _windowed(
+  model: PPLLaVA, feats_btggf: jax.Array, text_be: jax.Array | None, mask_bt: jax.Array | None
+) -> jax.Array:
   """PPLLaVA's windows after the projector, with the video geometry of ``PoolingConfig``."""
   _, kernel, stride = model.cfg.pooling.video_geometry(feats_btggf.shape[1], model.cfg.vision.grid)
   return model.pool(feats_btggf, text_be, kernel, stride, mask_bt)
@@ -41,24 +42,28 @@ def _windowed_count(cfg: PPLLaVAConfig, frames: int) -> int:
   return int(np.prod(cfg.pooling.video_geometry(frames, cfg.vision.grid)[0]))
 
 
-def _spatial_mean(model: PPLLaVA, feats_btggf: jax.Array, text_be: jax.Array | None,
-                  mask_bt: jax.Array | None) -> jax.Array:
+def _spatial_mean(
+  model: PPLLaVA, feats_btggf: jax.Array, text_be: jax.Array | None, mask_bt: jax.Array | None
+) -> jax.Array:
   """LLaVA-NeXT-Video: a (1, s, s) mean of the patches, then the projector."""
   s = model.cfg.pooling.llava_next_stride
   ones = jnp.ones(feats_btggf.shape[:4], jnp.float32)
   return model.multi_modal_projector(
-      ops.prompt_guided_pool(feats_btggf, ones, (1, s, s), mode="average"))
+    ops.prompt_guided_pool(feats_btggf, ones, (1, s, s), mode="average")
+  )
 
 
-def _resized(model: PPLLaVA, feats_btggf: jax.Array, text_be: jax.Array | None,
-             mask_bt: jax.Array | None) -> jax.Array:
+def _resized(
+  model: PPLLaVA, feats_btggf: jax.Array, text_be: jax.Array | None, mask_bt: jax.Array | None
+) -> jax.Array:
   """LLaVA-OneVision: each projected frame resized bilinearly to ceil(g / 2) a side, then
   one newline per video."""
   x_btggd = model.multi_modal_projector(feats_btggf)
   b, t, g, _, d = x_btggd.shape
   half = -(-g // 2)  # ceil, as transformers' apply_pooling
-  halved_btggd = jax.image.resize(x_btggd.astype(jnp.float32), (b, t, half, half, d),
-                                  "bilinear", antialias=False).astype(x_btggd.dtype)
+  halved_btggd = jax.image.resize(
+    x_btggd.astype(jnp.float32), (b, t, half, half, d), "bilinear", antialias=False
+  ).astype(x_btggd.dtype)
   newline = jnp.broadcast_to(model.image_newline[...].astype(halved_btggd.dtype), (b, 1, d))
   return jnp.concatenate([halved_btggd.reshape(b, -1, d), newline], axis=1)
 
@@ -76,6 +81,7 @@ class _Mode:
   scored: the windows weigh patches by the scorer's relevance (Eq. 1)
   anyres_max: images take OneVision's ``anyres_max_N`` downscale
   """
+
   videos: Callable[[PPLLaVA, jax.Array, jax.Array | None, jax.Array | None], jax.Array]
   count: Callable[[PPLLaVAConfig, int], int]
   windows: str | None = None
@@ -84,14 +90,18 @@ class _Mode:
 
 
 MODES: dict[str, _Mode] = {
-    "ppllava": _Mode(_windowed, _windowed_count, windows="softmax", scored=True),
-    "paper": _Mode(_windowed, _windowed_count, windows="weighted_sum", scored=True),
-    "average": _Mode(_windowed, _windowed_count, windows="average"),
-    "llava_next_video": _Mode(
-        _spatial_mean, lambda cfg, t: t * (cfg.vision.grid // cfg.pooling.llava_next_stride) ** 2),
-    "llava_onevision": _Mode(_resized, lambda cfg, t: t * (-(-cfg.vision.grid // 2)) ** 2 + 1,
-                             anyres_max=True),
-    "none": _Mode(lambda model, feats, text, mask: model.multi_modal_projector(feats),
-                  lambda cfg, t: t * cfg.vision.grid ** 2),
+  "ppllava": _Mode(_windowed, _windowed_count, windows="softmax", scored=True),
+  "paper": _Mode(_windowed, _windowed_count, windows="weighted_sum", scored=True),
+  "average": _Mode(_windowed, _windowed_count, windows="average"),
+  "llava_next_video": _Mode(
+    _spatial_mean, lambda cfg, t: t * (cfg.vision.grid // cfg.pooling.llava_next_stride) ** 2
+  ),
+  "llava_onevision": _Mode(
+    _resized, lambda cfg, t: t * (-(-cfg.vision.grid // 2)) ** 2 + 1, anyres_max=True
+  ),
+  "none": _Mode(
+    lambda model, feats, text, mask: model.multi_modal_projector(feats),
+    lambda cfg, t: t * cfg.vision.grid**2,
+  ),
 }
 POOLING_MODES = tuple(MODES)

@@ -11,18 +11,34 @@ from typing import Any
 
 from flax import nnx
 
-from ppllava_jax.convert.loader import (CheckpointError, Rule, hf_tensors, read_checkpoint_json,
-                                        save_tensors)
-
+from ppllava_jax.convert.loader import (
+  CheckpointError,
+  Rule,
+  hf_tensors,
+  read_checkpoint_json,
+  save_tensors,
+)
 
 # What a transformers folder carries beside its weights and config.json: tokenizers (fast,
 # sentencepiece, BPE, WordPiece), chat templates, image / video processors, generation
 # defaults. Conversions carry them along, so converted folders still tokenize.
-SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-              "added_tokens.json", "tokenizer.model", "spiece.model", "vocab.json",
-              "merges.txt", "vocab.txt", "chat_template.jinja", "chat_template.json",
-              "preprocessor_config.json", "video_preprocessor_config.json",
-              "processor_config.json", "generation_config.json")
+SIDE_FILES = (
+  "tokenizer.json",
+  "tokenizer_config.json",
+  "special_tokens_map.json",
+  "added_tokens.json",
+  "tokenizer.model",
+  "spiece.model",
+  "vocab.json",
+  "merges.txt",
+  "vocab.txt",
+  "chat_template.jinja",
+  "chat_template.json",
+  "preprocessor_config.json",
+  "video_preprocessor_config.json",
+  "processor_config.json",
+  "generation_config.json",
+)
 
 
 SCORER_TOKENIZER = "scorer_tokenizer"  # the subfolder that holds the scorer's tokenizer
@@ -31,7 +47,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.j
 
 def pick_fields(dc: type, src: Any):
   """Our config dataclass ``dc`` from a parsed transformers config: same-named fields."""
-  return dc(**{f.name: getattr(src, f.name) for f in dataclasses.fields(dc) if hasattr(src, f.name)})
+  return dc(
+    **{f.name: getattr(src, f.name) for f in dataclasses.fields(dc) if hasattr(src, f.name)}
+  )
 
 
 def resolve_checkpoint(path_or_id: str | Path) -> Path:
@@ -44,11 +62,15 @@ def resolve_checkpoint(path_or_id: str | Path) -> Path:
     raise CheckpointError(f"checkpoint folder not found: {path}")
   try:
     from huggingface_hub import snapshot_download
-    return Path(snapshot_download(str(path_or_id),
-                                  allow_patterns=["*.json", "*.safetensors", *SIDE_FILES]))
+
+    return Path(
+      snapshot_download(str(path_or_id), allow_patterns=["*.json", "*.safetensors", *SIDE_FILES])
+    )
   except Exception as err:  # offline, unknown repo, no permission: say which and why
-    raise CheckpointError(f"{path_or_id!r} is not a local folder and could not be fetched from "
-                          f"the hub ({type(err).__name__}: {err})") from err
+    raise CheckpointError(
+      f"{path_or_id!r} is not a local folder and could not be fetched from "
+      f"the hub ({type(err).__name__}: {err})"
+    ) from err
 
 
 def read_config(path: Path, model_types: Sequence[str]) -> dict[str, Any]:
@@ -63,8 +85,13 @@ def read_config(path: Path, model_types: Sequence[str]) -> dict[str, Any]:
   return config
 
 
-def save_pretrained(model: nnx.Module, path: str | Path, rules: Sequence[Rule],
-                    hf_config: dict[str, Any], progress: bool = False) -> Path:
+def save_pretrained(
+  model: nnx.Module,
+  path: str | Path,
+  rules: Sequence[Rule],
+  hf_config: dict[str, Any],
+  progress: bool = False,
+) -> Path:
   path = Path(path)
   save_tensors(hf_tensors(model, rules), path, progress=progress)
   (path / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
@@ -81,8 +108,10 @@ def copy_side_files(src: Path, dst: Path, scorer: bool = True) -> tuple[str, ...
     shutil.copyfile(src / name, dst / name)
   if scorer and (src / SCORER_TOKENIZER).is_dir():
     (dst / SCORER_TOKENIZER).mkdir(parents=True, exist_ok=True)
-    names += tuple(f"{SCORER_TOKENIZER}/{n}"
-                   for n in copy_side_files(src / SCORER_TOKENIZER, dst / SCORER_TOKENIZER))
+    names += tuple(
+      f"{SCORER_TOKENIZER}/{n}"
+      for n in copy_side_files(src / SCORER_TOKENIZER, dst / SCORER_TOKENIZER)
+    )
   return names
 
 
@@ -96,6 +125,14 @@ def write_generation_config(folder: Path, text) -> None:
   if (folder / "generation_config.json").is_file():
     return
   eos = list(text.eos_token_id)
-  (folder / "generation_config.json").write_text(json.dumps(
-      dict(bos_token_id=text.bos_token_id, eos_token_id=eos[0] if len(eos) == 1 else eos,
-           pad_token_id=text.pad_token_id), indent=2) + "\n")
+  (folder / "generation_config.json").write_text(
+    json.dumps(
+      dict(
+        bos_token_id=text.bos_token_id,
+        eos_token_id=eos[0] if len(eos) == 1 else eos,
+        pad_token_id=text.pad_token_id,
+      ),
+      indent=2,
+    )
+    + "\n"
+  )

@@ -20,15 +20,15 @@ log = logging.getLogger(__name__)
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 
 LOGICAL_RULES: Rules = (
-    ("batch", ("data", "fsdp")),
-    ("length", None),
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-    ("mlp", "tensor"),
-    ("vocab", "tensor"),
-    ("joint", "tensor"),  # the scorer's joint embedding (Eq. 1; shape letter e)
+  ("batch", ("data", "fsdp")),
+  ("length", None),
+  ("embed", "fsdp"),
+  ("heads", "tensor"),
+  ("kv_heads", "tensor"),
+  ("head_dim", None),
+  ("mlp", "tensor"),
+  ("vocab", "tensor"),
+  ("joint", "tensor"),  # the scorer's joint embedding (Eq. 1; shape letter e)
 )
 
 
@@ -50,8 +50,9 @@ def logical_to_spec(axes: Sequence[str | None], rules: Rules = LOGICAL_RULES) ->
   return PartitionSpec(*spec)
 
 
-def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh, name: str = "an array"
-             ) -> PartitionSpec:
+def fit_spec(
+  spec: PartitionSpec, shape: Sequence[int], mesh: Mesh, name: str = "an array"
+) -> PartitionSpec:
   """``spec`` with the mesh axes that do not divide their dimension dropped (that dimension
   replicated, and logged): a 5-head tower on a 2-way tensor axis still loads."""
   out = []
@@ -64,22 +65,27 @@ def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh, name: str = 
   return PartitionSpec(*out)
 
 
-def variable_sharding(var: nnx.Variable, mesh: Mesh, rules: Rules = LOGICAL_RULES,
-                      name: str = "a variable") -> NamedSharding:
+def variable_sharding(
+  var: nnx.Variable, mesh: Mesh, rules: Rules = LOGICAL_RULES, name: str = "a variable"
+) -> NamedSharding:
   """Where ``var`` lives: by its logical ``axes`` (``fit_spec`` to its shape), replicated
   without."""
   axes = var.get_metadata().get("axes")
   if axes is None:
     return NamedSharding(mesh, PartitionSpec())
-  return NamedSharding(mesh, fit_spec(logical_to_spec(axes, rules), var.get_value().shape,
-                                      mesh, name))
+  return NamedSharding(
+    mesh, fit_spec(logical_to_spec(axes, rules), var.get_value().shape, mesh, name)
+  )
 
 
-def param_shardings(model: nnx.Module, mesh: Mesh,
-                    rules: Rules = LOGICAL_RULES) -> dict[tuple, NamedSharding]:
+def param_shardings(
+  model: nnx.Module, mesh: Mesh, rules: Rules = LOGICAL_RULES
+) -> dict[tuple, NamedSharding]:
   """A NamedSharding per variable path of ``model`` (``variable_sharding``)."""
-  return {path: variable_sharding(var, mesh, rules, "/".join(map(str, path)))
-          for path, var in nnx.to_flat_state(nnx.state(model))}
+  return {
+    path: variable_sharding(var, mesh, rules, "/".join(map(str, path)))
+    for path, var in nnx.to_flat_state(nnx.state(model))
+  }
 
 
 def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules = LOGICAL_RULES) -> nnx.Module:

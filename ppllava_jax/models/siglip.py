@@ -24,8 +24,15 @@ from flax import nnx
 from ppllava_jax.convert.siglip import SIGLIP_RULES
 from ppllava_jax.models.attention import Mask, attention
 from ppllava_jax.models.dual_encoder import DualEncoder, towers_from_hf, towers_to_hf
-from ppllava_jax.models.layers import (MLP, Embedding, Encoder, LayerNorm, Linear, PatchEmbedding,
-                                       channels_last)
+from ppllava_jax.models.layers import (
+  MLP,
+  Embedding,
+  Encoder,
+  LayerNorm,
+  Linear,
+  PatchEmbedding,
+  channels_last,
+)
 from ppllava_jax.models.text import TextEmbeddings, prepare_text_inputs
 
 NO_TOKEN = -1  # an id past the end of a row's text (module doc)
@@ -72,23 +79,26 @@ class SiglipConfig:
   text: SiglipTextConfig = SiglipTextConfig()
 
   @classmethod
-  def from_hf(cls, hf: dict) -> "SiglipConfig":
+  def from_hf(cls, hf: dict) -> SiglipConfig:
     from transformers import SiglipConfig as HFSiglipConfig
+
     _, vision, text = towers_from_hf(HFSiglipConfig, hf, SiglipVisionConfig, SiglipTextConfig)
     return cls(vision=vision, text=text)
 
   def to_hf(self) -> dict:
     from transformers import SiglipConfig as HFSiglipConfig
+
     return towers_to_hf(HFSiglipConfig, self.vision, self.text)
 
 
 class SiglipVisionEmbeddings(nnx.Module):
-
   def __init__(self, cfg: SiglipVisionConfig, *, rngs: nnx.Rngs):
-    self.patch_embedding = PatchEmbedding(cfg.num_channels, cfg.hidden_size, cfg.patch_size,
-                                          use_bias=True, rngs=rngs)
-    self.position_embedding = Embedding(cfg.grid**2, cfg.hidden_size, axes=(None, "embed"),
-                                        rngs=rngs)
+    self.patch_embedding = PatchEmbedding(
+      cfg.num_channels, cfg.hidden_size, cfg.patch_size, use_bias=True, rngs=rngs
+    )
+    self.position_embedding = Embedding(
+      cfg.grid**2, cfg.hidden_size, axes=(None, "embed"), rngs=rngs
+    )
 
   def __call__(self, x_bhwc: jax.Array) -> jax.Array:
     x_bld = self.patch_embedding(x_bhwc)
@@ -108,15 +118,20 @@ class PoolingAttention(nnx.Module):
     """The v projection alone (PPLLaVA scores each patch with it, reference 1b)."""
     d = x_bld.shape[-1]
     kernel, bias = self.in_proj.kernel[...], self.in_proj.bias[...]
-    return x_bld @ kernel[:, 2 * d:].astype(x_bld.dtype) + bias[2 * d:].astype(x_bld.dtype)
+    return x_bld @ kernel[:, 2 * d :].astype(x_bld.dtype) + bias[2 * d :].astype(x_bld.dtype)
 
   def __call__(self, q_bld: jax.Array, x_bld: jax.Array) -> jax.Array:
     d = x_bld.shape[-1]
     heads = lambda t: t.reshape(t.shape[0], t.shape[1], self.num_heads, d // self.num_heads)
     q = self.in_proj(q_bld)[..., :d]
     kv = self.in_proj(x_bld)
-    out_blna = attention(heads(q), heads(kv[..., d:2 * d]), heads(kv[..., 2 * d:]), None,
-                         implementation=self.implementation)
+    out_blna = attention(
+      heads(q),
+      heads(kv[..., d : 2 * d]),
+      heads(kv[..., 2 * d :]),
+      None,
+      implementation=self.implementation,
+    )
     return self.out_proj(out_blna.reshape(q_bld.shape))
 
 
@@ -124,15 +139,17 @@ class SiglipPoolingHead(nnx.Module):
   """A learned probe attends over the patches, then a residual MLP: (B, L, D) -> (B, D)."""
 
   def __init__(self, cfg: SiglipVisionConfig, *, rngs: nnx.Rngs):
-    self.probe = nnx.Param(jax.random.normal(rngs.params(), (1, 1, cfg.hidden_size)) * 0.02,
-                           axes=(None, None, "embed"))
+    self.probe = nnx.Param(
+      jax.random.normal(rngs.params(), (1, 1, cfg.hidden_size)) * 0.02, axes=(None, None, "embed")
+    )
     self.attention = PoolingAttention(cfg.hidden_size, cfg.num_attention_heads, rngs=rngs)
     self.layernorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
     self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, rngs=rngs)
 
   def __call__(self, x_bld: jax.Array) -> jax.Array:
-    probe_b1d = jnp.broadcast_to(self.probe[...].astype(x_bld.dtype), (x_bld.shape[0], 1,
-                                                                       x_bld.shape[-1]))
+    probe_b1d = jnp.broadcast_to(
+      self.probe[...].astype(x_bld.dtype), (x_bld.shape[0], 1, x_bld.shape[-1])
+    )
     h_b1d = self.attention(probe_b1d, x_bld)
     return (h_b1d + self.mlp(self.layernorm(h_b1d)))[:, 0]
 
@@ -144,12 +161,18 @@ class SiglipPoolingHead(nnx.Module):
 
 
 class SiglipVisionTransformer(nnx.Module):
-
   def __init__(self, cfg: SiglipVisionConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     self.embeddings = SiglipVisionEmbeddings(cfg, rngs=rngs)
-    self.encoder = Encoder(cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size,
-                           cfg.num_attention_heads, cfg.hidden_act, cfg.layer_norm_eps, rngs=rngs)
+    self.encoder = Encoder(
+      cfg.num_hidden_layers,
+      cfg.hidden_size,
+      cfg.intermediate_size,
+      cfg.num_attention_heads,
+      cfg.hidden_act,
+      cfg.layer_norm_eps,
+      rngs=rngs,
+    )
     self.post_layernorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
     self.head = SiglipPoolingHead(cfg, rngs=rngs) if cfg.vision_use_head else None
 
@@ -160,25 +183,32 @@ class SiglipVisionTransformer(nnx.Module):
 
 
 class SiglipTextTransformer(nnx.Module):
-
   def __init__(self, cfg: SiglipTextConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    self.embeddings = TextEmbeddings(cfg.vocab_size, cfg.hidden_size,
-                                     cfg.max_position_embeddings, cfg.extend_keep, rngs=rngs)
-    self.encoder = Encoder(cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size,
-                           cfg.num_attention_heads, cfg.hidden_act, cfg.layer_norm_eps, rngs=rngs)
+    self.embeddings = TextEmbeddings(
+      cfg.vocab_size, cfg.hidden_size, cfg.max_position_embeddings, cfg.extend_keep, rngs=rngs
+    )
+    self.encoder = Encoder(
+      cfg.num_hidden_layers,
+      cfg.hidden_size,
+      cfg.intermediate_size,
+      cfg.num_attention_heads,
+      cfg.hidden_act,
+      cfg.layer_norm_eps,
+      rngs=rngs,
+    )
     self.final_layer_norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
     self.head = Linear(cfg.hidden_size, cfg.projection_size, axes=("embed", "joint"), rngs=rngs)
 
   def __call__(self, ids_bl: jax.Array, mask_bl: jax.Array | None = None):
     """(hidden states, last (B, L, D) after final_layer_norm, pooled (B, P) = head(last at
     each row's end)): the end is the last position, or the last before ``NO_TOKEN`` ids."""
-    ids_bl, mask_bl = prepare_text_inputs(ids_bl, mask_bl, self.cfg.max_position_embeddings,
-                                          None)
+    ids_bl, mask_bl = prepare_text_inputs(ids_bl, mask_bl, self.cfg.max_position_embeddings, None)
     present_bl = ids_bl != NO_TOKEN
     valid_bl = mask_bl.astype(bool) & present_bl
-    hidden = self.encoder(self.embeddings(jnp.where(present_bl, ids_bl, 0)),
-                          Mask(valid_bs=valid_bl))
+    hidden = self.encoder(
+      self.embeddings(jnp.where(present_bl, ids_bl, 0)), Mask(valid_bs=valid_bl)
+    )
     last_bld = self.final_layer_norm(hidden[-1])
     end_b = jnp.max(jnp.where(present_bl, jnp.arange(ids_bl.shape[1]), 0), axis=1)
     pooled_bd = jnp.take_along_axis(last_bld, end_b[:, None, None], axis=1)[:, 0]
@@ -205,6 +235,7 @@ class SiglipModel(DualEncoder):
     last_bld = self.vision_model.post_layernorm(self.vision_model(pixel_values)[-1])
     return self.vision_model.head(last_bld)
 
-  def get_text_features(self, input_ids: jax.Array,
-                        attention_mask: jax.Array | None = None) -> jax.Array:
+  def get_text_features(
+    self, input_ids: jax.Array, attention_mask: jax.Array | None = None
+  ) -> jax.Array:
     return self.text_model(input_ids, attention_mask)[2]

@@ -18,8 +18,7 @@ from ppllava_jax.models.layers import Embedding, Frozen
 class TextEmbeddings(nnx.Module):
   """Token + position embeddings; with ``keep`` set, PPLLaVA's two position tables."""
 
-  def __init__(self, vocab: int, dim: int, positions: int, keep: int | None, *,
-               rngs: nnx.Rngs):
+  def __init__(self, vocab: int, dim: int, positions: int, keep: int | None, *, rngs: nnx.Rngs):
     self.keep = keep
     self.token_embedding = Embedding(vocab, dim, axes=("vocab", "embed"), rngs=rngs)
     if keep is None:
@@ -37,13 +36,15 @@ class TextEmbeddings(nnx.Module):
       pos_ld = self.position_embedding.weight[:length]
     else:
       below = (jnp.arange(length) < self.keep)[:, None]
-      pos_ld = jnp.where(below, self.position_embedding[:length],
-                         self.position_embedding_res[:length])
+      pos_ld = jnp.where(
+        below, self.position_embedding[:length], self.position_embedding_res[:length]
+      )
     return x_bld + pos_ld.astype(x_bld.dtype)
 
 
-def prepare_text_inputs(ids_bl: jax.Array, mask_bl: jax.Array | None, limit: int,
-                        eos_id: int | None) -> tuple[jax.Array, jax.Array]:
+def prepare_text_inputs(
+  ids_bl: jax.Array, mask_bl: jax.Array | None, limit: int, eos_id: int | None
+) -> tuple[jax.Array, jax.Array]:
   """Checks (B, L) ids, defaults the mask to all ones, and cuts inputs longer than
   ``limit`` positions with a warning (never silently).
 
@@ -55,14 +56,17 @@ def prepare_text_inputs(ids_bl: jax.Array, mask_bl: jax.Array | None, limit: int
   if mask_bl is None:
     mask_bl = jnp.ones(ids_bl.shape, bool)
   elif mask_bl.shape != ids_bl.shape:
-    raise ValueError(f"attention_mask must match input_ids {tuple(ids_bl.shape)}, "
-                     f"got shape {tuple(mask_bl.shape)}")
+    raise ValueError(
+      f"attention_mask must match input_ids {tuple(ids_bl.shape)}, got shape {tuple(mask_bl.shape)}"
+    )
   if ids_bl.shape[1] <= limit:
     return ids_bl, mask_bl
-  warnings.warn(f"text input of {ids_bl.shape[1]} tokens is longer than the {limit} positions "
-                f"of the text encoder: truncated to {limit} tokens (the rest is ignored"
-                + ("; the last kept token becomes EOS)." if eos_id is not None else ")."),
-                stacklevel=5)
+  warnings.warn(
+    f"text input of {ids_bl.shape[1]} tokens is longer than the {limit} positions "
+    f"of the text encoder: truncated to {limit} tokens (the rest is ignored"
+    + ("; the last kept token becomes EOS)." if eos_id is not None else ")."),
+    stacklevel=5,
+  )
   ids_bl, mask_bl = ids_bl[:, :limit], mask_bl[:, :limit]
   if eos_id is not None:
     running = mask_bl[:, -1].astype(bool)
@@ -77,8 +81,9 @@ def extend_text_positions(model: nnx.Module, keep: int = 20, ratio: int = 4) -> 
     raise ValueError(f"the text tower is already extended (keep={model.cfg.text.extend_keep})")
   table = model.text_model.embeddings.position_embedding.weight[...]
   extended = ops.extend_positions(table, keep=keep, ratio=ratio)
-  text_cfg = dataclasses.replace(model.cfg.text, extend_keep=keep,
-                                 max_position_embeddings=extended.shape[0])
+  text_cfg = dataclasses.replace(
+    model.cfg.text, extend_keep=keep, max_position_embeddings=extended.shape[0]
+  )
   cfg = dataclasses.replace(model.cfg, text=text_cfg)
   graph, state = nnx.split(nnx.eval_shape(lambda: type(model)(cfg, rngs=nnx.Rngs(0))))
   flat = dict(nnx.to_flat_state(state))

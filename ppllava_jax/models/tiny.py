@@ -26,6 +26,7 @@ class TinyConfig:
   """frames: the frames a video is sampled to; image_size / patch_size: the vision
   tower's input (image_size // patch_size patches a side); widths and layer counts per
   tower; kernel: the video pooling kernel (t, h, w); seed: the initialisation's."""
+
   frames: int = 32
   image_size: int = 336
   patch_size: int = 14
@@ -41,25 +42,47 @@ class TinyConfig:
   def model_config(self, vocab: int) -> PPLLaVAConfig:
     tiles = self.image_size
     return PPLLaVAConfig(
-        vision=CLIPVisionConfig(hidden_size=self.vision_width,
-                                intermediate_size=4 * self.vision_width,
-                                num_hidden_layers=self.vision_layers, num_attention_heads=2,
-                                image_size=self.image_size, patch_size=self.patch_size),
-        text=DecoderConfig(vocab_size=vocab, hidden_size=self.llm_width,
-                           intermediate_size=3 * self.llm_width,
-                           num_hidden_layers=self.llm_layers, num_attention_heads=4,
-                           num_key_value_heads=2, head_dim=self.llm_width // 4,
-                           max_position_embeddings=4096, eos_token_id=(2,), pad_token_id=0),
-        image_token_index=4, video_token_index=-1,  # the char tokenizer's <image>; no video id
-        grid_pinpoints=((tiles, 2 * tiles), (2 * tiles, tiles), (2 * tiles, 2 * tiles)),
-        pooling=PoolingConfig("ppllava", video_kernel=self.kernel),
-        scorer=ScorerConfig(
-            text=CLIPTextConfig(vocab_size=vocab, hidden_size=self.text_width,
-                                intermediate_size=2 * self.text_width,
-                                num_hidden_layers=self.text_layers, num_attention_heads=2,
-                                max_position_embeddings=4 * 77 - 3 * 20, extend_keep=20,
-                                eos_token_id=2, bos_token_id=1, pad_token_id=0),
-            vision_width=self.vision_width, projection_dim=32))
+      vision=CLIPVisionConfig(
+        hidden_size=self.vision_width,
+        intermediate_size=4 * self.vision_width,
+        num_hidden_layers=self.vision_layers,
+        num_attention_heads=2,
+        image_size=self.image_size,
+        patch_size=self.patch_size,
+      ),
+      text=DecoderConfig(
+        vocab_size=vocab,
+        hidden_size=self.llm_width,
+        intermediate_size=3 * self.llm_width,
+        num_hidden_layers=self.llm_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=self.llm_width // 4,
+        max_position_embeddings=4096,
+        eos_token_id=(2,),
+        pad_token_id=0,
+      ),
+      image_token_index=4,
+      video_token_index=-1,  # the char tokenizer's <image>; no video id
+      grid_pinpoints=((tiles, 2 * tiles), (2 * tiles, tiles), (2 * tiles, 2 * tiles)),
+      pooling=PoolingConfig("ppllava", video_kernel=self.kernel),
+      scorer=ScorerConfig(
+        text=CLIPTextConfig(
+          vocab_size=vocab,
+          hidden_size=self.text_width,
+          intermediate_size=2 * self.text_width,
+          num_hidden_layers=self.text_layers,
+          num_attention_heads=2,
+          max_position_embeddings=4 * 77 - 3 * 20,
+          extend_keep=20,
+          eos_token_id=2,
+          bos_token_id=1,
+          pad_token_id=0,
+        ),
+        vision_width=self.vision_width,
+        projection_dim=32,
+      ),
+    )
 
 
 def build_tiny(cfg: TinyConfig, vocab: int) -> PPLLaVA:

@@ -68,8 +68,9 @@ def _as_size2(value, name: str) -> Size2:
   return height, width
 
 
-def select_best_resolution(original_size: Sequence[int],
-                           possible_resolutions: Sequence[Sequence[int]]) -> Size2:
+def select_best_resolution(
+  original_size: Sequence[int], possible_resolutions: Sequence[Sequence[int]]
+) -> Size2:
   """The (height, width) pinpoint that keeps most of the image, then wastes least.
 
   Per candidate, the image is scaled to fit it with its aspect kept (sides truncated
@@ -78,8 +79,9 @@ def select_best_resolution(original_size: Sequence[int],
   then the smallest wasted, then the first listed.
   """
   height, width = _as_size2(original_size, "select_best_resolution: original_size")
-  candidates = [_as_size2(r, "select_best_resolution: a possible resolution")
-                for r in possible_resolutions]
+  candidates = [
+    _as_size2(r, "select_best_resolution: a possible resolution") for r in possible_resolutions
+  ]
   if not candidates:
     raise ValueError("select_best_resolution: possible_resolutions is empty")
 
@@ -92,8 +94,9 @@ def select_best_resolution(original_size: Sequence[int],
   return max(candidates, key=fit)  # max returns the first of equal keys
 
 
-def anyres_grid_shape(original_size: Sequence[int], grid_pinpoints: Sequence[Sequence[int]],
-                      tile_size: int) -> Size2:
+def anyres_grid_shape(
+  original_size: Sequence[int], grid_pinpoints: Sequence[Sequence[int]], tile_size: int
+) -> Size2:
   """(rows, cols) of tiles an image of ``original_size`` is cut into, base tile excluded.
 
   transformers calls ``tile_size`` "patch_size" here (it passes the vision tower's
@@ -105,8 +108,9 @@ def anyres_grid_shape(original_size: Sequence[int], grid_pinpoints: Sequence[Seq
   pinpoints = [_as_size2(p, "anyres_grid_shape: a grid pinpoint") for p in grid_pinpoints]
   off = [p for p in pinpoints if p[0] % tile_size or p[1] % tile_size]
   if off:
-    raise ValueError(f"anyres_grid_shape: grid pinpoints must be multiples of tile_size "
-                     f"{tile_size}, got {off}")
+    raise ValueError(
+      f"anyres_grid_shape: grid pinpoints must be multiples of tile_size {tile_size}, got {off}"
+    )
   best_h, best_w = select_best_resolution(original_size, pinpoints)
   return best_h // tile_size, best_w // tile_size
 
@@ -133,8 +137,9 @@ def _downscaled(grid: Size2, side: int, max_patches: int | None) -> Size2:
   return (int(h // ratio), int(w // ratio)) if ratio > 1.1 else grid
 
 
-def _packed_geometry(original_size, grid_pinpoints, tile_size: int, patch_size: int,
-                     pool: int) -> tuple[Size2, int, Size2]:
+def _packed_geometry(
+  original_size, grid_pinpoints, tile_size: int, patch_size: int, pool: int
+) -> tuple[Size2, int, Size2]:
   """((rows, cols) of tiles, features per tile side, (rows, cols) cut from each end)."""
   original_size = _as_size2(original_size, "image size")
   rows, cols = anyres_grid_shape(original_size, grid_pinpoints, tile_size)
@@ -145,9 +150,14 @@ def _packed_geometry(original_size, grid_pinpoints, tile_size: int, patch_size: 
   return (rows, cols), side, _unpad_margins(original_size, (rows * side, cols * side))
 
 
-def num_image_features(original_size: Sequence[int], grid_pinpoints: Sequence[Sequence[int]],
-                       tile_size: int, patch_size: int, pool: int = 1,
-                       max_patches: int | None = None) -> int:
+def num_image_features(
+  original_size: Sequence[int],
+  grid_pinpoints: Sequence[Sequence[int]],
+  tile_size: int,
+  patch_size: int,
+  pool: int = 1,
+  max_patches: int | None = None,
+) -> int:
   """LLM tokens one image of ``original_size`` becomes: ``S*S + h*w + h`` (module doc).
 
   Features exclude CLS (``vision_feature_select_strategy="default"``, as in LLaVA-NeXT
@@ -156,18 +166,25 @@ def num_image_features(original_size: Sequence[int], grid_pinpoints: Sequence[Se
   pooling of every tile, base included, with unpadding on the pooled grid.
   ``max_patches``: LLaVA-OneVision's ``anyres_max_N`` downscale (module doc).
   """
-  (rows, cols), side, (cut_h, cut_w) = _packed_geometry(original_size, grid_pinpoints,
-                                                        tile_size, patch_size, pool)
-  kept_h, kept_w = _downscaled((rows * side - 2 * cut_h, cols * side - 2 * cut_w), side,
-                               max_patches)
+  (rows, cols), side, (cut_h, cut_w) = _packed_geometry(
+    original_size, grid_pinpoints, tile_size, patch_size, pool
+  )
+  kept_h, kept_w = _downscaled(
+    (rows * side - 2 * cut_h, cols * side - 2 * cut_w), side, max_patches
+  )
   return side * side + kept_h * kept_w + kept_h
 
 
-def pack_image_features(features_per_image: Sequence[jax.Array],
-                        image_sizes: Sequence[Sequence[int]],
-                        grid_pinpoints: Sequence[Sequence[int]], tile_size: int, patch_size: int,
-                        image_newline: jax.Array, pool: int = 1,
-                        max_patches: int | None = None) -> list[jax.Array]:
+def pack_image_features(
+  features_per_image: Sequence[jax.Array],
+  image_sizes: Sequence[Sequence[int]],
+  grid_pinpoints: Sequence[Sequence[int]],
+  tile_size: int,
+  patch_size: int,
+  image_newline: jax.Array,
+  pool: int = 1,
+  max_patches: int | None = None,
+) -> list[jax.Array]:
   """Packs each image's tile features into its LLM token sequence (module doc).
 
   ``features_per_image[i]`` is (1 + R*C, S*S, D): the base tile, then the grid tiles
@@ -181,32 +198,42 @@ def pack_image_features(features_per_image: Sequence[jax.Array],
   jit it would compile once per distinct geometry.
   """
   if len(features_per_image) != len(image_sizes):
-    raise ValueError(f"pack_image_features: {len(features_per_image)} feature arrays but "
-                     f"{len(image_sizes)} image sizes")
+    raise ValueError(
+      f"pack_image_features: {len(features_per_image)} feature arrays but "
+      f"{len(image_sizes)} image sizes"
+    )
   if image_newline.ndim != 1:
-    raise ValueError(f"pack_image_features: image_newline must be (D,), got shape "
-                     f"{tuple(image_newline.shape)}")
+    raise ValueError(
+      f"pack_image_features: image_newline must be (D,), got shape {tuple(image_newline.shape)}"
+    )
   d = image_newline.shape[0]
   packed = []
   for i, (tiles_ipd, size) in enumerate(zip(features_per_image, image_sizes)):
-    (rows, cols), side, (cut_h, cut_w) = _packed_geometry(size, grid_pinpoints, tile_size,
-                                                          patch_size, pool)
+    (rows, cols), side, (cut_h, cut_w) = _packed_geometry(
+      size, grid_pinpoints, tile_size, patch_size, pool
+    )
     expected = (1 + rows * cols, side * side, d)
     if tuple(tiles_ipd.shape) != expected:
-      raise ValueError(f"pack_image_features: image {i} of size {tuple(size)} needs "
-                       f"(1 + {rows}x{cols} tiles, {side}x{side} features, D={d}) = "
-                       f"{expected}, got shape {tuple(tiles_ipd.shape)}")
+      raise ValueError(
+        f"pack_image_features: image {i} of size {tuple(size)} needs "
+        f"(1 + {rows}x{cols} tiles, {side}x{side} features, D={d}) = "
+        f"{expected}, got shape {tuple(tiles_ipd.shape)}"
+      )
     tiles_ipd = jnp.asarray(tiles_ipd)
     grid_h, grid_w = rows * side, cols * side
-    grid_hwd = (tiles_ipd[1:].reshape(rows, cols, side, side, d)
-                .transpose(0, 2, 1, 3, 4).reshape(grid_h, grid_w, d))
-    grid_hwd = grid_hwd[cut_h:grid_h - cut_h, cut_w:grid_w - cut_w]
+    grid_hwd = (
+      tiles_ipd[1:]
+      .reshape(rows, cols, side, side, d)
+      .transpose(0, 2, 1, 3, 4)
+      .reshape(grid_h, grid_w, d)
+    )
+    grid_hwd = grid_hwd[cut_h : grid_h - cut_h, cut_w : grid_w - cut_w]
     small = _downscaled(grid_hwd.shape[:2], side, max_patches)
     if small != grid_hwd.shape[:2]:
-      grid_hwd = jax.image.resize(grid_hwd.astype(jnp.float32), (*small, d), "bilinear",
-                                  antialias=False).astype(tiles_ipd.dtype)
-    newline_h1d = jnp.broadcast_to(image_newline.astype(tiles_ipd.dtype),
-                                   (grid_hwd.shape[0], 1, d))
+      grid_hwd = jax.image.resize(
+        grid_hwd.astype(jnp.float32), (*small, d), "bilinear", antialias=False
+      ).astype(tiles_ipd.dtype)
+    newline_h1d = jnp.broadcast_to(image_newline.astype(tiles_ipd.dtype), (grid_hwd.shape[0], 1, d))
     rows_ld = jnp.concatenate([grid_hwd, newline_h1d], axis=1).reshape(-1, d)
     packed.append(jnp.concatenate([tiles_ipd[0], rows_ld], axis=0))
   return packed

@@ -35,11 +35,13 @@ def _as_size3(value: Sequence[int] | None, name: str) -> Size3 | None:
   return value  # type: ignore[return-value]
 
 
-def _axis_geometry(axis: str, size: int, out: int | None, k: int | None,
-                   s: int | None) -> tuple[int, int, int]:
+def _axis_geometry(
+  axis: str, size: int, out: int | None, k: int | None, s: int | None
+) -> tuple[int, int, int]:
   def fail(why: str) -> ValueError:
-    given = ", ".join(f"{n}={v}" for n, v in (("output", out), ("kernel", k), ("stride", s))
-                      if v is not None)
+    given = ", ".join(
+      f"{n}={v}" for n, v in (("output", out), ("kernel", k), ("stride", s)) if v is not None
+    )
     return ValueError(f"pool_geometry: {axis} axis (input={size}, {given}): {why}")
 
   if size < 1:
@@ -76,9 +78,12 @@ def _axis_geometry(axis: str, size: int, out: int | None, k: int | None,
   return found, k, s
 
 
-def pool_geometry(input_size: Sequence[int], output_size: Sequence[int] | None = None,
-                  kernel: Sequence[int] | None = None,
-                  stride: Sequence[int] | None = None) -> tuple[Size3, Size3, Size3]:
+def pool_geometry(
+  input_size: Sequence[int],
+  output_size: Sequence[int] | None = None,
+  kernel: Sequence[int] | None = None,
+  stride: Sequence[int] | None = None,
+) -> tuple[Size3, Size3, Size3]:
   """Resolves ``(output_size, kernel, stride)`` for a (T, H, W) input.
 
   Raises ``ValueError`` naming the axis and the numbers for any combination
@@ -92,11 +97,14 @@ def pool_geometry(input_size: Sequence[int], output_size: Sequence[int] | None =
   if output_size is None and kernel is None:
     raise ValueError("pool_geometry: give output_size, kernel, or both with stride")
   per_axis = [
-      _axis_geometry(axis, input_size[i],
-                     None if output_size is None else output_size[i],
-                     None if kernel is None else kernel[i],
-                     None if stride is None else stride[i])
-      for i, axis in enumerate(_AXES)
+    _axis_geometry(
+      axis,
+      input_size[i],
+      None if output_size is None else output_size[i],
+      None if kernel is None else kernel[i],
+      None if stride is None else stride[i],
+    )
+    for i, axis in enumerate(_AXES)
   ]
   out, k, s = (tuple(v) for v in zip(*per_axis))
   return out, k, s  # type: ignore[return-value]

@@ -39,23 +39,36 @@ def check_media_counts(input_ids, placeholder_id: int, media_token_count: int | 
   if np.ndim(media_token_count) == 0:
     media = int(media_token_count)
     if placeholders_b.sum() != media:
-      raise ValueError(f"{int(placeholders_b.sum())} placeholder tokens (id {placeholder_id}) in "
-                       f"the batch, per sample {placeholders_b.tolist()}, but {media} media "
-                       f"tokens")
+      raise ValueError(
+        f"{int(placeholders_b.sum())} placeholder tokens (id {placeholder_id}) in "
+        f"the batch, per sample {placeholders_b.tolist()}, but {media} media "
+        f"tokens"
+      )
     return
   media_b = [int(c) for c in media_token_count]
   if len(media_b) != len(placeholders_b):
-    raise ValueError(f"check_media_counts: {len(media_b)} per-sample media token counts for "
-                     f"a batch of {len(placeholders_b)}")
-  wrong = [f"sample {b}: {int(p)} placeholder tokens but {m} media tokens"
-           for b, (p, m) in enumerate(zip(placeholders_b, media_b)) if p != m]
+    raise ValueError(
+      f"check_media_counts: {len(media_b)} per-sample media token counts for "
+      f"a batch of {len(placeholders_b)}"
+    )
+  wrong = [
+    f"sample {b}: {int(p)} placeholder tokens but {m} media tokens"
+    for b, (p, m) in enumerate(zip(placeholders_b, media_b))
+    if p != m
+  ]
   if wrong:
-    raise ValueError(f"placeholder (id {placeholder_id}) and media token counts differ: "
-                     + "; ".join(wrong))
+    raise ValueError(
+      f"placeholder (id {placeholder_id}) and media token counts differ: " + "; ".join(wrong)
+    )
 
 
-def merge_media(text_emb_bld: jax.Array, input_ids_bl: jax.Array, media_emb_ld: jax.Array,
-                media_mask_l: jax.Array, placeholder_id: int | jax.Array) -> jax.Array:
+def merge_media(
+  text_emb_bld: jax.Array,
+  input_ids_bl: jax.Array,
+  media_emb_ld: jax.Array,
+  media_mask_l: jax.Array,
+  placeholder_id: int | jax.Array,
+) -> jax.Array:
   """``text_emb_bld`` with its k-th placeholder replaced by the k-th real media token.
 
   ``text_emb_bld`` (B, L, D), ``input_ids_bl`` (B, L), ``media_emb_ld`` (N, D),
@@ -69,13 +82,20 @@ def merge_media(text_emb_bld: jax.Array, input_ids_bl: jax.Array, media_emb_ld: 
   runs it here.
   """
   if text_emb_bld.ndim != 3 or tuple(input_ids_bl.shape) != tuple(text_emb_bld.shape[:2]):
-    raise ValueError(f"merge_media: text_emb must be (B, L, D) and input_ids (B, L), got "
-                     f"{tuple(text_emb_bld.shape)} and {tuple(input_ids_bl.shape)}")
-  if (media_emb_ld.ndim != 2 or media_emb_ld.shape[1] != text_emb_bld.shape[2]
-      or tuple(media_mask_l.shape) != media_emb_ld.shape[:1]):
-    raise ValueError(f"merge_media: media_emb must be (N, D={text_emb_bld.shape[2]}) and "
-                     f"media_mask (N,), got {tuple(media_emb_ld.shape)} and "
-                     f"{tuple(media_mask_l.shape)}")
+    raise ValueError(
+      f"merge_media: text_emb must be (B, L, D) and input_ids (B, L), got "
+      f"{tuple(text_emb_bld.shape)} and {tuple(input_ids_bl.shape)}"
+    )
+  if (
+    media_emb_ld.ndim != 2
+    or media_emb_ld.shape[1] != text_emb_bld.shape[2]
+    or tuple(media_mask_l.shape) != media_emb_ld.shape[:1]
+  ):
+    raise ValueError(
+      f"merge_media: media_emb must be (N, D={text_emb_bld.shape[2]}) and "
+      f"media_mask (N,), got {tuple(media_emb_ld.shape)} and "
+      f"{tuple(media_mask_l.shape)}"
+    )
   if not any(isinstance(a, jax.core.Tracer) for a in (input_ids_bl, media_mask_l, placeholder_id)):
     check_media_counts(input_ids_bl, int(placeholder_id), int(np.sum(media_mask_l)))
   if media_emb_ld.shape[0] == 0:  # a text-only batch: nothing to gather from

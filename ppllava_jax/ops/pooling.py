@@ -39,8 +39,10 @@ def _check_inputs(x, probs, fn: str) -> None:
   if x.ndim != 5:
     raise ValueError(f"{fn}: x must be (B, T, H, W, D), got shape {tuple(x.shape)}")
   if probs.ndim != 4 or tuple(probs.shape) != tuple(x.shape[:4]):
-    raise ValueError(f"{fn}: probs must be (B, T, H, W) = {tuple(x.shape[:4])} to match x "
-                     f"{tuple(x.shape)}, got shape {tuple(probs.shape)}")
+    raise ValueError(
+      f"{fn}: probs must be (B, T, H, W) = {tuple(x.shape[:4])} to match x "
+      f"{tuple(x.shape)}, got shape {tuple(probs.shape)}"
+    )
 
 
 # Axes whose windows tile them (kernel == stride) and are at least this wide are
@@ -51,22 +53,27 @@ def _check_inputs(x, probs, fn: str) -> None:
 _FOLD_MIN_KERNEL = 9
 
 
-def _gather_windows(probs_bthw: jax.Array, out: Size3, kernel: Size3,
-                    stride: Size3) -> jax.Array:
+def _gather_windows(probs_bthw: jax.Array, out: Size3, kernel: Size3, stride: Size3) -> jax.Array:
   """Unfolds the (small) probabilities: (B, T', H', W', kt, kh, kw)."""
-  idx = [jnp.arange(n)[:, None] * s + jnp.arange(k)[None, :]
-         for n, k, s in zip(out, kernel, stride)]
+  idx = [
+    jnp.arange(n)[:, None] * s + jnp.arange(k)[None, :] for n, k, s in zip(out, kernel, stride)
+  ]
   t_idx = idx[0][:, None, None, :, None, None]
   h_idx = idx[1][None, :, None, None, :, None]
   w_idx = idx[2][None, None, :, None, None, :]
   return probs_bthw[:, t_idx, h_idx, w_idx]
 
 
-def window_weights(probs_bthw: jax.Array, out: Size3, kernel: Size3, stride: Size3,
-                   mode: PoolMode, temperature: float) -> jax.Array:
+def window_weights(
+  probs_bthw: jax.Array,
+  out: Size3,
+  kernel: Size3,
+  stride: Size3,
+  mode: PoolMode,
+  temperature: float,
+) -> jax.Array:
   """Per-window token weights, (B, T', H', W', kt, kh, kw), at least float32."""
-  p_bthwo = _gather_windows(probs_bthw.astype(compute_dtype(probs_bthw.dtype)), out, kernel,
-                            stride)
+  p_bthwo = _gather_windows(probs_bthw.astype(compute_dtype(probs_bthw.dtype)), out, kernel, stride)
   p_bthwo = p_bthwo.reshape(p_bthwo.shape[:4] + (-1,))
   if mode == "softmax":
     w_bthwo = jax.nn.softmax(p_bthwo / temperature, axis=-1)
@@ -81,8 +88,9 @@ def window_weights(probs_bthw: jax.Array, out: Size3, kernel: Size3, stride: Siz
   return w_bthwo.reshape(w_bthwo.shape[:4] + tuple(kernel))
 
 
-def _weighted_window_sum(x: jax.Array, w_bthwooo: jax.Array, out: Size3, kernel: Size3,
-                         stride: Size3) -> jax.Array:
+def _weighted_window_sum(
+  x: jax.Array, w_bthwooo: jax.Array, out: Size3, kernel: Size3, stride: Size3
+) -> jax.Array:
   """sum over each window of x * w, as strided views of x: (B, T', H', W', D) in w's dtype."""
   fold = [k == s and k >= _FOLD_MIN_KERNEL for k, s in zip(kernel, stride)]
   # Offsets to loop over per axis; None = the whole (folded) window at once.
@@ -109,16 +117,22 @@ def _weighted_window_sum(x: jax.Array, w_bthwooo: jax.Array, out: Size3, kernel:
 
 
 @functools.partial(jax.jit, static_argnames=("out", "kernel", "stride", "mode"))
-def _pool(x, probs, temperature, *, out: Size3, kernel: Size3, stride: Size3,
-          mode: PoolMode) -> jax.Array:
+def _pool(
+  x, probs, temperature, *, out: Size3, kernel: Size3, stride: Size3, mode: PoolMode
+) -> jax.Array:
   # Jitted so eager callers pay one dispatch, not one per kernel offset.
   w_bthwooo = window_weights(probs, out, kernel, stride, mode, temperature)
   return _weighted_window_sum(x, w_bthwooo, out, kernel, stride).astype(x.dtype)
 
 
-def prompt_guided_pool(x: jax.Array, probs: jax.Array, kernel: Sequence[int],
-                       stride: Sequence[int] | None = None, mode: PoolMode = "softmax",
-                       temperature: float | jax.Array = 0.01) -> jax.Array:
+def prompt_guided_pool(
+  x: jax.Array,
+  probs: jax.Array,
+  kernel: Sequence[int],
+  stride: Sequence[int] | None = None,
+  mode: PoolMode = "softmax",
+  temperature: float | jax.Array = 0.01,
+) -> jax.Array:
   """Pools ``x`` (B, T, H, W, D) with relevance ``probs`` (B, T, H, W).
 
   Returns (B, T', H', W', D) in ``x.dtype`` with ``T' = (T - kt) // st + 1`` etc.
@@ -133,12 +147,12 @@ def prompt_guided_pool(x: jax.Array, probs: jax.Array, kernel: Sequence[int],
   if isinstance(temperature, (int, float)) and not temperature > 0:
     raise ValueError(f"prompt_guided_pool: temperature must be > 0, got {temperature}")
   out, kernel, stride = pool_geometry(x.shape[1:4], kernel=kernel, stride=stride)
-  return _pool(x, probs, temperature, out=out, kernel=kernel,
-               stride=stride, mode=mode)
+  return _pool(x, probs, temperature, out=out, kernel=kernel, stride=stride, mode=mode)
 
 
-def separate_spatiotemporal_pool(x: jax.Array, probs: jax.Array, mode: PoolMode = "softmax",
-                                 temperature: float = 0.01) -> jax.Array:
+def separate_spatiotemporal_pool(
+  x: jax.Array, probs: jax.Array, mode: PoolMode = "softmax", temperature: float = 0.01
+) -> jax.Array:
   """Paper Table 7 "separate S-T": whole frames and whole time lines pooled apart.
 
   Returns (B, T + H*W, D): first T temporal tokens (token t pools all H*W patches
@@ -152,9 +166,14 @@ def separate_spatiotemporal_pool(x: jax.Array, probs: jax.Array, mode: PoolMode 
   return jnp.concatenate([per_frame.reshape(b, t, d), per_position.reshape(b, h * w, d)], axis=1)
 
 
-def multi_kernel_pool(x: jax.Array, probs: jax.Array, kernels: Sequence[Sequence[int]],
-                      strides: Sequence[Sequence[int] | None] | None = None,
-                      mode: PoolMode = "softmax", temperature: float = 0.01) -> jax.Array:
+def multi_kernel_pool(
+  x: jax.Array,
+  probs: jax.Array,
+  kernels: Sequence[Sequence[int]],
+  strides: Sequence[Sequence[int] | None] | None = None,
+  mode: PoolMode = "softmax",
+  temperature: float = 0.01,
+) -> jax.Array:
   """Paper Table 7 "multiple": several poolings of the same input, concatenated.
 
   Returns (B, sum_i T'_i*H'_i*W'_i, D): the tokens of ``kernels[0]`` flattened
@@ -168,6 +187,8 @@ def multi_kernel_pool(x: jax.Array, probs: jax.Array, kernels: Sequence[Sequence
   if len(strides) != len(kernels):
     raise ValueError(f"multi_kernel_pool: {len(kernels)} kernels but {len(strides)} strides")
   b, d = x.shape[0], x.shape[-1]
-  pooled = [prompt_guided_pool(x, probs, k, s, mode=mode, temperature=temperature)
-            for k, s in zip(kernels, strides)]
+  pooled = [
+    prompt_guided_pool(x, probs, k, s, mode=mode, temperature=temperature)
+    for k, s in zip(kernels, strides)
+  ]
   return jnp.concatenate([p.reshape(b, -1, d) for p in pooled], axis=1)

@@ -51,8 +51,10 @@ def extend_positions(table: jax.Array, keep: int = 20, ratio: int = 4) -> jax.Ar
   _check_table(table, "extend_positions")
   length = table.shape[0]
   if not 0 <= keep <= length - 2:
-    raise ValueError(f"extend_positions: keep must be in [0, {length - 2}] for a table of "
-                     f"{length} rows (two rows are needed past it), got {keep}")
+    raise ValueError(
+      f"extend_positions: keep must be in [0, {length - 2}] for a table of "
+      f"{length} rows (two rows are needed past it), got {keep}"
+    )
   if not isinstance(ratio, int) or ratio < 1:
     raise ValueError(f"extend_positions: ratio must be an int >= 1, got {ratio!r}")
   tail = interpolate_positions(table[keep:], ratio * (length - keep))

@@ -22,8 +22,10 @@ def _check_inputs(patch_emb, text_emb, fn: str) -> None:
   if patch_emb.ndim != 5:
     raise ValueError(f"{fn}: patch_emb must be (B, T, H, W, E), got shape {tuple(patch_emb.shape)}")
   if text_emb.ndim != 2 or text_emb.shape != (patch_emb.shape[0], patch_emb.shape[-1]):
-    raise ValueError(f"{fn}: text_emb must be (B, E) = {(patch_emb.shape[0], patch_emb.shape[-1])} "
-                     f"to match patch_emb {tuple(patch_emb.shape)}, got shape {tuple(text_emb.shape)}")
+    raise ValueError(
+      f"{fn}: text_emb must be (B, E) = {(patch_emb.shape[0], patch_emb.shape[-1])} "
+      f"to match patch_emb {tuple(patch_emb.shape)}, got shape {tuple(text_emb.shape)}"
+    )
 
 
 def _l2_normalize(x: jax.Array) -> jax.Array:
@@ -40,8 +42,12 @@ def relevance_logits(patch_emb: jax.Array, text_emb: jax.Array) -> jax.Array:
   return jnp.einsum("bthwe,be->bthw", v_bthwe, c_be, precision=jax.lax.Precision.HIGHEST)
 
 
-def relevance_scores(patch_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array | float,
-                     mask: jax.Array | None = None) -> jax.Array:
+def relevance_scores(
+  patch_emb: jax.Array,
+  text_emb: jax.Array,
+  logit_scale: jax.Array | float,
+  mask: jax.Array | None = None,
+) -> jax.Array:
   """Relevance probabilities (B, T, H, W), at least float32, summing to 1 per sample.
 
   ``logit_scale`` is CLIP's log temperature (``exp`` is applied here; ~4.6052 -> 100).
@@ -53,8 +59,10 @@ def relevance_scores(patch_emb: jax.Array, text_emb: jax.Array, logit_scale: jax
   b = logits_bthw.shape[0]
   if mask is not None:
     if mask.shape != logits_bthw.shape:
-      raise ValueError(f"relevance_scores: mask must be (B, T, H, W) = {logits_bthw.shape}, "
-                       f"got shape {tuple(mask.shape)}")
+      raise ValueError(
+        f"relevance_scores: mask must be (B, T, H, W) = {logits_bthw.shape}, "
+        f"got shape {tuple(mask.shape)}"
+      )
     mask = mask.reshape(b, -1)
   probs = jax.nn.softmax(logits_bthw.reshape(b, -1), axis=-1, where=mask)  # flat (t, h, w)
   if mask is not None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
-GIB = 2 ** 30
+GIB = 2**30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +23,7 @@ class Chip:
 
 
 CHIPS = (
-    Chip("TPU v5e", 197e12, 16 * GIB),
-    Chip("TPU v5p", 459e12, 95 * GIB),
-    Chip("H100 SXM", 989e12, 80 * GIB),
+  Chip("TPU v5e", 197e12, 16 * GIB),
+  Chip("TPU v5p", 459e12, 95 * GIB),
+  Chip("H100 SXM", 989e12, 80 * GIB),
 )

@@ -41,8 +41,11 @@ REMAT = "remat2"  # jax.checkpoint's primitive
 
 def itemsize(dtype) -> int:
   """Bytes per element, extended dtypes (PRNG keys) included."""
-  return dtype.itemsize if jax.dtypes.issubdtype(dtype, jax.dtypes.extended) else (
-      np.dtype(dtype).itemsize)
+  return (
+    dtype.itemsize
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.extended)
+    else (np.dtype(dtype).itemsize)
+  )
 
 
 def shard_bytes(tree) -> int:
@@ -60,8 +63,10 @@ def saved_residuals(fn, diff, *rest) -> list[jax.core.ShapedArray]:
   """The arrays ``jax.vjp(lambda d: fn(d, *rest), diff)`` keeps for its backward, less those
   that are ``diff`` or ``rest`` themselves (already counted as arguments); each once. The
   arguments may be ``jax.ShapeDtypeStruct``s: only the jaxpr is built."""
+
   def forward(d, *r):
     return jax.vjp(lambda x: fn(x, *r), d)[1]  # a Partial: its leaves are the residuals
+
   closed = jax.make_jaxpr(forward)(diff, *rest)
   inputs = set(closed.jaxpr.invars)
   fresh: dict[jcore.Var, jax.core.ShapedArray] = {}
@@ -128,6 +133,7 @@ def largest_layer(fn, share, *args) -> int:
 class MemoryEstimate:
   """Per-device bytes of one train step as a compiler that follows the program holds them
   (module doc), with remat ``policy`` and without."""
+
   policy: str
   arguments: int  # state, constants and batch, as passed (XLA drops what the step never reads)
   gradients: int  # two float32 copies of the trainable state's shard

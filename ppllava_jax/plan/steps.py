@@ -30,24 +30,30 @@ from pathlib import Path
 import jax
 from flax import nnx
 
-from ppllava_jax.data.sft.batches import collate
 from ppllava_jax.data.batching import pad_batch
 from ppllava_jax.data.dpo.pairs import collate_pairs
+from ppllava_jax.data.sft.batches import collate
 from ppllava_jax.models.ppllava import PPLLaVA
 from ppllava_jax.models.ppllava_config import PPLLaVAConfig
 from ppllava_jax.plan.architectures import RELEASES, release_for
-from ppllava_jax.plan.memory import (DeviceShare, MemoryEstimate, largest_layer, saved_residuals,
-                                     shard_bytes)
+from ppllava_jax.plan.memory import (
+  DeviceShare,
+  MemoryEstimate,
+  largest_layer,
+  saved_residuals,
+  shard_bytes,
+)
+from ppllava_jax.train.core.config import TrainConfig
+from ppllava_jax.train.core.state import batch_devices, batch_shardings, placed
 from ppllava_jax.train.run import config as rc
 from ppllava_jax.train.run.assembly import assemble, objective
-from ppllava_jax.train.core.config import TrainConfig
 from ppllava_jax.train.run.metrics import cost_flops
-from ppllava_jax.train.core.state import (batch_devices, batch_shardings, placed)
 
 
 @dataclasses.dataclass(frozen=True)
 class Compiled:
   """XLA:CPU's numbers of the compiled partitioned program, per device."""
+
   argument_bytes: int
   output_bytes: int
   temp_bytes: int
@@ -61,20 +67,29 @@ class Compiled:
   def peak_bytes(self) -> int:
     """What one device holds at the step's peak, as XLA plans it: arguments, outputs and
     temporaries, less the outputs aliased into donated arguments, plus the code."""
-    return (self.argument_bytes + self.output_bytes + self.temp_bytes + self.code_bytes
-            - self.alias_bytes)
+    return (
+      self.argument_bytes + self.output_bytes + self.temp_bytes + self.code_bytes - self.alias_bytes
+    )
 
 
 def _compiled(compiled, lower_s: float, compile_s: float) -> Compiled:
   mem = compiled.memory_analysis()
-  return Compiled(mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.temp_size_in_bytes,
-                  mem.generated_code_size_in_bytes, mem.alias_size_in_bytes,
-                  cost_flops(compiled.cost_analysis()) or 0.0, lower_s, compile_s)
+  return Compiled(
+    mem.argument_size_in_bytes,
+    mem.output_size_in_bytes,
+    mem.temp_size_in_bytes,
+    mem.generated_code_size_in_bytes,
+    mem.alias_size_in_bytes,
+    cost_flops(compiled.cost_analysis()) or 0.0,
+    lower_s,
+    compile_s,
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class StepPlan:
   """One planned train step: sizes per device unless named global."""
+
   kind: str  # "SFT", "DPO, cached reference", "DPO, live reference"
   model: str  # where the architecture came from
   mesh: dict[str, int]
@@ -106,9 +121,18 @@ class StepPlan:
     return self.micro_batches * self.rows * self.seq_len
 
 
-def step_flops(llm_params: int, layers: int, width: int, seq_len: int, tokens: int,
-               tower_trainable: int, tower_frozen: int, media_tokens: int, live_reference: bool,
-               remat: bool) -> tuple[float, float]:
+def step_flops(
+  llm_params: int,
+  layers: int,
+  width: int,
+  seq_len: int,
+  tokens: int,
+  tower_trainable: int,
+  tower_frozen: int,
+  media_tokens: int,
+  live_reference: bool,
+  remat: bool,
+) -> tuple[float, float]:
   """(model FLOPs, executed FLOPs) of one step, global. The LLM: 6 N per token and PaLM's
   12 x layers x width x sequence for attention (forward 1/3, backward 2/3); a live DPO
   reference adds a forward. The rest of the model (towers, scorer, projector) is counted as
@@ -137,6 +161,7 @@ def model_config(cfg: rc.RunConfig, arch: str | None = None) -> tuple[PPLLaVACon
     model, source = RELEASES[arch], f"built-in {arch}"
   elif not m.checkpoint:
     from ppllava_jax.data.text.tokenizer import char_tokenizer
+
     return m.tiny.model_config(len(char_tokenizer())), "tiny, built in code"
   elif Path(m.checkpoint).is_dir():
     model, source = _folder_config(Path(m.checkpoint)), f"{m.checkpoint}/config.json"
@@ -144,8 +169,10 @@ def model_config(cfg: rc.RunConfig, arch: str | None = None) -> tuple[PPLLaVACon
     arch = release_for(m.checkpoint)
     model, source = RELEASES[arch], f"built-in {arch} ({m.checkpoint} is not on this machine)"
   else:
-    raise ValueError(f"model.checkpoint {m.checkpoint!r} is not a folder here and names no "
-                     f"built-in architecture: give --arch (one of {sorted(RELEASES)})")
+    raise ValueError(
+      f"model.checkpoint {m.checkpoint!r} is not a folder here and names no "
+      f"built-in architecture: give --arch (one of {sorted(RELEASES)})"
+    )
   if m.btadapter is not None and model.btadapter is None:
     model = dataclasses.replace(model, btadapter=m.btadapter)
   return model, source
@@ -158,12 +185,15 @@ def _folder_config(path: Path) -> PPLLaVAConfig:
   from ppllava_jax.models import pretrained
   from ppllava_jax.models.ppllava_config import MODEL_TYPES, PoolingConfig
   from ppllava_jax.models.released import complete_config, pooling_for
+
   hf, shapes = pretrained.read_config(path, MODEL_TYPES), checkpoint_shapes(path)
   hf = complete_config(hf, shapes, path)
   model = PPLLaVAConfig.from_hf(hf, pooling_for(PoolingConfig(), hf, shapes, path))
   if model.scorer is None and model.pooling.scored:
-    raise ValueError(f"{path} holds no relevance scorer (a llava-hf folder with clip=): the "
-                     f"plan reads no CLIP folder; give --arch (one of {sorted(RELEASES)})")
+    raise ValueError(
+      f"{path} holds no relevance scorer (a llava-hf folder with clip=): the "
+      f"plan reads no CLIP folder; give --arch (one of {sorted(RELEASES)})"
+    )
   return model
 
 
@@ -184,21 +214,24 @@ def abstract_batch(cfg: rc.RunConfig, model: PPLLaVAConfig):
   k = cfg.train.optim.grad_accum
   lead = (k,) if k > 1 else ()
   return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(lead + (x.shape[0] * shards, *x.shape[1:]), x.dtype), one)
+    lambda x: jax.ShapeDtypeStruct(lead + (x.shape[0] * shards, *x.shape[1:]), x.dtype), one
+  )
 
 
 def _check_rows(batch, mesh, micro: bool) -> None:
   devices, rows = batch_devices(mesh.shape), batch.input_ids.shape[1 if micro else 0]
   if rows % devices:
     raise ValueError(
-        f"the step's {rows} LLM rows per micro-batch are not divisible by the {devices} "
-        "devices of the batch axes (data x fsdp): the batch would be replicated, not the "
-        "run's program; change batch_size or shards (--set data.shards=N / "
-        "preference.shards=N)")
+      f"the step's {rows} LLM rows per micro-batch are not divisible by the {devices} "
+      "devices of the batch axes (data x fsdp): the batch would be replicated, not the "
+      "run's program; change batch_size or shards (--set data.shards=N / "
+      "preference.shards=N)"
+    )
 
 
-def estimate_memory(train_cfg: TrainConfig, objective_for, state, constants, batch, mesh
-                    ) -> MemoryEstimate:
+def estimate_memory(
+  train_cfg: TrainConfig, objective_for, state, constants, batch, mesh
+) -> MemoryEstimate:
   """The step's per-device memory as a compiler that follows the program holds it
   (``plan.memory``), with ``train_cfg.remat`` (nothing_saveable where it is "none") and
   without: ``batch`` placed on its shardings, one micro-batch's residuals, the largest
@@ -209,21 +242,25 @@ def estimate_memory(train_cfg: TrainConfig, objective_for, state, constants, bat
   totals = jax.eval_shape(objective_for(train_cfg).totals, batch)
   args = (state.params, constants, first, key, totals)
   policy = train_cfg.remat if train_cfg.remat != "none" else "nothing_saveable"
-  loss = lambda remat: (lambda *a: objective_for(
-      dataclasses.replace(train_cfg, remat=remat)).share(*a)[0])
+  loss = lambda remat: (
+    lambda *a: objective_for(dataclasses.replace(train_cfg, remat=remat)).share(*a)[0]
+  )
   share = DeviceShare((state.params, constants), batch_devices(mesh.shape))
   held = lambda remat: share.of(saved_residuals(loss(remat), *args))
   with jax.set_mesh(mesh):
     residuals, without = held(policy), held("none")
     layer = largest_layer(loss(policy), share, *args)
   return MemoryEstimate(
-      policy=policy, arguments=shard_bytes((state, constants, batch)),
-      gradients=2 * shard_bytes(state.params), residuals=residuals,
-      residuals_without_remat=without, largest_layer=layer)
+    policy=policy,
+    arguments=shard_bytes((state, constants, batch)),
+    gradients=2 * shard_bytes(state.params),
+    residuals=residuals,
+    residuals_without_remat=without,
+    largest_layer=layer,
+  )
 
 
-def plan_step(cfg: rc.RunConfig, arch: str | None = None, compile_step: bool = True
-              ) -> StepPlan:
+def plan_step(cfg: rc.RunConfig, arch: str | None = None, compile_step: bool = True) -> StepPlan:
   """The plan of ``cfg``'s train step (module doc); ``compile_step=False``: the estimate
   from the program alone, no XLA numbers."""
   model_cfg, source = model_config(cfg, arch)
@@ -233,14 +270,21 @@ def plan_step(cfg: rc.RunConfig, arch: str | None = None, compile_step: bool = T
   batch = abstract_batch(cfg, model_cfg)
   micro = cfg.train.optim.grad_accum > 1
   _check_rows(batch, mesh, micro)
-  kind = ("SFT" if cfg.dpo is None else
-          f"DPO, {'cached' if cfg.dpo.precompute_reference else 'live'} reference")
+  kind = (
+    "SFT"
+    if cfg.dpo is None
+    else f"DPO, {'cached' if cfg.dpo.precompute_reference else 'live'} reference"
+  )
   objective_for = lambda train_cfg: objective(a.graphdef, train_cfg, cfg.dpo)
   sharded = placed(batch, batch_shardings(batch, mesh, micro))
   memory = estimate_memory(cfg.train, objective_for, state, constants, sharded, mesh)
-  replicated = {f.name: shard_bytes(x) for f in dataclasses.fields(sharded)
-                if (x := getattr(sharded, f.name)) is not None and x.sharding.is_fully_replicated
-                and shard_bytes(x) >= 2 ** 20}
+  replicated = {
+    f.name: shard_bytes(x)
+    for f in dataclasses.fields(sharded)
+    if (x := getattr(sharded, f.name)) is not None
+    and x.sharding.is_fully_replicated
+    and shard_bytes(x) >= 2**20
+  }
   xla = None
   if compile_step:
     start = time.perf_counter()
@@ -254,19 +298,39 @@ def plan_step(cfg: rc.RunConfig, arch: str | None = None, compile_step: bool = T
   llm = model_cfg.text
   llm_params = count(nnx.state(abstract.language_model, nnx.Param))
   trainable, frozen_params = count(state.params), count(frozen)
-  patches = model_cfg.vision.grid ** 2 + 1
-  media = sum(math.prod(getattr(batch, f).shape[:-3])  # frames, tiles, pictures: every slot
-              for f in ("videos", "images", "pictures") if hasattr(batch, f))
+  patches = model_cfg.vision.grid**2 + 1
+  media = sum(
+    math.prod(getattr(batch, f).shape[:-3])  # frames, tiles, pictures: every slot
+    for f in ("videos", "images", "pictures")
+    if hasattr(batch, f)
+  )
   model_flops, executed = step_flops(  # the LLM trains whole in every recipe
-      llm_params, llm.num_hidden_layers, llm.num_attention_heads * llm.head_dim,
-      batch.input_ids.shape[-1], math.prod(batch.input_ids.shape),
-      max(trainable - llm_params, 0), frozen_params - max(llm_params - trainable, 0),
-      media * patches, cfg.dpo is not None and not cfg.dpo.precompute_reference,
-      cfg.train.remat != "none")
+    llm_params,
+    llm.num_hidden_layers,
+    llm.num_attention_heads * llm.head_dim,
+    batch.input_ids.shape[-1],
+    math.prod(batch.input_ids.shape),
+    max(trainable - llm_params, 0),
+    frozen_params - max(llm_params - trainable, 0),
+    media * patches,
+    cfg.dpo is not None and not cfg.dpo.precompute_reference,
+    cfg.train.remat != "none",
+  )
   return StepPlan(
-      kind=kind, model=source, mesh=dict(mesh.shape), remat=cfg.train.remat,
-      micro_batches=cfg.train.optim.grad_accum, rows=batch.input_ids.shape[rows_axis],
-      seq_len=batch.input_ids.shape[-1], frames=batch.videos.shape[rows_axis + 1],
-      trainable_params=trainable, frozen_params=frozen_params, llm_params=llm_params,
-      memory=memory, replicated=replicated, compiled=xla, model_flops=model_flops,
-      executed_flops=executed)
+    kind=kind,
+    model=source,
+    mesh=dict(mesh.shape),
+    remat=cfg.train.remat,
+    micro_batches=cfg.train.optim.grad_accum,
+    rows=batch.input_ids.shape[rows_axis],
+    seq_len=batch.input_ids.shape[-1],
+    frames=batch.videos.shape[rows_axis + 1],
+    trainable_params=trainable,
+    frozen_params=frozen_params,
+    llm_params=llm_params,
+    memory=memory,
+    replicated=replicated,
+    compiled=xla,
+    model_flops=model_flops,
+    executed_flops=executed,
+  )

@@ -27,13 +27,15 @@ from ppllava_jax.train.core.losses import supervised_targets
 from ppllava_jax.train.core.step import merged
 
 
-def loss_sums(model: PPLLaVA, batch: TrainBatch, chunk: int = losses.CHUNK,
-              rngs: nnx.Rngs | None = None) -> tuple[jax.Array, jax.Array]:
+def loss_sums(
+  model: PPLLaVA, batch: TrainBatch, chunk: int = losses.CHUNK, rngs: nnx.Rngs | None = None
+) -> tuple[jax.Array, jax.Array]:
   """(summed cross-entropy of the supervised tokens, their count) of one micro-batch."""
   emb_bld = embed_batch(model, batch, rngs)
   lm = model.language_model
-  hidden_bld, _ = lm.hidden_states(inputs_embeds=emb_bld, attention_mask=batch.attention_mask,
-                                   position_ids=batch.position_ids)
+  hidden_bld, _ = lm.hidden_states(
+    inputs_embeds=emb_bld, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+  )
   return losses.cross_entropy(hidden_bld, lm.head_dv, batch.labels, chunk)
 
 
@@ -41,6 +43,7 @@ def loss_sums(model: PPLLaVA, batch: TrainBatch, chunk: int = losses.CHUNK,
 class TokenMean:
   """SFT: the next-token cross-entropy over the step's supervised tokens (module doc:
   ``accum_reduction``); ``constants`` is the frozen state."""
+
   graphdef: nnx.GraphDef
   cfg: TrainConfig
   count: str = "tokens"

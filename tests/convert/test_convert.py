@@ -7,8 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from support.hf_fixtures import assert_same_state, assert_same_tensors, make_llava_next_video, make_llm
+from support.hf_fixtures import (
+  assert_same_state,
+  assert_same_tensors,
+  make_llava_next_video,
+  make_llm,
+)
 from support.tokenizers import llama_sp_tokenizer
+
 from ppllava_jax import checkpoints
 from ppllava_jax.models.pretrained import SIDE_FILES
 
@@ -16,8 +22,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_cli(*args) -> str:
-  done = subprocess.run([sys.executable, str(ROOT / "convert.py"), *map(str, args)],
-                        capture_output=True, text=True, cwd=ROOT, check=False)
+  done = subprocess.run(
+    [sys.executable, str(ROOT / "convert.py"), *map(str, args)],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    check=False,
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   return done.stdout
 
@@ -32,13 +43,18 @@ def test_llava_next_video_round_trip_through_orbax_with_shards(tmp_path):
   """Weights, config, tokenizer and processor files go to Orbax and back; every written
   file has the mode the umask gives (safetensors alone writes 0o600)."""
   from transformers import AutoTokenizer, LlavaNextVideoForConditionalGeneration
+
   hf, src = make_llava_next_video(tmp_path / "src")
   llama_sp_tokenizer(src)  # no tokenizer.json: the sentencepiece file must travel
-  (src / "preprocessor_config.json").write_text('{"image_processor_type": "LlavaNextImageProcessor"}')
+  (src / "preprocessor_config.json").write_text(
+    '{"image_processor_type": "LlavaNextImageProcessor"}'
+  )
   side = sorted(["tokenizer.model", "tokenizer_config.json", "preprocessor_config.json"])
   out = run_cli("to-orbax", src, tmp_path / "orbax")
   assert "llava_next_video:" in out and "language_model" in out and "vision_tower" in out
-  assert f"tokenizer / processor files copied: {', '.join(sorted(side, key=SIDE_FILES.index))}" in out
+  assert (
+    f"tokenizer / processor files copied: {', '.join(sorted(side, key=SIDE_FILES.index))}" in out
+  )
   counts = checkpoints.parameter_counts(checkpoints.load_hf(src)[0])
   assert f"{sum(counts.values()):,} parameters" in out
   assert sum(counts.values()) == sum(p.numel() for p in hf.parameters())
@@ -50,10 +66,16 @@ def test_llava_next_video_round_trip_through_orbax_with_shards(tmp_path):
   for name in side:
     assert (tmp_path / "back" / name).read_bytes() == (src / name).read_bytes(), name
   text = "the red circle falls"
-  assert AutoTokenizer.from_pretrained(tmp_path / "back")(text)["input_ids"] == \
-      AutoTokenizer.from_pretrained(src)(text)["input_ids"]
-  modes = {str(f.relative_to(tmp_path)): oct(stat.S_IMODE(f.stat().st_mode))
-           for folder in ("orbax", "back") for f in (tmp_path / folder).rglob("*") if f.is_file()}
+  assert (
+    AutoTokenizer.from_pretrained(tmp_path / "back")(text)["input_ids"]
+    == AutoTokenizer.from_pretrained(src)(text)["input_ids"]
+  )
+  modes = {
+    str(f.relative_to(tmp_path)): oct(stat.S_IMODE(f.stat().st_mode))
+    for folder in ("orbax", "back")
+    for f in (tmp_path / folder).rglob("*")
+    if f.is_file()
+  }
   assert set(modes.values()) == {oct(0o666 & ~_umask())}, modes
 
 
@@ -71,7 +93,9 @@ def test_tied_qwen2_round_trip(tmp_path):
 
 def test_not_an_orbax_checkpoint(tmp_path):
   import pytest
+
   from ppllava_jax.convert.loader import CheckpointError
+
   with pytest.raises(CheckpointError, match="not an Orbax checkpoint"):
     checkpoints.load_orbax(tmp_path)
 
@@ -80,8 +104,11 @@ def test_released_style_onevision_folder_round_trip(tmp_path, caplog):
   """A PPLLaVA Qwen folder whose config.json omits the scorer (as the released ones do)
   converts to Orbax and back; the written config.json then describes the scorer."""
   import json
+
   from support.hf_fixtures import make_llava_onevision, make_scorer_siglip
+
   from ppllava_jax.models.ppllava import PPLLaVA
+
   _, src = make_llava_onevision(tmp_path / "onevision")
   _, sig = make_scorer_siglip(tmp_path / "siglip", google_like=True)
   PPLLaVA.from_pretrained(src, clip=sig).save_pretrained(tmp_path / "released")

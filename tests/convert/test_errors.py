@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from support.hf_fixtures import make_clip, rewrite_checkpoint
+
 from ppllava_jax import cli
 from ppllava_jax.convert.loader import CheckpointError
 from ppllava_jax.files import DataFileError
@@ -41,18 +41,22 @@ def fails(path: Path) -> str:
 @pytest.mark.parametrize("how", ["empty", "truncated", "corrupt"])
 def test_damaged_safetensors_is_named_with_its_folder(clip, tmp_path, how):
   data = (clip / "model.safetensors").read_bytes()
-  content = {"empty": b"", "truncated": data[:len(data) // 2], "corrupt": b"\x07" * 16 + data[16:]}
+  content = {"empty": b"", "truncated": data[: len(data) // 2], "corrupt": b"\x07" * 16 + data[16:]}
   bad = damaged(clip, tmp_path / "bad", "model.safetensors", content[how])
   msg = fails(bad)
-  assert msg.startswith(f"{bad / 'model.safetensors'}: not a readable safetensors file "
-                        f"({len(content[how]):,} bytes; safetensors: ")
+  assert msg.startswith(
+    f"{bad / 'model.safetensors'}: not a readable safetensors file "
+    f"({len(content[how]):,} bytes; safetensors: "
+  )
   assert msg.endswith(f"it may be truncated or corrupt, so checkpoint {bad} cannot be loaded")
 
 
 def test_invalid_config_json_is_named_with_line_and_folder(clip, tmp_path):
   bad = damaged(clip, tmp_path / "bad", "config.json", '{"model_type": "clip"\n "x": 1}')
-  assert fails(bad) == (f"{bad / 'config.json'}:2: invalid JSON: Expecting ',' delimiter "
-                        f"(column 2); checkpoint {bad} cannot be loaded")
+  assert fails(bad) == (
+    f"{bad / 'config.json'}:2: invalid JSON: Expecting ',' delimiter "
+    f"(column 2); checkpoint {bad} cannot be loaded"
+  )
   (bad / "config.json").write_text("")
   assert fails(bad).startswith(f"{bad / 'config.json'}: the file is empty")
   (bad / "config.json").write_text("[]")
@@ -64,10 +68,12 @@ def test_bad_index_is_named(clip, tmp_path):
   bad = damaged(clip, tmp_path / "bad", index, '{"weight_map": {"a": "model.safetensors",}}')
   assert fails(bad).startswith(f"{bad / index}:1: invalid JSON: Expecting property name")
   (bad / index).write_text(json.dumps({"metadata": {}}))
-  assert fails(bad) == (f"{bad / index}: no \"weight_map\" object of tensor names to shard "
-                        f"files; checkpoint {bad} cannot be loaded")
+  assert fails(bad) == (
+    f'{bad / index}: no "weight_map" object of tensor names to shard '
+    f"files; checkpoint {bad} cannot be loaded"
+  )
   (bad / index).write_text(json.dumps({"weight_map": {"a": 3}}))
-  assert "no \"weight_map\" object of tensor names to shard files" in fails(bad)
+  assert 'no "weight_map" object of tensor names to shard files' in fails(bad)
 
 
 def test_missing_tensor_is_named_as_the_checkpoint_spells_it(clip, tmp_path):
@@ -82,10 +88,15 @@ def test_run_turns_user_errors_into_one_message_and_status_2(capsys):
   def raising(error):
     def main(argv):
       raise error
+
     return main
 
-  for error in (CheckpointError("folder x does not fit"), DataFileError("x.json", "bad", 3),
-                json.JSONDecodeError("Expecting value", "", 0), FileNotFoundError("no file y")):
+  for error in (
+    CheckpointError("folder x does not fit"),
+    DataFileError("x.json", "bad", 3),
+    json.JSONDecodeError("Expecting value", "", 0),
+    FileNotFoundError("no file y"),
+  ):
     assert cli.run(raising(error), []) == 2
     assert capsys.readouterr().err == f"error: {error}\n"
   with pytest.raises(DataFileError):
@@ -104,7 +115,8 @@ def run_script(monkeypatch, script: str, *args) -> int:
 
 
 def test_convert_prints_the_error_and_exits_2_or_shows_the_traceback_with_debug(
-    clip, tmp_path, monkeypatch, capsys):
+  clip, tmp_path, monkeypatch, capsys
+):
   bad = damaged(clip, tmp_path / "bad", "model.safetensors", b"")
   assert run_script(monkeypatch, "convert.py", "to-orbax", bad, tmp_path / "out") == 2
   err = capsys.readouterr().err
@@ -116,9 +128,18 @@ def test_convert_prints_the_error_and_exits_2_or_shows_the_traceback_with_debug(
 
 def test_eval_cli_prints_the_error_and_exits_2(tmp_path, monkeypatch, capsys):
   """Which check eval.py makes first is its own; what it raises reaches the user as one line."""
-  code = run_script(monkeypatch, "eval.py", "--checkpoint", tmp_path / "nowhere",
-                    "--scorer-tokenizer", tmp_path / "nowhere", "--video", tmp_path / "v.mp4",
-                    "--question", "Why?")
+  code = run_script(
+    monkeypatch,
+    "eval.py",
+    "--checkpoint",
+    tmp_path / "nowhere",
+    "--scorer-tokenizer",
+    tmp_path / "nowhere",
+    "--video",
+    tmp_path / "v.mp4",
+    "--question",
+    "Why?",
+  )
   err = capsys.readouterr().err
   assert code == 2 and err.startswith("error: ") and str(tmp_path) in err, err
   assert err.count("\n") == 1 and "Traceback" not in err

@@ -14,18 +14,19 @@ import optax
 import pytest
 from flax import nnx
 from safetensors.numpy import load_file
+from support.hf_fixtures import make_llava_next_video, make_scorer_clip
 
 from ppllava_jax.convert import tensor_names
 from ppllava_jax.convert.loader import CheckpointError
 from ppllava_jax.models.ppllava import PPLLaVA
 from ppllava_jax.train.core.partition import VICUNA_SFT, partition
-from support.hf_fixtures import make_llava_next_video, make_scorer_clip
 
 # VICUNA_SFT's trainable parts, as checkpoint names (the original's module names)
 TRAINABLE_NAMES = re.compile(
-    r"language_model\..*|image_newline|multi_modal_projector\.linear_[12]\..*"
-    r"|multi_modal_projector\.clip_(visual_ln\..*|visual_projection\.weight"
-    r"|text_projection\.weight)")
+  r"language_model\..*|image_newline|multi_modal_projector\.linear_[12]\..*"
+  r"|multi_modal_projector\.clip_(visual_ln\..*|visual_projection\.weight"
+  r"|text_projection\.weight)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,7 @@ def test_a_gradient_of_the_trainable_subset_names_exactly_those_parameters(saved
     merged = nnx.merge(graphdef, params, frozen)
     logits = merged.language_model(ids).logits
     text = merged.scorer.text_features(ids, jnp.ones_like(ids))
-    return jnp.mean(logits ** 2) + jnp.sum(text ** 2)
+    return jnp.mean(logits**2) + jnp.sum(text**2)
 
   grads = jax.jit(jax.grad(loss))(trainable)
   want = {k for k in tensors if TRAINABLE_NAMES.fullmatch(k)}
@@ -70,8 +71,7 @@ def test_a_gradient_of_the_trainable_subset_names_exactly_those_parameters(saved
     for key in want:
       assert names[key].shape == tensors[key].shape, key
   head = grads["language_model"]["lm_head"]["kernel"][...]
-  np.testing.assert_array_equal(tensor_names(model, grads)["language_model.lm_head.weight"],
-                                head.T)
+  np.testing.assert_array_equal(tensor_names(model, grads)["language_model.lm_head.weight"], head.T)
   assert float(jnp.abs(head).max()) > 0  # a real gradient, not zeros
   moments = optax.adam(1e-3).init(trainable)[0]  # Adam's first and second moments
   assert tensor_names(model, moments.mu).keys() == tensor_names(model, moments.nu).keys() == want
@@ -80,8 +80,11 @@ def test_a_gradient_of_the_trainable_subset_names_exactly_those_parameters(saved
 def test_leaves_without_a_checkpoint_name_are_named_in_one_error(saved):
   model, _ = saved
   graphdef, _ = nnx.split(model)
-  bad = {"scorer": {"nothing": jnp.zeros(2)}, "image_newline": jnp.zeros(3),
-         "language_model": {"lm_head": {"kernel": jnp.zeros((1, 1))}}}
+  bad = {
+    "scorer": {"nothing": jnp.zeros(2)},
+    "image_newline": jnp.zeros(3),
+    "language_model": {"lm_head": {"kernel": jnp.zeros((1, 1))}},
+  }
   with pytest.raises(CheckpointError) as err:
     tensor_names(model, bad)
   message = str(err.value)

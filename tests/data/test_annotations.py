@@ -7,7 +7,14 @@ import pickle
 import numpy as np
 import pytest
 
-from ppllava_jax.data.sft.annotations import (AnnotationError, CorpusConfig, MixtureConfig, epoch_order, load_mixture, parse_record)
+from ppllava_jax.data.sft.annotations import (
+  AnnotationError,
+  CorpusConfig,
+  MixtureConfig,
+  epoch_order,
+  load_mixture,
+  parse_record,
+)
 from ppllava_jax.data.text.templates import Turn
 from ppllava_jax.files import DataFileError
 
@@ -27,14 +34,20 @@ def load(tmp_path, records, **kw):
   return load_mixture(MixtureConfig((corpus(tmp_path, records, **kw),)))
 
 
-@pytest.mark.parametrize("bad, fmt, kind, where", [
+@pytest.mark.parametrize(
+  "bad, fmt, kind, where",
+  [
     (1, "qa", "auto", "record 2: must be an object"),
     ({"QA": QA}, "qa", "auto", "record 2: field 'video': missing"),
     ({"video": "v.mp4", "QA": "q"}, "qa", "auto", "field 'QA': must be a non-empty list"),
     ({"video": "v.mp4", "QA": []}, "qa", "auto", "field 'QA': must be a non-empty list"),
     ({"video": "v.mp4", "QA": [{"q": "x"}]}, "qa", "auto", "field 'QA[0].a': missing"),
-    ({"video": "v.mp4", "QA": [{"q": 3, "a": "b"}]}, "qa", "auto",
-     "field 'QA[0].q': must be a string, got int"),
+    (
+      {"video": "v.mp4", "QA": [{"q": 3, "a": "b"}]},
+      "qa",
+      "auto",
+      "field 'QA[0].q': must be a string, got int",
+    ),
     ({"video": "v.mp4", "QA": [{"q": "x", "a": "b", "i": 1}]}, "qa", "auto", "field 'QA[0].i'"),
     ({"video": "v.mp4", "QA": QA, "total_frames": 0}, "qa", "auto", "field 'total_frames'"),
     ({"video": "", "QA": QA}, "qa", "auto", "field 'video': is empty"),
@@ -42,39 +55,103 @@ def load(tmp_path, records, **kw):
     ({"multi-image": "a.jpg", "QA": QA}, "qa", "auto", "field 'multi-image': a multi-image"),
     ({"multi-image": [], "QA": QA}, "qa", "auto", "field 'multi-image': is an empty list"),
     ({"multi-image": ["a.jpg", 3], "QA": QA}, "qa", "auto", "field 'multi-image[1]'"),
-    ({"multi-image": ["a.jpg", "b.jpg"], "QA": [{"q": "<image> x", "a": "y"}]}, "qa", "auto",
-     "field 'QA': the conversation has 1 <image> placeholders for 2 multi-image item(s)"),
-    ({"video": "v.mp4", "QA": [{"q": "x", "a": "y"}, {"q": "<image>z", "a": "w"}]}, "qa", "auto",
-     "2 <image> placeholders for 1 video item(s)"),
-    ({"video": "v.mp4", "QA": [{"q": "x", "a": "see <image>"}]}, "qa", "auto",
-     "field 'QA[0]': an answer holds '<image>'"),
+    (
+      {"multi-image": ["a.jpg", "b.jpg"], "QA": [{"q": "<image> x", "a": "y"}]},
+      "qa",
+      "auto",
+      "field 'QA': the conversation has 1 <image> placeholders for 2 multi-image item(s)",
+    ),
+    (
+      {"video": "v.mp4", "QA": [{"q": "x", "a": "y"}, {"q": "<image>z", "a": "w"}]},
+      "qa",
+      "auto",
+      "2 <image> placeholders for 1 video item(s)",
+    ),
+    (
+      {"video": "v.mp4", "QA": [{"q": "x", "a": "see <image>"}]},
+      "qa",
+      "auto",
+      "field 'QA[0]': an answer holds '<image>'",
+    ),
     # an empty answer: the original trains that turn on its end marker alone
-    ({"video": "v.mp4", "QA": [{"q": "x", "a": ""}]}, "qa", "auto",
-     "record 2: field 'QA[0].a': is empty"),
-    ({"video": "v.mp4", "QA": [{"q": "x", "a": "y"}, {"q": "z", "a": " \n\t"}]}, "qa", "auto",
-     "record 2: field 'QA[1].a': is blank (whitespace only)"),
+    (
+      {"video": "v.mp4", "QA": [{"q": "x", "a": ""}]},
+      "qa",
+      "auto",
+      "record 2: field 'QA[0].a': is empty",
+    ),
+    (
+      {"video": "v.mp4", "QA": [{"q": "x", "a": "y"}, {"q": "z", "a": " \n\t"}]},
+      "qa",
+      "auto",
+      "record 2: field 'QA[1].a': is blank (whitespace only)",
+    ),
     ({"image": "a.jpg", "QA": QA}, "qa", "video", "field 'video': missing (corpus 'c' holds video"),
-    ({"conversations": [{"from": "gpt", "value": "x"}, {"from": "human", "value": "y"}]},
-     "llava", "auto", "field 'conversations[0].from': expected 'human', got 'gpt'"),
-    ({"conversations": [{"from": "human", "value": "x"}]}, "llava", "auto",
-     "field 'conversations': needs human/gpt pairs, got 1"),
-    ({"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": None}]},
-     "llava", "auto", "field 'conversations[1]'"),
-    ({"image": "a.jpg", "conversations": [{"from": "human", "value": "x"},
-                                          {"from": "gpt", "value": "y"}, ]}, "llava", "video",
-     "field 'video': missing"),
-    ({"conversations": [{"from": "human", "value": "<image>x"}, {"from": "gpt", "value": "y"}]},
-     "llava", "auto", "1 <image> placeholders for 0 text item(s)"),
-    ({"conversations": [{"from": "system", "value": ""}, {"from": "human", "value": "x"},
-                        {"from": "gpt", "value": ""}]}, "llava", "auto",
-     "record 2: field 'conversations[2].value': is empty"),
-    ({"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "  "}]},
-     "llava", "auto", "record 2: field 'conversations[1].value': is blank (whitespace only)"),
-])
+    (
+      {"conversations": [{"from": "gpt", "value": "x"}, {"from": "human", "value": "y"}]},
+      "llava",
+      "auto",
+      "field 'conversations[0].from': expected 'human', got 'gpt'",
+    ),
+    (
+      {"conversations": [{"from": "human", "value": "x"}]},
+      "llava",
+      "auto",
+      "field 'conversations': needs human/gpt pairs, got 1",
+    ),
+    (
+      {"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": None}]},
+      "llava",
+      "auto",
+      "field 'conversations[1]'",
+    ),
+    (
+      {
+        "image": "a.jpg",
+        "conversations": [
+          {"from": "human", "value": "x"},
+          {"from": "gpt", "value": "y"},
+        ],
+      },
+      "llava",
+      "video",
+      "field 'video': missing",
+    ),
+    (
+      {"conversations": [{"from": "human", "value": "<image>x"}, {"from": "gpt", "value": "y"}]},
+      "llava",
+      "auto",
+      "1 <image> placeholders for 0 text item(s)",
+    ),
+    (
+      {
+        "conversations": [
+          {"from": "system", "value": ""},
+          {"from": "human", "value": "x"},
+          {"from": "gpt", "value": ""},
+        ]
+      },
+      "llava",
+      "auto",
+      "record 2: field 'conversations[2].value': is empty",
+    ),
+    (
+      {"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "  "}]},
+      "llava",
+      "auto",
+      "record 2: field 'conversations[1].value': is blank (whitespace only)",
+    ),
+  ],
+)
 def test_a_malformed_record_names_file_record_and_field(tmp_path, bad, fmt, kind, where):
-  good = ({"video": "v.mp4", "QA": QA} if fmt == "qa" else
-          {"video": "v.mp4", "conversations": [{"from": "human", "value": "x"},
-                                               {"from": "gpt", "value": "y"}]})
+  good = (
+    {"video": "v.mp4", "QA": QA}
+    if fmt == "qa"
+    else {
+      "video": "v.mp4",
+      "conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "y"}],
+    }
+  )
   c = corpus(tmp_path, [good, good, bad, good], format=fmt, kind=kind)
   with pytest.raises(AnnotationError) as err:
     load_mixture(MixtureConfig((c,)))
@@ -102,17 +179,28 @@ def test_file_level_errors_name_the_file_and_line(tmp_path):
 
 
 def test_both_formats_normalise_to_records(tmp_path):
-  qa = parse_record({"multi-image": ["x/a.jpg", "/abs/b.jpg"], "total_frames": 5,
-                     "QA": [{"i": "Be brief.", "q": "<image><image>Compare.", "a": "Same."},
-                            {"i": "ignored", "q": "Why?", "a": "Light."}]},
-                    CorpusConfig("m", "f", media_root="/root"))
+  qa = parse_record(
+    {
+      "multi-image": ["x/a.jpg", "/abs/b.jpg"],
+      "total_frames": 5,
+      "QA": [
+        {"i": "Be brief.", "q": "<image><image>Compare.", "a": "Same."},
+        {"i": "ignored", "q": "Why?", "a": "Light."},
+      ],
+    },
+    CorpusConfig("m", "f", media_root="/root"),
+  )
   assert qa.kind == "multi-image" and qa.media == ("/root/x/a.jpg", "/abs/b.jpg")
   assert qa.system == "Be brief." and qa.total_frames is None  # frames only for videos
   assert qa.turns == (Turn("<image><image>Compare.", "Same."), Turn("Why?", "Light."))
   llava = CorpusConfig("l", "f", format="llava", media_root="r")
-  conv = [{"from": "system", "value": "Sys."}, {"from": "human", "value": "<image>\nQ1"},
-          {"from": "gpt", "value": "A1"}, {"from": "human", "value": "Q2"},
-          {"from": "gpt", "value": "A2"}]
+  conv = [
+    {"from": "system", "value": "Sys."},
+    {"from": "human", "value": "<image>\nQ1"},
+    {"from": "gpt", "value": "A1"},
+    {"from": "human", "value": "Q2"},
+    {"from": "gpt", "value": "A2"},
+  ]
   r = parse_record({"id": 1, "image": "p.jpg", "conversations": conv}, llava)
   assert (r.kind, r.media, r.system) == ("image", ("r/p.jpg",), "Sys.")
   assert r.turns == (Turn("<image>\nQ1", "A1"), Turn("Q2", "A2"))
@@ -145,8 +233,13 @@ def test_mixture_concatenates_with_repeats_and_reshuffles_each_epoch(tmp_path):
   aset = load_mixture(mix)
   orders = [epoch_order(aset, mix, seed=1, epoch=e) for e in range(4)]
   for order in orders:
-    assert sorted(collections.Counter(order.tolist()).items()) == [(0, 1), (1, 1), (2, 1),
-                                                                   (3, 2), (4, 2)]
+    assert sorted(collections.Counter(order.tolist()).items()) == [
+      (0, 1),
+      (1, 1),
+      (2, 1),
+      (3, 2),
+      (4, 2),
+    ]
   assert len({tuple(o) for o in orders}) > 1
   np.testing.assert_array_equal(epoch_order(aset, mix, seed=1, epoch=2), orders[2])
 

@@ -21,14 +21,28 @@ import shutil
 
 import numpy as np
 import pytest
+from support.train_data import tiny_model_config, write_numbered_frames
 
-from ppllava_jax.data.dpo.pairs import (MissingReference, PairBatch, PreferenceDataConfig, collate_pairs, make_builder, make_preference_iterator, pair_epoch)
-from ppllava_jax.data.dpo.rows import (PreferenceBuilder, PreferenceConfig, PreferenceRow, PreferenceSample, read_preference_rows)
 from ppllava_jax.data.batching import IGNORE
+from ppllava_jax.data.dpo.pairs import (
+  MissingReference,
+  PairBatch,
+  PreferenceDataConfig,
+  collate_pairs,
+  make_builder,
+  make_preference_iterator,
+  pair_epoch,
+)
+from ppllava_jax.data.dpo.rows import (
+  PreferenceBuilder,
+  PreferenceConfig,
+  PreferenceRow,
+  PreferenceSample,
+  read_preference_rows,
+)
 from ppllava_jax.data.text.tokenizer import char_tokenizer
 from ppllava_jax.train.run.config import SyntheticConfig
 from ppllava_jax.train.run.synthetic import PREFERENCE_QUESTION, generate_preference
-from support.train_data import tiny_model_config, write_numbered_frames
 
 V = -1  # the tiny model's video placeholder id
 BOS, EOS = 1, 2
@@ -45,8 +59,7 @@ def char_ids(text: str) -> list[int]:
 
 def prompt_ids(question: str, frames: int = 4) -> list[int]:
   """``<s>USER: <image>\\n{question} ASSISTANT: `` with the video's placeholders."""
-  return ([BOS] + char_ids("USER: ") + [V] * (2 * frames) +
-          char_ids(f"\n{question} ASSISTANT: "))
+  return [BOS] + char_ids("USER: ") + [V] * (2 * frames) + char_ids(f"\n{question} ASSISTANT: ")
 
 
 def arrays(batch: PairBatch) -> dict[str, np.ndarray]:
@@ -57,27 +70,44 @@ def arrays(batch: PairBatch) -> dict[str, np.ndarray]:
 
 
 def pair_config(**kw) -> PreferenceDataConfig:
-  base = dict(rows="unused.jsonl", batch_size=4, seq_buckets=(16, 32),
-              sample=PreferenceConfig(template="plain_v1", num_frames=4, max_length=32))
+  base = dict(
+    rows="unused.jsonl",
+    batch_size=4,
+    seq_buckets=(16, 32),
+    sample=PreferenceConfig(template="plain_v1", num_frames=4, max_length=32),
+  )
   return PreferenceDataConfig(**{**base, **kw})
 
 
-def hand_sample(prompt, chosen, rejected, frames, fill, scorer=None, source="s") -> PreferenceSample:
+def hand_sample(
+  prompt, chosen, rejected, frames, fill, scorer=None, source="s"
+) -> PreferenceSample:
   video = np.stack([np.full((3, 24, 24), fill + t, np.float32) for t in range(frames)])
   scorer_ids = scorer_mask = None
   if scorer is not None:
     scorer_ids = np.asarray(scorer + [0] * (6 - len(scorer)), np.int32)
     scorer_mask = np.asarray([1] * len(scorer) + [0] * (6 - len(scorer)), np.int32)
-  return PreferenceSample(np.asarray(prompt, np.int32), np.asarray(chosen, np.int32),
-                          np.asarray(rejected, np.int32), video, tuple(range(frames)),
-                          prompt.count(V), scorer_ids, scorer_mask, source=source)
+  return PreferenceSample(
+    np.asarray(prompt, np.int32),
+    np.asarray(chosen, np.int32),
+    np.asarray(rejected, np.int32),
+    video,
+    tuple(range(frames)),
+    prompt.count(V),
+    scorer_ids,
+    scorer_mask,
+    source=source,
+  )
 
 
 # pair 0: 11 prompt tokens (a 4-frame video), a 3-token chosen and a 2-token rejected row
 S0 = dict(prompt=[BOS, *[V] * 8, 50, 51], chosen=[60, 61, EOS], rejected=[70, EOS])
 # pair 1: 6 prompt tokens (a 2-frame video: 4 placeholders), 5 and 8 completion tokens
-S1 = dict(prompt=[BOS, *[V] * 4, 52], chosen=[62, 63, 64, 65, EOS],
-          rejected=[71, 72, 73, 74, 75, 76, 77, EOS])
+S1 = dict(
+  prompt=[BOS, *[V] * 4, 52],
+  chosen=[62, 63, 64, 65, EOS],
+  rejected=[71, 72, 73, 74, 75, 76, 77, EOS],
+)
 # pair 2: 20 tokens in its longer row, past the first bucket (16)
 S2 = dict(prompt=[BOS, *[V] * 8, 53, 54, 55], chosen=[80, EOS], rejected=[81] * 7 + [EOS])
 
@@ -89,9 +119,12 @@ def padded(values, length, fill):
 def expected_row(prompt, completion, length, pad=0):
   """(input_ids, labels, attention_mask, position_ids) of one right-padded row."""
   n = len(prompt) + len(completion)
-  return (padded(prompt + completion, length, pad),
-          padded([IGNORE] * len(prompt) + completion, length, IGNORE),
-          padded([1] * n, length, 0), padded(list(range(n)), length, 0))
+  return (
+    padded(prompt + completion, length, pad),
+    padded([IGNORE] * len(prompt) + completion, length, IGNORE),
+    padded([1] * n, length, 0),
+    padded(list(range(n)), length, 0),
+  )
 
 
 def empty_row(length, pad=0):
@@ -112,12 +145,19 @@ def test_collate_interleaves_chosen_and_rejected_rows_per_pair():
   batch = collate_pairs([s0, None, s1], MODEL, cfg, pad_id=0, scorer_length=6, scorer_pad_id=9)
   # the longer rows are 11 + 3 = 14 and 6 + 8 = 14 tokens: the 16 bucket
   assert batch.input_ids.shape == (8, 16) and batch.input_ids.dtype == np.int32
-  check_rows(batch, [expected_row(S0["prompt"], S0["chosen"], 16),
-                     expected_row(S0["prompt"], S0["rejected"], 16),
-                     empty_row(16), empty_row(16),  # pair 1: None
-                     expected_row(S1["prompt"], S1["chosen"], 16),
-                     expected_row(S1["prompt"], S1["rejected"], 16),
-                     empty_row(16), empty_row(16)])  # pair 3: past the samples
+  check_rows(
+    batch,
+    [
+      expected_row(S0["prompt"], S0["chosen"], 16),
+      expected_row(S0["prompt"], S0["rejected"], 16),
+      empty_row(16),
+      empty_row(16),  # pair 1: None
+      expected_row(S1["prompt"], S1["chosen"], 16),
+      expected_row(S1["prompt"], S1["rejected"], 16),
+      empty_row(16),
+      empty_row(16),
+    ],
+  )  # pair 3: past the samples
   assert batch.pair_mask.tolist() == [True, False, True, False]
   assert batch.sample_mask.tolist() == [True, False, True, False]
   # the media once per pair; pair 2's 2-frame video fills a prefix of the 4 frames
@@ -126,31 +166,52 @@ def test_collate_interleaves_chosen_and_rejected_rows_per_pair():
     assert np.all(batch.videos[0, t] == 1.0 + t)
   assert np.all(batch.videos[2, 0] == 5.0) and np.all(batch.videos[2, 1] == 6.0)
   assert not batch.videos[2, 2:].any() and not batch.videos[1].any() and not batch.videos[3].any()
-  assert batch.video_frame_mask.tolist() == [[True] * 4, [False] * 4, [True, True, False, False],
-                                             [False] * 4]
-  assert batch.video_token_mask.tolist() == [[True] * 8, [False] * 8, [True] * 4 + [False] * 4,
-                                             [False] * 8]
-  assert batch.scorer_ids.tolist() == [[BOS, 40, 41, EOS, 0, 0], [9] * 6,
-                                       [BOS, 42, EOS, 0, 0, 0], [9] * 6]
+  assert batch.video_frame_mask.tolist() == [
+    [True] * 4,
+    [False] * 4,
+    [True, True, False, False],
+    [False] * 4,
+  ]
+  assert batch.video_token_mask.tolist() == [
+    [True] * 8,
+    [False] * 8,
+    [True] * 4 + [False] * 4,
+    [False] * 8,
+  ]
+  assert batch.scorer_ids.tolist() == [
+    [BOS, 40, 41, EOS, 0, 0],
+    [9] * 6,
+    [BOS, 42, EOS, 0, 0, 0],
+    [9] * 6,
+  ]
   assert batch.scorer_mask.tolist() == [[1, 1, 1, 1, 0, 0], [0] * 6, [1, 1, 1, 0, 0, 0], [0] * 6]
   # no reference given: zeros
   assert batch.ref_logps.dtype == np.float32 and batch.ref_logps.tolist() == [0.0] * 8
 
 
 def test_collate_buckets_the_longest_row_and_interleaves_reference_logps():
-  samples = [hand_sample(**S0, frames=4, fill=1.0), hand_sample(**S1, frames=2, fill=5.0),
-             hand_sample(**S2, frames=4, fill=9.0)]
+  samples = [
+    hand_sample(**S0, frames=4, fill=1.0),
+    hand_sample(**S1, frames=2, fill=5.0),
+    hand_sample(**S2, frames=4, fill=9.0),
+  ]
   refs = [(-1.5, -2.5), (-3.0, -4.0), (-5.25, -6.75)]
   cfg = pair_config(pixel_dtype="bfloat16")
   batch = collate_pairs(samples, MODEL, cfg, ref_logps=refs, pad_id=3)
   assert batch.input_ids.shape == (8, 32)  # pair 2's longer row: 12 + 8 = 20 > 16
-  check_rows(batch, [expected_row(S0["prompt"], S0["chosen"], 32, pad=3),
-                     expected_row(S0["prompt"], S0["rejected"], 32, pad=3),
-                     expected_row(S1["prompt"], S1["chosen"], 32, pad=3),
-                     expected_row(S1["prompt"], S1["rejected"], 32, pad=3),
-                     expected_row(S2["prompt"], S2["chosen"], 32, pad=3),
-                     expected_row(S2["prompt"], S2["rejected"], 32, pad=3),
-                     empty_row(32, pad=3), empty_row(32, pad=3)])
+  check_rows(
+    batch,
+    [
+      expected_row(S0["prompt"], S0["chosen"], 32, pad=3),
+      expected_row(S0["prompt"], S0["rejected"], 32, pad=3),
+      expected_row(S1["prompt"], S1["chosen"], 32, pad=3),
+      expected_row(S1["prompt"], S1["rejected"], 32, pad=3),
+      expected_row(S2["prompt"], S2["chosen"], 32, pad=3),
+      expected_row(S2["prompt"], S2["rejected"], 32, pad=3),
+      empty_row(32, pad=3),
+      empty_row(32, pad=3),
+    ],
+  )
   assert batch.pair_mask.tolist() == [True, True, True, False]
   assert batch.ref_logps.tolist() == [-1.5, -2.5, -3.0, -4.0, -5.25, -6.75, 0.0, 0.0]
   assert str(batch.videos.dtype) == "bfloat16"
@@ -169,9 +230,13 @@ def test_collate_rejects_too_many_pairs_or_frames():
   with pytest.raises(ValueError, match="collate_pairs: 3 pairs for batch_size 2"):
     collate_pairs([s, s, s], MODEL, cfg)
   long = hand_sample(**S0, frames=6, fill=1.0, source="rows.jsonl:7 (id 'x')")
-  with pytest.raises(ValueError, match=re.escape(
+  with pytest.raises(
+    ValueError,
+    match=re.escape(
       "collate_pairs: rows.jsonl:7 (id 'x'): 6 frames, the batch holds "
-      "PreferenceConfig.num_frames=4")):
+      "PreferenceConfig.num_frames=4"
+    ),
+  ):
     collate_pairs([s, long], MODEL, cfg)
 
 
@@ -202,17 +267,39 @@ def test_pair_epoch_file_order_and_batch_ends():
 
 
 def test_the_plan_of_make_builder_runs_the_epochs_in_turn():
-  rows = [PreferenceRow(id=i, question="Q?", video=f"v{i}.mp4", chosen="A.", rejected="B.",
-                        file="rows.jsonl", line=i + 1) for i in range(5)]
-  cfg = PreferenceDataConfig(rows="rows.jsonl", sample=SAMPLE, batch_size=2,
-                             seq_buckets=(128, 256), num_epochs=2)
-  plan = make_builder(cfg, rows, tokenizer=char_tokenizer(), model=MODEL,
-                      scorer_tokenizer=char_tokenizer(), shuffle=False).plan
+  rows = [
+    PreferenceRow(
+      id=i,
+      question="Q?",
+      video=f"v{i}.mp4",
+      chosen="A.",
+      rejected="B.",
+      file="rows.jsonl",
+      line=i + 1,
+    )
+    for i in range(5)
+  ]
+  cfg = PreferenceDataConfig(
+    rows="rows.jsonl", sample=SAMPLE, batch_size=2, seq_buckets=(128, 256), num_epochs=2
+  )
+  plan = make_builder(
+    cfg,
+    rows,
+    tokenizer=char_tokenizer(),
+    model=MODEL,
+    scorer_tokenizer=char_tokenizer(),
+    shuffle=False,
+  ).plan
   assert plan.total() == 6  # 3 batches (2, 2, 1 pairs) per epoch
   members = [plan.members(g) for g in range(7)]
   assert [(e, r.tolist(), p.tolist()) for e, r, p in members[:6]] == [
-      (0, [0, 1], [0, 1]), (0, [2, 3], [2, 3]), (0, [4], [4]),
-      (1, [0, 1], [0, 1]), (1, [2, 3], [2, 3]), (1, [4], [4])]
+    (0, [0, 1], [0, 1]),
+    (0, [2, 3], [2, 3]),
+    (0, [4], [4]),
+    (1, [0, 1], [0, 1]),
+    (1, [2, 3], [2, 3]),
+    (1, [4], [4]),
+  ]
   assert members[6][0] == -1 and len(members[6][1]) == 0  # past the end: an empty batch
 
 
@@ -229,15 +316,24 @@ def synthetic(tmp_path_factory):
 
 
 def data_config(rows, media_root, **kw) -> PreferenceDataConfig:
-  base = dict(rows=str(rows), media_root=str(media_root), sample=SAMPLE, batch_size=2,
-              seq_buckets=(128, 256), seed=3, num_epochs=1, num_workers=0)
+  base = dict(
+    rows=str(rows),
+    media_root=str(media_root),
+    sample=SAMPLE,
+    batch_size=2,
+    seq_buckets=(128, 256),
+    seed=3,
+    num_epochs=1,
+    num_workers=0,
+  )
   return PreferenceDataConfig(**{**base, **kw})
 
 
 def iterator(cfg, **kw):
   tok = char_tokenizer()
-  return make_preference_iterator(cfg, tokenizer=tok, model=MODEL, scorer_tokenizer=tok,
-                                  block=0, blocks=1, **kw)
+  return make_preference_iterator(
+    cfg, tokenizer=tok, model=MODEL, scorer_tokenizer=tok, block=0, blocks=1, **kw
+  )
 
 
 def run(it, limit=None):
@@ -275,7 +371,7 @@ def check_empty_pair(batch, i):
     assert (batch["labels"][r] == IGNORE).all() and not batch["position_ids"][r].any()
   assert not batch["videos"][i].any() and not batch["video_frame_mask"][i].any()
   assert not batch["video_token_mask"][i].any() and not batch["scorer_mask"][i].any()
-  assert batch["ref_logps"][2 * i:2 * i + 2].tolist() == [0.0, 0.0]
+  assert batch["ref_logps"][2 * i : 2 * i + 2].tolist() == [0.0, 0.0]
 
 
 def test_an_epoch_has_every_row_once_in_configured_shapes(synthetic):
@@ -286,10 +382,19 @@ def test_an_epoch_has_every_row_once_in_configured_shapes(synthetic):
   assert len(batches) == 3  # 5 rows in pairs of 2: 2, 2, 1
   # 1 + 6 + 8 + 1 + 49 + 12 = 77 prompt tokens and at most 28 completion tokens: bucket 128
   assert len(PREFERENCE_QUESTION) == 49 and len(prompt_ids(PREFERENCE_QUESTION)) == 77
-  want = {"input_ids": (4, 128), "attention_mask": (4, 128), "position_ids": (4, 128),
-          "labels": (4, 128), "pair_mask": (2,), "scorer_ids": (2, 40), "scorer_mask": (2, 40),
-          "videos": (2, 4, 3, 24, 24), "video_frame_mask": (2, 4), "video_token_mask": (2, 8),
-          "ref_logps": (4,)}
+  want = {
+    "input_ids": (4, 128),
+    "attention_mask": (4, 128),
+    "position_ids": (4, 128),
+    "labels": (4, 128),
+    "pair_mask": (2,),
+    "scorer_ids": (2, 40),
+    "scorer_mask": (2, 40),
+    "videos": (2, 4, 3, 24, 24),
+    "video_frame_mask": (2, 4),
+    "video_token_mask": (2, 8),
+    "ref_logps": (4,),
+  }
   for batch, records, epoch in batches:
     assert {k: v.shape for k, v in batch.items()} == want
     assert epoch == 0
@@ -347,13 +452,15 @@ def flawed(synthetic, tmp_path_factory):
     jpg.write_bytes(b"these are not JPEG bytes")
   (root / "bad.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 but nothing after it")
   good = rows[:3]
-  lines = [good[0],  # 1: usable row 0
-           good[1],  # 2: usable row 1
-           {**good[0], "id": "same", "rejected": good[0]["chosen"] + " "},  # 3: same completions
-           {**good[0], "id": "gone", "video": "frames/9999"},  # 4: missing video
-           {**good[0], "id": "garbage", "video": "garbage"},  # 5: usable row 2, corrupt frames
-           good[2],  # 6: usable row 3
-           {**good[1], "id": "bad_mp4", "video": "bad.mp4"}]  # 7: usable row 4, corrupt file
+  lines = [
+    good[0],  # 1: usable row 0
+    good[1],  # 2: usable row 1
+    {**good[0], "id": "same", "rejected": good[0]["chosen"] + " "},  # 3: same completions
+    {**good[0], "id": "gone", "video": "frames/9999"},  # 4: missing video
+    {**good[0], "id": "garbage", "video": "garbage"},  # 5: usable row 2, corrupt frames
+    good[2],  # 6: usable row 3
+    {**good[1], "id": "bad_mp4", "video": "bad.mp4"},
+  ]  # 7: usable row 4, corrupt file
   path = root / "rows.jsonl"
   path.write_text("".join(json.dumps(x) + "\n" for x in lines))
   return root, path, lines
@@ -399,8 +506,15 @@ def test_an_rng_factory_draws_each_pairs_frames(synthetic):
   rows = read_preference_rows(path, str(folder)).rows
   tok = char_tokenizer()
   for pinned, key in ((False, (3, 1, 2)), (True, (3, 0, 4))):
-    builder = make_builder(cfg, rows, tokenizer=tok, model=MODEL, scorer_tokenizer=tok,
-                           pin_frames=pinned, rng_factory=pcg)
+    builder = make_builder(
+      cfg,
+      rows,
+      tokenizer=tok,
+      model=MODEL,
+      scorer_tokenizer=tok,
+      pin_frames=pinned,
+      rng_factory=pcg,
+    )
     want = pcg(*key).integers([0, 3, 6, 9], [2, 5, 8, 11]).tolist()
     assert builder.build(4, epoch=1, position=2).frame_indices == tuple(want)
 
@@ -447,7 +561,7 @@ def test_reference_log_probs_sit_at_each_pairs_rows(synthetic):
   for batch, records, _ in batches:
     want = [0.0] * 4
     for i, r in enumerate(records):
-      want[2 * i:2 * i + 2] = [-1.0 - r, -10.0 - r]
+      want[2 * i : 2 * i + 2] = [-1.0 - r, -10.0 - r]
     assert batch["ref_logps"].dtype == np.float32
     assert batch["ref_logps"].tolist() == want
 
@@ -456,8 +570,10 @@ def test_a_row_missing_from_the_reference_table_is_an_error(synthetic):
   folder, path, rows = synthetic
   table = {row["id"]: (-1.0, -2.0) for row in rows if row["id"] != "synthetic_0003"}
   it = iterator(data_config(path, folder), reference=table)
-  with pytest.raises(MissingReference, match=re.escape(
-      f"{path}:4 (id 'synthetic_0003'): no cached reference log-probs")):
+  with pytest.raises(
+    MissingReference,
+    match=re.escape(f"{path}:4 (id 'synthetic_0003'): no cached reference log-probs"),
+  ):
     run(it)
   it.close()
 
@@ -465,15 +581,23 @@ def test_a_row_missing_from_the_reference_table_is_an_error(synthetic):
 # ---- config validation ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fields, message", [
+@pytest.mark.parametrize(
+  "fields, message",
+  [
     (dict(rows=""), "PreferenceDataConfig.rows: give the preference JSONL file"),
-    (dict(sample=PreferenceConfig(max_length=300)),
-     "PreferenceConfig.max_length 300 exceeds the largest bucket 256"),
-    (dict(pixel_dtype="float16"), "PreferenceDataConfig.pixel_dtype must be one of "
-                                  "('float32', 'bfloat16')"),
+    (
+      dict(sample=PreferenceConfig(max_length=300)),
+      "PreferenceConfig.max_length 300 exceeds the largest bucket 256",
+    ),
+    (
+      dict(pixel_dtype="float16"),
+      "PreferenceDataConfig.pixel_dtype must be one of ('float32', 'bfloat16')",
+    ),
     (dict(batch_size=0), "batch_size and seq_buckets must be positive"),
     (dict(seq_buckets=(256, 128)), "seq_buckets must be increasing"),
-    (dict(num_epochs=0), "num_epochs must be >= 1 or None, got 0")])
+    (dict(num_epochs=0), "num_epochs must be >= 1 or None, got 0"),
+  ],
+)
 def test_config_validation(fields, message):
   base = dict(rows="rows.jsonl", sample=PreferenceConfig(max_length=256), seq_buckets=(128, 256))
   with pytest.raises(ValueError, match=re.escape(message)):

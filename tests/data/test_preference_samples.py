@@ -19,31 +19,61 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sentencepiece as spm
-from transformers import AutoTokenizer
-
-from ppllava_jax.data.media import preprocess
-from ppllava_jax.data.dpo.rows import (PreferenceBuilder, PreferenceConfig, parse_row, read_preference_rows)
-from ppllava_jax.data.batching import IGNORE
-from ppllava_jax.data.sft.samples import SkipSample
-from ppllava_jax.data.text.templates import VICUNA_V1, Turn, render_conversation
-from ppllava_jax.data.media.video import random_indices
-from ppllava_jax.files import DataFileError
 from support.tokenizers import clip_tokenizer, llama_sp_tokenizer, qwen_tokenizer
 from support.train_data import tiny_model_config, write_numbered_frames, write_video
+from transformers import AutoTokenizer
 
-SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The "
-          "assistant gives helpful, detailed, and polite answers to the user's questions.")
+from ppllava_jax.data.batching import IGNORE
+from ppllava_jax.data.dpo.rows import (
+  PreferenceBuilder,
+  PreferenceConfig,
+  parse_row,
+  read_preference_rows,
+)
+from ppllava_jax.data.media import preprocess
+from ppllava_jax.data.media.video import random_indices
+from ppllava_jax.data.sft.samples import SkipSample
+from ppllava_jax.data.text.templates import VICUNA_V1, Turn, render_conversation
+from ppllava_jax.files import DataFileError
+
+SYSTEM = (
+  "A chat between a curious user and an artificial intelligence assistant. The "
+  "assistant gives helpful, detailed, and polite answers to the user's questions."
+)
 V = "<video>"  # one video placeholder (id -1) in the expected lists
-ROW = {"id": "v1", "prompt": "<video>\nWhat color is the ball?", "answer": "The ball is red.",
-       "video": "v.mp4", "chosen": "The ball is red.", "rejected": "A man walks a dog.",
-       "chosen_score": 5, "rejected_score": 2.5}
+ROW = {
+  "id": "v1",
+  "prompt": "<video>\nWhat color is the ball?",
+  "answer": "The ball is red.",
+  "video": "v.mp4",
+  "chosen": "The ball is red.",
+  "rejected": "A man walks a dog.",
+  "chosen_score": 5,
+  "rejected_score": 2.5,
+}
 # '<s>{SYSTEM} USER: <image>\nWhat color is the ball? ASSISTANT: The ball is red.</s>'
 QUESTION = ["▁", "<0x0A>", "What", "▁color", "▁is", "▁the", "▁ball", "?", "▁ASSISTANT", ":"]
 CHOSEN = ["▁The", "▁ball", "▁is", "▁red", ".", "</s>"]
 REJECTED = ["▁A", "▁man", "▁walks", "▁a", "▁dog", ".", "</s>"]
 # '<|im_start|>user\n<image>\nWhat color is the ball?<|im_end|>\n<|im_start|>assistant\n...'
-QWEN_PROMPT = ["<|im_start|>", "user", "Ċ", *[V] * 8, "Ċ", "What", "Ġcolor", "Ġis", "Ġthe",
-               "Ġball", "?", "<|im_end|>", "Ċ", "<|im_start|>", "assistant", "Ċ"]
+QWEN_PROMPT = [
+  "<|im_start|>",
+  "user",
+  "Ċ",
+  *[V] * 8,
+  "Ċ",
+  "What",
+  "Ġcolor",
+  "Ġis",
+  "Ġthe",
+  "Ġball",
+  "?",
+  "<|im_end|>",
+  "Ċ",
+  "<|im_start|>",
+  "assistant",
+  "Ċ",
+]
 QWEN_CHOSEN = ["The", "Ġball", "Ġis", "Ġred", ".", "<|im_end|>", "Ċ"]
 QWEN_REJECTED = ["A", "Ġman", "Ġwalks", "Ġa", "Ġdog", ".", "<|im_end|>", "Ċ"]
 
@@ -51,8 +81,10 @@ QWEN_REJECTED = ["A", "Ġman", "Ġwalks", "Ġa", "Ġdog", ".", "<|im_end|>", "Ċ
 @pytest.fixture(scope="module")
 def tokenizers(tmp_path_factory):
   root = tmp_path_factory.mktemp("tokenizers")
-  return tuple(AutoTokenizer.from_pretrained(build(root / build.__name__))
-               for build in (llama_sp_tokenizer, qwen_tokenizer, clip_tokenizer))
+  return tuple(
+    AutoTokenizer.from_pretrained(build(root / build.__name__))
+    for build in (llama_sp_tokenizer, qwen_tokenizer, clip_tokenizer)
+  )
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +121,9 @@ def ids_of(tok, tokens):
 
 def make_builder(tok, clip, template="vicuna_v1", **config):
   model = tiny_model_config(tok.convert_tokens_to_ids("<image>"))
-  return PreferenceBuilder(tok, model, clip, PreferenceConfig(template=template, num_frames=4,
-                                                              **config))
+  return PreferenceBuilder(
+    tok, model, clip, PreferenceConfig(template=template, num_frames=4, **config)
+  )
 
 
 def make_row(media, line=1, **fields):
@@ -135,7 +168,7 @@ def llava_v1_labels(tok, question, answer):
   instruction = rou.split(" ASSISTANT: ")[0] + " ASSISTANT: "
   round_len, instruction_len = len(tok(rou).input_ids), len(tok(instruction).input_ids) - 2
   assert 1 + round_len == len(ids)  # the original's total-length check
-  return ids, [IGNORE] * (1 + instruction_len) + ids[1 + instruction_len:]
+  return ids, [IGNORE] * (1 + instruction_len) + ids[1 + instruction_len :]
 
 
 @pytest.mark.parametrize("answer", ["The ball is red.", "3 pm"])
@@ -147,7 +180,7 @@ def test_labels_are_llavas_length_arithmetic(tokenizers, media, answer):
   ids, labels = s.row("chosen")
   want_ids, want_labels = llava_v1_labels(tok, "What color is the ball?", answer)
   slot = want_ids.index(tok.convert_tokens_to_ids("<image>"))
-  expand = lambda x, fill: x[:slot] + [fill] * 8 + x[slot + 1:]  # noqa: E731
+  expand = lambda x, fill: x[:slot] + [fill] * 8 + x[slot + 1 :]
   assert ids.tolist() == expand(want_ids, -1)
   assert labels.tolist() == expand(want_labels, IGNORE)
   if answer == "3 pm":
@@ -160,9 +193,19 @@ def test_an_answer_holding_role_strings_is_supervised_whole(tokenizers, pieces, 
   tok, _, clip = tokenizers
   s = make_builder(tok, clip)(make_row(media, chosen="Yes USER: no ASSISTANT: then"))
   assert tok.convert_ids_to_tokens(s.chosen_ids.tolist()) == [
-      *pieces("Yes USER: no ASSISTANT: then"), "</s>"]
+    *pieces("Yes USER: no ASSISTANT: then"),
+    "</s>",
+  ]
   assert tok.convert_ids_to_tokens(s.chosen_ids.tolist()) == [
-      "▁Yes", "▁USER", ":", "▁no", "▁ASSISTANT", ":", "▁then", "</s>"]
+    "▁Yes",
+    "▁USER",
+    ":",
+    "▁no",
+    "▁ASSISTANT",
+    ":",
+    "▁then",
+    "</s>",
+  ]
 
 
 def test_qwen_chatml_pair(tokenizers, media):
@@ -171,8 +214,10 @@ def test_qwen_chatml_pair(tokenizers, media):
   assert s.prompt_ids.tolist() == ids_of(qwen, QWEN_PROMPT)
   assert s.chosen_ids.tolist() == ids_of(qwen, QWEN_CHOSEN)
   assert s.rejected_ids.tolist() == ids_of(qwen, QWEN_REJECTED)
-  assert s.prompt_text == "<|im_start|>user\n<image>\nWhat color is the ball?<|im_end|>\n" \
-                         "<|im_start|>assistant\n"
+  assert (
+    s.prompt_text == "<|im_start|>user\n<image>\nWhat color is the ball?<|im_end|>\n"
+    "<|im_start|>assistant\n"
+  )
 
 
 def test_frame_folder_in_name_order_seeded(tokenizers, media):
@@ -183,8 +228,10 @@ def test_frame_folder_in_name_order_seeded(tokenizers, media):
   assert s.frame_indices == tuple(want)
   grey = (s.video[:, 0] * preprocess.CLIP_STD[0] + preprocess.CLIP_MEAN[0]) * 255
   np.testing.assert_allclose(grey.mean(axis=(1, 2)), [10 * i for i in want], atol=2)
-  draws = {build(make_row(media, video="frames"), seed=3, epoch=e, index=11).frame_indices
-           for e in range(6)}
+  draws = {
+    build(make_row(media, video="frames"), seed=3, epoch=e, index=11).frame_indices
+    for e in range(6)
+  }
   assert len(draws) > 1
 
 
@@ -207,11 +254,16 @@ def write_lines(path: Path, lines) -> Path:
 
 def test_reading_skips_and_counts_rows_that_cannot_teach(media, tmp_path, caplog):
   absolute = str(media / "frames")
-  path = write_lines(tmp_path / "rows.jsonl", [
-      ROW, "",  # a blank line is no row
+  path = write_lines(
+    tmp_path / "rows.jsonl",
+    [
+      ROW,
+      "",  # a blank line is no row
       {**ROW, "rejected": " The ball is red. "},  # 3: the same answer
       {**ROW, "video": "gone.mp4"},  # 4
-      {**ROW, "id": 5, "video": absolute, "chosen_score": None}])
+      {**ROW, "id": 5, "video": absolute, "chosen_score": None},
+    ],
+  )
   with caplog.at_level(logging.WARNING):
     rows = read_preference_rows(path, str(media))
   assert [r.line for r in rows.rows] == [1, 5]
@@ -227,7 +279,9 @@ def test_reading_skips_and_counts_rows_that_cannot_teach(media, tmp_path, caplog
   assert [r.line for r in unchecked.rows] == [1, 4, 5]
 
 
-@pytest.mark.parametrize("line, problem", [
+@pytest.mark.parametrize(
+  "line, problem",
+  [
     ({**ROW, "chosen": 3}, "field 'chosen': must be a string, got int"),
     ({k: v for k, v in ROW.items() if k != "rejected"}, "field 'rejected': missing"),
     ({**ROW, "id": 1.5}, "field 'id': must be a string or an integer, got float"),
@@ -239,7 +293,9 @@ def test_reading_skips_and_counts_rows_that_cannot_teach(media, tmp_path, caplog
     ({**ROW, "prompt": "<image>\nWhat?"}, "field 'prompt': holds '<image>'"),
     ({**ROW, "rejected": "See <image>"}, "field 'rejected': holds '<image>'"),
     ([ROW], "expected a JSON object, found an array"),
-    ('{"id": "v2", "prompt": ', "invalid JSON")])
+    ('{"id": "v2", "prompt": ', "invalid JSON"),
+  ],
+)
 def test_malformed_rows_name_file_line_and_field(media, tmp_path, line, problem):
   path = write_lines(tmp_path / "rows.jsonl", [ROW, line])
   with pytest.raises(DataFileError) as err:
@@ -248,17 +304,23 @@ def test_malformed_rows_name_file_line_and_field(media, tmp_path, line, problem)
 
 
 def test_a_file_without_usable_rows_is_an_error(media, tmp_path):
-  path = write_lines(tmp_path / "rows.jsonl", [{**ROW, "rejected": ROW["chosen"]},
-                                               {**ROW, "video": "x"}])
+  path = write_lines(
+    tmp_path / "rows.jsonl", [{**ROW, "rejected": ROW["chosen"]}, {**ROW, "video": "x"}]
+  )
   with pytest.raises(DataFileError, match=r"rows.jsonl: no usable preference rows \(2 read"):
     read_preference_rows(path, str(media))
 
 
-@pytest.mark.parametrize("fields, reason", [
-    (dict(video="bad.mp4"), "corrupt"), (dict(video="empty"), "empty"),
+@pytest.mark.parametrize(
+  "fields, reason",
+  [
+    (dict(video="bad.mp4"), "corrupt"),
+    (dict(video="empty"), "empty"),
     (dict(video="gone.mp4"), "missing"),  # deleted after reading
     # a leading space: the whole text has ": ▁ ▁The", so the prompts of the two sides differ
-    (dict(chosen=" The ball is red."), "labels")])
+    (dict(chosen=" The ball is red."), "labels"),
+  ],
+)
 def test_samples_that_cannot_be_built_are_skips_with_a_reason(tokenizers, media, fields, reason):
   tok, _, clip = tokenizers
   with pytest.raises(SkipSample) as err:

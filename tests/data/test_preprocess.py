@@ -9,12 +9,33 @@ exactly.
 import numpy as np
 import pytest
 from PIL import Image
-from transformers import (CLIPImageProcessorPil, LlavaNextImageProcessorPil,
-                          LlavaOnevisionImageProcessorPil, SiglipImageProcessorPil)
-from transformers.image_utils import (IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD,
-                                      OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+from transformers import (
+  CLIPImageProcessorPil,
+  LlavaNextImageProcessorPil,
+  LlavaOnevisionImageProcessorPil,
+  SiglipImageProcessorPil,
+)
+from transformers.image_utils import (
+  IMAGENET_STANDARD_MEAN,
+  IMAGENET_STANDARD_STD,
+  OPENAI_CLIP_MEAN,
+  OPENAI_CLIP_STD,
+)
 
-from ppllava_jax.data.media.preprocess import (CLIP_MEAN, CLIP_STD, LLAVA_NEXT_PINPOINTS, ONEVISION_PINPOINTS, SIGLIP_MEAN, SIGLIP_STD, clip_image_pixels, llava_next_image_pixels, normalize, siglip_image_pixels, to_rgb, video_pixels)
+from ppllava_jax.data.media.preprocess import (
+  CLIP_MEAN,
+  CLIP_STD,
+  LLAVA_NEXT_PINPOINTS,
+  ONEVISION_PINPOINTS,
+  SIGLIP_MEAN,
+  SIGLIP_STD,
+  clip_image_pixels,
+  llava_next_image_pixels,
+  normalize,
+  siglip_image_pixels,
+  to_rgb,
+  video_pixels,
+)
 
 MAX_DIFF = 1e-6
 # odd sizes; portrait and landscape; smaller than a tile; very wide; square; tall
@@ -38,8 +59,9 @@ def hf_pixels(processor, image):
 
 @pytest.fixture(scope="module")
 def llava_next():
-  return LlavaNextImageProcessorPil(size={"shortest_edge": 336},
-                                    crop_size={"height": 336, "width": 336})
+  return LlavaNextImageProcessorPil(
+    size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}
+  )
 
 
 def assert_close(ours, ref):
@@ -52,8 +74,9 @@ def test_constants_are_transformers():
   assert list(SIGLIP_MEAN) == list(IMAGENET_STANDARD_MEAN)
   assert list(SIGLIP_STD) == list(IMAGENET_STANDARD_STD)
   assert [list(p) for p in LLAVA_NEXT_PINPOINTS] == LlavaNextImageProcessorPil.image_grid_pinpoints
-  assert ([list(p) for p in ONEVISION_PINPOINTS] ==
-          LlavaOnevisionImageProcessorPil.image_grid_pinpoints)
+  assert [
+    list(p) for p in ONEVISION_PINPOINTS
+  ] == LlavaOnevisionImageProcessorPil.image_grid_pinpoints
 
 
 def test_normalize_is_the_equation():
@@ -68,9 +91,11 @@ def test_video_pixels_squash_vs_transformers():
   # LlavaNextVidProcessor: straight to 336 x 336; CLIP's processor with a square size and
   # no crop is that operation
   ref = CLIPImageProcessorPil(size={"height": 336, "width": 336}, do_center_crop=False)
-  for frames_thwc in [np.stack([photo(48, 64, seed) for seed in range(3)]),  # upscaled
-                      np.stack([photo(333, 517, seed) for seed in range(2)]),  # downscaled
-                      np.stack([photo(336, 336, seed) for seed in range(2)])]:  # a store's
+  for frames_thwc in [
+    np.stack([photo(48, 64, seed) for seed in range(3)]),  # upscaled
+    np.stack([photo(333, 517, seed) for seed in range(2)]),  # downscaled
+    np.stack([photo(336, 336, seed) for seed in range(2)]),
+  ]:  # a store's
     ours = video_pixels(frames_thwc)
     assert_close(ours, np.stack([hf_pixels(ref, f) for f in frames_thwc]))
 
@@ -78,8 +103,9 @@ def test_video_pixels_squash_vs_transformers():
 def test_video_pixels_letterbox_vs_onevision():
   # LlavaOnevisionVidProcessor pins the best resolution to 384 x 384: one letterboxed tile.
   # OneVision's processor given that single pinpoint makes it as tile 1 (tile 0: squashed).
-  ref = LlavaOnevisionImageProcessorPil(image_grid_pinpoints=[[384, 384]],
-                                        image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD)
+  ref = LlavaOnevisionImageProcessorPil(
+    image_grid_pinpoints=[[384, 384]], image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD
+  )
   frames = [photo(333, 517, 0), photo(517, 333, 1), photo(48, 64, 2), photo(384, 384, 3)]
   boxed = video_pixels(frames, 384, SIGLIP_MEAN, SIGLIP_STD, letterbox=True)
   squashed = video_pixels(frames, 384, SIGLIP_MEAN, SIGLIP_STD)
@@ -117,8 +143,9 @@ def test_llava_next_vs_transformers(llava_next, size_hw):
 def test_onevision_vs_transformers(size_hw, tiles):
   ref = LlavaOnevisionImageProcessorPil(image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD)
   image = photo(*size_hw)
-  ours, image_size = llava_next_image_pixels(image, ONEVISION_PINPOINTS, 384, SIGLIP_MEAN,
-                                             SIGLIP_STD)
+  ours, image_size = llava_next_image_pixels(
+    image, ONEVISION_PINPOINTS, 384, SIGLIP_MEAN, SIGLIP_STD
+  )
   assert image_size == size_hw and len(ours) == tiles
   assert_close(ours, hf_pixels(ref, image))
 
@@ -132,9 +159,15 @@ def test_input_modes_vs_transformers(llava_next):
   palette = Image.fromarray(rgb_hwc).quantize(64)
   opaque_rgba = np.dstack([rgb_hwc, np.full_like(grey_hw, 255)])
   # (ours, transformers'): the same image; transformers takes no (H, W) array
-  for image, ref_image in [(rgb_hwc, rgb_hwc), (Image.fromarray(rgb_hwc), rgb_hwc),
-                           (grey_hw, grey), (grey_hw[..., None], grey_hw[..., None]),
-                           (grey, grey), (palette, palette), (opaque_rgba, opaque_rgba)]:
+  for image, ref_image in [
+    (rgb_hwc, rgb_hwc),
+    (Image.fromarray(rgb_hwc), rgb_hwc),
+    (grey_hw, grey),
+    (grey_hw[..., None], grey_hw[..., None]),
+    (grey, grey),
+    (palette, palette),
+    (opaque_rgba, opaque_rgba),
+  ]:
     assert_close(llava_next_image_pixels(image)[0], hf_pixels(llava_next, ref_image))
   # transparency: alpha dropped, as the original's Image.open(...).convert("RGB");
   # transformers 5.23 itself composites onto white, which differs here

@@ -20,6 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from support.hf_fixtures import make_siglip
+from support.tokenizers import qwen_tokenizer, siglip_tokenizer
+from support.train_data import PINPOINTS, tiny_model_config, write_numbered_frames
 from transformers import AutoTokenizer
 
 from ppllava_jax.data.dpo.rows import PreferenceBuilder, PreferenceConfig, parse_row
@@ -28,9 +31,6 @@ from ppllava_jax.models.llm import DecoderConfig
 from ppllava_jax.models.ppllava_config import PPLLaVAConfig
 from ppllava_jax.models.scorer import SiglipRelevanceScorer
 from ppllava_jax.models.siglip import NO_TOKEN, SiglipModel
-from support.hf_fixtures import make_siglip
-from support.tokenizers import qwen_tokenizer, siglip_tokenizer
-from support.train_data import PINPOINTS, tiny_model_config, write_numbered_frames
 
 EOS = PAD = 1  # SigLIP's </s>
 CONTEXT = 64  # the tiny SigLIP's text positions (196 for the extended so400m)
@@ -38,15 +38,22 @@ TOL = 1e-5
 
 
 def conversation(*turns: tuple[str, str]) -> dict:
-  return {"conversations": [{"from": f, "value": v} for q, a in turns
-                            for f, v in (("human", q), ("gpt", a))]}
+  return {
+    "conversations": [
+      {"from": f, "value": v} for q, a in turns for f, v in (("human", q), ("gpt", a))
+    ]
+  }
 
 
 SHORT = conversation(("Yes?", "No."))
 MEDIUM = conversation(("What color is the ball?", "The ball is red."))
-LONG = conversation(("What does the red circle do in the video?",
-                     "The blue square falls from the top to the bottom."),
-                    ("What color is the ball?", "The ball is red."))
+LONG = conversation(
+  (
+    "What does the red circle do in the video?",
+    "The blue square falls from the top to the bottom.",
+  ),
+  ("What color is the ball?", "The ball is red."),
+)
 
 
 @pytest.fixture(scope="module")
@@ -57,21 +64,38 @@ def setup(tmp_path_factory):
   qwen = AutoTokenizer.from_pretrained(qwen_tokenizer(root / "qwen"))
   sig = AutoTokenizer.from_pretrained(siglip_tokenizer(root / "siglip_tok"))
   model = PPLLaVAConfig(
-      vision=scorer.cfg.vision,
-      text=DecoderConfig(vocab_size=1000, hidden_size=16, intermediate_size=32,
-                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                         head_dim=8, max_position_embeddings=512, eos_token_id=(2,),
-                         pad_token_id=0),
-      image_token_index=qwen.convert_tokens_to_ids("<image>"), video_token_index=-1,
-      grid_pinpoints=PINPOINTS, scorer=scorer.cfg, model_type="llava_onevision")
+    vision=scorer.cfg.vision,
+    text=DecoderConfig(
+      vocab_size=1000,
+      hidden_size=16,
+      intermediate_size=32,
+      num_hidden_layers=1,
+      num_attention_heads=2,
+      num_key_value_heads=1,
+      head_dim=8,
+      max_position_embeddings=512,
+      eos_token_id=(2,),
+      pad_token_id=0,
+    ),
+    image_token_index=qwen.convert_tokens_to_ids("<image>"),
+    video_token_index=-1,
+    grid_pinpoints=PINPOINTS,
+    scorer=scorer.cfg,
+    model_type="llava_onevision",
+  )
   assert model.scorer.text.max_position_embeddings == CONTEXT
   return dict(root=root, hf=hf, scorer=scorer, qwen=qwen, sig=sig, model=model)
 
 
 def sample(setup, record, padding):
-  return build_sample(record, tokenizer=setup["qwen"], scorer_tokenizer=setup["sig"],
-                      model=setup["model"], format="llava",
-                      config=SampleConfig(template="plain_qwen", scorer_padding=padding))
+  return build_sample(
+    record,
+    tokenizer=setup["qwen"],
+    scorer_tokenizer=setup["sig"],
+    model=setup["model"],
+    format="llava",
+    config=SampleConfig(template="plain_qwen", scorer_padding=padding),
+  )
 
 
 def test_each_form_gives_the_ids_and_mask_the_rule_says(setup):
@@ -92,7 +116,7 @@ def test_each_form_gives_the_ids_and_mask_the_rule_says(setup):
   assert len(full) > CONTEXT
   for padding in ("none", "max_length"):
     s = sample(setup, LONG, padding)
-    assert s.scorer_ids.tolist() == full[:CONTEXT - 1] + [EOS]
+    assert s.scorer_ids.tolist() == full[: CONTEXT - 1] + [EOS]
     assert s.scorer_mask.tolist() == [1] * CONTEXT and s.scorer_truncated == len(full) - CONTEXT
 
 
@@ -111,10 +135,17 @@ def test_features_equal_transformers_on_each_text_alone_or_padded(setup):
         if padding == "none":  # one sample a forward, its own length, no mask
           out = hf.text_model(input_ids=torch.from_numpy(s.scorer_ids[None, :n]).long())
         else:
-          out = hf.text_model(input_ids=torch.from_numpy(s.scorer_ids[None]).long(),
-                              attention_mask=torch.from_numpy(s.scorer_mask[None]).long())
-        np.testing.assert_allclose(features[padding][i], out.pooler_output[0].numpy(),
-                                   rtol=0, atol=TOL, err_msg=f"{padding} row {i}")
+          out = hf.text_model(
+            input_ids=torch.from_numpy(s.scorer_ids[None]).long(),
+            attention_mask=torch.from_numpy(s.scorer_mask[None]).long(),
+          )
+        np.testing.assert_allclose(
+          features[padding][i],
+          out.pooler_output[0].numpy(),
+          rtol=0,
+          atol=TOL,
+          err_msg=f"{padding} row {i}",
+        )
   gap = np.abs(features["none"] - features["max_length"]).max(axis=1)
   assert gap[0] > 1e-3 and gap[1] > 1e-3  # padding changes what SigLIP pools
   assert gap[2] == 0  # a text that fills the context has no padding to differ by
@@ -127,11 +158,23 @@ def test_the_unpadded_form_is_for_siglip_scorers_and_reaches_preference_pairs(se
   with pytest.raises(ValueError, match="scorer_padding='none' is a SigLIP scorer's form"):
     SampleBuilder(setup["qwen"], clip_model, setup["sig"], SampleConfig(scorer_padding="none"))
   frames = write_numbered_frames(setup["root"] / "frames", 10)
-  row = parse_row({"id": "v1", "prompt": "<video>\nWhat color is the ball?", "video": str(frames),
-                   "chosen": "The ball is red.", "rejected": "A man walks a dog."}, "rows.jsonl", 1)
-  pair = PreferenceBuilder(setup["qwen"], setup["model"], setup["sig"],
-                           PreferenceConfig(template="plain_qwen", num_frames=4,
-                                            scorer_padding="none"))(row)
+  row = parse_row(
+    {
+      "id": "v1",
+      "prompt": "<video>\nWhat color is the ball?",
+      "video": str(frames),
+      "chosen": "The ball is red.",
+      "rejected": "A man walks a dog.",
+    },
+    "rows.jsonl",
+    1,
+  )
+  pair = PreferenceBuilder(
+    setup["qwen"],
+    setup["model"],
+    setup["sig"],
+    PreferenceConfig(template="plain_qwen", num_frames=4, scorer_padding="none"),
+  )(row)
   alone = setup["sig"]("What color is the ball?").input_ids
   assert pair.scorer_ids.tolist() == alone + [NO_TOKEN] * (CONTEXT - len(alone))
   assert pair.scorer_mask.tolist() == [1] * len(alone) + [0] * (CONTEXT - len(alone))

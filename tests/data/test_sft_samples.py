@@ -16,56 +16,119 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sentencepiece as spm
-from transformers import AutoTokenizer
-
-from ppllava_jax.data.media import preprocess
-from ppllava_jax.data.sft.annotations import CorpusConfig, parse_record
-from ppllava_jax.data.batching import IGNORE
-from ppllava_jax.data.sft.samples import (SampleBuilder, SampleConfig, SkipSample, build_sample)
-from ppllava_jax.data.media.frames import load_numbered_frames
-from ppllava_jax.data.media.video import random_indices
 from support.tokenizers import clip_tokenizer, llama_sp_tokenizer, qwen_tokenizer
 from support.train_data import tiny_model_config, write_image, write_numbered_frames, write_video
+from transformers import AutoTokenizer
+
+from ppllava_jax.data.batching import IGNORE
+from ppllava_jax.data.media import preprocess
+from ppllava_jax.data.media.frames import load_numbered_frames
+from ppllava_jax.data.media.video import random_indices
+from ppllava_jax.data.sft.annotations import CorpusConfig, parse_record
+from ppllava_jax.data.sft.samples import SampleBuilder, SampleConfig, SkipSample, build_sample
 
 V = "<video>"  # one video placeholder (id -1) in the expected lists
-SYSTEM_VIDEO = {"video": "v.mp4", "QA": [
+SYSTEM_VIDEO = {
+  "video": "v.mp4",
+  "QA": [
     {"i": "You are a helpful assistant.", "q": "Describe the video.", "a": "A man walks a dog."},
-    {"q": "What color is the ball?", "a": "The ball is red."}]}
+    {"q": "What color is the ball?", "a": "The ball is red."},
+  ],
+}
 # '<s>You are a helpful assistant. USER: <image>\nDescribe the video. ASSISTANT: A man walks
 # a dog.</s>USER: What color is the ball? ASSISTANT: The ball is red.</s>', cut after each
 # "ASSISTANT: ": the piece ends in a lone "▁", the answer piece starts with a dummy prefix
-PROMPT_0 = ["<s>", "▁You", "▁are", "▁a", "▁helpful", "▁assistant", ".", "▁USER", ":", "▁",
-            *[V] * 8, "▁", "<0x0A>", "Des", "cribe", "▁the", "▁video", ".", "▁ASSISTANT", ":",
-            "▁"]
+PROMPT_0 = [
+  "<s>",
+  "▁You",
+  "▁are",
+  "▁a",
+  "▁helpful",
+  "▁assistant",
+  ".",
+  "▁USER",
+  ":",
+  "▁",
+  *[V] * 8,
+  "▁",
+  "<0x0A>",
+  "Des",
+  "cribe",
+  "▁the",
+  "▁video",
+  ".",
+  "▁ASSISTANT",
+  ":",
+  "▁",
+]
 ANSWER_0 = ["▁A", "▁man", "▁walks", "▁a", "▁dog", ".", "</s>"]
 PROMPT_1 = ["▁USER", ":", "▁What", "▁color", "▁is", "▁the", "▁ball", "?", "▁ASSISTANT", ":", "▁"]
 ANSWER_1 = ["▁The", "▁ball", "▁is", "▁red", ".", "</s>"]
-PICTURES = ["<s>", "▁USER", ":", "▁", *["<image>"] * 4, "▁", "<0x0A>", *["<image>"] * 4, "▁",
-            "<0x0A>", "C", "omp", "are", "▁the", "▁two", "▁pictures", ".", "▁ASSISTANT", ":", "▁",
-            "▁The", "▁first", "▁is", "▁darker", ".", "</s>"]
+PICTURES = [
+  "<s>",
+  "▁USER",
+  ":",
+  "▁",
+  *["<image>"] * 4,
+  "▁",
+  "<0x0A>",
+  *["<image>"] * 4,
+  "▁",
+  "<0x0A>",
+  "C",
+  "omp",
+  "are",
+  "▁the",
+  "▁two",
+  "▁pictures",
+  ".",
+  "▁ASSISTANT",
+  ":",
+  "▁",
+  "▁The",
+  "▁first",
+  "▁is",
+  "▁darker",
+  ".",
+  "</s>",
+]
 
 
 @pytest.fixture(scope="module")
 def tokenizers(tmp_path_factory):
   root = tmp_path_factory.mktemp("tokenizers")
-  return tuple(AutoTokenizer.from_pretrained(build(root / build.__name__))
-               for build in (llama_sp_tokenizer, qwen_tokenizer, clip_tokenizer))
+  return tuple(
+    AutoTokenizer.from_pretrained(build(root / build.__name__))
+    for build in (llama_sp_tokenizer, qwen_tokenizer, clip_tokenizer)
+  )
 
 
 def test_expected_pieces_are_sentencepiece_pieces_of_each_segment(tokenizers):
   """The lists above, derived from the model alone: each segment's pieces, concatenated
   with the special tokens and placeholders between the segments."""
-  sp = spm.SentencePieceProcessor(model_file=str(Path(tokenizers[0].name_or_path) /
-                                                 "tokenizer.model"))
+  sp = spm.SentencePieceProcessor(
+    model_file=str(Path(tokenizers[0].name_or_path) / "tokenizer.model")
+  )
   enc = sp.encode_as_pieces
-  assert PROMPT_0 == ["<s>", *enc("You are a helpful assistant. USER: "), *[V] * 8,
-                      *enc("\nDescribe the video. ASSISTANT: ")]
+  assert PROMPT_0 == [
+    "<s>",
+    *enc("You are a helpful assistant. USER: "),
+    *[V] * 8,
+    *enc("\nDescribe the video. ASSISTANT: "),
+  ]
   assert ANSWER_0 == [*enc("A man walks a dog."), "</s>"]
   assert PROMPT_1 == enc("USER: What color is the ball? ASSISTANT: ")
   assert ANSWER_1 == [*enc("The ball is red."), "</s>"]
-  assert PICTURES == ["<s>", *enc("USER: "), *["<image>"] * 4, *enc("\n"), *["<image>"] * 4,
-                      *enc("\nCompare the two pictures. ASSISTANT: "),
-                      *enc("The first is darker."), "</s>"]
+  assert PICTURES == [
+    "<s>",
+    *enc("USER: "),
+    *["<image>"] * 4,
+    *enc("\n"),
+    *["<image>"] * 4,
+    *enc("\nCompare the two pictures. ASSISTANT: "),
+    *enc("The first is darker."),
+    "</s>",
+  ]
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +151,16 @@ def ids_of(tok, tokens):
 def build(tok, clip, record, media, template="plain_v1", **kw):
   cfg = tiny_model_config(tok.convert_tokens_to_ids("<image>"))
   options = {k: kw.pop(k) for k in list(kw) if k in SampleConfig.__dataclass_fields__}
-  return build_sample(record, tokenizer=tok, scorer_tokenizer=clip, model=cfg,
-                      media_root=str(media), num_frames=4,
-                      config=SampleConfig(template=template, **options), **kw)
+  return build_sample(
+    record,
+    tokenizer=tok,
+    scorer_tokenizer=clip,
+    model=cfg,
+    media_root=str(media),
+    num_frames=4,
+    config=SampleConfig(template=template, **options),
+    **kw,
+  )
 
 
 def supervised(tok, sample):
@@ -109,8 +179,12 @@ def test_vicuna_pieces_multi_turn_system_video(tokenizers, media):
   s = build(tok, clip, SYSTEM_VIDEO, media, seed=7, index=3)
   expected = PROMPT_0 + ANSWER_0 + PROMPT_1 + ANSWER_1
   assert s.input_ids.tolist() == ids_of(tok, expected)
-  labels = [IGNORE] * len(PROMPT_0) + ids_of(tok, ANSWER_0) + [IGNORE] * len(PROMPT_1) + \
-      ids_of(tok, ANSWER_1)
+  labels = (
+    [IGNORE] * len(PROMPT_0)
+    + ids_of(tok, ANSWER_0)
+    + [IGNORE] * len(PROMPT_1)
+    + ids_of(tok, ANSWER_1)
+  )
   assert s.labels.tolist() == labels
   assert before_answers(tok, s) == ["▁", "▁"]  # the lone "▁" the released models saw
   assert s.attention_mask.tolist() == [1] * len(expected)
@@ -136,8 +210,10 @@ def test_vicuna_whole_text_has_no_lone_prefix(tokenizers, media):
 def test_scorer_text_is_the_conversation_without_bos_truncated_and_counted(tokenizers, media):
   tok, _, clip = tokenizers
   s = build(tok, clip, SYSTEM_VIDEO, media)
-  text = ("You are a helpful assistant. USER: <image>\nDescribe the video. ASSISTANT: A man "
-          "walks a dog.</s>USER: What color is the ball? ASSISTANT: The ball is red.</s>")
+  text = (
+    "You are a helpful assistant. USER: <image>\nDescribe the video. ASSISTANT: A man "
+    "walks a dog.</s>USER: What color is the ball? ASSISTANT: The ball is red.</s>"
+  )
   assert s.scorer_text == text and s.text == "<s>" + text
   full = clip(text).input_ids
   assert len(full) > 40  # the tiny scorer's context
@@ -151,17 +227,41 @@ def test_scorer_text_is_the_conversation_without_bos_truncated_and_counted(token
 
 def test_qwen_chatml_system_image_labels_keep_the_newline(tokenizers, media):
   _, qwen, clip = tokenizers
-  record = {"image": "a.jpg", "QA": [{"i": "Answer briefly.", "q": "What color is the ball?",
-                                      "a": "The ball is red."}]}
+  record = {
+    "image": "a.jpg",
+    "QA": [{"i": "Answer briefly.", "q": "What color is the ball?", "a": "The ball is red."}],
+  }
   s = build(qwen, clip, record, media, template="plain_qwen")
-  assert s.text == ("Answer briefly.<|im_end|>\n<|im_start|>user\n<image>\nWhat color is the "
-                    "ball?<|im_end|>\n<|im_start|>assistant\nThe ball is red.<|im_end|>\n")
+  assert s.text == (
+    "Answer briefly.<|im_end|>\n<|im_start|>user\n<image>\nWhat color is the "
+    "ball?<|im_end|>\n<|im_start|>assistant\nThe ball is red.<|im_end|>\n"
+  )
   # 30 x 50 on pinpoint 48 x 48: a 4 x 4 pooled grid, rows 1-2 kept: 4 + 2*4 + 2 tokens
   assert s.media_tokens == (14,) and s.image.shape == (5, 3, 24, 24) and s.image_size == (30, 50)
   img = "<image>"
-  prompt = ["Answer", "Ġbriefly", ".", "<|im_end|>", "Ċ", "<|im_start|>", "user", "Ċ",
-            *[img] * 14, "Ċ", "What", "Ġcolor", "Ġis", "Ġthe", "Ġball", "?", "<|im_end|>", "Ċ",
-            "<|im_start|>", "assistant", "Ċ"]
+  prompt = [
+    "Answer",
+    "Ġbriefly",
+    ".",
+    "<|im_end|>",
+    "Ċ",
+    "<|im_start|>",
+    "user",
+    "Ċ",
+    *[img] * 14,
+    "Ċ",
+    "What",
+    "Ġcolor",
+    "Ġis",
+    "Ġthe",
+    "Ġball",
+    "?",
+    "<|im_end|>",
+    "Ċ",
+    "<|im_start|>",
+    "assistant",
+    "Ċ",
+  ]
   answer = ["The", "Ġball", "Ġis", "Ġred", ".", "<|im_end|>", "Ċ"]
   assert qwen.convert_ids_to_tokens(s.input_ids.tolist()) == prompt + answer
   assert s.labels.tolist() == [IGNORE] * len(prompt) + qwen.convert_tokens_to_ids(answer)
@@ -170,8 +270,10 @@ def test_qwen_chatml_system_image_labels_keep_the_newline(tokenizers, media):
 
 def test_multi_image_pictures_sorted_as_the_original(tokenizers, media):
   tok, _, clip = tokenizers
-  record = {"multi-image": ["b.jpg", "a.jpg"],
-            "QA": [{"q": "<image><image>Compare the two pictures.", "a": "The first is darker."}]}
+  record = {
+    "multi-image": ["b.jpg", "a.jpg"],
+    "QA": [{"q": "<image><image>Compare the two pictures.", "a": "The first is darker."}],
+  }
   s = build(tok, clip, record, media)
   assert tok.convert_ids_to_tokens(s.input_ids.tolist()) == PICTURES
   assert s.media_tokens == (4, 4) and s.pictures.shape == (2, 3, 24, 24)
@@ -185,19 +287,41 @@ def test_multi_image_pictures_sorted_as_the_original(tokenizers, media):
 
 def test_an_answer_holding_role_strings_is_supervised_whole(tokenizers, media):
   tok, _, clip = tokenizers
-  record = {"video": "v.mp4", "QA": [{"q": "What color is the ball?", "a": "Yes USER: no"},
-                                     {"q": "A", "a": "Yes ASSISTANT: then it says"}]}
+  record = {
+    "video": "v.mp4",
+    "QA": [
+      {"q": "What color is the ball?", "a": "Yes USER: no"},
+      {"q": "A", "a": "Yes ASSISTANT: then it says"},
+    ],
+  }
   s = build(tok, clip, record, media)
   # the original splits at the inner "ASSISTANT: " and cuts turn 0 at the inner "USER: "
-  assert supervised(tok, s) == ["▁Yes", "▁USER", ":", "▁no", "</s>",
-                                "▁Yes", "▁ASSISTANT", ":", "▁then", "▁it", "▁says", "</s>"]
+  assert supervised(tok, s) == [
+    "▁Yes",
+    "▁USER",
+    ":",
+    "▁no",
+    "</s>",
+    "▁Yes",
+    "▁ASSISTANT",
+    ":",
+    "▁then",
+    "▁it",
+    "▁says",
+    "</s>",
+  ]
   assert s.input_ids.tolist().count(tok.convert_tokens_to_ids("▁ASSISTANT")) == 3
 
 
 def test_text_only_llava_record(tokenizers, media):
   tok, _, clip = tokenizers
-  record = {"id": "x", "conversations": [{"from": "human", "value": "What color is the ball?"},
-                                         {"from": "gpt", "value": "The ball is red."}]}
+  record = {
+    "id": "x",
+    "conversations": [
+      {"from": "human", "value": "What color is the ball?"},
+      {"from": "gpt", "value": "The ball is red."},
+    ],
+  }
   s = build(tok, clip, record, media, format="llava")
   assert s.kind == "text" and s.media_tokens == ()
   assert s.text == "<s>USER: What color is the ball? ASSISTANT: The ball is red.</s>"
@@ -213,8 +337,8 @@ def test_over_long_samples_are_dropped_or_truncated_never_cut_silently(tokenizer
   assert f"record 5: {n} tokens, max_length is {n - 1}" in str(err.value)
   s = build(tok, clip, SYSTEM_VIDEO, media, max_length=n - 3, overflow="truncate")
   full = build(tok, clip, SYSTEM_VIDEO, media)
-  assert s.truncated == 3 and s.input_ids.tolist() == full.input_ids.tolist()[:n - 3]
-  assert s.labels.tolist() == full.labels.tolist()[:n - 3]
+  assert s.truncated == 3 and s.input_ids.tolist() == full.input_ids.tolist()[: n - 3]
+  assert s.labels.tolist() == full.labels.tolist()[: n - 3]
   with pytest.raises(SkipSample, match="too_long"):  # the cut would fall in the video's tokens
     build(tok, clip, SYSTEM_VIDEO, media, max_length=12, overflow="truncate")
 
@@ -229,8 +353,9 @@ def test_numbered_frame_folder_and_seeding(tokenizers, media):
   np.testing.assert_allclose(grey.mean(axis=(1, 2)), [10 * i for i in want], atol=2)  # file i+1
   again = build(tok, clip, record, media, seed=3, epoch=2, index=11)
   np.testing.assert_array_equal(again.video, s.video)
-  draws = {build(tok, clip, record, media, seed=3, epoch=e, index=11).frame_indices
-           for e in range(6)}
+  draws = {
+    build(tok, clip, record, media, seed=3, epoch=e, index=11).frame_indices for e in range(6)
+  }
   assert len(draws) > 1  # another epoch, other frames
 
 
@@ -242,14 +367,23 @@ def test_numbered_frames_fall_back_to_the_next_file_as_the_original(media, tmp_p
   np.testing.assert_allclose(frames[..., 0].mean(axis=(1, 2)), [0, 10, 30, 30, 40, 50], atol=2)
 
 
-@pytest.mark.parametrize("record, reason", [
-    ({"video": "nothing.mp4"}, "missing"), ({"video": "bad.mp4"}, "corrupt"),
-    ({"video": "empty"}, "empty"), ({"image": "bad.jpg"}, "corrupt"),
-    ({"image": "nothing.jpg"}, "missing"), ({"multi-image": ["a.jpg", "gone.jpg"]}, "missing")])
+@pytest.mark.parametrize(
+  "record, reason",
+  [
+    ({"video": "nothing.mp4"}, "missing"),
+    ({"video": "bad.mp4"}, "corrupt"),
+    ({"video": "empty"}, "empty"),
+    ({"image": "bad.jpg"}, "corrupt"),
+    ({"image": "nothing.jpg"}, "missing"),
+    ({"multi-image": ["a.jpg", "gone.jpg"]}, "missing"),
+  ],
+)
 def test_bad_media_is_a_skip_with_its_reason(tokenizers, media, record, reason):
   tok, _, clip = tokenizers
-  record = {**record, "QA": [{"q": "<image>" * len(record.get("multi-image", [])) + "A",
-                              "a": "Yes"}]}
+  record = {
+    **record,
+    "QA": [{"q": "<image>" * len(record.get("multi-image", [])) + "A", "a": "Yes"}],
+  }
   with pytest.raises(SkipSample) as err:
     build(tok, clip, record, media)
   assert err.value.reason == reason
@@ -262,10 +396,19 @@ def test_threads_tokenize_with_their_own_tokenizers(tokenizers, media):
   _, qwen, _ = tokenizers
   cfg = tiny_model_config(qwen.convert_tokens_to_ids("<image>"))
   builder = SampleBuilder(qwen, cfg, qwen, SampleConfig(template="plain_qwen"))
-  records = [parse_record({"id": str(i), "conversations": [
-      {"from": "human", "value": "What color is the ball? " * (1 + i % 5)},
-      {"from": "gpt", "value": f"The ball is red {i}."}]},
-      CorpusConfig("c", "a.json", str(media), format="llava")) for i in range(40)]
+  records = [
+    parse_record(
+      {
+        "id": str(i),
+        "conversations": [
+          {"from": "human", "value": "What color is the ball? " * (1 + i % 5)},
+          {"from": "gpt", "value": f"The ball is red {i}."},
+        ],
+      },
+      CorpusConfig("c", "a.json", str(media), format="llava"),
+    )
+    for i in range(40)
+  ]
   build_all = lambda: [builder(r, seed=0, index=i) for i, r in enumerate(records)]
   want = build_all()
   with concurrent.futures.ThreadPoolExecutor(4) as pool:
@@ -298,11 +441,14 @@ def test_a_given_generator_draws_the_frames(tokenizers, media):
   assert s.frame_indices == tuple(want)
   grey = (s.video[:, 0] * preprocess.CLIP_STD[0] + preprocess.CLIP_MEAN[0]) * 255
   np.testing.assert_allclose(grey.mean(axis=(1, 2)), [20 * i for i in want], atol=1.5)
-  builder = SampleBuilder(tok, tiny_model_config(tok.convert_tokens_to_ids("<image>")), clip,
-                          rng_factory=functools.partial(pcg, 5))
+  builder = SampleBuilder(
+    tok,
+    tiny_model_config(tok.convert_tokens_to_ids("<image>")),
+    clip,
+    rng_factory=functools.partial(pcg, 5),
+  )
   corpus = CorpusConfig("c", "a.json", str(media), num_frames=4)
   for seed, epoch, index in ((1, 2, 3), (1, 2, 4)):
-    got = builder(parse_record(record, corpus), corpus=corpus, seed=seed, epoch=epoch,
-                  index=index)
+    got = builder(parse_record(record, corpus), corpus=corpus, seed=seed, epoch=epoch, index=index)
     want = pcg(5, seed, epoch, index).integers(SEGMENT_LOW, SEGMENT_HIGH).tolist()
     assert got.frame_indices == tuple(want)

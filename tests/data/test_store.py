@@ -18,15 +18,23 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
+from support.train_data import TILE, tiny_model_config, write_json, write_numbered_frames
 
 from ppllava_jax.data.media import preprocess
+from ppllava_jax.data.media.video import cover_indices, write_video
 from ppllava_jax.data.sft.annotations import CorpusConfig
 from ppllava_jax.data.sft.samples import SampleBuilder, SampleConfig, SkipSample, build_sample
-from ppllava_jax.data.sft.store import (MediaStore, StoreConfig, StoreError, build_store, main, media_key, nearest)
+from ppllava_jax.data.sft.store import (
+  MediaStore,
+  StoreConfig,
+  StoreError,
+  build_store,
+  main,
+  media_key,
+  nearest,
+)
 from ppllava_jax.data.text.tokenizer import char_tokenizer
 from ppllava_jax.models.siglip import SiglipVisionConfig
-from ppllava_jax.data.media.video import cover_indices, write_video
-from support.train_data import TILE, tiny_model_config, write_json, write_numbered_frames
 
 KEEP = 16  # frames the store keeps a video
 LENGTHS = {"short.mp4": 12, "long.mp4": 40}
@@ -34,10 +42,11 @@ LENGTHS = {"short.mp4": 12, "long.mp4": 40}
 
 def textured(count: int, size=(20, 28)):
   """Smooth colour gradients with a few edges, shifted a column a frame."""
-  y, x = np.mgrid[:size[0], :48]
+  y, x = np.mgrid[: size[0], :48]
   base = np.stack([x * 5, y * 11, 128 + 100 * np.sin(x / 3) * (y > size[0] // 2)], -1)
-  return [np.roll(base, i, axis=1)[:, :size[1]].clip(0, 255).astype(np.uint8)
-          for i in range(count)]
+  return [
+    np.roll(base, i, axis=1)[:, : size[1]].clip(0, 255).astype(np.uint8) for i in range(count)
+  ]
 
 
 def record(video: str, answer: str = "It moves.", **extra) -> dict:
@@ -50,8 +59,12 @@ def media(tmp_path_factory):
   for name, count in LENGTHS.items():
     write_video(root / name, textured(count), rate=10, pix_fmt="yuv444p", qp="0")
   write_numbered_frames(root / "frames", 10, size=(16, 16))
-  records = [record("short.mp4"), record("long.mp4"), record("short.mp4", "Again."),
-             record("frames", total_frames=10)]
+  records = [
+    record("short.mp4"),
+    record("long.mp4"),
+    record("short.mp4", "Again."),
+    record("frames", total_frames=10),
+  ]
   write_json(root / "ann.json", records)
   return root
 
@@ -61,10 +74,24 @@ def stores(media, tmp_path_factory):
   """{"uint8": store, "jpeg": store (built by the CLI)}."""
   out = tmp_path_factory.mktemp("stores")
   corpus = CorpusConfig("videos", str(media / "ann.json"), str(media))
-  uint8 = build_store([corpus], out / "uint8", StoreConfig(KEEP, TILE, format="uint8"),
-                      progress=False)
-  main(["build", "--annotations", str(media / "ann.json"), "--media-root", str(media),
-        "--out", str(out / "jpeg"), "--frames", str(KEEP), "--size", str(TILE)])
+  uint8 = build_store(
+    [corpus], out / "uint8", StoreConfig(KEEP, TILE, format="uint8"), progress=False
+  )
+  main(
+    [
+      "build",
+      "--annotations",
+      str(media / "ann.json"),
+      "--media-root",
+      str(media),
+      "--out",
+      str(out / "jpeg"),
+      "--frames",
+      str(KEEP),
+      "--size",
+      str(TILE),
+    ]
+  )
   return {"uint8": MediaStore(uint8), "jpeg": MediaStore(out / "jpeg")}
 
 
@@ -76,21 +103,24 @@ def decoded(path: Path) -> np.ndarray:
 
 def squared(frames_thwc) -> np.ndarray:
   """The original's resize, straight to the tower's square with PIL's bicubic."""
-  return np.stack([np.asarray(Image.fromarray(f).resize((TILE, TILE), Image.BICUBIC))
-                   for f in frames_thwc])
+  return np.stack(
+    [np.asarray(Image.fromarray(f).resize((TILE, TILE), Image.BICUBIC)) for f in frames_thwc]
+  )
 
 
 def reference(media: Path, key: str) -> tuple[np.ndarray, list[int]]:
   """(the kept frames at the tower's square, their indices), decoded independently."""
   if key == "frames":
     indices = list(range(10))
-    frames = [np.asarray(Image.open(media / key / f"{i + 1:06d}.jpg").convert("RGB"))
-              for i in indices]
+    frames = [
+      np.asarray(Image.open(media / key / f"{i + 1:06d}.jpg").convert("RGB")) for i in indices
+    ]
     return squared(frames), indices
   total = LENGTHS[key]
   step = (total - 1) / KEEP  # segment midpoints of a video longer than the store keeps
-  indices = (list(range(total)) if total <= KEEP
-             else [int(step / 2 + round(step * i)) for i in range(KEEP)])
+  indices = (
+    list(range(total)) if total <= KEEP else [int(step / 2 + round(step * i)) for i in range(KEEP)]
+  )
   return squared(decoded(media / key)[indices]), indices
 
 
@@ -116,8 +146,10 @@ def test_uint8_store_holds_exactly_the_decoded_frames(stores, media):
     assert row.total_frames == {"frames": 10, **LENGTHS}[key]
     np.testing.assert_array_equal(row.pixels(range(len(indices))), want)
   conversations = json.loads(store.lookup("short.mp4").conversations)
-  assert [(c["record"], c["turns"][0][1]) for c in conversations] == [(0, "It moves."),
-                                                                       (2, "Again.")]
+  assert [(c["record"], c["turns"][0][1]) for c in conversations] == [
+    (0, "It moves."),
+    (2, "Again."),
+  ]
 
 
 def test_jpeg_store_is_within_a_few_grey_levels(stores, media):
@@ -129,15 +161,21 @@ def test_jpeg_store_is_within_a_few_grey_levels(stores, media):
 
 
 def test_letterboxed_store_gives_the_siglip_pixels(media, tmp_path):
-  store = MediaStore(build_store([CorpusConfig("v", str(media / "ann.json"), str(media))],
-                                 tmp_path, StoreConfig(KEEP, TILE, letterbox=True,
-                                                       format="uint8"), progress=False))
+  store = MediaStore(
+    build_store(
+      [CorpusConfig("v", str(media / "ann.json"), str(media))],
+      tmp_path,
+      StoreConfig(KEEP, TILE, letterbox=True, format="uint8"),
+      progress=False,
+    )
+  )
   row = store.lookup("long.mp4")
   frames = decoded(media / "long.mp4")[row.frame_indices]
   stats = (preprocess.SIGLIP_MEAN, preprocess.SIGLIP_STD)
   np.testing.assert_array_equal(
-      preprocess.video_pixels(row.pixels(range(KEEP)), TILE, *stats, letterbox=True),
-      preprocess.video_pixels(frames, TILE, *stats, letterbox=True))
+    preprocess.video_pixels(row.pixels(range(KEEP)), TILE, *stats, letterbox=True),
+    preprocess.video_pixels(frames, TILE, *stats, letterbox=True),
+  )
 
 
 @pytest.fixture(scope="module")
@@ -147,9 +185,16 @@ def tok():
 
 def sample(tok, media, raw, store=None, num_frames=4, **kw):
   cfg = tiny_model_config(tok.convert_tokens_to_ids("<image>"))
-  return build_sample(raw, tokenizer=tok, scorer_tokenizer=tok, model=cfg,
-                      media_root=str(media), num_frames=num_frames,
-                      config=SampleConfig(max_length=512, media_store=store), **kw)
+  return build_sample(
+    raw,
+    tokenizer=tok,
+    scorer_tokenizer=tok,
+    model=cfg,
+    media_root=str(media),
+    num_frames=num_frames,
+    config=SampleConfig(max_length=512, media_store=store),
+    **kw,
+  )
 
 
 @pytest.mark.parametrize("video", ["short.mp4", "frames"])
@@ -188,31 +233,54 @@ def test_a_video_the_store_lacks_is_a_missing_skip_naming_both(stores, media, to
 
 
 def test_a_store_for_another_tower_or_fewer_frames_is_refused(stores, media, tok):
-  with pytest.raises(ValueError, match=r"holds 24 px frames \(letterbox False\); the model's "
-                                       r"tower takes 32 px \(letterbox False\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"holds 24 px frames \(letterbox False\); the model's "
+    r"tower takes 32 px \(letterbox False\)",
+  ):
     stores["uint8"].check_geometry(32, False)
-  with pytest.raises(ValueError, match=r"keeps 16 frames a video; training samples 20: the "
-                                       r"store's frames must be >= 20 \(>= 40 recommended\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"keeps 16 frames a video; training samples 20: the "
+    r"store's frames must be >= 20 \(>= 40 recommended\)",
+  ):
     sample(tok, media, record("short.mp4"), stores["uint8"].path, num_frames=20)
   stores["uint8"].check_frames(16)  # K = T: enforced K >= T, not the recommended 2T
-  siglip_sized = dataclasses.replace(tiny_model_config(4), vision=SiglipVisionConfig(
-      hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-      image_size=TILE, patch_size=4))
-  with pytest.raises(ValueError, match=r"\(letterbox False\); the model's tower takes 24 px "
-                                       r"\(letterbox True\)"):
+  siglip_sized = dataclasses.replace(
+    tiny_model_config(4),
+    vision=SiglipVisionConfig(
+      hidden_size=16,
+      intermediate_size=32,
+      num_hidden_layers=1,
+      num_attention_heads=2,
+      image_size=TILE,
+      patch_size=4,
+    ),
+  )
+  with pytest.raises(
+    ValueError,
+    match=r"\(letterbox False\); the model's tower takes 24 px "
+    r"\(letterbox True\)",
+  ):
     SampleBuilder(tok, siglip_sized, tok, SampleConfig(media_store=stores["uint8"].path))
 
 
 def test_the_builder_refuses_missing_and_unreadable_videos(media, tmp_path):
   ann = write_json(tmp_path / "ann.json", [record("short.mp4"), record("gone.mp4")])
   corpus = CorpusConfig("v", str(ann), str(media))
-  with pytest.raises(StoreError, match=rf"1 of 2 videos do not exist: {media}/gone.mp4 "
-                                       rf"\({ann} record 1\)"):
+  with pytest.raises(
+    StoreError,
+    match=rf"1 of 2 videos do not exist: {media}/gone.mp4 "
+    rf"\({ann} record 1\)",
+  ):
     build_store([corpus], tmp_path / "a", progress=False)
   (tmp_path / "bad.mp4").write_bytes(b"not a video")
   bad = write_json(tmp_path / "bad.json", [record("bad.mp4")])
-  with pytest.raises(StoreError, match=rf"{tmp_path}/bad.mp4: not a video or corrupt .* "
-                                       rf"\(used by {bad} record 0\)"):
+  with pytest.raises(
+    StoreError,
+    match=rf"{tmp_path}/bad.mp4: not a video or corrupt .* "
+    rf"\(used by {bad} record 0\)",
+  ):
     build_store([CorpusConfig("v", str(bad), str(tmp_path))], tmp_path / "b", progress=False)
   with pytest.raises(StoreError, match="not a media store"):
     MediaStore(tmp_path / "b")

@@ -8,7 +8,16 @@ from __future__ import annotations
 
 import pytest
 
-from ppllava_jax.data.text.templates import (CHATML, TEMPLATES, VICUNA, VICUNA_V1, Turn, render_conversation, render_generation_prompt, with_media)
+from ppllava_jax.data.text.templates import (
+  CHATML,
+  TEMPLATES,
+  VICUNA,
+  VICUNA_V1,
+  Turn,
+  render_conversation,
+  render_generation_prompt,
+  with_media,
+)
 
 
 def test_registry_names_are_the_originals():
@@ -31,24 +40,30 @@ def test_chatml_generation_prompt_has_no_system_block():
   # conv.py:133 conv_plain_qwen: system "", roles "<|im_start|>user\n" /
   # "<|im_start|>assistant\n", both seps "<|im_end|>\n", mm_token "<image>\n".
   prompt = render_generation_prompt(CHATML, "Describe it.", "The best answer is:")
-  assert prompt.text == ("<|im_start|>user\n<image>\nDescribe it.<|im_end|>\n"
-                         "<|im_start|>assistant\nThe best answer is:")
+  assert prompt.text == (
+    "<|im_start|>user\n<image>\nDescribe it.<|im_end|>\n<|im_start|>assistant\nThe best answer is:"
+  )
 
 
 def test_system_text_is_closed_by_the_user_separator():
   # get_prompt: ret = system + sep[roles[0]] when system != "" (no role tag of its own).
   assert render_generation_prompt(VICUNA, "q", system="Be brief.").text == (
-      "Be brief. USER: <image>\nq ASSISTANT: ")
+    "Be brief. USER: <image>\nq ASSISTANT: "
+  )
   assert render_generation_prompt(CHATML, "q", system="Be brief.").text == (
-      "Be brief.<|im_end|>\n<|im_start|>user\n<image>\nq<|im_end|>\n<|im_start|>assistant\n")
+    "Be brief.<|im_end|>\n<|im_start|>user\n<image>\nq<|im_end|>\n<|im_start|>assistant\n"
+  )
 
 
-@pytest.mark.parametrize("question, expected", [
+@pytest.mark.parametrize(
+  "question, expected",
+  [
     ("plain", "<image>\nplain"),  # conv.py:85 prepend mm_str
     ("<image>\nkept", "<image>\nkept"),  # mm_token already in the query
     ("left <image> right", "left <image>\n right"),  # conv.py:83 replace "<image>"
     ("<image><image> two", "<image>\n<image>\n two"),  # str.replace: every occurrence
-])
+  ],
+)
 def test_media_placeholder_rules(question, expected):
   assert with_media(VICUNA, question) == expected
 
@@ -73,8 +88,11 @@ def _original_char_labels(text: str, user: str, assistant: str) -> tuple[list[bo
 
 @pytest.mark.parametrize("template", [VICUNA, CHATML], ids=lambda t: t.name)
 def test_training_spans_match_the_original_masking(template):
-  turns = [Turn("What happens?", "A dog runs."), Turn("Then?", "It sits."),
-           Turn("Colour?", "Brown")]
+  turns = [
+    Turn("What happens?", "A dog runs."),
+    Turn("Then?", "It sits."),
+    Turn("Colour?", "Brown"),
+  ]
   rendered = render_conversation(template, turns)
   labels, piece_ends = _original_char_labels(rendered.text, template.user, template.assistant)
   mine = [any(a <= i < b for a, b in rendered.supervised) for i in range(len(rendered.text))]
@@ -94,7 +112,9 @@ def test_vicuna_training_text_and_spans():
 def test_chatml_spans_include_the_newline_after_im_end():
   rendered = render_conversation(CHATML, [Turn("q1", "a1"), Turn("q2", "a2")])
   assert [rendered.text[a:b] for a, b in rendered.supervised] == [
-      "a1<|im_end|>\n", "a2<|im_end|>\n"]
+    "a1<|im_end|>\n",
+    "a2<|im_end|>\n",
+  ]
   assert rendered.text.startswith("<|im_start|>user\n<image>\nq1<|im_end|>\n")
 
 
@@ -118,7 +138,8 @@ def test_generation_history_is_rendered_as_in_training():
   # Inference scorer text: the current question only (qabench/utils.py:119).
   assert prompt.scorer_text == "q2"
   assert render_generation_prompt(VICUNA, "q", scorer_text="q + options").scorer_text == (
-      "q + options")
+    "q + options"
+  )
 
 
 def test_empty_conversation_is_refused():

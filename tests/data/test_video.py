@@ -14,17 +14,32 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from ppllava_jax.data.media.video import (MediaError, frame_files, load_video, middle_indices, random_indices, seconds_to_window)
+from ppllava_jax.data.media.video import (
+  MediaError,
+  frame_files,
+  load_video,
+  middle_indices,
+  random_indices,
+  seconds_to_window,
+)
 from ppllava_jax.data.media.video import write_video as encode
 
 STEP = 6
 
 
-def write_video(path, num_frames=40, rate=10, codec="libx264", pix_fmt="yuv420p",
-                step=STEP, **options):
+def write_video(
+  path, num_frames=40, rate=10, codec="libx264", pix_fmt="yuv420p", step=STEP, **options
+):
   # mpeg4 has no lossless mode: a bit rate high enough for flat frames
-  return encode(path, (np.full((48, 64, 3), step * i, np.uint8) for i in range(num_frames)),
-                rate, codec, pix_fmt, 4_000_000 if codec == "mpeg4" else None, **options)
+  return encode(
+    path,
+    (np.full((48, 64, 3), step * i, np.uint8) for i in range(num_frames)),
+    rate,
+    codec,
+    pix_fmt,
+    4_000_000 if codec == "mpeg4" else None,
+    **options,
+  )
 
 
 def assert_frames_are(frames_thwc, indices, step=STEP):
@@ -40,6 +55,7 @@ def decode_count(path):
 
 
 # ---- sampling rules, pure ints ----------------------------------------------------------
+
 
 def test_middle_indices_by_hand():
   # get_index: seg = (end - start) / N, int(start + seg / 2 + round(seg * i))
@@ -111,11 +127,15 @@ def test_bad_sampling_arguments():
 
 # ---- load_video on real files -----------------------------------------------------------
 
-@pytest.mark.parametrize("name, codec, pix_fmt, options", [
+
+@pytest.mark.parametrize(
+  "name, codec, pix_fmt, options",
+  [
     ("clip.mp4", "libx264", "yuv420p", {"crf": "0"}),  # header has the frame count
     ("clip.webm", "libvpx-vp9", "yuv420p", {"lossless": "1"}),  # header says 0 frames
     ("clip.gif", "gif", "rgb8", {}),
-])
+  ],
+)
 def test_load_video_middle(tmp_path, name, codec, pix_fmt, options):
   path = write_video(tmp_path / name, codec=codec, pix_fmt=pix_fmt, **options)
   frames_thwc, info = load_video(path, 8)
@@ -139,9 +159,11 @@ def test_load_video_bounds(tmp_path):
   assert_frames_are(frames_thwc, info.indices)
   # an end past the video is clamped to its last frame
   assert load_video(path, 4, start_sec=3.0, end_sec=60.0)[1].indices == tuple(
-      middle_indices(4, 30, 39))
-  frames_thwc, info = load_video(path, 4, sample="random", rng=np.random.default_rng(0),
-                                 start_sec=1.0, end_sec=2.5)
+    middle_indices(4, 30, 39)
+  )
+  frames_thwc, info = load_video(
+    path, 4, sample="random", rng=np.random.default_rng(0), start_sec=1.0, end_sec=2.5
+  )
   assert all(10 <= i < 25 for i in info.indices)
   assert_frames_are(frames_thwc, info.indices)
   with pytest.raises(MediaError, match="hold no frame"):
@@ -164,7 +186,7 @@ def test_load_video_header_overcounts(tmp_path, caplog):
   path = write_video(tmp_path / "full.avi", num_frames=20, codec="mpeg4", step=step)
   data = path.read_bytes()
   cut = tmp_path / "cut.avi"
-  cut.write_bytes(data[:(data.find(b"movi") + data.find(b"idx1")) // 2])
+  cut.write_bytes(data[: (data.find(b"movi") + data.find(b"idx1")) // 2])
   with av.open(str(cut)) as container:
     assert container.streams.video[0].frames == 20
   decodable = decode_count(cut)
@@ -212,26 +234,42 @@ def test_load_frame_folder(tmp_path):
   assert info.indices == tuple(middle_indices(4, 2, 8))
   assert_frames_are(frames_thwc, info.indices)
   assert load_video(folder, 4, start_sec=1.0, end_sec=3.0, folder_fps=2.0)[1].indices == tuple(
-      middle_indices(4, 1, 5))
+    middle_indices(4, 1, 5)
+  )
 
 
 def test_frame_files_natural_order(tmp_path):
-  names = ["img_10.JPG", "img_2.jpg", "img_1.jpeg", "clip2_frame1.png", "clip10_frame1.png",
-           "img_02.jpg", "readme.md", "._img_1.jpeg"]
+  names = [
+    "img_10.JPG",
+    "img_2.jpg",
+    "img_1.jpeg",
+    "clip2_frame1.png",
+    "clip10_frame1.png",
+    "img_02.jpg",
+    "readme.md",
+    "._img_1.jpeg",
+  ]
   for name in names:
     (tmp_path / name).write_bytes(b"")
   # digit runs as numbers, case ignored; img_02 and img_2 tie, then plain order
-  assert frame_files(tmp_path) == ["clip2_frame1.png", "clip10_frame1.png", "img_1.jpeg",
-                                   "img_02.jpg", "img_2.jpg", "img_10.JPG"]
+  assert frame_files(tmp_path) == [
+    "clip2_frame1.png",
+    "clip10_frame1.png",
+    "img_1.jpeg",
+    "img_02.jpg",
+    "img_2.jpg",
+    "img_10.JPG",
+  ]
 
 
 # ---- errors ---------------------------------------------------------------------------
+
 
 def zero_frame_webm(tmp_path):
   # a WebM cut just inside its first cluster: a valid header, a video stream, no frames
   data = write_video(tmp_path / "full.webm", codec="libvpx-vp9", lossless="1").read_bytes()
   path = tmp_path / "empty.webm"
-  path.write_bytes(data[:data.find(bytes.fromhex("1F43B675")) + 12])
+  path.write_bytes(data[: data.find(bytes.fromhex("1F43B675")) + 12])
   assert decode_count(path) == 0
   return path
 
@@ -245,13 +283,13 @@ def test_media_errors_name_the_file_and_reason(tmp_path):
   (tmp_path / "bad_frames").mkdir()
   (tmp_path / "bad_frames" / "1.jpg").write_bytes(b"not a jpeg")
   cases = {
-      tmp_path / "missing.mp4": "no such file",
-      tmp_path / "notes.txt": "unsupported extension '.txt'",
-      tmp_path / "noise.mp4": "not a video or corrupt",
-      zero_frame_webm(tmp_path): "no decodable video frames",
-      tmp_path / "empty": "no frame images",
-      tmp_path / "text_only": "no frame images",
-      tmp_path / "bad_frames": "not a readable image",
+    tmp_path / "missing.mp4": "no such file",
+    tmp_path / "notes.txt": "unsupported extension '.txt'",
+    tmp_path / "noise.mp4": "not a video or corrupt",
+    zero_frame_webm(tmp_path): "no decodable video frames",
+    tmp_path / "empty": "no frame images",
+    tmp_path / "text_only": "no frame images",
+    tmp_path / "bad_frames": "not a readable image",
   }
   for path, reason in cases.items():
     with pytest.raises(MediaError) as caught:
@@ -270,24 +308,35 @@ def test_frames_of_different_sizes(tmp_path):
 
 def test_bad_load_arguments(tmp_path):
   path = write_video(tmp_path / "clip.mp4", num_frames=4, crf="0")
-  for kwargs in [dict(sample="uniform"), dict(sample="random"), dict(num_frames=0),
-                 dict(start_sec=2.0, end_sec=1.0)]:
+  for kwargs in [
+    dict(sample="uniform"),
+    dict(sample="random"),
+    dict(num_frames=0),
+    dict(start_sec=2.0, end_sec=1.0),
+  ]:
     with pytest.raises(ValueError):
       load_video(path, **kwargs)
 
 
 # ---- decord, the original's decoder (optional backend) ----------------------------------
 
-@pytest.mark.parametrize("name, codec, pix_fmt, options", [
+
+@pytest.mark.parametrize(
+  "name, codec, pix_fmt, options",
+  [
     ("clip.mp4", "libx264", "yuv420p", {"crf": "0"}),
     ("clip.webm", "libvpx-vp9", "yuv420p", {"lossless": "1"}),
     ("lossy.mp4", "libx264", "yuv420p", {}),
     ("clip.avi", "mpeg4", "yuv420p", {}),
-])
+  ],
+)
 def test_decord_reads_what_pyav_reads(tmp_path, name, codec, pix_fmt, options):
   path = write_video(tmp_path / name, codec=codec, pix_fmt=pix_fmt, **options)
-  for kwargs in [dict(), dict(start_sec=1.0, end_sec=2.5),
-                 dict(sample="random", rng=np.random.default_rng(5))]:
+  for kwargs in [
+    dict(),
+    dict(start_sec=1.0, end_sec=2.5),
+    dict(sample="random", rng=np.random.default_rng(5)),
+  ]:
     want_thwc, want = load_video(path, 8, backend="pyav", **kwargs)
     if "rng" in kwargs:
       kwargs["rng"] = np.random.default_rng(5)
@@ -300,7 +349,7 @@ def test_decord_failures_are_media_errors(tmp_path):
   (tmp_path / "noise.mp4").write_bytes(np.random.default_rng(0).bytes(3000))
   damaged = write_video(tmp_path / "damaged.mp4", crf="0")
   data = bytearray(damaged.read_bytes())
-  data[len(data) // 3:len(data) // 2] = bytes(len(data) // 2 - len(data) // 3)
+  data[len(data) // 3 : len(data) // 2] = bytes(len(data) // 2 - len(data) // 3)
   damaged.write_bytes(data)
   for path in (tmp_path / "noise.mp4", zero_frame_webm(tmp_path), damaged):
     with pytest.raises(MediaError) as caught:

@@ -19,9 +19,9 @@ def test_grid_puts_the_hottest_patch_where_it_is():
   assert img.shape == (2 * (40 + 14), 3 * 40, 3)
   # Frame 3 is row 1, column 0 of the grid; patch (2, 1) covers a 10x10 block there.
   tile_top = 1 * (40 + 14) + 14
-  block = img[tile_top + 20:tile_top + 30, 10:20]
+  block = img[tile_top + 20 : tile_top + 30, 10:20]
   assert (block == (252, 255, 164)).all()
-  others = img[tile_top:tile_top + 40, 0:40].reshape(-1, 3)
+  others = img[tile_top : tile_top + 40, 0:40].reshape(-1, 3)
   assert (others == (252, 255, 164)).all(axis=1).sum() == 100  # only that block is bright
 
 

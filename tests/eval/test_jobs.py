@@ -23,7 +23,11 @@ def test_mvbench_ids_count_within_each_task_file(tmp_path):
   (tmp_path / "action_count.json").write_text(json.dumps([ROW, ROW]))
   assert alone == ["object_shuffle/0", "object_shuffle/1"]
   assert _ids(mcq.load_mvbench(tmp_path), tmp_path) == [
-      "action_count/0", "action_count/1", "object_shuffle/0", "object_shuffle/1"]
+    "action_count/0",
+    "action_count/1",
+    "object_shuffle/0",
+    "object_shuffle/1",
+  ]
 
 
 def test_videomme_ids_are_question_ids_else_per_video_counts(tmp_path):
@@ -41,23 +45,44 @@ def test_one_video_ids_name_the_video_and_the_question():
 
 def test_load_qa_reads_ids_and_line_numbers(tmp_path):
   path = tmp_path / "qa.jsonl"
-  path.write_text(json.dumps(dict(id=7, video="a.mp4", question="Q?")) + "\n\n"
-                  + json.dumps(dict(video="b.mp4", question="R?")) + "\n")
-  assert [(i.id, i.video, i.question) for i in load_qa(path)] == [("7", "a.mp4", "Q?"),
-                                                                  ("3", "b.mp4", "R?")]
+  path.write_text(
+    json.dumps(dict(id=7, video="a.mp4", question="Q?"))
+    + "\n\n"
+    + json.dumps(dict(video="b.mp4", question="R?"))
+    + "\n"
+  )
+  assert [(i.id, i.video, i.question) for i in load_qa(path)] == [
+    ("7", "a.mp4", "Q?"),
+    ("3", "b.mp4", "R?"),
+  ]
 
 
-@pytest.mark.parametrize("lines, message", [
-    (['{"video": "a.mp4", "question": "Q?"', ], r"qa\.jsonl:1: invalid JSON: "),
+@pytest.mark.parametrize(
+  "lines, message",
+  [
+    (
+      [
+        '{"video": "a.mp4", "question": "Q?"',
+      ],
+      r"qa\.jsonl:1: invalid JSON: ",
+    ),
     (['["a.mp4"]'], r"qa\.jsonl:1: expected a JSON object, found an array"),
     (['{"question": "Q?"}'], r"qa\.jsonl:1: field 'video' must be a non-blank string, got None"),
     (['{"video": "a.mp4", "question": 3}'], r"qa\.jsonl:1: field 'question' must be a non-blank"),
-    (['{"id": true, "video": "a.mp4", "question": "Q?"}'],
-     r"qa\.jsonl:1: field 'id' must be a string or an integer"),
-    (['{"id": "x", "video": "a.mp4", "question": "Q?"}', "",
-      '{"id": "x", "video": "b.mp4", "question": "R?"}'],
-     r"qa\.jsonl:3: id 'x' is already used on line 1"),
-])
+    (
+      ['{"id": true, "video": "a.mp4", "question": "Q?"}'],
+      r"qa\.jsonl:1: field 'id' must be a string or an integer",
+    ),
+    (
+      [
+        '{"id": "x", "video": "a.mp4", "question": "Q?"}',
+        "",
+        '{"id": "x", "video": "b.mp4", "question": "R?"}',
+      ],
+      r"qa\.jsonl:3: id 'x' is already used on line 1",
+    ),
+  ],
+)
 def test_load_qa_errors_name_the_file_and_line(tmp_path, lines, message):
   path = tmp_path / "qa.jsonl"
   path.write_text("\n".join(lines) + "\n")

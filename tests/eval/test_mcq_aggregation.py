@@ -2,8 +2,13 @@
 
 import pytest
 
-from ppllava_jax.eval.mcq import (LmmsEvalProtocol, MVBenchItem, OriginalProtocol, VideoMMEItem,
-                                  score)
+from ppllava_jax.eval.mcq import (
+  LmmsEvalProtocol,
+  MVBenchItem,
+  OriginalProtocol,
+  VideoMMEItem,
+  score,
+)
 
 ITEM = MVBenchItem("action_count", "v.mp4", "How many?", ("one", "two"), "two")
 OTHER = MVBenchItem("state_change", "w.mp4", "Q?", ("x", "y"), "y")

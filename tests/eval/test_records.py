@@ -28,9 +28,12 @@ def test_appending_cuts_a_torn_last_line_first(tmp_path, caplog):
 
 def test_count_answers_counts_each_id_and_fingerprint_once(tmp_path):
   path = tmp_path / "predictions.jsonl"
-  rows = [dict(id="a", fingerprint="1", status="ok"), dict(id="a", fingerprint="1", status="ok"),
-          dict(id="a", fingerprint="2", status="ok"), dict(id="b", fingerprint="1",
-                                                           status="failed")]
+  rows = [
+    dict(id="a", fingerprint="1", status="ok"),
+    dict(id="a", fingerprint="1", status="ok"),
+    dict(id="a", fingerprint="2", status="ok"),
+    dict(id="b", fingerprint="1", status="failed"),
+  ]
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
   assert records.count_answers(path) == 2
 
@@ -43,11 +46,11 @@ def test_the_fingerprint_follows_prompt_media_files_and_settings(tmp_path):
   base = fingerprint.job_fingerprint(job, settings)
   assert fingerprint.job_fingerprint(Job(**{**job.__dict__, "title": "t"}), settings) == base
   changed = [
-      Job(**{**job.__dict__, "text": "<image> R?"}),
-      Job(**{**job.__dict__, "scorer_text": "R?"}),
-      Job(**{**job.__dict__, "frames": 16}),
-      Job(**{**job.__dict__, "media": (MediaRef("video", str(video), 1.0, 3.0),)}),
-      Job(**{**job.__dict__, "subtitled": Subtitled(str(tmp_path / "v.srt"), None)}),
+    Job(**{**job.__dict__, "text": "<image> R?"}),
+    Job(**{**job.__dict__, "scorer_text": "R?"}),
+    Job(**{**job.__dict__, "frames": 16}),
+    Job(**{**job.__dict__, "media": (MediaRef("video", str(video), 1.0, 3.0),)}),
+    Job(**{**job.__dict__, "subtitled": Subtitled(str(tmp_path / "v.srt"), None)}),
   ]
   assert all(fingerprint.job_fingerprint(j, settings) != base for j in changed)
   assert fingerprint.job_fingerprint(job, dict(settings, max_new_tokens=200)) != base
@@ -57,9 +60,19 @@ def test_the_fingerprint_follows_prompt_media_files_and_settings(tmp_path):
 
 def test_model_key_follows_the_checkpoint_files(tmp_path):
   (tmp_path / "config.json").write_text("{}")
-  key = lambda **kw: fingerprint.model_key(**{**dict(
-      checkpoint=str(tmp_path), clip=None, tokenizer=str(tmp_path), scorer_tokenizer=None,
-      pooling="ppllava", dtype=None), **kw})
+  key = lambda **kw: fingerprint.model_key(
+    **{
+      **dict(
+        checkpoint=str(tmp_path),
+        clip=None,
+        tokenizer=str(tmp_path),
+        scorer_tokenizer=None,
+        pooling="ppllava",
+        dtype=None,
+      ),
+      **kw,
+    }
+  )
   base = key()
   assert key(pooling="average") != base and key(dtype="bfloat16") != base
   (tmp_path / "model.safetensors").write_bytes(b"weights")

@@ -9,9 +9,9 @@ import subprocess
 import sys
 
 import pytest
+from support import journeys, multiprocess, train_runs
 
 from ppllava_jax.train.run.metrics import read_metrics
-from support import journeys, multiprocess, train_runs
 
 pytestmark = pytest.mark.slow
 ROOT = train_runs.ROOT
@@ -26,14 +26,32 @@ def test_qwen_recipe_on_two_processes_through_localhost_sh(tmp_path):
   """scripts/localhost.sh starts the processes of one run, as a pod or a Slurm job would."""
   start, data = journeys.qwen_start(tmp_path / "qwen"), journeys.sft_data(tmp_path / "data")
   workdir = tmp_path / "run"
-  cmd = ["bash", str(ROOT / "scripts" / "localhost.sh"), "train.py", "--config",
-         str(ROOT / "configs" / "sft_qwen7b.py"), "--workdir", str(workdir),
-         *[a for s in journeys.recipe_overrides("sft_qwen7b", start, data)
-           for a in ("--set", s)]]
-  env = dict(os.environ, PROCESSES="2", DEVICES="1", PORT=str(multiprocess.free_port()),
-             PYTHON=sys.executable)
-  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          cwd=ROOT, env=env, start_new_session=True)
+  cmd = [
+    "bash",
+    str(ROOT / "scripts" / "localhost.sh"),
+    "train.py",
+    "--config",
+    str(ROOT / "configs" / "sft_qwen7b.py"),
+    "--workdir",
+    str(workdir),
+    *[a for s in journeys.recipe_overrides("sft_qwen7b", start, data) for a in ("--set", s)],
+  ]
+  env = dict(
+    os.environ,
+    PROCESSES="2",
+    DEVICES="1",
+    PORT=str(multiprocess.free_port()),
+    PYTHON=sys.executable,
+  )
+  proc = subprocess.Popen(
+    cmd,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    cwd=ROOT,
+    env=env,
+    start_new_session=True,
+  )
   try:
     stdout, stderr = proc.communicate(timeout=600)
   finally:  # the script and both trainers, whatever happened

@@ -13,10 +13,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
+from support import journeys, train_runs
 from transformers import AutoTokenizer
 
 from ppllava_jax.train.run.metrics import read_metrics
-from support import journeys, train_runs
 
 pytestmark = pytest.mark.slow
 ROOT = train_runs.ROOT
@@ -25,8 +25,15 @@ TEXT = "USER: <image> Is the video dark or light? ASSISTANT: It is dark."
 
 def train_command(recipe: str, workdir, *sets: str) -> list[str]:
   config = ROOT / "configs" / f"{recipe}.py"
-  return [sys.executable, str(ROOT / "train.py"), "--config", str(config), "--workdir",
-          str(workdir), *[a for s in sets for a in ("--set", s)]]
+  return [
+    sys.executable,
+    str(ROOT / "train.py"),
+    "--config",
+    str(config),
+    "--workdir",
+    str(workdir),
+    *[a for s in sets for a in ("--set", s)],
+  ]
 
 
 def script(name: str, *args) -> list[str]:
@@ -41,9 +48,12 @@ def ok(done: subprocess.CompletedProcess) -> str:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
   root = tmp_path_factory.mktemp("journeys")
-  return SimpleNamespace(vicuna=journeys.vicuna_start(root / "vicuna"),
-                         sft=journeys.sft_data(root / "data"),
-                         pref=journeys.preference_data(root / "pref"), root=root)
+  return SimpleNamespace(
+    vicuna=journeys.vicuna_start(root / "vicuna"),
+    sft=journeys.sft_data(root / "data"),
+    pref=journeys.preference_data(root / "pref"),
+    root=root,
+  )
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +62,14 @@ def vicuna_sft(world, compile_cache, tmp_path_factory):
   checkpoint and started again with the same command."""
   tmp = tmp_path_factory.mktemp("vicuna_sft")
   workdir = tmp / "run"
-  cmd = train_command("sft_vicuna7b", workdir,
-                      *journeys.recipe_overrides("sft_vicuna7b", world.vicuna, world.sft))
+  cmd = train_command(
+    "sft_vicuna7b", workdir, *journeys.recipe_overrides("sft_vicuna7b", world.vicuna, world.sft)
+  )
   killed = train_runs.kill_after_first_checkpoint(cmd, compile_cache, workdir, tmp / "first.log")
   resumed = train_runs.run(cmd, compile_cache)
-  return SimpleNamespace(workdir=workdir, killed=killed, first=(tmp / "first.log").read_text(),
-                         resumed=ok(resumed))
+  return SimpleNamespace(
+    workdir=workdir, killed=killed, first=(tmp / "first.log").read_text(), resumed=ok(resumed)
+  )
 
 
 def test_vicuna_recipe_trains_and_resumes_after_sigkill(vicuna_sft):
@@ -75,11 +87,13 @@ def _tensors(folder):
   return {k: v for f in folder.glob("*.safetensors") for k, v in load_file(f).items()}
 
 
-def test_sft_export_eval_dpo_export_eval_convert_transformers(vicuna_sft, world, compile_cache,
-                                                               tmp_path):
+def test_sft_export_eval_dpo_export_eval_convert_transformers(
+  vicuna_sft, world, compile_cache, tmp_path
+):
   env = train_runs.env(compile_cache)
-  run = lambda cmd: ok(subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env,
-                                      timeout=600, check=False))
+  run = lambda cmd: ok(
+    subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600, check=False)
+  )
   # export: a complete folder, found by every next stage with no other flag
   sft = vicuna_sft.workdir / "hf"
   out = run(script("train.py", "export", "--workdir", vicuna_sft.workdir, "--out", sft))
@@ -89,38 +103,65 @@ def test_sft_export_eval_dpo_export_eval_convert_transformers(vicuna_sft, world,
   assert config["ppllava_btadapter"]["depth"] == 2 and "ppllava_scorer" in config
   assert (sft / "tokenizer.model").is_file()  # as llava-hf ships it: sentencepiece only
   assert json.loads((sft / "generation_config.json").read_text())["eos_token_id"] == 2
-  for theirs, ours in ((world.vicuna.checkpoint, sft), (world.vicuna.clip,
-                                                        sft / "scorer_tokenizer")):
-    assert (AutoTokenizer.from_pretrained(ours)(TEXT).input_ids
-            == AutoTokenizer.from_pretrained(theirs)(TEXT).input_ids)
+  for theirs, ours in (
+    (world.vicuna.checkpoint, sft),
+    (world.vicuna.clip, sft / "scorer_tokenizer"),
+  ):
+    assert (
+      AutoTokenizer.from_pretrained(ours)(TEXT).input_ids
+      == AutoTokenizer.from_pretrained(theirs)(TEXT).input_ids
+    )
   start, exported = _tensors(world.vicuna.checkpoint), _tensors(sft)
   frozen = [k for k in start if k.startswith("vision_tower.")]  # the recipe freezes the ViT
-  assert frozen and all(np.array_equal(exported[k.replace("vision_tower.",
-                                                          "vision_tower.vision_model.")],
-                                       start[k]) for k in frozen)
+  assert frozen and all(
+    np.array_equal(exported[k.replace("vision_tower.", "vision_tower.vision_model.")], start[k])
+    for k in frozen
+  )
 
   def evaluate(folder, name):
     eval_out = tmp_path / name
-    run(script("eval.py", "--checkpoint", folder, "--mvbench", world.sft["mcq"], "--video-root",
-               world.sft["videos"], "--frames", journeys.FRAMES, "--max-new-tokens", 4, "--out",
-               eval_out))
+    run(
+      script(
+        "eval.py",
+        "--checkpoint",
+        folder,
+        "--mvbench",
+        world.sft["mcq"],
+        "--video-root",
+        world.sft["videos"],
+        "--frames",
+        journeys.FRAMES,
+        "--max-new-tokens",
+        4,
+        "--out",
+        eval_out,
+      )
+    )
     results = json.loads((eval_out / "results.json").read_text())
     assert results["items"] == 4 and not results["failed"], results
 
   evaluate(sft, "eval_sft")
   # DPO from the export, as configs/dpo_vicuna7b.py documents it
   dpo = tmp_path / "dpo"
-  out = run(train_command("dpo_vicuna7b", dpo, f"model.checkpoint={sft}",
-                          *journeys.recipe_overrides("dpo_vicuna7b", data=world.pref)))
+  out = run(
+    train_command(
+      "dpo_vicuna7b",
+      dpo,
+      f"model.checkpoint={sft}",
+      *journeys.recipe_overrides("dpo_vicuna7b", data=world.pref),
+    )
+  )
   assert "step 2: 2 updates, 0 skipped" in out
   records = [r for r in read_metrics(dpo) if "loss" in r]
-  assert records and all(np.isfinite(r["loss"]) and np.isfinite(r["rewards/margins"])
-                         for r in records)
+  assert records and all(
+    np.isfinite(r["loss"]) and np.isfinite(r["rewards/margins"]) for r in records
+  )
   dpo_hf = dpo / "hf"
   run(script("train.py", "export", "--workdir", dpo, "--out", dpo_hf))
   after = _tensors(dpo_hf)
-  assert all(np.array_equal(after[k], exported[k]) for k in exported
-             if not k.startswith("language_model."))  # DPO trains the LLM alone
+  assert all(
+    np.array_equal(after[k], exported[k]) for k in exported if not k.startswith("language_model.")
+  )  # DPO trains the LLM alone
   evaluate(dpo_hf, "eval_dpo")
   # convert.py both ways; transformers reads the result
   orbax, back = tmp_path / "orbax", tmp_path / "back"
@@ -139,6 +180,7 @@ def _same_llm_logits(folder):
   from transformers import LlavaNextVideoForConditionalGeneration
 
   from ppllava_jax.models.ppllava import PPLLaVA
+
   ids = np.asarray([AutoTokenizer.from_pretrained(folder)("the dog runs").input_ids])
   theirs = LlavaNextVideoForConditionalGeneration.from_pretrained(folder).eval()
   with torch.no_grad():

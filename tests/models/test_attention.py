@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from ppllava_jax.models.attention import BLOCK, attention
 
@@ -31,8 +32,9 @@ def reference(q_blna, k_bska, v_bska, mask_bls=None):
     if mask_bls is not None:
       scores = np.where(mask_bls, scores, F32_MIN)
     p = np.exp(scores - scores.max(-1, keepdims=True))
-    out[:, :, head] = np.einsum("bls,bsa->bla", p / p.sum(-1, keepdims=True),
-                                v[:, :, head // group])
+    out[:, :, head] = np.einsum(
+      "bls,bsa->bla", p / p.sum(-1, keepdims=True), v[:, :, head // group]
+    )
   return out
 
 
@@ -48,9 +50,11 @@ def dense(q_blna, k_bska, v_bska, mask_bls):
 
 def qkv(b, l, s, n, k, a=8, seed=0, dtype=np.float32):
   rng = np.random.default_rng(seed)
-  return (rng.standard_normal((b, l, n, a)).astype(dtype),
-          rng.standard_normal((b, s, k, a)).astype(dtype),
-          rng.standard_normal((b, s, k, a)).astype(dtype))
+  return (
+    rng.standard_normal((b, l, n, a)).astype(dtype),
+    rng.standard_normal((b, s, k, a)).astype(dtype),
+    rng.standard_normal((b, s, k, a)).astype(dtype),
+  )
 
 
 def llm_mask(l, s, pads):
@@ -62,12 +66,12 @@ def llm_mask(l, s, pads):
 
 
 CASES = {  # name: (B, L, S, N, K, block)
-    "self, several blocks": (2, 37, 37, 4, 4, 16),
-    "gqa, cache longer than queries": (2, 50, 61, 6, 3, 16),
-    "one kv head": (1, 29, 45, 4, 1, 8),
-    "few queries, key blocks only": (2, 3, 100, 4, 2, 8),
-    "decode step": (2, 1, 45, 4, 2, 8),
-    "one block (default)": (2, 37, 53, 4, 2, BLOCK),
+  "self, several blocks": (2, 37, 37, 4, 4, 16),
+  "gqa, cache longer than queries": (2, 50, 61, 6, 3, 16),
+  "one kv head": (1, 29, 45, 4, 1, 8),
+  "few queries, key blocks only": (2, 3, 100, 4, 2, 8),
+  "decode step": (2, 1, 45, 4, 2, 8),
+  "one block (default)": (2, 37, 53, 4, 2, BLOCK),
 }
 
 
@@ -105,10 +109,10 @@ def test_bfloat16_inputs(block):
 
 
 GRAD_CASES = {  # name: (L, S, N, K, pads, block); pads of 20 leave 12 rows with no key
-    "one block": (27, 35, 4, 2, [0, 20], BLOCK),
-    "gqa, overlapping query and key blocks": (27, 35, 4, 2, [0, 20], 8),
-    "no mask, several blocks": (37, 37, 2, 2, None, 16),
-    "decode-like, few queries": (3, 50, 4, 1, [0, 30], 8),
+  "one block": (27, 35, 4, 2, [0, 20], BLOCK),
+  "gqa, overlapping query and key blocks": (27, 35, 4, 2, [0, 20], 8),
+  "no mask, several blocks": (37, 37, 2, 2, None, 16),
+  "decode-like, few queries": (3, 50, 4, 1, [0, 30], 8),
 }
 
 
@@ -120,8 +124,9 @@ def test_gradients_match_dense(case):
   q, k, v = qkv(2, l, s, n, kv, seed=3)
   mask = np.ones((2, l, s), bool) if pads is None else llm_mask(l, s, pads)
   cot = np.random.default_rng(4).standard_normal(q.shape).astype(np.float32)
-  loss = lambda fn, m: jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v, m) * cot),
-                                        argnums=(0, 1, 2)))
+  loss = lambda fn, m: jax.jit(
+    jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v, m) * cot), argnums=(0, 1, 2))
+  )
   got = loss(lambda *a: attention(*a, block=block), None if pads is None else mask)(q, k, v)
   want = loss(dense, mask)(q, k, v)
   for name, g, w in zip("qkv", got, want):
@@ -131,11 +136,13 @@ def test_gradients_match_dense(case):
 def test_gradient_memory_grows_linearly_with_length():
   """XLA's temporaries for the gradient: doubling the length at most doubles them (plus
   slack), where stored per-block residuals grew them 4-7x per doubling."""
+
   def temp_bytes(l):
     x = jax.ShapeDtypeStruct((1, l, 2, 16), jnp.float32)
     m = jax.ShapeDtypeStruct((1, l, l), jnp.bool_)
     grad = jax.grad(lambda q, k, v, m: attention(q, k, v, m, block=64).sum(), argnums=(0, 1, 2))
     return jax.jit(grad).lower(x, x, x, m).compile().memory_analysis().temp_size_in_bytes
+
   small, large = temp_bytes(1024), temp_bytes(2048)
   assert large < 2.3 * small, (small, large)
 
@@ -147,20 +154,23 @@ def test_vmap_with_batched_masks():
   fn = jax.vmap(lambda q, k, v, m: attention(q[None], k[None], v[None], m, block=16)[0])
   got = np.asarray(jax.jit(fn)(q, k, v, masks))
   for i in range(3):
-    np.testing.assert_allclose(got[i], reference(q[i:i + 1], k[i:i + 1], v[i:i + 1],
-                                                 masks[i])[0], rtol=0, atol=2e-6)
+    np.testing.assert_allclose(
+      got[i], reference(q[i : i + 1], k[i : i + 1], v[i : i + 1], masks[i])[0], rtol=0, atol=2e-6
+    )
 
 
 def test_sharded_over_batch_and_heads():
   assert jax.device_count() == 8
   q, k, v = qkv(4, 40, 40, 4, 2, seed=6)
   mask = llm_mask(40, 40, [0, 5, 20, 40])
-  mesh = Mesh(np.asarray(jax.devices()).reshape(4, 2), ("data", "tensor"),
-              axis_types=(AxisType.Auto,) * 2)
+  mesh = Mesh(
+    np.asarray(jax.devices()).reshape(4, 2), ("data", "tensor"), axis_types=(AxisType.Auto,) * 2
+  )
   heads = NamedSharding(mesh, P("data", None, "tensor"))
   args = [jax.device_put(x, heads) for x in (q, k, v)]
   got = jax.jit(lambda q, k, v, m: attention(q, k, v, m, block=16))(
-      *args, jax.device_put(mask, NamedSharding(mesh, P("data"))))
+    *args, jax.device_put(mask, NamedSharding(mesh, P("data")))
+  )
   np.testing.assert_allclose(np.asarray(got), reference(q, k, v, mask), rtol=0, atol=2e-6)
 
 

@@ -40,18 +40,22 @@ ATOL = {"pallas_interpret": 1e-5, "pallas": 1e-2}  # f32 (module doc)
 
 def needs(implementation: str) -> None:
   """Skips, naming what is missing, where ``implementation``'s platform is absent."""
-  want, what = {"cudnn": ("cuda", "an NVIDIA (CUDA) GPU"),
-                "pallas": ("tpu", "a TPU")}.get(implementation, (PLATFORM, ""))
+  want, what = {"cudnn": ("cuda", "an NVIDIA (CUDA) GPU"), "pallas": ("tpu", "a TPU")}.get(
+    implementation, (PLATFORM, "")
+  )
   if PLATFORM != want:
-    pytest.skip(f"attention implementation {implementation!r} needs {what}; "
-                f"this platform is {PLATFORM!r}")
+    pytest.skip(
+      f"attention implementation {implementation!r} needs {what}; this platform is {PLATFORM!r}"
+    )
 
 
 def qkv(l=L, s=L, n=N, k=K, seed=0, dtype=np.float32):
   rng = np.random.default_rng(seed)
-  return (rng.standard_normal((B, l, n, A)).astype(dtype),
-          rng.standard_normal((B, s, k, A)).astype(dtype),
-          rng.standard_normal((B, s, k, A)).astype(dtype))
+  return (
+    rng.standard_normal((B, l, n, A)).astype(dtype),
+    rng.standard_normal((B, s, k, A)).astype(dtype),
+    rng.standard_normal((B, s, k, A)).astype(dtype),
+  )
 
 
 def padding(pads, s=L, left=True):
@@ -69,11 +73,11 @@ def segments():
 
 
 CASES = {  # name: (mask, L, S); left padding leaves rows with no key at all
-    "causal, left padding": (Mask(valid_bs=padding([0, 12]), causal=True), L, L),
-    "causal, right padding": (Mask(valid_bs=padding([5, 0], left=False), causal=True), L, L),
-    "padding, bidirectional": (Mask(valid_bs=padding([0, 30])), L, L),
-    "packed segments, causal, padding": (segments(), L, L),
-    "no mask, few queries over more keys": (None, 3, 45),
+  "causal, left padding": (Mask(valid_bs=padding([0, 12]), causal=True), L, L),
+  "causal, right padding": (Mask(valid_bs=padding([5, 0], left=False), causal=True), L, L),
+  "padding, bidirectional": (Mask(valid_bs=padding([0, 30])), L, L),
+  "packed segments, causal, padding": (segments(), L, L),
+  "no mask, few queries over more keys": (None, 3, 45),
 }
 
 
@@ -92,16 +96,19 @@ def jitted_grad(implementation: str):
 
 
 def assert_close(got, want, atol, what=""):
-  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
-                             rtol=0, atol=atol, err_msg=what)
+  np.testing.assert_allclose(
+    np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=0, atol=atol, err_msg=what
+  )
 
 
 def test_mask_dense_is_the_structure():
   """``Mask.dense`` against loops over its definition, a cache's first slot included."""
   seg = segments()
   valid = padding([3, 0], s=9)
-  for mask, l, start in [(seg, L, 0), (Mask(valid_bs=valid, q_start=jnp.asarray(4), causal=True),
-                                        2, 4)]:
+  for mask, l, start in [
+    (seg, L, 0),
+    (Mask(valid_bs=valid, q_start=jnp.asarray(4), causal=True), 2, 4),
+  ]:
     got = np.asarray(mask.dense(l))
     want = np.zeros(got.shape, bool)
     for b, i in np.ndindex(*got.shape[:2]):  # query i of row b, over every key slot j
@@ -156,8 +163,9 @@ def test_cudnn_mask_mapping_gradients_match_xla(case):
   mask, l, s = CASES[case]
   q, k, v = qkv(l, s, seed=3)
   cot = np.random.default_rng(4).standard_normal(q.shape).astype(np.float32)
-  grad = lambda fn: jax.jit(jax.grad(lambda q, k, v, m: jnp.sum(fn(q, k, v, m) * cot),
-                                     argnums=(0, 1, 2)))(q, k, v, mask)
+  grad = lambda fn: jax.jit(
+    jax.grad(lambda q, k, v, m: jnp.sum(fn(q, k, v, m) * cot), argnums=(0, 1, 2))
+  )(q, k, v, mask)
   for name, g, w in zip("qkv", grad(mapped), grad(attention)):
     assert_close(g, w, 1e-5, name)
 
@@ -184,20 +192,29 @@ def test_unavailable_platform_names_implementation_and_platform():
     attention(q, k, v, implementation="flash")
 
 
-@pytest.mark.parametrize("version, found", [("PJRT C API\ncuda 12080", "cuda"),
-                                            ("PJRT C API\nrocm 60302", "rocm"),
-                                            ("PJRT C API\nsomething else", "gpu")])
+@pytest.mark.parametrize(
+  "version, found",
+  [
+    ("PJRT C API\ncuda 12080", "cuda"),
+    ("PJRT C API\nrocm 60302", "rocm"),
+    ("PJRT C API\nsomething else", "gpu"),
+  ],
+)
 def test_cudnn_needs_cuda_not_any_gpu(monkeypatch, version, found):
   """JAX names ROCm GPUs "gpu" as well; only CUDA has cuDNN (the backend's
   platform_version tells them apart, as in JAX's own cuDNN attention)."""
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  monkeypatch.setattr(jax_backend, "get_backend",
-                      lambda: types.SimpleNamespace(platform_version=version))
+  monkeypatch.setattr(
+    jax_backend, "get_backend", lambda: types.SimpleNamespace(platform_version=version)
+  )
   assert attn._platform() == found
   if found != "cuda":
     q, k, v = qkv()
-    with pytest.raises(RuntimeError, match=rf"'cudnn' needs an NVIDIA GPU \(CUDA, for cuDNN\); "
-                                           rf"JAX's platform here is '{found}' .*use 'xla'"):
+    with pytest.raises(
+      RuntimeError,
+      match=rf"'cudnn' needs an NVIDIA GPU \(CUDA, for cuDNN\); "
+      rf"JAX's platform here is '{found}' .*use 'xla'",
+    ):
       attention(q, k, v, implementation="cudnn")
 
 
@@ -208,8 +225,11 @@ def test_pallas_is_refused_on_a_mesh_of_several_devices():
   attn.check_attention("pallas_interpret", 8)  # interpreted: plain XLA ops
   attn.check_attention("xla", 8)
   refused = r"'pallas' \(splash attention\) runs on one device: the kernel is not wrapped in "
-  with pytest.raises(ValueError, match=refused + r"shard_map.* over 2 devices; use 'xla', or a "
-                                                 r"1-device mesh"):
+  with pytest.raises(
+    ValueError,
+    match=refused + r"shard_map.* over 2 devices; use 'xla', or a "
+    r"1-device mesh",
+  ):
     attn.check_attention("pallas", 2)
   with pytest.raises(ValueError, match=refused + r".* over 4 devices"):
     TrainConfig(attention="pallas", mesh=MeshConfig(data=-1, fsdp=2, tensor=2))
@@ -255,8 +275,18 @@ def test_train_config_attention_is_checked():
 
 # 42-pixel frames of 14-pixel patches (3 x 3, pooled (1, 3, 3) to one token a frame); one
 # layer per tower: the CLIP vision tower, the LLaMA decoder, the scorer's CLIP text tower
-TINY = TinyConfig(frames=2, image_size=42, patch_size=14, vision_width=32, vision_layers=1,
-                  llm_width=64, llm_layers=1, text_width=32, text_layers=1, kernel=(1, 3, 3))
+TINY = TinyConfig(
+  frames=2,
+  image_size=42,
+  patch_size=14,
+  vision_width=32,
+  vision_layers=1,
+  llm_width=64,
+  llm_layers=1,
+  text_width=32,
+  text_layers=1,
+  kernel=(1, 3, 3),
+)
 VOCAB = 40
 
 
@@ -264,14 +294,23 @@ def tiny_inputs(cfg):
   """Two samples: a video, the prompt (row 1 left-padded by 2) and the scorer's question
   (padded)."""
   rng = np.random.default_rng(0)
-  ids = np.concatenate([[1, 7, 8], np.full(cfg.video_tokens(TINY.frames), cfg.video_token_index),
-                        rng.integers(5, VOCAB, 6)])
+  ids = np.concatenate(
+    [
+      [1, 7, 8],
+      np.full(cfg.video_tokens(TINY.frames), cfg.video_token_index),
+      rng.integers(5, VOCAB, 6),
+    ]
+  )
   ids_bl = np.stack([ids, np.concatenate([[0, 0], ids[:-2]])]).astype(np.int32)
   clip_ids_bl = np.zeros((2, 12), np.int32)
   clip_ids_bl[0, :5], clip_ids_bl[1, :8] = [1, 9, 10, 11, 2], [1, 9, 12, 13, 14, 15, 16, 2]
-  inputs = dict(input_ids=ids_bl, attention_mask=(ids_bl != 0).astype(np.int32),
-                pixel_values_videos=rng.normal(size=(2, TINY.frames, 3, 42, 42)).astype(np.float32),
-                clip_input_ids=clip_ids_bl, clip_attention_mask=(clip_ids_bl != 0).astype(np.int32))
+  inputs = dict(
+    input_ids=ids_bl,
+    attention_mask=(ids_bl != 0).astype(np.int32),
+    pixel_values_videos=rng.normal(size=(2, TINY.frames, 3, 42, 42)).astype(np.float32),
+    clip_input_ids=clip_ids_bl,
+    clip_attention_mask=(clip_ids_bl != 0).astype(np.int32),
+  )
   return {k: jnp.asarray(x) for k, x in inputs.items()}
 
 
@@ -280,8 +319,10 @@ def random_tiny():
   one jax.random call per parameter shape, which took most of this test's time."""
   graphdef, state = nnx.split(nnx.eval_shape(lambda: build_tiny(TINY, VOCAB)))
   rng = np.random.default_rng(0)
-  return nnx.merge(graphdef, jax.tree.map(
-      lambda x: jnp.asarray(rng.normal(0, 0.5, x.shape).astype(x.dtype)), state))
+  return nnx.merge(
+    graphdef,
+    jax.tree.map(lambda x: jnp.asarray(rng.normal(0, 0.5, x.shape).astype(x.dtype)), state),
+  )
 
 
 def logits_of(model, inputs):
@@ -294,14 +335,16 @@ def test_train_step_model_runs_every_attention_through_the_kernel(attention):
   """``step.merged`` applies ``TrainConfig.attention`` to every tower: one splash kernel
   per attention layer in the traced forward (vision, LLM, scorer text), none under "xla".
   Traced on the model's shapes alone (nothing initialised)."""
-  graphdef, params, frozen = nnx.split(nnx.eval_shape(lambda: build_tiny(TINY, VOCAB)),
-                                       nnx.Param, ...)
+  graphdef, params, frozen = nnx.split(
+    nnx.eval_shape(lambda: build_tiny(TINY, VOCAB)), nnx.Param, ...
+  )
   cfg = TrainConfig(attention=attention)
   forward = lambda params, frozen, inputs: merged(graphdef, cfg, params, frozen)(**inputs).logits
   inputs = tiny_inputs(TINY.model_config(VOCAB))
   calls = str(jax.make_jaxpr(forward)(params, frozen, inputs)).count("pallas_call")
-  assert calls == (TINY.vision_layers + TINY.llm_layers + TINY.text_layers
-                   if attention != "xla" else 0)
+  assert calls == (
+    TINY.vision_layers + TINY.llm_layers + TINY.text_layers if attention != "xla" else 0
+  )
 
 
 @pytest.mark.slow

@@ -10,9 +10,9 @@ import torch
 from flax import nnx
 from safetensors.numpy import load_file
 from safetensors.torch import save_file as save_torch_file
-
 from support.btadapter_reference import BTAdapterTower
 from support.hf_fixtures import assert_same_state, make_clip, rewrite_checkpoint
+
 from ppllava_jax.convert.loader import CheckpointError
 from ppllava_jax.models.btadapter import BTAdapterConfig, CLIPVisionBTAdapter, TemporalBlock
 from ppllava_jax.models.clip import CLIPModel, CLIPVisionConfig
@@ -28,8 +28,15 @@ forward_train = nnx.jit(lambda model, x, rngs: nnx.view(model, deterministic=Fal
 
 def tiny_vision_config():
   from transformers import CLIPVisionConfig  # odd heads, width 45, 5x5 patches of 6 px
-  return CLIPVisionConfig(hidden_size=45, intermediate_size=70, num_hidden_layers=LAYERS,
-                          num_attention_heads=3, image_size=30, patch_size=6)
+
+  return CLIPVisionConfig(
+    hidden_size=45,
+    intermediate_size=70,
+    num_hidden_layers=LAYERS,
+    num_attention_heads=3,
+    image_size=30,
+    patch_size=6,
+  )
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +49,11 @@ def tower(tmp_path_factory):
     for p in ref.parameters():
       p.add_(torch.randn_like(p) * 0.1)
   path = tmp_path_factory.mktemp("btadapter")
-  save_torch_file({k: v.contiguous() for k, v in ref.state_dict().items()},
-                  str(path / "model.safetensors"), metadata={"format": "pt"})
+  save_torch_file(
+    {k: v.contiguous() for k, v in ref.state_dict().items()},
+    str(path / "model.safetensors"),
+    metadata={"format": "pt"},
+  )
   hf = config.to_dict() | {"depth": DEPTH, "max_T": MAX_T}  # as the original stamps them
   (path / "config.json").write_text(json.dumps(hf))
   return ref, path, CLIPVisionBTAdapter.from_pretrained(path)
@@ -110,8 +120,7 @@ def test_zero_temporal_fc_makes_temporal_blocks_identities(tower):
   depend on the temporal blocks' other weights, bit for bit."""
   _, path, _ = tower
   model = with_zero_temporal_fc(CLIPVisionBTAdapter.from_pretrained(path))
-  x_btpd = jnp.asarray(np.random.default_rng(1).standard_normal((2, 4, 25, 45)) * 30,
-                       jnp.float32)
+  x_btpd = jnp.asarray(np.random.default_rng(1).standard_normal((2, 4, 25, 45)) * 30, jnp.float32)
   for block in model.vision_model.btadapter_T_layers:
     np.testing.assert_array_equal(block(x_btpd), x_btpd)
   x = jnp.asarray(video(1, 4))
@@ -171,7 +180,7 @@ def test_fresh_adapter_on_one_frame_is_clip_layers_rerun(fresh):
   pos = vm.embeddings.position_embedding.weight
   with torch.no_grad():
     ys = vm(pixel_values=torch.from_numpy(x[:, 0]), output_hidden_states=True).hidden_states
-    want = list(ys[:start + 1])
+    want = list(ys[: start + 1])
     y = ys[start + 1]
     cls = (y[:, :1] + t(tower.btadapter_cls_token[...])[0] + pos[:1]) / 2
     s = torch.cat([cls, y[:, 1:] + pos[1:] + t(tower.btadapter_time_embed.weight[0])], 1)
@@ -202,15 +211,22 @@ def test_drop_path_only_in_train_mode(tower):
 
 def test_temporal_drop_path_drops_whole_patch_tracks():
   """Stochastic depth draws once per (video, patch) row of the temporal attention."""
-  cfg = CLIPVisionConfig(hidden_size=12, intermediate_size=8, num_hidden_layers=1,
-                         num_attention_heads=3, image_size=4, patch_size=2)
+  cfg = CLIPVisionConfig(
+    hidden_size=12,
+    intermediate_size=8,
+    num_hidden_layers=1,
+    num_attention_heads=3,
+    image_size=4,
+    patch_size=2,
+  )
   block = TemporalBlock(cfg, 0.5, rngs=nnx.Rngs(0))
   block.temporal_fc.kernel.set_value(jnp.ones((12, 12)))
   x_btpd = jnp.asarray(np.random.default_rng(0).standard_normal((2, 5, 30, 12)), jnp.float32)
   out = forward_train(block, x_btpd, nnx.Rngs(dropout=1))
   eval_with_rngs = nnx.jit(lambda model, x, rngs: model(x, rngs))
-  np.testing.assert_array_equal(eval_with_rngs(block, x_btpd, nnx.Rngs(dropout=1)),
-                                forward(block, x_btpd))  # rngs without train mode: no change
+  np.testing.assert_array_equal(
+    eval_with_rngs(block, x_btpd, nnx.Rngs(dropout=1)), forward(block, x_btpd)
+  )  # rngs without train mode: no change
   kept_bp = np.asarray(jnp.any(out != x_btpd, axis=(1, 3)))  # per (video, patch)
   untouched_btp = np.asarray(jnp.all(out == x_btpd, axis=3))
   np.testing.assert_array_equal(untouched_btp, ~kept_bp[:, None].repeat(5, 1))
@@ -230,8 +246,6 @@ def test_save_load_round_trip_is_bit_exact_in_the_original_layout(tower, tmp_pat
     np.testing.assert_array_equal(saved[k], original[k], err_msg=k)
 
 
-
-
 def test_missing_adapter_keys_are_named(tower, tmp_path):
   _, path, _ = tower
 
@@ -239,9 +253,12 @@ def test_missing_adapter_keys_are_named(tower, tmp_path):
     t.pop("vision_model.btadapter_T_layers.1.temporal_fc.weight")
     t.pop("vision_model.btadapter_cls_token")
 
-  with pytest.raises(CheckpointError, match=r"missing .*: 2\n\s+vision_model\.btadapter_T_layers"
-                     r"\.1\.temporal_fc\.weight \(-> vision_model\.btadapter_T_layers\.1\."
-                     r"temporal_fc\.kernel\)\n\s+vision_model\.btadapter_cls_token"):
+  with pytest.raises(
+    CheckpointError,
+    match=r"missing .*: 2\n\s+vision_model\.btadapter_T_layers"
+    r"\.1\.temporal_fc\.weight \(-> vision_model\.btadapter_T_layers\.1\."
+    r"temporal_fc\.kernel\)\n\s+vision_model\.btadapter_cls_token",
+  ):
     CLIPVisionBTAdapter.from_pretrained(rewrite_checkpoint(path, tmp_path / "bad", edit))
 
 
@@ -251,9 +268,12 @@ def test_wrong_adapter_shape_is_named(tower, tmp_path):
   def edit(t):
     t["vision_model.btadapter_time_embed.weight"] = np.zeros((MAX_T + 1, 45), np.float32)
 
-  with pytest.raises(CheckpointError, match=r"vision_model\.btadapter_time_embed\.weight: "
-                     r"checkpoint \(9, 45\) -> \(9, 45\), model "
-                     r"vision_model\.btadapter_time_embed\.weight expects \(8, 45\)"):
+  with pytest.raises(
+    CheckpointError,
+    match=r"vision_model\.btadapter_time_embed\.weight: "
+    r"checkpoint \(9, 45\) -> \(9, 45\), model "
+    r"vision_model\.btadapter_time_embed\.weight expects \(8, 45\)",
+  ):
     CLIPVisionBTAdapter.from_pretrained(rewrite_checkpoint(path, tmp_path / "bad", edit))
 
 

@@ -6,10 +6,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
 from support import numpy_reference as ref
-from support.hf_fixtures import (assert_same_state, assert_same_tensors, make_clip, rewrite_checkpoint,
-                         text_batch)
+from support.hf_fixtures import (
+  assert_same_state,
+  assert_same_tensors,
+  make_clip,
+  rewrite_checkpoint,
+  text_batch,
+)
+
 from ppllava_jax.convert.loader import CheckpointError
 from ppllava_jax.models import CLIPModel
 
@@ -51,10 +56,14 @@ def test_text_features_with_padding(clip_pair):
   total = min(cfg.max_position_embeddings, 12)
   ids, mask = text_batch(cfg.vocab_size, cfg.eos_token_id, [total, 5, 2], total)
   with torch.no_grad():
-    out = hf.text_model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                        output_hidden_states=True)
-    feats = hf.get_text_features(input_ids=torch.from_numpy(ids),
-                                 attention_mask=torch.from_numpy(mask))
+    out = hf.text_model(
+      input_ids=torch.from_numpy(ids),
+      attention_mask=torch.from_numpy(mask),
+      output_hidden_states=True,
+    )
+    feats = hf.get_text_features(
+      input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)
+    )
   hidden = ours.text_hidden_states(jnp.asarray(ids), jnp.asarray(mask))
   assert len(hidden) == len(out.hidden_states)
   for i, (a, b) in enumerate(zip(hidden, out.hidden_states)):
@@ -66,6 +75,7 @@ def test_text_features_with_padding(clip_pair):
 
 def test_save_load_round_trip_is_bit_exact_and_loads_in_transformers(clip_pair, tmp_path):
   from transformers import CLIPModel as HFCLIPModel
+
   hf, _, ours = clip_pair
   ours.save_pretrained(tmp_path / "saved")
   assert_same_state(ours, CLIPModel.from_pretrained(tmp_path / "saved"))
@@ -105,8 +115,9 @@ def test_extended_text_tables_and_short_inputs(clip_a):
   # Inputs that stay below position 20 see exactly CLIP's positions.
   ids, mask = text_batch(99, 98, [20, 7], 20)
   with torch.no_grad():
-    want = hf.get_text_features(input_ids=torch.from_numpy(ids),
-                                attention_mask=torch.from_numpy(mask))
+    want = hf.get_text_features(
+      input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)
+    )
   want = getattr(want, "pooler_output", want)
   assert max_diff(ext.get_text_features(jnp.asarray(ids), jnp.asarray(mask)), want) <= TOL
 
@@ -122,25 +133,32 @@ def test_extended_text_runs_248_and_warns_past_it(clip_a, tmp_path):
     long_feats = ext.get_text_features(jnp.asarray(long_ids), jnp.asarray(long_mask))
   cut = long_ids[:, :248].copy()
   cut[0, -1] = 98  # the truncated row ends in EOS, as a tokenizer truncating at 248 gives
-  np.testing.assert_allclose(np.asarray(long_feats), np.asarray(
-      ext.get_text_features(jnp.asarray(cut), jnp.asarray(long_mask[:, :248]))), atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(long_feats),
+    np.asarray(ext.get_text_features(jnp.asarray(cut), jnp.asarray(long_mask[:, :248]))),
+    atol=1e-6,
+  )
   # The extended layout round-trips through save/load with its keep.
   ext.save_pretrained(tmp_path / "ext")
   again = CLIPModel.from_pretrained(tmp_path / "ext")
   assert again.cfg.text.extend_keep == 20 and again.cfg.text.max_position_embeddings == 248
-  np.testing.assert_array_equal(np.asarray(again.text_model.embeddings.position_embedding_res[...]),
-                                np.asarray(ext.text_model.embeddings.position_embedding_res[...]))
+  np.testing.assert_array_equal(
+    np.asarray(again.text_model.embeddings.position_embedding_res[...]),
+    np.asarray(ext.text_model.embeddings.position_embedding_res[...]),
+  )
 
 
 # ---- bad checkpoints ------------------------------------------------------------------
 
 
-
-
 def test_missing_key_is_named(clip_a, tmp_path):
   _, path = clip_a
-  bad = rewrite_checkpoint(path, tmp_path / "bad", lambda t: t.pop("vision_model.post_layernorm.bias"))
-  with pytest.raises(CheckpointError, match=r"missing .*: 1\n\s+vision_model\.post_layernorm\.bias"):
+  bad = rewrite_checkpoint(
+    path, tmp_path / "bad", lambda t: t.pop("vision_model.post_layernorm.bias")
+  )
+  with pytest.raises(
+    CheckpointError, match=r"missing .*: 1\n\s+vision_model\.post_layernorm\.bias"
+  ):
     CLIPModel.from_pretrained(bad)
 
 
@@ -155,8 +173,10 @@ def test_wrong_shape_and_unexpected_key_are_named(clip_a, tmp_path):
   with pytest.raises(CheckpointError) as err:
     CLIPModel.from_pretrained(bad)
   msg = str(err.value)
-  assert "text_projection.weight: checkpoint (24, 41) -> (41, 24), model text_projection.kernel " \
-         "expects (40, 24)" in msg
+  assert (
+    "text_projection.weight: checkpoint (24, 41) -> (41, 24), model text_projection.kernel "
+    "expects (40, 24)" in msg
+  )
   assert "unexpected" in msg and "vision_model.extra_head.weight" in msg
 
 
@@ -188,7 +208,9 @@ def test_pixel_values_must_be_nchw(clip_pair):
 
 def test_pure_jit_equals_eager_and_bf16_is_close(clip_pair):
   import jax
+
   from ppllava_jax.models.pure import pure
+
   hf, _, ours = clip_pair
   x = jnp.asarray(pixels(hf))
   fn, state = pure(ours, "get_image_features")
@@ -206,8 +228,11 @@ def test_sharded_checkpoint_loads_and_a_missing_shard_is_named(clip_a, tmp_path)
   shards = sorted((tmp_path / "sharded").glob("model-*.safetensors"))
   assert len(shards) > 1 and (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
   ours = CLIPModel.from_pretrained(tmp_path / "sharded")
-  np.testing.assert_array_equal(np.asarray(ours.text_projection.kernel[...]),
-                                hf.text_projection.weight.detach().numpy().T)
+  np.testing.assert_array_equal(
+    np.asarray(ours.text_projection.kernel[...]), hf.text_projection.weight.detach().numpy().T
+  )
   shards[-1].unlink()
-  with pytest.raises(CheckpointError, match=f"names shards that are not there: .*{shards[-1].name}"):
+  with pytest.raises(
+    CheckpointError, match=f"names shards that are not there: .*{shards[-1].name}"
+  ):
     CLIPModel.from_pretrained(tmp_path / "sharded")

@@ -6,14 +6,26 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
 from support import numpy_reference as ref
-from support.hf_fixtures import (OV_PINPOINTS, assert_same_state, assert_same_tensors, make_llava_onevision,
-                         make_scorer_siglip, text_batch)
-from support.llava_parity import (TOL, assert_generation_matches, assert_image_logits_match,
-                          assert_video_logits_match, image_prompt, video_prompt)
+from support.hf_fixtures import (
+  OV_PINPOINTS,
+  assert_same_state,
+  assert_same_tensors,
+  make_llava_onevision,
+  make_scorer_siglip,
+  text_batch,
+)
+from support.llava_parity import (
+  TOL,
+  assert_generation_matches,
+  assert_image_logits_match,
+  assert_video_logits_match,
+  image_prompt,
+  video_prompt,
+)
+
 from ppllava_jax import ops
-from ppllava_jax.models.ppllava import PPLLaVA, PoolingConfig
+from ppllava_jax.models.ppllava import PoolingConfig, PPLLaVA
 
 MAX_PATCHES = 2  # the fixture's anyres_max_2
 
@@ -72,26 +84,32 @@ def test_siglip_scorer_is_reference_1b(onevision, siglip):
   head, d = sig_hf.vision_model.head, 24
   with torch.no_grad():
     x = sig_hf.vision_model.post_layernorm(torch.from_numpy(feats))
-    v = torch.nn.functional.linear(x, head.attention.in_proj_weight[2 * d:],
-                                   head.attention.in_proj_bias[2 * d:])
+    v = torch.nn.functional.linear(
+      x, head.attention.in_proj_weight[2 * d :], head.attention.in_proj_bias[2 * d :]
+    )
     want_patch = (v + head.mlp(head.layernorm(v))).numpy()
-    want_text = sig_hf.get_text_features(input_ids=torch.from_numpy(clip_ids),
-                                         attention_mask=torch.from_numpy(clip_mask))
+    want_text = sig_hf.get_text_features(
+      input_ids=torch.from_numpy(clip_ids), attention_mask=torch.from_numpy(clip_mask)
+    )
     want_text = getattr(want_text, "pooler_output", want_text).numpy()
   got_patch = np.asarray(scorer.patch_embeddings(jnp.asarray(feats)))
   got_text = np.asarray(scorer.text_features(jnp.asarray(clip_ids), jnp.asarray(clip_mask)))
   assert np.abs(got_patch - want_patch).max() <= TOL
   assert np.abs(got_text - want_text).max() <= TOL
   probs = np.asarray(scorer(jnp.asarray(feats), jnp.asarray(got_text)))
-  np.testing.assert_allclose(probs, ref.relevance(want_patch, want_text,
-                                                  float(sig_hf.logit_scale.item())),
-                             rtol=1e-4, atol=1e-9)
+  np.testing.assert_allclose(
+    probs,
+    ref.relevance(want_patch, want_text, float(sig_hf.logit_scale.item())),
+    rtol=1e-4,
+    atol=1e-9,
+  )
 
 
 @pytest.mark.slow
 def test_uniform_relevance_makes_ppllava_equal_average(onevision, siglip):
   _, path = onevision
   from ppllava_jax.models import SiglipModel
+
   sig = SiglipModel.from_pretrained(siglip[1])
   # A zero value projection gives every patch the same embedding: uniform relevance.
   kernel = sig.vision_model.head.attention.in_proj.kernel
@@ -101,8 +119,12 @@ def test_uniform_relevance_makes_ppllava_equal_average(onevision, siglip):
   avg = PPLLaVA.from_pretrained(path, pooling=PoolingConfig("average"))
   ids, video = video_prompt(4, 2 * 2 * 2, 28, seed=4)  # (2,3,3) on 4x7x7 -> 2x2x2
   clip_ids, clip_mask = text_batch(99, 98, [6], 8)
-  a = ppl(jnp.asarray(ids), pixel_values_videos=jnp.asarray(video),
-          clip_input_ids=jnp.asarray(clip_ids), clip_attention_mask=jnp.asarray(clip_mask)).logits
+  a = ppl(
+    jnp.asarray(ids),
+    pixel_values_videos=jnp.asarray(video),
+    clip_input_ids=jnp.asarray(clip_ids),
+    clip_attention_mask=jnp.asarray(clip_mask),
+  ).logits
   b = avg(jnp.asarray(ids), pixel_values_videos=jnp.asarray(video)).logits
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5)
 
@@ -112,6 +134,7 @@ def test_save_round_trip_and_released_style_inference(onevision, tmp_path, caplo
   OneVision part; without ``ppllava_scorer`` in config.json (PPLLaVA's own folders) the
   SigLIP scorer is inferred from the tensors and computes the same."""
   from transformers import LlavaOnevisionForConditionalGeneration
+
   hf, path = onevision
   _, sig_path = make_scorer_siglip(tmp_path / "siglip", google_like=True)
   model = PPLLaVA.from_pretrained(path, clip=sig_path, clip_extend_keep=20)
@@ -122,8 +145,10 @@ def test_save_round_trip_and_released_style_inference(onevision, tmp_path, caplo
   again = PPLLaVA.from_pretrained(tmp_path / "saved")
   assert again.cfg == model.cfg
   assert_same_state(model, again)
-  assert_same_tensors(hf.state_dict(), LlavaOnevisionForConditionalGeneration.from_pretrained(
-      tmp_path / "saved").state_dict())
+  assert_same_tensors(
+    hf.state_dict(),
+    LlavaOnevisionForConditionalGeneration.from_pretrained(tmp_path / "saved").state_dict(),
+  )
 
   del config["ppllava_scorer"]
   (tmp_path / "saved" / "config.json").write_text(json.dumps(config))
@@ -131,13 +156,19 @@ def test_save_round_trip_and_released_style_inference(onevision, tmp_path, caplo
     released = PPLLaVA.from_pretrained(tmp_path / "saved")
   assert "scorer tensors found but config.json does not describe them" in caplog.text
   inferred = released.cfg.scorer.text
-  assert (inferred.extend_keep, inferred.max_position_embeddings, inferred.num_attention_heads,
-          inferred.projection_size) == (20, 4 * 24 - 3 * 20, 1, 24)
+  assert (
+    inferred.extend_keep,
+    inferred.max_position_embeddings,
+    inferred.num_attention_heads,
+    inferred.projection_size,
+  ) == (20, 4 * 24 - 3 * 20, 1, 24)
   clip_ids, clip_mask = text_batch(99, 98, [30, 7], 30)  # past position 20
   feats = jnp.asarray(np.random.default_rng(5).standard_normal((1, 2, 7, 7, 24)), jnp.float32)
   text = released.scorer.text_features(jnp.asarray(clip_ids), jnp.asarray(clip_mask))
   np.testing.assert_array_equal(
-      np.asarray(text),
-      np.asarray(model.scorer.text_features(jnp.asarray(clip_ids), jnp.asarray(clip_mask))))
-  np.testing.assert_array_equal(np.asarray(released.scorer(feats, text[:1])),
-                                np.asarray(model.scorer(feats, text[:1])))
+    np.asarray(text),
+    np.asarray(model.scorer.text_features(jnp.asarray(clip_ids), jnp.asarray(clip_mask))),
+  )
+  np.testing.assert_array_equal(
+    np.asarray(released.scorer(feats, text[:1])), np.asarray(model.scorer(feats, text[:1]))
+  )

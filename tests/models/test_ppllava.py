@@ -3,13 +3,21 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from support import llava_parity as parity
 from support import numpy_reference as ref
-from support.hf_fixtures import (LLAVA_IMAGE_TOKEN, LLAVA_PINPOINTS, LLAVA_VIDEO_TOKEN, assert_same_state,
-                         assert_same_tensors, make_llava_next_video, make_scorer_clip, text_batch)
+from support.hf_fixtures import (
+  LLAVA_IMAGE_TOKEN,
+  LLAVA_PINPOINTS,
+  LLAVA_VIDEO_TOKEN,
+  assert_same_state,
+  assert_same_tensors,
+  make_llava_next_video,
+  make_scorer_clip,
+  text_batch,
+)
+
 from ppllava_jax import ops
-from ppllava_jax.models.ppllava import PPLLaVA, PoolingConfig
+from ppllava_jax.models.ppllava import PoolingConfig, PPLLaVA
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +65,7 @@ def test_anyres_image_generation_matches_transformers(llava):
 
 def test_uniform_relevance_makes_ppllava_equal_average(llava, scorer_path):
   from ppllava_jax.models import CLIPModel
+
   _, path = llava
   scorer = CLIPModel.from_pretrained(scorer_path)
   # A zero visual projection gives every patch the same (zero) cosine: uniform relevance.
@@ -65,8 +74,12 @@ def test_uniform_relevance_makes_ppllava_equal_average(llava, scorer_path):
   avg = PPLLaVA.from_pretrained(path, pooling=PoolingConfig("average"))
   ids, video = video_prompt(4, 2, seed=3)  # (2,3,3) on 4x6x6 -> 2x2x2 = 8 tokens
   clip_ids, clip_mask = text_batch(99, 98, [6], 8)
-  a = ppl(jnp.asarray(ids), pixel_values_videos=jnp.asarray(video),
-          clip_input_ids=jnp.asarray(clip_ids), clip_attention_mask=jnp.asarray(clip_mask)).logits
+  a = ppl(
+    jnp.asarray(ids),
+    pixel_values_videos=jnp.asarray(video),
+    clip_input_ids=jnp.asarray(clip_ids),
+    clip_attention_mask=jnp.asarray(clip_mask),
+  ).logits
   b = avg(jnp.asarray(ids), pixel_values_videos=jnp.asarray(video)).logits
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5)
 
@@ -76,19 +89,24 @@ def test_scored_modes_pool_with_the_scorers_relevance(llava, scorer_path, mode, 
   """The model's video tokens are the NumPy window pooling (Eq. 2-3 / the original's
   softmax) of its projected patches under Eq. 1's relevance, and not their average."""
   _, path = llava
-  model = PPLLaVA.from_pretrained(path, clip=scorer_path, clip_extend_keep=4,
-                                 pooling=PoolingConfig(mode))
+  model = PPLLaVA.from_pretrained(
+    path, clip=scorer_path, clip_extend_keep=4, pooling=PoolingConfig(mode)
+  )
   _, video = video_prompt(4, 2, seed=4)
   clip_ids, clip_mask = text_batch(99, 98, [6], 8)
   text = model.scorer.text_features(jnp.asarray(clip_ids), jnp.asarray(clip_mask))
   feats = model.patch_features(jnp.asarray(video))
-  probs = ref.relevance(np.asarray(model.scorer.patch_embeddings(feats)), np.asarray(text),
-                        float(model.scorer.logit_scale[...]))
+  probs = ref.relevance(
+    np.asarray(model.scorer.patch_embeddings(feats)),
+    np.asarray(text),
+    float(model.scorer.logit_scale[...]),
+  )
   projected = np.asarray(model.multi_modal_projector(feats), np.float64)
   kernel = model.cfg.pooling.video_kernel
   got = np.asarray(model.encode_videos(jnp.asarray(video), text)).reshape(1, 2, 2, 2, -1)
-  np.testing.assert_allclose(got, ref.pool(projected, probs, kernel, kernel, ref_mode),
-                             rtol=0, atol=1e-5)
+  np.testing.assert_allclose(
+    got, ref.pool(projected, probs, kernel, kernel, ref_mode), rtol=0, atol=1e-5
+  )
   average = ref.pool(projected, probs, kernel, kernel, "average")
   assert np.abs(got - average).max() > 100 * 1e-5
 
@@ -123,9 +141,12 @@ def test_relevance_follows_the_prompt(llava, scorer_path):
   np.testing.assert_allclose(np.asarray(text)[0], axis, atol=1e-5)
   probs = np.asarray(scorer(jnp.asarray(feats), text))
   patch_e = np.asarray(scorer.patch_embeddings(jnp.asarray(feats)))
-  np.testing.assert_allclose(probs, ref.relevance(patch_e, np.asarray(text),
-                                                  float(scorer.logit_scale[...])),
-                             rtol=1e-4, atol=1e-30)
+  np.testing.assert_allclose(
+    probs,
+    ref.relevance(patch_e, np.asarray(text), float(scorer.logit_scale[...])),
+    rtol=1e-4,
+    atol=1e-30,
+  )
   per_frame = probs[0].sum((1, 2))
   assert per_frame[1] < 1e-30
   np.testing.assert_allclose(per_frame[[0, 2, 3]], 1 / 3, rtol=1e-5)
@@ -150,6 +171,7 @@ def test_scored_modes_need_a_scorer(llava):
 
 def test_save_load_round_trip_with_scorer_inside(llava, scorer_path, tmp_path):
   from transformers import LlavaNextVideoForConditionalGeneration
+
   hf, path = llava
   model = PPLLaVA.from_pretrained(path, clip=scorer_path, clip_extend_keep=4)  # 16 -> 52 positions
   assert model.scorer.text_model.embeddings.position_embedding_res[...].shape == (52, 20)
@@ -157,30 +179,42 @@ def test_save_load_round_trip_with_scorer_inside(llava, scorer_path, tmp_path):
   again = PPLLaVA.from_pretrained(tmp_path / "saved")
   assert again.cfg.scorer == model.cfg.scorer  # saved inside, as PPLLaVA's own checkpoints
   assert_same_state(model, again)
-  assert_same_tensors(hf.state_dict(), LlavaNextVideoForConditionalGeneration.from_pretrained(
-      tmp_path / "saved").state_dict())
+  assert_same_tensors(
+    hf.state_dict(),
+    LlavaNextVideoForConditionalGeneration.from_pretrained(tmp_path / "saved").state_dict(),
+  )
 
 
 def test_btadapter_tower_from_a_released_style_checkpoint(llava, tmp_path, caplog):
   """A llava checkpoint plus BT-Adapter tensors under the released names loads as a
   BT-Adapter PPLLaVA whose patch features are the (parity-tested) tower's layer -2."""
   import json
+
   import flax.nnx as nnx
   from safetensors.numpy import load_file, save_file
+
   from ppllava_jax.convert.btadapter import BTADAPTER_RULES
   from ppllava_jax.convert.loader import hf_tensors
   from ppllava_jax.models import BTAdapterConfig, CLIPVisionBTAdapter
+
   _, path = llava
   base = PPLLaVA.from_pretrained(path, pooling=PoolingConfig("average"))
-  tower = CLIPVisionBTAdapter.from_clip(base.vision_tower, BTAdapterConfig(depth=2),
-                                        rngs=nnx.Rngs(0))
+  tower = CLIPVisionBTAdapter.from_clip(
+    base.vision_tower, BTAdapterConfig(depth=2), rngs=nnx.Rngs(0)
+  )
   rng = np.random.default_rng(5)
   for block in tower.vision_model.btadapter_T_layers:  # a trained-looking, non-identity adapter
-    block.temporal_fc.kernel.set_value(jnp.asarray(rng.standard_normal((24, 24)) * 0.1,
-                                                   jnp.float32))
+    block.temporal_fc.kernel.set_value(
+      jnp.asarray(rng.standard_normal((24, 24)) * 0.1, jnp.float32)
+    )
   tensors = load_file(path / "model.safetensors")
-  tensors.update({f"vision_tower.{name}": np.asarray(value)
-                  for name, value in hf_tensors(tower, BTADAPTER_RULES) if "btadapter" in name})
+  tensors.update(
+    {
+      f"vision_tower.{name}": np.asarray(value)
+      for name, value in hf_tensors(tower, BTADAPTER_RULES)
+      if "btadapter" in name
+    }
+  )
   (tmp_path / "released").mkdir()
   save_file(tensors, tmp_path / "released" / "model.safetensors", metadata={"format": "pt"})
   (tmp_path / "released" / "config.json").write_text((path / "config.json").read_text())
@@ -195,10 +229,13 @@ def test_btadapter_tower_from_a_released_style_checkpoint(llava, tmp_path, caplo
   plain = np.asarray(base.patch_features(jnp.asarray(video)))
   assert np.abs(got - plain).max() > 1e-3  # the adapter does change what the LLM sees
   ids, _ = video_prompt(4, 2)
-  assert np.isfinite(np.asarray(model(jnp.asarray(ids),
-                                      pixel_values_videos=jnp.asarray(video)).logits)).all()
+  assert np.isfinite(
+    np.asarray(model(jnp.asarray(ids), pixel_values_videos=jnp.asarray(video)).logits)
+  ).all()
   model.save_pretrained(tmp_path / "saved")  # now config.json records the adapter
-  assert json.loads((tmp_path / "saved" / "config.json").read_text())["ppllava_btadapter"]["depth"] == 2
+  assert (
+    json.loads((tmp_path / "saved" / "config.json").read_text())["ppllava_btadapter"]["depth"] == 2
+  )
   again = PPLLaVA.from_pretrained(tmp_path / "saved", pooling=PoolingConfig("average"))
   np.testing.assert_array_equal(np.asarray(again.patch_features(jnp.asarray(video))), got)
 
@@ -208,8 +245,12 @@ def test_mixed_batch_equals_samples_alone(llava, scorer_path, mode):
   """Sample 0 holds a video, sample 1 two anyres images: batched logits equal each
   sample run alone (media owners, merge order and per-sample prompts line up)."""
   _, path = llava
-  model = PPLLaVA.from_pretrained(path, clip=scorer_path if mode == "ppllava" else None,
-                                  clip_extend_keep=None, pooling=PoolingConfig(mode))
+  model = PPLLaVA.from_pretrained(
+    path,
+    clip=scorer_path if mode == "ppllava" else None,
+    clip_extend_keep=None,
+    pooling=PoolingConfig(mode),
+  )
   rng = np.random.default_rng(6)
   video = rng.standard_normal((1, 4, 3, 24, 24)).astype(np.float32)
   sizes = np.asarray([(30, 50), (50, 20)])
@@ -221,27 +262,47 @@ def test_mixed_batch_equals_samples_alone(llava, scorer_path, mode):
   ids = np.zeros((2, total), np.int64)
   mask = np.zeros((2, total), np.int64)
   for i, row in enumerate((row0, row1)):
-    ids[i, :len(row)], mask[i, :len(row)] = row, 1
+    ids[i, : len(row)], mask[i, : len(row)] = row, 1
   clip_ids, clip_mask = text_batch(99, 98, [6, 4], 8, seed=7)
-  batched = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask),
-                             pixel_values_videos=jnp.asarray(video), pixel_values=jnp.asarray(images),
-                             image_sizes=sizes, clip_input_ids=jnp.asarray(clip_ids),
-                             clip_attention_mask=jnp.asarray(clip_mask)).logits)
-  alone0 = np.asarray(model(jnp.asarray(ids[:1, :len(row0)]), pixel_values_videos=jnp.asarray(video),
-                            clip_input_ids=jnp.asarray(clip_ids[:1]),
-                            clip_attention_mask=jnp.asarray(clip_mask[:1])).logits)
-  alone1 = np.asarray(model(jnp.asarray(ids[1:, :len(row1)]), pixel_values=jnp.asarray(images),
-                            image_sizes=sizes, clip_input_ids=jnp.asarray(clip_ids[1:]),
-                            clip_attention_mask=jnp.asarray(clip_mask[1:])).logits)
-  np.testing.assert_allclose(batched[0, :len(row0)], alone0[0], rtol=0, atol=1e-5)
-  np.testing.assert_allclose(batched[1, :len(row1)], alone1[0], rtol=0, atol=1e-5)
+  batched = np.asarray(
+    model(
+      jnp.asarray(ids),
+      jnp.asarray(mask),
+      pixel_values_videos=jnp.asarray(video),
+      pixel_values=jnp.asarray(images),
+      image_sizes=sizes,
+      clip_input_ids=jnp.asarray(clip_ids),
+      clip_attention_mask=jnp.asarray(clip_mask),
+    ).logits
+  )
+  alone0 = np.asarray(
+    model(
+      jnp.asarray(ids[:1, : len(row0)]),
+      pixel_values_videos=jnp.asarray(video),
+      clip_input_ids=jnp.asarray(clip_ids[:1]),
+      clip_attention_mask=jnp.asarray(clip_mask[:1]),
+    ).logits
+  )
+  alone1 = np.asarray(
+    model(
+      jnp.asarray(ids[1:, : len(row1)]),
+      pixel_values=jnp.asarray(images),
+      image_sizes=sizes,
+      clip_input_ids=jnp.asarray(clip_ids[1:]),
+      clip_attention_mask=jnp.asarray(clip_mask[1:]),
+    ).logits
+  )
+  np.testing.assert_allclose(batched[0, : len(row0)], alone0[0], rtol=0, atol=1e-5)
+  np.testing.assert_allclose(batched[1, : len(row1)], alone1[0], rtol=0, atol=1e-5)
 
 
-def test_released_style_folder_infers_its_scorer_and_checks_token_embeddings(llava, tmp_path,
-                                                                              caplog):
+def test_released_style_folder_infers_its_scorer_and_checks_token_embeddings(
+  llava, tmp_path, caplog
+):
   """PPLLaVA's own config.json files omit the scorer: it is inferred from the tensors
   (and said so), and a given CLIP is compared, not substituted."""
   import json
+
   _, path = llava
   clip_hf, clip_path = make_scorer_clip(tmp_path / "clip", openai_like=True)
   model = PPLLaVA.from_pretrained(path, clip=clip_path, clip_extend_keep=20)
@@ -256,8 +317,9 @@ def test_released_style_folder_infers_its_scorer_and_checks_token_embeddings(lla
   assert again.cfg.scorer.text.max_position_embeddings == 4 * 24 - 3 * 20
   clip_ids, clip_mask = text_batch(99, 2, [30, 7], 30)  # past position 20, legacy EOS pooling
   np.testing.assert_array_equal(
-      np.asarray(again.scorer.text_features(jnp.asarray(clip_ids), jnp.asarray(clip_mask))),
-      np.asarray(model.scorer.text_features(jnp.asarray(clip_ids), jnp.asarray(clip_mask))))
+    np.asarray(again.scorer.text_features(jnp.asarray(clip_ids), jnp.asarray(clip_mask))),
+    np.asarray(model.scorer.text_features(jnp.asarray(clip_ids), jnp.asarray(clip_mask))),
+  )
   caplog.clear()
   with caplog.at_level("WARNING"):
     PPLLaVA.from_pretrained(tmp_path / "released", clip=clip_path)
@@ -276,26 +338,33 @@ def test_embed_then_the_llm_is_the_forward(llava, scorer_path):
   model = PPLLaVA.from_pretrained(path, clip=scorer_path, clip_extend_keep=None)
   ids, video = video_prompt(4, 2, seed=3)
   clip_ids, clip_mask = text_batch(99, 98, [6], 8)
-  media = dict(pixel_values_videos=jnp.asarray(video), clip_input_ids=jnp.asarray(clip_ids),
-               clip_attention_mask=jnp.asarray(clip_mask))
+  media = dict(
+    pixel_values_videos=jnp.asarray(video),
+    clip_input_ids=jnp.asarray(clip_ids),
+    clip_attention_mask=jnp.asarray(clip_mask),
+  )
   emb_bld, mask_bl = model.embed(jnp.asarray(ids), **media)
   assert emb_bld.shape == (*ids.shape, 32) and mask_bl.dtype == bool and bool(mask_bl.all())
   text_bld = np.asarray(model.language_model.embed(jnp.asarray(np.maximum(ids, 0))))
   media_l = ids[0] == LLAVA_VIDEO_TOKEN
   np.testing.assert_array_equal(np.asarray(emb_bld)[:, ~media_l], text_bld[:, ~media_l])
   text_be = model.scorer.text_features(media["clip_input_ids"], media["clip_attention_mask"])
-  np.testing.assert_array_equal(np.asarray(emb_bld)[0, media_l],
-                                np.asarray(model.encode_videos(jnp.asarray(video), text_be))[0])
   np.testing.assert_array_equal(
-      np.asarray(model.language_model(inputs_embeds=emb_bld, attention_mask=mask_bl).logits),
-      np.asarray(model(jnp.asarray(ids), **media).logits))
+    np.asarray(emb_bld)[0, media_l], np.asarray(model.encode_videos(jnp.asarray(video), text_be))[0]
+  )
+  np.testing.assert_array_equal(
+    np.asarray(model.language_model(inputs_embeds=emb_bld, attention_mask=mask_bl).logits),
+    np.asarray(model(jnp.asarray(ids), **media).logits),
+  )
 
 
 def test_every_pooling_mode_makes_the_tokens_it_counts(llava, scorer_path):
   """Per mode, a video's and an anyres image's tokens number what ``video_tokens`` /
   ``image_tokens`` say (the processor writes that many placeholders)."""
   import dataclasses
+
   from ppllava_jax.models.ppllava import POOLING_MODES
+
   _, path = llava
   model = PPLLaVA.from_pretrained(path, clip=scorer_path, clip_extend_keep=None)
   rng = np.random.default_rng(8)
@@ -307,5 +376,5 @@ def test_every_pooling_mode_makes_the_tokens_it_counts(llava, scorer_path):
   for mode in POOLING_MODES:
     model.cfg = dataclasses.replace(cfg, pooling=PoolingConfig(mode))
     assert model.encode_videos(video, text).shape[1] == model.cfg.video_tokens(4), mode
-    image, = model.encode_images(tiles, [(30, 50)], text)
+    (image,) = model.encode_images(tiles, [(30, 50)], text)
     assert image.shape[0] == model.cfg.image_tokens((30, 50)), mode

@@ -9,11 +9,17 @@ import re
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from support import numpy_reference as ref
-from support.hf_fixtures import (as_released, make_llava_next_video, make_llava_onevision,
-                                 make_scorer_clip, make_scorer_siglip, text_batch)
-from ppllava_jax.models.ppllava import PPLLaVA, PoolingConfig
+from support.hf_fixtures import (
+  as_released,
+  make_llava_next_video,
+  make_llava_onevision,
+  make_scorer_clip,
+  make_scorer_siglip,
+  text_batch,
+)
+
+from ppllava_jax.models.ppllava import PoolingConfig, PPLLaVA
 
 
 @pytest.fixture(scope="module")
@@ -39,15 +45,23 @@ def with_adapter(saved, tmp_path_factory):
   """The saved folder plus BT-Adapter tensors under the released names: depth 2, 8 time rows."""
   from flax import nnx
   from safetensors.numpy import load_file, save_file
+
   from ppllava_jax.convert.btadapter import BTADAPTER_RULES
   from ppllava_jax.convert.loader import hf_tensors
   from ppllava_jax.models import BTAdapterConfig, CLIPVisionBTAdapter
+
   model, folder = saved
-  tower = CLIPVisionBTAdapter.from_clip(model.vision_tower, BTAdapterConfig(depth=2, max_T=8),
-                                        rngs=nnx.Rngs(0))
+  tower = CLIPVisionBTAdapter.from_clip(
+    model.vision_tower, BTAdapterConfig(depth=2, max_T=8), rngs=nnx.Rngs(0)
+  )
   tensors = load_file(folder / "model.safetensors")
-  tensors.update({f"vision_tower.{name}": np.asarray(value)
-                  for name, value in hf_tensors(tower, BTADAPTER_RULES) if "btadapter" in name})
+  tensors.update(
+    {
+      f"vision_tower.{name}": np.asarray(value)
+      for name, value in hf_tensors(tower, BTADAPTER_RULES)
+      if "btadapter" in name
+    }
+  )
   dst = tmp_path_factory.mktemp("adapter")
   save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
   (dst / "config.json").write_text((folder / "config.json").read_text())
@@ -58,30 +72,57 @@ def test_pooling_may_be_a_mode_string(llava):
   assert PPLLaVA.from_pretrained(llava, pooling="average").cfg.pooling == PoolingConfig("average")
 
 
-@pytest.mark.parametrize("keys, pooling, kernel, stride", [
-    (dict(pooling_kernel=[2, 3, 3], pooling_stride="(1,3,3)", image_pooling_kernel="(1,2,2)",
-          image_pooling_stride=[1, 2, 2], pooling_temp=0.5),
-     dict(video_stride=(1, 3, 3), image_kernel=(1, 2, 2), temperature=0.5), (2, 3, 3), (1, 3, 3)),
+@pytest.mark.parametrize(
+  "keys, pooling, kernel, stride",
+  [
+    (
+      dict(
+        pooling_kernel=[2, 3, 3],
+        pooling_stride="(1,3,3)",
+        image_pooling_kernel="(1,2,2)",
+        image_pooling_stride=[1, 2, 2],
+        pooling_temp=0.5,
+      ),
+      dict(video_stride=(1, 3, 3), image_kernel=(1, 2, 2), temperature=0.5),
+      (2, 3, 3),
+      (1, 3, 3),
+    ),
     # the output-size form: stride = I // O, kernel = I - (O - 1) * stride on 4 x 6 x 6
-    (dict(pllava_pooling_shape=[2, 3, 3]), dict(video_kernel=None, video_output=(2, 3, 3)),
-     (2, 2, 2), (2, 2, 2)),
-], ids=["kernel_and_stride", "output_size"])
+    (
+      dict(pllava_pooling_shape=[2, 3, 3]),
+      dict(video_kernel=None, video_output=(2, 3, 3)),
+      (2, 2, 2),
+      (2, 2, 2),
+    ),
+  ],
+  ids=["kernel_and_stride", "output_size"],
+)
 def test_the_originals_pooling_keys_are_read(saved, tmp_path, keys, pooling, kernel, stride):
   """JSON lists or the original's YAML strings; the video tokens are the NumPy window pooling
   with that kernel and stride; saving keeps them; a field set away from its default wins."""
   model, folder = saved
-  released = as_released(folder, tmp_path / "released", ppllava_scorer=model.cfg.scorer.to_hf(),
-                         **keys)
+  released = as_released(
+    folder, tmp_path / "released", ppllava_scorer=model.cfg.scorer.to_hf(), **keys
+  )
   model = PPLLaVA.from_pretrained(released)
   assert model.cfg.pooling == PoolingConfig(**pooling)
   video = jnp.asarray(np.random.default_rng(4).standard_normal((1, 4, 3, 24, 24)), jnp.float32)
   clip_ids, clip_mask = text_batch(99, 98, [6], 8)
   text = model.scorer.text_features(jnp.asarray(clip_ids), jnp.asarray(clip_mask))
   feats = model.patch_features(video)
-  probs = ref.relevance(np.asarray(model.scorer.patch_embeddings(feats)), np.asarray(text),
-                        float(model.scorer.logit_scale[...]))
-  want = ref.pool(np.asarray(model.multi_modal_projector(feats), np.float64), probs, kernel,
-                  stride, "softmax", model.cfg.pooling.temperature)
+  probs = ref.relevance(
+    np.asarray(model.scorer.patch_embeddings(feats)),
+    np.asarray(text),
+    float(model.scorer.logit_scale[...]),
+  )
+  want = ref.pool(
+    np.asarray(model.multi_modal_projector(feats), np.float64),
+    probs,
+    kernel,
+    stride,
+    "softmax",
+    model.cfg.pooling.temperature,
+  )
   got = np.asarray(model.encode_videos(video, text))
   assert got.shape[1] == model.cfg.video_tokens(4) == np.prod(want.shape[1:4])
   np.testing.assert_allclose(got.reshape(want.shape), want, rtol=0, atol=1e-5)
@@ -98,12 +139,15 @@ def test_the_scorer_is_described_by_clip_or_a_clip_weight_folder(saved, scorer, 
   with pytest.raises(ValueError, match=no_convention):
     PPLLaVA.from_pretrained(bare)
   with caplog.at_level("WARNING"), pytest.raises(ValueError, match=no_convention):
-    PPLLaVA.from_pretrained(as_released(folder, tmp_path / "hub_id",
-                                        clip_weight="openai/clip-vit-large-patch14-336"))
+    PPLLaVA.from_pretrained(
+      as_released(folder, tmp_path / "hub_id", clip_weight="openai/clip-vit-large-patch14-336")
+    )
   assert "clip_weight 'openai/clip-vit-large-patch14-336' is not a folder" in caplog.text
-  for name, keys, clip in [("relative", dict(clip_weight=os.path.relpath(scorer, tmp_path / "rel")),
-                            None), ("absolute", dict(clip_weight=str(scorer)), None),
-                           ("clip", {}, scorer)]:
+  for name, keys, clip in [
+    ("relative", dict(clip_weight=os.path.relpath(scorer, tmp_path / "rel")), None),
+    ("absolute", dict(clip_weight=str(scorer)), None),
+    ("clip", {}, scorer),
+  ]:
     got = PPLLaVA.from_pretrained(as_released(folder, tmp_path / name[:3], **keys), clip=clip)
     assert got.cfg.scorer == model.cfg.scorer, name
   # config.json's own entry wins over inference and clip_weight; clip= wins over it
@@ -112,25 +156,34 @@ def test_the_scorer_is_described_by_clip_or_a_clip_weight_folder(saved, scorer, 
   assert PPLLaVA.from_pretrained(edited).cfg.scorer.layer_norm_eps == 1e-3
   assert PPLLaVA.from_pretrained(edited, clip=scorer).cfg.scorer == model.cfg.scorer
   _, wide = make_scorer_clip(tmp_path / "wide", openai_like=True)  # text width 64
-  with pytest.raises(ValueError, match=r"clip_weight .*wide.* does not describe the scorer's "
-                     r"tensors: text.hidden_size: 64 there, 20 in the tensors"):
+  with pytest.raises(
+    ValueError,
+    match=r"clip_weight .*wide.* does not describe the scorer's "
+    r"tensors: text.hidden_size: 64 there, 20 in the tensors",
+  ):
     PPLLaVA.from_pretrained(as_released(folder, tmp_path / "mismatch", clip_weight=str(wide)))
 
 
-@pytest.mark.parametrize("keys, error", [
+@pytest.mark.parametrize(
+  "keys, error",
+  [
     ({}, None),
     (dict(btadapter=True, btadapter_depth=2, max_T=8, vision_config_depth=2), None),
     (dict(btadapter_depth=3), r"btadapter_depth=3, but .* gives 2"),
     (dict(max_T=64), r"max_T=64, but .* gives 8"),
     (dict(vision_config_depth=3), r"vision_config.depth=3, but .* gives 2"),
     (dict(btadapter=False), r"btadapter=False, but .* gives True"),
-])
+  ],
+)
 def test_btadapter_keys_are_read_and_checked(saved, with_adapter, tmp_path, caplog, keys, error):
   import json
+
   from ppllava_jax.models import BTAdapterConfig
+
   depth = keys.pop("vision_config_depth", None)
-  folder = as_released(with_adapter, tmp_path / "released",
-                       ppllava_scorer=saved[0].cfg.scorer.to_hf(), **keys)
+  folder = as_released(
+    with_adapter, tmp_path / "released", ppllava_scorer=saved[0].cfg.scorer.to_hf(), **keys
+  )
   if depth is not None:  # the original stamps depth onto the vision config too
     config = json.loads((folder / "config.json").read_text())
     config["vision_config"]["depth"] = depth
@@ -145,16 +198,20 @@ def test_btadapter_keys_are_read_and_checked(saved, with_adapter, tmp_path, capl
   assert ("read off the tensors (the last resort)" in caplog.text) == (not keys)
 
 
-@pytest.mark.parametrize("keys, error", [
+@pytest.mark.parametrize(
+  "keys, error",
+  [
     (dict(qwen=False, frame_shape=[6, 6], extend_clip=True), None),
     (dict(qwen=True), r"qwen=True, but the CLIP vision tower gives False"),
     (dict(frame_shape="(24,24)"), r"frame_shape=\(24, 24\), but .* gives \(6, 6\)"),
     (dict(extend_clip=False), r"extend_clip=False, but .* gives True"),
-])
+  ],
+)
 def test_keys_the_tensors_also_fix_must_agree(saved, tmp_path, keys, error):
   model, folder = saved
-  folder = as_released(folder, tmp_path / "released", ppllava_scorer=model.cfg.scorer.to_hf(),
-                       **keys)
+  folder = as_released(
+    folder, tmp_path / "released", ppllava_scorer=model.cfg.scorer.to_hf(), **keys
+  )
   if error:
     with pytest.raises(ValueError, match=f"{re.escape(str(folder))}: config.json {error}"):
       PPLLaVA.from_pretrained(folder)

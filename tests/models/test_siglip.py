@@ -4,9 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
 from support import numpy_reference as ref
 from support.hf_fixtures import assert_same_state, assert_same_tensors, make_siglip, text_batch
+
 from ppllava_jax.convert.loader import CheckpointError
 from ppllava_jax.models import SiglipModel
 from ppllava_jax.models.siglip import NO_TOKEN
@@ -81,19 +81,24 @@ def test_rows_ending_in_no_token_pool_their_text_alone(siglip_pair):
   got = np.asarray(ours.get_text_features(jnp.asarray(short), jnp.asarray(mask)))
   with torch.no_grad():
     for row, n in enumerate(lengths[:2]):
-      alone = pooled(hf.get_text_features(input_ids=torch.from_numpy(ids[row:row + 1, :n])))
-      assert max_diff(got[row:row + 1], alone) <= 1e-5, f"row {row}"
+      alone = pooled(hf.get_text_features(input_ids=torch.from_numpy(ids[row : row + 1, :n])))
+      assert max_diff(got[row : row + 1], alone) <= 1e-5, f"row {row}"
     padded = torch.from_numpy(short[2:]), torch.from_numpy(mask[2:])
-    assert max_diff(got[2:], pooled(hf.get_text_features(input_ids=padded[0],
-                                                         attention_mask=padded[1]))) <= 1e-5
+    assert (
+      max_diff(got[2:], pooled(hf.get_text_features(input_ids=padded[0], attention_mask=padded[1])))
+      <= 1e-5
+    )
 
 
 def test_save_load_round_trip_is_bit_exact_and_loads_in_transformers(siglip_pair, tmp_path):
   from transformers import SiglipModel as HFSiglipModel
+
   hf, _, ours = siglip_pair
   ours.save_pretrained(tmp_path / "saved")
   assert_same_state(ours, SiglipModel.from_pretrained(tmp_path / "saved"))
-  assert_same_tensors(hf.state_dict(), HFSiglipModel.from_pretrained(tmp_path / "saved").state_dict())
+  assert_same_tensors(
+    hf.state_dict(), HFSiglipModel.from_pretrained(tmp_path / "saved").state_dict()
+  )
 
 
 @pytest.mark.slow
@@ -103,8 +108,11 @@ def test_text_context_extension_64_to_196(tmp_path):
   table = hf.text_model.embeddings.position_embedding.weight.detach().numpy()
   emb = ext.text_model.embeddings
   assert emb.position_embedding_res[...].shape == (196, 40)
-  np.testing.assert_allclose(np.asarray(emb.position_embedding_res[...]),
-                             ref.extend_positions_original(table, keep=20), atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(emb.position_embedding_res[...]),
+    ref.extend_positions_original(table, keep=20),
+    atol=1e-6,
+  )
   ids, mask = text_batch(99, 98, [196, 30], 196)
   assert np.isfinite(np.asarray(ext.get_text_features(jnp.asarray(ids), jnp.asarray(mask)))).all()
   with pytest.warns(UserWarning, match="200 tokens .* truncated to 196"):
@@ -118,6 +126,7 @@ def test_text_context_extension_64_to_196(tmp_path):
 
 def test_clip_checkpoint_is_refused(tmp_path):
   from support.hf_fixtures import make_clip
+
   _, path = make_clip("b", tmp_path / "clip")
   with pytest.raises(CheckpointError, match="model_type is 'clip', expected one of \\['siglip'\\]"):
     SiglipModel.from_pretrained(path)

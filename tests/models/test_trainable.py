@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.experimental import mesh_utils
-from jax.sharding import AxisType, Mesh, PartitionSpec as P
-
+from jax.sharding import AxisType, Mesh
+from jax.sharding import PartitionSpec as P
 from support.train_data import tiny_model_config
+
 from ppllava_jax.models.btadapter import BTAdapterConfig, BTAdapterVisionTransformer
 from ppllava_jax.models.clip import CLIPTextConfig, CLIPVisionConfig, CLIPVisionTransformer
 from ppllava_jax.models.layers import set_remat
@@ -21,10 +22,23 @@ from ppllava_jax.models.ppllava import PPLLaVA
 from ppllava_jax.models.scorer import RelevanceScorer, ScorerConfig
 from ppllava_jax.models.sharding import param_shardings, shard_model
 
-LLM_CFG = DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=8)
-VIT_CFG = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, image_size=16, patch_size=4)
+LLM_CFG = DecoderConfig(
+  vocab_size=64,
+  hidden_size=32,
+  intermediate_size=48,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+  head_dim=8,
+)
+VIT_CFG = CLIPVisionConfig(
+  hidden_size=32,
+  intermediate_size=64,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  image_size=16,
+  patch_size=4,
+)
 POLICIES = ("nothing_saveable", "dots_saveable")
 
 
@@ -40,9 +54,11 @@ def _grads_and_hlo(model, loss, *args):
     grad = jax.jit(jax.grad(objective), static_argnums=1)
     lowered = grad.lower(state, remat, *args)
     compiled = lowered.compile().as_text()
-    out[remat] = (jax.tree.leaves(grad(state, remat, *args)),
-                  lowered.as_text().count("optimization_barrier"),
-                  len(re.findall(r" dot\(", compiled)))
+    out[remat] = (
+      jax.tree.leaves(grad(state, remat, *args)),
+      lowered.as_text().count("optimization_barrier"),
+      len(re.findall(r" dot\(", compiled)),
+    )
   return out
 
 
@@ -62,6 +78,7 @@ def _assert_remat(out, layers):
 def test_llm_remat_keeps_gradients_and_recomputes():
   model = CausalLM(LLM_CFG, rngs=nnx.Rngs(0))
   ids = jnp.arange(16).reshape(2, 8) % 64
+
   def loss(m, ids):  # next-token cross-entropy
     logp = jax.nn.log_softmax(m(ids).logits[:, :-1])
     return -jnp.mean(jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1))
@@ -103,9 +120,13 @@ def test_set_remat_reaches_llm_and_tower_and_checks_the_name():
 
 # ---- logical axes ----------------------------------------------------------------------------
 
+
 def _mesh():
-  return Mesh(mesh_utils.create_device_mesh((2, 2, 2)), ("data", "fsdp", "tensor"),
-              axis_types=(AxisType.Auto,) * 3)
+  return Mesh(
+    mesh_utils.create_device_mesh((2, 2, 2)),
+    ("data", "fsdp", "tensor"),
+    axis_types=(AxisType.Auto,) * 3,
+  )
 
 
 def test_vit_and_scorer_params_shard_under_the_mesh():
@@ -123,11 +144,21 @@ def test_vit_and_scorer_params_shard_under_the_mesh():
   assert specs["embeddings.patch_embedding.kernel"] == P(None, None, None, "fsdp")
   assert specs["embeddings.position_embedding.weight"] == P(None, "fsdp")
 
-  scorer = RelevanceScorer(ScorerConfig(
-      text=CLIPTextConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                          num_hidden_layers=1, num_attention_heads=4,
-                          max_position_embeddings=16),
-      vision_width=32, projection_dim=16), rngs=nnx.Rngs(0))
+  scorer = RelevanceScorer(
+    ScorerConfig(
+      text=CLIPTextConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        max_position_embeddings=16,
+      ),
+      vision_width=32,
+      projection_dim=16,
+    ),
+    rngs=nnx.Rngs(0),
+  )
   specs = {".".join(map(str, k)): v.spec for k, v in param_shardings(scorer, mesh).items()}
   assert specs["visual_projection.kernel"] == P("fsdp", "tensor")
   assert specs["text_projection.kernel"] == P("fsdp", "tensor")
@@ -151,14 +182,15 @@ def test_sharded_clip_tower_forward_equals_unsharded():
 
 # ---- drop path in training ------------------------------------------------------------------
 
+
 def test_patch_features_drop_path_in_training_mode():
   cfg = dataclasses.replace(
-      tiny_model_config(5), vision=dataclasses.replace(tiny_model_config(5).vision,
-                                                       num_hidden_layers=3),
-      # spatial pair 0 never drops and fresh temporal blocks are identities: hidden state -2
-      # sees pair 1 (rate 0.25) only with depth 3
-      btadapter=BTAdapterConfig(depth=3, max_T=4, drop_path_rate=0.5,
-                                temporal_drop_path_rate=0.5))
+    tiny_model_config(5),
+    vision=dataclasses.replace(tiny_model_config(5).vision, num_hidden_layers=3),
+    # spatial pair 0 never drops and fresh temporal blocks are identities: hidden state -2
+    # sees pair 1 (rate 0.25) only with depth 3
+    btadapter=BTAdapterConfig(depth=3, max_T=4, drop_path_rate=0.5, temporal_drop_path_rate=0.5),
+  )
   model = PPLLaVA(cfg, rngs=nnx.Rngs(0))
   frames = jax.random.normal(jax.random.key(1), (2, 3, 3, 24, 24))
   features = nnx.jit(lambda m, x, key: m.patch_features(x, nnx.Rngs(dropout=key)))

@@ -14,8 +14,8 @@ from ppllava_jax.ops import anyres
 # (tile_size, patch_size, pinpoints): llava-v1.6's CLIP-336 set, and a 1x1..3x3 set on
 # SigLIP's 384-px tile, where 384 / 14 leaves a remainder (27 patches per side).
 PINPOINT_SETS = {
-    "llava_v1.6": (336, 14, [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]),
-    "3x3_384": (384, 14, [[384 * r, 384 * c] for r in (1, 2, 3) for c in (1, 2, 3)]),
+  "llava_v1.6": (336, 14, [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]),
+  "3x3_384": (384, 14, [[384 * r, 384 * c] for r in (1, 2, 3) for c in (1, 2, 3)]),
 }
 # portrait, landscape, square, smaller than a tile, very wide, odd sizes, and one whose
 # unpadded width computes to 14.999...: transformers rounds it to 15 before truncating.
@@ -53,19 +53,25 @@ def test_select_best_resolution_ties_go_to_the_first_listed():
 def tiny_processor(tile, patch, pinpoints):
   """A real LlavaNextProcessor with a 3-word tokenizer: nothing is downloaded."""
   from tokenizers import Tokenizer, models, pre_tokenizers
-  from transformers import (LlavaNextImageProcessorPil, LlavaNextProcessor,
-                            PreTrainedTokenizerFast)
+  from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor, PreTrainedTokenizerFast
+
   words = Tokenizer(models.WordLevel({"<unk>": 0, "<image>": 1, "hi": 2}, unk_token="<unk>"))
   words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
   tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>")
   tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-  images = LlavaNextImageProcessorPil(size={"shortest_edge": tile},
-                                      crop_size={"height": tile, "width": tile},
-                                      image_grid_pinpoints=pinpoints)
+  images = LlavaNextImageProcessorPil(
+    size={"shortest_edge": tile},
+    crop_size={"height": tile, "width": tile},
+    image_grid_pinpoints=pinpoints,
+  )
   # llava-hf's settings: the tower has CLS (+1), the "default" strategy drops it (-1).
-  return LlavaNextProcessor(image_processor=images, tokenizer=tokenizer, patch_size=patch,
-                            vision_feature_select_strategy="default",
-                            num_additional_image_tokens=1)
+  return LlavaNextProcessor(
+    image_processor=images,
+    tokenizer=tokenizer,
+    patch_size=patch,
+    vision_feature_select_strategy="default",
+    num_additional_image_tokens=1,
+  )
 
 
 @pytest.mark.parametrize("name", PINPOINT_SETS)
@@ -78,8 +84,9 @@ def test_num_image_features_is_the_processors_count(name):
     out = processor(images=[image], text=["hi <image> hi"], return_tensors="np")
     rows, cols = anyres.anyres_grid_shape(size, pinpoints, tile)
     assert out["pixel_values"].shape[1] == 1 + rows * cols, size
-    assert (out["input_ids"] == 1).sum() == anyres.num_image_features(size, pinpoints, tile,
-                                                                      patch), size
+    assert (out["input_ids"] == 1).sum() == anyres.num_image_features(
+      size, pinpoints, tile, patch
+    ), size
   # Many more sizes through the processor's count alone (no pixels), for the rounding.
   sizes = random_sizes(400, seed=1) + ROUNDING_SIZES
   want = processor._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens
@@ -92,12 +99,20 @@ def hf_pack(features, size, pinpoints, tile, side, newline):
   # tile // side makes that the (pooled) side, which is how the original PPLLaVA code
   # reuses this packing after pooling every tile.
   config = hf.LlavaNextConfig(
-      vision_config={"model_type": "clip_vision_model", "image_size": tile,
-                     "patch_size": tile // side},
-      image_grid_pinpoints=pinpoints)
+    vision_config={
+      "model_type": "clip_vision_model",
+      "image_size": tile,
+      "patch_size": tile // side,
+    },
+    image_grid_pinpoints=pinpoints,
+  )
   packed, lengths = hf.LlavaNextModel.pack_image_features(
-      types.SimpleNamespace(config=config), [torch.from_numpy(features)],
-      torch.tensor([size]), "default", torch.from_numpy(newline))
+    types.SimpleNamespace(config=config),
+    [torch.from_numpy(features)],
+    torch.tensor([size]),
+    "default",
+    torch.from_numpy(newline),
+  )
   assert lengths.tolist() == [packed[0].shape[0]]
   return packed[0].numpy()
 
@@ -113,8 +128,15 @@ def test_pack_matches_transformers(name, pool):
   for size in sizes:
     rows, cols = anyres.anyres_grid_shape(size, pinpoints, tile)
     features.append(rng.standard_normal((1 + rows * cols, side * side, 3)).astype(np.float32))
-  got = anyres.pack_image_features([jnp.asarray(f) for f in features], sizes, pinpoints, tile,
-                                   patch, jnp.asarray(newline), pool=pool)
+  got = anyres.pack_image_features(
+    [jnp.asarray(f) for f in features],
+    sizes,
+    pinpoints,
+    tile,
+    patch,
+    jnp.asarray(newline),
+    pool=pool,
+  )
   for f, size, packed in zip(features, sizes, got):
     want = hf_pack(f, size, pinpoints, tile, side, newline)
     np.testing.assert_array_equal(np.asarray(packed), want, err_msg=str(size))
@@ -126,8 +148,9 @@ def test_pack_layout_base_then_rows_with_newlines():
   tile, pinpoints, side = 336, [[672, 672]], 2
   features = np.arange(5 * side * side, dtype=np.float32).reshape(5, side * side, 1)
   newline = np.array([-1.0], np.float32)
-  got = anyres.pack_image_features([features], [(672, 672)], pinpoints, tile, tile // side,
-                                   newline)[0][:, 0]
+  got = anyres.pack_image_features(
+    [features], [(672, 672)], pinpoints, tile, tile // side, newline
+  )[0][:, 0]
   grid = features[1:, :, 0].reshape(2, 2, side, side)  # (tile row, tile col, y, x)
   rows = [np.append(grid[r // side, :, r % side, :].reshape(-1), -1.0) for r in range(2 * side)]
   np.testing.assert_array_equal(np.asarray(got), np.concatenate([features[0, :, 0], *rows]))
@@ -135,32 +158,67 @@ def test_pack_layout_base_then_rows_with_newlines():
 
 def test_pack_keeps_the_feature_dtype():
   features = jnp.ones((3, 576, 4), jnp.bfloat16)
-  (got,) = anyres.pack_image_features([features], [(500, 300)], PINPOINT_SETS["llava_v1.6"][2],
-                                      336, 14, jnp.zeros(4, jnp.float32))
+  (got,) = anyres.pack_image_features(
+    [features], [(500, 300)], PINPOINT_SETS["llava_v1.6"][2], 336, 14, jnp.zeros(4, jnp.float32)
+  )
   assert got.dtype == jnp.bfloat16 and got.shape == (1576, 4)
 
 
-@pytest.mark.parametrize("call, words", [
-    (lambda: anyres.pack_image_features([np.zeros((4, 576, 2))], [(500, 300)],
-                                        PINPOINT_SETS["llava_v1.6"][2], 336, 14, np.zeros(2)),
-     ["image 0", "(500, 300)", "1 + 2x1 tiles", "(3, 576, 2)", "(4, 576, 2)"]),
-    (lambda: anyres.pack_image_features([np.zeros((3, 576, 2))], [(500, 300)],
-                                        PINPOINT_SETS["llava_v1.6"][2], 336, 14, np.zeros(2),
-                                        pool=3),
-     ["8x8 features", "(3, 64, 2)", "(3, 576, 2)"]),
-    (lambda: anyres.pack_image_features([np.zeros((3, 576, 2))], [(500, 300), (9, 9)],
-                                        PINPOINT_SETS["llava_v1.6"][2], 336, 14, np.zeros(2)),
-     ["1 feature arrays but 2 image sizes"]),
-    (lambda: anyres.pack_image_features([np.zeros((3, 576, 2))], [(500, 300)],
-                                        PINPOINT_SETS["llava_v1.6"][2], 336, 14, np.zeros((1, 2))),
-     ["image_newline must be (D,)", "(1, 2)"]),
-    (lambda: anyres.anyres_grid_shape((500, 300), [[336, 672], [400, 336]], 336),
-     ["multiples of tile_size 336", "(400, 336)"]),
+@pytest.mark.parametrize(
+  "call, words",
+  [
+    (
+      lambda: anyres.pack_image_features(
+        [np.zeros((4, 576, 2))], [(500, 300)], PINPOINT_SETS["llava_v1.6"][2], 336, 14, np.zeros(2)
+      ),
+      ["image 0", "(500, 300)", "1 + 2x1 tiles", "(3, 576, 2)", "(4, 576, 2)"],
+    ),
+    (
+      lambda: anyres.pack_image_features(
+        [np.zeros((3, 576, 2))],
+        [(500, 300)],
+        PINPOINT_SETS["llava_v1.6"][2],
+        336,
+        14,
+        np.zeros(2),
+        pool=3,
+      ),
+      ["8x8 features", "(3, 64, 2)", "(3, 576, 2)"],
+    ),
+    (
+      lambda: anyres.pack_image_features(
+        [np.zeros((3, 576, 2))],
+        [(500, 300), (9, 9)],
+        PINPOINT_SETS["llava_v1.6"][2],
+        336,
+        14,
+        np.zeros(2),
+      ),
+      ["1 feature arrays but 2 image sizes"],
+    ),
+    (
+      lambda: anyres.pack_image_features(
+        [np.zeros((3, 576, 2))],
+        [(500, 300)],
+        PINPOINT_SETS["llava_v1.6"][2],
+        336,
+        14,
+        np.zeros((1, 2)),
+      ),
+      ["image_newline must be (D,)", "(1, 2)"],
+    ),
+    (
+      lambda: anyres.anyres_grid_shape((500, 300), [[336, 672], [400, 336]], 336),
+      ["multiples of tile_size 336", "(400, 336)"],
+    ),
     (lambda: anyres.select_best_resolution((0, 300), [[336, 672]]), ["positive", "(0, 300)"]),
     (lambda: anyres.select_best_resolution((500, 300), []), ["empty"]),
-    (lambda: anyres.num_image_features((500, 300), [[336, 672]], 336, 14, pool=25),
-     ["kernel larger than input", "25 > 24"]),
-])
+    (
+      lambda: anyres.num_image_features((500, 300), [[336, 672]], 336, 14, pool=25),
+      ["kernel larger than input", "25 > 24"],
+    ),
+  ],
+)
 def test_errors_name_the_problem(call, words):
   with pytest.raises(ValueError) as err:
     call()

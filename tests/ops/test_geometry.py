@@ -5,7 +5,9 @@ from hypothesis import strategies as st
 from ppllava_jax.ops import pool_geometry
 
 
-@pytest.mark.parametrize("inp, kwargs, expected", [
+@pytest.mark.parametrize(
+  "inp, kwargs, expected",
+  [
     # The paper's settings: video (2,3,3) and image (1,3,3) on a 24x24 grid.
     ((32, 24, 24), dict(kernel=(2, 3, 3)), ((16, 8, 8), (2, 3, 3), (2, 3, 3))),
     ((1, 24, 24), dict(kernel=(1, 3, 3), stride=(1, 3, 3)), ((1, 8, 8), (1, 3, 3), (1, 3, 3))),
@@ -16,31 +18,44 @@ from ppllava_jax.ops import pool_geometry
     ((32, 24, 24), dict(output_size=(16, 8, 8)), ((16, 8, 8), (2, 3, 3), (2, 3, 3))),
     ((10, 24, 7), dict(output_size=(3, 5, 2)), ((3, 5, 2), (4, 8, 4), (3, 4, 3))),
     # Output + stride -> kernel; output + kernel -> stride.
-    ((32, 24, 24), dict(output_size=(16, 8, 8), stride=(2, 3, 3)),
-     ((16, 8, 8), (2, 3, 3), (2, 3, 3))),
-    ((10, 24, 24), dict(output_size=(4, 8, 1), kernel=(3, 3, 5)),
-     ((4, 8, 1), (3, 3, 5), (2, 3, 24))),
+    (
+      (32, 24, 24),
+      dict(output_size=(16, 8, 8), stride=(2, 3, 3)),
+      ((16, 8, 8), (2, 3, 3), (2, 3, 3)),
+    ),
+    (
+      (10, 24, 24),
+      dict(output_size=(4, 8, 1), kernel=(3, 3, 5)),
+      ((4, 8, 1), (3, 3, 5), (2, 3, 24)),
+    ),
     # Overlapping windows.
     ((8, 6, 6), dict(kernel=(3, 3, 2), stride=(2, 1, 1)), ((3, 4, 5), (3, 3, 2), (2, 1, 1))),
-])
+  ],
+)
 def test_known_geometries(inp, kwargs, expected):
   assert pool_geometry(inp, **kwargs) == expected
 
 
-@pytest.mark.parametrize("inp, kwargs, words", [
+@pytest.mark.parametrize(
+  "inp, kwargs, words",
+  [
     ((32, 24, 24), dict(kernel=(2, 25, 3)), ["height", "kernel larger than input", "25 > 24"]),
     ((32, 24, 24), dict(kernel=(0, 3, 3)), ["time", "kernel must be >= 1"]),
     ((32, 24, 24), dict(kernel=(2, 3, 3), stride=(2, -1, 3)), ["height", "stride must be >= 1"]),
     ((32, 0, 24), dict(kernel=(2, 1, 3)), ["height", "input size must be >= 1"]),
     ((32, 24, 24), dict(output_size=(33, 8, 8)), ["time", "output larger than input", "33 > 32"]),
     ((10, 24, 24), dict(output_size=(6, 8, 8), kernel=(3, 3, 3)), ["time", "not 6"]),
-    ((32, 24, 24), dict(output_size=(16, 8, 8), kernel=(2, 3, 3), stride=(2, 3, 2)),
-     ["width", "not 8"]),
+    (
+      (32, 24, 24),
+      dict(output_size=(16, 8, 8), kernel=(2, 3, 3), stride=(2, 3, 2)),
+      ["width", "not 8"],
+    ),
     ((32, 24, 24), dict(output_size=(16, 8, 8), stride=(3, 3, 3)), ["time", "do not fit"]),
     ((32, 24, 24), dict(stride=(2, 3, 3)), ["give output_size, kernel"]),
     ((32, 24), dict(kernel=(2, 3, 3)), ["input_size must be 3 ints"]),
     ((32, 24, 24), dict(kernel=2), ["kernel must be a 3-tuple"]),
-])
+  ],
+)
 def test_invalid_geometries_name_the_problem(inp, kwargs, words):
   with pytest.raises(ValueError) as err:
     pool_geometry(inp, **kwargs)
@@ -49,7 +64,8 @@ def test_invalid_geometries_name_the_problem(inp, kwargs, words):
 
 
 axis = st.integers(1, 40).flatmap(
-    lambda size: st.tuples(st.just(size), st.integers(1, size), st.integers(1, size)))
+  lambda size: st.tuples(st.just(size), st.integers(1, size), st.integers(1, size))
+)
 
 
 @settings(max_examples=200, deadline=None)

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental import mesh_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from ppllava_jax.ops.merge import check_media_counts, merge_media
 
@@ -32,7 +33,7 @@ def make_batch(rng, placeholders_per_item, length=12, d=5):
   for i, items in enumerate(placeholders_per_item):
     at = 1
     for count in items:
-      ids[i, at:at + count] = PH
+      ids[i, at : at + count] = PH
       at += count + 1
       rows.append(rng.standard_normal((count, d)))
       mask += [True] * count
@@ -52,9 +53,8 @@ ITEMS = [[3, 2], [], [5], [1, 1, 2]]
 
 def test_matches_numpy_loop(rng):
   text, ids, media, mask = make_batch(rng, ITEMS)
-  assert not mask[:np.flatnonzero(mask)[-1]].all(), "padding between items is what bites"
-  got = merge_media(jnp.asarray(text), jnp.asarray(ids), jnp.asarray(media), jnp.asarray(mask),
-                    PH)
+  assert not mask[: np.flatnonzero(mask)[-1]].all(), "padding between items is what bites"
+  got = merge_media(jnp.asarray(text), jnp.asarray(ids), jnp.asarray(media), jnp.asarray(mask), PH)
   np.testing.assert_array_equal(np.asarray(got), reference_merge(text, ids, media, mask))
 
 
@@ -69,8 +69,12 @@ def test_casts_media_to_the_text_dtype(rng):
   text, ids, media, mask = make_batch(rng, ITEMS)
   got = merge_media(jnp.asarray(text, jnp.bfloat16), ids, media, mask, PH)
   assert got.dtype == jnp.bfloat16
-  want = reference_merge(np.asarray(jnp.asarray(text, jnp.bfloat16), np.float32), ids,
-                         np.asarray(jnp.asarray(media, jnp.bfloat16), np.float32), mask)
+  want = reference_merge(
+    np.asarray(jnp.asarray(text, jnp.bfloat16), np.float32),
+    ids,
+    np.asarray(jnp.asarray(media, jnp.bfloat16), np.float32),
+    mask,
+  )
   np.testing.assert_array_equal(np.asarray(got, np.float32), want)
 
 
@@ -119,14 +123,22 @@ def test_count_mismatch_names_both_counts(rng):
   check_media_counts(ids, PH, [5, 0, 5, 4])  # matching counts pass
 
 
-@pytest.mark.parametrize("args, words", [
+@pytest.mark.parametrize(
+  "args, words",
+  [
     (dict(text=(2, 4, 3), ids=(2, 5), media=(1, 3), mask=(1,)), ["(2, 4, 3)", "(2, 5)"]),
     (dict(text=(2, 4, 3), ids=(2, 4), media=(1, 2), mask=(1,)), ["(N, D=3)", "(1, 2)"]),
     (dict(text=(2, 4, 3), ids=(2, 4), media=(2, 3), mask=(3,)), ["(2, 3)", "(3,)"]),
-])
+  ],
+)
 def test_bad_shapes_are_named(args, words):
   with pytest.raises(ValueError) as err:
-    merge_media(np.zeros(args["text"]), np.zeros(args["ids"], np.int32), np.zeros(args["media"]),
-                np.zeros(args["mask"], bool), PH)
+    merge_media(
+      np.zeros(args["text"]),
+      np.zeros(args["ids"], np.int32),
+      np.zeros(args["media"]),
+      np.zeros(args["mask"], bool),
+      PH,
+    )
   for word in words:
     assert word in str(err.value), (word, str(err.value))

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-
 from support import numpy_reference as ref
+
 from ppllava_jax import ops
 
 
@@ -43,20 +43,24 @@ def test_matches_numpy_loops(case):
   np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=2e-5)
 
 
-@pytest.mark.parametrize("shape, kernel, stride", [
+@pytest.mark.parametrize(
+  "shape, kernel, stride",
+  [
     ((2, 32, 24, 24, 3), (2, 3, 3), (2, 3, 3)),  # the paper's video setting
     ((1, 1, 24, 24, 2), (1, 3, 3), (1, 3, 3)),  # a single image
     ((1, 5, 6, 7, 2), (2, 3, 3), (2, 3, 3)),  # remainders on every axis
     ((2, 6, 7, 7, 2), (3, 3, 2), (2, 1, 2)),  # overlap (kernel > stride) and gaps
     ((1, 3, 10, 9, 2), (1, 10, 9), (1, 10, 9)),  # wide tiled windows (folded path)
     ((1, 20, 10, 9, 2), (10, 2, 9), (10, 1, 9)),  # folded axes mixed with overlap
-])
+  ],
+)
 @pytest.mark.parametrize("mode", ops.POOL_MODES)
 def test_paper_and_edge_shapes_match_numpy_loops(rng, shape, kernel, stride, mode):
   x, probs = random_inputs(rng, shape, peaked=True)
   got = ops.prompt_guided_pool(jnp.asarray(x), jnp.asarray(probs), kernel, stride, mode=mode)
-  np.testing.assert_allclose(np.asarray(got), ref.pool(x, probs, kernel, stride, mode),
-                             rtol=0, atol=2e-5)
+  np.testing.assert_allclose(
+    np.asarray(got), ref.pool(x, probs, kernel, stride, mode), rtol=0, atol=2e-5
+  )
 
 
 def test_uniform_relevance_softmax_equals_average(rng):
@@ -86,7 +90,7 @@ def test_one_hot_relevance_selects_that_token(rng):
     probs[pos] = 1.0 / len(chosen)
   for mode in ["softmax", "max"]:
     out = np.asarray(ops.prompt_guided_pool(x, probs, (2, 3, 3), mode=mode, temperature=1e-3))
-    for (b, t, h, w) in chosen:
+    for b, t, h, w in chosen:
       np.testing.assert_allclose(out[b, t // 2, h // 3, w // 3], x[b, t, h, w], atol=1e-5)
 
 
@@ -95,8 +99,9 @@ def test_weighted_sum_is_the_papers_unnormalised_eq3(rng):
   out = ops.prompt_guided_pool(x, probs, (2, 3, 3), mode="weighted_sum")
   # With kernel == stride covering the input, the windows partition it: summing all
   # outputs gives sum_(t,h,w) s * v, the relevance-weighted mean of the whole video.
-  np.testing.assert_allclose(np.asarray(out).sum((1, 2, 3)),
-                             np.einsum("bthwd,bthw->bd", x, probs), atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(out).sum((1, 2, 3)), np.einsum("bthwd,bthw->bd", x, probs), atol=1e-5
+  )
 
 
 def test_separate_spatiotemporal_layout(rng):
@@ -125,22 +130,28 @@ def test_multi_kernel_layout(rng):
   np.testing.assert_allclose(got, np.concatenate([first, second], 1), atol=2e-5)
 
 
-@pytest.mark.parametrize("kernels, tokens", [([(1, 6, 6), (8, 2, 2)], 1088),
-                                             ([(4, 3, 3), (2, 4, 4)], 1088)])
+@pytest.mark.parametrize(
+  "kernels, tokens", [([(1, 6, 6), (8, 2, 2)], 1088), ([(4, 3, 3), (2, 4, 4)], 1088)]
+)
 def test_multi_kernel_token_counts_of_the_paper(kernels, tokens):
   x = jnp.zeros((1, 32, 24, 24, 1))
   assert ops.multi_kernel_pool(x, x[..., 0], kernels).shape == (1, tokens, 1)
 
 
-@pytest.mark.parametrize("x_shape, p_shape, words", [
+@pytest.mark.parametrize(
+  "x_shape, p_shape, words",
+  [
     ((2, 4, 6, 6), (2, 4, 6, 6), "x must be (B, T, H, W, D), got shape (2, 4, 6, 6)"),
     ((2, 4, 6, 6, 3), (2, 4, 6, 5), "probs must be (B, T, H, W) = (2, 4, 6, 6)"),
     ((2, 4, 6, 6, 3), (2, 4, 6, 6, 1), "got shape (2, 4, 6, 6, 1)"),
-])
+  ],
+)
 def test_bad_shapes_raise_with_the_shapes(x_shape, p_shape, words):
-  for fn in (lambda x, p: ops.prompt_guided_pool(x, p, (2, 3, 3)),
-             ops.separate_spatiotemporal_pool,
-             lambda x, p: ops.multi_kernel_pool(x, p, [(2, 3, 3)])):
+  for fn in (
+    lambda x, p: ops.prompt_guided_pool(x, p, (2, 3, 3)),
+    ops.separate_spatiotemporal_pool,
+    lambda x, p: ops.multi_kernel_pool(x, p, [(2, 3, 3)]),
+  ):
     with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
       fn(jnp.zeros(x_shape), jnp.zeros(p_shape))
 

@@ -7,10 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental import mesh_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from jax.test_util import check_grads
-
 from support import numpy_reference as ref
+
 from ppllava_jax import ops
 
 
@@ -34,8 +35,12 @@ def test_jit_equals_eager(rng, mode):
   np.testing.assert_allclose(np.asarray(jitted), np.asarray(eager), rtol=0, atol=1e-6)
   table = rng.standard_normal((77, 8)).astype(np.float32)
   # Fused multiply-adds under jit may move the last bit.
-  np.testing.assert_allclose(np.asarray(jax.jit(ops.extend_positions)(table)),
-                             np.asarray(ops.extend_positions(table)), rtol=0, atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(jax.jit(ops.extend_positions)(table)),
+    np.asarray(ops.extend_positions(table)),
+    rtol=0,
+    atol=1e-6,
+  )
 
 
 def test_vmap_over_an_extra_axis(rng):
@@ -45,13 +50,15 @@ def test_vmap_over_an_extra_axis(rng):
   got = jax.vmap(pipeline, in_axes=(None, None, 0))(x, patch, texts)
   assert got.shape == (3, 2, 2, 2, 2, 4)
   for i in range(3):
-    np.testing.assert_allclose(np.asarray(got[i]), np.asarray(pipeline(x, patch, texts[i])),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+      np.asarray(got[i]), np.asarray(pipeline(x, patch, texts[i])), atol=1e-6
+    )
   tables = rng.standard_normal((2, 30, 4)).astype(np.float32)
   got = jax.vmap(functools.partial(ops.extend_positions, keep=5))(tables)
   for i in range(2):
-    np.testing.assert_allclose(np.asarray(got[i]), ref.extend_positions_original(tables[i], 5),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+      np.asarray(got[i]), ref.extend_positions_original(tables[i], 5), atol=1e-5
+    )
 
 
 @pytest.mark.slow
@@ -87,8 +94,9 @@ def test_bf16_within_stated_tolerance_of_f32(rng):
     np.testing.assert_allclose(np.asarray(bf16, np.float32), f32, rtol=0, atol=2**-7 * scale)
   # Cosines from bf16 embeddings stay within 1e-2 of the f32 ones.
   cos32 = np.asarray(ops.relevance_logits(patch, text))
-  cos16 = np.asarray(ops.relevance_logits(jnp.asarray(patch, jnp.bfloat16),
-                                          jnp.asarray(text, jnp.bfloat16)))
+  cos16 = np.asarray(
+    ops.relevance_logits(jnp.asarray(patch, jnp.bfloat16), jnp.asarray(text, jnp.bfloat16))
+  )
   np.testing.assert_allclose(cos16, cos32, rtol=0, atol=1e-2)
 
 
@@ -99,5 +107,6 @@ def test_batch_sharded_equals_unsharded(rng):
   batch = lambda a: jax.device_put(a, NamedSharding(mesh, P("data")))
   sharded = jax.jit(pipeline)(batch(x), batch(patch), batch(text))
   assert sharded.sharding.spec[0] == "data"  # stays split over the batch
-  np.testing.assert_allclose(np.asarray(sharded), np.asarray(pipeline(x, patch, text)),
-                             rtol=0, atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(sharded), np.asarray(pipeline(x, patch, text)), rtol=0, atol=1e-6
+  )

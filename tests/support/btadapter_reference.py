@@ -12,8 +12,12 @@ guess instead: any 5-D input whose axis 1 has size 3 is read as (B, C, T, H, W).
 
 import torch
 from torch import nn
-from transformers.models.clip.modeling_clip import (CLIPAttention, CLIPEncoder, CLIPMLP,
-                                                    CLIPVisionEmbeddings)
+from transformers.models.clip.modeling_clip import (
+  CLIPMLP,
+  CLIPAttention,
+  CLIPEncoder,
+  CLIPVisionEmbeddings,
+)
 
 
 def frames_first(x, b, p, t):
@@ -27,7 +31,6 @@ def patches_first(x, b, p, t):
 
 
 class SpatialLayer(nn.Module):
-
   def __init__(self, config):
     super().__init__()
     d = config.hidden_size
@@ -50,7 +53,6 @@ class SpatialLayer(nn.Module):
 
 
 class TemporalLayer(nn.Module):
-
   def __init__(self, config):
     super().__init__()
     d = config.hidden_size
@@ -69,7 +71,6 @@ class TemporalLayer(nn.Module):
 
 
 class BTAdapterVision(nn.Module):
-
   def __init__(self, config, depth, max_T):
     super().__init__()
     d = config.hidden_size

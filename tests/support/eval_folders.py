@@ -6,14 +6,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ppllava_jax.data.text.tokenizer import char_tokenizer
 from ppllava_jax.data.media.video import write_video
+from ppllava_jax.data.text.tokenizer import char_tokenizer
 from ppllava_jax.models.tiny import TinyConfig, build_tiny
 from ppllava_jax.train.run.synthetic import COLOURS, frames
 
 
-def eval_folder(root: Path, tiny: TinyConfig, videos: dict[str, str], task: str,
-                items: list[dict]) -> Path:
+def eval_folder(
+  root: Path, tiny: TinyConfig, videos: dict[str, str], task: str, items: list[dict]
+) -> Path:
   """``root``/checkpoint (returned), ``root``/videos/<name>.mp4 (a circle of colour
   ``videos[name]`` moving right, 12 frames of 64 x 64: decord 0.6 garbles 48 x 48 H.264)
   and ``root``/tasks/<task>.json holding ``items``."""

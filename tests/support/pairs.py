@@ -17,8 +17,15 @@ from ppllava_jax.models.ppllava_config import PPLLaVAConfig
 BOS, EOS = 1, 2
 
 
-def make_pair(rng, cfg: PPLLaVAConfig, frames: int, prompt: int, chosen: int, rejected: int,
-              scorer_length: int = 0) -> PreferenceSample:
+def make_pair(
+  rng,
+  cfg: PPLLaVAConfig,
+  frames: int,
+  prompt: int,
+  chosen: int,
+  rejected: int,
+  scorer_length: int = 0,
+) -> PreferenceSample:
   """A pair: bos, 2 text ids, the video's placeholders, ``prompt`` text ids; completions
   of ``chosen`` / ``rejected`` tokens (eos included); a random (frames, 3, S, S) video and,
   with ``scorer_length``, a scorer question of random ids padded to it."""
@@ -34,15 +41,33 @@ def make_pair(rng, cfg: PPLLaVAConfig, frames: int, prompt: int, chosen: int, re
     scorer_ids[:n] = np.concatenate([[BOS], text(n - 2), [EOS]])
     scorer_mask = (np.arange(scorer_length) < n).astype(np.int32)
   video = rng.normal(size=(frames, 3, size, size)).astype(np.float32)
-  return PreferenceSample(prompt_ids.astype(np.int32), side(chosen), side(rejected), video,
-                          tuple(range(frames)), run, scorer_ids, scorer_mask)
+  return PreferenceSample(
+    prompt_ids.astype(np.int32),
+    side(chosen),
+    side(rejected),
+    video,
+    tuple(range(frames)),
+    run,
+    scorer_ids,
+    scorer_mask,
+  )
 
 
-def pair_batch(samples, cfg: PPLLaVAConfig, batch_size: int, length: int, frames: int,
-               scorer_length: int = 0, ref_logps=None) -> PairBatch:
+def pair_batch(
+  samples,
+  cfg: PPLLaVAConfig,
+  batch_size: int,
+  length: int,
+  frames: int,
+  scorer_length: int = 0,
+  ref_logps=None,
+) -> PairBatch:
   """``samples`` (None: an empty pair) as a ``PairBatch`` of ``batch_size`` pairs, rows of
   ``length`` tokens (the one bucket)."""
-  config = PreferenceDataConfig("unused.jsonl", sample=PreferenceConfig(num_frames=frames,
-                                                                        max_length=length),
-                                batch_size=batch_size, seq_buckets=(length,))
+  config = PreferenceDataConfig(
+    "unused.jsonl",
+    sample=PreferenceConfig(num_frames=frames, max_length=length),
+    batch_size=batch_size,
+    seq_buckets=(length,),
+  )
   return collate_pairs(samples, cfg, config, ref_logps, pad_id=0, scorer_length=scorer_length)

@@ -21,15 +21,34 @@ from support import multiprocess
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "sft_tiny.py"
 MCQ_TASKS = ROOT / "tests" / "train" / "mcq_tasks"
-MCQ = {"tasks": str(MCQ_TASKS), "video_root": "{workdir}/data/videos", "every": 3, "frames": 4,
-       "batch_size": 2, "max_new_tokens": 4}
-SMALL = ("steps=8", "log_every=2", "checkpoint_every=2", "keep=5", "eval_every=4",
-         "eval_batches=1", "model.tiny.image_size=56", "synthetic.videos=6",
-         "synthetic.eval_videos=2", "data.batch.batch_size=2", "data.batch.video_slots=2",
-         "data.batch.seq_buckets=(192,)", "data.sample.max_length=192",
-         "eval_data.batch.batch_size=2", "eval_data.batch.video_slots=2",
-         "eval_data.batch.seq_buckets=(192,)", "eval_data.sample.max_length=192",
-         f"mcq={MCQ!r}")
+MCQ = {
+  "tasks": str(MCQ_TASKS),
+  "video_root": "{workdir}/data/videos",
+  "every": 3,
+  "frames": 4,
+  "batch_size": 2,
+  "max_new_tokens": 4,
+}
+SMALL = (
+  "steps=8",
+  "log_every=2",
+  "checkpoint_every=2",
+  "keep=5",
+  "eval_every=4",
+  "eval_batches=1",
+  "model.tiny.image_size=56",
+  "synthetic.videos=6",
+  "synthetic.eval_videos=2",
+  "data.batch.batch_size=2",
+  "data.batch.video_slots=2",
+  "data.batch.seq_buckets=(192,)",
+  "data.sample.max_length=192",
+  "eval_data.batch.batch_size=2",
+  "eval_data.batch.video_slots=2",
+  "eval_data.batch.seq_buckets=(192,)",
+  "eval_data.sample.max_length=192",
+  f"mcq={MCQ!r}",
+)
 
 
 def train_main():
@@ -47,8 +66,15 @@ def env(cache: Path) -> dict:
 
 def command(workdir: Path, *extra: str, config: Path = CONFIG) -> list[str]:
   sets = [a for s in SMALL + extra for a in ("--set", s)]
-  return [sys.executable, str(ROOT / "train.py"), "--config", str(config), "--workdir",
-          str(workdir), *sets]
+  return [
+    sys.executable,
+    str(ROOT / "train.py"),
+    "--config",
+    str(config),
+    "--workdir",
+    str(workdir),
+    *sets,
+  ]
 
 
 SUMMARY = """import json, sys
@@ -71,8 +97,9 @@ def summary(done: subprocess.CompletedProcess) -> dict:
 
 
 def run(cmd, cache: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-  return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env(cache),
-                        timeout=timeout, check=False)
+  return subprocess.run(
+    cmd, capture_output=True, text=True, cwd=ROOT, env=env(cache), timeout=timeout, check=False
+  )
 
 
 def start(cmd, cache: Path, log: Path) -> subprocess.Popen:
@@ -82,7 +109,9 @@ def start(cmd, cache: Path, log: Path) -> subprocess.Popen:
 
 def finished_steps(workdir: Path) -> list[int]:
   folder = workdir / "checkpoints"
-  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
+  return (
+    sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
+  )
 
 
 def wait_for_checkpoint(proc: subprocess.Popen, workdir: Path, timeout: float = 240) -> None:
@@ -96,8 +125,9 @@ def wait_for_checkpoint(proc: subprocess.Popen, workdir: Path, timeout: float = 
     time.sleep(0.05)
 
 
-def kill_after_first_checkpoint(cmd, cache: Path, workdir: Path, log: Path,
-                                delay: float = 0.0) -> list[int]:
+def kill_after_first_checkpoint(
+  cmd, cache: Path, workdir: Path, log: Path, delay: float = 0.0
+) -> list[int]:
   """Starts ``cmd``, SIGKILLs it ``delay`` seconds after its first checkpoint, and returns
   the checkpoints it left."""
   proc = start(cmd, cache, log)
@@ -113,7 +143,9 @@ def state_at(workdir: Path, step: int) -> dict[str, np.ndarray]:
   """The saved TrainState of checkpoint ``step``, flat: keystr -> array."""
   import jax
   import orbax.checkpoint as ocp
+
   with ocp.StandardCheckpointer() as ckptr:
     tree = ckptr.restore(Path(workdir).absolute() / "checkpoints" / str(step) / "state")
-  return {jax.tree_util.keystr(k): np.asarray(v)
-          for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {
+    jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }

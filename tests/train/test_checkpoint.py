@@ -4,8 +4,9 @@ from another run's parameters."""
 
 import signal
 
-from ppllava_jax.train.run.metrics import read_metrics
 from support import train_runs
+
+from ppllava_jax.train.run.metrics import read_metrics
 
 
 def test_sigterm_saves_at_the_next_batch_then_exits_143(compile_cache, tmp_path):
@@ -33,12 +34,15 @@ def test_rerunning_a_finished_run_trains_nothing(reference_run, compile_cache):
   assert read_metrics(workdir) == before
 
 
-def test_init_from_starts_a_new_run_from_another_runs_parameters(reference_run, compile_cache,
-                                                                 tmp_path):
+def test_init_from_starts_a_new_run_from_another_runs_parameters(
+  reference_run, compile_cache, tmp_path
+):
   reference, _ = reference_run
   first = [r for r in read_metrics(reference) if "loss" in r][0]["loss"]
-  done = train_runs.run(train_runs.command(tmp_path / "next", "steps=2", f"init_from={reference}",
-                                           "eval_every=0"), compile_cache)
+  done = train_runs.run(
+    train_runs.command(tmp_path / "next", "steps=2", f"init_from={reference}", "eval_every=0"),
+    compile_cache,
+  )
   assert done.returncode == 0, done.stdout + done.stderr
   assert f"starting from the parameters of {reference}" in done.stdout
   assert [r for r in read_metrics(tmp_path / "next") if "loss" in r][0]["loss"] < 0.8 * first

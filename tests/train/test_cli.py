@@ -5,11 +5,11 @@ import json
 
 import numpy as np
 import pytest
+from support import train_runs
 
 from ppllava_jax import cli
 from ppllava_jax.config import apply_overrides, from_json, load_config, to_json
 from ppllava_jax.train.run import config as rc
-from support import train_runs
 
 
 def tiny():
@@ -17,11 +17,25 @@ def tiny():
 
 
 def test_set_parses_each_value_with_its_field_type():
-  cfg = apply_overrides(tiny(), [
-      "steps=7", "checkpoint_every=3", "log_every=1", "peak_flops=2e12", "init_from=/x/y",
-      "train.optim.lr=0.5", "train.optim.clip_norm=none", "train.compute_dtype=bfloat16",
-      "data.batch.seq_buckets=(64, 256)", "data.num_epochs=None", "model.tiny.kernel=(1,2,2)",
-      "data.batch.video_slots=1", "data.batch.batch_size=1", "synthetic.videos=3"])
+  cfg = apply_overrides(
+    tiny(),
+    [
+      "steps=7",
+      "checkpoint_every=3",
+      "log_every=1",
+      "peak_flops=2e12",
+      "init_from=/x/y",
+      "train.optim.lr=0.5",
+      "train.optim.clip_norm=none",
+      "train.compute_dtype=bfloat16",
+      "data.batch.seq_buckets=(64, 256)",
+      "data.num_epochs=None",
+      "model.tiny.kernel=(1,2,2)",
+      "data.batch.video_slots=1",
+      "data.batch.batch_size=1",
+      "synthetic.videos=3",
+    ],
+  )
   assert (cfg.steps, cfg.checkpoint_every, cfg.log_every, cfg.peak_flops) == (7, 3, 1, 2e12)
   assert cfg.init_from == "/x/y" and cfg.train.optim.lr == 0.5
   assert cfg.train.optim.clip_norm is None and cfg.train.compute_dtype == "bfloat16"
@@ -30,8 +44,13 @@ def test_set_parses_each_value_with_its_field_type():
   assert cfg.synthetic.videos == 3
 
 
-@pytest.mark.parametrize("item, message", [
-    ("stepz=3", "the config (RunConfig) has no field 'stepz'; valid: data, preference, dpo, model, eval_data"),
+@pytest.mark.parametrize(
+  "item, message",
+  [
+    (
+      "stepz=3",
+      "the config (RunConfig) has no field 'stepz'; valid: data, preference, dpo, model, eval_data",
+    ),
     ("train.optim.lrr=1", "train.optim (OptimConfig) has no field 'lrr'; valid: lr, schedule"),
     ("steps=three", "--set steps=three: not a int"),
     ("train.optim.lr=fast", "--set train.optim.lr=fast: not a float"),
@@ -40,7 +59,8 @@ def test_set_parses_each_value_with_its_field_type():
     ("steps.x=1", "steps is not a config section"),
     ("steps=0", "RunConfig.steps must be >= 1"),
     ("train.optim.schedule=cosin", "OptimConfig.schedule must be one of"),
-])
+  ],
+)
 def test_bad_overrides_are_errors_that_name_the_problem(item, message, tmp_path, capsys):
   argv = ["--config", str(train_runs.CONFIG), "--workdir", str(tmp_path / "w"), "--set", item]
   assert cli.run(train_runs.train_main(), argv) == 2
@@ -54,10 +74,12 @@ def test_config_round_trips_through_json():
 
 
 def test_export_loads_with_from_pretrained_and_eval_runs_on_it(reference_run, tmp_path, capsys):
+  from flax import nnx
+
   from ppllava_jax.eval import app
   from ppllava_jax.models.ppllava import PPLLaVA
   from ppllava_jax.train.core.partition import path_name
-  from flax import nnx
+
   workdir, _ = reference_run
   out = tmp_path / "hf"
   export = ["export", "--workdir", str(workdir), "--out", str(out), "--step", "6"]
@@ -73,14 +95,31 @@ def test_export_loads_with_from_pretrained_and_eval_runs_on_it(reference_run, tm
   assert cli.run(train_runs.train_main(), export) == 2
   assert "no checkpoint 5" in capsys.readouterr().err
   # the folder is complete: eval.py finds the scorer's tokenizer in it with no flag
-  assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors",
-                                             "tokenizer.json", "generation_config.json",
-                                             "scorer_tokenizer"}
+  assert {p.name for p in out.iterdir()} >= {
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "generation_config.json",
+    "scorer_tokenizer",
+  }
   qa = tmp_path / "qa.jsonl"
   qa.write_text(json.dumps(dict(id="q1", video="0000.mp4", question="Which way?")) + "\n")
-  argv = ["--checkpoint", str(out), "--video-root", str(workdir / "data" / "videos"), "--out",
-          str(tmp_path / "eval"), "--frames", "4", "--max-new-tokens", "1", "--batch-size", "1",
-          "--qa", str(qa)]
+  argv = [
+    "--checkpoint",
+    str(out),
+    "--video-root",
+    str(workdir / "data" / "videos"),
+    "--out",
+    str(tmp_path / "eval"),
+    "--frames",
+    "4",
+    "--max-new-tokens",
+    "1",
+    "--batch-size",
+    "1",
+    "--qa",
+    str(qa),
+  ]
   assert app.main(argv) == 0
   (line,) = (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()
   assert json.loads(line)["status"] == "ok"
@@ -92,18 +131,33 @@ def test_answers_that_are_all_empty_fail_the_run(reference_run, tmp_path, capsys
   from safetensors.numpy import load_file, save_file
 
   from ppllava_jax.eval import app
+
   workdir, _ = reference_run
   out = tmp_path / "hf"
-  assert cli.run(train_runs.train_main(), ["export", "--workdir", str(workdir), "--out",
-                                            str(out)]) == 0
+  assert (
+    cli.run(train_runs.train_main(), ["export", "--workdir", str(workdir), "--out", str(out)]) == 0
+  )
   tensors = load_file(out / "model.safetensors")
   # every logit 0: the greedy token is id 0, <pad>, which decoding skips
   tensors["language_model.model.norm.weight"][:] = 0
   save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
   data = workdir / "data"
-  argv = ["--checkpoint", str(out), "--mvbench", str(data / "mcq"), "--video-root",
-          str(data / "videos"), "--out", str(tmp_path / "eval"), "--frames", "4",
-          "--max-new-tokens", "2", "--limit", "4"]
+  argv = [
+    "--checkpoint",
+    str(out),
+    "--mvbench",
+    str(data / "mcq"),
+    "--video-root",
+    str(data / "videos"),
+    "--out",
+    str(tmp_path / "eval"),
+    "--frames",
+    "4",
+    "--max-new-tokens",
+    "2",
+    "--limit",
+    "4",
+  ]
   capsys.readouterr()
   assert app.main(argv) == 1
   captured = capsys.readouterr()

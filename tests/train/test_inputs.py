@@ -6,26 +6,37 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from support.train_data import tiny_model_config
 
-from ppllava_jax.data.sft.batches import BatchConfig, collate
 from ppllava_jax.data.batching import IGNORE
+from ppllava_jax.data.sft.batches import BatchConfig, collate
 from ppllava_jax.data.sft.samples import Sample
 from ppllava_jax.models.ppllava import PPLLaVA
 from ppllava_jax.train.core.inputs import embed_batch
-from support.train_data import tiny_model_config
 
 IMG = 7
 SCORER = 40
 
 
 def sample(kind, rng, cfg, frames=4, size=None, pictures=0):
-  media = {"video": cfg.video_tokens(frames), "text": 0,
-           "image": cfg.image_tokens(size) if size else 0, "multi-image": 4 * pictures}[kind]
-  ids = np.concatenate([[1, 11], np.full(media, -1 if kind == "video" else IMG),
-                        rng.integers(10, 90, 6)]).astype(np.int32)
+  media = {
+    "video": cfg.video_tokens(frames),
+    "text": 0,
+    "image": cfg.image_tokens(size) if size else 0,
+    "multi-image": 4 * pictures,
+  }[kind]
+  ids = np.concatenate(
+    [[1, 11], np.full(media, -1 if kind == "video" else IMG), rng.integers(10, 90, 6)]
+  ).astype(np.int32)
   scorer = np.concatenate([rng.integers(3, 500, 9), np.ones(SCORER - 9)]).astype(np.int32)
-  s = Sample(ids, np.where(np.arange(len(ids)) >= len(ids) - 3, ids, IGNORE).astype(np.int32),
-             np.ones(len(ids), np.int32), scorer, (np.arange(SCORER) < 9).astype(np.int32), kind)
+  s = Sample(
+    ids,
+    np.where(np.arange(len(ids)) >= len(ids) - 3, ids, IGNORE).astype(np.int32),
+    np.ones(len(ids), np.int32),
+    scorer,
+    (np.arange(SCORER) < 9).astype(np.int32),
+    kind,
+  )
   pixels = lambda n: rng.normal(size=(n, 3, 24, 24)).astype(np.float32)
   if kind == "video":
     s.video = pixels(frames)
@@ -38,6 +49,7 @@ def sample(kind, rng, cfg, frames=4, size=None, pictures=0):
 
 def _grid(cfg, size):
   from ppllava_jax import ops
+
   return ops.anyres_grid_shape(size, cfg.grid_pinpoints, cfg.vision.image_size)
 
 
@@ -49,11 +61,23 @@ def test_mixed_batch_rows_equal_each_sample_alone(mode):
   # of the softmax if the mask let them (the random scorer's default is peaked on a patch)
   model.scorer.logit_scale.set_value(jnp.zeros(()))
   rng = np.random.default_rng(0)
-  samples = [sample("video", rng, cfg, frames=4), sample("image", rng, cfg, size=(30, 50)),
-             None, sample("multi-image", rng, cfg, pictures=2), sample("text", rng, cfg),
-             sample("video", rng, cfg, frames=6)]
-  layout = BatchConfig(batch_size=6, seq_buckets=(32, 64), video_slots=3, image_slots=2,
-                       multi_image_slots=2, num_frames=6, max_pictures=3)
+  samples = [
+    sample("video", rng, cfg, frames=4),
+    sample("image", rng, cfg, size=(30, 50)),
+    None,
+    sample("multi-image", rng, cfg, pictures=2),
+    sample("text", rng, cfg),
+    sample("video", rng, cfg, frames=6),
+  ]
+  layout = BatchConfig(
+    batch_size=6,
+    seq_buckets=(32, 64),
+    video_slots=3,
+    image_slots=2,
+    multi_image_slots=2,
+    num_frames=6,
+    max_pictures=3,
+  )
   batch = collate(samples, cfg, layout, pad_id=0, scorer_length=SCORER)
   got = np.asarray(jax.jit(embed_batch)(model, jax.tree.map(jnp.asarray, batch)))
   for row, s in enumerate(samples):
@@ -72,5 +96,6 @@ def test_mixed_batch_rows_equal_each_sample_alone(mode):
       want[ids == IMG] = np.asarray(pooled).reshape(-1, cfg.text.hidden_size)
     else:
       want = model.language_model.embed(ids)
-    np.testing.assert_allclose(got[row, :n], np.asarray(want)[0], rtol=1e-5, atol=1e-5,
-                               err_msg=f"row {row}: {s.kind}")
+    np.testing.assert_allclose(
+      got[row, :n], np.asarray(want)[0], rtol=1e-5, atol=1e-5, err_msg=f"row {row}: {s.kind}"
+    )

@@ -8,13 +8,26 @@ import math
 import random
 
 import numpy as np
+from support import train_runs
 from tensorboard.backend.event_processing import event_accumulator, event_file_loader
 
 from ppllava_jax.train.run.metrics import read_frames, read_metrics
-from support import train_runs
 
-FIELDS = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "step_time",
-          "compilations", "skipped_samples", "skipped_updates", "updates", "mfu", "peak_flops"}
+FIELDS = {
+  "step",
+  "loss",
+  "lr",
+  "grad_norm",
+  "tokens_per_s",
+  "samples_per_s",
+  "step_time",
+  "compilations",
+  "skipped_samples",
+  "skipped_updates",
+  "updates",
+  "mfu",
+  "peak_flops",
+}
 
 
 def test_a_run_writes_checkpoints_metrics_events_and_a_loss_curve(reference_run):
@@ -53,23 +66,34 @@ def test_tensorboard_reads_back_every_scalar_of_metrics_jsonl(reference_run):
       if tag != "step" and isinstance(value, (int, float)) and math.isfinite(value):
         want.setdefault(tag, []).append((r["step"], float(np.float32(value))))
   tensorboard = event_accumulator.EventAccumulator(
-      str(workdir / "tensorboard"), size_guidance={event_accumulator.SCALARS: 0})
+    str(workdir / "tensorboard"), size_guidance={event_accumulator.SCALARS: 0}
+  )
   tensorboard.Reload()
   assert sorted(tensorboard.Tags()["scalars"]) == sorted(want)
-  assert {"loss", "grad_norm", "eval_loss", "mcq_accuracy", "mcq_accuracy/colour",
-          "mcq_accuracy/shape", "mcq_items", "mcq_failed", "mcq_time"} <= set(want)
+  assert {
+    "loss",
+    "grad_norm",
+    "eval_loss",
+    "mcq_accuracy",
+    "mcq_accuracy/colour",
+    "mcq_accuracy/shape",
+    "mcq_items",
+    "mcq_failed",
+    "mcq_time",
+  } <= set(want)
   for tag, points in want.items():
     assert [(e.step, e.value) for e in tensorboard.Scalars(tag)] == points, tag
 
 
 def test_sigkill_at_a_random_point_then_the_same_command_equals_an_uninterrupted_run(
-    reference_run, compile_cache, tmp_path):
+  reference_run, compile_cache, tmp_path
+):
   reference, _ = reference_run
   workdir = tmp_path / "killed"
   cmd = train_runs.command(workdir)
-  killed_at = train_runs.kill_after_first_checkpoint(cmd, compile_cache, workdir,
-                                                     tmp_path / "first.log",
-                                                     delay=random.uniform(0.0, 0.8))
+  killed_at = train_runs.kill_after_first_checkpoint(
+    cmd, compile_cache, workdir, tmp_path / "first.log", delay=random.uniform(0.0, 0.8)
+  )
   done = train_runs.run(cmd, compile_cache)
   assert done.returncode == 0, done.stdout + done.stderr
   assert killed_at[-1] < 8 and f"resuming from checkpoint {killed_at[-1]}" in done.stdout
@@ -78,12 +102,13 @@ def test_sigkill_at_a_random_point_then_the_same_command_equals_an_uninterrupted
   for name in want:
     np.testing.assert_array_equal(got[name], want[name], err_msg=name)
   # the lines of redone steps dropped; the same losses and accuracies, evaluations included
-  keys = lambda w: [(r["step"], r.get("loss"), r.get("eval_loss"), r.get("mcq_accuracy"))
-                    for r in read_metrics(w)]
+  keys = lambda w: [
+    (r["step"], r.get("loss"), r.get("eval_loss"), r.get("mcq_accuracy")) for r in read_metrics(w)
+  ]
   assert keys(workdir) == keys(reference)
 
 
-NAN_CONFIG = '''
+NAN_CONFIG = """
 import numpy as np
 from ppllava_jax.data import engine
 from configs_sft_tiny import get_config as base
@@ -101,15 +126,18 @@ engine.DataIterator.__next__ = _nan_videos  # every batch's pixels are NaN
 
 def get_config():
   return base()
-'''
+"""
 
 
 def test_a_streak_of_non_finite_updates_stops_the_run_with_its_message(compile_cache, tmp_path):
   (tmp_path / "configs_sft_tiny.py").write_text(train_runs.CONFIG.read_text())
   (tmp_path / "nan.py").write_text(
-      f"import sys\nsys.path.insert(0, {str(tmp_path)!r})\n" + NAN_CONFIG)
-  done = train_runs.run(train_runs.command(tmp_path / "run", "max_nan_in_a_row=3",
-                                           config=tmp_path / "nan.py"), compile_cache)
+    f"import sys\nsys.path.insert(0, {str(tmp_path)!r})\n" + NAN_CONFIG
+  )
+  done = train_runs.run(
+    train_runs.command(tmp_path / "run", "max_nan_in_a_row=3", config=tmp_path / "nan.py"),
+    compile_cache,
+  )
   assert done.returncode == 2, done.stdout + done.stderr
   assert "error: 3 updates in a row were skipped" in done.stderr
   assert "max_nan_in_a_row=3" in done.stderr

@@ -63,8 +63,9 @@ def test_gradients_equal_those_of_the_full_logits(chunk):
   def full(h, w):
     logp = jax.nn.log_softmax(h @ w, axis=-1)[:, :-1]
     t = labels[:, 1:]
-    return -jnp.sum(jnp.where(t != -100, jnp.take_along_axis(
-        logp, np.maximum(t, 0)[..., None], -1)[..., 0], 0.0))
+    return -jnp.sum(
+      jnp.where(t != -100, jnp.take_along_axis(logp, np.maximum(t, 0)[..., None], -1)[..., 0], 0.0)
+    )
 
   ours = lambda h, w: 0.37 * losses.cross_entropy(h, w, labels, chunk=chunk)[0]  # a cotangent != 1
   got = jax.jit(jax.grad(ours, (0, 1)))(hidden, head)
@@ -78,7 +79,8 @@ def test_bfloat16_gradients_keep_their_dtypes():
   h16, w16 = jnp.asarray(hidden, jnp.bfloat16), jnp.asarray(head, jnp.bfloat16)
   got = jax.grad(lambda h, w: losses.cross_entropy(h, w, labels, chunk=4)[0], (0, 1))(h16, w16)
   want = jax.grad(lambda h, w: losses.cross_entropy(h, w, labels, chunk=4)[0], (0, 1))(
-      *(np.asarray(x, np.float32) for x in (h16, w16)))
+    *(np.asarray(x, np.float32) for x in (h16, w16))
+  )
   for g, w in zip(got, want):
     assert g.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(g, np.float32), w, rtol=2**-6, atol=2**-6)

@@ -12,8 +12,8 @@ from PIL import Image
 from ppllava_jax.files import DataFileError
 from ppllava_jax.train.run import metrics
 
-
 # ---- ticks -----------------------------------------------------------------------------
+
 
 def test_nice_step_is_the_smallest_1_2_5_step_that_fits():
   assert metrics.nice_step(1000, 5) == 200  # 200 per step exactly
@@ -41,7 +41,7 @@ def test_log_ticks_are_1_2_5_over_a_few_decades():
 
 def test_log_ticks_thin_out_to_powers_of_ten_over_many_decades():
   # 24 decades / 12: powers of ten two decades apart, from the lowest
-  assert metrics.log_ticks(1e-12, 1e12) == [10.0 ** e for e in range(-12, 13, 2)]
+  assert metrics.log_ticks(1e-12, 1e12) == [10.0**e for e in range(-12, 13, 2)]
 
 
 def test_log_ticks_within_a_decade():
@@ -99,10 +99,13 @@ def test_the_late_loss_curve_spans_a_visible_height(tmp_path):
 
 def test_held_out_loss_and_the_mcq_panel_are_drawn(tmp_path):
   records = decaying_loss()
-  records += [dict(step=s, eval_loss=6 * 0.002 ** (s / 1000), eval_tokens=10)
-              for s in range(100, 1001, 100)]
-  records += [dict(step=s, mcq_accuracy=a, mcq_items=24) for s, a in
-              zip((250, 500, 750, 1000), (30.0, 45.0, 60.0, 72.5))]
+  records += [
+    dict(step=s, eval_loss=6 * 0.002 ** (s / 1000), eval_tokens=10) for s in range(100, 1001, 100)
+  ]
+  records += [
+    dict(step=s, mcq_accuracy=a, mcq_items=24)
+    for s, a in zip((250, 500, 750, 1000), (30.0, 45.0, 60.0, 72.5))
+  ]
   image = pixels(metrics.loss_curve(records, tmp_path / "loss.png"))
   assert image.shape == (600, 640, 3)  # the loss panel, then the accuracy panel
   loss, accuracy = image[30:300], image[330:]
@@ -110,15 +113,23 @@ def test_held_out_loss_and_the_mcq_panel_are_drawn(tmp_path):
   assert near(loss, TRAINING).sum() > 300 and not near(accuracy, TRAINING).any()
   assert near(accuracy, MCQ).sum() > 100 and not near(loss, MCQ).any()
   # a chance level, when the records hold one, is a line across the accuracy panel only
-  chance = pixels(metrics.loss_curve(records + [dict(step=1000, mcq_chance=25.0)],
-                                     tmp_path / "chance.png"))
+  chance = pixels(
+    metrics.loss_curve(records + [dict(step=1000, mcq_chance=25.0)], tmp_path / "chance.png")
+  )
   changed = np.nonzero(np.abs(chance - image).sum(-1) > 60)[0]
   assert changed.size > 300 and changed.min() >= 300
 
 
 def test_dpo_records_add_the_reward_panels(tmp_path):
-  records = [{"step": s, "loss": 0.69 - s / 1000, "rewards/margins": (s - 100) / 100,
-              "rewards/accuracies": s / 400} for s in range(10, 400, 10)]
+  records = [
+    {
+      "step": s,
+      "loss": 0.69 - s / 1000,
+      "rewards/margins": (s - 100) / 100,
+      "rewards/accuracies": s / 400,
+    }
+    for s in range(10, 400, 10)
+  ]
   image = pixels(metrics.loss_curve(records, tmp_path / "loss.png"))
   assert image.shape == (900, 640, 3)  # loss, margins, accuracies
   assert near(image[330:600], (148, 103, 189)).sum() > 200  # the margins' colour
@@ -126,9 +137,16 @@ def test_dpo_records_add_the_reward_panels(tmp_path):
 
 
 def test_nan_none_and_missing_keys_draw_or_give_none(tmp_path):
-  records = [dict(step=1, loss=float("nan")), dict(step=2, loss=3.0), dict(step=3),
-             dict(step=4, eval_loss=None), dict(step=5, mcq_accuracy=None), dict(loss=2.0),
-             dict(step=6, loss=float("inf")), dict(step=7, loss=2.5, mcq_chance=25.0)]
+  records = [
+    dict(step=1, loss=float("nan")),
+    dict(step=2, loss=3.0),
+    dict(step=3),
+    dict(step=4, eval_loss=None),
+    dict(step=5, mcq_accuracy=None),
+    dict(loss=2.0),
+    dict(step=6, loss=float("inf")),
+    dict(step=7, loss=2.5, mcq_chance=25.0),
+  ]
   path = metrics.loss_curve(records, tmp_path / "loss.png")
   assert Image.open(path).size == (640, 300)  # the loss only: no accuracy to draw
   assert metrics.loss_curve(records[:1] + records[2:5], tmp_path / "none.png") is None
@@ -138,6 +156,7 @@ def test_nan_none_and_missing_keys_draw_or_give_none(tmp_path):
 
 
 # ---- resuming metrics.jsonl -------------------------------------------------------------
+
 
 def test_a_torn_last_line_is_cut_and_the_run_resumes(tmp_path, caplog):
   """Seen failing before: the half line a killed run left stopped the next start."""
@@ -153,7 +172,8 @@ def test_a_torn_last_line_is_cut_and_the_run_resumes(tmp_path, caplog):
 
 
 def test_a_broken_line_before_the_last_is_an_error_naming_it(tmp_path):
-  (tmp_path / "metrics.jsonl").write_text('{"step": 2, "loss": 3.0}\n{"step": 4, "lo\n'
-                                          '{"step": 6, "loss": 1.0}\n')
+  (tmp_path / "metrics.jsonl").write_text(
+    '{"step": 2, "loss": 3.0}\n{"step": 4, "lo\n{"step": 6, "loss": 1.0}\n'
+  )
   with pytest.raises(DataFileError, match=r"metrics\.jsonl:2: invalid JSON"):
     metrics.MetricsWriter(tmp_path, resume_step=6)

@@ -27,23 +27,44 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-
 from support import multiprocess, train_runs
 
 pytestmark = pytest.mark.slow
 
-SETS = ("steps=5", "log_every=1", "checkpoint_every=3", "keep=5", "eval_every=5", "eval_batches=1",
-        "eval_data.shards=2", "mcq=None",
-        "model.tiny.image_size=56", "synthetic.videos=8", "synthetic.eval_videos=2",
-        "data.shards=2", "data.batch.batch_size=4", "data.batch.video_slots=4",
-        "data.batch.seq_buckets=(192,)", "data.sample.max_length=192",
-        "eval_data.batch.seq_buckets=(192,)", "eval_data.sample.max_length=192",
-        "train.mesh.data=2", "train.mesh.fsdp=4")
+SETS = (
+  "steps=5",
+  "log_every=1",
+  "checkpoint_every=3",
+  "keep=5",
+  "eval_every=5",
+  "eval_batches=1",
+  "eval_data.shards=2",
+  "mcq=None",
+  "model.tiny.image_size=56",
+  "synthetic.videos=8",
+  "synthetic.eval_videos=2",
+  "data.shards=2",
+  "data.batch.batch_size=4",
+  "data.batch.video_slots=4",
+  "data.batch.seq_buckets=(192,)",
+  "data.sample.max_length=192",
+  "eval_data.batch.seq_buckets=(192,)",
+  "eval_data.sample.max_length=192",
+  "train.mesh.data=2",
+  "train.mesh.fsdp=4",
+)
 
 
 def command(workdir) -> list[str]:
-  return [sys.executable, str(train_runs.ROOT / "train.py"), "--config", str(train_runs.CONFIG),
-          "--workdir", str(workdir), *[a for s in SETS for a in ("--set", s)]]
+  return [
+    sys.executable,
+    str(train_runs.ROOT / "train.py"),
+    "--config",
+    str(train_runs.CONFIG),
+    "--workdir",
+    str(workdir),
+    *[a for s in SETS for a in ("--set", s)],
+  ]
 
 
 def logged(workdir, key: str = "loss") -> list[tuple[int, float]]:
@@ -60,8 +81,10 @@ def params(workdir, step: int = 5) -> dict[str, np.ndarray]:
   path = workdir / "checkpoints" / str(step) / "state"
   one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   with ocp.StandardCheckpointer() as ckptr:
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
-                          dict(ckptr.metadata(path).item_metadata))
+    target = jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
+      dict(ckptr.metadata(path).item_metadata),
+    )
     state = ckptr.restore(path, target)
   flat = {}
 
@@ -71,6 +94,7 @@ def params(workdir, step: int = 5) -> dict[str, np.ndarray]:
         walk(v, f"{path}/{k}")
     else:
       flat[path] = np.asarray(node)
+
   walk(state["params"], "")
   return flat
 
@@ -100,7 +124,9 @@ def test_only_process_zero_writes_and_both_train(two_process_run):
   assert steps(logged(workdir, "skipped_samples")) == [1, 2, 3, 4, 5]
   assert (workdir / "loss.png").is_file()
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [
-      "3", "5"]
+    "3",
+    "5",
+  ]
 
 
 def test_two_processes_equal_one(two_process_run, tmp_path, compile_cache):
@@ -190,12 +216,17 @@ print(f"= the next step: {signals.agreed()}")
 
 
 def test_fetch_outcomes_and_late_signals_are_agreed_by_every_process():
-  done = multiprocess.launch([sys.executable, "-c", AGREEMENT], processes=2, devices=1,
-                             timeout=240)  # a process left waiting in a collective: killed
+  done = multiprocess.launch(
+    [sys.executable, "-c", AGREEMENT], processes=2, devices=1, timeout=240
+  )  # a process left waiting in a collective: killed
   assert all(r.returncode == 0 for r in done), multiprocess.report(done)
   failed = "process 1 failed to load its data (see its log); every process stops with it"
   for me, own in enumerate((f"DataError: {failed}", "DataError: too many samples skipped")):
     printed = [x[2:] for x in done[me].stdout.splitlines() if x.startswith("= ")]  # not gloo's
-    assert printed == [f"batch: batch of {me}", "end: None", f"error: {own}",
-                       "signal in the gather: None", "the next step: SIGTERM"], (
-        multiprocess.report(done))
+    assert printed == [
+      f"batch: batch of {me}",
+      "end: None",
+      f"error: {own}",
+      "signal in the gather: None",
+      "the next step: SIGTERM",
+    ], multiprocess.report(done)

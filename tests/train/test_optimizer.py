@@ -9,15 +9,20 @@ import numpy as np
 import optax
 import pytest
 import torch
-from transformers.optimization import (get_constant_schedule_with_warmup,
-                                       get_cosine_schedule_with_warmup,
-                                       get_linear_schedule_with_warmup)
+from transformers.optimization import (
+  get_constant_schedule_with_warmup,
+  get_cosine_schedule_with_warmup,
+  get_linear_schedule_with_warmup,
+)
 
 from ppllava_jax.train.core.config import MeshConfig, OptimConfig
 from ppllava_jax.train.core.optimizer import lr_schedule, make_optimizer
 
-HF = {"cosine": get_cosine_schedule_with_warmup, "linear": get_linear_schedule_with_warmup,
-      "constant": get_constant_schedule_with_warmup}
+HF = {
+  "cosine": get_cosine_schedule_with_warmup,
+  "linear": get_linear_schedule_with_warmup,
+  "constant": get_constant_schedule_with_warmup,
+}
 
 
 def torch_lrs(cfg: OptimConfig, steps: int) -> np.ndarray:
@@ -46,14 +51,19 @@ def test_schedule_equals_transformers(schedule, total, ratio):
 
 def test_adamw_clip_and_mask_equal_torch():
   rng = np.random.default_rng(0)
-  params = {"w": rng.normal(size=(4, 3)).astype(np.float32),
-            "b": rng.normal(size=(3,)).astype(np.float32),
-            "norm": rng.normal(size=(3,)).astype(np.float32)}
+  params = {
+    "w": rng.normal(size=(4, 3)).astype(np.float32),
+    "b": rng.normal(size=(3,)).astype(np.float32),
+    "norm": rng.normal(size=(3,)).astype(np.float32),
+  }
   mask = {"w": True, "b": False, "norm": False}
-  cfg = OptimConfig(lr=1e-2, schedule="cosine", warmup_ratio=0.2, total_steps=10,
-                    weight_decay=0.1, clip_norm=1.0)
-  grads = [{k: (rng.normal(size=v.shape) * s).astype(np.float32) for k, v in params.items()}
-           for s in (3.0, 0.1, 5.0, 0.2, 2.0, 1.0)]  # clipped and unclipped steps
+  cfg = OptimConfig(
+    lr=1e-2, schedule="cosine", warmup_ratio=0.2, total_steps=10, weight_decay=0.1, clip_norm=1.0
+  )
+  grads = [
+    {k: (rng.normal(size=v.shape) * s).astype(np.float32) for k, v in params.items()}
+    for s in (3.0, 0.1, 5.0, 0.2, 2.0, 1.0)
+  ]  # clipped and unclipped steps
 
   tx = make_optimizer(cfg, mask)
   ours, opt_state = jax.tree.map(jnp.asarray, params), tx.init(params)
@@ -63,8 +73,10 @@ def test_adamw_clip_and_mask_equal_torch():
     ours = optax.apply_updates(ours, upd)
 
   theirs = {k: torch.nn.Parameter(torch.tensor(v)) for k, v in params.items()}
-  groups = [{"params": [theirs[k] for k in params if mask[k]], "weight_decay": cfg.weight_decay},
-            {"params": [theirs[k] for k in params if not mask[k]], "weight_decay": 0.0}]
+  groups = [
+    {"params": [theirs[k] for k in params if mask[k]], "weight_decay": cfg.weight_decay},
+    {"params": [theirs[k] for k in params if not mask[k]], "weight_decay": 0.0},
+  ]
   opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.b1, cfg.b2), eps=cfg.eps)
   sched = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, cfg.total_steps)
   for g in grads:
@@ -74,8 +86,9 @@ def test_adamw_clip_and_mask_equal_torch():
     opt.step()
     sched.step()
   for k in params:
-    np.testing.assert_allclose(np.asarray(ours[k]), theirs[k].detach().numpy(), rtol=1e-5,
-                               atol=1e-6, err_msg=k)
+    np.testing.assert_allclose(
+      np.asarray(ours[k]), theirs[k].detach().numpy(), rtol=1e-5, atol=1e-6, err_msg=k
+    )
 
 
 @pytest.mark.parametrize("name, lr", [("sft_vicuna7b", 2e-5), ("sft_qwen7b", 1e-5)])
@@ -84,10 +97,15 @@ def test_recipe_configs_load(name, lr):
 
   from ppllava_jax.config import load_config
   from ppllava_jax.train.run.config import RunConfig
+
   run = load_config(Path(__file__).parents[2] / "configs" / f"{name}.py", RunConfig)
   cfg = run.train
   assert (cfg.optim.lr, cfg.optim.schedule, cfg.optim.grad_accum, cfg.compute_dtype) == (
-      lr, "cosine", 2, "bfloat16")
+    lr,
+    "cosine",
+    2,
+    "bfloat16",
+  )
   assert cfg.mesh.shape(8) == (1, 8, 1)
   # one epoch of the recipe's data, what the schedule decays over
   assert cfg.optim.total_steps is None and run.resolved().train.optim.total_steps == run.steps

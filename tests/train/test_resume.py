@@ -8,13 +8,13 @@ import re
 import shutil
 
 import pytest
+from support import train_runs
 
 from ppllava_jax import cli
 from ppllava_jax.config import apply_overrides, load_config, to_dict
 from ppllava_jax.train.run import config as rc
 from ppllava_jax.train.run.checkpoint import CheckpointDamaged, Checkpoints
 from ppllava_jax.train.run.metrics import read_metrics
-from support import train_runs
 
 STEPS = ("steps=4", "checkpoint_every=2", "eval_every=0", "mcq=None")
 
@@ -38,26 +38,46 @@ def no_model(monkeypatch):
 
   def build(*args, **kwargs):
     raise AssertionError("the model was built")
+
   monkeypatch.setattr(loop, "load", build)
 
 
 def test_resume_changes_sorts_what_a_run_may_change():
   cfg = load_config(train_runs.CONFIG, rc.RunConfig)
   stored = to_dict(cfg.resolved())
-  refused, allowed = rc.resume_changes(stored, apply_overrides(cfg, [
-      "steps=20", "log_every=3", "data.num_workers=4", "train.remat=nothing_saveable",
-      "train.optim.lr=0.5", "data.seed=3", "model.tiny.llm_layers=2"]))
-  assert refused == ["data.seed: 0 -> 3", "model.tiny.llm_layers: 1 -> 2",
-                     "train.optim.lr: 0.001 -> 0.5"]
-  assert allowed == ["data.num_workers: 0 -> 4", "log_every: 10 -> 3", "steps: 200 -> 20",
-                     "train.remat: 'none' -> 'nothing_saveable'"]
-  refused, _ = rc.resume_changes(stored, apply_overrides(cfg, [
-      "train.optim.lr=0.5", "resume=train.optim,model"]))
+  refused, allowed = rc.resume_changes(
+    stored,
+    apply_overrides(
+      cfg,
+      [
+        "steps=20",
+        "log_every=3",
+        "data.num_workers=4",
+        "train.remat=nothing_saveable",
+        "train.optim.lr=0.5",
+        "data.seed=3",
+        "model.tiny.llm_layers=2",
+      ],
+    ),
+  )
+  assert refused == [
+    "data.seed: 0 -> 3",
+    "model.tiny.llm_layers: 1 -> 2",
+    "train.optim.lr: 0.001 -> 0.5",
+  ]
+  assert allowed == [
+    "data.num_workers: 0 -> 4",
+    "log_every: 10 -> 3",
+    "steps: 200 -> 20",
+    "train.remat: 'none' -> 'nothing_saveable'",
+  ]
+  refused, _ = rc.resume_changes(
+    stored, apply_overrides(cfg, ["train.optim.lr=0.5", "resume=train.optim,model"])
+  )
   assert refused == []
   # total_steps follows steps when unset: then a new steps changes the schedule
   unset = apply_overrides(cfg, ["train.optim.total_steps=None"])
-  refused, _ = rc.resume_changes(to_dict(unset.resolved()),
-                                 apply_overrides(unset, ["steps=300"]))
+  refused, _ = rc.resume_changes(to_dict(unset.resolved()), apply_overrides(unset, ["steps=300"]))
   assert refused == ["train.optim.total_steps: 200 -> 300"]
 
 
@@ -73,8 +93,9 @@ def test_a_changed_config_is_refused_before_anything_loads(finished, tmp_path, c
   assert (workdir / "config.json").read_text() == before
 
 
-def test_a_damaged_checkpoint_is_named_and_the_one_before_resumes(finished, tmp_path,
-                                                                   compile_cache):
+def test_a_damaged_checkpoint_is_named_and_the_one_before_resumes(
+  finished, tmp_path, compile_cache
+):
   workdir = copy(finished, tmp_path)
   data = workdir / "checkpoints" / "4" / "state"
   biggest = max((p for p in data.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
@@ -85,12 +106,17 @@ def test_a_damaged_checkpoint_is_named_and_the_one_before_resumes(finished, tmp_
     f.write('{"step": 5, "lo')
   done = train_runs.run(train_runs.command(workdir, *STEPS, "steps=6"), compile_cache)
   assert done.returncode == 0, done.stdout + done.stderr
-  assert (f"warning: checkpoint 4 is damaged ({biggest} has 100 bytes; it had {size} when "
-          "checkpoint 4 was saved)") in done.stdout
+  assert (
+    f"warning: checkpoint 4 is damaged ({biggest} has 100 bytes; it had {size} when "
+    "checkpoint 4 was saved)"
+  ) in done.stdout
   assert "resuming from checkpoint 2" in done.stdout and "step 6: 6 updates" in done.stdout
   assert (workdir / "checkpoints" / "4.damaged").is_dir()
-  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()
-                if p.name.isdigit()) == [2, 4, 6]
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [
+    2,
+    4,
+    6,
+  ]
   steps = [r["step"] for r in read_metrics(workdir) if "loss" in r]
   assert steps == sorted(set(steps)) and steps[-1] == 6
 
@@ -117,8 +143,9 @@ def test_garbled_and_missing_checkpoint_files_are_named(finished, tmp_path):
 
 def test_another_models_checkpoint_is_a_short_error(finished, tmp_path, compile_cache):
   workdir = copy(finished, tmp_path)
-  done = train_runs.run(train_runs.command(workdir, *STEPS, "model.tiny.llm_width=32",
-                                           "resume=model"), compile_cache)
+  done = train_runs.run(
+    train_runs.command(workdir, *STEPS, "model.tiny.llm_width=32", "resume=model"), compile_cache
+  )
   assert done.returncode == 2
   assert "was saved for another model or trainable set" in done.stderr
   assert "params/language_model/model/embed_tokens/weight/value: saved (101, 64)" in done.stderr
@@ -126,12 +153,17 @@ def test_another_models_checkpoint_is_a_short_error(finished, tmp_path, compile_
   assert not (workdir / "checkpoints" / "4.damaged").exists()  # not damage: kept as it is
 
 
-@pytest.mark.parametrize("item, message", [
+@pytest.mark.parametrize(
+  "item, message",
+  [
     ("steps=300", "RunConfig.steps=300 is past train.optim.total_steps=200"),
-    ("data.mixture.corpora.shapes.media_root=/nowhere",
-     "corpus 'shapes' ({workdir}/data/train.json): none of the media of its first 16 records "
-     "exist, e.g. /nowhere/0000.mp4; is media_root '/nowhere' right?"),
-])
+    (
+      "data.mixture.corpora.shapes.media_root=/nowhere",
+      "corpus 'shapes' ({workdir}/data/train.json): none of the media of its first 16 records "
+      "exist, e.g. /nowhere/0000.mp4; is media_root '/nowhere' right?",
+    ),
+  ],
+)
 def test_bad_runs_stop_before_any_weight_loads(item, message, tmp_path, capsys, no_model):
   workdir = tmp_path / "w"
   argv = train_runs.command(workdir, item)[2:]
@@ -159,11 +191,18 @@ def test_a_run_whose_every_sample_is_skipped_fails(tmp_path, compile_cache):
     records.append({"video": f"{i}.mp4", "QA": [{"q": "Which way?", "a": "Left."}]})
   (tmp_path / "train.json").write_text(json.dumps(records))
   command = train_runs.command(
-      tmp_path / "w", "steps=2", "mcq=None", "eval_every=0",
-      f"data.mixture.corpora.shapes.annotation={tmp_path / 'train.json'}",
-      f"data.mixture.corpora.shapes.media_root={tmp_path / 'media'}")
+    tmp_path / "w",
+    "steps=2",
+    "mcq=None",
+    "eval_every=0",
+    f"data.mixture.corpora.shapes.annotation={tmp_path / 'train.json'}",
+    f"data.mixture.corpora.shapes.media_root={tmp_path / 'media'}",
+  )
   for _ in range(2):  # and a rerun of the same command does not call it done
     done = train_runs.run(command, compile_cache)
     assert done.returncode == 2, done.stdout + done.stderr
-    assert re.search(r"no sample was trained on: all \d+ samples read were skipped "
-                     r"\(\{'corrupt': \d+\}", done.stderr), done.stderr[-2000:]
+    assert re.search(
+      r"no sample was trained on: all \d+ samples read were skipped "
+      r"\(\{'corrupt': \d+\}",
+      done.stderr,
+    ), done.stderr[-2000:]

@@ -34,8 +34,9 @@ def seen(frames_thwc) -> dict[str, str]:
   rgb = frames_thwc[mask_thw].astype(float).mean(0)
   colour = min(synthetic.COLOURS, key=lambda c: np.linalg.norm(rgb - synthetic.COLOURS[c]))
   boxes = [np.nonzero(mask_hw) for mask_hw in mask_thw]
-  fill = np.mean([m.sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
-                  for m, (ys, xs) in zip(mask_thw, boxes)])
+  fill = np.mean(
+    [m.sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1)) for m, (ys, xs) in zip(mask_thw, boxes)]
+  )
   (y0, x0), (y1, x1) = (np.argwhere(m).mean(0) for m in (mask_thw[0], mask_thw[-1]))
   dx, dy = x1 - x0, y1 - y0
   direction = ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("down" if dy > 0 else "up")
@@ -52,9 +53,14 @@ def test_describe_and_one_wrong_attribute_per_index():
   scene = synthetic.Scene("red", "circle", "left")
   assert synthetic.describe(scene) == "A red circle moves left."
   wrong = [synthetic.wrong_description(scene, i) for i in range(6)]
-  assert wrong == ["A green circle moves left.", "A red square moves left.",
-                   "A red circle moves right.", "A blue circle moves left.",
-                   "A red square moves left.", "A red circle moves up."]
+  assert wrong == [
+    "A green circle moves left.",
+    "A red square moves left.",
+    "A red circle moves right.",
+    "A blue circle moves left.",
+    "A red square moves left.",
+    "A red circle moves up.",
+  ]
 
 
 def test_rows_read_whole_and_describe_the_pixels(drawn):
@@ -115,11 +121,20 @@ def test_an_unfinished_generation_is_redone(tmp_path):
 def test_a_dpo_sample_builds_from_the_first_row(drawn, template):
   folder, path = drawn
   tokenizer = char_tokenizer()
-  model = TinyConfig(frames=4, image_size=56, patch_size=14, vision_width=32, vision_layers=1,
-                     llm_width=64, llm_layers=1, text_width=32,
-                     text_layers=1).model_config(len(tokenizer))
-  build = PreferenceBuilder(tokenizer, model, tokenizer,
-                            PreferenceConfig(template=template, num_frames=CFG.frames))
+  model = TinyConfig(
+    frames=4,
+    image_size=56,
+    patch_size=14,
+    vision_width=32,
+    vision_layers=1,
+    llm_width=64,
+    llm_layers=1,
+    text_width=32,
+    text_layers=1,
+  ).model_config(len(tokenizer))
+  build = PreferenceBuilder(
+    tokenizer, model, tokenizer, PreferenceConfig(template=template, num_frames=CFG.frames)
+  )
   row = read_preference_rows(path, media_root=str(folder)).rows[0]
   sample = build(row)
   assert sample.video.shape == (CFG.frames, 3, 56, 56)

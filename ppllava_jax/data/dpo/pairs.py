@@ -50,9 +50,15 @@ import jax
 import numpy as np
 
 from ppllava_jax.data import engine
-from ppllava_jax.data.batching import PIXEL_DTYPES, check_batching, seq_bucket, shape_key
-from ppllava_jax.data.dpo.rows import (PreferenceBuilder, PreferenceConfig, PreferenceRow, PreferenceRows, PreferenceSample, read_preference_rows)
-from ppllava_jax.data.batching import IGNORE
+from ppllava_jax.data.batching import IGNORE, PIXEL_DTYPES, check_batching, seq_bucket, shape_key
+from ppllava_jax.data.dpo.rows import (
+  PreferenceBuilder,
+  PreferenceConfig,
+  PreferenceRow,
+  PreferenceRows,
+  PreferenceSample,
+  read_preference_rows,
+)
 from ppllava_jax.data.sft.samples import RngFactory, SkipSample, frame_rng, text_pads
 from ppllava_jax.models.ppllava_config import PPLLaVAConfig
 
@@ -62,6 +68,7 @@ class PreferenceDataConfig:
   """rows: a LLaVA-Hound JSONL file; media_root: what its ``video`` paths are relative to;
   batch_size: pairs per shard (2 x batch_size LLM rows; a step's global batch is ``shards``
   of them, one per data block by default); the rest as ``DataConfig``."""
+
   rows: str
   media_root: str = ""
   sample: PreferenceConfig = PreferenceConfig()
@@ -83,8 +90,10 @@ class PreferenceDataConfig:
       raise ValueError("PreferenceDataConfig.rows: give the preference JSONL file")
     check_batching(self)
     if self.sample.max_length > self.seq_buckets[-1]:
-      raise ValueError(f"PreferenceConfig.max_length {self.sample.max_length} exceeds the "
-                       f"largest bucket {self.seq_buckets[-1]}")
+      raise ValueError(
+        f"PreferenceConfig.max_length {self.sample.max_length} exceeds the "
+        f"largest bucket {self.seq_buckets[-1]}"
+      )
     if self.num_epochs is not None and self.num_epochs < 1:
       raise ValueError(f"num_epochs must be >= 1 or None, got {self.num_epochs}")
 
@@ -116,10 +125,15 @@ class PairBatch:
   shape_key = shape_key
 
 
-def collate_pairs(samples: Sequence[PreferenceSample | None], model: PPLLaVAConfig,
-                  config: PreferenceDataConfig, ref_logps: Sequence[tuple[float, float]] | None
-                  = None, pad_id: int = 0, scorer_length: int = 0, scorer_pad_id: int = 0
-                  ) -> PairBatch:
+def collate_pairs(
+  samples: Sequence[PreferenceSample | None],
+  model: PPLLaVAConfig,
+  config: PreferenceDataConfig,
+  ref_logps: Sequence[tuple[float, float]] | None = None,
+  pad_id: int = 0,
+  scorer_length: int = 0,
+  scorer_pad_id: int = 0,
+) -> PairBatch:
   """``samples`` (None: an empty pair) -> one ``PairBatch`` of ``config.batch_size`` pairs,
   ``ref_logps`` (chosen, rejected) per sample where the reference is cached."""
   b, t = config.batch_size, config.sample.num_frames
@@ -149,19 +163,33 @@ def collate_pairs(samples: Sequence[PreferenceSample | None], model: PPLLaVAConf
       scorer_ids[i], scorer_mask[i] = x.scorer_ids, x.scorer_mask
     frames = len(x.video)
     if frames > t:
-      raise ValueError(f"collate_pairs: {x.source}: {frames} frames, the batch holds "
-                       f"PreferenceConfig.num_frames={t}")
+      raise ValueError(
+        f"collate_pairs: {x.source}: {frames} frames, the batch holds "
+        f"PreferenceConfig.num_frames={t}"
+      )
     videos[i, :frames], frame_mask[i, :frames] = x.video, True
-    token_mask[i, :model.video_tokens(frames)] = True
+    token_mask[i, : model.video_tokens(frames)] = True
     if ref_logps is not None:
-      refs[2 * i:2 * i + 2] = ref_logps[i]
+      refs[2 * i : 2 * i + 2] = ref_logps[i]
   positions = np.where(mask > 0, np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
-  return PairBatch(ids, mask, positions, labels, pair_mask, scorer_ids, scorer_mask, videos,
-                   frame_mask, token_mask, refs)
+  return PairBatch(
+    ids,
+    mask,
+    positions,
+    labels,
+    pair_mask,
+    scorer_ids,
+    scorer_mask,
+    videos,
+    frame_mask,
+    token_mask,
+    refs,
+  )
 
 
-def pair_epoch(rows: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True
-               ) -> tuple[np.ndarray, list[int]]:
+def pair_epoch(
+  rows: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True
+) -> tuple[np.ndarray, list[int]]:
   """(row order, batch end offsets) of one DPO epoch: a seeded permutation (or the file's
   order) in batches of ``batch_size`` pairs, the last one short."""
   order = np.random.default_rng([seed, epoch]).permutation(rows) if shuffle else np.arange(rows)
@@ -179,9 +207,16 @@ class PairBatchBuilder(grain.transforms.Map):
   or None for a live reference; ``pin_frames``: sample each row's frames with the seed
   (seed, 0, row) in every epoch (module doc)."""
 
-  def __init__(self, plan: engine.BatchPlan, rows: Sequence[PreferenceRow],
-               samples: PreferenceBuilder, model: PPLLaVAConfig, config: PreferenceDataConfig,
-               reference: Mapping | None = None, pin_frames: bool = False):
+  def __init__(
+    self,
+    plan: engine.BatchPlan,
+    rows: Sequence[PreferenceRow],
+    samples: PreferenceBuilder,
+    model: PPLLaVAConfig,
+    config: PreferenceDataConfig,
+    reference: Mapping | None = None,
+    pin_frames: bool = False,
+  ):
     self.plan, self.rows, self.samples, self.model, self.config = plan, rows, samples, model, config
     self.reference, self.pin_frames = reference, pin_frames
     self.pad_id, self.scorer_length, self.scorer_pad = text_pads(samples.sft)
@@ -189,19 +224,21 @@ class PairBatchBuilder(grain.transforms.Map):
   def build(self, row: int, epoch: int, position: int) -> PreferenceSample:
     """Pair ``row`` as the ``position``-th of ``epoch`` (or pinned); ``SkipSample`` if bad."""
     seed_epoch, seed_index = (0, row) if self.pin_frames else (epoch, position)
-    return self.samples(self.rows[row], seed=self.config.seed, epoch=seed_epoch,
-                        index=seed_index)
+    return self.samples(self.rows[row], seed=self.config.seed, epoch=seed_epoch, index=seed_index)
 
   def collate(self, samples, refs=None) -> PairBatch:
-    return collate_pairs(samples, self.model, self.config, refs, self.pad_id,
-                         self.scorer_length, self.scorer_pad)
+    return collate_pairs(
+      samples, self.model, self.config, refs, self.pad_id, self.scorer_length, self.scorer_pad
+    )
 
   def _reference(self, row: PreferenceRow) -> tuple[float, float]:
     try:
       return self.reference[row.id]
     except KeyError:
-      raise MissingReference(f"{row.source}: no cached reference log-probs for this row; the "
-                             "cache was computed for other rows (delete it to recompute)") from None
+      raise MissingReference(
+        f"{row.source}: no cached reference log-probs for this row; the "
+        "cache was computed for other rows (delete it to recompute)"
+      ) from None
 
   def map(self, step: engine.Step):
     epoch, records, positions = self.plan.members(step.index)
@@ -216,17 +253,31 @@ class PairBatchBuilder(grain.transforms.Map):
         skipped.append((skip.reason, skip.detail))
     batch = self.collate(pairs, refs if self.reference is not None else None)
     real = [x for x in pairs if x is not None]
-    info = engine.BatchInfo(step.index, epoch, tuple(records.tolist()), tuple(skipped),
-                              sum(x.scorer_truncated > 0 for x in real), ())
+    info = engine.BatchInfo(
+      step.index,
+      epoch,
+      tuple(records.tolist()),
+      tuple(skipped),
+      sum(x.scorer_truncated > 0 for x in real),
+      (),
+    )
     return batch, info
 
 
-def make_preference_iterator(config: PreferenceDataConfig, *, tokenizer, model: PPLLaVAConfig,
-                             scorer_tokenizer=None, state: dict | None = None,
-                             reference: Mapping | None = None, pin_frames: bool = False,
-                             block: int | None = None, blocks: int | None = None,
-                             rng_factory: RngFactory = frame_rng,
-                             read: PreferenceRows | None = None) -> engine.DataIterator:
+def make_preference_iterator(
+  config: PreferenceDataConfig,
+  *,
+  tokenizer,
+  model: PPLLaVAConfig,
+  scorer_tokenizer=None,
+  state: dict | None = None,
+  reference: Mapping | None = None,
+  pin_frames: bool = False,
+  block: int | None = None,
+  blocks: int | None = None,
+  rng_factory: RngFactory = frame_rng,
+  read: PreferenceRows | None = None,
+) -> engine.DataIterator:
   """Data block ``block`` of ``blocks``' ``PairBatch``es (``data.sft.pipeline``); ``reference``
   and ``pin_frames`` as ``PairBatchBuilder``, ``rng_factory`` as ``PreferenceBuilder``'s.
   The default, this process of all processes, is right only when every process is its own
@@ -236,23 +287,41 @@ def make_preference_iterator(config: PreferenceDataConfig, *, tokenizer, model: 
     block, blocks = jax.process_index(), jax.process_count()
   if read is None:
     read = read_preference_rows(config.rows, config.media_root)
-  builder = make_builder(config, read.rows, tokenizer=tokenizer, model=model,
-                         scorer_tokenizer=scorer_tokenizer, reference=reference,
-                         pin_frames=pin_frames, rng_factory=rng_factory)
+  builder = make_builder(
+    config,
+    read.rows,
+    tokenizer=tokenizer,
+    model=model,
+    scorer_tokenizer=scorer_tokenizer,
+    reference=reference,
+    pin_frames=pin_frames,
+    rng_factory=rng_factory,
+  )
   if state is None:  # the rows left out when reading count as skipped from the start
     state = {"next_batch": 0, "stats": {"skipped": read.counts, "samples": len(read.skipped)}}
   return engine.DataIterator(config, builder.plan, builder, block, blocks, state)
 
 
-def make_builder(config: PreferenceDataConfig, rows: Sequence[PreferenceRow], *, tokenizer,
-                 model: PPLLaVAConfig, scorer_tokenizer=None, reference: Mapping | None = None,
-                 pin_frames: bool = False, shuffle: bool = True,
-                 rng_factory: RngFactory = frame_rng) -> PairBatchBuilder:
+def make_builder(
+  config: PreferenceDataConfig,
+  rows: Sequence[PreferenceRow],
+  *,
+  tokenizer,
+  model: PPLLaVAConfig,
+  scorer_tokenizer=None,
+  reference: Mapping | None = None,
+  pin_frames: bool = False,
+  shuffle: bool = True,
+  rng_factory: RngFactory = frame_rng,
+) -> PairBatchBuilder:
   """The builder (and its plan: ``config.num_epochs`` epochs, shuffled or in file order)
   over validated ``rows``; ``rng_factory(seed, epoch, position)`` makes each pair's frame
   generator (with ``pin_frames``, ``(seed, 0, row)``)."""
-  plan = engine.BatchPlan(functools.partial(pair_epoch, len(rows), config.batch_size,
-                                              config.seed, shuffle=shuffle), config.num_epochs)
-  samples = PreferenceBuilder(tokenizer, model, scorer_tokenizer, config.sample,
-                              rng_factory=rng_factory)
+  plan = engine.BatchPlan(
+    functools.partial(pair_epoch, len(rows), config.batch_size, config.seed, shuffle=shuffle),
+    config.num_epochs,
+  )
+  samples = PreferenceBuilder(
+    tokenizer, model, scorer_tokenizer, config.sample, rng_factory=rng_factory
+  )
   return PairBatchBuilder(plan, tuple(rows), samples, model, config, reference, pin_frames)

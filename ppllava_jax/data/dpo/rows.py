@@ -60,11 +60,19 @@ from typing import Any
 
 import numpy as np
 
-from ppllava_jax.data.media import preprocess, video
-from ppllava_jax.data.sft.annotations import MEDIA_TOKEN, READERS
 from ppllava_jax.data.batching import IGNORE
-from ppllava_jax.data.sft.samples import (SCORER_PADDINGS, RngFactory, SampleBuilder, SampleConfig, SkipSample, frame_rng, media_skip)
+from ppllava_jax.data.media import preprocess, video
 from ppllava_jax.data.media.frames import load_training_video
+from ppllava_jax.data.sft.annotations import MEDIA_TOKEN, READERS
+from ppllava_jax.data.sft.samples import (
+  SCORER_PADDINGS,
+  RngFactory,
+  SampleBuilder,
+  SampleConfig,
+  SkipSample,
+  frame_rng,
+  media_skip,
+)
 from ppllava_jax.data.text.templates import TEMPLATES, Turn, render_conversation
 from ppllava_jax.files import DataFileError, read_jsonl
 from ppllava_jax.models.ppllava_config import PPLLaVAConfig
@@ -75,8 +83,13 @@ VIDEO_TAG = "<video>"  # LLaVA-Hound's placeholder in ``prompt``, removed
 SIDES = ("chosen", "rejected")
 # read time: "missing", "same_completions"; build time: the rest
 SKIP_REASONS = ("missing", "same_completions", "corrupt", "empty", "too_long", "labels")
-_REQUIRED = {"id": (str, int), "prompt": (str,), "video": (str,), "chosen": (str,),
-             "rejected": (str,)}
+_REQUIRED = {
+  "id": (str, int),
+  "prompt": (str,),
+  "video": (str,),
+  "chosen": (str,),
+  "rejected": (str,),
+}
 _OPTIONAL = {"answer": (str,), "chosen_score": (int, float), "rejected_score": (int, float)}
 _KINDS = {(str,): "a string", (str, int): "a string or an integer", (int, float): "a number"}
 
@@ -120,8 +133,9 @@ def _field_error(path, line: int, name: str, problem: str) -> DataFileError:
   return DataFileError(path, f"field {name!r}: {problem}", line)
 
 
-def _typed(raw: Mapping[str, Any], path, line: int, name: str, types: tuple[type, ...],
-           required: bool):
+def _typed(
+  raw: Mapping[str, Any], path, line: int, name: str, types: tuple[type, ...], required: bool
+):
   value = raw.get(name)
   if value is None:
     if required:
@@ -132,23 +146,30 @@ def _typed(raw: Mapping[str, Any], path, line: int, name: str, types: tuple[type
   return value
 
 
-def parse_row(raw: Mapping[str, Any], path: str | Path, line: int,
-              media_root: str = "") -> PreferenceRow:
+def parse_row(
+  raw: Mapping[str, Any], path: str | Path, line: int, media_root: str = ""
+) -> PreferenceRow:
   """One raw row -> a ``PreferenceRow``, or ``DataFileError`` naming ``path:line`` and
   the field."""
   values = {name: _typed(raw, path, line, name, types, True) for name, types in _REQUIRED.items()}
-  values.update({name: _typed(raw, path, line, name, types, False)
-                 for name, types in _OPTIONAL.items()})
+  values.update(
+    {name: _typed(raw, path, line, name, types, False) for name, types in _OPTIONAL.items()}
+  )
   if not values["video"]:
     raise _field_error(path, line, "video", "is empty")
   for name in SIDES:  # nothing to prefer: the data is broken, not merely unhelpful
     if not values[name].strip():
-      raise _field_error(path, line, name, "is empty" if not values[name]
-                         else "is blank (whitespace only)")
+      raise _field_error(
+        path, line, name, "is empty" if not values[name] else "is blank (whitespace only)"
+      )
   for name in ("prompt", *SIDES):
     if MEDIA_TOKEN in values[name]:
-      raise _field_error(path, line, name, f"holds {MEDIA_TOKEN!r}: the one video placeholder "
-                                           f"is the prompt's {VIDEO_TAG!r}, or none")
+      raise _field_error(
+        path,
+        line,
+        name,
+        f"holds {MEDIA_TOKEN!r}: the one video placeholder is the prompt's {VIDEO_TAG!r}, or none",
+      )
   question = values.pop("prompt").replace(VIDEO_TAG, "").strip()
   values["video"] = os.path.join(media_root, values["video"])
   return PreferenceRow(question=question, file=str(path), line=line, **values)
@@ -163,8 +184,9 @@ def quality_problem(row: PreferenceRow, check_media: bool = True) -> str | None:
   return None
 
 
-def read_preference_rows(path: str | Path, media_root: str = "", *,
-                         check_media: bool = True) -> PreferenceRows:
+def read_preference_rows(
+  path: str | Path, media_root: str = "", *, check_media: bool = True
+) -> PreferenceRows:
   """Every row of the JSONL file ``path``, validated (module doc). The first malformed
   row raises ``DataFileError``; data problems are skipped, counted and logged.
   ``check_media``: skip rows whose video path does not exist (one ``stat`` a row)."""
@@ -179,11 +201,13 @@ def read_preference_rows(path: str | Path, media_root: str = "", *,
       skipped.append((line, reason))
   result = PreferenceRows(str(path), tuple(rows), tuple(skipped))
   if not rows:
-    raise DataFileError(path, f"no usable preference rows ({len(lines)} read, skipped: "
-                              f"{result.counts})")
+    raise DataFileError(
+      path, f"no usable preference rows ({len(lines)} read, skipped: {result.counts})"
+    )
   if skipped:
-    logger.warning("%s: %d of %d preference rows skipped: %s", path, len(skipped), len(lines),
-                   result.counts)
+    logger.warning(
+      "%s: %d of %d preference rows skipped: %s", path, len(skipped), len(lines), result.counts
+    )
   return result
 
 
@@ -197,12 +221,16 @@ class PreferenceConfig:
   scorer_padding: str = "max_length"  # or "none" (SigLIP scorers): as SampleConfig's
 
   def __post_init__(self):
-    for name, allowed in (("template", tuple(TEMPLATES)), ("reader", READERS),
-                          ("video_backend", video.BACKENDS),
-                          ("scorer_padding", SCORER_PADDINGS)):
+    for name, allowed in (
+      ("template", tuple(TEMPLATES)),
+      ("reader", READERS),
+      ("video_backend", video.BACKENDS),
+      ("scorer_padding", SCORER_PADDINGS),
+    ):
       if getattr(self, name) not in allowed:
-        raise ValueError(f"PreferenceConfig.{name} must be one of {allowed}, got "
-                         f"{getattr(self, name)!r}")
+        raise ValueError(
+          f"PreferenceConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}"
+        )
     if self.num_frames < 1 or self.max_length < 1:
       raise ValueError("PreferenceConfig: num_frames and max_length must be >= 1")
 
@@ -229,8 +257,7 @@ class PreferenceSample:
     labels IGNORE over the prompt."""
     completion = {"chosen": self.chosen_ids, "rejected": self.rejected_ids}[side]
     ignore = np.full(len(self.prompt_ids), IGNORE, np.int32)
-    return (np.concatenate([self.prompt_ids, completion]),
-            np.concatenate([ignore, completion]))
+    return (np.concatenate([self.prompt_ids, completion]), np.concatenate([ignore, completion]))
 
   @property
   def length(self) -> int:
@@ -246,22 +273,37 @@ class PreferenceBuilder:
   agree on them; ``rng_factory`` as ``SampleBuilder``'s.
   """
 
-  def __init__(self, tokenizer, model: PPLLaVAConfig, scorer_tokenizer=None,
-               config: PreferenceConfig = PreferenceConfig(), scorer_length: int | None = None,
-               rng_factory: RngFactory = frame_rng):
+  def __init__(
+    self,
+    tokenizer,
+    model: PPLLaVAConfig,
+    scorer_tokenizer=None,
+    config: PreferenceConfig = PreferenceConfig(),
+    scorer_length: int | None = None,
+    rng_factory: RngFactory = frame_rng,
+  ):
     self.config = config
-    self.sft = SampleBuilder(tokenizer, model, scorer_tokenizer,
-                             SampleConfig(template=config.template, tokenization="whole",
-                                          max_length=config.max_length,
-                                          video_backend=config.video_backend,
-                                          scorer_padding=config.scorer_padding),
-                             scorer_length=scorer_length, rng_factory=rng_factory)
+    self.sft = SampleBuilder(
+      tokenizer,
+      model,
+      scorer_tokenizer,
+      SampleConfig(
+        template=config.template,
+        tokenization="whole",
+        max_length=config.max_length,
+        video_backend=config.video_backend,
+        scorer_padding=config.scorer_padding,
+      ),
+      scorer_length=scorer_length,
+      rng_factory=rng_factory,
+    )
 
   def _ids(self, text: str) -> list[int]:
     return list(self.sft.tokenizer(text, add_special_tokens=False).input_ids)
 
-  def tokenize(self, question: str, completion: str, source: str, side: str
-               ) -> tuple[str, list[int], list[int]]:
+  def tokenize(
+    self, question: str, completion: str, source: str, side: str
+  ) -> tuple[str, list[int], list[int]]:
     """(prompt text, prompt ids, completion ids) of one side, before media expansion."""
     conv = render_conversation(self.sft.template, [Turn(question, completion)])
     bos = self.sft.tokenizer.bos_token or ""
@@ -270,12 +312,21 @@ class PreferenceBuilder:
     want = self._ids(completion) + self.sft.end_ids
     cut = len(ids) - len(want)
     if cut < 1 or ids[cut:] != want:
-      raise SkipSample("labels", f"{source}: the {side} completion alone is {want}, the whole "
-                                 f"text ends {ids[-len(want):]}")
-    return bos + conv.text[:conv.supervised[0][0]], ids[:cut], ids[cut:]
+      raise SkipSample(
+        "labels",
+        f"{source}: the {side} completion alone is {want}, the whole text ends {ids[-len(want) :]}",
+      )
+    return bos + conv.text[: conv.supervised[0][0]], ids[:cut], ids[cut:]
 
-  def __call__(self, row: PreferenceRow, *, seed: int = 0, epoch: int = 0, index: int = 0,
-               rng: np.random.Generator | None = None) -> PreferenceSample:
+  def __call__(
+    self,
+    row: PreferenceRow,
+    *,
+    seed: int = 0,
+    epoch: int = 0,
+    index: int = 0,
+    rng: np.random.Generator | None = None,
+  ) -> PreferenceSample:
     """The pair of ``row``; its frames drawn from ``rng`` when given, else from the
     builder's ``rng_factory(seed, epoch, index)``."""
     cfg, sft, model = self.config, self.sft, self.sft.model
@@ -283,27 +334,40 @@ class PreferenceBuilder:
     prompt_text, prompt, chosen = self.tokenize(row.question, row.chosen, source, "chosen")
     _, prompt_rejected, rejected = self.tokenize(row.question, row.rejected, source, "rejected")
     if prompt_rejected != prompt:
-      raise SkipSample("labels", f"{source}: the prompt tokenizes differently before the two "
-                                 "completions")
+      raise SkipSample(
+        "labels", f"{source}: the prompt tokenizes differently before the two completions"
+      )
     run = model.video_tokens(cfg.num_frames)
     length = len(prompt) - 1 + run + max(len(chosen), len(rejected))
     if length > cfg.max_length:
       raise SkipSample("too_long", f"{source}: {length} tokens, max_length is {cfg.max_length}")
     rng = rng if rng is not None else sft.rng_factory(seed, epoch, index)
     try:
-      frames, indices = load_training_video(row.video, cfg.num_frames, rng, reader=cfg.reader,
-                                            backend=cfg.video_backend)
+      frames, indices = load_training_video(
+        row.video, cfg.num_frames, rng, reader=cfg.reader, backend=cfg.video_backend
+      )
     except video.MediaError as err:
       raise media_skip(err, source) from None
-    pixels = preprocess.video_pixels(frames, model.vision.image_size, sft.mean, sft.std,
-                                     letterbox=sft.letterbox)
+    pixels = preprocess.video_pixels(
+      frames, model.vision.image_size, sft.mean, sft.std, letterbox=sft.letterbox
+    )
     slot = prompt.index(sft.media_id)  # the only one: parse_row keeps <image> out of the text
-    prompt[slot:slot + 1] = [model.video_token_index] * run
+    prompt[slot : slot + 1] = [model.video_token_index] * run
     scorer_ids = scorer_mask = None
     truncated = 0
     if sft.scorer_tokenizer is not None:
       scorer_ids, scorer_mask, truncated = sft.scorer_tokens(row.question)
     return PreferenceSample(
-        np.asarray(prompt, np.int32), np.asarray(chosen, np.int32),
-        np.asarray(rejected, np.int32), pixels, tuple(int(i) for i in indices), run,
-        scorer_ids, scorer_mask, truncated, prompt_text, row.question, source)
+      np.asarray(prompt, np.int32),
+      np.asarray(chosen, np.int32),
+      np.asarray(rejected, np.int32),
+      pixels,
+      tuple(int(i) for i in indices),
+      run,
+      scorer_ids,
+      scorer_mask,
+      truncated,
+      prompt_text,
+      row.question,
+      source,
+    )

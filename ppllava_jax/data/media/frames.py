@@ -35,9 +35,14 @@ def load_rgb(path: str | Path, image: Image.Image | None = None) -> Image.Image:
     raise video.MediaError(path, f"not a readable image ({err})") from err
 
 
-def load_numbered_frames(folder: str | Path, total_frames: int, num_frames: int,
-                         rng: np.random.Generator | None = None, *, sample: str = "random"
-                         ) -> tuple[np.ndarray, tuple[int, ...]]:
+def load_numbered_frames(
+  folder: str | Path,
+  total_frames: int,
+  num_frames: int,
+  rng: np.random.Generator | None = None,
+  *,
+  sample: str = "random",
+) -> tuple[np.ndarray, tuple[int, ...]]:
   """Training frames of a ``{:06d}.jpg`` folder numbered from 1 (``total_frames`` given):
   the original's ``read_frames_rawframes`` with ``max_num_frames``: random indices over
   ``total_frames`` (``sample="cover"``: ``video.cover_indices``, a media store's), frame
@@ -45,8 +50,11 @@ def load_numbered_frames(folder: str | Path, total_frames: int, num_frames: int,
   folder = Path(folder)
   if not folder.is_dir():
     raise video.MediaError(folder, "no such file or directory")
-  indices = (video.cover_indices(num_frames, 0, total_frames) if sample == "cover"
-             else video.random_indices(num_frames, 0, total_frames, rng))
+  indices = (
+    video.cover_indices(num_frames, 0, total_frames)
+    if sample == "cover"
+    else video.random_indices(num_frames, 0, total_frames, rng)
+  )
   frames: dict[int, np.ndarray] = {}
   for i in dict.fromkeys(indices):
     path = folder / f"{i + 1:06d}.jpg"
@@ -59,10 +67,17 @@ def load_numbered_frames(folder: str | Path, total_frames: int, num_frames: int,
   return np.stack([frames[i] for i in indices]), tuple(indices)
 
 
-def read_video(path: str | Path, num_frames: int, rng: np.random.Generator | None = None, *,
-               sample: str = "random", reader: str = "auto", backend: str = "pyav",
-               folder_fps: float = video.DEFAULT_FOLDER_FPS, total_frames: int | None = None
-               ) -> tuple[np.ndarray, tuple[int, ...], int]:
+def read_video(
+  path: str | Path,
+  num_frames: int,
+  rng: np.random.Generator | None = None,
+  *,
+  sample: str = "random",
+  reader: str = "auto",
+  backend: str = "pyav",
+  folder_fps: float = video.DEFAULT_FOLDER_FPS,
+  total_frames: int | None = None,
+) -> tuple[np.ndarray, tuple[int, ...], int]:
   """(frames (T, H, W, 3) uint8, their indices, the video's frame count) of a video file
   or a frame folder: ``num_frames`` by the original's random sampling, or with
   ``sample="cover"`` the frames a media store keeps (``video.cover_indices``). ``reader``
@@ -74,19 +89,34 @@ def read_video(path: str | Path, num_frames: int, rng: np.random.Generator | Non
     frames, indices = load_numbered_frames(path, total_frames, num_frames, rng, sample=sample)
     return frames, indices, total_frames
   if reader == "frames" and not path.is_dir():
-    raise video.MediaError(path, "no such file or directory" if not path.exists()
-                           else "not a folder of frames")
+    raise video.MediaError(
+      path, "no such file or directory" if not path.exists() else "not a folder of frames"
+    )
   backend = reader if reader in video.BACKENDS else backend
-  frames, info = video.load_video(path, num_frames, sample=sample, rng=rng,
-                                  folder_fps=folder_fps, backend=backend)
+  frames, info = video.load_video(
+    path, num_frames, sample=sample, rng=rng, folder_fps=folder_fps, backend=backend
+  )
   return frames, info.indices, info.total_frames
 
 
-def load_training_video(path: str | Path, num_frames: int, rng: np.random.Generator, *,
-                        reader: str = "auto", backend: str = "pyav",
-                        folder_fps: float = video.DEFAULT_FOLDER_FPS,
-                        total_frames: int | None = None) -> tuple[np.ndarray, tuple[int, ...]]:
+def load_training_video(
+  path: str | Path,
+  num_frames: int,
+  rng: np.random.Generator,
+  *,
+  reader: str = "auto",
+  backend: str = "pyav",
+  folder_fps: float = video.DEFAULT_FOLDER_FPS,
+  total_frames: int | None = None,
+) -> tuple[np.ndarray, tuple[int, ...]]:
   """(frames (T, H, W, 3) uint8, their indices): ``read_video``'s random sampling."""
-  frames, indices, _ = read_video(path, num_frames, rng, reader=reader, backend=backend,
-                                  folder_fps=folder_fps, total_frames=total_frames)
+  frames, indices, _ = read_video(
+    path,
+    num_frames,
+    rng,
+    reader=reader,
+    backend=backend,
+    folder_fps=folder_fps,
+    total_frames=total_frames,
+  )
   return frames, indices

@@ -85,7 +85,7 @@ def _letterbox(image: Image.Image, target_hw: tuple[int, int], resample: int) ->
   h, w = _fit_size((image.height, image.width), target_hw)
   canvas_hwc = np.zeros((*target_hw, 3), np.uint8)
   top, left = (target_hw[0] - h) // 2, (target_hw[1] - w) // 2
-  canvas_hwc[top:top + h, left:left + w] = np.asarray(image.resize((w, h), resample))
+  canvas_hwc[top : top + h, left : left + w] = np.asarray(image.resize((w, h), resample))
   return canvas_hwc
 
 
@@ -95,38 +95,54 @@ def _square(image: Image.Image, size: int, letterbox: bool, resample: int) -> np
   return np.asarray(image.resize((size, size), resample))
 
 
-def video_pixels(frames_thwc: np.ndarray | Sequence[ImageLike], size: int = 336,
-                 mean: Stats = CLIP_MEAN, std: Stats = CLIP_STD, *, letterbox: bool = False,
-                 resample: int = BICUBIC) -> np.ndarray:
+def video_pixels(
+  frames_thwc: np.ndarray | Sequence[ImageLike],
+  size: int = 336,
+  mean: Stats = CLIP_MEAN,
+  std: Stats = CLIP_STD,
+  *,
+  letterbox: bool = False,
+  resample: int = BICUBIC,
+) -> np.ndarray:
   """Video frames -> float32 (T, 3, size, size).
 
   Each frame is resized straight to size x size (the original's ``LlavaNextVidProcessor``)
   or, with ``letterbox``, fitted and padded black (its ``LlavaOnevisionVidProcessor``:
   use size 384 and SigLIP mean/std there).
   """
-  return normalize(np.stack([_fitted(f, size, letterbox, resample) for f in frames_thwc]),
-                   mean, std)
+  return normalize(
+    np.stack([_fitted(f, size, letterbox, resample) for f in frames_thwc]), mean, std
+  )
 
 
 def _fitted(frame: ImageLike, size: int, letterbox: bool, resample: int) -> np.ndarray:
   """A frame at size x size. One already so as RGB uint8 (a media store's) is returned as
   it is: resizing or fitting an image to its own size is the identity (PIL copies it), and
   the round trip through PIL was most of a stored sample's preprocessing."""
-  if (isinstance(frame, np.ndarray) and frame.dtype == np.uint8
-      and frame.shape == (size, size, 3)):
+  if isinstance(frame, np.ndarray) and frame.dtype == np.uint8 and frame.shape == (size, size, 3):
     return frame
   return _square(to_rgb(frame), size, letterbox, resample)
 
 
-def siglip_image_pixels(image: ImageLike, size: int = 384, mean: Stats = SIGLIP_MEAN,
-                        std: Stats = SIGLIP_STD, resample: int = BICUBIC) -> np.ndarray:
+def siglip_image_pixels(
+  image: ImageLike,
+  size: int = 384,
+  mean: Stats = SIGLIP_MEAN,
+  std: Stats = SIGLIP_STD,
+  resample: int = BICUBIC,
+) -> np.ndarray:
   """SigLIP's ``SiglipImageProcessor``: resized straight to size x size -> (3, size, size)."""
   return normalize(_square(to_rgb(image), size, False, resample), mean, std)
 
 
-def clip_image_pixels(image: ImageLike, size: int = 336, crop: int = 336,
-                      mean: Stats = CLIP_MEAN, std: Stats = CLIP_STD,
-                      resample: int = BICUBIC) -> np.ndarray:
+def clip_image_pixels(
+  image: ImageLike,
+  size: int = 336,
+  crop: int = 336,
+  mean: Stats = CLIP_MEAN,
+  std: Stats = CLIP_STD,
+  resample: int = BICUBIC,
+) -> np.ndarray:
   """CLIP's ``CLIPImageProcessor``: shortest side to ``size``, centre crop -> (3, crop, crop).
 
   The long side becomes ``int(size * long / short)`` (truncated), and the crop starts at
@@ -139,13 +155,17 @@ def clip_image_pixels(image: ImageLike, size: int = 336, crop: int = 336,
   new_h, new_w = (int(size * h / w), size) if w <= h else (size, int(size * w / h))
   resized_hwc = np.asarray(rgb.resize((new_w, new_h), resample))
   top, left = (new_h - crop) // 2, (new_w - crop) // 2
-  return normalize(resized_hwc[top:top + crop, left:left + crop], mean, std)
+  return normalize(resized_hwc[top : top + crop, left : left + crop], mean, std)
 
 
-def llava_next_image_pixels(image: ImageLike,
-                            grid_pinpoints: Sequence[Sequence[int]] = LLAVA_NEXT_PINPOINTS,
-                            tile: int = 336, mean: Stats = CLIP_MEAN, std: Stats = CLIP_STD,
-                            resample: int = BICUBIC) -> tuple[np.ndarray, tuple[int, int]]:
+def llava_next_image_pixels(
+  image: ImageLike,
+  grid_pinpoints: Sequence[Sequence[int]] = LLAVA_NEXT_PINPOINTS,
+  tile: int = 336,
+  mean: Stats = CLIP_MEAN,
+  std: Stats = CLIP_STD,
+  resample: int = BICUBIC,
+) -> tuple[np.ndarray, tuple[int, int]]:
   """LLaVA-NeXT anyres: (float32 (1 + R*C, 3, tile, tile), the image's (height, width)).
 
   Tile 0 is the whole image resized straight to tile x tile. The others: the image fitted,
@@ -160,7 +180,10 @@ def llava_next_image_pixels(image: ImageLike,
   size_hw = (rgb.height, rgb.width)
   rows, cols = anyres_grid_shape(size_hw, grid_pinpoints, tile)
   canvas_hwc = _letterbox(rgb, (rows * tile, cols * tile), resample)
-  tiles_ihwc = (canvas_hwc.reshape(rows, tile, cols, tile, 3).transpose(0, 2, 1, 3, 4)
-                .reshape(rows * cols, tile, tile, 3))
+  tiles_ihwc = (
+    canvas_hwc.reshape(rows, tile, cols, tile, 3)
+    .transpose(0, 2, 1, 3, 4)
+    .reshape(rows * cols, tile, tile, 3)
+  )
   base_hwc = np.asarray(rgb.resize((tile, tile), resample))
   return normalize(np.concatenate([base_hwc[None], tiles_ihwc]), mean, std), size_hw

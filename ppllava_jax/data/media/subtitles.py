@@ -60,8 +60,9 @@ def read_srt(path: str | Path) -> list[Cue]:
   return [Cue(start, end, text) for (start, end), text in cues.items()]
 
 
-def lines_at_frames(cues: Sequence[Cue], frame_indices: Sequence[int], fps: float
-                    ) -> tuple[str, ...]:
+def lines_at_frames(
+  cues: Sequence[Cue], frame_indices: Sequence[int], fps: float
+) -> tuple[str, ...]:
   """The text of every cue shown at one of ``frame_indices`` (module doc), in file order."""
   picked = []
   for cue in cues:

@@ -55,8 +55,23 @@ from PIL import Image, UnidentifiedImageError
 
 logger = logging.getLogger(__name__)
 
-VIDEO_EXTENSIONS = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".flv", ".wmv",
-                              ".mpg", ".mpeg", ".3gp", ".ts", ".gif"})
+VIDEO_EXTENSIONS = frozenset(
+  {
+    ".mp4",
+    ".m4v",
+    ".mov",
+    ".mkv",
+    ".webm",
+    ".avi",
+    ".flv",
+    ".wmv",
+    ".mpg",
+    ".mpeg",
+    ".3gp",
+    ".ts",
+    ".gif",
+  }
+)
 FRAME_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 SAMPLE_MODES = ("middle", "random", "cover")
 BACKENDS = ("pyav", "decord")
@@ -105,8 +120,7 @@ def middle_indices(num_frames: int, start: int, end: int) -> list[int]:
   return [int(start + seg / 2 + round(seg * i)) for i in range(num_frames)]
 
 
-def random_indices(num_frames: int, start: int, stop: int,
-                   rng: np.random.Generator) -> list[int]:
+def random_indices(num_frames: int, start: int, stop: int, rng: np.random.Generator) -> list[int]:
   """Training sampling: one random frame from each of ``num_frames`` segments of [start, stop).
 
   The original's ``get_frame_indices(sample="rand")`` (ppllava/datasets/datasets/utils.py):
@@ -147,8 +161,14 @@ def cover_indices(num_frames: int, start: int, stop: int) -> list[int]:
   return middle_indices(num_frames, start, stop - 1)
 
 
-def seconds_to_window(total_frames: int, fps: float, start_sec: float | None = None,
-                      end_sec: float | None = None, *, first_number: int = 0) -> tuple[int, int]:
+def seconds_to_window(
+  total_frames: int,
+  fps: float,
+  start_sec: float | None = None,
+  end_sec: float | None = None,
+  *,
+  first_number: int = 0,
+) -> tuple[int, int]:
   """0-based frames [start, stop) covered by bounds in seconds, clamped to the video.
 
   Time ``t`` is frame number ``round(t * fps)`` (half to even) as in ``get_index``;
@@ -179,8 +199,11 @@ def frame_files(folder: str | Path) -> list[str]:
   (``01.jpg``, ``1.jpg``) fall back to plain order.
   """
   folder = Path(folder)
-  names = [p.name for p in folder.iterdir() if p.suffix.lower() in FRAME_EXTENSIONS
-           and not p.name.startswith(".") and p.is_file()]
+  names = [
+    p.name
+    for p in folder.iterdir()
+    if p.suffix.lower() in FRAME_EXTENSIONS and not p.name.startswith(".") and p.is_file()
+  ]
   return sorted(names, key=_natural_key)
 
 
@@ -218,8 +241,9 @@ def _video_stream(container: av.container.InputContainer, path: Path) -> av.Vide
   return stream
 
 
-def _decoded(container: av.container.InputContainer, stream: av.VideoStream,
-             path: Path) -> Iterator[av.VideoFrame]:
+def _decoded(
+  container: av.container.InputContainer, stream: av.VideoStream, path: Path
+) -> Iterator[av.VideoFrame]:
   """Frames in presentation order; a decoding error ends the video there, with a warning."""
   count = 0
   try:
@@ -257,8 +281,9 @@ def _gather(path: Path, indices: Sequence[int]) -> tuple[np.ndarray | None, int]
   return None, decoded
 
 
-def _read_video_file(path: Path, pick: Callable[[int, float, int], list[int]]
-                     ) -> tuple[np.ndarray, int, float, list[int]]:
+def _read_video_file(
+  path: Path, pick: Callable[[int, float, int], list[int]]
+) -> tuple[np.ndarray, int, float, list[int]]:
   total, fps = _probe(path)
   for _ in range(2):  # a second pass only when the header over-counted
     indices = pick(total, fps, 0)
@@ -279,9 +304,11 @@ def _decord_module():
   return decord
 
 
-def _read_video_decord(decord, path: Path, pick: Callable[[int, float, int], list[int]]
-                       ) -> tuple[np.ndarray, int, float, list[int]]:
+def _read_video_decord(
+  decord, path: Path, pick: Callable[[int, float, int], list[int]]
+) -> tuple[np.ndarray, int, float, list[int]]:
   """decord's frame count (its index), average rate and batch read, as the original."""
+
   def failed(err: Exception) -> MediaError:  # decord's first line, less its source location
     reason = re.sub(r"\[[\d:]+\] \S+:\d+: ", "", str(err).splitlines()[0])
     return MediaError(path, f"not a video or corrupt (decord: {reason})")
@@ -295,12 +322,17 @@ def _read_video_decord(decord, path: Path, pick: Callable[[int, float, int], lis
     raise failed(err) from err
 
 
-def load_video(path: str | Path, num_frames: int = 32, *,
-               sample: Literal["middle", "random"] = "middle",
-               rng: np.random.Generator | None = None, start_sec: float | None = None,
-               end_sec: float | None = None, folder_fps: float = DEFAULT_FOLDER_FPS,
-               backend: Literal["pyav", "decord"] = "pyav",
-               ) -> tuple[np.ndarray, VideoInfo]:
+def load_video(
+  path: str | Path,
+  num_frames: int = 32,
+  *,
+  sample: Literal["middle", "random"] = "middle",
+  rng: np.random.Generator | None = None,
+  start_sec: float | None = None,
+  end_sec: float | None = None,
+  folder_fps: float = DEFAULT_FOLDER_FPS,
+  backend: Literal["pyav", "decord"] = "pyav",
+) -> tuple[np.ndarray, VideoInfo]:
   """``num_frames`` frames of a video file or frame folder: (uint8 (T, H, W, 3) RGB, info).
 
   ``sample="middle"`` (evaluation), ``"random"`` (training, needs ``rng``) or ``"cover"``
@@ -329,11 +361,15 @@ def load_video(path: str | Path, num_frames: int = 32, *,
       raise MediaError(path, "no decodable video frames")
     if (start_sec is not None or end_sec is not None) and not fps > 0:
       raise MediaError(path, "the frame rate is unknown, so start_sec/end_sec cannot be applied")
-    start, stop = seconds_to_window(total_frames, fps, start_sec, end_sec,
-                                    first_number=first_number)
+    start, stop = seconds_to_window(
+      total_frames, fps, start_sec, end_sec, first_number=first_number
+    )
     if start >= stop:
-      raise MediaError(path, f"bounds {start_sec}..{end_sec} s hold no frame of a "
-                             f"{total_frames}-frame video at {fps:g} fps")
+      raise MediaError(
+        path,
+        f"bounds {start_sec}..{end_sec} s hold no frame of a "
+        f"{total_frames}-frame video at {fps:g} fps",
+      )
     if sample == "middle":  # get_index ends its window at the last frame, not one past it
       return middle_indices(num_frames, start, min(stop, total_frames - 1))
     if sample == "cover":
@@ -343,15 +379,19 @@ def load_video(path: str | Path, num_frames: int = 32, *,
   if path.is_dir():
     names = frame_files(path)
     if not names:
-      raise MediaError(path, f"no frame images ({', '.join(sorted(FRAME_EXTENSIONS))}) "
-                             f"in the folder")
+      raise MediaError(
+        path, f"no frame images ({', '.join(sorted(FRAME_EXTENSIONS))}) in the folder"
+      )
     indices = pick(len(names), folder_fps, 1)
     frames_thwc, total, fps = _read_folder(path, names, indices), len(names), float(folder_fps)
   elif not path.exists():
     raise MediaError(path, "no such file or directory")
   elif path.suffix.lower() not in VIDEO_EXTENSIONS:
-    raise MediaError(path, f"unsupported extension {path.suffix!r}: expected a video "
-                           f"({', '.join(sorted(VIDEO_EXTENSIONS))}) or a folder of frames")
+    raise MediaError(
+      path,
+      f"unsupported extension {path.suffix!r}: expected a video "
+      f"({', '.join(sorted(VIDEO_EXTENSIONS))}) or a folder of frames",
+    )
   elif decord is not None and path.suffix.lower() != ".gif":  # the original read GIFs apart
     frames_thwc, total, fps, indices = _read_video_decord(decord, path, pick)
   else:
@@ -359,9 +399,15 @@ def load_video(path: str | Path, num_frames: int = 32, *,
   return frames_thwc, VideoInfo(str(path), total, fps, tuple(indices))
 
 
-def write_video(path: str | Path, frames_hwc: Iterable[np.ndarray], rate: int = 8,
-                codec: str = "libx264", pix_fmt: str = "yuv420p", bit_rate: int | None = None,
-                **options: str) -> Path:
+def write_video(
+  path: str | Path,
+  frames_hwc: Iterable[np.ndarray],
+  rate: int = 8,
+  codec: str = "libx264",
+  pix_fmt: str = "yuv420p",
+  bit_rate: int | None = None,
+  **options: str,
+) -> Path:
   """Encodes uint8 RGB frames (each (H, W, 3), all one size) as ``path``; ``options`` go to
   the codec (``crf="0"`` / ``qp="0"``: lossless H.264)."""
   path = Path(path)

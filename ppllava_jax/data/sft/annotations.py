@@ -90,17 +90,22 @@ class CorpusConfig:
 
   def __post_init__(self):
     if self.format not in FORMATS:
-      raise ValueError(f"corpus {self.name!r}: format must be one of {FORMATS}, got "
-                       f"{self.format!r}")
+      raise ValueError(
+        f"corpus {self.name!r}: format must be one of {FORMATS}, got {self.format!r}"
+      )
     if self.kind not in ("auto", *KINDS[1:]):
-      raise ValueError(f"corpus {self.name!r}: kind must be 'auto' or one of {KINDS[1:]}, "
-                       f"got {self.kind!r}")
+      raise ValueError(
+        f"corpus {self.name!r}: kind must be 'auto' or one of {KINDS[1:]}, got {self.kind!r}"
+      )
     if self.reader not in READERS:
-      raise ValueError(f"corpus {self.name!r}: reader must be one of {READERS}, got "
-                       f"{self.reader!r}")
+      raise ValueError(
+        f"corpus {self.name!r}: reader must be one of {READERS}, got {self.reader!r}"
+      )
     if self.num_frames < 1 or self.repeat < 1:
-      raise ValueError(f"corpus {self.name!r}: num_frames and repeat must be >= 1, got "
-                       f"{self.num_frames} and {self.repeat}")
+      raise ValueError(
+        f"corpus {self.name!r}: num_frames and repeat must be >= 1, got "
+        f"{self.num_frames} and {self.repeat}"
+      )
     if self.weight is not None and not self.weight > 0:
       raise ValueError(f"corpus {self.name!r}: weight must be > 0, got {self.weight}")
 
@@ -187,8 +192,10 @@ def _qa_turns(record, file, index) -> tuple[tuple[tuple[str, str], ...], str]:
     _fail(file, index, "QA", "must be a non-empty list of {q, a} objects")
   try:  # the common case in one pass; any doubt goes to the checks below
     turns = tuple((t["q"], t["a"]) for t in qa)
-    ok = all(type(q) is str and type(a) is str and a and not a.isspace()  # not _blank, inlined
-             for q, a in turns) and all(type(t.get("i", "")) is str for t in qa)
+    ok = all(
+      type(q) is str and type(a) is str and a and not a.isspace()  # not _blank, inlined
+      for q, a in turns
+    ) and all(type(t.get("i", "")) is str for t in qa)
   except (TypeError, KeyError, AttributeError):
     ok = False
   if not ok:
@@ -197,8 +204,12 @@ def _qa_turns(record, file, index) -> tuple[tuple[tuple[str, str], ...], str]:
         _fail(file, index, f"QA[{j}]", "must be an object with 'q' and 'a'")
       for f in ("q", "a"):
         if type(t.get(f)) is not str:
-          _fail(file, index, f"QA[{j}].{f}", "missing" if t.get(f) is None else
-                f"must be a string, got {_type(t.get(f))}")
+          _fail(
+            file,
+            index,
+            f"QA[{j}].{f}",
+            "missing" if t.get(f) is None else f"must be a string, got {_type(t.get(f))}",
+          )
       if t.get("i") is not None and type(t["i"]) is not str:
         _fail(file, index, f"QA[{j}].i", f"must be a string, got {_type(t['i'])}")
       _check_answer(t["a"], file, index, f"QA[{j}].a")
@@ -213,25 +224,31 @@ def _llava_turns(record, file, index) -> tuple[tuple[tuple[str, str], ...], str]
   if type(conv[0]) is dict and conv[0].get("from") == "system":
     system, start = conv[0].get("value"), 1
   if (len(conv) - start) % 2 or len(conv) == start:
-    _fail(file, index, "conversations", f"needs human/gpt pairs, got {len(conv) - start} turns "
-                                        "after the system text")
+    _fail(
+      file,
+      index,
+      "conversations",
+      f"needs human/gpt pairs, got {len(conv) - start} turns after the system text",
+    )
   body = conv[start:]
   try:  # the common case in one pass; any doubt goes to the checks below
-    ok = (all(t["from"] == "human" for t in body[0::2])
-          and all(t["from"] == "gpt" for t in body[1::2])
-          and all(type(t["value"]) is str for t in conv)
-          and all(t["value"] and not t["value"].isspace() for t in body[1::2]))
+    ok = (
+      all(t["from"] == "human" for t in body[0::2])
+      and all(t["from"] == "gpt" for t in body[1::2])
+      and all(type(t["value"]) is str for t in conv)
+      and all(t["value"] and not t["value"].isspace() for t in body[1::2])
+    )
   except (TypeError, KeyError):
     ok = False
   if not ok:
     for j, t in enumerate(conv):
       if type(t) is not dict or type(t.get("value")) is not str:
-        _fail(file, index, f"conversations[{j}]", "must be an object with 'from' and a string "
-                                                  "'value'")
+        _fail(
+          file, index, f"conversations[{j}]", "must be an object with 'from' and a string 'value'"
+        )
       want = "system" if j < start else ("human", "gpt")[(j - start) % 2]
       if t.get("from") != want:
-        _fail(file, index, f"conversations[{j}].from", f"expected {want!r}, got "
-                                                        f"{t.get('from')!r}")
+        _fail(file, index, f"conversations[{j}].from", f"expected {want!r}, got {t.get('from')!r}")
       if want == "gpt":
         _check_answer(t["value"], file, index, f"conversations[{j}].value")
   return tuple((q["value"], a["value"]) for q, a in zip(body[::2], body[1::2])), system
@@ -267,8 +284,11 @@ def _validate(record, corpus: CorpusConfig, file, index: int, root: str) -> tupl
     kind, field = "text" if key is None else key, "conversations"
   paths, frame_list = (), False
   if key is not None:
-    declared = corpus.kind if corpus.kind != "auto" else (
-        "any" if corpus.format == "llava" and key == "image" else kind)
+    declared = (
+      corpus.kind
+      if corpus.kind != "auto"
+      else ("any" if corpus.format == "llava" and key == "image" else kind)
+    )
     paths, listed = _paths(record[key], declared, file, index, key)
     if corpus.kind != "auto":
       kind = corpus.kind
@@ -290,8 +310,12 @@ def _validate(record, corpus: CorpusConfig, file, index: int, root: str) -> tupl
     count += 1  # with_media prefixes one
   items = 0 if kind == "text" else (len(paths) if kind == "multi-image" else 1)
   if count != items:
-    _fail(file, index, field, f"the conversation has {count} {MEDIA_TOKEN} placeholders for "
-                              f"{items} {kind} item(s)")
+    _fail(
+      file,
+      index,
+      field,
+      f"the conversation has {count} {MEDIA_TOKEN} placeholders for {items} {kind} item(s)",
+    )
   return (kind, paths, turns, system, total if kind == "video" else None, index, frame_list)
 
 
@@ -302,12 +326,25 @@ def _root(corpus: CorpusConfig) -> str:
 
 def _record(t: tuple, corpus_index: int) -> Record:
   kind, paths, turns, system, total, source, frame_list = t
-  return Record(kind, tuple(paths), tuple(Turn(q, a) for q, a in turns), system, total,
-                corpus_index, source, frame_list)
+  return Record(
+    kind,
+    tuple(paths),
+    tuple(Turn(q, a) for q, a in turns),
+    system,
+    total,
+    corpus_index,
+    source,
+    frame_list,
+  )
 
 
-def parse_record(record: Any, corpus: CorpusConfig, file: str | Path = "<record>",
-                 index: int = 0, corpus_index: int = 0) -> Record:
+def parse_record(
+  record: Any,
+  corpus: CorpusConfig,
+  file: str | Path = "<record>",
+  index: int = 0,
+  corpus_index: int = 0,
+) -> Record:
   """One raw annotation -> a ``Record``, or ``AnnotationError`` (see the module doc)."""
   return _record(_validate(record, corpus, file, index, _root(corpus)), corpus_index)
 
@@ -331,8 +368,9 @@ class AnnotationSet:
   text and paths are one ``marshal`` entry of ``blob``.
   """
 
-  def __init__(self, corpora: Sequence[CorpusConfig], kinds, num_media, corpus, blob: bytes,
-               offsets):
+  def __init__(
+    self, corpora: Sequence[CorpusConfig], kinds, num_media, corpus, blob: bytes, offsets
+  ):
     self.corpora = tuple(corpora)
     self.kinds = np.asarray(kinds, np.uint8)
     self.num_media = np.asarray(num_media, np.int32)
@@ -341,8 +379,9 @@ class AnnotationSet:
     self.offsets = np.asarray(offsets, np.int64)
 
   @classmethod
-  def from_tuples(cls, corpora: Sequence[CorpusConfig], rows: Sequence[tuple[int, tuple]]
-                  ) -> "AnnotationSet":
+  def from_tuples(
+    cls, corpora: Sequence[CorpusConfig], rows: Sequence[tuple[int, tuple]]
+  ) -> AnnotationSet:
     """From ``(corpus index, _validate's tuple)`` rows."""
     parts = [marshal.dumps(t) for _, t in rows]
     offsets = np.zeros(len(parts) + 1, np.int64)
@@ -356,8 +395,9 @@ class AnnotationSet:
 
   def __getitem__(self, i: int) -> Record:
     i = int(i)
-    return _record(marshal.loads(self.blob[self.offsets[i]:self.offsets[i + 1]]),
-                   int(self.corpus[i]))
+    return _record(
+      marshal.loads(self.blob[self.offsets[i] : self.offsets[i + 1]]), int(self.corpus[i])
+    )
 
   def corpus_of(self, i: int) -> CorpusConfig:
     return self.corpora[self.corpus[i]]
@@ -374,8 +414,9 @@ class AnnotationSet:
 
 def _corpus_rows(corpus: CorpusConfig, c: int) -> list[tuple[int, tuple]]:
   root, file = _root(corpus), corpus.annotation
-  rows = [(c, _validate(raw, corpus, file, i, root))
-          for i, raw in enumerate(read_annotation_file(file))]
+  rows = [
+    (c, _validate(raw, corpus, file, i, root)) for i, raw in enumerate(read_annotation_file(file))
+  ]
   if not rows:
     raise AnnotationError(file, None, None, "holds no records")
   return rows
@@ -408,7 +449,7 @@ def _apportion(total: int, weights: Sequence[float]) -> list[int]:
   w = np.asarray(weights, np.float64)
   exact = total * w / w.sum()
   counts = np.floor(exact).astype(np.int64)
-  for i in np.argsort(-(exact - counts), kind="stable")[:total - counts.sum()]:
+  for i in np.argsort(-(exact - counts), kind="stable")[: total - counts.sum()]:
     counts[i] += 1
   return counts.tolist()
 
@@ -422,7 +463,7 @@ def epoch_size(aset: AnnotationSet, mixture: MixtureConfig) -> int:
 
 def epoch_order(aset: AnnotationSet, mixture: MixtureConfig, seed: int, epoch: int) -> np.ndarray:
   """Record indices of epoch ``epoch``, in order (int64): a function of (seed, epoch) only."""
-  rng = np.random.default_rng([seed, epoch, 0x5eed])
+  rng = np.random.default_rng([seed, epoch, 0x5EED])
   ranges = [np.flatnonzero(aset.corpus == c) for c in range(len(mixture.corpora))]
   if not mixture.weighted:
     pool = np.concatenate([np.tile(r, c.repeat) for r, c in zip(ranges, mixture.corpora)])
@@ -432,6 +473,7 @@ def epoch_order(aset: AnnotationSet, mixture: MixtureConfig, seed: int, epoch: i
   for c, (r, n) in enumerate(zip(ranges, counts)):
     cycles = -(-n // len(r)) if len(r) else 0
     crng = np.random.default_rng([seed, epoch, c + 1])
-    parts.append(np.concatenate([crng.permutation(r) for _ in range(cycles)])[:n]
-                 if cycles else r[:0])
+    parts.append(
+      np.concatenate([crng.permutation(r) for _ in range(cycles)])[:n] if cycles else r[:0]
+    )
   return rng.permutation(np.concatenate(parts))

@@ -86,8 +86,9 @@ class BatchConfig:
   def slots(self) -> tuple[int, int, int]:
     """(video, image, multi-image) slots."""
     d = self.batch_size
-    return tuple(d if v is None else v
-                 for v in (self.video_slots, self.image_slots, self.multi_image_slots))
+    return tuple(
+      d if v is None else v for v in (self.video_slots, self.image_slots, self.multi_image_slots)
+    )
 
   def bucket(self, length: int) -> int:
     return seq_bucket(self.seq_buckets, length, "SampleConfig.max_length")
@@ -141,13 +142,19 @@ class Geometry:
   picture_tokens: int  # s*s
 
   @classmethod
-  def of(cls, model: PPLLaVAConfig, cfg: BatchConfig) -> "Geometry":
+  def of(cls, model: PPLLaVAConfig, cfg: BatchConfig) -> Geometry:
     _gather_pool(model)  # refuses a mode whose images a gather cannot pack
     tile = model.vision.image_size
     s = int(round(picture_tokens(model) ** 0.5))
     pins = [(h // tile, w // tile) for h, w in model.grid_pinpoints]
-    return cls(tile, s, 1 + max(r * c for r, c in pins), model.video_tokens(cfg.num_frames),
-               max(s * s + r * s * c * s + r * s for r, c in pins), s * s)
+    return cls(
+      tile,
+      s,
+      1 + max(r * c for r, c in pins),
+      model.video_tokens(cfg.num_frames),
+      max(s * s + r * s * c * s + r * s for r, c in pins),
+      s * s,
+    )
 
   def gather_budget(self, cfg: BatchConfig) -> int:
     _, images, multi = cfg.slots()
@@ -163,14 +170,17 @@ def _gather_pool(model: PPLLaVAConfig) -> int:
   """The image windows' side of the anyres packing, which host gathers reproduce; a mode
   whose images take the anyres_max downscale (a resize) is refused."""
   if MODES[model.pooling.mode].anyres_max:
-    raise ValueError(f"training batches do not support pooling mode {model.pooling.mode!r}: "
-                     "its anyres_max downscale is a resize, not a gather")
+    raise ValueError(
+      f"training batches do not support pooling mode {model.pooling.mode!r}: "
+      "its anyres_max downscale is a resize, not a gather"
+    )
   pool, _ = model.image_packing()
   return pool
 
 
-def anyres_gather_indices(size_hw: Sequence[int], model: PPLLaVAConfig, base: int = 0,
-                          newline: int = -1) -> np.ndarray:
+def anyres_gather_indices(
+  size_hw: Sequence[int], model: PPLLaVAConfig, base: int = 0, newline: int = -1
+) -> np.ndarray:
   """Rows of one anyres image's packed tokens in its tile features.
 
   The image's features are (1 + R*C, s*s) rows starting at ``base`` (tile t, feature r
@@ -180,8 +190,12 @@ def anyres_gather_indices(size_hw: Sequence[int], model: PPLLaVAConfig, base: in
   ``ops.pack_image_features`` concatenates.
   """
   (rows, cols), s, (cut_h, cut_w) = _packed_geometry(
-      tuple(size_hw), model.grid_pinpoints, model.vision.image_size, model.vision.patch_size,
-      _gather_pool(model))
+    tuple(size_hw),
+    model.grid_pinpoints,
+    model.vision.image_size,
+    model.vision.patch_size,
+    _gather_pool(model),
+  )
   y = np.arange(cut_h, rows * s - cut_h)
   x = np.arange(cut_w, cols * s - cut_w)
   tile = 1 + (y[:, None] // s) * cols + (x[None, :] // s)
@@ -197,8 +211,9 @@ def plan_batches(kinds: np.ndarray, cfg: BatchConfig) -> list[int]:
   limit = {_VIDEO: v_slots, _IMAGE: i_slots, _MULTI: m_slots}
   for code, n in limit.items():
     if n == 0 and np.any(kinds == code):
-      raise ValueError(f"the stream has {list(KIND_CODES)[code]} samples but the batch "
-                       "layout gives them no slot")
+      raise ValueError(
+        f"the stream has {list(KIND_CODES)[code]} samples but the batch layout gives them no slot"
+      )
   ends, rows, used = [], 0, {_VIDEO: 0, _IMAGE: 0, _MULTI: 0}
   for i, k in enumerate(kinds.tolist()):
     if rows == cfg.batch_size or (k in used and used[k] == limit[k]):
@@ -212,8 +227,14 @@ def plan_batches(kinds: np.ndarray, cfg: BatchConfig) -> list[int]:
   return ends
 
 
-def collate(samples: Sequence[Sample | None], model: PPLLaVAConfig, cfg: BatchConfig,
-            pad_id: int = 0, scorer_length: int = 0, scorer_pad_id: int = 0) -> TrainBatch:
+def collate(
+  samples: Sequence[Sample | None],
+  model: PPLLaVAConfig,
+  cfg: BatchConfig,
+  pad_id: int = 0,
+  scorer_length: int = 0,
+  scorer_pad_id: int = 0,
+) -> TrainBatch:
   """``samples`` (None: an empty row) -> one ``TrainBatch`` of the config's shapes."""
   geo = Geometry.of(model, cfg)
   if len(samples) > cfg.batch_size:
@@ -234,21 +255,25 @@ def collate(samples: Sequence[Sample | None], model: PPLLaVAConfig, cfg: BatchCo
     if x.kind not in _PLACE:
       continue
     if used[x.kind] == limits[x.kind]:
-      raise ValueError(f"collate: more {_PLURAL[x.kind]} than the layout's {limits[x.kind]} "
-                       "slots (plan the batch with plan_batches)")
+      raise ValueError(
+        f"collate: more {_PLURAL[x.kind]} than the layout's {limits[x.kind]} "
+        "slots (plan the batch with plan_batches)"
+      )
     piece = _PLACE[x.kind](batch, used[x.kind], row, x, model, geo, cfg)
     used[x.kind] += 1
-    batch.image_gather[n_gather:n_gather + len(piece)] = piece
-    batch.image_gather_mask[n_gather:n_gather + len(piece)] = True
+    batch.image_gather[n_gather : n_gather + len(piece)] = piece
+    batch.image_gather_mask[n_gather : n_gather + len(piece)] = True
     n_gather += len(piece)
   mask = batch.attention_mask
   return batch.replace(
-      position_ids=np.where(mask > 0, np.cumsum(mask, axis=1) - 1, 0).astype(np.int32),
-      loss_mask=batch.labels != IGNORE)
+    position_ids=np.where(mask > 0, np.cumsum(mask, axis=1) - 1, 0).astype(np.int32),
+    loss_mask=batch.labels != IGNORE,
+  )
 
 
-def _empty(geo: Geometry, cfg: BatchConfig, length: int, pad_id: int, scorer_length: int,
-           scorer_pad_id: int) -> TrainBatch:
+def _empty(
+  geo: Geometry, cfg: BatchConfig, length: int, pad_id: int, scorer_length: int, scorer_pad_id: int
+) -> TrainBatch:
   """A batch of ``cfg``'s layout with no sample in it; ``position_ids`` and ``loss_mask``
   are left for ``collate`` to fill."""
   b, t, p, s, k = cfg.batch_size, cfg.num_frames, cfg.max_pictures, geo.tile, geo.max_tiles
@@ -256,58 +281,92 @@ def _empty(geo: Geometry, cfg: BatchConfig, length: int, pad_id: int, scorer_len
   dtype = PIXEL_DTYPES[cfg.pixel_dtype]
   budget = geo.gather_budget(cfg)
   return TrainBatch(
-      input_ids=np.full((b, length), pad_id, np.int32),
-      attention_mask=np.zeros((b, length), np.int32),
-      position_ids=np.zeros((b, length), np.int32),
-      labels=np.full((b, length), IGNORE, np.int32),
-      loss_mask=np.zeros((b, length), bool),
-      row_mask=np.zeros(b, bool),
-      scorer_ids=np.full((b, scorer_length), scorer_pad_id, np.int32),
-      scorer_mask=np.zeros((b, scorer_length), np.int32),
-      videos=np.zeros((v, t, 3, s, s), dtype), video_mask=np.zeros(v, bool),
-      video_row=np.zeros(v, np.int32), video_frame_mask=np.zeros((v, t), bool),
-      video_token_mask=np.zeros((v, geo.video_tokens), bool),
-      images=np.zeros((i, k, 3, s, s), dtype), image_mask=np.zeros(i, bool),
-      image_row=np.zeros(i, np.int32), image_tile_mask=np.zeros((i, k), bool),
-      pictures=np.zeros((m, p, 3, s, s), dtype), picture_item_mask=np.zeros(m, bool),
-      multi_image_row=np.zeros(m, np.int32), picture_mask=np.zeros((m, p), bool),
-      image_gather=np.zeros(budget, np.int32), image_gather_mask=np.zeros(budget, bool))
+    input_ids=np.full((b, length), pad_id, np.int32),
+    attention_mask=np.zeros((b, length), np.int32),
+    position_ids=np.zeros((b, length), np.int32),
+    labels=np.full((b, length), IGNORE, np.int32),
+    loss_mask=np.zeros((b, length), bool),
+    row_mask=np.zeros(b, bool),
+    scorer_ids=np.full((b, scorer_length), scorer_pad_id, np.int32),
+    scorer_mask=np.zeros((b, scorer_length), np.int32),
+    videos=np.zeros((v, t, 3, s, s), dtype),
+    video_mask=np.zeros(v, bool),
+    video_row=np.zeros(v, np.int32),
+    video_frame_mask=np.zeros((v, t), bool),
+    video_token_mask=np.zeros((v, geo.video_tokens), bool),
+    images=np.zeros((i, k, 3, s, s), dtype),
+    image_mask=np.zeros(i, bool),
+    image_row=np.zeros(i, np.int32),
+    image_tile_mask=np.zeros((i, k), bool),
+    pictures=np.zeros((m, p, 3, s, s), dtype),
+    picture_item_mask=np.zeros(m, bool),
+    multi_image_row=np.zeros(m, np.int32),
+    picture_mask=np.zeros((m, p), bool),
+    image_gather=np.zeros(budget, np.int32),
+    image_gather_mask=np.zeros(budget, bool),
+  )
 
 
 # Each media kind's placement of sample x (of batch row ``row``) in its slot ``slot``;
 # returns the rows of the image-token table its LLM tokens gather (none for a video,
 # whose tokens the model places itself).
 
-def _place_video(batch: TrainBatch, slot: int, row: int, x: Sample, model: PPLLaVAConfig,
-                 geo: Geometry, cfg: BatchConfig) -> np.ndarray:
+
+def _place_video(
+  batch: TrainBatch,
+  slot: int,
+  row: int,
+  x: Sample,
+  model: PPLLaVAConfig,
+  geo: Geometry,
+  cfg: BatchConfig,
+) -> np.ndarray:
   frames = len(x.video)
   if frames > cfg.num_frames:
-    raise ValueError(f"collate: {x.source}: {frames} frames, the slots hold "
-                     f"BatchConfig.num_frames={cfg.num_frames}")
+    raise ValueError(
+      f"collate: {x.source}: {frames} frames, the slots hold "
+      f"BatchConfig.num_frames={cfg.num_frames}"
+    )
   batch.videos[slot, :frames] = x.video
   batch.video_mask[slot], batch.video_row[slot] = True, row
   batch.video_frame_mask[slot, :frames] = True
-  batch.video_token_mask[slot, :model.video_tokens(frames)] = True
+  batch.video_token_mask[slot, : model.video_tokens(frames)] = True
   return np.zeros(0, np.int32)
 
 
-def _place_image(batch: TrainBatch, slot: int, row: int, x: Sample, model: PPLLaVAConfig,
-                 geo: Geometry, cfg: BatchConfig) -> np.ndarray:
+def _place_image(
+  batch: TrainBatch,
+  slot: int,
+  row: int,
+  x: Sample,
+  model: PPLLaVAConfig,
+  geo: Geometry,
+  cfg: BatchConfig,
+) -> np.ndarray:
   tiles = len(x.image)
   batch.images[slot, :tiles] = x.image
   batch.image_mask[slot], batch.image_row[slot] = True, row
   batch.image_tile_mask[slot, :tiles] = True
   newline = geo.table_rows(cfg) - 1
-  return anyres_gather_indices(x.image_size, model, slot * geo.max_tiles * geo.picture_tokens,
-                               newline)
+  return anyres_gather_indices(
+    x.image_size, model, slot * geo.max_tiles * geo.picture_tokens, newline
+  )
 
 
-def _place_pictures(batch: TrainBatch, slot: int, row: int, x: Sample, model: PPLLaVAConfig,
-                    geo: Geometry, cfg: BatchConfig) -> np.ndarray:
+def _place_pictures(
+  batch: TrainBatch,
+  slot: int,
+  row: int,
+  x: Sample,
+  model: PPLLaVAConfig,
+  geo: Geometry,
+  cfg: BatchConfig,
+) -> np.ndarray:
   count, p = len(x.pictures), cfg.max_pictures
   if count > p:
-    raise ValueError(f"collate: {x.source}: {count} pictures, the slots hold "
-                     f"BatchConfig.max_pictures={p}")
+    raise ValueError(
+      f"collate: {x.source}: {count} pictures, the slots hold BatchConfig.max_pictures={p}"
+    )
   batch.pictures[slot, :count] = x.pictures
   batch.picture_item_mask[slot], batch.multi_image_row[slot] = True, row
   batch.picture_mask[slot, :count] = True
@@ -316,8 +375,11 @@ def _place_pictures(batch: TrainBatch, slot: int, row: int, x: Sample, model: PP
   return base + np.arange(count * geo.picture_tokens, dtype=np.int32)
 
 
-_PLACE = {"video": _place_video, "image": _place_image,  # in BatchConfig.slots() order
-          "multi-image": _place_pictures}
+_PLACE = {
+  "video": _place_video,
+  "image": _place_image,  # in BatchConfig.slots() order
+  "multi-image": _place_pictures,
+}
 _PLURAL = {"video": "videos", "image": "images", "multi-image": "multi-image items"}
 
 
@@ -334,11 +396,19 @@ def as_shard(batch: TrainBatch, shard: int, shards: int, picture_tokens: int) ->
   image_rows = batch.images.shape[0] * batch.images.shape[1] * picture_tokens
   picture_rows = batch.pictures.shape[0] * batch.pictures.shape[1] * picture_tokens
   g = np.asarray(batch.image_gather)
-  gather = np.where(g < image_rows, g + shard * image_rows,
-                    np.where(g < image_rows + picture_rows,
-                             g - image_rows + shards * image_rows + shard * picture_rows,
-                             shards * (image_rows + picture_rows)))  # the newline
+  gather = np.where(
+    g < image_rows,
+    g + shard * image_rows,
+    np.where(
+      g < image_rows + picture_rows,
+      g - image_rows + shards * image_rows + shard * picture_rows,
+      shards * (image_rows + picture_rows),
+    ),
+  )  # the newline
   offset = lambda name: np.asarray(getattr(batch, name)) + shard * rows
-  return batch.replace(video_row=offset("video_row"), image_row=offset("image_row"),
-                       multi_image_row=offset("multi_image_row"),
-                       image_gather=gather.astype(np.int32))
+  return batch.replace(
+    video_row=offset("video_row"),
+    image_row=offset("image_row"),
+    multi_image_row=offset("multi_image_row"),
+    image_gather=gather.astype(np.int32),
+  )

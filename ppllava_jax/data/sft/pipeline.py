@@ -25,11 +25,22 @@ import grain
 import numpy as np
 
 from ppllava_jax.data.engine import BatchInfo, BatchPlan, DataIterator, Step, check_shards
-from ppllava_jax.data.sft.annotations import (KIND_CODES, AnnotationSet, MixtureConfig,
-                                              epoch_order, load_mixture)
+from ppllava_jax.data.sft.annotations import (
+  KIND_CODES,
+  AnnotationSet,
+  MixtureConfig,
+  epoch_order,
+  load_mixture,
+)
 from ppllava_jax.data.sft.batches import BatchConfig, Geometry, as_shard, collate, plan_batches
-from ppllava_jax.data.sft.samples import (RngFactory, SampleBuilder, SampleConfig, SkipSample,
-                                          frame_rng, text_pads)
+from ppllava_jax.data.sft.samples import (
+  RngFactory,
+  SampleBuilder,
+  SampleConfig,
+  SkipSample,
+  frame_rng,
+  text_pads,
+)
 from ppllava_jax.models.ppllava_config import PPLLaVAConfig
 
 log = logging.getLogger(__name__)
@@ -52,16 +63,19 @@ class DataConfig:
   def __post_init__(self):
     check_shards(self)
     if self.sample.max_length > self.batch.seq_buckets[-1]:
-      raise ValueError(f"SampleConfig.max_length {self.sample.max_length} exceeds the largest "
-                       f"bucket {self.batch.seq_buckets[-1]}")
+      raise ValueError(
+        f"SampleConfig.max_length {self.sample.max_length} exceeds the largest "
+        f"bucket {self.batch.seq_buckets[-1]}"
+      )
     if self.sample.max_pictures > self.batch.max_pictures:
       raise ValueError("SampleConfig.max_pictures exceeds BatchConfig.max_pictures")
     if self.num_epochs is not None and self.num_epochs < 1:
       raise ValueError(f"num_epochs must be >= 1 or None, got {self.num_epochs}")
 
 
-def mixture_epoch(aset: AnnotationSet, mixture: MixtureConfig, batch: BatchConfig, seed: int,
-                  epoch: int) -> tuple[np.ndarray, list[int]]:
+def mixture_epoch(
+  aset: AnnotationSet, mixture: MixtureConfig, batch: BatchConfig, seed: int, epoch: int
+) -> tuple[np.ndarray, list[int]]:
   """(record order, batch end offsets) of one SFT epoch: the mixture's seeded order, cut
   by ``plan_batches`` from the record kinds alone."""
   order = epoch_order(aset, mixture, seed, epoch)
@@ -71,8 +85,15 @@ def mixture_epoch(aset: AnnotationSet, mixture: MixtureConfig, batch: BatchConfi
 class BatchBuilder(grain.transforms.Map):
   """grain map: a ``Step`` -> (``TrainBatch`` of NumPy arrays, ``BatchInfo``)."""
 
-  def __init__(self, plan: BatchPlan, aset: AnnotationSet, samples: SampleBuilder,
-               model: PPLLaVAConfig, batch: BatchConfig, seed: int):
+  def __init__(
+    self,
+    plan: BatchPlan,
+    aset: AnnotationSet,
+    samples: SampleBuilder,
+    model: PPLLaVAConfig,
+    batch: BatchConfig,
+    seed: int,
+  ):
     self.plan, self.aset, self.samples = plan, aset, samples
     self.model, self.batch, self.seed = model, batch, seed
     self.picture_tokens = Geometry.of(model, batch).picture_tokens  # fails on a bad layout
@@ -85,25 +106,44 @@ class BatchBuilder(grain.transforms.Map):
     for r, pos in zip(records.tolist(), positions.tolist()):
       source = aset.describe(r)
       try:
-        rows.append(self.samples(aset[r], corpus=aset.corpus_of(r), seed=self.seed,
-                                 epoch=epoch, index=pos, source=source))
+        rows.append(
+          self.samples(
+            aset[r], corpus=aset.corpus_of(r), seed=self.seed, epoch=epoch, index=pos, source=source
+          )
+        )
       except SkipSample as skip:
         rows.append(None)
         skipped.append((skip.reason, skip.detail))
-    batch = as_shard(collate(rows, self.model, self.batch, self.pad_id, self.scorer_length,
-                             self.scorer_pad), step.shard, step.shards, self.picture_tokens)
+    batch = as_shard(
+      collate(rows, self.model, self.batch, self.pad_id, self.scorer_length, self.scorer_pad),
+      step.shard,
+      step.shards,
+      self.picture_tokens,
+    )
     real = [x for x in rows if x is not None]
-    info = BatchInfo(step.index, epoch, tuple(records.tolist()), tuple(skipped),
-                     sum(x.scorer_truncated > 0 for x in real),
-                     tuple(f"{x.source}: {x.truncated} tokens cut" for x in real if x.truncated))
+    info = BatchInfo(
+      step.index,
+      epoch,
+      tuple(records.tolist()),
+      tuple(skipped),
+      sum(x.scorer_truncated > 0 for x in real),
+      tuple(f"{x.source}: {x.truncated} tokens cut" for x in real if x.truncated),
+    )
     return batch, info
 
 
-def make_train_iterator(config: DataConfig, *, tokenizer, model: PPLLaVAConfig,
-                        scorer_tokenizer=None, state: dict | None = None,
-                        block: int | None = None, blocks: int | None = None,
-                        annotation_set: AnnotationSet | None = None,
-                        rng_factory: RngFactory = frame_rng) -> DataIterator:
+def make_train_iterator(
+  config: DataConfig,
+  *,
+  tokenizer,
+  model: PPLLaVAConfig,
+  scorer_tokenizer=None,
+  state: dict | None = None,
+  block: int | None = None,
+  blocks: int | None = None,
+  annotation_set: AnnotationSet | None = None,
+  rng_factory: RngFactory = frame_rng,
+) -> DataIterator:
   """Data block ``block`` of ``blocks``' training batches (module doc). The default, this
   process of all processes, is right only when every process is its own data block (no
   ``tensor`` axis across hosts); the trainer passes ``train.run.global_batch.data_blocks``'
@@ -111,18 +151,25 @@ def make_train_iterator(config: DataConfig, *, tokenizer, model: PPLLaVAConfig,
   ``annotation_set`` is given already loaded; ``rng_factory`` as ``SampleBuilder``'s."""
   if block is None or blocks is None:
     import jax
+
     block, blocks = jax.process_index(), jax.process_count()
   aset = annotation_set if annotation_set is not None else load_mixture(config.mixture)
   log.info("training data: %r", aset)
   video = KIND_CODES["video"]
   for c, corpus in enumerate(config.mixture.corpora):
     if corpus.num_frames > config.batch.num_frames and np.any(
-        (aset.corpus == c) & (aset.kinds == video)):
-      raise ValueError(f"corpus {corpus.name!r} samples {corpus.num_frames} frames but "
-                       f"BatchConfig.num_frames is {config.batch.num_frames}")
-  plan = BatchPlan(functools.partial(mixture_epoch, aset, config.mixture, config.batch,
-                                     config.seed), config.num_epochs)
-  samples = SampleBuilder(tokenizer, model, scorer_tokenizer, config.sample,
-                          rng_factory=rng_factory)
+      (aset.corpus == c) & (aset.kinds == video)
+    ):
+      raise ValueError(
+        f"corpus {corpus.name!r} samples {corpus.num_frames} frames but "
+        f"BatchConfig.num_frames is {config.batch.num_frames}"
+      )
+  plan = BatchPlan(
+    functools.partial(mixture_epoch, aset, config.mixture, config.batch, config.seed),
+    config.num_epochs,
+  )
+  samples = SampleBuilder(
+    tokenizer, model, scorer_tokenizer, config.sample, rng_factory=rng_factory
+  )
   builder = BatchBuilder(plan, aset, samples, model, config.batch, config.seed)
   return DataIterator(config, plan, builder, block, blocks, state)

@@ -36,8 +36,9 @@ def _probe(record: Record) -> str:
   return record.media[0]
 
 
-def check_media(aset: AnnotationSet, mixture: MixtureConfig,
-                media_store: str | None = None) -> None:
+def check_media(
+  aset: AnnotationSet, mixture: MixtureConfig, media_store: str | None = None
+) -> None:
   """Module doc: the media of each corpus's first records exist."""
   if media_store is not None and not Path(media_store).is_dir():
     raise FileNotFoundError(f"SampleConfig.media_store {media_store}: no such folder")
@@ -45,18 +46,28 @@ def check_media(aset: AnnotationSet, mixture: MixtureConfig,
     rows = np.flatnonzero(aset.corpus == c)
     records = [aset[int(i)] for i in rows[:MEDIA_PROBES]]
     # stored videos are keyed by path in the store, not read from the media root
-    records = [r for r in records if r.kind != "text"
-               and not (media_store is not None and r.kind == "video" and not r.frame_list)]
+    records = [
+      r
+      for r in records
+      if r.kind != "text"
+      and not (media_store is not None and r.kind == "video" and not r.frame_list)
+    ]
     if not records:
       continue
     missing = [_probe(r) for r in records if not Path(_probe(r)).exists()]
     if len(missing) == len(records):
       raise FileNotFoundError(
-          f"corpus {corpus.name!r} ({corpus.annotation}): none of the media of its first "
-          f"{len(records)} records exist, e.g. {missing[0]}; is media_root "
-          f"{corpus.media_root!r} right? (--set data.mixture.corpora.{corpus.name}."
-          "media_root=DIR)")
+        f"corpus {corpus.name!r} ({corpus.annotation}): none of the media of its first "
+        f"{len(records)} records exist, e.g. {missing[0]}; is media_root "
+        f"{corpus.media_root!r} right? (--set data.mixture.corpora.{corpus.name}."
+        "media_root=DIR)"
+      )
     if missing:
-      log.warning("corpus %r: %d of the media of its first %d records are missing (e.g. %s); "
-                  "such samples are skipped and counted", corpus.name, len(missing),
-                  len(records), missing[0])
+      log.warning(
+        "corpus %r: %d of the media of its first %d records are missing (e.g. %s); "
+        "such samples are skipped and counted",
+        corpus.name,
+        len(missing),
+        len(records),
+        missing[0],
+      )

@@ -101,7 +101,6 @@ import copy
 import dataclasses
 import threading
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -150,12 +149,14 @@ class SampleConfig:
   scorer_padding: str = "max_length"
 
   def __post_init__(self):
-    checks = (("template", self.template, tuple(TEMPLATES)),
-              ("tokenization", self.tokenization, TOKENIZATIONS),
-              ("overflow", self.overflow, OVERFLOWS),
-              ("picture_order", self.picture_order, PICTURE_ORDERS),
-              ("video_backend", self.video_backend, video.BACKENDS),
-              ("scorer_padding", self.scorer_padding, SCORER_PADDINGS))
+    checks = (
+      ("template", self.template, tuple(TEMPLATES)),
+      ("tokenization", self.tokenization, TOKENIZATIONS),
+      ("overflow", self.overflow, OVERFLOWS),
+      ("picture_order", self.picture_order, PICTURE_ORDERS),
+      ("video_backend", self.video_backend, video.BACKENDS),
+      ("scorer_padding", self.scorer_padding, SCORER_PADDINGS),
+    )
     for name, value, allowed in checks:
       if value not in allowed:
         raise ValueError(f"SampleConfig.{name} must be one of {allowed}, got {value!r}")
@@ -246,9 +247,16 @@ class SampleBuilder:
   ``functools.partial`` of one.
   """
 
-  def __init__(self, tokenizer, model: PPLLaVAConfig, scorer_tokenizer=None,
-               config: SampleConfig = SampleConfig(), media_token: str = "<image>",
-               scorer_length: int | None = None, rng_factory: RngFactory = frame_rng):
+  def __init__(
+    self,
+    tokenizer,
+    model: PPLLaVAConfig,
+    scorer_tokenizer=None,
+    config: SampleConfig = SampleConfig(),
+    media_token: str = "<image>",
+    scorer_length: int | None = None,
+    rng_factory: RngFactory = frame_rng,
+  ):
     self._shared = (tokenizer, scorer_tokenizer)
     self._local = threading.local()
     self.model, self.config, self.rng_factory = model, config, rng_factory
@@ -258,25 +266,33 @@ class SampleBuilder:
     if self.media_id is None or self.media_id == tokenizer.unk_token_id:
       raise ValueError(f"the tokenizer has no {media_token!r} token: add it as a special token")
     if model.pooling.scored and scorer_tokenizer is None:
-      raise ValueError(f"pooling mode {model.pooling.mode!r} scores relevance: give "
-                       "scorer_tokenizer (the CLIP / SigLIP tokenizer)")
+      raise ValueError(
+        f"pooling mode {model.pooling.mode!r} scores relevance: give "
+        "scorer_tokenizer (the CLIP / SigLIP tokenizer)"
+      )
     if scorer_length is None and model.scorer is not None:
       scorer_length = model.scorer.text.max_position_embeddings
     if scorer_tokenizer is not None and scorer_length is None:
       raise ValueError("give scorer_length: the model config has no scorer")
     if config.scorer_padding == "none" and not _siglip_scorer(model):
-      raise ValueError("SampleConfig.scorer_padding='none' is a SigLIP scorer's form (SigLIP "
-                       "pools the last position); this model's scorer is CLIP, which pools its "
-                       "end token, so padding changes nothing: keep 'max_length'")
+      raise ValueError(
+        "SampleConfig.scorer_padding='none' is a SigLIP scorer's form (SigLIP "
+        "pools the last position); this model's scorer is CLIP, which pools its "
+        "end token, so padding changes nothing: keep 'max_length'"
+      )
     self.scorer_length = scorer_length
     siglip = isinstance(model.vision, SiglipVisionConfig)
-    self.mean, self.std = ((preprocess.SIGLIP_MEAN, preprocess.SIGLIP_STD) if siglip
-                           else (preprocess.CLIP_MEAN, preprocess.CLIP_STD))
+    self.mean, self.std = (
+      (preprocess.SIGLIP_MEAN, preprocess.SIGLIP_STD)
+      if siglip
+      else (preprocess.CLIP_MEAN, preprocess.CLIP_STD)
+    )
     self.letterbox = siglip
     self.picture_tokens = picture_tokens(model)
     self.store = None
     if config.media_store is not None:
       from ppllava_jax.data.sft.store import MediaStore
+
       self.store = MediaStore(config.media_store)
       self.store.check_geometry(model.vision.image_size, self.letterbox)
     end = tokenizer(self.template.assistant_end, add_special_tokens=False).input_ids
@@ -313,12 +329,13 @@ class SampleBuilder:
 
   def tokenize(self, record: Record, source: str = "") -> tuple[str, str, list[int], list[int]]:
     """(LLM text, scorer text, ids, labels) before media expansion; see the module doc."""
-    conv = render_conversation(self.template, record.turns, record.system,
-                               media=record.kind != "text")
+    conv = render_conversation(
+      self.template, record.turns, record.system, media=record.kind != "text"
+    )
     bos = self.tokenizer.bos_token or ""
     text, shift = bos + conv.text, len(bos)
     spans = [(s + shift, e + shift) for s, e in conv.supervised]
-    cuts = [0] + [b + shift for b in conv.breaks[:len(spans)]] + [len(text)]
+    cuts = [0] + [b + shift for b in conv.breaks[: len(spans)]] + [len(text)]
     if self.config.tokenization == "pieces":
       pieces = [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
     else:
@@ -361,11 +378,14 @@ class SampleBuilder:
     if self.config.scorer_padding == "none":
       ids = self.scorer_tokenizer(text, truncation=True, max_length=length).input_ids
       ids_c = np.full(length, NO_TOKEN, np.int32)
-      ids_c[:len(ids)] = ids
+      ids_c[: len(ids)] = ids
       return ids_c, (ids_c != NO_TOKEN).astype(np.int32), max(0, full - length)
     enc = self.scorer_tokenizer(text, truncation=True, max_length=length, padding="max_length")
-    return (np.asarray(enc.input_ids, np.int32), np.asarray(enc.attention_mask, np.int32),
-            max(0, full - length))
+    return (
+      np.asarray(enc.input_ids, np.int32),
+      np.asarray(enc.attention_mask, np.int32),
+      max(0, full - length),
+    )
 
   # ---- media --------------------------------------------------------------------------
 
@@ -380,15 +400,29 @@ class SampleBuilder:
       return np.stack([frames[i] for i in indices]), tuple(indices)
     if self.store is not None:
       return self.store.training_frames(record.media[0], corpus.media_root, t, rng)
-    return load_training_video(record.media[0], t, rng, reader=corpus.reader,
-                               backend=cfg.video_backend, folder_fps=cfg.folder_fps,
-                               total_frames=record.total_frames)
+    return load_training_video(
+      record.media[0],
+      t,
+      rng,
+      reader=corpus.reader,
+      backend=cfg.video_backend,
+      folder_fps=cfg.folder_fps,
+      total_frames=record.total_frames,
+    )
 
   # ---- the sample ---------------------------------------------------------------------
 
-  def __call__(self, record: Record, *, corpus: CorpusConfig | None = None, seed: int = 0,
-               epoch: int = 0, index: int = 0, source: str | None = None,
-               rng: np.random.Generator | None = None) -> Sample:
+  def __call__(
+    self,
+    record: Record,
+    *,
+    corpus: CorpusConfig | None = None,
+    seed: int = 0,
+    epoch: int = 0,
+    index: int = 0,
+    source: str | None = None,
+    rng: np.random.Generator | None = None,
+  ) -> Sample:
     """The sample of ``record``; its media draws come from ``rng`` when given, else from
     ``rng_factory(seed, epoch, index)``."""
     corpus = corpus or CorpusConfig("sample", "")
@@ -399,37 +433,50 @@ class SampleBuilder:
     runs, image = self._media_runs(record, corpus, source)
     slots = [i for i, t in enumerate(ids) if t == self.media_id]
     if len(slots) != len(runs):  # validation makes this unreachable for validated records
-      raise ValueError(f"{source}: {len(slots)} {self.media_token} tokens for {len(runs)} "
-                       "media items")
+      raise ValueError(
+        f"{source}: {len(slots)} {self.media_token} tokens for {len(runs)} media items"
+      )
     length = len(ids) + sum(runs) - len(runs)
     truncated = 0
     if length > cfg.max_length:
       last_media = (slots[-1] + sum(runs) - len(runs) + 1) if runs else 0
       if cfg.overflow == "drop" or last_media > cfg.max_length:
-        raise SkipSample("too_long", f"{source}: {length} tokens, max_length is "
-                                     f"{cfg.max_length}")
+        raise SkipSample("too_long", f"{source}: {length} tokens, max_length is {cfg.max_length}")
       truncated = length - cfg.max_length
     # media, only now that the sample is known to fit
-    sample = Sample(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.int32), None,
-                    None, record.kind, text=text, scorer_text=scorer_text, source=source,
-                    media_tokens=tuple(runs))
+    sample = Sample(
+      np.zeros(0, np.int32),
+      np.zeros(0, np.int32),
+      np.zeros(0, np.int32),
+      None,
+      None,
+      record.kind,
+      text=text,
+      scorer_text=scorer_text,
+      source=source,
+      media_tokens=tuple(runs),
+    )
     try:
       self._load_media(sample, record, corpus, rng, image)
     except video.MediaError as err:
       raise media_skip(err, source) from None
     ids, labels = self._expand(ids, labels, slots, runs, record.kind)
     if truncated:
-      ids, labels = ids[:cfg.max_length], labels[:cfg.max_length]
+      ids, labels = ids[: cfg.max_length], labels[: cfg.max_length]
       if all(t == IGNORE for t in labels):
-        raise SkipSample("too_long", f"{source}: {length} tokens, and cutting to max_length "
-                                     f"{cfg.max_length} leaves no supervised token")
+        raise SkipSample(
+          "too_long",
+          f"{source}: {length} tokens, and cutting to max_length "
+          f"{cfg.max_length} leaves no supervised token",
+        )
     sample.input_ids = np.asarray(ids, np.int32)
     sample.labels = np.asarray(labels, np.int32)
     sample.attention_mask = np.ones(len(ids), np.int32)
     sample.truncated = truncated
     if self.scorer_tokenizer is not None:
       sample.scorer_ids, sample.scorer_mask, sample.scorer_truncated = self.scorer_tokens(
-          scorer_text)
+        scorer_text
+      )
     return sample
 
   def _media_runs(self, record: Record, corpus: CorpusConfig, source: str):
@@ -446,46 +493,63 @@ class SampleBuilder:
       return [model.video_tokens(corpus.num_frames)], None
     if kind == "multi-image":
       if len(record.media) > self.config.max_pictures:
-        raise SkipSample("too_many_pictures", f"{source}: {len(record.media)} pictures, "
-                                              f"max_pictures is {self.config.max_pictures}")
+        raise SkipSample(
+          "too_many_pictures",
+          f"{source}: {len(record.media)} pictures, max_pictures is {self.config.max_pictures}",
+        )
       return [self.picture_tokens] * len(record.media), None
     return [], None
 
-  def _load_media(self, sample: Sample, record: Record, corpus: CorpusConfig, rng,
-                  image) -> None:
+  def _load_media(self, sample: Sample, record: Record, corpus: CorpusConfig, rng, image) -> None:
     """``sample``'s pixels (and frame or picture order) from ``record``'s media."""
     cfg, model = self.config, self.model
     mean, std, s = self.mean, self.std, model.vision.image_size
     if record.kind == "image":
       sample.image, sample.image_size = preprocess.llava_next_image_pixels(
-          load_rgb(record.media[0], image), model.grid_pinpoints, s, mean, std)
+        load_rgb(record.media[0], image), model.grid_pinpoints, s, mean, std
+      )
     elif record.kind == "video":
       frames, indices = self._video(record, corpus, rng)
       sample.video = preprocess.video_pixels(frames, s, mean, std, letterbox=self.letterbox)
       sample.frame_indices = tuple(int(i) for i in indices)
     elif record.kind == "multi-image":
-      order = (sorted(range(len(record.media)), key=lambda i: record.media[i])
-               if cfg.picture_order == "sorted" else list(range(len(record.media))))
+      order = (
+        sorted(range(len(record.media)), key=lambda i: record.media[i])
+        if cfg.picture_order == "sorted"
+        else list(range(len(record.media)))
+      )
       pictures = [load_rgb(record.media[i]) for i in order]
       sample.pictures = preprocess.video_pixels(pictures, s, mean, std, letterbox=self.letterbox)
       sample.frame_indices = tuple(order)
 
-  def _expand(self, ids: list[int], labels: list[int], slots: list[int], runs: list[int],
-              kind: str) -> tuple[list[int], list[int]]:
+  def _expand(
+    self, ids: list[int], labels: list[int], slots: list[int], runs: list[int], kind: str
+  ) -> tuple[list[int], list[int]]:
     """Each media token at ``slots`` replaced by its run of placeholders, unsupervised."""
-    placeholder = (self.model.video_token_index if kind == "video"
-                   else self.model.image_token_index)
+    placeholder = self.model.video_token_index if kind == "video" else self.model.image_token_index
     for slot, run in zip(reversed(slots), reversed(runs)):  # back to front: slots stay valid
-      ids[slot:slot + 1] = [placeholder] * run
-      labels[slot:slot + 1] = [IGNORE] * run
+      ids[slot : slot + 1] = [placeholder] * run
+      labels[slot : slot + 1] = [IGNORE] * run
     return ids, labels
 
-def build_sample(record: Mapping[str, Any] | Record, *, tokenizer, model: PPLLaVAConfig,
-                 scorer_tokenizer=None, media_root: str = "", seed: int = 0, index: int = 0,
-                 epoch: int = 0, format: str = "qa", kind: str = "auto",
-                 reader: str = "auto", num_frames: int = 32,
-                 config: SampleConfig = SampleConfig(),
-                 rng: np.random.Generator | None = None) -> Sample:
+
+def build_sample(
+  record: Mapping[str, Any] | Record,
+  *,
+  tokenizer,
+  model: PPLLaVAConfig,
+  scorer_tokenizer=None,
+  media_root: str = "",
+  seed: int = 0,
+  index: int = 0,
+  epoch: int = 0,
+  format: str = "qa",
+  kind: str = "auto",
+  reader: str = "auto",
+  num_frames: int = 32,
+  config: SampleConfig = SampleConfig(),
+  rng: np.random.Generator | None = None,
+) -> Sample:
   """One training sample from one annotation record (module doc).
 
   ``record``: a raw annotation (``format="qa"``, the original's, or ``"llava"``; checked
@@ -501,8 +565,9 @@ def build_sample(record: Mapping[str, Any] | Record, *, tokenizer, model: PPLLaV
   if not isinstance(record, Record):
     record = parse_record(record, corpus, "<record>", index)
   builder = SampleBuilder(tokenizer, model, scorer_tokenizer, config)
-  return builder(record, corpus=corpus, seed=seed, epoch=epoch, index=index,
-                 source=f"record {index}", rng=rng)
+  return builder(
+    record, corpus=corpus, seed=seed, epoch=epoch, index=index, source=f"record {index}", rng=rng
+  )
 
 
 def text_pads(samples: SampleBuilder) -> tuple[int, int, int]:

@@ -59,8 +59,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from ppllava_jax import cli
-from ppllava_jax.data.media import preprocess, video
 from ppllava_jax.data.media import frames as media_frames
+from ppllava_jax.data.media import preprocess, video
 from ppllava_jax.data.sft.annotations import FORMATS as ANNOTATION_FORMATS
 from ppllava_jax.data.sft.annotations import READERS, CorpusConfig, Record, load_corpus
 
@@ -89,11 +89,12 @@ class StoreConfig:
     if self.format not in FORMATS:
       raise ValueError(f"StoreConfig.format must be one of {FORMATS}, got {self.format!r}")
     if self.backend not in video.BACKENDS:
-      raise ValueError(f"StoreConfig.backend must be one of {video.BACKENDS}, got "
-                       f"{self.backend!r}")
+      raise ValueError(f"StoreConfig.backend must be one of {video.BACKENDS}, got {self.backend!r}")
     if self.frames < 1 or self.size < 1 or self.workers < 1:
-      raise ValueError(f"StoreConfig: frames, size and workers must be >= 1, got "
-                       f"{self.frames}, {self.size}, {self.workers}")
+      raise ValueError(
+        f"StoreConfig: frames, size and workers must be >= 1, got "
+        f"{self.frames}, {self.size}, {self.workers}"
+      )
     if not 1 <= self.quality <= 100:
       raise ValueError(f"StoreConfig.quality must be in 1..100, got {self.quality}")
 
@@ -102,7 +103,7 @@ def media_key(path: str, media_root: str) -> str:
   """A video's key: ``path`` (a record's, already joined with the root) relative to
   ``media_root``, as the annotation wrote it."""
   root = media_root.rstrip("/") + "/" if media_root else ""
-  return path[len(root):] if root and path.startswith(root) else path
+  return path[len(root) :] if root and path.startswith(root) else path
 
 
 def nearest(kept: np.ndarray, wanted: Sequence[int]) -> np.ndarray:
@@ -136,8 +137,12 @@ class _Video:
 
 
 def _conversation(record: Record, annotation: str) -> dict:
-  return {"annotation": annotation, "record": record.source, "system": record.system,
-          "turns": [[t.question, t.answer] for t in record.turns]}
+  return {
+    "annotation": annotation,
+    "record": record.source,
+    "system": record.system,
+    "turns": [[t.question, t.answer] for t in record.turns],
+  }
 
 
 def _collect_videos(corpora: Sequence[CorpusConfig]) -> list[_Video]:
@@ -150,16 +155,21 @@ def _collect_videos(corpora: Sequence[CorpusConfig]) -> list[_Video]:
       if record.kind != "video" or record.frame_list:
         continue
       key = media_key(record.media[0], corpus.media_root)
-      seen = videos.setdefault(key, _Video(key, record.media[0], corpus.reader,
-                                           record.total_frames, []))
+      seen = videos.setdefault(
+        key, _Video(key, record.media[0], corpus.reader, record.total_frames, [])
+      )
       seen.records.append(_conversation(record, corpus.annotation))
       if seen.path != record.media[0]:
-        raise StoreError(f"key {key!r} is two videos, {seen.path} and {record.media[0]} "
-                         f"({seen.where()}): a store keys videos by their path under the "
-                         "media root; build one store per media root")
+        raise StoreError(
+          f"key {key!r} is two videos, {seen.path} and {record.media[0]} "
+          f"({seen.where()}): a store keys videos by their path under the "
+          "media root; build one store per media root"
+        )
       if seen.total_frames != record.total_frames:
-        raise StoreError(f"{record.media[0]}: total_frames {seen.total_frames} and "
-                         f"{record.total_frames} in its records ({seen.where()})")
+        raise StoreError(
+          f"{record.media[0]}: total_frames {seen.total_frames} and "
+          f"{record.total_frames} in its records ({seen.where()})"
+        )
   return [videos[k] for k in sorted(videos)]
 
 
@@ -168,14 +178,21 @@ def _example(job: tuple[_Video, StoreConfig]) -> dict:
   v, cfg = job
   try:
     frames_thwc, indices, total = media_frames.read_video(
-        v.path, cfg.frames, sample="cover", reader=v.reader, backend=cfg.backend,
-        folder_fps=cfg.folder_fps, total_frames=v.total_frames)
+      v.path,
+      cfg.frames,
+      sample="cover",
+      reader=v.reader,
+      backend=cfg.backend,
+      folder_fps=cfg.folder_fps,
+      total_frames=v.total_frames,
+    )
   except video.MediaError as err:
-    raise StoreError(f"{err} (used by {v.where()}): the store needs every video readable"
-                     ) from None
+    raise StoreError(f"{err} (used by {v.where()}): the store needs every video readable") from None
   # preprocess.video_pixels' resize, so that normalising a row gives its pixels exactly
-  squares = [preprocess._square(preprocess.to_rgb(f), cfg.size, cfg.letterbox, preprocess.BICUBIC)
-             for f in frames_thwc]
+  squares = [
+    preprocess._square(preprocess.to_rgb(f), cfg.size, cfg.letterbox, preprocess.BICUBIC)
+    for f in frames_thwc
+  ]
   if cfg.format == "uint8":
     frames = np.stack(squares)
   else:
@@ -184,22 +201,32 @@ def _example(job: tuple[_Video, StoreConfig]) -> dict:
       buffer = io.BytesIO()
       Image.fromarray(square_hwc).save(buffer, "JPEG", quality=cfg.quality, subsampling=0)
       frames.append(buffer.getvalue())
-  return {"key": v.key, "frames": frames, "frame_indices": np.asarray(indices, np.int32),
-          "total_frames": total, "conversations": json.dumps(v.records)}
+  return {
+    "key": v.key,
+    "frames": frames,
+    "frame_indices": np.asarray(indices, np.int32),
+    "total_frames": total,
+    "conversations": json.dumps(v.records),
+  }
 
 
 def _features(cfg: StoreConfig) -> tfds.features.FeaturesDict:
   s = cfg.size
   if cfg.format == "uint8":  # raw bytes: the default int64 list parses ~10x slower
-    frames = tfds.features.Tensor(shape=(None, s, s, 3), dtype=np.uint8,
-                                  encoding=tfds.features.Encoding.BYTES)
+    frames = tfds.features.Tensor(
+      shape=(None, s, s, 3), dtype=np.uint8, encoding=tfds.features.Encoding.BYTES
+    )
   else:
     frames = tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.object_))
-  return tfds.features.FeaturesDict({
-      "key": tfds.features.Text(), "frames": frames,
+  return tfds.features.FeaturesDict(
+    {
+      "key": tfds.features.Text(),
+      "frames": frames,
       "frame_indices": tfds.features.Tensor(shape=(None,), dtype=np.int32),
       "total_frames": tfds.features.Scalar(dtype=np.int64),
-      "conversations": tfds.features.Text()})
+      "conversations": tfds.features.Text(),
+    }
+  )
 
 
 class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -217,10 +244,12 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self, description="Video frames at the tower's square (ppllava_jax.data.sft.store).",
-        features=_features(self.store_config), disable_shuffling=True,
-        metadata=tfds.core.MetadataDict(store=dataclasses.asdict(self.store_config),
-                                        keys=self.keys))
+      builder=self,
+      description="Video frames at the tower's square (ppllava_jax.data.sft.store).",
+      features=_features(self.store_config),
+      disable_shuffling=True,
+      metadata=tfds.core.MetadataDict(store=dataclasses.asdict(self.store_config), keys=self.keys),
+    )
 
   def _split_generators(self, dl_manager):
     return {"train": self._generate_examples()}
@@ -232,7 +261,7 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
 def _rows(videos: Sequence[_Video], cfg: StoreConfig, progress: bool) -> Iterator[dict]:
   jobs = [(v, cfg) for v in videos]
-  pool = (multiprocessing.get_context("spawn").Pool(cfg.workers) if cfg.workers > 1 else None)
+  pool = multiprocessing.get_context("spawn").Pool(cfg.workers) if cfg.workers > 1 else None
   try:
     rows = pool.imap(_example, jobs) if pool else map(_example, jobs)
     yield from tqdm(rows, total=len(jobs), desc="media store", unit="video", disable=not progress)
@@ -241,15 +270,21 @@ def _rows(videos: Sequence[_Video], cfg: StoreConfig, progress: bool) -> Iterato
       pool.terminate()
 
 
-def build_store(corpora: Sequence[CorpusConfig], out: str | Path,
-                config: StoreConfig = StoreConfig(), *, progress: bool = True) -> Path:
+def build_store(
+  corpora: Sequence[CorpusConfig],
+  out: str | Path,
+  config: StoreConfig = StoreConfig(),
+  *,
+  progress: bool = True,
+) -> Path:
   """Builds a store of ``corpora``'s videos in the folder ``out`` (module doc); returns it.
   ``StoreError`` before any decoding for missing videos, an ``out`` that holds a store, or
   annotations without videos; during it for a video that cannot be read."""
   out = Path(out)
   if (out / NAME / VERSION / "dataset_info.json").exists():
-    raise StoreError(f"{out} already holds a media store ({out / NAME}): remove it or choose "
-                     "another folder")
+    raise StoreError(
+      f"{out} already holds a media store ({out / NAME}): remove it or choose another folder"
+    )
   videos = _collect_videos(corpora)
   if not videos:
     raise StoreError(f"no video records in {[c.annotation for c in corpora]}")
@@ -258,9 +293,13 @@ def build_store(corpora: Sequence[CorpusConfig], out: str | Path,
     listed = "; ".join(f"{v.path} ({v.where()})" for v in missing[:5])
     raise StoreError(f"{len(missing)} of {len(videos)} videos do not exist: {listed}")
   out.mkdir(parents=True, exist_ok=True)
-  builder = _Builder(config=config, keys=[v.key for v in videos],
-                     rows=_rows(videos, config, progress), data_dir=str(out),
-                     file_format="array_record")
+  builder = _Builder(
+    config=config,
+    keys=[v.key for v in videos],
+    rows=_rows(videos, config, progress),
+    data_dir=str(out),
+    file_format="array_record",
+  )
   with tempfile.TemporaryDirectory() as downloads:  # tfds makes one; nothing is downloaded
     builder.download_and_prepare(download_dir=downloads)
   return out
@@ -308,8 +347,10 @@ class MediaStore:
   def _open(self) -> None:
     folder = Path(self.path) / NAME / VERSION
     if not (folder / "dataset_info.json").is_file():
-      raise StoreError(f"{self.path}: not a media store (no {NAME}/{VERSION}/dataset_info.json"
-                       "); build one with python -m ppllava_jax.data.sft.store build")
+      raise StoreError(
+        f"{self.path}: not a media store (no {NAME}/{VERSION}/dataset_info.json"
+        "); build one with python -m ppllava_jax.data.sft.store build"
+      )
     builder = tfds.builder_from_directory(str(folder))
     meta = builder.info.metadata
     self.config = StoreConfig(**meta["store"])
@@ -329,26 +370,35 @@ class MediaStore:
 
   def __getitem__(self, i: int) -> StoredVideo:
     row = self._opened()[int(i)]
-    return StoredVideo(row["key"].decode(), np.asarray(row["frame_indices"], np.int64),
-                       int(row["total_frames"]), row["frames"], row["conversations"].decode())
+    return StoredVideo(
+      row["key"].decode(),
+      np.asarray(row["frame_indices"], np.int64),
+      int(row["total_frames"]),
+      row["frames"],
+      row["conversations"].decode(),
+    )
 
   def check_geometry(self, size: int, letterbox: bool) -> None:
     """``ValueError`` unless the store holds frames for this tower's square."""
     found = (self.config.size, self.config.letterbox)
     if found != (size, letterbox):
-      raise ValueError(f"media store {self.path} holds {found[0]} px frames (letterbox "
-                       f"{found[1]}); the model's tower takes {size} px (letterbox "
-                       f"{letterbox}): build a store for it")
+      raise ValueError(
+        f"media store {self.path} holds {found[0]} px frames (letterbox "
+        f"{found[1]}); the model's tower takes {size} px (letterbox "
+        f"{letterbox}): build a store for it"
+      )
 
   def check_frames(self, num_frames: int) -> None:
     """``ValueError`` unless the store keeps at least ``num_frames`` (T) frames a video:
     what it enforces is K >= T; K >= 2T is the recommendation (module doc)."""
     self._opened()  # the config, after unpickling
     if num_frames > self.config.frames:
-      raise ValueError(f"media store {self.path} keeps {self.config.frames} frames a video; "
-                       f"training samples {num_frames}: the store's frames must be >= "
-                       f"{num_frames} (>= {2 * num_frames} recommended), rebuild it with "
-                       f"--frames {2 * num_frames}")
+      raise ValueError(
+        f"media store {self.path} keeps {self.config.frames} frames a video; "
+        f"training samples {num_frames}: the store's frames must be >= "
+        f"{num_frames} (>= {2 * num_frames} recommended), rebuild it with "
+        f"--frames {2 * num_frames}"
+      )
 
   def lookup(self, key: str) -> StoredVideo | None:
     """The row of ``key``, or None when the store lacks it."""
@@ -358,12 +408,15 @@ class MediaStore:
       return None
     row = self[i]
     if row.key != key:
-      raise StoreError(f"{self.path}: row {i} holds {row.key!r}, the key list says {key!r}: "
-                       "the store is damaged, rebuild it")
+      raise StoreError(
+        f"{self.path}: row {i} holds {row.key!r}, the key list says {key!r}: "
+        "the store is damaged, rebuild it"
+      )
     return row
 
-  def training_frames(self, path: str, media_root: str, num_frames: int,
-                      rng: np.random.Generator) -> tuple[np.ndarray, tuple[int, ...]]:
+  def training_frames(
+    self, path: str, media_root: str, num_frames: int, rng: np.random.Generator
+  ) -> tuple[np.ndarray, tuple[int, ...]]:
     """(uint8 (T, S, S, 3), the video frame of each) for a record's video ``path``: the
     decode path's draw taken to the nearest kept frames (module doc). A video the store
     lacks is a ``MediaError`` naming it and the store. ``check_frames`` runs per sample:
@@ -382,8 +435,9 @@ class MediaStore:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m ppllava_jax.data.sft.store",
-                                   description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(
+    prog="python -m ppllava_jax.data.sft.store", description=__doc__.splitlines()[0]
+  )
   commands = parser.add_subparsers(dest="command", required=True)
   build = commands.add_parser("build", help="decode the videos of annotation files into a store")
   build.add_argument("--annotations", nargs="+", required=True, help="JSON / JSONL files")
@@ -402,14 +456,28 @@ def main(argv: Sequence[str] | None = None) -> int:
   build.add_argument("--workers", type=int, default=defaults.workers, help="decoding processes")
   cli.add_debug_flag(build)
   args = parser.parse_args(argv)
-  corpora = [CorpusConfig(f"annotations {i}", a, args.media_root, "auto", args.annotation_format,
-                          args.reader) for i, a in enumerate(args.annotations)]
-  config = StoreConfig(args.frames, args.size, args.letterbox, args.format, args.quality,
-                       args.backend, args.folder_fps, args.workers)
+  corpora = [
+    CorpusConfig(
+      f"annotations {i}", a, args.media_root, "auto", args.annotation_format, args.reader
+    )
+    for i, a in enumerate(args.annotations)
+  ]
+  config = StoreConfig(
+    args.frames,
+    args.size,
+    args.letterbox,
+    args.format,
+    args.quality,
+    args.backend,
+    args.folder_fps,
+    args.workers,
+  )
   tfds.disable_progress_bar()  # the one bar is ours, per video
   out = build_store(corpora, args.out, config)
-  print(f"{out}: {len(MediaStore(out))} videos, up to {config.frames} frames each at "
-        f"{config.size} px ({config.format}); train with SampleConfig(media_store={str(out)!r})")
+  print(
+    f"{out}: {len(MediaStore(out))} videos, up to {config.frames} frames each at "
+    f"{config.size} px ({config.format}); train with SampleConfig(media_store={str(out)!r})"
+  )
   return 0
 
 

@@ -64,15 +64,22 @@ class ChatTemplate:
   system: str = ""  # the system text when none is given
 
 
-VICUNA = ChatTemplate(name="plain_v1", user="USER: ", assistant="ASSISTANT: ",
-                      user_end=" ", assistant_end="</s>")
-CHATML = ChatTemplate(name="plain_qwen", user="<|im_start|>user\n",
-                      assistant="<|im_start|>assistant\n", user_end="<|im_end|>\n",
-                      assistant_end="<|im_end|>\n")
+VICUNA = ChatTemplate(
+  name="plain_v1", user="USER: ", assistant="ASSISTANT: ", user_end=" ", assistant_end="</s>"
+)
+CHATML = ChatTemplate(
+  name="plain_qwen",
+  user="<|im_start|>user\n",
+  assistant="<|im_start|>assistant\n",
+  user_end="<|im_end|>\n",
+  assistant_end="<|im_end|>\n",
+)
 VICUNA_V1 = dataclasses.replace(
-    VICUNA, name="vicuna_v1",
-    system="A chat between a curious user and an artificial intelligence assistant. The "
-           "assistant gives helpful, detailed, and polite answers to the user's questions.")
+  VICUNA,
+  name="vicuna_v1",
+  system="A chat between a curious user and an artificial intelligence assistant. The "
+  "assistant gives helpful, detailed, and polite answers to the user's questions.",
+)
 TEMPLATES: dict[str, ChatTemplate] = {t.name: t for t in (VICUNA, CHATML, VICUNA_V1)}
 
 
@@ -117,8 +124,13 @@ def with_media(template: ChatTemplate, question: str) -> str:
   return tagged + question
 
 
-def _render(template: ChatTemplate, questions: Sequence[str], answers: Sequence[str],
-            system: str, media: bool = True) -> RenderedConversation:
+def _render(
+  template: ChatTemplate,
+  questions: Sequence[str],
+  answers: Sequence[str],
+  system: str,
+  media: bool = True,
+) -> RenderedConversation:
   """Each question in a user turn, each answer (one fewer for an open last turn) in
   an assistant turn; an unanswered question ends the text at the assistant tag.
   ``media=False`` (a text-only conversation) leaves the first question as it is."""
@@ -127,8 +139,7 @@ def _render(template: ChatTemplate, questions: Sequence[str], answers: Sequence[
   supervised: list[tuple[int, int]] = []
   breaks: list[int] = []
   for index, question in enumerate(questions):
-    text += template.user + (with_media(template, question) if index == 0 and media
-                             else question)
+    text += template.user + (with_media(template, question) if index == 0 and media else question)
     text += template.user_end + template.assistant
     breaks.append(len(text))
     if index < len(answers):
@@ -138,21 +149,27 @@ def _render(template: ChatTemplate, questions: Sequence[str], answers: Sequence[
   return RenderedConversation(text, tuple(supervised), tuple(breaks))
 
 
-def render_conversation(template: ChatTemplate, turns: Sequence[Turn],
-                        system: str = "", *, media: bool = True) -> RenderedConversation:
+def render_conversation(
+  template: ChatTemplate, turns: Sequence[Turn], system: str = "", *, media: bool = True
+) -> RenderedConversation:
   """A multi-turn training conversation (``process_qa``), media placeholder in turn 0.
 
   ``media=False``: a text-only conversation (LLaVA data has some), no placeholder added.
   """
   if not turns:
     raise ValueError("render_conversation: a conversation needs at least one turn")
-  return _render(template, [t.question for t in turns], [t.answer for t in turns], system,
-                 media)
+  return _render(template, [t.question for t in turns], [t.answer for t in turns], system, media)
 
 
-def render_generation_prompt(template: ChatTemplate, question: str, answer_prefix: str = "",
-                             *, scorer_text: str | None = None, system: str = "",
-                             history: Sequence[Turn] = ()) -> GenerationPrompt:
+def render_generation_prompt(
+  template: ChatTemplate,
+  question: str,
+  answer_prefix: str = "",
+  *,
+  scorer_text: str | None = None,
+  system: str = "",
+  history: Sequence[Turn] = (),
+) -> GenerationPrompt:
   """The prompt the model continues: earlier turns in full, then ``question`` and the
   assistant tag followed by ``answer_prefix``.
 
@@ -162,5 +179,6 @@ def render_generation_prompt(template: ChatTemplate, question: str, answer_prefi
   """
   questions = [t.question for t in history] + [question]
   rendered = _render(template, questions, [t.answer for t in history], system)
-  return GenerationPrompt(rendered.text + answer_prefix,
-                          question if scorer_text is None else scorer_text)
+  return GenerationPrompt(
+    rendered.text + answer_prefix, question if scorer_text is None else scorer_text
+  )

@@ -28,32 +28,43 @@ CHARS = tuple(chr(i) for i in range(32, 127)) + ("\n",)
 def char_tokenizer():
   from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
   from transformers import PreTrainedTokenizerFast
+
   vocab = {token: i for i, token in enumerate(SPECIAL + CHARS)}
   tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
   tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
   tok.decoder = decoders.Fuse()
-  tok.post_processor = processors.TemplateProcessing(single="<s> $A",
-                                                     special_tokens=[("<s>", vocab["<s>"])])
-  return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                 unk_token="<unk>", pad_token="<pad>",
-                                 extra_special_tokens=["<image>"])
+  tok.post_processor = processors.TemplateProcessing(
+    single="<s> $A", special_tokens=[("<s>", vocab["<s>"])]
+  )
+  return PreTrainedTokenizerFast(
+    tokenizer_object=tok,
+    bos_token="<s>",
+    eos_token="</s>",
+    unk_token="<unk>",
+    pad_token="<pad>",
+    extra_special_tokens=["<image>"],
+  )
 
 
 # ---- the tokenizers of a model folder ---------------------------------------------------
-
 
 
 @dataclasses.dataclass(frozen=True)
 class TokenizerFolders:
   """Where a model's two tokenizers are read from: the LLM's, and the relevance scorer's
   (None: none found; a model without a scorer needs none)."""
+
   llm: Path
   scorer: Path | None
 
 
-def tokenizer_folders(checkpoint: str | Path, *, tokenizer: str | Path | None = None,
-                      scorer_tokenizer: str | Path | None = None,
-                      clip: str | Path | None = None) -> TokenizerFolders:
+def tokenizer_folders(
+  checkpoint: str | Path,
+  *,
+  tokenizer: str | Path | None = None,
+  scorer_tokenizer: str | Path | None = None,
+  clip: str | Path | None = None,
+) -> TokenizerFolders:
   """The folders a model folder's tokenizers come from. LLM: ``tokenizer``, else the
   checkpoint. Scorer, first to last: ``scorer_tokenizer``; ``clip`` (the CLIP / SigLIP
   folder whose text tower scores); the checkpoint's ``scorer_tokenizer/`` (what
@@ -75,6 +86,7 @@ def tokenizer_folders(checkpoint: str | Path, *, tokenizer: str | Path | None = 
 
 def _read_json(path: Path) -> dict:
   import json
+
   try:
     return json.loads(path.read_text())
   except (OSError, ValueError):
@@ -84,6 +96,7 @@ def _read_json(path: Path) -> dict:
 def load_tokenizer(folder: str | Path, role: str):
   """``AutoTokenizer`` of ``folder``; a folder with none is an error naming the role."""
   from transformers import AutoTokenizer
+
   try:
     return AutoTokenizer.from_pretrained(folder)
   except (OSError, ValueError, TypeError) as err:
@@ -95,23 +108,30 @@ def check_vocab(tokenizer, vocab_size: int, folder, model: str, role: str) -> No
   it feeds (an id past the table gathers NaN on the accelerator, silently)."""
   size = len(tokenizer)
   if size > vocab_size:
-    where = ("eval.py --scorer-tokenizer / --clip, or a run's model.scorer_tokenizer / "
-             "model.clip" if role == "scorer" else "eval.py --tokenizer")
+    where = (
+      "eval.py --scorer-tokenizer / --clip, or a run's model.scorer_tokenizer / model.clip"
+      if role == "scorer"
+      else "eval.py --tokenizer"
+    )
     raise ValueError(
-        f"the {role} tokenizer of {folder} has {size} ids, but {model}'s {role} embeds only "
-        f"{vocab_size}: it is another model's tokenizer; give the {role}'s own ({where})")
+      f"the {role} tokenizer of {folder} has {size} ids, but {model}'s {role} embeds only "
+      f"{vocab_size}: it is another model's tokenizer; give the {role}'s own ({where})"
+    )
 
 
 def check_ids(ids, vocab_size: int, what: str) -> None:
   """The ids of a batch (``what`` names them) lie in ``[-1, vocab_size)``; -1 is the video
   placeholder of checkpoints without a video token, which never reaches the table."""
   import numpy as np
+
   ids = np.asarray(ids)
   if ids.size and (ids.max() >= vocab_size or ids.min() < -1):
     bad = ids[(ids >= vocab_size) | (ids < -1)]
-    raise ValueError(f"{what}: token id {int(bad.flat[0])} is outside the embedding table of "
-                     f"{vocab_size} rows ({bad.size} such ids): the tokenizer does not belong "
-                     "to this model")
+    raise ValueError(
+      f"{what}: token id {int(bad.flat[0])} is outside the embedding table of "
+      f"{vocab_size} rows ({bad.size} such ids): the tokenizer does not belong "
+      "to this model"
+    )
 
 
 def model_tokenizers(cfg, folders: TokenizerFolders, model: str):
@@ -123,10 +143,12 @@ def model_tokenizers(cfg, folders: TokenizerFolders, model: str):
   check_vocab(tokenizer, cfg.text.vocab_size, folders.llm, model, "LLM")
   if cfg.scorer is None or folders.scorer is None:
     if cfg.pooling.scored:
-      raise ValueError(f"pooling mode {cfg.pooling.mode!r} scores relevance, and {model} has "
-                       f"no scorer tokenizer: none given and no {SCORER_TOKENIZER}/ in it; give "
-                       "the CLIP / SigLIP folder (--clip or --scorer-tokenizer; in a config "
-                       "model.clip or model.scorer_tokenizer)")
+      raise ValueError(
+        f"pooling mode {cfg.pooling.mode!r} scores relevance, and {model} has "
+        f"no scorer tokenizer: none given and no {SCORER_TOKENIZER}/ in it; give "
+        "the CLIP / SigLIP folder (--clip or --scorer-tokenizer; in a config "
+        "model.clip or model.scorer_tokenizer)"
+      )
     return tokenizer, None
   scorer = load_tokenizer(folders.scorer, "scorer")
   check_vocab(scorer, cfg.scorer.text.vocab_size, folders.scorer, model, "scorer")
@@ -148,14 +170,16 @@ def check_clip_eos(tokenizer, text_cfg, folder, model: str) -> None:
   want = text_cfg.vocab_size - 1 if eos == 2 else eos
   if tokenizer.eos_token_id != want:
     raise ValueError(
-        f"the scorer tokenizer of {folder} ends a text with id {tokenizer.eos_token_id}, but "
-        f"{model}'s CLIP text tower pools at id {want}: it is another model's tokenizer; give "
-        "the scorer's own (eval.py --scorer-tokenizer / --clip, or a run's "
-        "model.scorer_tokenizer / model.clip)")
+      f"the scorer tokenizer of {folder} ends a text with id {tokenizer.eos_token_id}, but "
+      f"{model}'s CLIP text tower pools at id {want}: it is another model's tokenizer; give "
+      "the scorer's own (eval.py --scorer-tokenizer / --clip, or a run's "
+      "model.scorer_tokenizer / model.clip)"
+    )
 
 
-def write_tokenizers(folder: Path, sources: TokenizerFolders | None, tokenizer,
-                     scorer_tokenizer) -> None:
+def write_tokenizers(
+  folder: Path, sources: TokenizerFolders | None, tokenizer, scorer_tokenizer
+) -> None:
   """A model folder's tokenizers, for the next stage to find with no flag: the LLM's files
   as ``sources.llm`` had them (``tokenizer.model`` included) with its processor, chat
   template and generation config; the scorer's, from ``sources.scorer`` alone, in

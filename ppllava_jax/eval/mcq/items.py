@@ -60,8 +60,9 @@ def _records(path: Path) -> Iterator[tuple[str, Any]]:
   if path.suffix == ".json":
     return ((f"item {i}", record) for i, record in enumerate(read_json(path, expect=list)))
   if path.suffix != ".parquet":
-    raise McqDataError(f"{path}: unknown format {path.suffix!r}; expected .json, .jsonl "
-                       "or .parquet")
+    raise McqDataError(
+      f"{path}: unknown format {path.suffix!r}; expected .json, .jsonl or .parquet"
+    )
   try:
     import pyarrow.parquet as pq  # installed with tensorflow-datasets; only needed here
   except ImportError:
@@ -128,11 +129,17 @@ def load_mvbench(path: str | Path, task: str | None = None) -> list[MVBenchItem]
     candidates, answer = fields.options("candidates"), fields.get("answer", str)
     if answer not in candidates:
       raise fields.error("answer", f"{answer!r:.60} is not one of the candidates")
-    items.append(MVBenchItem(
-        task=task or path.stem, video=fields.get("video", str),
-        question=fields.get("question", str), candidates=candidates, answer=answer,
+    items.append(
+      MVBenchItem(
+        task=task or path.stem,
+        video=fields.get("video", str),
+        question=fields.get("question", str),
+        candidates=candidates,
+        answer=answer,
         start=fields.get("start", (int, float), required=False),
-        end=fields.get("end", (int, float), required=False)))
+        end=fields.get("end", (int, float), required=False),
+      )
+    )
   return items
 
 
@@ -148,17 +155,25 @@ def load_videomme(path: str | Path) -> list[VideoMMEItem]:
     if duration not in DURATIONS:
       raise fields.error("duration", f"must be one of {DURATIONS}, got {duration!r}")
     answer = fields.get("answer", str)
-    if answer not in LETTERS[:len(options)]:
-      raise fields.error("answer", f"must be a letter A-{LETTERS[len(options) - 1]}, "
-                         f"got {answer!r:.60}")
+    if answer not in LETTERS[: len(options)]:
+      raise fields.error(
+        "answer", f"must be a letter A-{LETTERS[len(options) - 1]}, got {answer!r:.60}"
+      )
     subtitles = record.get("subtitles")
-    items.append(VideoMMEItem(
-        video_id=fields.get("videoID", str), duration=duration,
-        question=fields.get("question", str), options=options, answer=answer,
+    items.append(
+      VideoMMEItem(
+        video_id=fields.get("videoID", str),
+        duration=duration,
+        question=fields.get("question", str),
+        options=options,
+        answer=answer,
         question_id=fields.get("question_id", str, required=False),
         task_type=fields.get("task_type", str, required=False),
         domain=fields.get("domain", str, required=False),
         sub_category=fields.get("sub_category", str, required=False),
-        subtitles=(subtitles,) if isinstance(subtitles, str)
-        else fields.strings("subtitles", required=False)))
+        subtitles=(subtitles,)
+        if isinstance(subtitles, str)
+        else fields.strings("subtitles", required=False),
+      )
+    )
   return items

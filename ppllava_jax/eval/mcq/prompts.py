@@ -16,12 +16,14 @@ from ppllava_jax.eval.mcq.items import LETTERS, Item, MVBenchItem, VideoMMEItem
 from ppllava_jax.eval.mcq.protocols import EvalProtocol, LmmsEvalProtocol, OriginalProtocol
 
 MVBENCH_SYSTEM = (
-    "Carefully watch the video and pay attention to the cause and sequence of events, the "
-    "detail and movement of objects, and the action and pose of persons. Based on your "
-    "observations, select the best option that accurately addresses the question.\n")
+  "Carefully watch the video and pay attention to the cause and sequence of events, the "
+  "detail and movement of objects, and the action and pose of persons. Based on your "
+  "observations, select the best option that accurately addresses the question.\n"
+)
 VIDEOMME_INSTRUCTION = (
-    "Select the best answer to the following multiple-choice question based on the video "
-    "and the subtitles. Respond with only the letter (A, B, C, or D) of the correct option.")
+  "Select the best answer to the following multiple-choice question based on the video "
+  "and the subtitles. Respond with only the letter (A, B, C, or D) of the correct option."
+)
 
 
 class McqPrompt(NamedTuple):
@@ -94,19 +96,21 @@ def lmms_videomme(item: VideoMMEItem, protocol: LmmsEvalProtocol) -> McqPrompt:
   by newlines, or "No subtitles available"}\\n...\\nThe best answer is:``."""
   block = item.question + "\n" + "\n".join(item.options)
   if not protocol.subtitles:
-    return McqPrompt(f"{VIDEOMME_INSTRUCTION}\n{block}\n{protocol.videomme_post_prompt}", "",
-                     block)
-  subtitles = ("No subtitles available" if item.subtitles is None
-               else "\n".join(item.subtitles))
-  return McqPrompt(f"This video's subtitles are listed below: \n{subtitles}\n"
-                   f"{VIDEOMME_INSTRUCTION}\n{block}\nThe best answer is:", "", block)
+    return McqPrompt(f"{VIDEOMME_INSTRUCTION}\n{block}\n{protocol.videomme_post_prompt}", "", block)
+  subtitles = "No subtitles available" if item.subtitles is None else "\n".join(item.subtitles)
+  return McqPrompt(
+    f"This video's subtitles are listed below: \n{subtitles}\n"
+    f"{VIDEOMME_INSTRUCTION}\n{block}\nThe best answer is:",
+    "",
+    block,
+  )
 
 
 PROMPTS: dict[tuple[type, type], Callable[[Item, EvalProtocol], McqPrompt]] = {
-    (MVBenchItem, OriginalProtocol): original_mvbench,
-    (MVBenchItem, LmmsEvalProtocol): lmms_mvbench,
-    (VideoMMEItem, OriginalProtocol): original_videomme,
-    (VideoMMEItem, LmmsEvalProtocol): lmms_videomme,
+  (MVBenchItem, OriginalProtocol): original_mvbench,
+  (MVBenchItem, LmmsEvalProtocol): lmms_mvbench,
+  (VideoMMEItem, OriginalProtocol): original_videomme,
+  (VideoMMEItem, LmmsEvalProtocol): lmms_videomme,
 }
 
 

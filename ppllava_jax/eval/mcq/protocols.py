@@ -35,15 +35,18 @@ class LmmsEvalProtocol:
 
   def __post_init__(self):
     if self.videomme_extractor not in LMMS_VIDEOMME_EXTRACTORS:
-      raise ValueError(f"videomme_extractor must be one of {sorted(LMMS_VIDEOMME_EXTRACTORS)}, "
-                       f"got {self.videomme_extractor!r}")
+      raise ValueError(
+        f"videomme_extractor must be one of {sorted(LMMS_VIDEOMME_EXTRACTORS)}, "
+        f"got {self.videomme_extractor!r}"
+      )
 
 
 PROTOCOLS = (OriginalProtocol.name, LmmsEvalProtocol.name)
 
 
-def make_protocol(name: str, subtitles: bool = False,
-                  videomme_extractor: str = "2024") -> "OriginalProtocol | LmmsEvalProtocol":
+def make_protocol(
+  name: str, subtitles: bool = False, videomme_extractor: str = "2024"
+) -> OriginalProtocol | LmmsEvalProtocol:
   """The scoring protocol called ``name`` (one of ``PROTOCOLS``) with its options."""
   if name == OriginalProtocol.name:
     return OriginalProtocol(subtitles=subtitles)

@@ -25,8 +25,29 @@ def check_ans(pred: str, gt_letter: str) -> bool:
   return pred_option.replace(".", "") in gt_option or gt_option in pred_option
 
 
-_LMMS_PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">",
-               "<", "@", "`", ",", "?", "!")
+_LMMS_PUNCT = (
+  ";",
+  "/",
+  "[",
+  "]",
+  '"',
+  "{",
+  "}",
+  "(",
+  ")",
+  "=",
+  "+",
+  "\\",
+  "_",
+  "-",
+  ">",
+  "<",
+  "@",
+  "`",
+  ",",
+  "?",
+  "!",
+)
 _PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")  # sic: a lookahead, not the intended lookbehind
 _NUMBER_COMMA = re.compile(r"(\d)(\,)(\d)")
 _LETTER_DOT = re.compile(r"^([A-E])\.\s*(.+)$", re.IGNORECASE)
@@ -57,11 +78,20 @@ def lmms_mcq_read(text: str) -> str:
 
 # Adjacent string literals fused in both sources (missing commas): "Best option:" and
 # "The correct option is" are never deleted on their own.
-_LMMS_2024_PHRASES = ("The best answer is", "The correct answer is", "The answer is",
-                      "The answer", "The best option isThe correct option is",
-                      "Best answer:Best option:")
-_ORIGINAL_PHRASES = _LMMS_2024_PHRASES + ("Answer:", "Option:", "The correct answer",
-                                          "The correct option")
+_LMMS_2024_PHRASES = (
+  "The best answer is",
+  "The correct answer is",
+  "The answer is",
+  "The answer",
+  "The best option isThe correct option is",
+  "Best answer:Best option:",
+)
+_ORIGINAL_PHRASES = _LMMS_2024_PHRASES + (
+  "Answer:",
+  "Option:",
+  "The correct answer",
+  "The correct option",
+)
 
 
 def _phrase_regex_reader(phrases: tuple[str, ...]) -> Callable[[str], str]:
@@ -70,25 +100,58 @@ def _phrase_regex_reader(phrases: tuple[str, ...]) -> Callable[[str], str]:
   (Its "more than 10 words and no A-D" test returns "" only where the search below
   does too, so it is left out.)
   """
+
   def read(text: str) -> str:
     text = text.strip()
     for phrase in phrases:
       text = text.replace(phrase, "")
     match = re.search("[ABCD]", text)
     return match[0] if match else ""
+
   return read
 
 
 _ANSWER_PHRASES = (
-    "the answer is", "answer is", "the correct answer is", "correct answer is",
-    "the best answer is", "best answer is", "the correct option is", "correct option is",
-    "the best option is", "best option is", "the choice is", "choice is",
-    "the correct choice is", "correct choice is", "i choose", "i select", "i pick",
-    "my answer is", "my choice is",
-    "옵션", "정답은", "답은", "답:", "答案是", "答案为", "选", "答えは")
+  "the answer is",
+  "answer is",
+  "the correct answer is",
+  "correct answer is",
+  "the best answer is",
+  "best answer is",
+  "the correct option is",
+  "correct option is",
+  "the best option is",
+  "best option is",
+  "the choice is",
+  "choice is",
+  "the correct choice is",
+  "correct choice is",
+  "i choose",
+  "i select",
+  "i pick",
+  "my answer is",
+  "my choice is",
+  "옵션",
+  "정답은",
+  "답은",
+  "답:",
+  "答案是",
+  "答案为",
+  "选",
+  "答えは",
+)
 # Candidate kinds by rank; among one kind the rightmost position wins.
-_FORMATS = {"start": 10, "end": 9, "phrase": 7, "parentheses": 6, "period": 5, "colon": 4,
-            "right_paren": 3, "space": 2, "fallback": 0}
+_FORMATS = {
+  "start": 10,
+  "end": 9,
+  "phrase": 7,
+  "parentheses": 6,
+  "period": 5,
+  "colon": 4,
+  "right_paren": 3,
+  "space": 2,
+  "fallback": 0,
+}
 
 
 def lmms_mcq_extract(response: str, choices: str = "ABCD") -> str:
@@ -101,22 +164,37 @@ def lmms_mcq_extract(response: str, choices: str = "ABCD") -> str:
     text = text.strip(char)
   text = f" {text} "
   found: list[tuple[int, int, str]] = []  # (rank, position, letter)
-  for kind, pattern in (("parentheses", "({})"), ("period", "{}."), ("colon", "{}:"),
-                        ("right_paren", "{})"), ("space", "{} ")):
-    found += [(_FORMATS[kind], text.rfind(pattern.format(c)), c)
-              for c in choices if pattern.format(c) in text]
+  for kind, pattern in (
+    ("parentheses", "({})"),
+    ("period", "{}."),
+    ("colon", "{}:"),
+    ("right_paren", "{})"),
+    ("space", "{} "),
+  ):
+    found += [
+      (_FORMATS[kind], text.rfind(pattern.format(c)), c)
+      for c in choices
+      if pattern.format(c) in text
+    ]
   lower = text.lower()
   for phrase in _ANSWER_PHRASES:
     at = lower.find(phrase)
     if at != -1:
       after = at + len(phrase)
-      found += [(_FORMATS["phrase"], text.find(c, after), c)
-                for c in choices if text.find(c, after) != -1]
+      found += [
+        (_FORMATS["phrase"], text.find(c, after), c) for c in choices if text.find(c, after) != -1
+      ]
   bare = text.strip()
-  found += [(_FORMATS["start"], 0, c) for c in choices
-            if bare.startswith(c) and (len(bare) == 1 or not bare[1].isalpha())]
-  found += [(_FORMATS["end"], len(text) - 1, c) for c in choices
-            if bare.endswith(c) and (len(bare) == 1 or not bare[-2].isalpha())]
+  found += [
+    (_FORMATS["start"], 0, c)
+    for c in choices
+    if bare.startswith(c) and (len(bare) == 1 or not bare[1].isalpha())
+  ]
+  found += [
+    (_FORMATS["end"], len(text) - 1, c)
+    for c in choices
+    if bare.endswith(c) and (len(bare) == 1 or not bare[-2].isalpha())
+  ]
   if not found:
     found = [(_FORMATS["fallback"], text.rfind(c), c) for c in choices if c in text]
   # Equal (rank, position) always means the same letter, so max() matches lmms-eval's
@@ -130,6 +208,8 @@ def lmms_mcq_extract(response: str, choices: str = "ABCD") -> str:
 # "2026", ``extract_mcq_answer`` (``_task_utils/mcq_extract.py``), from 9ca4445d
 # (2026-04-11).
 LMMS_VIDEOMME_EXTRACTORS: dict[str, Callable[[str], str]] = {
-    "2024": _phrase_regex_reader(_LMMS_2024_PHRASES), "2026": lmms_mcq_extract}
+  "2024": _phrase_regex_reader(_LMMS_2024_PHRASES),
+  "2026": lmms_mcq_extract,
+}
 # The original's ``eval_result.py``: "Answer:" is deleted, "Best option:" is not.
 original_videomme_read = _phrase_regex_reader(_ORIGINAL_PHRASES)

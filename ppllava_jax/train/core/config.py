@@ -23,8 +23,13 @@ ACCUM_REDUCTIONS = ("tokens", "micro_mean")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 # "none", or a jax.checkpoint_policies name applied to every LLM decoder layer and vision-tower
 # layer (PPLLaVA.set_remat)
-REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
-                  "everything_saveable")
+REMAT_POLICIES = (
+  "none",
+  "nothing_saveable",
+  "dots_saveable",
+  "dots_with_no_batch_dims_saveable",
+  "everything_saveable",
+)
 
 
 def _choice(owner: str, name: str, value, allowed) -> None:
@@ -55,6 +60,7 @@ class OptimConfig:
     weights the tokens of short micro-batches up).
   decay_rules: which trainable parameters weight decay applies to (``train.core.partition``).
   """
+
   lr: float = 2e-5
   schedule: str = "cosine"
   warmup_ratio: float = 0.03
@@ -72,19 +78,24 @@ class OptimConfig:
     _choice("OptimConfig", "schedule", self.schedule, SCHEDULES)
     _choice("OptimConfig", "accum_reduction", self.accum_reduction, ACCUM_REDUCTIONS)
     if (self.total_steps is not None and self.total_steps < 1) or self.grad_accum < 1:
-      raise ValueError(f"OptimConfig: total_steps and grad_accum must be >= 1, got "
-                       f"{self.total_steps}, {self.grad_accum}")
+      raise ValueError(
+        f"OptimConfig: total_steps and grad_accum must be >= 1, got "
+        f"{self.total_steps}, {self.grad_accum}"
+      )
     if not 0 <= self.warmup_ratio <= 1 or self.lr < 0 or self.weight_decay < 0:
-      raise ValueError(f"OptimConfig: need 0 <= warmup_ratio <= 1, lr >= 0, weight_decay >= 0; "
-                       f"got {self.warmup_ratio}, {self.lr}, {self.weight_decay}")
+      raise ValueError(
+        f"OptimConfig: need 0 <= warmup_ratio <= 1, lr >= 0, weight_decay >= 0; "
+        f"got {self.warmup_ratio}, {self.lr}, {self.weight_decay}"
+      )
     if self.clip_norm is not None and self.clip_norm <= 0:
       raise ValueError(f"OptimConfig.clip_norm must be positive or None, got {self.clip_norm}")
 
   @property
   def warmup_steps(self) -> int:
     if self.total_steps is None:
-      raise ValueError("OptimConfig.total_steps is unset: RunConfig.resolved() sets it to the "
-                       "run's steps")
+      raise ValueError(
+        "OptimConfig.total_steps is unset: RunConfig.resolved() sets it to the run's steps"
+      )
     return math.ceil(self.total_steps * self.warmup_ratio)
 
 
@@ -93,6 +104,7 @@ class MeshConfig:
   """Device mesh axes ``(data, fsdp, tensor)``; one of them may be -1: the rest of the
   devices. The model's logical axes map onto them by ``models.sharding.LOGICAL_RULES``
   (batch over data x fsdp, embed over fsdp, heads / mlp / vocab over tensor)."""
+
   data: int = -1
   fsdp: int = 1
   tensor: int = 1
@@ -129,6 +141,7 @@ class TrainConfig:
     "pallas_interpret" (that kernel interpreted, any platform, slow).
   loss_chunk: positions per logits chunk of the cross-entropy (``train.core.losses``).
   """
+
   optim: OptimConfig = OptimConfig()
   mesh: MeshConfig = MeshConfig()
   trainable: Rules = VICUNA_SFT
@@ -143,11 +156,15 @@ class TrainConfig:
     _choice("TrainConfig", "remat", self.remat, REMAT_POLICIES)
     _choice("TrainConfig", "attention", self.attention, IMPLEMENTATIONS)
     # the sizes that are fixed; a -1 axis is known only when the mesh is made
-    check_attention(self.attention, math.prod(
-        s for s in (self.mesh.data, self.mesh.fsdp, self.mesh.tensor) if s > 0))
+    check_attention(
+      self.attention,
+      math.prod(s for s in (self.mesh.data, self.mesh.fsdp, self.mesh.tensor) if s > 0),
+    )
     if self.attention == "cudnn" and self.compute_dtype != "bfloat16":
-      raise ValueError("TrainConfig.attention='cudnn' needs compute_dtype='bfloat16' (cuDNN's "
-                       f"flash attention has no float32 kernel), got {self.compute_dtype!r}")
+      raise ValueError(
+        "TrainConfig.attention='cudnn' needs compute_dtype='bfloat16' (cuDNN's "
+        f"flash attention has no float32 kernel), got {self.compute_dtype!r}"
+      )
     if self.loss_chunk < 1:
       raise ValueError(f"TrainConfig.loss_chunk must be >= 1, got {self.loss_chunk}")
 

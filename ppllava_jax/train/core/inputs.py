@@ -31,14 +31,21 @@ from ppllava_jax import ops
 from ppllava_jax.models.ppllava import MODES, PPLLaVA
 
 
-def _item_tokens(model: PPLLaVA, frames_btchw: jax.Array, text_be: jax.Array | None,
-                 mask_bt: jax.Array, per_frame: bool, rngs: nnx.Rngs | None) -> jax.Array:
+def _item_tokens(
+  model: PPLLaVA,
+  frames_btchw: jax.Array,
+  text_be: jax.Array | None,
+  mask_bt: jax.Array,
+  per_frame: bool,
+  rngs: nnx.Rngs | None,
+) -> jax.Array:
   """(B, T, g', g', D) tokens of B image items of T tiles / pictures each. ``per_frame``:
   the vision tower sees each frame alone (anyres tiles), else each item whole."""
   b, t = frames_btchw.shape[:2]
   if per_frame:
-    feats_btggf = model.patch_features(frames_btchw.reshape(b * t, 1, *frames_btchw.shape[2:]),
-                                       rngs)
+    feats_btggf = model.patch_features(
+      frames_btchw.reshape(b * t, 1, *frames_btchw.shape[2:]), rngs
+    )
     feats_btggf = feats_btggf.reshape(b, t, *feats_btggf.shape[2:])
   else:
     feats_btggf = model.patch_features(frames_btchw, rngs)
@@ -60,24 +67,51 @@ def embed_batch(model: PPLLaVA, batch, rngs: nnx.Rngs | None = None) -> jax.Arra
     text_be = model.scorer.text_features(batch.scorer_ids, batch.scorer_mask)
   pick = lambda rows: None if text_be is None else text_be[rows]
   if batch.videos.shape[0]:
-    tokens_ild = model.encode_videos(batch.videos.astype(emb_bld.dtype), pick(batch.video_row),
-                                     batch.video_frame_mask, rngs)
-    emb_bld = ops.merge_media(emb_bld, batch.input_ids, tokens_ild.reshape(-1, emb_bld.shape[-1]),
-                              batch.video_token_mask.reshape(-1), cfg.video_token_index)
+    tokens_ild = model.encode_videos(
+      batch.videos.astype(emb_bld.dtype), pick(batch.video_row), batch.video_frame_mask, rngs
+    )
+    emb_bld = ops.merge_media(
+      emb_bld,
+      batch.input_ids,
+      tokens_ild.reshape(-1, emb_bld.shape[-1]),
+      batch.video_token_mask.reshape(-1),
+      cfg.video_token_index,
+    )
   if batch.image_gather.shape[0]:
     parts = []
     if batch.images.shape[0]:
-      parts.append(_item_tokens(model, batch.images.astype(emb_bld.dtype), pick(batch.image_row),
-                                batch.image_tile_mask, per_frame=True, rngs=rngs))
+      parts.append(
+        _item_tokens(
+          model,
+          batch.images.astype(emb_bld.dtype),
+          pick(batch.image_row),
+          batch.image_tile_mask,
+          per_frame=True,
+          rngs=rngs,
+        )
+      )
     if batch.pictures.shape[0]:
-      parts.append(_item_tokens(model, batch.pictures.astype(emb_bld.dtype),
-                                pick(batch.multi_image_row), batch.picture_mask, per_frame=False,
-                                rngs=rngs))
+      parts.append(
+        _item_tokens(
+          model,
+          batch.pictures.astype(emb_bld.dtype),
+          pick(batch.multi_image_row),
+          batch.picture_mask,
+          per_frame=False,
+          rngs=rngs,
+        )
+      )
     d = emb_bld.shape[-1]
-    table_ld = jnp.concatenate([p.reshape(-1, d) for p in parts] +
-                               [model.image_newline[...].astype(emb_bld.dtype)[None]])
-    emb_bld = ops.merge_media(emb_bld, batch.input_ids, table_ld[batch.image_gather],
-                              batch.image_gather_mask, cfg.image_token_index)
+    table_ld = jnp.concatenate(
+      [p.reshape(-1, d) for p in parts] + [model.image_newline[...].astype(emb_bld.dtype)[None]]
+    )
+    emb_bld = ops.merge_media(
+      emb_bld,
+      batch.input_ids,
+      table_ld[batch.image_gather],
+      batch.image_gather_mask,
+      cfg.image_token_index,
+    )
   return emb_bld
 
 
@@ -97,5 +131,10 @@ def embed_pairs(model: PPLLaVA, batch, media_bnd: jax.Array) -> jax.Array:
   d = emb_bld.shape[-1]
   rows_bnd = jnp.repeat(media_bnd.astype(emb_bld.dtype), 2, axis=0)
   mask_bn = jnp.repeat(batch.video_token_mask, 2, axis=0)
-  return ops.merge_media(emb_bld, batch.input_ids, rows_bnd.reshape(-1, d), mask_bn.reshape(-1),
-                         model.cfg.video_token_index)
+  return ops.merge_media(
+    emb_bld,
+    batch.input_ids,
+    rows_bnd.reshape(-1, d),
+    mask_bn.reshape(-1),
+    model.cfg.video_token_index,
+  )

@@ -54,8 +54,9 @@ def _chunked(hidden_bld: jax.Array, targets_bl: jax.Array, chunk: int):
 
 
 def _logits(x_bqd: jax.Array, head_dv: jax.Array) -> jax.Array:
-  return jnp.einsum("bqd,dv->bqv", x_bqd, head_dv.astype(x_bqd.dtype),
-                    preferred_element_type=jnp.float32)
+  return jnp.einsum(
+    "bqd,dv->bqv", x_bqd, head_dv.astype(x_bqd.dtype), preferred_element_type=jnp.float32
+  )
 
 
 def _chunk_logprobs(x_bqd, head_dv, t_bq):
@@ -64,8 +65,9 @@ def _chunk_logprobs(x_bqd, head_dv, t_bq):
   return jnp.where(t_bq == IGNORE, 0.0, picked - jax.nn.logsumexp(logits_bqv, axis=-1))
 
 
-def token_logprobs(hidden_bld: jax.Array, head_dv: jax.Array, targets_bl: jax.Array,
-                   chunk: int = CHUNK) -> jax.Array:
+def token_logprobs(
+  hidden_bld: jax.Array, head_dv: jax.Array, targets_bl: jax.Array, chunk: int = CHUNK
+) -> jax.Array:
   """log softmax(hidden @ head)[target] per position, (B, L) float32; 0 where the
   target is IGNORE. Logits exist ``chunk`` positions at a time (module doc)."""
   b, l, _ = hidden_bld.shape
@@ -74,12 +76,15 @@ def token_logprobs(hidden_bld: jax.Array, head_dv: jax.Array, targets_bl: jax.Ar
   return logp_jbq.transpose(1, 0, 2).reshape(b, -1)[:, :l]
 
 
-def cross_entropy(hidden_bld: jax.Array, head_dv: jax.Array, labels_bl: jax.Array,
-                  chunk: int = CHUNK) -> tuple[jax.Array, jax.Array]:
+def cross_entropy(
+  hidden_bld: jax.Array, head_dv: jax.Array, labels_bl: jax.Array, chunk: int = CHUNK
+) -> tuple[jax.Array, jax.Array]:
   """Next-token cross-entropy as (sum over supervised tokens, their count), float32."""
   targets_bl = shifted_targets(labels_bl)
-  return (_nll_sum(hidden_bld, head_dv, targets_bl, chunk),
-          (targets_bl != IGNORE).sum().astype(jnp.float32))
+  return (
+    _nll_sum(hidden_bld, head_dv, targets_bl, chunk),
+    (targets_bl != IGNORE).sum().astype(jnp.float32),
+  )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -105,8 +110,12 @@ def _nll_sum_fwd(hidden_bld, head_dv, targets_bl, chunk):
     picked = jnp.take_along_axis(logits_bqv, jnp.maximum(t_bq, 0)[..., None], axis=-1)[..., 0]
     valid_bq = t_bq != IGNORE
     # d(-log p[t]) / d logits = softmax - onehot(t), on supervised positions only
-    g_bqv = jnp.where(valid_bq[..., None], jnp.exp(logits_bqv - lse_bq[..., None])
-                      - jax.nn.one_hot(t_bq, logits_bqv.shape[-1], dtype=jnp.float32), 0.0)
+    g_bqv = jnp.where(
+      valid_bq[..., None],
+      jnp.exp(logits_bqv - lse_bq[..., None])
+      - jax.nn.one_hot(t_bq, logits_bqv.shape[-1], dtype=jnp.float32),
+      0.0,
+    )
     g_bqv = g_bqv.astype(head.dtype)
     dx_bqd = jnp.einsum("bqv,dv->bqd", g_bqv, head, preferred_element_type=jnp.float32)
     dw_dv = dw_dv + jnp.einsum("bqd,bqv->dv", x_bqd, g_bqv, preferred_element_type=jnp.float32)
@@ -126,8 +135,9 @@ def _nll_sum_bwd(chunk, residuals, g):
 _nll_sum.defvjp(_nll_sum_fwd, _nll_sum_bwd)
 
 
-def sequence_logprobs(hidden_bld: jax.Array, head_dv: jax.Array, labels_bl: jax.Array,
-                      chunk: int = CHUNK) -> tuple[jax.Array, jax.Array]:
+def sequence_logprobs(
+  hidden_bld: jax.Array, head_dv: jax.Array, labels_bl: jax.Array, chunk: int = CHUNK
+) -> tuple[jax.Array, jax.Array]:
   """Per row: (summed log-probability of its supervised tokens, their count), (B,) each:
   what DPO compares (the mean is sum / count, as IPO takes it)."""
   targets_bl = shifted_targets(labels_bl)

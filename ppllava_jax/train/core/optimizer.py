@@ -46,12 +46,19 @@ def lr_schedule(cfg: OptimConfig) -> optax.Schedule:
   return lambda count: cfg.lr * lr_factor(cfg, count)
 
 
-def make_optimizer(cfg: OptimConfig, decay_mask: nnx.State | None = None
-                   ) -> optax.GradientTransformation:
+def make_optimizer(
+  cfg: OptimConfig, decay_mask: nnx.State | None = None
+) -> optax.GradientTransformation:
   """clip_by_global_norm(cfg.clip_norm) then AdamW on ``lr_schedule(cfg)``; weight decay on
   the parameters ``decay_mask`` marks True (``train.core.partition.decay_mask``; None: all)."""
-  adamw = optax.adamw(lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                      weight_decay=cfg.weight_decay, mask=decay_mask)
+  adamw = optax.adamw(
+    lr_schedule(cfg),
+    b1=cfg.b1,
+    b2=cfg.b2,
+    eps=cfg.eps,
+    weight_decay=cfg.weight_decay,
+    mask=decay_mask,
+  )
   if cfg.clip_norm is None:
     return adamw
   return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)

@@ -55,33 +55,33 @@ log = logging.getLogger(__name__)
 Rules = tuple[tuple[str, object], ...]  # ordered (path regex, value); first fullmatch wins
 
 VICUNA_SFT: Rules = (
-    (r"language_model/.*", True),
-    (r"multi_modal_projector/.*", True),
-    (r"image_newline", True),
-    (r"scorer/(visual_ln|visual_projection|text_projection)/.*", True),
-    (r"scorer/text_model/.*", False),  # under torch.no_grad in the original
-    (r"scorer/logit_scale", False),
-    (r"vision_tower/btadapter_.*", True),
-    (r"vision_tower/.*", False),  # the CLIP ViT
+  (r"language_model/.*", True),
+  (r"multi_modal_projector/.*", True),
+  (r"image_newline", True),
+  (r"scorer/(visual_ln|visual_projection|text_projection)/.*", True),
+  (r"scorer/text_model/.*", False),  # under torch.no_grad in the original
+  (r"scorer/logit_scale", False),
+  (r"vision_tower/btadapter_.*", True),
+  (r"vision_tower/.*", False),  # the CLIP ViT
 )
 
 QWEN_SFT: Rules = (
-    (r"language_model/.*", True),
-    (r"multi_modal_projector/.*", True),
-    (r"image_newline", True),
-    (r"scorer/logit_(scale|bias)", False),
-    (r"scorer/visual_head/(probe|attention/out_proj/.*)", False),  # off the value path
-    (r"scorer/(text_model|visual_ln|visual_head)/.*", True),
-    (r"vision_tower/.*", False),  # the SigLIP vision tower, its head included
+  (r"language_model/.*", True),
+  (r"multi_modal_projector/.*", True),
+  (r"image_newline", True),
+  (r"scorer/logit_(scale|bias)", False),
+  (r"scorer/visual_head/(probe|attention/out_proj/.*)", False),  # off the value path
+  (r"scorer/(text_model|visual_ln|visual_head)/.*", True),
+  (r"vision_tower/.*", False),  # the SigLIP vision tower, its head included
 )
 
 DPO: Rules = ((r"language_model/.*", True),)
 
 _NORM = r"(.*/)?[A-Za-z_]*(norm\d*|_ln)"  # RMSNorm / LayerNorm modules, by their names
 DECAY_RULES: Rules = (
-    (r".*/bias", False),
-    (_NORM + r"/weight", False),
-    (r".*", True),
+  (r".*/bias", False),
+  (_NORM + r"/weight", False),
+  (r".*", True),
 )
 
 
@@ -107,14 +107,17 @@ def resolve(rules: Rules, names: Iterable[str], default) -> dict[str, tuple[obje
   compiled = _compile(rules)
   out = {}
   for name in names:
-    out[name] = next(((value, i) for i, (regex, value) in enumerate(compiled)
-                      if regex.fullmatch(name)), (default, None))
+    out[name] = next(
+      ((value, i) for i, (regex, value) in enumerate(compiled) if regex.fullmatch(name)),
+      (default, None),
+    )
   return out
 
 
 @dataclasses.dataclass(frozen=True)
 class Row:
   """One line of the table: a rule (or the default / Frozen) and what it took."""
+
   group: str
   value: object
   tensors: int
@@ -133,6 +136,7 @@ def _size(var: nnx.Variable) -> int:
 class Partition:
   """The trainable rules resolved on one model: the set of trainable paths, and the rows
   of the table. Build it with ``partition``."""
+
   trainable: frozenset[str]  # path names of the trainable nnx.Params
   rows: tuple[Row, ...]
   unused: tuple[str, ...]  # rules that matched no parameter
@@ -156,8 +160,10 @@ class Partition:
       lines.append(f"{r.group:<{width}}  {str(r.value):>7}  {r.tensors:>7}  {r.elements:>13,}")
     total = sum(r.elements for r in self.rows)
     trained = sum(r.elements for r in self.rows if r.value is True)
-    lines.append(f"trainable: {trained:,} of {total:,} elements "
-                 f"({100 * trained / max(total, 1):.2f}%) in {len(self.trainable)} tensors")
+    lines.append(
+      f"trainable: {trained:,} of {total:,} elements "
+      f"({100 * trained / max(total, 1):.2f}%) in {len(self.trainable)} tensors"
+    )
     return "\n".join(lines)
 
 
@@ -183,8 +189,7 @@ def partition(model: nnx.Module | nnx.State, rules: Rules, default: bool = False
   rest = [n for n, (_, j) in decided.items() if j is None]
   rows.append(Row("(no rule: default)", default, len(rest), sum(sizes[n] for n in rest)))
   rows.append(Row("(Frozen variables)", False, len(other), sum(s for _, s in other)))
-  result = Partition(frozenset(n for n, (v, _) in decided.items() if v), tuple(rows),
-                     tuple(unused))
+  result = Partition(frozenset(n for n, (v, _) in decided.items() if v), tuple(rows), tuple(unused))
   log.info("trainable parameters:\n%s", result.table())
   if unused:  # a preset's rule for a part this model lacks (a BT-Adapter): the table's 0
     log.info("rules that match no parameter of this model: %s", ", ".join(map(repr, unused)))
@@ -196,8 +201,10 @@ def map_by_path(fn, state: nnx.State) -> nnx.State:
   the same structure (a mask, a sharding per parameter)."""
   key = lambda k: getattr(k, "key", getattr(k, "idx", k))
   return jax.tree.map_with_path(
-      lambda path, var: var.replace(value=fn(path_name([key(k) for k in path]), var)), state,
-      is_leaf=lambda x: isinstance(x, nnx.Variable))
+    lambda path, var: var.replace(value=fn(path_name([key(k) for k in path]), var)),
+    state,
+    is_leaf=lambda x: isinstance(x, nnx.Variable),
+  )
 
 
 def decay_mask(params: nnx.State, rules: Rules = DECAY_RULES) -> nnx.State:
@@ -207,6 +214,8 @@ def decay_mask(params: nnx.State, rules: Rules = DECAY_RULES) -> nnx.State:
   decided = resolve(rules, names, None)
   missing = [n for n, (v, _) in decided.items() if v is None]
   if missing:
-    raise ValueError(f"the weight-decay rules match no rule for {missing[:5]}: end them with a "
-                     "catch-all (r'.*', True)")
+    raise ValueError(
+      f"the weight-decay rules match no rule for {missing[:5]}: end them with a "
+      "catch-all (r'.*', True)"
+    )
   return map_by_path(lambda name, _: bool(decided[name][0]), params)

@@ -50,6 +50,7 @@ class TrainState:
 @dataclasses.dataclass(frozen=True)
 class Shardings:
   """Where everything lives: the mesh, a ``TrainState`` of shardings, the frozen state's."""
+
   mesh: Mesh
   state: TrainState
   frozen: nnx.State
@@ -92,41 +93,58 @@ def cast_floating(tree, dtype):
   def one(x):
     if not jnp.issubdtype(x.dtype, jnp.floating):
       return x
-    return jax.ShapeDtypeStruct(x.shape, dtype) if isinstance(x, jax.ShapeDtypeStruct) else (
-        x.astype(dtype))
+    return (
+      jax.ShapeDtypeStruct(x.shape, dtype)
+      if isinstance(x, jax.ShapeDtypeStruct)
+      else (x.astype(dtype))
+    )
+
   return jax.tree.map(one, tree)
 
 
 def placed(tree, shardings):
   """``tree``'s shapes and dtypes (arrays or shapes) with ``shardings``, a tree of the same
   structure: a restore target, or an abstract argument to lower with."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s),
-                      tree, shardings)
+  return jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), tree, shardings
+  )
 
 
-def abstract_state(model: nnx.Module | Callable[[], nnx.Module], part: Partition,
-                   tx: optax.GradientTransformation, mesh: Mesh, *, frozen_dtype=None,
-                   rules: Rules = LOGICAL_RULES
-                   ) -> tuple[nnx.GraphDef, TrainState, nnx.State, Shardings]:
+def abstract_state(
+  model: nnx.Module | Callable[[], nnx.Module],
+  part: Partition,
+  tx: optax.GradientTransformation,
+  mesh: Mesh,
+  *,
+  frozen_dtype=None,
+  rules: Rules = LOGICAL_RULES,
+) -> tuple[nnx.GraphDef, TrainState, nnx.State, Shardings]:
   """(graphdef, state, frozen, shardings) of a run of ``model`` (a module, abstract or not,
   or a constructor) on ``mesh``: the state and the frozen state as
   ``jax.ShapeDtypeStruct``s carrying their shardings, nothing materialised;
   ``frozen_dtype`` (bfloat16 compute) is the frozen state's dtype."""
-  graphdef, params, frozen = part.split(model if isinstance(model, nnx.Module)
-                                        else nnx.eval_shape(model))
+  graphdef, params, frozen = part.split(
+    model if isinstance(model, nnx.Module) else nnx.eval_shape(model)
+  )
   params_a, frozen_a = _abstract(params), cast_floating(_abstract(frozen), frozen_dtype)
   replicated = NamedSharding(mesh, PartitionSpec())
   params_sh = param_shardings(params_a, mesh, rules)
   opt_a = jax.eval_shape(tx.init, params_a)
-  shardings = Shardings(mesh, TrainState(replicated, params_sh,
-                                         _moment_shardings(opt_a, params_a, params_sh, replicated),
-                                         replicated, replicated),
-                        param_shardings(frozen_a, mesh, rules))
+  shardings = Shardings(
+    mesh,
+    TrainState(
+      replicated,
+      params_sh,
+      _moment_shardings(opt_a, params_a, params_sh, replicated),
+      replicated,
+      replicated,
+    ),
+    param_shardings(frozen_a, mesh, rules),
+  )
   count = jax.ShapeDtypeStruct((), jnp.int32)
   key = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
   state_a = TrainState(count, params_a, opt_a, key, count)
-  return (graphdef, placed(state_a, shardings.state), placed(frozen_a, shardings.frozen),
-          shardings)
+  return (graphdef, placed(state_a, shardings.state), placed(frozen_a, shardings.frozen), shardings)
 
 
 # ---- batches ------------------------------------------------------------------------------

@@ -7,8 +7,9 @@ The graphdef is closed over. An ``Objective`` says what the step minimises: SFT'
 embeds the batch (``train.core.inputs.embed_batch``), runs the LLM to its final hidden
 states and takes ``train.core.losses.cross_entropy`` (sum, count) on them, never the full
 logits; DPO's (``train.dpo.objective.PreferenceObjective``) takes a
-``data.dpo.pairs.PairBatch`` and its constants add the reference. Gradients are taken with respect to the trainable state only; the
-update, the skip rule, the metrics and the jitting are the same for every objective.
+``data.dpo.pairs.PairBatch`` and its constants add the reference. Gradients are taken
+with respect to the trainable state only; the update, the skip rule, the metrics and the
+jitting are the same for every objective.
 
 Gradient accumulation happens inside the step: with ``OptimConfig.grad_accum = k`` every
 batch field carries a leading micro-batch axis of k (``stack_micro_batches``). The
@@ -53,8 +54,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from ppllava_jax.data.sft.batches import TrainBatch
 from ppllava_jax.data.batching import join_batches
+from ppllava_jax.data.sft.batches import TrainBatch
 from ppllava_jax.models.ppllava import PPLLaVA
 from ppllava_jax.train.core.config import TrainConfig
 from ppllava_jax.train.core.optimizer import lr_schedule
@@ -74,12 +75,14 @@ class Objective(Protocol):
   add up to the step's gradient. ``constants``: what the objective reads besides the
   trainable parameters (the frozen state; DPO adds its reference).
   """
+
   count: str
 
   def totals(self, batch) -> dict[str, jax.Array]: ...
 
-  def share(self, params, constants, batch, key, totals
-            ) -> tuple[jax.Array, dict[str, jax.Array]]: ...
+  def share(
+    self, params, constants, batch, key, totals
+  ) -> tuple[jax.Array, dict[str, jax.Array]]: ...
 
 
 def merged(graphdef: nnx.GraphDef, cfg: TrainConfig, params, frozen) -> PPLLaVA:
@@ -103,14 +106,17 @@ def make_gradients(objective: Objective, grad_accum: int = 1):
       (loss, metrics), grads = value_and_grad(params, constants, batch, key, totals)
       return grads, loss, {**metrics, **totals}
     if batch.input_ids.ndim != 3 or batch.input_ids.shape[0] != grad_accum:
-      raise ValueError(f"grad_accum={grad_accum}: every batch field needs a leading micro-batch "
-                       f"axis of {grad_accum} (stack_micro_batches), got input_ids "
-                       f"{batch.input_ids.shape}")
+      raise ValueError(
+        f"grad_accum={grad_accum}: every batch field needs a leading micro-batch "
+        f"axis of {grad_accum} (stack_micro_batches), got input_ids "
+        f"{batch.input_ids.shape}"
+      )
 
     def body(carry, indexed):
       i, micro = indexed
-      (loss, metrics), grads = value_and_grad(params, constants, micro,
-                                              jax.random.fold_in(key, i), totals)
+      (loss, metrics), grads = value_and_grad(
+        params, constants, micro, jax.random.fold_in(key, i), totals
+      )
       return jax.tree.map(jnp.add, carry, (grads, loss, metrics)), None
 
     first = jax.tree.map(lambda x: x[0], batch)
@@ -135,13 +141,21 @@ def make_steps(objective: Objective, cfg: TrainConfig, tx: optax.GradientTransfo
     params = optax.apply_updates(state.params, updates)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (measured[objective.count] > 0)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-    new = state.replace(step=state.step + ok.astype(jnp.int32), params=keep(params, state.params),
-                        opt_state=keep(opt_state, state.opt_state),
-                        skipped=state.skipped + (~ok).astype(jnp.int32))
-    metrics = dict(measured, loss=loss, grad_norm=grad_norm,
-                   param_norm=optax.tree.norm(new.params),
-                   update_norm=jnp.where(ok, optax.tree.norm(updates), 0.0),
-                   lr=schedule(state.step), skipped=(~ok).astype(jnp.float32))
+    new = state.replace(
+      step=state.step + ok.astype(jnp.int32),
+      params=keep(params, state.params),
+      opt_state=keep(opt_state, state.opt_state),
+      skipped=state.skipped + (~ok).astype(jnp.int32),
+    )
+    metrics = dict(
+      measured,
+      loss=loss,
+      grad_norm=grad_norm,
+      param_norm=optax.tree.norm(new.params),
+      update_norm=jnp.where(ok, optax.tree.norm(updates), 0.0),
+      lr=schedule(state.step),
+      skipped=(~ok).astype(jnp.float32),
+    )
     return new, {name: jnp.asarray(v, jnp.float32) for name, v in metrics.items()}
 
   return train_step
@@ -161,6 +175,7 @@ class Steps:
   ``constant_shardings``: those of the step's ``constants`` (default: the frozen
   state's); ``held_out``: an objective whose ``sums(params, frozen, batch)`` is the
   ``eval`` step's (loss sum, count) (None: no eval step)."""
+
   graphdef: nnx.GraphDef
   cfg: TrainConfig
   tx: optax.GradientTransformation
@@ -179,12 +194,14 @@ class Steps:
       if held_out is None:
         raise ValueError("Steps.eval needs held_out (an objective with sums)")
       return held_out.sums(state.params, frozen, batch)
+
     self.traces = {"train": 0, "eval": 0}  # how often each was traced, i.e. compiled
 
     def counted(kind, fn):
       def traced(*args):
         self.traces[kind] += 1
         return fn(*args)
+
       return traced
 
     self._pure = {"train": counted("train", train_step), "eval": counted("eval", eval_step)}
@@ -198,8 +215,11 @@ class Steps:
       self._seen.add(key)
       # the loop says when the train step compiles, and how long it took
       say = log.debug if kind == "train" else log.info
-      say("%s step: compiling for batch shape %s", kind,
-          {n: s for n, s, _ in batch.shape_key() if n in ("input_ids", "videos")})
+      say(
+        "%s step: compiling for batch shape %s",
+        kind,
+        {n: s for n, s, _ in batch.shape_key() if n in ("input_ids", "videos")},
+      )
     batch_sh = batch_shardings(batch, self.shardings.mesh, micro)
     spec = (kind, tuple(s.spec for s in jax.tree.leaves(batch_sh)))
     if spec not in self._jitted:
@@ -207,8 +227,12 @@ class Steps:
       donate = (0,) if kind == "train" else ()
       out = (sh.state, rep) if kind == "train" else (rep, rep)
       constants = self.constant_shardings if kind == "train" else sh.frozen
-      self._jitted[spec] = jax.jit(self._pure[kind], in_shardings=(sh.state, constants, batch_sh),
-                                   out_shardings=out, donate_argnums=donate)
+      self._jitted[spec] = jax.jit(
+        self._pure[kind],
+        in_shardings=(sh.state, constants, batch_sh),
+        out_shardings=out,
+        donate_argnums=donate,
+      )
     return self._jitted[spec]
 
   def lower_train(self, state: TrainState, constants, batch):
@@ -226,7 +250,8 @@ class Steps:
     with jax.set_mesh(self.shardings.mesh):
       return self._fn("train", batch)(state, constants, batch)
 
-  def eval(self, state: TrainState, frozen: nnx.State, batch: TrainBatch
-           ) -> tuple[jax.Array, jax.Array]:
+  def eval(
+    self, state: TrainState, frozen: nnx.State, batch: TrainBatch
+  ) -> tuple[jax.Array, jax.Array]:
     with jax.set_mesh(self.shardings.mesh):
       return self._fn("eval", batch)(state, frozen, batch)

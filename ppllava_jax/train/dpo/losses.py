@@ -66,26 +66,34 @@ class DPOConfig:
 
   def __post_init__(self):
     if self.loss_type not in LOSS_TYPES:
-      raise ValueError(f"DPOConfig.loss_type must be one of {LOSS_TYPES}, got "
-                       f"{self.loss_type!r}")
+      raise ValueError(f"DPOConfig.loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
     if not self.beta > 0 or not self.gamma >= 0:
-      raise ValueError(f"DPOConfig: beta must be > 0 and gamma >= 0, got {self.beta}, "
-                       f"{self.gamma}")
+      raise ValueError(f"DPOConfig: beta must be > 0 and gamma >= 0, got {self.beta}, {self.gamma}")
     if self.reference_dtype not in ("float32", "bfloat16"):
-      raise ValueError(f"DPOConfig.reference_dtype must be 'float32' or 'bfloat16', got "
-                       f"{self.reference_dtype!r}")
+      raise ValueError(
+        f"DPOConfig.reference_dtype must be 'float32' or 'bfloat16', got {self.reference_dtype!r}"
+      )
     eps = self.label_smoothing
     ok = {"sigmoid": 0 <= eps <= 0.5, "robust": 0 <= eps < 0.5}.get(self.loss_type, eps == 0)
     if not ok:  # hinge and ipo have no smoothing: a value there would be silently ignored
       allowed = {"sigmoid": "[0, 0.5]", "robust": "[0, 0.5)"}.get(self.loss_type, "{0}")
-      raise ValueError(f"DPOConfig.label_smoothing for {self.loss_type!r} must be in {allowed}, "
-                       f"got {eps}")
+      raise ValueError(
+        f"DPOConfig.label_smoothing for {self.loss_type!r} must be in {allowed}, got {eps}"
+      )
 
 
-def dpo_loss(policy_chosen_b: jax.Array, policy_rejected_b: jax.Array, ref_chosen_b: jax.Array,
-             ref_rejected_b: jax.Array, *, loss_type: str, beta: float,
-             label_smoothing: float = 0.0, chosen_count_b: jax.Array | None = None,
-             rejected_count_b: jax.Array | None = None) -> jax.Array:
+def dpo_loss(
+  policy_chosen_b: jax.Array,
+  policy_rejected_b: jax.Array,
+  ref_chosen_b: jax.Array,
+  ref_rejected_b: jax.Array,
+  *,
+  loss_type: str,
+  beta: float,
+  label_smoothing: float = 0.0,
+  chosen_count_b: jax.Array | None = None,
+  rejected_count_b: jax.Array | None = None,
+) -> jax.Array:
   """Per-pair DPO losses (B,) from summed completion log-probs (module doc); ``ipo``
   also needs each side's token counts."""
   chosen_ratio_b = policy_chosen_b - ref_chosen_b
@@ -93,8 +101,9 @@ def dpo_loss(policy_chosen_b: jax.Array, policy_rejected_b: jax.Array, ref_chose
   if loss_type == "ipo":
     if chosen_count_b is None or rejected_count_b is None:
       raise ValueError("dpo_loss: the ipo loss needs chosen_count_b and rejected_count_b")
-    d_b = (chosen_ratio_b / jnp.maximum(chosen_count_b, 1.0)
-           - rejected_ratio_b / jnp.maximum(rejected_count_b, 1.0))
+    d_b = chosen_ratio_b / jnp.maximum(chosen_count_b, 1.0) - rejected_ratio_b / jnp.maximum(
+      rejected_count_b, 1.0
+    )
     return (d_b - 1 / (2 * beta)) ** 2
   z_b = beta * (chosen_ratio_b - rejected_ratio_b)
   eps = label_smoothing
@@ -107,12 +116,18 @@ def dpo_loss(policy_chosen_b: jax.Array, policy_rejected_b: jax.Array, ref_chose
   raise ValueError(f"dpo_loss: loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
 
 
-def preference_loss(policy_chosen_b: jax.Array, policy_rejected_b: jax.Array,
-                    ref_chosen_b: jax.Array, ref_rejected_b: jax.Array,
-                    chosen_count_b: jax.Array, rejected_count_b: jax.Array,
-                    config: DPOConfig, mask_b: jax.Array | None = None,
-                    pairs: jax.Array | None = None, chosen_tokens: jax.Array | None = None
-                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def preference_loss(
+  policy_chosen_b: jax.Array,
+  policy_rejected_b: jax.Array,
+  ref_chosen_b: jax.Array,
+  ref_rejected_b: jax.Array,
+  chosen_count_b: jax.Array,
+  rejected_count_b: jax.Array,
+  config: DPOConfig,
+  mask_b: jax.Array | None = None,
+  pairs: jax.Array | None = None,
+  chosen_tokens: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """(the loss to minimise, metrics): the mean DPO loss over the pairs of ``mask_b`` (all
   by default) plus ``gamma`` times the chosen completions' token-mean cross-entropy
   (module doc). Reference inputs get no gradient.
@@ -126,26 +141,40 @@ def preference_loss(policy_chosen_b: jax.Array, policy_rejected_b: jax.Array,
     chosen_tokens = (chosen_count_b * w_b).sum()
   mean = lambda x_b: jnp.where(w_b > 0, x_b, 0.0).sum() / pairs  # padded pairs hold zeros
   ref_chosen_b, ref_rejected_b = jax.lax.stop_gradient((ref_chosen_b, ref_rejected_b))
-  dpo = mean(dpo_loss(policy_chosen_b, policy_rejected_b, ref_chosen_b, ref_rejected_b,
-                      loss_type=config.loss_type, beta=config.beta,
-                      label_smoothing=config.label_smoothing, chosen_count_b=chosen_count_b,
-                      rejected_count_b=rejected_count_b))
+  dpo = mean(
+    dpo_loss(
+      policy_chosen_b,
+      policy_rejected_b,
+      ref_chosen_b,
+      ref_rejected_b,
+      loss_type=config.loss_type,
+      beta=config.beta,
+      label_smoothing=config.label_smoothing,
+      chosen_count_b=chosen_count_b,
+      rejected_count_b=rejected_count_b,
+    )
+  )
   sft = -jnp.where(w_b > 0, policy_chosen_b, 0.0).sum() / jnp.maximum(chosen_tokens, 1.0)
   total = dpo + config.gamma * sft
-  chosen_b, rejected_b, policy_chosen_b, policy_rejected_b = jax.lax.stop_gradient((
+  chosen_b, rejected_b, policy_chosen_b, policy_rejected_b = jax.lax.stop_gradient(
+    (
       config.beta * (policy_chosen_b - ref_chosen_b),
-      config.beta * (policy_rejected_b - ref_rejected_b), policy_chosen_b, policy_rejected_b))
+      config.beta * (policy_rejected_b - ref_rejected_b),
+      policy_chosen_b,
+      policy_rejected_b,
+    )
+  )
   metrics = {
-      "rewards/chosen": mean(chosen_b),
-      "rewards/rejected": mean(rejected_b),
-      "rewards/accuracies": mean((chosen_b > rejected_b).astype(jnp.float32)),
-      "rewards/margins": mean(chosen_b - rejected_b),
-      "logps/chosen": mean(policy_chosen_b),
-      "logps/rejected": mean(policy_rejected_b),
-      "ref_logps/chosen": mean(ref_chosen_b),
-      "ref_logps/rejected": mean(ref_rejected_b),
-      "losses/dpo": jax.lax.stop_gradient(dpo),
-      "losses/sft": jax.lax.stop_gradient(sft),
-      "losses/total": jax.lax.stop_gradient(total),
+    "rewards/chosen": mean(chosen_b),
+    "rewards/rejected": mean(rejected_b),
+    "rewards/accuracies": mean((chosen_b > rejected_b).astype(jnp.float32)),
+    "rewards/margins": mean(chosen_b - rejected_b),
+    "logps/chosen": mean(policy_chosen_b),
+    "logps/rejected": mean(policy_rejected_b),
+    "ref_logps/chosen": mean(ref_chosen_b),
+    "ref_logps/rejected": mean(ref_rejected_b),
+    "losses/dpo": jax.lax.stop_gradient(dpo),
+    "losses/sft": jax.lax.stop_gradient(sft),
+    "losses/total": jax.lax.stop_gradient(total),
   }
   return total, metrics

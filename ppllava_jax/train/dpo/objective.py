@@ -1,4 +1,5 @@
-"""DPO as an objective of the one train step (``train.core.step``), on ``data.dpo.pairs.PairBatch``es.
+"""DPO as an objective of the one train step (``train.core.step``), on
+``data.dpo.pairs.PairBatch``es.
 
 Per step: the policy (the trainable parameters merged with the frozen state) encodes the
 B videos once (``train.core.inputs.pair_media``: scorer, vision tower, pooling), embeds the 2B
@@ -36,10 +37,10 @@ from ppllava_jax.models.ppllava import PPLLaVA
 from ppllava_jax.train.core import losses
 from ppllava_jax.train.core.config import TrainConfig
 from ppllava_jax.train.core.inputs import embed_pairs, pair_media
-from ppllava_jax.train.core.partition import Partition
-from ppllava_jax.train.dpo.losses import DPOConfig, preference_loss
-from ppllava_jax.train.core.step import merged
 from ppllava_jax.train.core.losses import supervised_targets
+from ppllava_jax.train.core.partition import Partition
+from ppllava_jax.train.core.step import merged
+from ppllava_jax.train.dpo.losses import DPOConfig, preference_loss
 
 POLICY_PREFIX = "language_model/"  # what may train under DPO (module doc)
 
@@ -47,6 +48,7 @@ POLICY_PREFIX = "language_model/"  # what may train under DPO (module doc)
 @flax.struct.dataclass
 class DPOConstants:
   """What the DPO step reads besides the trainable parameters."""
+
   frozen: nnx.State
   reference: nnx.State | None  # the reference's trainable part; None: cached in the batch
 
@@ -56,31 +58,36 @@ def check_trainable(part: Partition) -> None:
   outside = sorted(p for p in part.trainable if not p.startswith(POLICY_PREFIX))
   if outside:
     raise ValueError(
-        f"DPO encodes the media once for the policy and the reference, so only "
-        f"{POLICY_PREFIX}* may train, but train.trainable makes {len(outside)} other "
-        f"parameter(s) trainable, e.g. {', '.join(outside[:3])}; use train.core.partition.DPO")
+      f"DPO encodes the media once for the policy and the reference, so only "
+      f"{POLICY_PREFIX}* may train, but train.trainable makes {len(outside)} other "
+      f"parameter(s) trainable, e.g. {', '.join(outside[:3])}; use train.core.partition.DPO"
+    )
 
 
 def reference_copy(params: nnx.State, dtype, shardings) -> nnx.State:
   """A copy of ``params`` in ``dtype`` with its own buffers (the train state is donated)."""
+
   def one(x):
     return jnp.copy(x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x)
+
   return jax.jit(lambda p: jax.tree.map(one, p), out_shardings=shardings)(params)
 
 
-def pair_logps(model: PPLLaVA, batch, media_bnd: jax.Array, chunk: int = losses.CHUNK
-               ) -> tuple[jax.Array, jax.Array]:
+def pair_logps(
+  model: PPLLaVA, batch, media_bnd: jax.Array, chunk: int = losses.CHUNK
+) -> tuple[jax.Array, jax.Array]:
   """(summed completion log-probs, supervised token counts), (2B,) each, of a
   ``PairBatch``'s rows under ``model``, around the shared ``media_bnd``."""
   lm = model.language_model
-  hidden_bld, _ = lm.hidden_states(inputs_embeds=embed_pairs(model, batch, media_bnd),
-                                   attention_mask=batch.attention_mask,
-                                   position_ids=batch.position_ids)
+  hidden_bld, _ = lm.hidden_states(
+    inputs_embeds=embed_pairs(model, batch, media_bnd),
+    attention_mask=batch.attention_mask,
+    position_ids=batch.position_ids,
+  )
   return losses.sequence_logprobs(hidden_bld, lm.head_dv, batch.labels, chunk)
 
 
-def reference_logps(graphdef: nnx.GraphDef, cfg: TrainConfig, params, frozen, batch
-                    ) -> jax.Array:
+def reference_logps(graphdef: nnx.GraphDef, cfg: TrainConfig, params, frozen, batch) -> jax.Array:
   """(2B,) log-probs of ``batch``'s rows under the model of ``params`` (the reference at
   the start of a run): what a live reference computes in the step."""
   model = merged(graphdef, cfg, params, frozen)
@@ -91,6 +98,7 @@ def reference_logps(graphdef: nnx.GraphDef, cfg: TrainConfig, params, frozen, ba
 @dataclasses.dataclass(frozen=True)
 class PreferenceObjective:
   """The DPO loss of ``config`` (``train.core.step.Objective``); constants: ``DPOConstants``."""
+
   graphdef: nnx.GraphDef
   cfg: TrainConfig
   config: DPOConfig
@@ -98,9 +106,11 @@ class PreferenceObjective:
 
   def totals(self, batch):
     supervised = supervised_targets(batch.labels)  # (..., 2B, L - 1): rows 2i chosen
-    return {"pairs": batch.pair_mask.sum().astype(jnp.float32),
-            "tokens": supervised.sum().astype(jnp.float32),
-            "chosen_tokens": supervised[..., 0::2, :].sum().astype(jnp.float32)}
+    return {
+      "pairs": batch.pair_mask.sum().astype(jnp.float32),
+      "tokens": supervised.sum().astype(jnp.float32),
+      "chosen_tokens": supervised[..., 0::2, :].sum().astype(jnp.float32),
+    }
 
   def share(self, params, constants: DPOConstants, batch, key, totals):
     del key  # deterministic (module doc)
@@ -113,8 +123,16 @@ class PreferenceObjective:
     else:
       reference = merged(self.graphdef, self.cfg, constants.reference, constants.frozen)
       reference.eval()
-      ref_r = jax.lax.stop_gradient(
-          pair_logps(reference, batch, media_bnd, self.cfg.loss_chunk)[0])
-    return preference_loss(logp_r[0::2], logp_r[1::2], ref_r[0::2], ref_r[1::2], count_r[0::2],
-                           count_r[1::2], self.config, batch.pair_mask, totals["pairs"],
-                           totals["chosen_tokens"])
+      ref_r = jax.lax.stop_gradient(pair_logps(reference, batch, media_bnd, self.cfg.loss_chunk)[0])
+    return preference_loss(
+      logp_r[0::2],
+      logp_r[1::2],
+      ref_r[0::2],
+      ref_r[1::2],
+      count_r[0::2],
+      count_r[1::2],
+      self.config,
+      batch.pair_mask,
+      totals["pairs"],
+      totals["chosen_tokens"],
+    )

@@ -65,11 +65,15 @@ class Checkpoints:
     self.directory = Path(workdir).absolute() / "checkpoints"
     # cleanup_tmp_directories: a save that a kill interrupted left a temporary folder;
     # the folder is made by the first save, so a run refused at its start leaves none
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=False,
-                                           enable_async_checkpointing=async_save,
-                                           cleanup_tmp_directories=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=("state", "data", "config"))
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep,
+      create=False,
+      enable_async_checkpointing=async_save,
+      cleanup_tmp_directories=True,
+    )
+    self.manager = ocp.CheckpointManager(
+      self.directory, options=options, item_names=("state", "data", "config")
+    )
     self._unlisted: set[int] = set()  # saved here, no manifest yet
 
   def latest_step(self) -> int | None:
@@ -83,9 +87,15 @@ class Checkpoints:
       return
     self.wait()  # what Orbax's save would wait for anyway; the manifest of the last one
     self.directory.mkdir(parents=True, exist_ok=True)
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-        config=ocp.args.JsonSave(config)), force=True)
+    self.manager.save(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(data_state),
+        config=ocp.args.JsonSave(config),
+      ),
+      force=True,
+    )
     self._unlisted.add(step)
     log.info("checkpoint %d: saving in %s", step, self.directory)
 
@@ -97,8 +107,11 @@ class Checkpoints:
       return
     for step in sorted(done & set(self.manager.all_steps())):  # max_to_keep may drop one
       folder = self.directory / str(step)
-      sizes = {str(p.relative_to(folder)): p.stat().st_size
-               for p in sorted(folder.rglob("*")) if p.is_file()}
+      sizes = {
+        str(p.relative_to(folder)): p.stat().st_size
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+      }
       tmp = folder / (MANIFEST + ".tmp")
       tmp.write_text(json.dumps(sizes, indent=0, sort_keys=True))
       os.replace(tmp, folder / MANIFEST)
@@ -118,8 +131,7 @@ class Checkpoints:
         found = path.stat().st_size if path.is_file() else None
         if found != size:
           state = "is missing" if found is None else f"has {found} bytes"
-          raise CheckpointDamaged(f"{path} {state}; it had {size} when checkpoint {step} "
-                                  "was saved")
+          raise CheckpointDamaged(f"{path} {state}; it had {size} when checkpoint {step} was saved")
     for path in sorted(folder.rglob("*")):
       if path.name in _JSON_FILES and path.is_file():
         try:
@@ -135,14 +147,20 @@ class Checkpoints:
     self.check(step)
     check_fits(self.directory / str(step) / "state", target)
     try:
-      out = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(),
-          config=ocp.args.JsonRestore()))
-    except Exception as err:  # noqa: BLE001 (Orbax / TensorStore raise many kinds)
+      out = self.manager.restore(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target),
+          data=ocp.args.JsonRestore(),
+          config=ocp.args.JsonRestore(),
+        ),
+      )
+    except Exception as err:
       raise CheckpointError(
-          f"checkpoint {step} in {self.directory} could not be restored: {_first_line(err)}. "
-          f"If its files are damaged, move {self.directory / str(step)} aside and run again "
-          "to resume from the checkpoint before it") from err
+        f"checkpoint {step} in {self.directory} could not be restored: {_first_line(err)}. "
+        f"If its files are damaged, move {self.directory / str(step)} aside and run again "
+        "to resume from the checkpoint before it"
+      ) from err
     return out.state, out.data, out.config
 
   def restore_params(self, step: int, target: nnx.State) -> nnx.State:
@@ -154,8 +172,7 @@ class Checkpoints:
   def read_config(self, step: int) -> dict:
     """The config item of checkpoint ``step``, after ``check``."""
     self.check(step)
-    return self.manager.restore(step, args=ocp.args.Composite(
-        config=ocp.args.JsonRestore())).config
+    return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
 
   def set_aside(self, step: int, why: Exception) -> None:
     """Checkpoint ``step`` renamed to ``<step>.damaged`` (by process 0; every process then
@@ -165,8 +182,11 @@ class Checkpoints:
     if distributed.is_primary():
       if aside.exists():  # set aside before: keep both
         aside = folder.with_name(f"{step}.damaged.{os.getpid()}")
-      print(f"warning: checkpoint {step} is damaged ({why}); moved to {aside}, going on from "
-            "the one before", flush=True)
+      print(
+        f"warning: checkpoint {step} is damaged ({why}); moved to {aside}, going on from "
+        "the one before",
+        flush=True,
+      )
       folder.rename(aside)
     distributed.barrier(f"checkpoint {step} set aside")
     self.manager.reload()
@@ -200,29 +220,40 @@ def check_fits(state_dir: Path, target, partial: bool = False) -> None:
   try:
     with ocp.StandardCheckpointer() as ckptr:
       saved = ckptr.metadata(state_dir).item_metadata
-  except Exception as err:  # noqa: BLE001
-    raise CheckpointError(f"{state_dir}: the array metadata cannot be read: "
-                            f"{_first_line(err)}") from err
+  except Exception as err:
+    raise CheckpointError(
+      f"{state_dir}: the array metadata cannot be read: {_first_line(err)}"
+    ) from err
   finally:
     absl.setLevel(level)
-  have = {_keys(p): (tuple(m.shape), str(m.dtype))
-          for p, m in jax.tree_util.tree_flatten_with_path(saved)[0]}
-  want = {_keys(p): (tuple(x.shape), str(x.dtype))
-          for p, x in jax.tree_util.tree_flatten_with_path(target)[0]}
+  have = {
+    _keys(p): (tuple(m.shape), str(m.dtype))
+    for p, m in jax.tree_util.tree_flatten_with_path(saved)[0]
+  }
+  want = {
+    _keys(p): (tuple(x.shape), str(x.dtype))
+    for p, x in jax.tree_util.tree_flatten_with_path(target)[0]
+  }
   if partial:
     tops = {k[0] for k in want}
     have = {k: v for k, v in have.items() if k[0] in tops}
   name = lambda k: "/".join(str(p) for p in k)
-  problems = ([f"{name(k)}: only in the checkpoint {have[k]}" for k in have.keys() - want.keys()]
-              + [f"{name(k)}: not in the checkpoint" for k in want.keys() - have.keys()]
-              + [f"{name(k)}: saved {have[k][0]} {have[k][1]}, the model has {want[k][0]} "
-                 f"{want[k][1]}" for k in have.keys() & want.keys() if have[k] != want[k]])
+  problems = (
+    [f"{name(k)}: only in the checkpoint {have[k]}" for k in have.keys() - want.keys()]
+    + [f"{name(k)}: not in the checkpoint" for k in want.keys() - have.keys()]
+    + [
+      f"{name(k)}: saved {have[k][0]} {have[k][1]}, the model has {want[k][0]} {want[k][1]}"
+      for k in have.keys() & want.keys()
+      if have[k] != want[k]
+    ]
+  )
   if problems:
     shown = sorted(problems, key=lambda p: (not p.startswith("params"), p))  # params first
     more = f"\n  ... and {len(shown) - 12} more" if len(shown) > 12 else ""
     raise CheckpointMismatch(
-        f"{state_dir.parent} was saved for another model or trainable set: "
-        f"{len(problems)} array(s) differ:\n  " + "\n  ".join(shown[:12]) + more)
+      f"{state_dir.parent} was saved for another model or trainable set: "
+      f"{len(problems)} array(s) differ:\n  " + "\n  ".join(shown[:12]) + more
+    )
 
 
 def read_params(step_dir: Path, target: nnx.State) -> nnx.State:
@@ -230,14 +261,16 @@ def read_params(step_dir: Path, target: nnx.State) -> nnx.State:
   state, into ``target`` (abstract, with shardings: ``Assembly.state.params``)."""
   tree = {"params": target}
   check_fits(step_dir / "state", tree, partial=True)
-  restore = ocp.args.PyTreeRestore(item=tree, partial_restore=True,
-                                   restore_args=ocp.checkpoint_utils.construct_restore_args(tree))
+  restore = ocp.args.PyTreeRestore(
+    item=tree, partial_restore=True, restore_args=ocp.checkpoint_utils.construct_restore_args(tree)
+  )
   try:
     with ocp.PyTreeCheckpointer() as ckptr:
       return ckptr.restore(step_dir / "state", args=restore)["params"]
-  except Exception as err:  # noqa: BLE001
-    raise CheckpointError(f"the parameters of {step_dir} could not be restored: "
-                          f"{_first_line(err)}") from err
+  except Exception as err:
+    raise CheckpointError(
+      f"the parameters of {step_dir} could not be restored: {_first_line(err)}"
+    ) from err
 
 
 def restore_params(path: str | Path, target: nnx.State) -> nnx.State:

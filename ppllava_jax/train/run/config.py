@@ -41,6 +41,7 @@ class ModelConfig:
   ``data.text.tokenizer.tokenizer_folders``). btadapter: a fresh BT-Adapter put on a CLIP
   tower that has none (``PPLLaVA.add_btadapter``, the Vicuna recipe's start); a tower that
   has one keeps it."""
+
   checkpoint: str = ""
   clip: str = ""
   scorer_tokenizer: str = ""
@@ -54,6 +55,7 @@ class SyntheticConfig:
   "qa" (SFT): ``train.json`` of ``videos`` videos; "preference" (DPO):
   ``preference.jsonl``, a pair per video; both with the held-out ``eval.json`` and
   multiple-choice tasks of ``eval_videos`` others."""
+
   kind: str = "qa"
   videos: int = 24
   eval_videos: int = 0
@@ -75,6 +77,7 @@ class McqEvalConfig:
   the run's last batch is always evaluated. protocol: ``eval.py --protocol`` (prompts and
   scoring); frames: sampled per video (None: eval.py's 32); max_new_tokens (None: the
   protocol's); limit: only the first items (0: all)."""
+
   tasks: str
   video_root: str
   every: int = 0
@@ -88,21 +91,22 @@ class McqEvalConfig:
     if not self.tasks or not self.video_root:
       raise ValueError("McqEvalConfig needs tasks and video_root")
     if self.protocol not in PROTOCOLS:
-      raise ValueError(f"McqEvalConfig.protocol must be one of {PROTOCOLS}, got "
-                       f"{self.protocol!r}")
+      raise ValueError(f"McqEvalConfig.protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
     if self.every < 0 or self.limit < 0 or self.batch_size < 1:
-      raise ValueError(f"McqEvalConfig: need every >= 0, limit >= 0 and batch_size >= 1, got "
-                       f"{self.every}, {self.limit}, {self.batch_size}")
+      raise ValueError(
+        f"McqEvalConfig: need every >= 0, limit >= 0 and batch_size >= 1, got "
+        f"{self.every}, {self.limit}, {self.batch_size}"
+      )
     for name in ("frames", "max_new_tokens"):
       if getattr(self, name) is not None and getattr(self, name) < 1:
-        raise ValueError(f"McqEvalConfig.{name} must be >= 1 or None, got "
-                         f"{getattr(self, name)}")
+        raise ValueError(f"McqEvalConfig.{name} must be >= 1 or None, got {getattr(self, name)}")
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
   """steps: updates the run makes (each of ``train.optim.grad_accum`` batches; a skipped
-  one counts too); log_every, checkpoint_every: in steps; keep: checkpoints kept; init_from: an Orbax checkpoint
+  one counts too); log_every, checkpoint_every: in steps; keep: checkpoints kept; init_from: an
+  Orbax checkpoint
   (a workdir, its ``checkpoints`` folder or one step's folder) whose trainable parameters
   start a run that has none of its own; max_nan_in_a_row: consecutive skipped updates
   that stop the run; peak_flops: the FLOP/s the MFU estimate divides by (default: about
@@ -115,6 +119,7 @@ class RunConfig:
   The run's kind: SFT with ``data``; DPO with ``preference`` (pairs, ``data.dpo.pairs``) and
   ``dpo`` (the loss and the reference, ``train.dpo.losses.DPOConfig``) instead. The held-out
   loss (``eval_data``) is SFT's; a DPO run measures multiple-choice accuracy (``mcq``)."""
+
   data: DataConfig | None = None
   preference: PreferenceDataConfig | None = None
   dpo: DPOConfig | None = None
@@ -140,29 +145,38 @@ class RunConfig:
         raise ValueError(f"RunConfig.{name} must be >= 1, got {getattr(self, name)}")
     total = self.train.optim.total_steps
     if total is not None and self.steps > total:
-      raise ValueError(f"RunConfig.steps={self.steps} is past train.optim.total_steps={total}, "
-                       f"where the {self.train.optim.schedule} schedule ends (a cosine would "
-                       "climb back to its peak): lower steps, raise train.optim.total_steps, "
-                       "or set it to None to follow steps")
+      raise ValueError(
+        f"RunConfig.steps={self.steps} is past train.optim.total_steps={total}, "
+        f"where the {self.train.optim.schedule} schedule ends (a cosine would "
+        "climb back to its peak): lower steps, raise train.optim.total_steps, "
+        "or set it to None to follow steps"
+      )
     if self.eval_every < 0 or self.eval_batches < 1:
-      raise ValueError(f"RunConfig: need eval_every >= 0 and eval_batches >= 1, got "
-                       f"{self.eval_every}, {self.eval_batches}")
+      raise ValueError(
+        f"RunConfig: need eval_every >= 0 and eval_batches >= 1, got "
+        f"{self.eval_every}, {self.eval_batches}"
+      )
     if (self.data is None) == (self.preference is None):
-      raise ValueError("RunConfig: give data (an SFT run) or preference (a DPO run), not "
-                       f"{'both' if self.data else 'neither'}")
+      raise ValueError(
+        "RunConfig: give data (an SFT run) or preference (a DPO run), not "
+        f"{'both' if self.data else 'neither'}"
+      )
     if (self.dpo is None) != (self.preference is None):
-      raise ValueError("RunConfig: a DPO run needs both preference (its pairs) and dpo (its "
-                       "loss settings); an SFT run neither")
+      raise ValueError(
+        "RunConfig: a DPO run needs both preference (its pairs) and dpo (its "
+        "loss settings); an SFT run neither"
+      )
     if self.preference is not None and self.eval_data is not None:
-      raise ValueError("RunConfig.eval_data (a held-out SFT loss) is not measured in a DPO run; "
-                       "use mcq for accuracy during training")
+      raise ValueError(
+        "RunConfig.eval_data (a held-out SFT loss) is not measured in a DPO run; "
+        "use mcq for accuracy during training"
+      )
     if self.eval_every and self.eval_data is None:
       raise ValueError("RunConfig.eval_every is set but there is no eval_data")
     if self.peak_flops <= 0:
       raise ValueError(f"RunConfig.peak_flops must be positive, got {self.peak_flops}")
 
-
-  def resolved(self) -> "RunConfig":
+  def resolved(self) -> RunConfig:
     """This config with ``train.optim.total_steps`` set (None follows ``steps``): what a
     run computes with, stores and compares at resume."""
     if self.train.optim.total_steps is not None:
@@ -173,11 +187,28 @@ class RunConfig:
 
 # Keys that change how a run is reported, when it stops, or how the same updates are laid
 # out on the machine, never which updates it makes (module doc).
-SAFE_ON_RESUME = ("steps", "log_every", "checkpoint_every", "keep", "eval_every",
-                  "eval_batches", "eval_data", "mcq", "max_nan_in_a_row", "peak_flops",
-                  "resume", "data.num_workers", "data.worker_buffer_size", "data.threads",
-                  "preference.num_workers", "preference.worker_buffer_size",
-                  "preference.threads", "train.mesh", "train.remat", "train.attention")
+SAFE_ON_RESUME = (
+  "steps",
+  "log_every",
+  "checkpoint_every",
+  "keep",
+  "eval_every",
+  "eval_batches",
+  "eval_data",
+  "mcq",
+  "max_nan_in_a_row",
+  "peak_flops",
+  "resume",
+  "data.num_workers",
+  "data.worker_buffer_size",
+  "data.threads",
+  "preference.num_workers",
+  "preference.worker_buffer_size",
+  "preference.threads",
+  "train.mesh",
+  "train.remat",
+  "train.attention",
+)
 
 
 def _flat(tree, prefix: str = "") -> dict[str, Any]:
@@ -213,14 +244,22 @@ def resume_changes(stored: dict, cfg: RunConfig) -> tuple[list[str], list[str]]:
 
 def with_workdir(cfg: RunConfig, workdir: str) -> RunConfig:
   """The data, preference and mcq sections with ``{workdir}`` replaced in every string."""
+
   def sub(node):
     if dataclasses.is_dataclass(node):
-      return dataclasses.replace(node, **{f.name: sub(getattr(node, f.name))
-                                          for f in dataclasses.fields(node) if f.init})
+      return dataclasses.replace(
+        node, **{f.name: sub(getattr(node, f.name)) for f in dataclasses.fields(node) if f.init}
+      )
     if isinstance(node, tuple):
       return tuple(sub(v) for v in node)
     if isinstance(node, str):
       return node.replace("{workdir}", str(workdir))
     return node
-  return dataclasses.replace(cfg, data=sub(cfg.data), preference=sub(cfg.preference),
-                             eval_data=sub(cfg.eval_data), mcq=sub(cfg.mcq))
+
+  return dataclasses.replace(
+    cfg,
+    data=sub(cfg.data),
+    preference=sub(cfg.preference),
+    eval_data=sub(cfg.eval_data),
+    mcq=sub(cfg.mcq),
+  )

@@ -19,25 +19,31 @@ from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec
 
 from ppllava_jax import distributed
-from ppllava_jax.data.sft.pipeline import DataConfig, make_train_iterator
 from ppllava_jax.data.processor import Processor
+from ppllava_jax.data.sft.pipeline import DataConfig, make_train_iterator
 from ppllava_jax.eval import mcq, runner
 from ppllava_jax.eval.jobs import chat_template, mcq_jobs
 from ppllava_jax.models import generate as generation
-from ppllava_jax.train.run.global_batch import DataBlocks, agreed_next, to_global
-from ppllava_jax.train.run.config import McqEvalConfig
 from ppllava_jax.train.core.state import cast_floating
+from ppllava_jax.train.run.config import McqEvalConfig
+from ppllava_jax.train.run.global_batch import DataBlocks, agreed_next, to_global
 
 
-def held_out_loss(run, state, data_cfg: DataConfig, batches: int, step: int,
-                  blocks: DataBlocks) -> dict:
+def held_out_loss(
+  run, state, data_cfg: DataConfig, batches: int, step: int, blocks: DataBlocks
+) -> dict:
   """The metrics record of the token-mean loss over the first ``batches`` batches of
   ``data_cfg`` (a fresh iterator each time: the same batches every evaluation); each data
   block (``train.run.global_batch``) loads its slice of them, fetched in agreement
   (``agreed_next``: a data error on one process stops them all)."""
-  data = make_train_iterator(data_cfg, tokenizer=run.tokenizer, model=run.model_cfg,
-                             scorer_tokenizer=run.scorer_tokenizer, block=blocks.block,
-                             blocks=blocks.blocks)
+  data = make_train_iterator(
+    data_cfg,
+    tokenizer=run.tokenizer,
+    model=run.model_cfg,
+    scorer_tokenizer=run.scorer_tokenizer,
+    block=blocks.block,
+    blocks=blocks.blocks,
+  )
   start, sums = time.perf_counter(), []
   try:
     for _ in range(batches):
@@ -50,8 +56,13 @@ def held_out_loss(run, state, data_cfg: DataConfig, batches: int, step: int,
     data.close()
   host = jax.device_get(sums)
   total, count = sum(float(s) for s, _ in host), sum(float(c) for _, c in host)
-  return dict(step=step, eval_loss=total / count if count else float("nan"),
-              eval_tokens=count, eval_batches=len(host), eval_time=time.perf_counter() - start)
+  return dict(
+    step=step,
+    eval_loss=total / count if count else float("nan"),
+    eval_tokens=count,
+    eval_batches=len(host),
+    eval_time=time.perf_counter() - start,
+  )
 
 
 class McqEval:
@@ -78,12 +89,14 @@ class McqEval:
 
   def __init__(self, cfg: McqEvalConfig, folder: Path):
     if not Path(cfg.tasks).exists():
-      raise FileNotFoundError(f"mcq.tasks {cfg.tasks}: no such file or folder (an MVBench "
-                              "task JSON file or a folder of them)")
+      raise FileNotFoundError(
+        f"mcq.tasks {cfg.tasks}: no such file or folder (an MVBench "
+        "task JSON file or a folder of them)"
+      )
     if not Path(cfg.video_root).is_dir():
       raise FileNotFoundError(f"mcq.video_root {cfg.video_root}: not a folder")
     items = mcq.load_mvbench(cfg.tasks)
-    self.items = items[:cfg.limit] if cfg.limit else items
+    self.items = items[: cfg.limit] if cfg.limit else items
     self.protocol = mcq.make_protocol(cfg.protocol)
     self.cfg, self.folder = cfg, folder
 
@@ -96,24 +109,37 @@ class McqEval:
       params, frozen = _local_copy(params), _local_copy(frozen)
     model = nnx.merge(run.graphdef, params, frozen)
     model.eval()  # deterministic: no drop path
-    jobs = mcq_jobs(self.items, self.protocol, chat_template(run.model_cfg),
-                    Path(self.cfg.video_root), self.cfg.frames)
+    jobs = mcq_jobs(
+      self.items,
+      self.protocol,
+      chat_template(run.model_cfg),
+      Path(self.cfg.video_root),
+      self.cfg.frames,
+    )
     out = self.folder / f"step_{step}" / "predictions.jsonl"
     if distributed.is_primary() and out.parent.exists():
       shutil.rmtree(out.parent)  # a killed run's answers (and parts) at this step
     settings = runner.RunConfig(
-        batch_size=self.cfg.batch_size,
-        max_new_tokens=self.cfg.max_new_tokens or self.protocol.max_new_tokens,
-        model_key=f"training step {step}")
+      batch_size=self.cfg.batch_size,
+      max_new_tokens=self.cfg.max_new_tokens or self.protocol.max_new_tokens,
+      model_key=f"training step {step}",
+    )
     result = runner.run(model, _own_processor(run), jobs, out, settings)
     report = runner.score_answers(self.items, jobs, result, self.protocol)
     seconds, compiled = time.perf_counter() - start, generation.compilations()
     if jax.process_count() > 1:  # process 0's, the one the loop writes
       seconds, compiled = multihost_utils.broadcast_one_to_all(
-          (np.float32(seconds), np.int32(compiled)))
-    return dict(step=step, **_scores(report), mcq_items=len(jobs),
-                mcq_chance=_chance(self.items), mcq_failed=len(runner.failures(jobs, result)),
-                mcq_time=float(seconds), mcq_compilations=int(compiled))
+        (np.float32(seconds), np.int32(compiled))
+      )
+    return dict(
+      step=step,
+      **_scores(report),
+      mcq_items=len(jobs),
+      mcq_chance=_chance(self.items),
+      mcq_failed=len(runner.failures(jobs, result)),
+      mcq_time=float(seconds),
+      mcq_compilations=int(compiled),
+    )
 
 
 def _chance(items) -> float | None:
@@ -130,9 +156,11 @@ def _local_copy(tree):
   """Each global array of ``tree`` whole on one device of this process: replicated over
   its mesh (a leaf at a time, so only one leaf is ever on every device), then this
   process's first copy."""
+
   def one(x):
     whole = jax.jit(_identity, out_shardings=x.sharding.update(spec=PartitionSpec()))(x)
     return whole.addressable_data(0)
+
   return jax.tree.map(one, tree)
 
 
@@ -140,8 +168,7 @@ def _own_processor(run) -> Processor:
   """A processor on copies of the run's tokenizers: the training data's loader thread
   tokenizes meanwhile, and a fast tokenizer's padding and truncation are state each call
   sets (shared, the two would pad each other's texts)."""
-  return Processor(run.model_cfg, copy.deepcopy(run.tokenizer),
-                   copy.deepcopy(run.scorer_tokenizer))
+  return Processor(run.model_cfg, copy.deepcopy(run.tokenizer), copy.deepcopy(run.scorer_tokenizer))
 
 
 def _scores(report: mcq.ScoreReport | None) -> dict:
@@ -150,6 +177,9 @@ def _scores(report: mcq.ScoreReport | None) -> dict:
   if report is None:  # nothing answered
     return dict(mcq_accuracy=None, mcq_empty=None, mcq_unparseable=None)
   overall = report.overall
-  return dict(mcq_accuracy=overall.accuracy,
-              **{f"mcq_accuracy/{t.name}": t.accuracy for t in report.groups["task"]},
-              mcq_empty=overall.empty, mcq_unparseable=overall.unparseable)
+  return dict(
+    mcq_accuracy=overall.accuracy,
+    **{f"mcq_accuracy/{t.name}": t.accuracy for t in report.groups["task"]},
+    mcq_empty=overall.empty,
+    mcq_unparseable=overall.unparseable,
+  )

@@ -48,21 +48,27 @@ def export(workdir: str | Path, out: str | Path, step: int | None = None) -> Pat
     checkpoints.close()
   model = nnx.merge(run.graphdef, params, run.frozen)
   folder = write_model_folder(model, Path(out), cfg, run.tokenizer, run.scorer_tokenizer)
-  print(f"exported checkpoint {step} of {workdir} to {folder} in "
-        f"{time.perf_counter() - started:.1f} s", flush=True)
+  print(
+    f"exported checkpoint {step} of {workdir} to {folder} in {time.perf_counter() - started:.1f} s",
+    flush=True,
+  )
   return folder
 
 
-def write_model_folder(model, out: Path, cfg: rc.RunConfig, tokenizer, scorer_tokenizer
-                       ) -> Path:
+def write_model_folder(model, out: Path, cfg: rc.RunConfig, tokenizer, scorer_tokenizer) -> Path:
   """``model`` as a folder the next stage reads with no extra flag: ``save_pretrained``'s
   weights and config.json (pooling mode and windows, scorer, BT-Adapter included), the
   tokenizers of the run's source folders (``data.text.tokenizer.write_tokenizers``) and a
   ``generation_config.json``."""
   folder = model.save_pretrained(out, progress=True)
   m = cfg.model
-  sources = (tokenizer_folders(m.checkpoint, scorer_tokenizer=m.scorer_tokenizer or None,
-                               clip=m.clip or None) if m.checkpoint else None)
+  sources = (
+    tokenizer_folders(
+      m.checkpoint, scorer_tokenizer=m.scorer_tokenizer or None, clip=m.clip or None
+    )
+    if m.checkpoint
+    else None
+  )
   write_tokenizers(folder, sources, tokenizer, scorer_tokenizer)
   pretrained.write_generation_config(folder, model.cfg.text)
   return folder

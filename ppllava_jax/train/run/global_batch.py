@@ -47,6 +47,7 @@ _GOT, _ENDED, _FAILED = 0, 1, 2  # agreed_next's outcomes
 class DataBlocks:
   """This process's data block (module doc), the block count, and per block the first
   process that holds it (whose rows an all-gather takes)."""
+
   block: int
   blocks: int
   owners: tuple[int, ...]
@@ -63,17 +64,21 @@ def data_blocks(mesh: Mesh, rules: Rules = LOGICAL_RULES) -> DataBlocks:
     rows.setdefault(device.process_index, set()).add(index[0].start or 0)
   runs = {p: (min(r), len(r)) for p, r in rows.items()}
   width = {n for _, n in runs.values()}
-  if len(width) != 1 or any(sorted(rows[p]) != list(range(lo, lo + n))
-                            for p, (lo, n) in runs.items()):
-    raise ValueError(f"the mesh {dict(mesh.shape)} gives processes rows {rows} of the batch "
-                     "axes: each process must hold one contiguous run of the same length "
-                     "(order the devices by process)")
+  if len(width) != 1 or any(
+    sorted(rows[p]) != list(range(lo, lo + n)) for p, (lo, n) in runs.items()
+  ):
+    raise ValueError(
+      f"the mesh {dict(mesh.shape)} gives processes rows {rows} of the batch "
+      "axes: each process must hold one contiguous run of the same length "
+      "(order the devices by process)"
+    )
   (n,) = width
   owners = {}
   for p in sorted(runs):
     owners.setdefault(runs[p][0] // n, p)
-  return DataBlocks(runs[jax.process_index()][0] // n, slices // n,
-                    tuple(owners[b] for b in range(slices // n)))
+  return DataBlocks(
+    runs[jax.process_index()][0] // n, slices // n, tuple(owners[b] for b in range(slices // n))
+  )
 
 
 def to_global(batch, mesh: Mesh, blocks: DataBlocks, micro: bool = False, pad_id: int = 0):
@@ -100,8 +105,11 @@ def to_global(batch, mesh: Mesh, blocks: DataBlocks, micro: bool = False, pad_id
   for name, x in local.items():
     sharding, shape = getattr(shardings, name), shapes[name].shape
     if name in gathered:  # (processes, ...) -> the blocks' rows in order
-      x = np.concatenate([gathered[name][p] for p in blocks.owners], axis=axis) if len(
-          x.shape) > axis else x
+      x = (
+        np.concatenate([gathered[name][p] for p in blocks.owners], axis=axis)
+        if len(x.shape) > axis
+        else x
+      )
     out[name] = jax.make_array_from_process_local_data(sharding, x, shape)
   return batch.replace(**out)
 
@@ -122,13 +130,14 @@ def agreed_next(fetch: Callable[[], T]) -> T | None:
     batch, outcome = fetch(), _GOT
   except StopIteration:
     outcome = _ENDED
-  except Exception as err:  # noqa: BLE001 (raised below, after the others know)
+  except Exception as err:
     outcome, error = _FAILED, err
   outcomes = multihost_utils.process_allgather(np.int32(outcome))
   if error is not None:
     raise error
   failed = [p for p, o in enumerate(outcomes.tolist()) if o == _FAILED]
   if failed:
-    raise DataError(f"process {failed[0]} failed to load its data (see its log); every process "
-                    "stops with it")
+    raise DataError(
+      f"process {failed[0]} failed to load its data (see its log); every process stops with it"
+    )
   return None if _ENDED in outcomes.tolist() else batch

@@ -58,20 +58,19 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from ppllava_jax import distributed
-from ppllava_jax.data.sft import preflight
+from ppllava_jax.config import to_dict
 from ppllava_jax.data.batching import empty_like
 from ppllava_jax.data.engine import DataError
-from ppllava_jax.data.text.tokenizer import (check_batch_ids)
-from ppllava_jax.train.run import checkpoint as ckpt_lib
-from ppllava_jax.train.run import evaluation
-from ppllava_jax.train.run import metrics as metrics_lib
-from ppllava_jax.train.run import resume
-from ppllava_jax.train.run.assembly import Run, fresh_state, load, start_reference
-from ppllava_jax.config import to_dict
-from ppllava_jax.train.run import config as rc
-from ppllava_jax.train.run.global_batch import DataBlocks, agreed_next, data_blocks, to_global
-from ppllava_jax.train.core.step import Steps, stack_micro_batches
+from ppllava_jax.data.sft import preflight
+from ppllava_jax.data.text.tokenizer import check_batch_ids
 from ppllava_jax.signals import Signals
+from ppllava_jax.train.core.step import Steps, stack_micro_batches
+from ppllava_jax.train.run import checkpoint as ckpt_lib
+from ppllava_jax.train.run import config as rc
+from ppllava_jax.train.run import evaluation, resume
+from ppllava_jax.train.run import metrics as metrics_lib
+from ppllava_jax.train.run.assembly import Run, fresh_state, load, start_reference
+from ppllava_jax.train.run.global_batch import DataBlocks, agreed_next, data_blocks, to_global
 
 STOP_NOTICE = "{} received: saving a checkpoint at the next step, then stopping"
 
@@ -92,6 +91,7 @@ def prepare_data(cfg: rc.RunConfig, workdir: Path) -> rc.RunConfig:
   cfg = rc.with_workdir(cfg, str(workdir))
   if cfg.synthetic is not None:
     from ppllava_jax.train.run import synthetic
+
     make = synthetic.generate if cfg.synthetic.kind == "qa" else synthetic.generate_preference
     if distributed.is_primary():
       make(cfg.synthetic, workdir / "data")
@@ -99,22 +99,42 @@ def prepare_data(cfg: rc.RunConfig, workdir: Path) -> rc.RunConfig:
   return cfg
 
 
-def _data(cfg: rc.RunConfig, run: Run, blocks: DataBlocks, state: dict | None,
-          reference: dict | None, inputs):
+def _data(
+  cfg: rc.RunConfig,
+  run: Run,
+  blocks: DataBlocks,
+  state: dict | None,
+  reference: dict | None,
+  inputs,
+):
   """This process's block of the run's batches: SFT ``TrainBatch``es or DPO
   ``PairBatch``es; ``inputs``: what ``_check_data`` read."""
   where = dict(block=blocks.block, blocks=blocks.blocks)
   if cfg.preference is not None:
     from ppllava_jax.data.dpo.pairs import make_preference_iterator
-    return make_preference_iterator(cfg.preference, tokenizer=run.tokenizer, model=run.model_cfg,
-                                    scorer_tokenizer=run.scorer_tokenizer, state=state,
-                                    reference=reference,
-                                    pin_frames=cfg.dpo.precompute_reference, read=inputs,
-                                    **where)
+
+    return make_preference_iterator(
+      cfg.preference,
+      tokenizer=run.tokenizer,
+      model=run.model_cfg,
+      scorer_tokenizer=run.scorer_tokenizer,
+      state=state,
+      reference=reference,
+      pin_frames=cfg.dpo.precompute_reference,
+      read=inputs,
+      **where,
+    )
   from ppllava_jax.data.sft.pipeline import make_train_iterator
-  return make_train_iterator(cfg.data, tokenizer=run.tokenizer, model=run.model_cfg,
-                             scorer_tokenizer=run.scorer_tokenizer, state=state,
-                             annotation_set=inputs, **where)
+
+  return make_train_iterator(
+    cfg.data,
+    tokenizer=run.tokenizer,
+    model=run.model_cfg,
+    scorer_tokenizer=run.scorer_tokenizer,
+    state=state,
+    annotation_set=inputs,
+    **where,
+  )
 
 
 def _next_update(data, k: int, pad_id: int):
@@ -140,7 +160,7 @@ def _step_flops(steps: Steps, state, constants, batch) -> float | None:
   """FLOPs of one train step from XLA's cost analysis of its lowering."""
   try:
     return metrics_lib.cost_flops(steps.lower_train(state, constants, batch).cost_analysis())
-  except Exception as err:  # noqa: BLE001 (an estimate; never stops a run)
+  except Exception as err:
     log.warning("no FLOP count for the MFU estimate: %s", err)
     return None
 
@@ -168,33 +188,42 @@ def _train(cfg: rc.RunConfig, workdir: Path, checkpoints: ckpt_lib.Checkpoints) 
   if distributed.is_primary():
     (workdir / "config.json").write_text(json.dumps(config_dict, indent=1, sort_keys=True))
   run, constants, start, state, data = _start(cfg, workdir, checkpoints, latest, inputs)
-  writer = (metrics_lib.MetricsWriter(workdir, resume_step=start) if distributed.is_primary()
-            else metrics_lib.NoMetrics())
+  writer = (
+    metrics_lib.MetricsWriter(workdir, resume_step=start)
+    if distributed.is_primary()
+    else metrics_lib.NoMetrics()
+  )
   loop = _Loop(cfg, run, constants, data, checkpoints, writer, mcq_eval, config_dict, start)
   try:
     state, done, stopped = loop(state)
   finally:
     loop.close()
   if stopped:
-    distributed.say(f"stopped by {stopped} after step {done}: checkpoint {done} saved in "
-                    f"{checkpoints.directory}; run the same command again to resume")
+    distributed.say(
+      f"stopped by {stopped} after step {done}: checkpoint {done} saved in "
+      f"{checkpoints.directory}; run the same command again to resume"
+    )
   return _summary(workdir, state, done, stopped, loop.last)
 
 
-def _start(cfg: rc.RunConfig, workdir: Path, checkpoints: ckpt_lib.Checkpoints,
-           latest: int | None, inputs):
+def _start(
+  cfg: rc.RunConfig, workdir: Path, checkpoints: ckpt_lib.Checkpoints, latest: int | None, inputs
+):
   """(run, the step's constants, the step it starts after, its state, its data): the
   model loaded and assembled, the reference started (DPO), then the checkpoint restored,
   or the first state made from ``init_from``'s or the loaded parameters; those are then
   dropped, so one state is live."""
   run, loaded = load(cfg)
   target = run.assembly.state
-  initial = functools.cache(lambda: ckpt_lib.restore_params(cfg.init_from, target.params)
-                            if cfg.init_from else loaded.params)  # read once
+  initial = functools.cache(
+    lambda: (
+      ckpt_lib.restore_params(cfg.init_from, target.params) if cfg.init_from else loaded.params
+    )
+  )  # read once
   constants, reference = start_reference(run, cfg, workdir, initial, inputs)
   start, state, data_state = resume.restore(
-      checkpoints, cfg, latest, target,
-      lambda: fresh_state(run.assembly, initial(), cfg.train.seed))
+    checkpoints, cfg, latest, target, lambda: fresh_state(run.assembly, initial(), cfg.train.seed)
+  )
   initial = loaded = None  # free the loaded parameters: the state holds them now
   if start:
     distributed.say(f"resuming from checkpoint {start} in {checkpoints.directory}")
@@ -208,9 +237,18 @@ class _Loop:
   """The updates of a run from step ``start`` to ``cfg.steps`` (module doc): ``loop(state)``
   returns (state, the last step done, the stop signal's name or None)."""
 
-  def __init__(self, cfg: rc.RunConfig, run: Run, constants, data,
-               checkpoints: ckpt_lib.Checkpoints, writer, mcq_eval, config_dict: dict,
-               start: int):
+  def __init__(
+    self,
+    cfg: rc.RunConfig,
+    run: Run,
+    constants,
+    data,
+    checkpoints: ckpt_lib.Checkpoints,
+    writer,
+    mcq_eval,
+    config_dict: dict,
+    start: int,
+  ):
     self.cfg, self.run, self.constants, self.data = cfg, run, constants, data
     self.checkpoints, self.writer, self.mcq_eval = checkpoints, writer, mcq_eval
     self.config_dict, self.start = config_dict, start
@@ -223,8 +261,14 @@ class _Loop:
     self.flops: dict = {}  # by batch shape: the step's FLOPs (XLA's count)
     self.window = _Window(start, time.perf_counter(), data.stats.skipped_total)
     self.last: dict = {}  # the last metrics record
-    self.bar = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True,
-                    mininterval=1.0, disable=not distributed.is_primary())
+    self.bar = tqdm(
+      total=cfg.steps,
+      initial=start,
+      desc="train",
+      dynamic_ncols=True,
+      mininterval=1.0,
+      disable=not distributed.is_primary(),
+    )
 
   def __call__(self, state):
     cfg, checkpoints, start = self.cfg, self.checkpoints, self.start
@@ -273,8 +317,13 @@ class _Loop:
     """One train step on this process's ``batch``, compiled (with a message) on a new
     shape."""
     self.window.samples += int(np.sum(batch.sample_mask))  # this process's
-    batch = to_global(batch, self.run.shardings.mesh, self.blocks,
-                      self.cfg.train.optim.grad_accum > 1, self.data.builder.pad_id)
+    batch = to_global(
+      batch,
+      self.run.shardings.mesh,
+      self.blocks,
+      self.cfg.train.optim.grad_accum > 1,
+      self.data.builder.pad_id,
+    )
     steps, key = self.run.steps, batch.shape_key()
     compiling = key not in self.flops
     if compiling:
@@ -294,22 +343,23 @@ class _Loop:
     """``NonFiniteError`` after ``max_nan_in_a_row`` skipped updates, read from the device
     only on log steps, every ``max_nan_in_a_row`` steps and the last."""
     cfg = self.cfg
-    if not (every(done, cfg.log_every) or every(done, cfg.max_nan_in_a_row)
-            or done == cfg.steps):
+    if not (every(done, cfg.log_every) or every(done, cfg.max_nan_in_a_row) or done == cfg.steps):
       return
     streak = int(jax.device_get(self.streak))
     if streak >= cfg.max_nan_in_a_row:
       raise NonFiniteError(
-          f"{streak} updates in a row were skipped (non-finite loss or gradient "
-          f"norm, or no supervised token) by step {done}; max_nan_in_a_row="
-          f"{cfg.max_nan_in_a_row}. Lower train.optim.lr, check the data, or resume "
-          f"from an earlier checkpoint in {self.checkpoints.directory}")
+        f"{streak} updates in a row were skipped (non-finite loss or gradient "
+        f"norm, or no supervised token) by step {done}; max_nan_in_a_row="
+        f"{cfg.max_nan_in_a_row}. Lower train.optim.lr, check the data, or resume "
+        f"from an earlier checkpoint in {self.checkpoints.directory}"
+      )
 
   def _record(self, state, done: int) -> None:
     window, skipped = self.window, self.data.stats.skipped_total
     counts = _over_blocks((window.samples, skipped - window.skipped_before), self.blocks)
-    self.last = _log(self.writer, self.run, state, window.metrics, done, window.step,
-                     window.time, counts, self.cfg)
+    self.last = _log(
+      self.writer, self.run, state, window.metrics, done, window.step, window.time, counts, self.cfg
+    )
     self.bar.set_postfix(loss=f"{self.last['loss']:.4f}", refresh=False)
     self.window = _Window(done, time.perf_counter(), skipped)
 
@@ -318,6 +368,7 @@ class _Loop:
 class _Window:
   """The updates since the last metrics record: it was at ``step`` and ``time``, with
   ``skipped_before`` samples skipped (this block's count)."""
+
   step: int
   time: float
   skipped_before: int
@@ -332,9 +383,15 @@ def _summary(workdir: Path, state, done: int, stopped: str | None, last: dict) -
     curve = metrics_lib.loss_curve(records, workdir / "loss.png")
     accuracies = [r["mcq_accuracy"] for r in records if "mcq_accuracy" in r]
   updates, skipped = jax.device_get((state.step, state.skipped))  # replicated scalars
-  return dict(step=done, updates=int(updates), skipped=int(skipped), stopped=stopped,
-              loss=last.get("loss"), loss_curve=str(curve) if curve else None,
-              mcq_accuracy=accuracies[-1] if accuracies else None)
+  return dict(
+    step=done,
+    updates=int(updates),
+    skipped=int(skipped),
+    stopped=stopped,
+    loss=last.get("loss"),
+    loss_curve=str(curve) if curve else None,
+    mcq_accuracy=accuracies[-1] if accuracies else None,
+  )
 
 
 def _check_trained(stats, blocks: DataBlocks) -> None:
@@ -342,15 +399,20 @@ def _check_trained(stats, blocks: DataBlocks) -> None:
   the counters resume with the data state) was skipped: not a success of 0 updates."""
   seen, skipped = _over_blocks((stats.samples, stats.skipped_total), blocks)
   if seen and skipped >= seen:
-    raise DataError(f"no sample was trained on: all {seen} samples read were skipped "
-                    f"({dict(stats.skipped)}; the last: {stats.last_skip}); check the "
-                    "annotations and the media roots")
+    raise DataError(
+      f"no sample was trained on: all {seen} samples read were skipped "
+      f"({dict(stats.skipped)}; the last: {stats.last_skip}); check the "
+      "annotations and the media roots"
+    )
 
 
 def _shapes(batch) -> str:
   """The fields that set a step's size, as a compile message shows them."""
-  return ", ".join(f"{name} {shape}" for name, shape, _ in batch.shape_key()
-                   if name in ("input_ids", "videos", "images"))
+  return ", ".join(
+    f"{name} {shape}"
+    for name, shape, _ in batch.shape_key()
+    if name in ("input_ids", "videos", "images")
+  )
 
 
 def _check_data(cfg: rc.RunConfig):
@@ -360,6 +422,7 @@ def _check_data(cfg: rc.RunConfig):
     preflight.sft_annotations(cfg.eval_data.mixture, cfg.eval_data.sample.media_store)
   if cfg.preference is not None:
     from ppllava_jax.data.dpo.rows import read_preference_rows
+
     return read_preference_rows(cfg.preference.rows, cfg.preference.media_root)
   return preflight.sft_annotations(cfg.data.mixture, cfg.data.sample.media_store)
 
@@ -393,14 +456,20 @@ def _log(writer, run, state, pending, done, last_step, last_time, counts, cfg) -
   step_flops = [f for _, f in pending]
   flops = sum(step_flops) if all(f is not None for f in step_flops) else None
   record = dict(
-      step=done, loss=float(np.mean(losses)) if losses else float("nan"),
-      lr=float(host[-1]["lr"]), grad_norm=float(np.mean([float(m["grad_norm"]) for m in host])),
-      tokens_per_s=tokens / seconds, samples_per_s=samples / seconds, step_time=seconds / n,
-      compilations=run.steps.train_compilations,
-      skipped_samples=skipped_samples,  # in the interval, over every block (docstring)
-      skipped_updates=int(jax.device_get(state.skipped)),
-      updates=int(jax.device_get(state.step)),
-      mfu=metrics_lib.mfu(flops, seconds, cfg.peak_flops), peak_flops=cfg.peak_flops)
+    step=done,
+    loss=float(np.mean(losses)) if losses else float("nan"),
+    lr=float(host[-1]["lr"]),
+    grad_norm=float(np.mean([float(m["grad_norm"]) for m in host])),
+    tokens_per_s=tokens / seconds,
+    samples_per_s=samples / seconds,
+    step_time=seconds / n,
+    compilations=run.steps.train_compilations,
+    skipped_samples=skipped_samples,  # in the interval, over every block (docstring)
+    skipped_updates=int(jax.device_get(state.skipped)),
+    updates=int(jax.device_get(state.step)),
+    mfu=metrics_lib.mfu(flops, seconds, cfg.peak_flops),
+    peak_flops=cfg.peak_flops,
+  )
   kept = [m for m in host if not m["skipped"]]
   for name in sorted(host[-1]):  # an objective's own metrics (DPO: rewards/*, logps/*, ...)
     if "/" in name:
@@ -414,8 +483,9 @@ def _log(writer, run, state, pending, done, last_step, last_time, counts, cfg) -
 def _evaluate(writer, run, state, cfg: rc.RunConfig, done: int, blocks: DataBlocks) -> None:
   record = evaluation.held_out_loss(run, state, cfg.eval_data, cfg.eval_batches, done, blocks)
   writer.write(record)
-  log.info("eval at step %d: loss %.4f over %d tokens", done, record["eval_loss"],
-           record["eval_tokens"])
+  log.info(
+    "eval at step %d: loss %.4f over %d tokens", done, record["eval_loss"], record["eval_tokens"]
+  )
 
 
 def _evaluate_mcq(writer, mcq_eval: evaluation.McqEval, run: Run, state, done: int) -> None:
@@ -425,7 +495,7 @@ def _evaluate_mcq(writer, mcq_eval: evaluation.McqEval, run: Run, state, done: i
   record = mcq_eval(run, state.params, done)
   writer.write(record)
   accuracy = "n/a" if record["mcq_accuracy"] is None else f"{record['mcq_accuracy']:.2f}%"
-  distributed.say(f"mcq at step {done}: accuracy {accuracy} over {record['mcq_items']} items "
-       f"({record['mcq_failed']} failed), {record['mcq_time']:.1f} s")
-
-
+  distributed.say(
+    f"mcq at step {done}: accuracy {accuracy} over {record['mcq_items']} items "
+    f"({record['mcq_failed']} failed), {record['mcq_time']:.1f} s"
+  )

@@ -36,6 +36,7 @@ from ppllava_jax.files import cut_torn_last_line, read_jsonl
 
 # ---- CRC-32C (Castagnoli), as TFRecord frames use ---------------------------------------
 
+
 def _table():
   poly, table = 0x82F63B78, []
   for n in range(256):
@@ -63,6 +64,7 @@ def masked_crc(data: bytes) -> int:
 
 # ---- protobuf wire format, the few fields an Event needs --------------------------------
 
+
 def _varint(n: int) -> bytes:
   out = bytearray()
   while True:
@@ -80,36 +82,44 @@ def _bytes(number: int, payload: bytes) -> bytes:
   return _field(number, 2) + _varint(len(payload)) + payload
 
 
-def event(wall_time: float, step: int = 0, *, file_version: str | None = None,
-          scalars: dict[str, float] | None = None) -> bytes:
+def event(
+  wall_time: float,
+  step: int = 0,
+  *,
+  file_version: str | None = None,
+  scalars: dict[str, float] | None = None,
+) -> bytes:
   """An ``Event`` proto: wall_time (1, double), step (2, int64), file_version (3) or
   summary (5: Summary{value (1): {tag (1), simple_value (2, float)}})."""
   out = _field(1, 1) + struct.pack("<d", wall_time) + _field(2, 0) + _varint(step)
   if file_version is not None:
     out += _bytes(3, file_version.encode())
   if scalars:
-    values = b"".join(_bytes(1, _bytes(1, tag.encode()) + _field(2, 5) + struct.pack("<f", v))
-                      for tag, v in scalars.items())
+    values = b"".join(
+      _bytes(1, _bytes(1, tag.encode()) + _field(2, 5) + struct.pack("<f", v))
+      for tag, v in scalars.items()
+    )
     out += _bytes(5, values)
   return out
 
 
 def frame(record: bytes) -> bytes:
   length = struct.pack("<Q", len(record))
-  return length + struct.pack("<I", masked_crc(length)) + record + struct.pack(
-      "<I", masked_crc(record))
+  return (
+    length + struct.pack("<I", masked_crc(length)) + record + struct.pack("<I", masked_crc(record))
+  )
 
 
 def read_frames(path: str | Path) -> list[bytes]:
   """The records of a TFRecord file, each CRC checked (tests, debugging)."""
   data, out, i = Path(path).read_bytes(), [], 0
   while i < len(data):
-    length = data[i:i + 8]
+    length = data[i : i + 8]
     (n,) = struct.unpack("<Q", length)
-    if struct.unpack("<I", data[i + 8:i + 12])[0] != masked_crc(length):
+    if struct.unpack("<I", data[i + 8 : i + 12])[0] != masked_crc(length):
       raise ValueError(f"{path}: bad length CRC at byte {i}")
-    record = data[i + 12:i + 12 + n]
-    if struct.unpack("<I", data[i + 12 + n:i + 16 + n])[0] != masked_crc(record):
+    record = data[i + 12 : i + 12 + n]
+    if struct.unpack("<I", data[i + 12 + n : i + 16 + n])[0] != masked_crc(record):
       raise ValueError(f"{path}: bad record CRC at byte {i}")
     out.append(record)
     i += 16 + n
@@ -162,8 +172,10 @@ class MetricsWriter:
   def write(self, record: dict) -> None:
     self._f.write(_line(record))
     self._f.flush()
-    self.events.scalars(record["step"], {k: v for k, v in record.items()
-                                         if k != "step" and isinstance(v, (int, float))})
+    self.events.scalars(
+      record["step"],
+      {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))},
+    )
 
   def close(self) -> None:
     self._f.close()
@@ -213,6 +225,7 @@ Colour = tuple[int, int, int]
 class Series:
   """The finite values of ``key`` in the records, drawn as a line; with ``markers`` a dot
   per record too (sparse series: evaluations)."""
+
   key: str
   label: str
   colour: Colour
@@ -225,6 +238,7 @@ class Panel:
   log value axis when every value is positive; ``limits``: a fixed value range;
   ``reference``: a dashed level at the last value of its key, when a record holds one (its
   label a format string of the value)."""
+
   title: str
   y_label: str
   series: tuple[Series, ...]
@@ -234,20 +248,38 @@ class Panel:
 
 
 PANELS = (
-    Panel("Loss", "loss", (Series("loss", "training", (31, 119, 180)),
-                           Series("eval_loss", "held-out", (255, 127, 14), markers=True)),
-          log=True),
-    Panel("Multiple-choice accuracy", "accuracy (%)",
-          (Series("mcq_accuracy", "accuracy", (44, 160, 44), markers=True),), limits=(0, 100),
-          reference=Series("mcq_chance", "chance {:.3g}%", (110, 110, 110))),
-    Panel("DPO reward margin", "chosen - rejected",
-          (Series("rewards/margins", "reward margin", (148, 103, 189)),)),
-    Panel("DPO reward accuracy", "fraction chosen > rejected",
-          (Series("rewards/accuracies", "reward accuracy", (214, 39, 40)),), limits=(0, 1)),
+  Panel(
+    "Loss",
+    "loss",
+    (
+      Series("loss", "training", (31, 119, 180)),
+      Series("eval_loss", "held-out", (255, 127, 14), markers=True),
+    ),
+    log=True,
+  ),
+  Panel(
+    "Multiple-choice accuracy",
+    "accuracy (%)",
+    (Series("mcq_accuracy", "accuracy", (44, 160, 44), markers=True),),
+    limits=(0, 100),
+    reference=Series("mcq_chance", "chance {:.3g}%", (110, 110, 110)),
+  ),
+  Panel(
+    "DPO reward margin",
+    "chosen - rejected",
+    (Series("rewards/margins", "reward margin", (148, 103, 189)),),
+  ),
+  Panel(
+    "DPO reward accuracy",
+    "fraction chosen > rejected",
+    (Series("rewards/accuracies", "reward accuracy", (214, 39, 40)),),
+    limits=(0, 1),
+  ),
 )
 
 
 # ---- ticks: pure maths ---------------------------------------------------------------------
+
 
 def _clean(x: float) -> float:
   """``x`` rounded to 12 digits (3 * 0.1 is 0.30000000000000004), without a negative zero."""
@@ -294,7 +326,7 @@ def log_ticks(lo: float, hi: float, most: int = 12) -> list[float]:
   gap = math.log10(hi / lo) / most * (1 - 1e-9)
   exponents = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
   kept = []
-  for tick in (_clean(m * 10.0 ** e) for m in _MANTISSAS for e in exponents):
+  for tick in (_clean(m * 10.0**e) for m in _MANTISSAS for e in exponents):
     if _inside(tick, lo, hi) and all(abs(math.log10(tick / k)) >= gap for k in kept):
       kept.append(tick)
   decades = sorted(kept)
@@ -311,6 +343,7 @@ def _bare(ticks: list[float], lo: float, hi: float) -> float:
 @dataclasses.dataclass(frozen=True)
 class Axis:
   """A range drawn from ``lo`` to ``hi``, log10-spaced when ``log``, with ``ticks``."""
+
   lo: float
   hi: float
   ticks: tuple[float, ...]
@@ -329,8 +362,9 @@ def step_axis(steps: list[float]) -> Axis:
   return Axis(ticks[0], ticks[-1], tuple(ticks))
 
 
-def value_axis(values: list[float], log: bool = False,
-               limits: tuple[float, float] | None = None) -> Axis:
+def value_axis(
+  values: list[float], log: bool = False, limits: tuple[float, float] | None = None
+) -> Axis:
   """A panel's value axis: ``limits`` when given; else log when asked for and every value is
   positive (a loss falls over decades: on a linear axis all but its start is a flat line);
   else linear, spanning its nice ticks. A little wider than the values: none on the frame."""
@@ -338,7 +372,7 @@ def value_axis(values: list[float], log: bool = False,
     return Axis(*limits, tuple(linear_ticks(*limits)))
   lo, hi = min(values), max(values)
   if log and lo > 0:
-    lo, hi = (10.0 ** v for v in _widen(math.log10(lo), math.log10(hi)))
+    lo, hi = (10.0**v for v in _widen(math.log10(lo), math.log10(hi)))
     return Axis(lo, hi, tuple(log_ticks(lo, hi)), log=True)
   ticks = linear_ticks(*_widen(lo, hi))
   return Axis(ticks[0], ticks[-1], tuple(ticks))
@@ -359,18 +393,19 @@ _SCALE = 2  # drawn at twice the size, then shrunk: smooth lines and text
 _INK, _GRID, _FRAME, _ZERO = (30, 30, 30), (226, 226, 226), (110, 110, 110), (150, 150, 150)
 
 
-def loss_curve(records: list[dict], path: str | Path, width: int = 640,
-               panel_height: int = 300) -> Path | None:
+def loss_curve(
+  records: list[dict], path: str | Path, width: int = 640, panel_height: int = 300
+) -> Path | None:
   """A PNG (Pillow) of the ``PANELS`` that ``records`` hold a series of, stacked, on one
   step axis: the training and held-out loss, the multiple-choice accuracy, DPO's reward
   margins and accuracies. None: nothing to draw."""
   from PIL import Image
+
   panels = [(p, {s.key: _points(records, s.key) for s in p.series}) for p in PANELS]
   panels = [(p, series) for p, series in panels if any(series.values())]
   if not panels:
     return None
-  x_axis = step_axis([s for _, series in panels for points in series.values()
-                      for s, _ in points])
+  x_axis = step_axis([s for _, series in panels for points in series.values() for s, _ in points])
   k = _SCALE
   image = Image.new("RGB", (width * k, panel_height * len(panels) * k), "white")
   for i, (panel, series) in enumerate(panels):
@@ -397,14 +432,22 @@ def _last(records: list[dict], series: Series | None) -> float | None:
 
 def _font(size: int):
   from PIL import ImageFont
+
   return ImageFont.load_default(size=size * _SCALE)  # Pillow >= 10.1
 
 
-def _panel(image, panel: Panel, series: dict[str, list], reference: float | None,
-           x_axis: Axis, box: tuple[int, int, int, int]) -> None:
+def _panel(
+  image,
+  panel: Panel,
+  series: dict[str, list],
+  reference: float | None,
+  x_axis: Axis,
+  box: tuple[int, int, int, int],
+) -> None:
   """``panel`` in ``box`` of ``image``: title and legend above the plot, value ticks and
   label left of it, step ticks and label below."""
   from PIL import ImageDraw
+
   draw, k = ImageDraw.Draw(image), _SCALE
   x0, y0, x1, y1 = box
   plot = (x0 + 70 * k, y0 + 36 * k, x1 - 18 * k, y1 - 44 * k)
@@ -418,8 +461,9 @@ def _panel(image, panel: Panel, series: dict[str, list], reference: float | None
   draw.rectangle(plot, outline=_FRAME, width=k)
   y_label = panel.y_label + (" (log scale)" if y_axis.log else "")
   _labels(image, draw, box, plot, panel.title, y_label)
-  entries = [(s.label, s.colour, "markers" if s.markers else "line")
-             for s in panel.series if series[s.key]]
+  entries = [
+    (s.label, s.colour, "markers" if s.markers else "line") for s in panel.series if series[s.key]
+  ]
   if reference is not None:
     entries.append((panel.reference.label.format(reference), panel.reference.colour, "dashed"))
   _legend(draw, (plot[2], y0 + 18 * k), entries)
@@ -487,6 +531,7 @@ def _labels(image, draw, box, plot, title: str, y_label: str) -> None:
 def _vertical_text(image, centre: tuple[float, float], text: str, font) -> None:
   """``text`` turned a quarter left (reading upwards), centred on ``centre``."""
   from PIL import Image, ImageDraw
+
   _, _, right, bottom = font.getbbox(text)
   label = Image.new("L", (right + 2, bottom + 2), 0)
   ImageDraw.Draw(label).text((0, 0), text, fill=255, font=font)

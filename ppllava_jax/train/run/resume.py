@@ -42,17 +42,20 @@ def resume_step(checkpoints: Checkpoints, cfg: rc.RunConfig) -> int | None:
     if refused:
       keys = ",".join(sorted({line.split(":")[0] for line in refused}))
       raise ResumeError(
-          f"{checkpoints.directory.parent} holds another run: checkpoint {step}'s config "
-          f"differs in {len(refused)} setting(s) that change what it computes:\n  "
-          + "\n  ".join(refused)
-          + f"\nStart it in a new --workdir; or, to go on with this run and these changes, "
-          f"add --set resume={keys}")
+        f"{checkpoints.directory.parent} holds another run: checkpoint {step}'s config "
+        f"differs in {len(refused)} setting(s) that change what it computes:\n  "
+        + "\n  ".join(refused)
+        + f"\nStart it in a new --workdir; or, to go on with this run and these changes, "
+        f"add --set resume={keys}"
+      )
     if allowed:
       distributed.say(f"resuming checkpoint {step} with changed settings: " + "; ".join(allowed))
     return step
   if steps:
-    raise ResumeError(f"every checkpoint in {checkpoints.directory} is damaged (set aside as "
-                      "<step>.damaged): nothing to resume; start over in a new --workdir")
+    raise ResumeError(
+      f"every checkpoint in {checkpoints.directory} is damaged (set aside as "
+      "<step>.damaged): nothing to resume; start over in a new --workdir"
+    )
   return None
 
 

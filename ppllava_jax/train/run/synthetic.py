@@ -93,9 +93,11 @@ class Question:
   candidates: tuple[str, ...]
 
 
-QUESTIONS = (Question("colour", "What colour is the shape?", tuple(COLOURS)),
-             Question("shape", "Is it a circle or a square?", SHAPES),
-             Question("direction", "Which way does it move?", tuple(DIRECTIONS)))
+QUESTIONS = (
+  Question("colour", "What colour is the shape?", tuple(COLOURS)),
+  Question("shape", "Is it a circle or a square?", SHAPES),
+  Question("direction", "Which way does it move?", tuple(DIRECTIONS)),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +105,7 @@ class Scene:
   """One video: what it shows and where. ``lane``: the fixed coordinate, ``start`` /
   ``end``: the moving one at the first / last frame, ``radius``: half the shape's side;
   all fractions of the field's side."""
+
   colour: str
   shape: str
   direction: str
@@ -116,12 +119,31 @@ class Scene:
 
   def draw(self, count: int, size: int) -> Iterator[np.ndarray]:
     """This scene's ``frames``."""
-    return frames(COLOURS[self.colour], self.shape, self.direction, count, size,
-                  lane=self.lane, start=self.start, end=self.end, radius=self.radius)
+    return frames(
+      COLOURS[self.colour],
+      self.shape,
+      self.direction,
+      count,
+      size,
+      lane=self.lane,
+      start=self.start,
+      end=self.end,
+      radius=self.radius,
+    )
 
 
-def frames(colour, shape: str, direction: str, count: int, size: int, *, lane: float = 0.5,
-           start: float = 0.25, end: float = 0.75, radius: float = 0.18) -> Iterator[np.ndarray]:
+def frames(
+  colour,
+  shape: str,
+  direction: str,
+  count: int,
+  size: int,
+  *,
+  lane: float = 0.5,
+  start: float = 0.25,
+  end: float = 0.75,
+  radius: float = 0.18,
+) -> Iterator[np.ndarray]:
   """The ``count`` (size, size, 3) uint8 frames of one shape of RGB ``colour`` crossing the
   field in ``direction`` (``Scene`` explains the fractions)."""
   yy, xx = np.mgrid[:size, :size]
@@ -144,16 +166,29 @@ def scenes(count: int, seed: int) -> list[Scene]:
   """``count`` scenes: the combinations in shuffled cycles, a random layout each."""
   combos = list(itertools.product(COLOURS, SHAPES, DIRECTIONS))
   rng = np.random.default_rng(seed)
-  order = np.concatenate([rng.permutation(len(combos))
-                          for _ in range(-(-count // len(combos)))])[:count]
-  return [Scene(*combos[k], lane=float(rng.uniform(0.3, 0.7)),
-                start=float(rng.uniform(0.2, 0.3)), end=float(rng.uniform(0.7, 0.8)),
-                radius=float(rng.uniform(0.16, 0.2))) for k in order]
+  order = np.concatenate([rng.permutation(len(combos)) for _ in range(-(-count // len(combos)))])[
+    :count
+  ]
+  return [
+    Scene(
+      *combos[k],
+      lane=float(rng.uniform(0.3, 0.7)),
+      start=float(rng.uniform(0.2, 0.3)),
+      end=float(rng.uniform(0.7, 0.8)),
+      radius=float(rng.uniform(0.16, 0.2)),
+    )
+    for k in order
+  ]
 
 
 def mcq_item(question: Question, video: str, answer: str) -> MVBenchItem:
-  return MVBenchItem(task=question.task, video=video, question=question.text,
-                     candidates=question.candidates, answer=answer)
+  return MVBenchItem(
+    task=question.task,
+    video=video,
+    question=question.text,
+    candidates=question.candidates,
+    answer=answer,
+  )
 
 
 def qa_turn(item: MVBenchItem) -> dict[str, str]:
@@ -184,9 +219,16 @@ def wrong_description(scene: Scene, i: int) -> str:
 def preference_row(scene: Scene, i: int) -> dict:
   """Training video ``i``'s LLaVA-Hound row; its video path relative to the set's folder."""
   chosen = describe(scene)
-  return {"id": f"synthetic_{i:04d}", "prompt": PREFERENCE_PROMPT, "answer": chosen,
-          "video": f"frames/{i:04d}", "chosen": chosen, "rejected": wrong_description(scene, i),
-          "chosen_score": SCORES["chosen"], "rejected_score": SCORES["rejected"]}
+  return {
+    "id": f"synthetic_{i:04d}",
+    "prompt": PREFERENCE_PROMPT,
+    "answer": chosen,
+    "video": f"frames/{i:04d}",
+    "chosen": chosen,
+    "rejected": wrong_description(scene, i),
+    "chosen_score": SCORES["chosen"],
+    "rejected_score": SCORES["rejected"],
+  }
 
 
 def generate(cfg: SyntheticConfig, folder: str | Path) -> Path:
@@ -241,8 +283,14 @@ def _write(folder: Path, split: str, count: int, seed: int, cfg: SyntheticConfig
     for question in QUESTIONS:
       item = mcq_item(question, name, scene.answer(question.task))
       records.append({"video": name, "QA": [qa_turn(item)]})
-      tasks[question.task].append({"video": name, "question": item.question,
-                                   "candidates": list(item.candidates), "answer": item.answer})
+      tasks[question.task].append(
+        {
+          "video": name,
+          "question": item.question,
+          "candidates": list(item.candidates),
+          "answer": item.answer,
+        }
+      )
   if split == "eval":
     (folder / "mcq").mkdir(exist_ok=True)
     for task, items in tasks.items():
