@@ -176,7 +176,7 @@ distributed.initialize()
 import jax
 
 from ppllava_jax.data.engine import DataError
-from ppllava_jax.train import global_batch
+from ppllava_jax.train.run import global_batch
 
 me = jax.process_index()
 
