@@ -34,6 +34,8 @@ def load_config(path: str | Path, expected_type: type | None = None) -> Any:
   if not path.is_file():
     raise FileNotFoundError(f"config file not found: {path}")
   spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
+  if spec is None or spec.loader is None:  # a suffix no loader claims
+    raise ValueError(f"{path}: a config is a Python file (.py) defining get_config()")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
@@ -160,8 +162,9 @@ def _apply(node, tree: dict, prefix: str):
     if isinstance(sub, dict):
       changes[name] = _apply(getattr(node, name), sub, key)
     else:
-      changes[name] = parse_value(sub[0], _hints(type(node))[name], sub[1])
-  return dataclasses.replace(node, **changes)
+      # is_dataclass narrows to "instance or class"; node is an instance (a config section)
+      changes[name] = parse_value(sub[0], _hints(type(node))[name], sub[1])  # type: ignore[arg-type]
+  return dataclasses.replace(node, **changes)  # type: ignore[type-var]
 
 
 def _apply_items(items: tuple, tree: dict, prefix: str) -> tuple:

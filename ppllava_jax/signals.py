@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from typing import Any
 
 HANDLED = (signal.SIGTERM, signal.SIGINT)  # in agreed()'s code order (index + 1)
 
@@ -50,7 +51,7 @@ class Signals:
   def __init__(self, notice: str = "{} received: stopping"):
     self.notice = notice
     self.received: str | None = None
-    self._old = {}
+    self._old: dict[signal.Signals, Any] = {}  # the previous handlers
 
   def __enter__(self) -> Signals:
     for sig in HANDLED:

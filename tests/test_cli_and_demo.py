@@ -81,6 +81,9 @@ def test_load_config_errors(tmp_path):
   (tmp_path / "empty.py").write_text("x = 1\n")
   with pytest.raises(ValueError, match="defines no get_config"):
     load_config(tmp_path / "empty.py")
+  (tmp_path / "config.json").write_text("{}")  # not a Python file: no loader claims it
+  with pytest.raises(ValueError, match="config.json: a config is a Python file"):
+    load_config(tmp_path / "config.json")
   (tmp_path / "wrong.py").write_text("def get_config():\n  return 3\n")
   with pytest.raises(ValueError, match="returned int, expected DemoConfig"):
     load_config(tmp_path / "wrong.py", DemoConfig)

@@ -50,7 +50,8 @@ def tensor_names(model: nnx.Module | nnx.GraphDef, tree) -> dict[str, Any]:
   graphdef gives the table only. Leaves that have no checkpoint name raise one
   ``CheckpointError`` naming each."""
   if isinstance(model, nnx.GraphDef):
-    return named_tensors(tree, family_rules(model.nodes[0].type))
+    # a module's graphdef starts with its NodeDef; the stubs type nodes[0] as any node kind
+    return named_tensors(tree, family_rules(model.nodes[0].type))  # type: ignore[union-attr]
   shapes = {
     ".".join(map(str, path)): tuple(getattr(var.get_value(), "shape", ()))
     for path, var in nnx.to_flat_state(nnx.state(model))

@@ -29,7 +29,7 @@ import os
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +43,7 @@ from ppllava_jax.files import DataFileError, read_json
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+_ModelT = TypeVar("_ModelT", bound=nnx.Module)  # load_into returns its model's type
 
 
 class Transform(enum.Enum):
@@ -190,12 +191,12 @@ def _missing_key(name: str, rules: Sequence[Rule]) -> str:
 
 
 def load_into(
-  abstract_model: nnx.Module,
+  abstract_model: _ModelT,
   path: str | Path,
   rules: Sequence[Rule],
   dtype: jnp.dtype | None = None,
   progress: bool = False,
-) -> nnx.Module:
+) -> _ModelT:
   """Fills ``abstract_model`` (from ``nnx.eval_shape``) from the checkpoint at ``path``.
 
   ``dtype`` casts floating tensors; by default each keeps its stored dtype.
@@ -351,6 +352,8 @@ def save_tensors(
   """
   path = Path(path)
   path.mkdir(parents=True, exist_ok=True)
+  shards: list[tuple[Path, list[str]]]
+  current: dict[str, jax.Array]
   shards, current, size = [], {}, 0
 
   def flush():

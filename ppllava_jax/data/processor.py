@@ -116,7 +116,11 @@ class Processor:
         runs.append([self.cfg.video_token_index] * self.cfg.video_tokens(len(frames)))
       elif item.kind == "image":
         tiles, size = preprocess.llava_next_image_pixels(
-          item.data, self.cfg.grid_pinpoints, self.cfg.vision.image_size, self.mean, self.std
+          item.data,  # type: ignore[arg-type]  # an image's data: a PIL image or an array
+          self.cfg.grid_pinpoints,
+          self.cfg.vision.image_size,
+          self.mean,
+          self.std,
         )
         images.append((tiles, size))
         runs.append([self.cfg.image_token_index] * self.cfg.image_tokens(size))
@@ -128,11 +132,12 @@ class Processor:
     scorer_ids = scorer_mask = None
     if self.scorer_tokenizer is not None:  # scored pooling, or relevance pictures
       scorer_ids, scorer_mask = self._scorer_tokens(prompt.scorer_text)
-      check_ids(scorer_ids, self.cfg.scorer.text.vocab_size, "the scorer text's token ids")
+      # a scorer tokenizer comes with cfg.scorer (data.text.tokenizer.model_tokenizers)
+      check_ids(scorer_ids, self.cfg.scorer.text.vocab_size, "the scorer text's token ids")  # type: ignore[union-attr]
     return Encoded(np.asarray(ids, np.int32), tuple(videos), tuple(images), scorer_ids, scorer_mask)
 
   def _scorer_tokens(self, text: str) -> tuple[np.ndarray, np.ndarray]:
-    length = self.cfg.scorer.text.max_position_embeddings
+    length = self.cfg.scorer.text.max_position_embeddings  # type: ignore[union-attr]  # as above
     full = len(self.scorer_tokenizer(text).input_ids)
     if full > length:
       if not self.scorer_truncated:
@@ -184,7 +189,7 @@ class Processor:
         pixels[i, : len(tiles)] = tiles
       batch["pixel_values"] = pixels
       batch["image_sizes"] = np.asarray([size for _, size in images], np.int64)
-    if self.cfg.pooling.scored:
-      batch["clip_input_ids"] = np.stack([r.scorer_ids for r in rows])
-      batch["clip_attention_mask"] = np.stack([r.scorer_mask for r in rows])
+    if self.cfg.pooling.scored:  # then encode gave every row its scorer tokens (__init__)
+      batch["clip_input_ids"] = np.stack([r.scorer_ids for r in rows])  # type: ignore[misc]
+      batch["clip_attention_mask"] = np.stack([r.scorer_mask for r in rows])  # type: ignore[misc]
     return batch

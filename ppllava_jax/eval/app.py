@@ -53,7 +53,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ppllava_jax import cli, distributed, signals
@@ -253,7 +253,7 @@ def _pooling(args) -> str:
     return PoolingConfig().mode  # the model's loader names a missing or bad config.json
 
 
-def _read_inputs(args) -> list[mcq.Item] | list[QAItem] | None:
+def _read_inputs(args) -> Sequence[mcq.Item] | Sequence[QAItem] | None:
   """The benchmark items or open-ended rows (None for ``--video``), and every path the
   run needs, checked before the model loads."""
   if PoolingConfig(args.pooling).scored and args.folders.scorer is None:
@@ -353,11 +353,12 @@ def _evaluate(args, predictions: Path, check_stop: Callable[[], None]) -> int:
   root = Path(args.video_root)
   if args.video:
     jobs = [video_job(args.video, args.question, template, args.frames)]
+  # items: None with --video, else MCQ items with a protocol, QA items without (_read_inputs)
   elif protocol is None:
-    jobs = qa_jobs(items, template, root, args.frames)
+    jobs = qa_jobs(items, template, root, args.frames)  # type: ignore[arg-type]
   else:
     jobs = mcq_jobs(
-      items,
+      items,  # type: ignore[arg-type]
       protocol,
       template,
       root,
@@ -394,7 +395,7 @@ def _evaluate(args, predictions: Path, check_stop: Callable[[], None]) -> int:
     return 0
   if protocol is None or not jobs:
     return 0
-  report = score_answers(items, jobs, result, protocol)
+  report = score_answers(items, jobs, result, protocol)  # type: ignore[arg-type]  # MCQ items
   if report is None:
     print("no item could be run")
     return 1

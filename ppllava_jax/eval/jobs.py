@@ -101,7 +101,8 @@ def mcq_jobs(
       if subtitle_root is not None and protocol.subtitles:
         subtitled = Subtitled(
           str(subtitle_root / f"{item.video_id}.srt"),
-          lambda lines, item=item: _mcq_text(
+          # mypy cannot type a lambda with a default (item=item binds this item)
+          lambda lines, item=item: _mcq_text(  # type: ignore[misc]
             dataclasses.replace(item, subtitles=lines), protocol, template
           ),
         )

@@ -360,8 +360,8 @@ def _answer(
             prompt=item.prompt.text,
             frame_indices=item.frame_indices,
           )
-          if relevance is not None and item.videos:
-            _picture(relevance, job, encoded, item.videos[0], cfg.visualize)
+          if relevance is not None and item.videos:  # then cfg.visualize is set (_relevance)
+            _picture(relevance, job, encoded, item.videos[0], cfg.visualize)  # type: ignore[arg-type]
       bar.update(len(batch))
       check_stop()  # the batch's answers are saved
 
@@ -391,11 +391,13 @@ def _prefetched(batches: list[list[Job]], video_backend: str) -> Iterator[tuple[
   The last few decoded videos are kept: VideoMME asks three questions of each video,
   and its jobs come in order, so each video is decoded once, not three times.
   """
-  read_video = functools.lru_cache(maxsize=2)(functools.partial(load_video, backend=video_backend))
+  # video_backend: a config string, which load_video checks
+  read_video = functools.lru_cache(maxsize=2)(functools.partial(load_video, backend=video_backend))  # type: ignore[arg-type]
   load = lambda batch: [_try(_load, job, read_video) for job in batch]
   with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
     ahead = pool.submit(load, batches[0]) if batches else None
     for i, batch in enumerate(batches):
+      assert ahead is not None  # submitted for each batch before its turn
       loaded = ahead.result()
       ahead = pool.submit(load, batches[i + 1]) if i + 1 < len(batches) else None
       yield batch, loaded
@@ -418,7 +420,8 @@ def _generate(model, processor: Processor, encoded: list, cfg: GenerationSetting
     max_new_tokens=cfg.max_new_tokens,
     pad_token_id=processor.tokenizer.pad_token_id,
   )
-  new = np.asarray(ids)[: batch["num_real"], batch["input_ids"].shape[1] :]
+  # collate's num_real is an int, its input_ids an array
+  new = np.asarray(ids)[: batch["num_real"], batch["input_ids"].shape[1] :]  # type: ignore[index,union-attr]
   return [t.strip() for t in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
 

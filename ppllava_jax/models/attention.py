@@ -147,8 +147,8 @@ class Mask:
     if self.causal:
       q_slot_l = jnp.arange(l) + (0 if self.q_start is None else self.q_start)
       keep_bls = keep_bls & (jnp.arange(s)[None, None, :] <= q_slot_l[None, :, None])
-    if self.q_segment_bl is not None:
-      keep_bls = keep_bls & (self.q_segment_bl[:, :, None] == self.kv_segment_bs[:, None, :])
+    if self.q_segment_bl is not None:  # kv_segment_bs too: both or neither (class doc)
+      keep_bls = keep_bls & (self.q_segment_bl[:, :, None] == self.kv_segment_bs[:, None, :])  # type: ignore[index]
     return keep_bls
 
 
@@ -552,10 +552,11 @@ def _splash(q_blna, k_bska, v_bska, mask, interpret: bool):
   v_bksa = pad(v_bska.astype(dtype).transpose(0, 2, 1, 3), sp)
   valid_bs = jnp.ones((b, s), bool) if mask is None else jnp.asarray(mask.valid_bs, bool)
   segmented = mask is not None and mask.q_segment_bl is not None
-  kv_ids_bs = jnp.where(valid_bs, mask.kv_segment_bs if segmented else 0, _NO_SEGMENT)
-  q_ids_bl = mask.q_segment_bl if segmented else jnp.zeros((b, l), jnp.int32)
+  # segmented: mask and both segment arrays are given (Mask's doc), which mypy cannot see
+  kv_ids_bs = jnp.where(valid_bs, mask.kv_segment_bs if segmented else 0, _NO_SEGMENT)  # type: ignore[union-attr,arg-type]
+  q_ids_bl = mask.q_segment_bl if segmented else jnp.zeros((b, l), jnp.int32)  # type: ignore[union-attr]
   ids = SegmentIds(
-    jnp.pad(q_ids_bl.astype(jnp.int32), ((0, 0), (0, lp - l))),
+    jnp.pad(q_ids_bl.astype(jnp.int32), ((0, 0), (0, lp - l))),  # type: ignore[union-attr]
     jnp.pad(kv_ids_bs.astype(jnp.int32), ((0, 0), (0, sp - s)), constant_values=_NO_SEGMENT),
   )
   out_bnla = jax.vmap(kernel)(q_bnla, k_bksa, v_bksa, ids)

@@ -140,7 +140,8 @@ class SpatialBlock(EncoderLayer):
     )
     self.drop_path = drop_path(drop_rate)
 
-  def __call__(
+  # an EncoderLayer's weights on the adapter's inputs: never called as an EncoderLayer
+  def __call__(  # type: ignore[override]
     self, cls_bd: jax.Array, patches_btpd: jax.Array, rngs: nnx.Rngs | None = None
   ) -> tuple[jax.Array, jax.Array]:
     b, t, p, d = patches_btpd.shape
@@ -198,7 +199,8 @@ class BTAdapterVisionTransformer(CLIPVisionTransformer):
     own_cls_d = self.btadapter_cls_token[0, 0].astype(x_btld.dtype) + pos_ld[0]
     return (cls_bd + own_cls_d) / 2, patches_btpd + pos_ld[1:] + time_td[:, None]
 
-  def __call__(
+  # CLIP's tower with the adapter: video input, (hidden states, pooled) out (PPLLaVA knows)
+  def __call__(  # type: ignore[override]
     self, pixel_values: jax.Array, rngs: nnx.Rngs | None = None
   ) -> tuple[list[jax.Array], jax.Array]:
     """(hidden states, pooled) for frames ``pixel_values`` (B, T, C, H, W), each NCHW.
@@ -236,6 +238,7 @@ class BTAdapterVisionTransformer(CLIPVisionTransformer):
       patches_btpd = remat_call(self.btadapter_T_layers[k], self.remat, patches_btpd, rngs)
       stream = remat_call(self.btadapter_S_layers[k], self.remat, cls_bd, patches_btpd, rngs)
       hidden.append(jnp.concatenate([x_btld[:, :, :1], (x_btld[:, :, 1:] + stream[1]) / 2], axis=2))
+    assert stream is not None  # depth >= 1 (checked in __init__): the last layer set it
     pooled_btd = self.post_layernorm(x_btld[:, :, 0] + stream[0][:, None])
     return hidden, pooled_btd
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +36,7 @@ def _quiet_transformers():
     hf_logging.set_verbosity(level)
 
 
-def towers_from_hf(hf_config_cls: type, hf: dict, vision_cls: type, text_cls: type):
+def towers_from_hf(hf_config_cls: Any, hf: dict, vision_cls: type, text_cls: type):
   """(full transformers config, vision config, text config) from a config.json dict.
 
   transformers parses it, so defaults the file omits are filled as transformers would.
@@ -66,9 +66,16 @@ def towers_to_hf(hf_config_cls: type, vision: Any, text: Any, **top: Any) -> dic
 class DualEncoder(nnx.Module):
   """Base of CLIPModel and SiglipModel; subclasses set the three class attributes."""
 
-  config_class: ClassVar[type]  # with from_hf(dict) and to_hf() -> dict
+  config_class: ClassVar[type[Any]]  # with from_hf(dict) and to_hf() -> dict
   model_types: ClassVar[tuple[str, ...]]  # accepted config.json model_type values
   rules: ClassVar[tuple[Rule, ...]]  # the key table
+
+  if TYPE_CHECKING:  # what every subclass's __init__ sets (for mypy only)
+    cfg: Any
+    vision_model: Any
+    text_model: Any
+
+    def __init__(self, cfg: Any, *, rngs: nnx.Rngs) -> None: ...
 
   def vision_hidden_states(self, pixel_values: jax.Array) -> list[jax.Array]:
     """Like HF ``output_hidden_states``: embeddings output, then each layer's (NCHW input)."""
@@ -87,7 +94,7 @@ class DualEncoder(nnx.Module):
     dtype: jnp.dtype | None = None,
     extend_text: int | None = None,
     progress: bool = False,
-  ):
+  ) -> Self:
     """Reads a transformers checkpoint folder (or a hub id when online).
 
     The model is built abstractly (no random init) and filled from the checkpoint;

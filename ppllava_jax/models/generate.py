@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -125,7 +126,8 @@ def generate(
   )
   if not bool(jnp.all(mask[:, -1])):
     raise ValueError("prompts must be left-padded: the last position of every row must be real")
-  cfg = getattr(model.cfg, "text", model.cfg)  # a multimodal model's LLM config
+  # the model of the protocol above has a cfg; nnx.Module does not declare it
+  cfg: Any = getattr(model.cfg, "text", model.cfg)  # type: ignore[attr-defined]  # multimodal: LLM's
   sampling = Sampling(
     max_new_tokens=max_new_tokens,
     temperature=float(temperature),
@@ -151,4 +153,4 @@ def generate(
 def compilations() -> int:
   """How many programs generation has compiled in this process (one per distinct batch
   shape, sampling setting and static media), for evaluation logs."""
-  return _generate._cache_size()
+  return _generate._cache_size()  # type: ignore[attr-defined]  # jit's, absent from its stubs

@@ -21,12 +21,15 @@ Attention: every module that calls ``models.attention.attention`` keeps an
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from ppllava_jax.models.attention import Mask, attention, check_implementation
+
+_ModuleT = TypeVar("_ModuleT", bound=nnx.Module)  # set_remat / set_attention return their module
 
 
 class Frozen(nnx.Variable):
@@ -52,7 +55,7 @@ def remat_call(layer: nnx.Module, remat: str, *args):
   return nnx.remat(lambda m, *a: m(*a), policy=remat_policy(remat))(layer, *args)
 
 
-def set_remat(module: nnx.Module, remat: str) -> nnx.Module:
+def set_remat(module: _ModuleT, remat: str) -> _ModuleT:
   """Sets the remat policy of every layer-stack module under ``module`` (those with a
   ``remat`` attribute, ``module`` included); returns ``module``. A static attribute: set
   it on the model a step merges (or before ``nnx.split``, then the graphdef carries it)."""
@@ -64,7 +67,7 @@ def set_remat(module: nnx.Module, remat: str) -> nnx.Module:
   return module
 
 
-def set_attention(module: nnx.Module, implementation: str) -> nnx.Module:
+def set_attention(module: _ModuleT, implementation: str) -> _ModuleT:
   """Sets the attention implementation (``models.attention``'s module doc) of every
   attention module under ``module`` (those with an ``implementation`` attribute, ``module``
   included); returns ``module``. A static attribute, like ``set_remat``'s."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -121,7 +122,7 @@ class DecoderConfig:
 
 def rope_inv_freq(cfg: DecoderConfig) -> tuple[jax.Array, float]:
   """Inverse frequencies (head_dim/2,) and the cos/sin scale, per rope_type."""
-  rope = dict(cfg.rope)
+  rope: dict[str, Any] = dict(cfg.rope)
   kind = rope.get("rope_type", "default")
   dim = int(cfg.head_dim * rope.get("partial_rotary_factor", 1.0))
   inv = 1.0 / (rope["rope_theta"] ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
@@ -361,7 +362,8 @@ class CausalLM(nnx.Module):
     ``__call__``)."""
     if (input_ids is None) == (inputs_embeds is None):
       raise ValueError("give exactly one of input_ids or inputs_embeds")
-    x_bld = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+    # no inputs_embeds: input_ids is given (exactly one, checked above)
+    x_bld = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # type: ignore[arg-type]
     b, l = x_bld.shape[:2]
     mask_bl = jnp.ones((b, l), bool) if attention_mask is None else attention_mask.astype(bool)
     if position_ids is None:

@@ -103,13 +103,15 @@ def _media_owners(input_ids_bl: jax.Array, token: int, count: int) -> jax.Array:
 class PPLLaVA(nnx.Module):
   def __init__(self, cfg: PPLLaVAConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
+    # a BTAdapterVisionTransformer is a CLIPVisionTransformer
+    self.vision_tower: SiglipVisionTransformer | CLIPVisionTransformer
     if isinstance(cfg.vision, SiglipVisionConfig):
       self.vision_tower = SiglipVisionTransformer(cfg.vision, rngs=rngs)
     elif cfg.btadapter is not None:
       self.vision_tower = BTAdapterVisionTransformer(cfg.vision, cfg.btadapter, rngs=rngs)
     else:
       self.vision_tower = CLIPVisionTransformer(cfg.vision, rngs=rngs)
-    self.multi_modal_projector = Projector(
+    self.multi_modal_projector: Projector = Projector(
       cfg.vision.hidden_size, cfg.text.hidden_size, cfg.projector_bias, rngs=rngs
     )
     self.language_model = CausalLM(cfg.text, rngs=rngs)
@@ -128,7 +130,9 @@ class PPLLaVA(nnx.Module):
         + ("a BT-Adapter already" if self.cfg.btadapter else "a SigLIP tower")
       )
     self.vision_tower = CLIPVisionBTAdapter.from_clip(
-      self.vision_tower, adapter, rngs=rngs
+      self.vision_tower,  # type: ignore[arg-type]  # a plain CLIP tower (checked above)
+      adapter,
+      rngs=rngs,
     ).vision_model
     self.cfg = dataclasses.replace(self.cfg, btadapter=adapter)
     return self
@@ -161,8 +165,8 @@ class PPLLaVA(nnx.Module):
     (``model.train()``); the other towers are deterministic and ignore them.
     """
     b, t = frames_btchw.shape[:2]
-    if self.cfg.btadapter is not None:
-      hidden = self.vision_tower(frames_btchw, rngs)[0][self.cfg.vision_feature_layer]
+    if self.cfg.btadapter is not None:  # the tower is a BTAdapterVisionTransformer
+      hidden = self.vision_tower(frames_btchw, rngs)[0][self.cfg.vision_feature_layer]  # type: ignore[call-arg]
     else:
       flat = self.vision_tower(frames_btchw.reshape(b * t, *frames_btchw.shape[2:]))
       hidden = flat[self.cfg.vision_feature_layer].reshape(b, t, *flat[0].shape[1:])
@@ -186,13 +190,19 @@ class PPLLaVA(nnx.Module):
     gradient)."""
     mode = MODES[self.cfg.pooling.mode]
     x_btggd = self.multi_modal_projector(feats_btggf)
+    # scored: embed() checked the scorer and the prompt; pool runs for windowed modes only
     probs = (
-      self.scorer(feats_btggf, text_be, mask_bt)
+      self.scorer(feats_btggf, text_be, mask_bt)  # type: ignore[misc,arg-type]
       if mode.scored
       else jnp.ones(x_btggd.shape[:4], jnp.float32)
     )
     return ops.prompt_guided_pool(
-      x_btggd, probs, kernel, stride, mode=mode.windows, temperature=self.cfg.pooling.temperature
+      x_btggd,
+      probs,
+      kernel,
+      stride,
+      mode=mode.windows,  # type: ignore[arg-type]
+      temperature=self.cfg.pooling.temperature,
     )
 
   def encode_videos(

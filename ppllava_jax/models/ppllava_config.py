@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 from ppllava_jax import ops
 from ppllava_jax.convert.loader import CheckpointError
@@ -240,7 +241,7 @@ class PPLLaVAConfig:
     from transformers import LlavaNextVideoConfig, LlavaOnevisionConfig
 
     vision_type = next(k for k, v in _VISION.items() if isinstance(self.vision, v))
-    common = dict(
+    common: dict[str, Any] = dict(
       vision_config=dict(dataclasses.asdict(self.vision), model_type=vision_type),
       text_config=self.text.to_hf(),
       image_token_index=self.image_token_index,

@@ -21,6 +21,7 @@ Released checkpoints store both kinds as ``multi_modal_projector.clip_*``.
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +45,9 @@ from ppllava_jax.models.siglip import (
   SiglipTextTransformer,
   SiglipVisionConfig,
 )
+
+if TYPE_CHECKING:
+  from pathlib import Path
 
 _PREFIX = "multi_modal_projector."
 _TEXT = _PREFIX + "clip_text_model."
@@ -72,7 +76,7 @@ class ScorerConfig:
 
   @classmethod
   def infer(
-    cls, shapes: dict[str, tuple[int, ...]], vision: CLIPVisionConfig, where: str
+    cls, shapes: dict[str, tuple[int, ...]], vision: CLIPVisionConfig, where: str | Path
   ) -> ScorerConfig:
     """The last resort, when nothing describes a checkpoint's scorer tensors: sizes from
     their shapes, the rest as OpenAI CLIP, which every released Vicuna model starts from
@@ -88,7 +92,7 @@ class ScorerConfig:
 
   @classmethod
   def from_encoder(
-    cls, clip: CLIPConfig, shapes: dict[str, tuple[int, ...]], where: str, source: str
+    cls, clip: CLIPConfig, shapes: dict[str, tuple[int, ...]], where: str | Path, source: str
   ) -> ScorerConfig:
     """The scorer ``clip`` (the CLIP it was trained from, named by ``source``) describes:
     its settings, the tensors' sizes, which must agree with it."""
@@ -126,7 +130,7 @@ class SiglipScorerConfig:
 
   @classmethod
   def infer(
-    cls, shapes: dict[str, tuple[int, ...]], vision: SiglipVisionConfig, where: str
+    cls, shapes: dict[str, tuple[int, ...]], vision: SiglipVisionConfig, where: str | Path
   ) -> SiglipScorerConfig:
     """As ``ScorerConfig.infer``, following google/siglip-so400m-patch14-384 (72-wide
     heads, tanh GELU, eps 1e-6), which the released Qwen model starts from; the head
@@ -143,7 +147,7 @@ class SiglipScorerConfig:
 
   @classmethod
   def from_encoder(
-    cls, siglip: SiglipConfig, shapes: dict[str, tuple[int, ...]], where: str, source: str
+    cls, siglip: SiglipConfig, shapes: dict[str, tuple[int, ...]], where: str | Path, source: str
   ) -> SiglipScorerConfig:
     """As ``ScorerConfig.from_encoder``, for the SigLIP the scorer was trained from."""
     if not siglip.vision.vision_use_head:
@@ -190,7 +194,12 @@ def _stored_text(shapes: dict[str, tuple[int, ...]]) -> tuple[dict, bool]:
 
 
 def _inferred_text(
-  text_cls: type, shapes: dict[str, tuple[int, ...]], head_dim: int, model: str, where: str, **fixed
+  text_cls: type,
+  shapes: dict[str, tuple[int, ...]],
+  head_dim: int,
+  model: str,
+  where: str | Path,
+  **fixed,
 ):
   """The stored text tower under ``model``'s conventions: ``head_dim``-wide heads, keep 20."""
   sizes, extended = _stored_text(shapes)
@@ -210,7 +219,7 @@ def _inferred_text(
 def _described_text(
   text,
   shapes: dict[str, tuple[int, ...]],
-  where: str,
+  where: str | Path,
   source: str,
   checked: dict[str, tuple[int, int]],
 ):
@@ -239,7 +248,7 @@ def _described_text(
   return dataclasses.replace(text, **sizes, extend_keep=keep if extended else None)
 
 
-def _check_sizes(where: str, source: str, checked: dict[str, tuple[int, int]]) -> None:
+def _check_sizes(where: str | Path, source: str, checked: dict[str, tuple[int, int]]) -> None:
   wrong = [
     f"{k}: {ours} there, {stored} in the tensors"
     for k, (ours, stored) in checked.items()
@@ -259,7 +268,7 @@ def scorer_config_from_hf(hf: dict) -> ScorerConfig | SiglipScorerConfig:
 def stored_scorer_config(
   shapes: dict[str, tuple[int, ...]],
   vision,
-  where: str,
+  where: str | Path,
   encoder: CLIPConfig | SiglipConfig | None = None,
   source: str = "",
 ) -> ScorerConfig | SiglipScorerConfig:
@@ -275,17 +284,26 @@ def stored_scorer_config(
     raise CheckpointError(
       f"{where}: {source} is a {kinds[0]}, but the scorer tensors are {kinds[1]}'s"
     )
-  return cls.from_encoder(encoder, shapes, where, source)
+  # the encoder is of cls's kind (checked above)
+  return cls.from_encoder(encoder, shapes, where, source)  # type: ignore[arg-type]
 
 
-def build_scorer(cfg: ScorerConfig | SiglipScorerConfig, *, rngs: nnx.Rngs) -> nnx.Module:
+def build_scorer(
+  cfg: ScorerConfig | SiglipScorerConfig, *, rngs: nnx.Rngs
+) -> RelevanceScorer | SiglipRelevanceScorer:
   return (SiglipRelevanceScorer if isinstance(cfg, SiglipScorerConfig) else RelevanceScorer)(
-    cfg, rngs=rngs
+    cfg,  # type: ignore[arg-type]  # the config of the class picked by its type
+    rngs=rngs,
   )
 
 
 class _Scorer(nnx.Module):
   """Eq. 1 from ``patch_embeddings`` and ``text_features``, which subclasses define."""
+
+  if TYPE_CHECKING:  # what the subclasses define (for mypy only)
+    logit_scale: nnx.Param
+
+    def patch_embeddings(self, feats: jax.Array) -> jax.Array: ...
 
   def __call__(
     self, feats_btggf: jax.Array, text_be: jax.Array, mask_bt: jax.Array | None = None

@@ -40,6 +40,7 @@ def logical_to_spec(axes: Sequence[str | None], rules: Rules = LOGICAL_RULES) ->
   unknown = [a for a in axes if a is not None and a not in table]
   if unknown:
     raise ValueError(f"logical axes {unknown} have no rule; rules cover {sorted(table)}")
+  used: set[str]
   used, spec = set(), []
   for axis in axes:
     target = table.get(axis) if axis is not None else None

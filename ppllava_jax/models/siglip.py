@@ -117,7 +117,7 @@ class PoolingAttention(nnx.Module):
   def value(self, x_bld: jax.Array) -> jax.Array:
     """The v projection alone (PPLLaVA scores each patch with it, reference 1b)."""
     d = x_bld.shape[-1]
-    kernel, bias = self.in_proj.kernel[...], self.in_proj.bias[...]
+    kernel, bias = self.in_proj.kernel[...], self.in_proj.bias[...]  # type: ignore[index]  # biased
     return x_bld @ kernel[:, 2 * d :].astype(x_bld.dtype) + bias[2 * d :].astype(x_bld.dtype)
 
   def __call__(self, q_bld: jax.Array, x_bld: jax.Array) -> jax.Array:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from typing import TYPE_CHECKING, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,11 @@ from flax import nnx
 
 from ppllava_jax import ops
 from ppllava_jax.models.layers import Embedding, Frozen
+
+if TYPE_CHECKING:
+  from ppllava_jax.models.dual_encoder import DualEncoder
+
+_EncoderT = TypeVar("_EncoderT", bound="DualEncoder")  # extend_text_positions keeps the type
 
 
 class TextEmbeddings(nnx.Module):
@@ -25,8 +31,8 @@ class TextEmbeddings(nnx.Module):
       self.position_embedding = Embedding(positions, dim, axes=(None, "embed"), rngs=rngs)
     else:
       table = jax.random.normal(rngs.params(), (positions, dim))
-      # read at positions < keep / >= keep
-      self.position_embedding = Frozen(table * 0.01, axes=(None, "embed"))
+      # read at positions < keep / >= keep; a Frozen table here, an Embedding without keep
+      self.position_embedding = Frozen(table * 0.01, axes=(None, "embed"))  # type: ignore[assignment]
       self.position_embedding_res = nnx.Param(table * 0.01, axes=(None, "embed"))
 
   def __call__(self, ids_bl: jax.Array) -> jax.Array:
@@ -37,7 +43,9 @@ class TextEmbeddings(nnx.Module):
     else:
       below = (jnp.arange(length) < self.keep)[:, None]
       pos_ld = jnp.where(
-        below, self.position_embedding[:length], self.position_embedding_res[:length]
+        below,
+        self.position_embedding[:length],  # type: ignore[index]  # keep set: the Frozen table
+        self.position_embedding_res[:length],
       )
     return x_bld + pos_ld.astype(x_bld.dtype)
 
@@ -74,7 +82,7 @@ def prepare_text_inputs(
   return ids_bl, mask_bl
 
 
-def extend_text_positions(model: nnx.Module, keep: int = 20, ratio: int = 4) -> nnx.Module:
+def extend_text_positions(model: _EncoderT, keep: int = 20, ratio: int = 4) -> _EncoderT:
   """A copy of a CLIP/SigLIP ``model`` whose text tower reads ``ratio*L - (ratio-1)*keep``
   positions: both tables start as ``ops.extend_positions`` of the original one."""
   if model.cfg.text.extend_keep is not None:

@@ -228,7 +228,7 @@ def pack_image_features(
       .reshape(grid_h, grid_w, d)
     )
     grid_hwd = grid_hwd[cut_h : grid_h - cut_h, cut_w : grid_w - cut_w]
-    small = _downscaled(grid_hwd.shape[:2], side, max_patches)
+    small = _downscaled(grid_hwd.shape[:2], side, max_patches)  # type: ignore[arg-type]  # (H, W)
     if small != grid_hwd.shape[:2]:
       grid_hwd = jax.image.resize(
         grid_hwd.astype(jnp.float32), (*small, d), "bilinear", antialias=False

@@ -19,11 +19,18 @@ contributes through the global relevance softmax.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import overload
 
 Size3 = tuple[int, int, int]
 _AXES = ("time", "height", "width")
 
 
+@overload
+def _as_size3(value: Sequence[int], name: str) -> Size3: ...
+@overload
+def _as_size3(value: None, name: str) -> None: ...
+@overload
+def _as_size3(value: Sequence[int] | None, name: str) -> Size3 | None: ...
 def _as_size3(value: Sequence[int] | None, name: str) -> Size3 | None:
   if value is None:
     return None
@@ -55,9 +62,11 @@ def _axis_geometry(
     raise fail(f"kernel larger than input ({k} > {size})")
 
   if k is None and s is None:
+    assert out is not None  # pool_geometry refuses output_size and kernel both missing
     s = size // out
     k = size - (out - 1) * s
   elif k is None:
+    assert s is not None  # not both None (the branch above)
     if out is None:
       raise fail("give at least two of output/kernel/stride, or kernel alone")
     k = size - (out - 1) * s
@@ -72,6 +81,7 @@ def _axis_geometry(
       s = (size - k) // (out - 1)
       if s < 1:
         raise fail(f"{out} windows of kernel {k} do not fit")
+  assert s is not None  # every branch above sets it, or found it given
   found = (size - k) // s + 1
   if out is not None and found != out:
     raise fail(f"these give {found} windows, not {out}")

@@ -36,8 +36,9 @@ def check_media_counts(input_ids, placeholder_id: int, media_token_count: int | 
   if ids_bl.ndim != 2:
     raise ValueError(f"check_media_counts: input_ids must be (B, L), got shape {ids_bl.shape}")
   placeholders_b = (ids_bl == placeholder_id).sum(axis=1)
+  # np.ndim() == 0 picks the int form (mypy cannot narrow on it)
   if np.ndim(media_token_count) == 0:
-    media = int(media_token_count)
+    media = int(media_token_count)  # type: ignore[arg-type]
     if placeholders_b.sum() != media:
       raise ValueError(
         f"{int(placeholders_b.sum())} placeholder tokens (id {placeholder_id}) in "
@@ -45,7 +46,7 @@ def check_media_counts(input_ids, placeholder_id: int, media_token_count: int | 
         f"tokens"
       )
     return
-  media_b = [int(c) for c in media_token_count]
+  media_b = [int(c) for c in media_token_count]  # type: ignore[union-attr]
   if len(media_b) != len(placeholders_b):
     raise ValueError(
       f"check_media_counts: {len(media_b)} per-sample media token counts for "

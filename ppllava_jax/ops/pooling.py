@@ -113,6 +113,7 @@ def _weighted_window_sum(
     w_view = w_bthwooo[tuple(w_slices)].transpose(0, 1, 4, 2, 5, 3, 6)
     term = jnp.sum(x_view * w_view[..., None], axis=(2, 4, 6))
     acc_bthwd = term if acc_bthwd is None else acc_bthwd + term
+  assert acc_bthwd is not None  # kernel sizes are >= 1: at least one offset
   return acc_bthwd
 
 

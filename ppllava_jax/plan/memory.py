@@ -72,7 +72,7 @@ def saved_residuals(fn, diff, *rest) -> list[jax.core.ShapedArray]:
   fresh: dict[jcore.Var, jax.core.ShapedArray] = {}
   for v in closed.jaxpr.outvars:
     if isinstance(v, jcore.Var) and v not in inputs:
-      fresh.setdefault(v, v.aval)
+      fresh.setdefault(v, v.aval)  # type: ignore[arg-type]  # an array's aval is a ShapedArray
   return list(fresh.values())
 
 

@@ -31,8 +31,8 @@ import jax
 from flax import nnx
 
 from ppllava_jax.data.batching import pad_batch
-from ppllava_jax.data.dpo.pairs import collate_pairs
-from ppllava_jax.data.sft.batches import collate
+from ppllava_jax.data.dpo.pairs import PairBatch, collate_pairs
+from ppllava_jax.data.sft.batches import TrainBatch, collate
 from ppllava_jax.models.ppllava import PPLLaVA
 from ppllava_jax.models.ppllava_config import PPLLaVAConfig
 from ppllava_jax.plan.architectures import RELEASES, release_for
@@ -166,8 +166,8 @@ def model_config(cfg: rc.RunConfig, arch: str | None = None) -> tuple[PPLLaVACon
   elif Path(m.checkpoint).is_dir():
     model, source = _folder_config(Path(m.checkpoint)), f"{m.checkpoint}/config.json"
   elif release_for(m.checkpoint):
-    arch = release_for(m.checkpoint)
-    model, source = RELEASES[arch], f"built-in {arch} ({m.checkpoint} is not on this machine)"
+    arch = release_for(m.checkpoint)  # not None: the condition above
+    model, source = RELEASES[arch], f"built-in {arch} ({m.checkpoint} is not on this machine)"  # type: ignore[index]
   else:
     raise ValueError(
       f"model.checkpoint {m.checkpoint!r} is not a folder here and names no "
@@ -203,10 +203,12 @@ def abstract_batch(cfg: rc.RunConfig, model: PPLLaVAConfig):
   micro-batch axis under ``grad_accum``. One empty batch is collated for the layout (its
   zero-filled pixel buffers are never touched, so never paged in)."""
   scorer_length = model.scorer.text.max_position_embeddings if model.scorer else 0
+  one: PairBatch | TrainBatch
   if cfg.preference is not None:
     shards, buckets = cfg.preference.shards, cfg.preference.seq_buckets
     one = collate_pairs([], model, cfg.preference, scorer_length=scorer_length)
   else:
+    assert cfg.data is not None  # RunConfig: data, when not preference
     shards, buckets = cfg.data.shards, cfg.data.batch.seq_buckets
     one = collate([], model, cfg.data.batch, scorer_length=scorer_length)
   shards = shards or 1

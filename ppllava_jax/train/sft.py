@@ -33,10 +33,13 @@ def loss_sums(
   """(summed cross-entropy of the supervised tokens, their count) of one micro-batch."""
   emb_bld = embed_batch(model, batch, rngs)
   lm = model.language_model
+  # in the step the batch's fields are jax.Arrays (np.ndarrays on the host)
   hidden_bld, _ = lm.hidden_states(
-    inputs_embeds=emb_bld, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+    inputs_embeds=emb_bld,
+    attention_mask=batch.attention_mask,  # type: ignore[arg-type]
+    position_ids=batch.position_ids,  # type: ignore[arg-type]
   )
-  return losses.cross_entropy(hidden_bld, lm.head_dv, batch.labels, chunk)
+  return losses.cross_entropy(hidden_bld, lm.head_dv, batch.labels, chunk)  # type: ignore[arg-type]
 
 
 @dataclasses.dataclass(frozen=True)

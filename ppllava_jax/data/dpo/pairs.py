@@ -160,7 +160,7 @@ def collate_pairs(
       ids[2 * i + j, :n], mask[2 * i + j, :n], labels[2 * i + j, :n] = row_ids, 1, row_labels
     pair_mask[i] = True
     if scorer_length and x.scorer_ids is not None:
-      scorer_ids[i], scorer_mask[i] = x.scorer_ids, x.scorer_mask
+      scorer_ids[i], scorer_mask[i] = x.scorer_ids, x.scorer_mask  # type: ignore[assignment]  # both set
     frames = len(x.video)
     if frames > t:
       raise ValueError(
@@ -233,7 +233,7 @@ class PairBatchBuilder(grain.transforms.Map):
 
   def _reference(self, row: PreferenceRow) -> tuple[float, float]:
     try:
-      return self.reference[row.id]
+      return self.reference[row.id]  # type: ignore[index]  # called only with a reference
     except KeyError:
       raise MissingReference(
         f"{row.source}: no cached reference log-probs for this row; the "
@@ -242,6 +242,8 @@ class PairBatchBuilder(grain.transforms.Map):
 
   def map(self, step: engine.Step):
     epoch, records, positions = self.plan.members(step.index)
+    pairs: list[PreferenceSample | None]  # None: skipped
+    refs: list[tuple[float, float] | None]
     pairs, refs, skipped = [], [], []
     for r, pos in zip(records.tolist(), positions.tolist()):
       try:

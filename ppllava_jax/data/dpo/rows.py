@@ -91,7 +91,11 @@ _REQUIRED = {
   "rejected": (str,),
 }
 _OPTIONAL = {"answer": (str,), "chosen_score": (int, float), "rejected_score": (int, float)}
-_KINDS = {(str,): "a string", (str, int): "a string or an integer", (int, float): "a number"}
+_KINDS: dict[tuple[type, ...], str] = {
+  (str,): "a string",
+  (str, int): "a string or an integer",
+  (int, float): "a number",
+}
 
 
 @dataclasses.dataclass(frozen=True)

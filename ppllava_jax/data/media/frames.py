@@ -50,10 +50,11 @@ def load_numbered_frames(
   folder = Path(folder)
   if not folder.is_dir():
     raise video.MediaError(folder, "no such file or directory")
+  # the caller gives rng for random sampling (the default), none for "cover"
   indices = (
     video.cover_indices(num_frames, 0, total_frames)
     if sample == "cover"
-    else video.random_indices(num_frames, 0, total_frames, rng)
+    else video.random_indices(num_frames, 0, total_frames, rng)  # type: ignore[arg-type]
   )
   frames: dict[int, np.ndarray] = {}
   for i in dict.fromkeys(indices):
@@ -94,7 +95,12 @@ def read_video(
     )
   backend = reader if reader in video.BACKENDS else backend
   frames, info = video.load_video(
-    path, num_frames, sample=sample, rng=rng, folder_fps=folder_fps, backend=backend
+    path,
+    num_frames,
+    sample=sample,  # type: ignore[arg-type]  # a config string; load_video checks it
+    rng=rng,
+    folder_fps=folder_fps,
+    backend=backend,  # type: ignore[arg-type]  # a config string; load_video checks it
   )
   return frames, info.indices, info.total_frames
 

@@ -47,7 +47,7 @@ import logging
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import av
 import numpy as np
@@ -326,7 +326,7 @@ def load_video(
   path: str | Path,
   num_frames: int = 32,
   *,
-  sample: Literal["middle", "random"] = "middle",
+  sample: Literal["middle", "random", "cover"] = "middle",
   rng: np.random.Generator | None = None,
   start_sec: float | None = None,
   end_sec: float | None = None,
@@ -374,6 +374,7 @@ def load_video(
       return middle_indices(num_frames, start, min(stop, total_frames - 1))
     if sample == "cover":
       return cover_indices(num_frames, start, stop)
+    assert rng is not None  # sample="random" without rng was refused above
     return random_indices(num_frames, start, stop, rng)
 
   if path.is_dir():
@@ -412,7 +413,8 @@ def write_video(
   the codec (``crf="0"`` / ``qp="0"``: lossless H.264)."""
   path = Path(path)
   with av.open(str(path), "w") as container:
-    stream = container.add_stream(codec, rate=rate, options=options)
+    # a video codec by the caller's contract; the stubs type a codec named by a str as any stream
+    stream = cast("av.VideoStream", container.add_stream(codec, rate=rate, options=options))
     stream.pix_fmt = pix_fmt
     if bit_rate:
       stream.bit_rate = bit_rate

@@ -44,7 +44,7 @@ import gc
 import marshal
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -149,7 +149,7 @@ class Record:
 # it works on plain tuples; ``Record`` objects are made only when a sample is read.
 
 
-def _fail(file, index, field, problem):
+def _fail(file, index, field, problem) -> NoReturn:
   raise AnnotationError(file, index, field, problem)
 
 
@@ -222,7 +222,7 @@ def _llava_turns(record, file, index) -> tuple[tuple[tuple[str, str], ...], str]
     _fail(file, index, "conversations", "must be a non-empty list of {from, value} objects")
   system, start = "", 0
   if type(conv[0]) is dict and conv[0].get("from") == "system":
-    system, start = conv[0].get("value"), 1
+    system, start = conv[0].get("value"), 1  # type: ignore[assignment]  # a str: checked below
   if (len(conv) - start) % 2 or len(conv) == start:
     _fail(
       file,
@@ -282,6 +282,7 @@ def _validate(record, corpus: CorpusConfig, file, index: int, root: str) -> tupl
     turns, system = _llava_turns(record, file, index)
     key = _media_key(record, corpus, ("video", "image"), file, index)
     kind, field = "text" if key is None else key, "conversations"
+  paths: tuple[str, ...]
   paths, frame_list = (), False
   if key is not None:
     declared = (
@@ -468,7 +469,8 @@ def epoch_order(aset: AnnotationSet, mixture: MixtureConfig, seed: int, epoch: i
   if not mixture.weighted:
     pool = np.concatenate([np.tile(r, c.repeat) for r, c in zip(ranges, mixture.corpora)])
     return rng.permutation(pool)
-  counts = _apportion(epoch_size(aset, mixture), [c.weight for c in mixture.corpora])
+  # weighted: every corpus has a weight (MixtureConfig gives all or none)
+  counts = _apportion(epoch_size(aset, mixture), [c.weight for c in mixture.corpora])  # type: ignore[misc]
   parts = []
   for c, (r, n) in enumerate(zip(ranges, counts)):
     cycles = -(-n // len(r)) if len(r) else 0

@@ -86,7 +86,7 @@ class BatchConfig:
   def slots(self) -> tuple[int, int, int]:
     """(video, image, multi-image) slots."""
     d = self.batch_size
-    return tuple(
+    return tuple(  # type: ignore[return-value]  # tuple() of 3 items: mypy sees tuple[int, ...]
       d if v is None else v for v in (self.video_slots, self.image_slots, self.multi_image_slots)
     )
 
@@ -265,7 +265,8 @@ def collate(
     batch.image_gather_mask[n_gather : n_gather + len(piece)] = True
     n_gather += len(piece)
   mask = batch.attention_mask
-  return batch.replace(
+  # flax.struct.dataclass adds replace(); its stubs do not declare it
+  return batch.replace(  # type: ignore[attr-defined]
     position_ids=np.where(mask > 0, np.cumsum(mask, axis=1) - 1, 0).astype(np.int32),
     loss_mask=batch.labels != IGNORE,
   )
@@ -321,7 +322,8 @@ def _place_video(
   geo: Geometry,
   cfg: BatchConfig,
 ) -> np.ndarray:
-  frames = len(x.video)
+  # each _place_* gets samples of its kind, whose media field is set
+  frames = len(x.video)  # type: ignore[arg-type]
   if frames > cfg.num_frames:
     raise ValueError(
       f"collate: {x.source}: {frames} frames, the slots hold "
@@ -343,13 +345,16 @@ def _place_image(
   geo: Geometry,
   cfg: BatchConfig,
 ) -> np.ndarray:
-  tiles = len(x.image)
+  tiles = len(x.image)  # type: ignore[arg-type]  # an image sample (as above)
   batch.images[slot, :tiles] = x.image
   batch.image_mask[slot], batch.image_row[slot] = True, row
   batch.image_tile_mask[slot, :tiles] = True
   newline = geo.table_rows(cfg) - 1
   return anyres_gather_indices(
-    x.image_size, model, slot * geo.max_tiles * geo.picture_tokens, newline
+    x.image_size,  # type: ignore[arg-type]  # an image sample (as above)
+    model,
+    slot * geo.max_tiles * geo.picture_tokens,
+    newline,
   )
 
 
@@ -362,7 +367,7 @@ def _place_pictures(
   geo: Geometry,
   cfg: BatchConfig,
 ) -> np.ndarray:
-  count, p = len(x.pictures), cfg.max_pictures
+  count, p = len(x.pictures), cfg.max_pictures  # type: ignore[arg-type]  # (as above)
   if count > p:
     raise ValueError(
       f"collate: {x.source}: {count} pictures, the slots hold BatchConfig.max_pictures={p}"
@@ -406,7 +411,7 @@ def as_shard(batch: TrainBatch, shard: int, shards: int, picture_tokens: int) ->
     ),
   )  # the newline
   offset = lambda name: np.asarray(getattr(batch, name)) + shard * rows
-  return batch.replace(
+  return batch.replace(  # type: ignore[attr-defined]  # flax.struct.dataclass's, not in its stubs
     video_row=offset("video_row"),
     image_row=offset("image_row"),
     multi_image_row=offset("multi_image_row"),

@@ -35,6 +35,7 @@ from ppllava_jax.data.sft.annotations import (
 from ppllava_jax.data.sft.batches import BatchConfig, Geometry, as_shard, collate, plan_batches
 from ppllava_jax.data.sft.samples import (
   RngFactory,
+  Sample,
   SampleBuilder,
   SampleConfig,
   SkipSample,
@@ -102,6 +103,7 @@ class BatchBuilder(grain.transforms.Map):
   def map(self, step: Step):
     epoch, records, positions = self.plan.members(step.index)
     aset = self.aset
+    rows: list[Sample | None]  # None: skipped
     rows, skipped = [], []
     for r, pos in zip(records.tolist(), positions.tolist()):
       source = aset.describe(r)

@@ -373,7 +373,8 @@ class SampleBuilder:
   def scorer_tokens(self, text: str) -> tuple[np.ndarray, np.ndarray, int]:
     """(ids, mask, tokens cut) of ``text`` at exactly the scorer's context length: padded,
     or with ``scorer_padding="none"`` the text alone and ``NO_TOKEN`` after it."""
-    length = self.scorer_length
+    # set whenever there is a scorer tokenizer (__init__ refuses one without)
+    length: int = self.scorer_length  # type: ignore[assignment]
     full = len(self.scorer_tokenizer(text, verbose=False).input_ids)
     if self.config.scorer_padding == "none":
       ids = self.scorer_tokenizer(text, truncation=True, max_length=length).input_ids
@@ -577,4 +578,5 @@ def text_pads(samples: SampleBuilder) -> tuple[int, int, int]:
   pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
   if scorer is None:
     return pad_id, 0, 0
-  return pad_id, samples.scorer_length, scorer.pad_token_id or 0
+  # with a scorer tokenizer, scorer_length is set (SampleBuilder.__init__)
+  return pad_id, samples.scorer_length, scorer.pad_token_id or 0  # type: ignore[return-value]

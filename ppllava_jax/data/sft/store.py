@@ -109,7 +109,7 @@ def media_key(path: str, media_root: str) -> str:
 def nearest(kept: np.ndarray, wanted: Sequence[int]) -> np.ndarray:
   """Positions in the increasing ``kept`` of the frame nearest each ``wanted`` index (the
   earlier on a tie)."""
-  wanted = np.asarray(wanted, np.int64)
+  wanted = np.asarray(wanted, np.int64)  # type: ignore[assignment]  # as an int64 array
   if len(kept) == 1:
     return np.zeros(len(wanted), np.int64)
   hi = np.clip(np.searchsorted(kept, wanted), 1, len(kept) - 1)
@@ -193,6 +193,7 @@ def _example(job: tuple[_Video, StoreConfig]) -> dict:
     preprocess._square(preprocess.to_rgb(f), cfg.size, cfg.letterbox, preprocess.BICUBIC)
     for f in frames_thwc
   ]
+  frames: np.ndarray | list[bytes]  # the uint8 frames, or each one's JPEG
   if cfg.format == "uint8":
     frames = np.stack(squares)
   else:
@@ -229,7 +230,8 @@ def _features(cfg: StoreConfig) -> tfds.features.FeaturesDict:
   )
 
 
-class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+# tfds's builders take skip_registration in __init_subclass__; its stubs do not say so
+class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):  # type: ignore[call-arg]
   """The store's tfds builder: one row per video, in key order (rows come from ``rows``)."""
 
   name = NAME
@@ -318,7 +320,7 @@ class StoredVideo:
   frames: np.ndarray | list[bytes]  # uint8 (K, S, S, 3), or K JPEG images
   conversations: str  # JSON, module doc
 
-  def pixels(self, positions: Sequence[int]) -> np.ndarray:
+  def pixels(self, positions: Sequence[int] | np.ndarray) -> np.ndarray:
     """uint8 (len(positions), S, S, 3): the kept frames at ``positions`` (each JPEG
     decoded once)."""
     if isinstance(self.frames, np.ndarray):

@@ -106,6 +106,7 @@ class _Fields:
 
   def options(self, name: str) -> tuple[str, ...]:
     value = self.strings(name)
+    assert value is not None  # required: strings() raised if it is missing
     if not 1 <= len(value) <= len(LETTERS):
       raise self.error(name, f"must hold 1 to {len(LETTERS)} options, got {len(value)}")
     return value

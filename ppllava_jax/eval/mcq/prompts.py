@@ -10,7 +10,7 @@ option format.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from ppllava_jax.eval.mcq.items import LETTERS, Item, MVBenchItem, VideoMMEItem
 from ppllava_jax.eval.mcq.protocols import EvalProtocol, LmmsEvalProtocol, OriginalProtocol
@@ -106,7 +106,8 @@ def lmms_videomme(item: VideoMMEItem, protocol: LmmsEvalProtocol) -> McqPrompt:
   )
 
 
-PROMPTS: dict[tuple[type, type], Callable[[Item, EvalProtocol], McqPrompt]] = {
+# each function takes the (item, protocol) types of its key: Any, as no one type says so
+PROMPTS: dict[tuple[type, type], Callable[[Any, Any], McqPrompt]] = {
   (MVBenchItem, OriginalProtocol): original_mvbench,
   (MVBenchItem, LmmsEvalProtocol): lmms_mvbench,
   (VideoMMEItem, OriginalProtocol): original_videomme,

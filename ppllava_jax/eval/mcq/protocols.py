@@ -51,7 +51,10 @@ def make_protocol(
   if name == OriginalProtocol.name:
     return OriginalProtocol(subtitles=subtitles)
   if name == LmmsEvalProtocol.name:
-    return LmmsEvalProtocol(videomme_extractor=videomme_extractor, subtitles=subtitles)
+    return LmmsEvalProtocol(
+      videomme_extractor=videomme_extractor,  # type: ignore[arg-type]  # LmmsEvalProtocol checks it
+      subtitles=subtitles,
+    )
   raise ValueError(f"unknown protocol {name!r}; expected one of {PROTOCOLS}")
 
 

@@ -183,7 +183,8 @@ def _lmms_mvbench_summary(
     dataclasses.replace(t, accuracy=t.accuracy or 0.0)
     for t in _grouped([item.task for item in items], outcomes)
   )
-  weighted = sum(t.accuracy * t.total for t in tasks) / len(items)
+  # accuracy is set (not None) above
+  weighted = sum(t.accuracy * t.total for t in tasks) / len(items)  # type: ignore[operator,misc]
   return dataclasses.replace(_tally("all", outcomes), accuracy=weighted), {"task": tasks}
 
 
@@ -199,8 +200,9 @@ def _videomme_summary(
 
 class _Cell(NamedTuple):
   benchmark: str
-  outcome: Callable[[Item, str, EvalProtocol], Outcome]
-  summary: Callable[[Sequence[Item], Sequence[Outcome]], tuple[Tally, Groups]]
+  # each takes the item and protocol types of its _CELLS key: Any, as no one type says so
+  outcome: Callable[[Any, str, Any], Outcome]
+  summary: Callable[[Sequence[Any], Sequence[Outcome]], tuple[Tally, Groups]]
 
 
 _CELLS: dict[tuple[type, type], _Cell] = {

@@ -119,7 +119,7 @@ class MeshConfig:
     shape = tuple(devices // known if s == -1 else s for s in sizes)
     if math.prod(shape) != devices:
       raise ValueError(f"MeshConfig{sizes} uses {math.prod(shape)} of the {devices} devices")
-    return shape
+    return shape  # type: ignore[return-value]  # tuple() of 3 items: mypy sees tuple[int, ...]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -63,8 +63,8 @@ def embed_batch(model: PPLLaVA, batch, rngs: nnx.Rngs | None = None) -> jax.Arra
   cfg = model.cfg
   emb_bld = model.language_model.embed(jnp.maximum(batch.input_ids, 0))  # -1: video ids
   text_be = None
-  if cfg.pooling.scored:
-    text_be = model.scorer.text_features(batch.scorer_ids, batch.scorer_mask)
+  if cfg.pooling.scored:  # a scored mode's model has its scorer (PPLLaVA.from_pretrained)
+    text_be = model.scorer.text_features(batch.scorer_ids, batch.scorer_mask)  # type: ignore[union-attr]
   pick = lambda rows: None if text_be is None else text_be[rows]
   if batch.videos.shape[0]:
     tokens_ild = model.encode_videos(
@@ -119,8 +119,8 @@ def pair_media(model: PPLLaVA, batch, dtype=jnp.float32) -> jax.Array:
   """(B, tokens, D) pooled video tokens of a ``PairBatch``'s B videos (pixels in ``dtype``,
   the compute dtype), each scored with its question: once per pair."""
   text_be = None
-  if model.cfg.pooling.scored:
-    text_be = model.scorer.text_features(batch.scorer_ids, batch.scorer_mask)
+  if model.cfg.pooling.scored:  # as in embed_batch
+    text_be = model.scorer.text_features(batch.scorer_ids, batch.scorer_mask)  # type: ignore[union-attr]
   return model.encode_videos(batch.videos.astype(dtype), text_be, batch.video_frame_mask)
 
 

@@ -29,7 +29,8 @@ from ppllava_jax.train.core.config import OptimConfig
 def lr_factor(cfg: OptimConfig, count: jax.Array | int) -> jax.Array:
   """transformers' schedule factor at update ``count`` (module doc), float32."""
   n = jnp.asarray(count, jnp.float32)
-  warmup, total = float(cfg.warmup_steps), float(cfg.total_steps)
+  # total_steps is set: warmup_steps, read first, raised if it were None
+  warmup, total = float(cfg.warmup_steps), float(cfg.total_steps)  # type: ignore[arg-type]
   rise = n / max(1.0, warmup)
   progress = (n - warmup) / max(1.0, total - warmup)
   if cfg.schedule == "cosine":

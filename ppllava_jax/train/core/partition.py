@@ -105,7 +105,7 @@ def _compile(rules: Rules) -> list[tuple[re.Pattern, object]]:
 def resolve(rules: Rules, names: Iterable[str], default) -> dict[str, tuple[object, int | None]]:
   """Each name -> (its value, the index of the rule that gave it; None: the default)."""
   compiled = _compile(rules)
-  out = {}
+  out: dict[str, tuple[object, int | None]] = {}
   for name in names:
     out[name] = next(
       ((value, i) for i, (regex, value) in enumerate(compiled) if regex.fullmatch(name)),
@@ -151,7 +151,7 @@ class Partition:
 
   def split(self, model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     """(graphdef, trainable state, frozen state: everything else)."""
-    return nnx.split(model, self.filter, ...)
+    return nnx.split(model, self.filter, ...)  # type: ignore[return-value]  # two filters: 2 states
 
   def table(self) -> str:
     width = max(len(r.group) for r in self.rows)
@@ -175,6 +175,8 @@ def partition(model: nnx.Module | nnx.State, rules: Rules, default: bool = False
   if bad:
     raise ValueError(f"trainable rules take True / False values, got {bad}")
   state = model if isinstance(model, nnx.State) else nnx.state(model)
+  params: list[tuple[str, int]]
+  other: list[tuple[str, int]]
   params, other = [], []
   for path, var in nnx.to_flat_state(state):
     (params if isinstance(var, nnx.Param) else other).append((path_name(path), _size(var)))

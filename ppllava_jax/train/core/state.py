@@ -130,20 +130,21 @@ def abstract_state(
   replicated = NamedSharding(mesh, PartitionSpec())
   params_sh = param_shardings(params_a, mesh, rules)
   opt_a = jax.eval_shape(tx.init, params_a)
+  # TrainStates of shardings and of abstract arrays: pytrees of the state's shape
   shardings = Shardings(
     mesh,
     TrainState(
-      replicated,
+      replicated,  # type: ignore[arg-type]
       params_sh,
       _moment_shardings(opt_a, params_a, params_sh, replicated),
-      replicated,
-      replicated,
+      replicated,  # type: ignore[arg-type]
+      replicated,  # type: ignore[arg-type]
     ),
     param_shardings(frozen_a, mesh, rules),
   )
   count = jax.ShapeDtypeStruct((), jnp.int32)
   key = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
-  state_a = TrainState(count, params_a, opt_a, key, count)
+  state_a = TrainState(count, params_a, opt_a, key, count)  # type: ignore[arg-type]
   return (graphdef, placed(state_a, shardings.state), placed(frozen_a, shardings.frozen), shardings)
 
 

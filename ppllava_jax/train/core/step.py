@@ -76,7 +76,8 @@ class Objective(Protocol):
   trainable parameters (the frozen state; DPO adds its reference).
   """
 
-  count: str
+  @property
+  def count(self) -> str: ...  # read-only: the objectives are frozen dataclasses
 
   def totals(self, batch) -> dict[str, jax.Array]: ...
 
@@ -141,7 +142,7 @@ def make_steps(objective: Objective, cfg: TrainConfig, tx: optax.GradientTransfo
     params = optax.apply_updates(state.params, updates)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (measured[objective.count] > 0)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-    new = state.replace(
+    new = state.replace(  # type: ignore[attr-defined]  # flax.struct.dataclass's, not in its stubs
       step=state.step + ok.astype(jnp.int32),
       params=keep(params, state.params),
       opt_state=keep(opt_state, state.opt_state),

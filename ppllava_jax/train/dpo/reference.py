@@ -45,6 +45,7 @@ CACHE = Path("reference") / "logps.npz"
 def fingerprint(cfg: rc.RunConfig) -> dict:
   """What the cached log-probs depend on (module doc), JSON-able."""
   data = cfg.preference
+  assert data is not None  # a DPO run's config: RunConfig requires preference with dpo
   digest = hashlib.sha256(Path(data.rows).read_bytes()).hexdigest()
   return json.loads(
     json.dumps(
@@ -62,7 +63,7 @@ def fingerprint(cfg: rc.RunConfig) -> dict:
 
 
 def _check_unique(rows) -> None:
-  seen = {}
+  seen: dict[str | int, int] = {}  # row id -> its line
   for row in rows:
     if row.id in seen:
       raise ValueError(
@@ -104,6 +105,7 @@ def save(path: Path, table: dict, fp: dict) -> None:
 def compute(run, cfg: rc.RunConfig, params, read=None) -> dict:
   """``id -> (chosen, rejected)`` log-probs under ``params`` (module doc), with progress;
   ``read``: the rows, already read (``read_preference_rows``)."""
+  assert cfg.preference is not None  # a DPO run's config (as in fingerprint)
   data_cfg = dataclasses.replace(cfg.preference, num_epochs=1, shards=None)
   if read is None:
     read = read_preference_rows(data_cfg.rows, data_cfg.media_root)

@@ -24,7 +24,7 @@ import dataclasses
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +57,9 @@ from ppllava_jax.train.dpo.objective import (
 from ppllava_jax.train.run import config as rc
 from ppllava_jax.train.sft import TokenMean
 
+if TYPE_CHECKING:
+  from ppllava_jax.models.ppllava import PPLLaVA
+
 log = logging.getLogger(__name__)
 
 
@@ -86,7 +89,7 @@ class Assembly:
 
 
 def assemble(
-  model: nnx.Module,
+  model: PPLLaVA,
   train: TrainConfig,
   dpo: DPOConfig | None = None,
   *,
@@ -106,6 +109,7 @@ def assemble(
     model, part, tx, mesh, frozen_dtype=frozen_dtype
   )
   goal = objective(graphdef, train, dpo)
+  constants: nnx.State | DPOConstants
   if dpo is None:
     constants = frozen
     steps = Steps(graphdef, train, tx, shardings, goal, held_out=goal)

@@ -234,6 +234,8 @@ def resume_changes(stored: dict, cfg: RunConfig) -> tuple[list[str], list[str]]:
   ``cfg.resume`` covers it."""
   old = _flat(to_dict(from_dict(RunConfig, stored)))  # defaults of newer fields
   new = _flat(to_dict(cfg.resolved()))
+  refused: list[str]
+  allowed: list[str]
   refused, allowed = [], []
   for key in sorted(set(old) | set(new)):
     if old.get(key, "(absent)") != new.get(key, "(absent)"):

@@ -119,7 +119,7 @@ class McqEval:
     out = self.folder / f"step_{step}" / "predictions.jsonl"
     if distributed.is_primary() and out.parent.exists():
       shutil.rmtree(out.parent)  # a killed run's answers (and parts) at this step
-    settings = runner.RunConfig(
+    settings = runner.GenerationSettings(
       batch_size=self.cfg.batch_size,
       max_new_tokens=self.cfg.max_new_tokens or self.protocol.max_new_tokens,
       model_key=f"training step {step}",

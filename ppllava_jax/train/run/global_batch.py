@@ -61,7 +61,8 @@ def data_blocks(mesh: Mesh, rules: Rules = LOGICAL_RULES) -> DataBlocks:
   sharding = NamedSharding(mesh, PartitionSpec(batch_axes(rules)))
   rows: dict[int, set[int]] = {}
   for device, index in sharding.devices_indices_map((slices,)).items():
-    rows.setdefault(device.process_index, set()).add(index[0].start or 0)
+    # jax.Device: the stubs leave its type unresolved (Device?), without process_index
+    rows.setdefault(device.process_index, set()).add(index[0].start or 0)  # type: ignore[attr-defined]
   runs = {p: (min(r), len(r)) for p, r in rows.items()}
   width = {n for _, n in runs.values()}
   if len(width) != 1 or any(
@@ -73,7 +74,7 @@ def data_blocks(mesh: Mesh, rules: Rules = LOGICAL_RULES) -> DataBlocks:
       "(order the devices by process)"
     )
   (n,) = width
-  owners = {}
+  owners: dict[int, int] = {}
   for p in sorted(runs):
     owners.setdefault(runs[p][0] // n, p)
   return DataBlocks(

@@ -50,6 +50,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -109,9 +110,11 @@ def _data(
 ):
   """This process's block of the run's batches: SFT ``TrainBatch``es or DPO
   ``PairBatch``es; ``inputs``: what ``_check_data`` read."""
-  where = dict(block=blocks.block, blocks=blocks.blocks)
+  where: dict[str, Any] = dict(block=blocks.block, blocks=blocks.blocks)  # keyword arguments
   if cfg.preference is not None:
     from ppllava_jax.data.dpo.pairs import make_preference_iterator
+
+    assert cfg.dpo is not None  # RunConfig: preference comes with dpo
 
     return make_preference_iterator(
       cfg.preference,
@@ -126,6 +129,7 @@ def _data(
     )
   from ppllava_jax.data.sft.pipeline import make_train_iterator
 
+  assert cfg.data is not None  # RunConfig: data, when not preference
   return make_train_iterator(
     cfg.data,
     tokenizer=run.tokenizer,
@@ -224,7 +228,7 @@ def _start(
   start, state, data_state = resume.restore(
     checkpoints, cfg, latest, target, lambda: fresh_state(run.assembly, initial(), cfg.train.seed)
   )
-  initial = loaded = None  # free the loaded parameters: the state holds them now
+  initial = loaded = None  # type: ignore[assignment]  # free the loaded parameters: the state holds them now
   if start:
     distributed.say(f"resuming from checkpoint {start} in {checkpoints.directory}")
   elif cfg.init_from:
@@ -424,6 +428,7 @@ def _check_data(cfg: rc.RunConfig):
     from ppllava_jax.data.dpo.rows import read_preference_rows
 
     return read_preference_rows(cfg.preference.rows, cfg.preference.media_root)
+  assert cfg.data is not None  # RunConfig: data, when not preference
   return preflight.sft_annotations(cfg.data.mixture, cfg.data.sample.media_store)
 
 
@@ -481,6 +486,7 @@ def _log(writer, run, state, pending, done, last_step, last_time, counts, cfg) -
 
 
 def _evaluate(writer, run, state, cfg: rc.RunConfig, done: int, blocks: DataBlocks) -> None:
+  assert cfg.eval_data is not None  # RunConfig: eval_every needs eval_data
   record = evaluation.held_out_loss(run, state, cfg.eval_data, cfg.eval_batches, done, blocks)
   writer.write(record)
   log.info(

@@ -325,7 +325,7 @@ def log_ticks(lo: float, hi: float, most: int = 12) -> list[float]:
     raise ValueError(f"a log axis needs 0 < lo < hi, got [{lo}, {hi}]")
   gap = math.log10(hi / lo) / most * (1 - 1e-9)
   exponents = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
-  kept = []
+  kept: list[float] = []
   for tick in (_clean(m * 10.0**e) for m in _MANTISSAS for e in exponents):
     if _inside(tick, lo, hi) and all(abs(math.log10(tick / k)) >= gap for k in kept):
       kept.append(tick)
@@ -412,7 +412,8 @@ def loss_curve(
     box = (0, i * panel_height * k, width * k, (i + 1) * panel_height * k)
     _panel(image, panel, series, _last(records, panel.reference), x_axis, box)
   path = Path(path)
-  image.resize((width, panel_height * len(panels)), Image.LANCZOS).save(path)
+  # Image.LANCZOS: set at import from Image.Resampling, which the stubs do not see
+  image.resize((width, panel_height * len(panels)), Image.LANCZOS).save(path)  # type: ignore[attr-defined]
   return path
 
 
@@ -455,6 +456,7 @@ def _panel(
   y_axis = value_axis(values, panel.log, panel.limits)
   _grid(draw, plot, x_axis, y_axis)
   if reference is not None:
+    assert panel.reference is not None  # reference is panel.reference's last value
     _dashed(draw, plot, _y(plot, y_axis, reference), panel.reference.colour)
   for spec in panel.series:
     _draw_series(draw, [_xy(plot, x_axis, y_axis, s, v) for s, v in series[spec.key]], spec)
@@ -465,6 +467,7 @@ def _panel(
     (s.label, s.colour, "markers" if s.markers else "line") for s in panel.series if series[s.key]
   ]
   if reference is not None:
+    assert panel.reference is not None  # as above
     entries.append((panel.reference.label.format(reference), panel.reference.colour, "dashed"))
   _legend(draw, (plot[2], y0 + 18 * k), entries)
 

@@ -170,7 +170,7 @@ def scenes(count: int, seed: int) -> list[Scene]:
     :count
   ]
   return [
-    Scene(
+    Scene(  # type: ignore[misc]  # combos[k] (k from numpy) is a (colour, shape, direction)
       *combos[k],
       lane=float(rng.uniform(0.3, 0.7)),
       start=float(rng.uniform(0.2, 0.3)),
@@ -209,7 +209,8 @@ def wrong_scene(scene: Scene, i: int) -> Scene:
   candidates, cycling with ``i // 3`` (module doc)."""
   question = QUESTIONS[i % len(QUESTIONS)]
   others = [c for c in question.candidates if c != scene.answer(question.task)]
-  return dataclasses.replace(scene, **{question.task: others[i // len(QUESTIONS) % len(others)]})
+  # question.task names one of Scene's str fields
+  return dataclasses.replace(scene, **{question.task: others[i // len(QUESTIONS) % len(others)]})  # type: ignore[arg-type]
 
 
 def wrong_description(scene: Scene, i: int) -> str:
@@ -276,6 +277,7 @@ def _write(folder: Path, split: str, count: int, seed: int, cfg: SyntheticConfig
   if annotation.is_file():
     return annotation
   (folder / "videos").mkdir(parents=True, exist_ok=True)
+  tasks: dict[str, list[dict[str, object]]]
   records, tasks = [], {q.task: [] for q in QUESTIONS}
   for i, scene in enumerate(scenes(count, seed)):
     name = f"{i:04d}.mp4" if split == "train" else f"{split}_{i:04d}.mp4"
