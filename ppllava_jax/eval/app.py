@@ -333,7 +333,26 @@ def _evaluate(args, predictions: Path, check_stop: Callable[[], None]) -> int:
     if args.mvbench or args.videomme
     else None
   )
-  cfg = GenerationSettings(
+  cfg = _settings(args, protocol)
+  model, processor = load(args)
+  check_stop()  # a signal while the model loaded
+  jobs = _jobs(args, items, protocol, chat_template(model.cfg))
+  start = time.perf_counter()
+  result = run(model, processor, jobs, predictions, cfg, check_stop)
+  seconds = time.perf_counter() - start
+  if not distributed.is_primary():
+    return 0  # process 0 reports and scores every process's answers
+  print(result.summary())
+  if processor.scorer_truncated:
+    print(
+      f"the scorer text of {processor.scorer_truncated} items was cut to the text encoder's context"
+    )
+  return _report(args, items, protocol, jobs, result, predictions, seconds)
+
+
+def _settings(args, protocol) -> GenerationSettings:
+  """How the run answers, the model's identity included (``fingerprint.model_key``)."""
+  return GenerationSettings(
     batch_size=args.batch_size,
     max_new_tokens=args.max_new_tokens or (protocol.max_new_tokens if protocol else 200),
     visualize=Path(args.visualize) if args.visualize else None,
@@ -347,34 +366,22 @@ def _evaluate(args, predictions: Path, check_stop: Callable[[], None]) -> int:
       dtype=args.dtype,
     ),
   )
-  model, processor = load(args)
-  check_stop()  # a signal while the model loaded
-  template = chat_template(model.cfg)
+
+
+def _jobs(args, items, protocol, template) -> list:
+  """The run's jobs: one video, or ``items`` (None with --video; MCQ items with a
+  protocol, QA items without: ``_read_inputs``)."""
   root = Path(args.video_root)
   if args.video:
-    jobs = [video_job(args.video, args.question, template, args.frames)]
-  # items: None with --video, else MCQ items with a protocol, QA items without (_read_inputs)
-  elif protocol is None:
-    jobs = qa_jobs(items, template, root, args.frames)  # type: ignore[arg-type]
-  else:
-    jobs = mcq_jobs(
-      items,  # type: ignore[arg-type]
-      protocol,
-      template,
-      root,
-      args.frames,
-      Path(args.subtitle_root) if args.subtitle_root else None,
-    )
-  start = time.perf_counter()
-  result = run(model, processor, jobs, predictions, cfg, check_stop)
-  seconds = time.perf_counter() - start
-  if not distributed.is_primary():
-    return 0  # process 0 reports and scores every process's answers
-  print(result.summary())
-  if processor.scorer_truncated:
-    print(
-      f"the scorer text of {processor.scorer_truncated} items was cut to the text encoder's context"
-    )
+    return [video_job(args.video, args.question, template, args.frames)]
+  if protocol is None:
+    return qa_jobs(items, template, root, args.frames)
+  subtitle_root = Path(args.subtitle_root) if args.subtitle_root else None
+  return mcq_jobs(items, protocol, template, root, args.frames, subtitle_root)
+
+
+def _report(args, items, protocol, jobs, result, predictions: Path, seconds: float) -> int:
+  """Process 0's report: failures, the answer (--video) or the scores; the exit status."""
   failed = failures(jobs, result)
   for job_id, error in failed.items():
     print(f"failed: {job_id}: {error}")
@@ -395,7 +402,7 @@ def _evaluate(args, predictions: Path, check_stop: Callable[[], None]) -> int:
     return 0
   if protocol is None or not jobs:
     return 0
-  report = score_answers(items, jobs, result, protocol)  # type: ignore[arg-type]  # MCQ items
+  report = score_answers(items, jobs, result, protocol)
   if report is None:
     print("no item could be run")
     return 1

@@ -466,10 +466,17 @@ class PPLLaVA(nnx.Module):
       dtype,
       progress=progress,
     )
-    if clip is not None and model.scorer is not None:
+    if clip is not None:
+      model._take_scorer(clip, path)
+    return model
+
+  def _take_scorer(self, clip: CLIPModel | SiglipModel, path: Path) -> None:
+    """The ``clip=`` of ``from_pretrained``: the scorer made from it when the folder holds
+    none; else only a word on whether the folder's scorer has its token embedding."""
+    if self.scorer is not None:
       # The original builds a fresh token table for its extended text tower and nothing
       # copies CLIP's into it (reference section 3): say which one this checkpoint holds.
-      ours = model.scorer.text_model.embeddings.token_embedding.weight[...]
+      ours = self.scorer.text_model.embeddings.token_embedding.weight[...]
       theirs = clip.text_model.embeddings.token_embedding.weight[...]
       same = ours.shape == theirs.shape and bool(jnp.array_equal(ours, theirs))
       log.warning(
@@ -477,20 +484,19 @@ class PPLLaVA(nnx.Module):
         path,
         "equals" if same else "differs from",
       )
-    elif clip is not None:
-      if clip.cfg.vision.hidden_size != cfg.vision.hidden_size:
-        raise ValueError(
-          f"the scoring encoder's vision width {clip.cfg.vision.hidden_size} does "
-          f"not match the vision tower's {cfg.vision.hidden_size}"
-        )
-      scorer = (
-        SiglipRelevanceScorer.from_siglip(clip)
-        if isinstance(clip, SiglipModel)
-        else RelevanceScorer.from_clip(clip)
+      return
+    if clip.cfg.vision.hidden_size != self.cfg.vision.hidden_size:
+      raise ValueError(
+        f"the scoring encoder's vision width {clip.cfg.vision.hidden_size} does "
+        f"not match the vision tower's {self.cfg.vision.hidden_size}"
       )
-      model.cfg = dataclasses.replace(cfg, scorer=scorer.cfg)
-      model.scorer = nnx.data(scorer)
-    return model
+    scorer = (
+      SiglipRelevanceScorer.from_siglip(clip)
+      if isinstance(clip, SiglipModel)
+      else RelevanceScorer.from_clip(clip)
+    )
+    self.cfg = dataclasses.replace(self.cfg, scorer=scorer.cfg)
+    self.scorer = nnx.data(scorer)
 
   def save_pretrained(self, path: str | Path, progress: bool = False) -> Path:
     """The llava-hf layout (hub vision-tower names); a scorer goes in as PPLLaVA's

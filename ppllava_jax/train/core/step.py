@@ -185,7 +185,7 @@ class Steps:
   constant_shardings: object = None
   held_out: object = None
 
-  def __post_init__(self):
+  def __post_init__(self) -> None:
     if self.constant_shardings is None:
       self.constant_shardings = self.shardings.frozen
     train_step = make_steps(self.objective, self.cfg, self.tx)
