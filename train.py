@@ -1,8 +1,7 @@
 """Train PPLLaVA (SFT or DPO) from a config file, resuming where the run in the workdir stopped.
 
   python train.py --config configs/sft_tiny.py --workdir out/tiny [--set steps=20 ...]
-  python train.py --config configs/dpo_tiny.py --workdir out/dpo \
-      [--set model.checkpoint=out/tiny/hf]
+  python train.py --config configs/dpo_tiny.py --workdir out/dpo [--set model.checkpoint=EXPORT]
   python train.py export --workdir out/tiny --out out/tiny/hf [--step N]
 
 Several hosts: start one process per host with the same command and --coordinator /
@@ -34,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
     prog="train.py",
     description=description,
-    epilog=epilog.strip(),
+    epilog=epilog.strip("\n"),
     formatter_class=argparse.RawDescriptionHelpFormatter,
     usage="%(prog)s --config FILE --workdir DIR [--set KEY=VALUE ...] [multi-process flags] "
     "[--debug]\n       %(prog)s export --workdir DIR --out DIR [--step N] [--debug]",

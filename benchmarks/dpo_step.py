@@ -10,7 +10,7 @@ same step, embeds the same 2B rows again: 4B passes of the tower per step. Ours
 (``train.dpo.objective``) encodes the B videos once (``train.core.inputs.pair_media``), writes each
 video's tokens into both of its rows (``embed_pairs``), and reads the reference's
 log-probs from ``PairBatch.ref_logps``, computed once before training
-(``train.dpo.reference``): B passes of the tower, one LLM forward + backward, no reference
+(``train.run.reference``): B passes of the tower, one LLM forward + backward, no reference
 weights. Only the LLM trains under DPO (``train.core.partition.DPO``), so the media tokens
 are the same for the policy and the reference and both forms compute the same loss.
 
@@ -374,7 +374,7 @@ def worker(folder: Path, contender: str) -> None:
   else:
     batch = jax.device_put(pair_batch(samples, model_cfg, length))
     objective = PreferenceObjective(graphdef, tc, dpo)
-    if contender == "ours":  # the cache's pass (train.dpo.reference), on the initial parameters
+    if contender == "ours":  # the cache's pass (train.run.reference), on the initial parameters
       fn = jax.jit(functools.partial(reference_logps, graphdef, tc))
 
       def reference():  # timed later on the current parameters: the same work
@@ -660,7 +660,7 @@ def _print_agreement(rows: dict) -> None:
 
 
 def _print_markdown(rows: dict) -> None:
-  """The README table."""
+  """The table of docs/benchmarks.md."""
   base, others = _others(rows)
   if base is None:
     return

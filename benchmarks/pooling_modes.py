@@ -4,7 +4,7 @@ No network is involved: a synthetic clip of ``frames`` frames carries a moving
 "target" object whose patch embeddings point along the prompt's embedding and a
 moving "distractor" that does not. Prints token counts before and after pooling, how
 much relevance lands on the target, and how well the pooled tokens of windows
-holding the target keep its feature under each pooling mode (the README's "where the
+holding the target keep its feature under each pooling mode (docs/differences.md's "where the
 paper and the code differ" figures); writes the relevance heat-map PNG.
 
   python benchmarks/pooling_modes.py [--out out/pooling_modes]

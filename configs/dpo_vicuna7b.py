@@ -8,12 +8,12 @@ accumulation x 8 GPUs; here 16 pairs per process on one 8-device host x 4 micro-
 32 frames; bfloat16 compute with float32 masters, gradient checkpointing, the parameters
 sharded over every device (the original: ZeRO-2). The reference runs live in bfloat16 (the
 original's frozen copy, in its compute dtype); ``--set dpo.precompute_reference=true``
-caches its log-probs once instead (``train.dpo.reference``) and keeps no copy in memory.
+caches its log-probs once instead (``train.run.reference``) and keeps no copy in memory.
 
 Paths are placeholders: point them at the SFT export (``train.py export``) and the data;
 ``steps`` (two epochs of 17k rows; the schedule decays over them) from the rows you keep.
 On H hosts keep 64 pairs an update with ``--set preference.shards=H --set
-preference.batch_size=16/H`` (``data.sft.pipeline``: a step is ``shards`` planned batches).
+preference.batch_size=16/H`` (``data.engine``: a step is ``shards`` planned batches).
 
   python train.py --config configs/dpo_vicuna7b.py --workdir out/dpo_vicuna7b \\
     --set model.checkpoint=out/sft_vicuna7b/hf \\

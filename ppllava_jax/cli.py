@@ -1,4 +1,4 @@
-"""What the top-level CLIs share: the error path and the 'not implemented yet' stub.
+"""What the top-level CLIs share: the error path (user errors as one line, exit codes).
 
 Each CLI's ``__main__`` block is ``sys.exit(cli.run(main))``, and its parser declares
 ``--debug`` with ``add_debug_flag``.

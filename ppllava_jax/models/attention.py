@@ -1,6 +1,6 @@
 """Softmax attention for every tower: the ViT encoders and the grouped-query LLM.
 
-``attention(q_blna, k_bska, v_bska, mask, implementation=)`` (suffixes: the README's table
+``attention(q_blna, k_bska, v_bska, mask, implementation=)`` (suffixes: docs/architecture.md's table
 of shape letters): ``n`` query heads share ``k`` key/value heads in groups of ``r = n // k``
 (``k == n`` for the ViTs); ``mask`` (True = may attend) is a ``Mask`` (what the towers
 build: key validity, causality, segments) or a dense (B, L, S) boolean array; the

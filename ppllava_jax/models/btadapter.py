@@ -16,7 +16,7 @@ otherwise the tower is deterministic.
 
 Parameter names mirror the original checkpoint under ``vision_model.``, so the key
 table (``convert.btadapter.BTADAPTER_RULES``) is CLIP's plus ``temporal_fc``.
-Shape suffixes follow the README's table of shape letters: ``b`` videos, ``l`` = 1 + p
+Shape suffixes follow docs/architecture.md's table of shape letters: ``b`` videos, ``l`` = 1 + p
 (a frame's CLS and patches); folded into the batch, the frames (B·T rows) or the patch
 positions (B·P rows) keep ``b``.
 """

@@ -1,7 +1,7 @@
 """Transformer primitives shared by the CLIP and SigLIP towers (pre-LN ViT blocks).
 
 Parameter names mirror transformers' (``q_proj``, ``layer_norm1``, ``fc1``...) so the
-conversion tables read as one-to-one maps. Shape suffixes follow the README's table of
+conversion tables read as one-to-one maps. Shape suffixes follow docs/architecture.md's table of
 shape letters (``d`` here is the tower's own width).
 
 Parameters carry the LLM's logical axis names (``models.sharding``): a tower's width is

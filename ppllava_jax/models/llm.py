@@ -8,7 +8,7 @@ Attention always runs over *slots*: without a cache the slots are the input's ow
 positions; with a ``KVCache`` the new keys/values are written at ``cache.index`` with
 ``lax.dynamic_update_slice`` and the queries attend over every slot of the cache that
 holds a real token and is not after them. Shapes stay static under jit: prefill and
-each decode step are the same code. Shape suffixes follow the README's table of shape
+each decode step are the same code. Shape suffixes follow docs/architecture.md's table of shape
 letters: ``l`` the new tokens, ``s`` the slots attended over (the cache's, or the new
 tokens' own).
 """

@@ -1,7 +1,7 @@
 """A run's train step from abstract state: its memory estimate, and XLA's memory and FLOPs.
 
-``plan_step(cfg)`` builds what ``train.run.loop.build`` builds (partition, optimizer, shardings,
-the objective and its constants) but from ``nnx.eval_shape`` and
+``plan_step(cfg)`` builds what a run builds (``train.run.assembly.assemble``: partition,
+optimizer, shardings, the objective and its constants) but from ``nnx.eval_shape`` and
 ``train.core.state.abstract_state``, so the state is ``jax.ShapeDtypeStruct``s with shardings;
 the batch is one of the config's global layout at its largest sequence bucket
 (``abstract_batch``). Two readings of the step:

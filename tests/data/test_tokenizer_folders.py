@@ -124,8 +124,8 @@ def test_non_finite_reference_log_probs_are_refused_and_never_read_back(tmp_path
   from support import train_runs
 
   from ppllava_jax.config import apply_overrides, load_config
-  from ppllava_jax.train.dpo import reference
   from ppllava_jax.train.run import config as rc
+  from ppllava_jax.train.run import reference
 
   with pytest.raises(
     ValueError,

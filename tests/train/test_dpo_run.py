@@ -18,9 +18,9 @@ from ppllava_jax.config import apply_overrides, load_config
 from ppllava_jax.data.dpo.pairs import PairBatch
 from ppllava_jax.eval import app
 from ppllava_jax.eval.records import read_records
-from ppllava_jax.train.dpo import reference
 from ppllava_jax.train.dpo.objective import reference_logps
 from ppllava_jax.train.run import config as rc
+from ppllava_jax.train.run import reference
 from ppllava_jax.train.run.assembly import load
 from ppllava_jax.train.run.export import export
 from ppllava_jax.train.run.loop import prepare_data, train

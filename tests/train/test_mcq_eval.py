@@ -89,7 +89,7 @@ def planted(workdir, step):
   jobs = mcq_jobs(
     ITEMS, mcq.OriginalProtocol(), VICUNA, workdir / "data" / "videos", section["frames"]
   )
-  settings = runner.RunConfig(
+  settings = runner.GenerationSettings(
     max_new_tokens=section["max_new_tokens"], model_key=f"training step {step}"
   ).settings
   return {

@@ -1,11 +1,11 @@
 """The DPO input pipeline: preference rows -> planned batches of pairs -> ``PairBatch``es.
 
 ``make_preference_iterator(config, tokenizer=..., model=..., scorer_tokenizer=...)`` runs
-on the SFT pipeline's machinery (``data.sft.pipeline``: the global batch plan, one process's
+on the batch engine SFT shares (``data.engine``: the global batch plan, one process's
 steps from a cursor, Grain workers, the ``DataIterator`` with its counters and
 checkpointable state), with rows in place of annotation records:
 
-1. ``preference.read_preference_rows`` validates the JSONL file (an empty completion is
+1. ``data.dpo.rows.read_preference_rows`` validates the JSONL file (an empty completion is
    an error naming the line); rows that cannot teach (equal completions, a missing video)
    are left out and counted (the data state's ``stats.skipped`` starts with those counts).
 2. Epoch ``e`` is a seeded permutation of the rows (``pair_epoch``, a function of
@@ -35,7 +35,7 @@ different devices).
   ``videos`` (B, T, 3, S, S), ``video_frame_mask`` (B, T), ``video_token_mask``
   (B, video_tokens(T)): a video's tokens serve both of its rows (``train.core.inputs``);
 - ``ref_logps`` (2B,) float32: the reference's summed completion log-probs per row, from
-  the cache of ``train.dpo.reference`` (zeros when the reference runs live).
+  the cache of ``train.run.reference`` (zeros when the reference runs live).
 """
 
 from __future__ import annotations
@@ -203,7 +203,7 @@ class MissingReference(ValueError):
 class PairBatchBuilder(grain.transforms.Map):
   """grain map: a ``engine.Step`` -> (``PairBatch`` of NumPy arrays, ``BatchInfo``).
 
-  ``reference``: row id -> (chosen, rejected) reference log-probs (``train.dpo.reference``),
+  ``reference``: row id -> (chosen, rejected) reference log-probs (``train.run.reference``),
   or None for a live reference; ``pin_frames``: sample each row's frames with the seed
   (seed, 0, row) in every epoch (module doc)."""
 

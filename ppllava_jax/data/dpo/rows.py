@@ -34,11 +34,11 @@ where this module differs:
   before them (the prompt) must be the same for chosen and rejected. Where the
   original's check failed it masked every label and trained on nothing with a printed
   warning; here the sample is skipped, reason ``"labels"``.
-- Frames: ``num_frames`` (32) by SFT's training sampling (``sft.load_training_video``):
-  a frame folder (the original's) in natural name order, or a video file; seeded by
-  ``(seed, epoch, index)`` like an SFT sample (or drawn from ``rng=`` / the builder's
-  ``rng_factory``, as SFT's). Unreadable media skip with SFT's reasons
-  (``"missing"``, ``"corrupt"``, ``"empty"``), as does a row longer than
+- Frames: ``num_frames`` (32) by SFT's training sampling
+  (``data.media.frames.load_training_video``): a frame folder (the original's) in natural
+  name order, or a video file; seeded by ``(seed, epoch, index)`` like an SFT sample (or
+  drawn from ``rng=`` / the builder's ``rng_factory``, as SFT's). Unreadable media skip with
+  SFT's reasons (``"missing"``, ``"corrupt"``, ``"empty"``), as does a row longer than
   ``max_length`` (``"too_long"``; the original never truncated either).
 
 The sample (``PreferenceSample``) holds the media once for the pair: the shared prompt

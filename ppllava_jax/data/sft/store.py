@@ -438,7 +438,8 @@ class MediaStore:
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
-    prog="python -m ppllava_jax.data.sft.store", description=__doc__.splitlines()[0]
+    prog="python -m ppllava_jax.data.sft.store",
+    description=" ".join(__doc__.split("\n\n")[0].split()),
   )
   commands = parser.add_subparsers(dest="command", required=True)
   build = commands.add_parser("build", help="decode the videos of annotation files into a store")

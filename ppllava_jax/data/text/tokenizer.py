@@ -1,4 +1,5 @@
-"""A character-level tokenizer for models built in code (the demo, tests).
+"""Tokenizers: a model folder's, found and checked against the embeddings they feed, and a
+character-level one for models built in code (the demo, tests).
 
 Real checkpoints bring their own tokenizers (``AutoTokenizer.from_pretrained``); a
 model made from a config with random weights has none, and the hubs may be out of

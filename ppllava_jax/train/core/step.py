@@ -164,7 +164,7 @@ def make_steps(objective: Objective, cfg: TrainConfig, tx: optax.GradientTransfo
 
 def stack_micro_batches(batches: Sequence[TrainBatch], pad_id: int = 0) -> TrainBatch:
   """k batches of one layout -> one batch whose fields carry a leading axis of k, padded to
-  the longest one's sequence length (``data.sft.batches.pad_batch``)."""
+  the longest one's sequence length (``data.batching.pad_batch``)."""
   return join_batches(batches, pad_id, stack=True)
 
 

@@ -50,7 +50,7 @@ class DPOConfig:
   a live reference in float32).
 
   precompute_reference: one pass before training computes the reference's log-probs of
-    every row and caches them on disk (``train.dpo.reference``); no reference weights stay in
+    every row and caches them on disk (``train.run.reference``); no reference weights stay in
     memory, and each row's frames are pinned (``data.dpo.pairs``). Otherwise the reference
     is a frozen copy of the trainable part (the LLM), run in every step beside the policy.
   reference_dtype: the live copy's storage, "float32" or "bfloat16" (half the memory; it

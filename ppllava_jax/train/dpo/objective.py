@@ -10,7 +10,7 @@ never the (2B, L, vocab) float32 logits. The reference's log-probs are either
 - live: ``DPOConstants.reference``, a frozen copy of the trainable part taken when the run
   starts (the LLM: ``check_trainable``), merged with the same frozen state and run on the
   same media tokens, under ``stop_gradient``; or
-- cached: ``PairBatch.ref_logps``, computed once before training (``train.dpo.reference``).
+- cached: ``PairBatch.ref_logps``, computed once before training (``train.run.reference``).
 
 Then ``train.dpo.losses.preference_loss`` with the step's pair and chosen-token counts as
 denominators (``PreferenceObjective.totals``), so accumulated micro-batches add up to the

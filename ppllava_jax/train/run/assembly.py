@@ -256,10 +256,10 @@ def start_reference(
 ):
   """(the step's constants, the cached reference table or None): for DPO, a live copy of
   ``initial_params()``, or the cached log-probs of the rows ``read``
-  (``train.dpo.reference``, computed with ``initial_params()`` only when not cached)."""
+  (``train.run.reference``, computed with ``initial_params()`` only when not cached)."""
   table = None
   if cfg.dpo is not None and cfg.dpo.precompute_reference:
-    from ppllava_jax.train.dpo.reference import reference_table
+    from ppllava_jax.train.run.reference import reference_table
 
     table = reference_table(run, cfg, workdir, initial_params, read)
   return constants(run.assembly, run.frozen, cfg.dpo, initial_params), table

@@ -8,7 +8,7 @@ three items:
   rng, skipped count). The frozen parameters are not in it: they are the initial
   checkpoint's, or the tiny model's seeded initialisation, rebuilt on restore.
 - ``data``: ``DataIterator.get_state()`` (the global batch cursor and counters), JSON.
-- ``config``: the ``RunConfig`` (``run_config.to_dict``), JSON.
+- ``config``: the ``RunConfig`` (``ppllava_jax.config.to_dict``), JSON.
 
 Saves are asynchronous (the arrays are copied off the device before ``save`` returns,
 so the donated state can go on training); only finalised checkpoints are listed, so a

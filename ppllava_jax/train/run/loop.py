@@ -1,4 +1,4 @@
-"""The training loop: ``train(cfg, workdir)`` and ``export(workdir, out)``.
+"""The training loop: ``train(cfg, workdir)`` (``train.run.export`` writes a model folder).
 
 ``train`` first checks what can fail cheaply: that the workdir's latest checkpoint is
 this run's and intact (``train.run.resume``), every annotation and the media roots

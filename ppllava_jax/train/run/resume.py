@@ -1,7 +1,7 @@
 """Where a run starts: the workdir's own latest checkpoint, if it is this run's and intact.
 
 A workdir belongs to one run. ``resume_step`` reads the latest checkpoint's config before
-anything loads and compares it with the new one (``run_config.resume_changes``): a change
+anything loads and compares it with the new one (``train.run.config.resume_changes``): a change
 to what the updates compute (model, data, optimizer, batch, seeds) is an error listing
 every differing key, unless ``RunConfig.resume`` names it; changes that only say when to
 log, evaluate, checkpoint or stop, or how the same updates are laid out on the devices

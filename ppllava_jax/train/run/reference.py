@@ -2,7 +2,7 @@
 
 Before the first step, one pass over every preference row (file order, frames pinned per
 row: ``data.dpo.pairs``) computes the reference's summed completion log-probs of both sides
-with the run's starting parameters (``train.dpo.reference_logps``, the function a live
+with the run's starting parameters (``train.dpo.objective.reference_logps``, the function a live
 reference runs in the step) and writes ``{workdir}/reference/logps.npz``: the row ids
 (JSON, so string and integer ids stay what they were), the chosen and rejected float32
 sums, and the fingerprint of what they depend on. Every epoch, and every restart of the
