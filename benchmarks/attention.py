@@ -168,6 +168,8 @@ def main() -> None:
   )
   parser.add_argument("--worker", choices=["dense", "ours", "torch"], help=argparse.SUPPRESS)
   args = parser.parse_args()
+  if not args.worker:
+    print(common.machine())  # the line each figure is read with
   if args.block is None:
     from ppllava_jax.models.attention import BLOCK
 

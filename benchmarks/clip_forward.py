@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import common
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,6 +27,7 @@ def main() -> None:
   parser.add_argument("--frames", type=int, default=32)
   parser.add_argument("--reps", type=int, default=2)
   args = parser.parse_args()
+  print(common.machine())  # the line each figure is read with
   cfg = CLIPVisionConfig()  # ViT-L/14 at 336 px
   tower = CLIPVisionTransformer(cfg, rngs=nnx.Rngs(0))
   forward, state = pure(tower, "__call__")

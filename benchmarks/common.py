@@ -9,9 +9,11 @@ Scripts are run as ``python benchmarks/<name>.py``, so this module is importable
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -52,3 +54,33 @@ def run_worker(script: str, args: list[str]) -> dict:
     reason = "killed (out of memory?)" if done.returncode in (-9, 137) else lines[-1]
     return dict(error=f"did not run: {reason}")
   return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def machine() -> str:
+  """The CPU model, its core count and the checkout's commit: the line a figure is read with."""
+  model = "unknown CPU"
+  with open("/proc/cpuinfo") as f:
+    for line in f:
+      if line.startswith("model name"):
+        model = line.split(":", 1)[1].strip()
+        break
+  flags = open("/proc/cpuinfo").read()
+  extras = [name for name, flag in (("AVX-512", "avx512f"), ("AMX", "amx_tile")) if flag in flags]
+  commit = subprocess.run(
+    ["git", "rev-parse", "--short", "HEAD"],
+    cwd=Path(__file__).parent,
+    capture_output=True,
+    text=True,
+    check=False,
+  ).stdout.strip()
+  dirty = subprocess.run(
+    ["git", "status", "--porcelain", "--untracked-files=no"],
+    cwd=Path(__file__).parent,
+    capture_output=True,
+    text=True,
+    check=False,
+  ).stdout.strip()
+  return (
+    f"{model}{' (' + ', '.join(extras) + ')' if extras else ''}, {os.cpu_count()} cores; "
+    f"commit {commit or 'unknown'}{' with local changes' if dirty else ''}"
+  )

@@ -228,6 +228,8 @@ def main():
   parser.add_argument("--source", default="decode", help=argparse.SUPPRESS)
   parser.add_argument("--store", help=argparse.SUPPRESS)
   args = parser.parse_args()
+  if args.worker is None:
+    print(common.machine())  # the line each figure is read with
   if args.worker is not None:
     result = (
       step_rate(args.steps, Path(args.folder))

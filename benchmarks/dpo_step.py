@@ -78,6 +78,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import common
 import flax.struct
 import numpy as np
 from common import status_kib
@@ -536,6 +537,8 @@ def main() -> None:
   parser.add_argument("--worker", help=argparse.SUPPRESS)
   parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
   args = parser.parse_args()
+  if not args.worker:
+    print(common.machine())  # the line each figure is read with
   if args.worker:
     worker(args.folder, args.worker)
     return

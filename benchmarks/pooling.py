@@ -138,6 +138,8 @@ def main() -> None:
   )
   parser.add_argument("--worker", choices=["copy", "jax", "torch"], help=argparse.SUPPRESS)
   args = parser.parse_args()
+  if not args.worker:
+    print(common.machine())  # the line each figure is read with
   shape = tuple(args.shape)
   if args.worker:
     print(json.dumps(worker(args.worker, shape, args.reps)))

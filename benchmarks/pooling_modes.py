@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+import common
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -111,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default="out/pooling_modes", help="folder for relevance.png")
   args = parser.parse_args(argv)
+  print(common.machine())  # the line each figure is read with
   cfg = SyntheticConfig()
   s = run(cfg, Path(args.out))
   print(

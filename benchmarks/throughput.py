@@ -223,6 +223,8 @@ def main() -> None:
   parser.add_argument("--worker", choices=[*MODES, *TORCH], help=argparse.SUPPRESS)
   parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
   args = parser.parse_args()
+  if not args.worker:
+    print(common.machine())  # the line each figure is read with
   if args.worker in TORCH:
     print(json.dumps(torch_worker(args.folder, TORCH[args.worker], args.new_tokens, args.reps)))
     return

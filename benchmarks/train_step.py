@@ -428,6 +428,8 @@ def main() -> None:
   parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
   parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
   args = parser.parse_args()
+  if not args.worker:
+    print(common.machine())  # the line each figure is read with
   if args.worker:
     kind, *rest = args.worker
     if kind == "memory":

@@ -209,12 +209,22 @@ class Run:
     return self.assembly.steps
 
 
-@dataclasses.dataclass(frozen=True)
 class Start:
   """The loaded model's trainable parameters, as loaded (not on the mesh): where a run
-  that has no checkpoint of its own starts, and a DPO run's reference."""
+  that has no checkpoint of its own starts, and a DPO run's reference. ``drop()`` lets
+  them go as soon as the run knows it will not need them (a resume restores instead)."""
 
-  params: nnx.State
+  def __init__(self, params: nnx.State):
+    self._params: nnx.State | None = params
+
+  @property
+  def params(self) -> nnx.State:
+    if self._params is None:
+      raise RuntimeError("the loaded parameters were dropped: this run resumes a checkpoint")
+    return self._params
+
+  def drop(self) -> None:
+    self._params = None
 
 
 def _model(cfg: rc.RunConfig):

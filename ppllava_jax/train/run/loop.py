@@ -225,10 +225,14 @@ def _start(
     )
   )  # read once
   constants, reference = start_reference(run, cfg, workdir, initial, inputs)
+  if latest is not None:
+    loaded.drop()  # a resume never makes a first state (resume.restore): free them first
+    initial.cache_clear()
   start, state, data_state = resume.restore(
     checkpoints, cfg, latest, target, lambda: fresh_state(run.assembly, initial(), cfg.train.seed)
   )
-  initial = loaded = None  # type: ignore[assignment]  # free the loaded parameters: the state holds them now
+  loaded.drop()  # the state holds the trainable parameters now
+  initial.cache_clear()
   if start:
     distributed.say(f"resuming from checkpoint {start} in {checkpoints.directory}")
   elif cfg.init_from:
