@@ -19,7 +19,7 @@ LAYERS = {
 INSIDE = {  # the same inside a folder cut by workflow
   "data": {"media": 0, "text": 0, "batching": 0, "workers": 0, "engine": 1, "processor": 1,
            "sft": 2, "dpo": 3},
-  "train": {"core": 0, "sft": 1, "dpo": 1, "run": 2},
+  "train": {"core": 0, "sft": 1, "dpo": 1, "align": 1, "run": 2},
 }  # fmt: skip
 
 
