@@ -56,31 +56,22 @@ def run_worker(script: str, args: list[str]) -> dict:
   return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _git(*args: str) -> str:
+  done = subprocess.run(
+    ["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, check=False
+  )
+  return done.stdout.strip()
+
+
 def machine() -> str:
   """The CPU model, its core count and the checkout's commit: the line a figure is read with."""
-  model = "unknown CPU"
   with open("/proc/cpuinfo") as f:
-    for line in f:
-      if line.startswith("model name"):
-        model = line.split(":", 1)[1].strip()
-        break
-  flags = open("/proc/cpuinfo").read()
-  extras = [name for name, flag in (("AVX-512", "avx512f"), ("AMX", "amx_tile")) if flag in flags]
-  commit = subprocess.run(
-    ["git", "rev-parse", "--short", "HEAD"],
-    cwd=Path(__file__).parent,
-    capture_output=True,
-    text=True,
-    check=False,
-  ).stdout.strip()
-  dirty = subprocess.run(
-    ["git", "status", "--porcelain", "--untracked-files=no"],
-    cwd=Path(__file__).parent,
-    capture_output=True,
-    text=True,
-    check=False,
-  ).stdout.strip()
-  return (
-    f"{model}{' (' + ', '.join(extras) + ')' if extras else ''}, {os.cpu_count()} cores; "
-    f"commit {commit or 'unknown'}{' with local changes' if dirty else ''}"
-  )
+    cpuinfo = f.read()
+  names = [
+    line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")
+  ]
+  extras = [name for name, flag in (("AVX-512", "avx512f"), ("AMX", "amx_tile")) if flag in cpuinfo]
+  commit = _git("rev-parse", "--short", "HEAD") or "unknown"
+  dirty = " with local changes" if _git("status", "--porcelain", "--untracked-files=no") else ""
+  model = (names or ["unknown CPU"])[0] + (f" ({', '.join(extras)})" if extras else "")
+  return f"{model}, {os.cpu_count()} cores; commit {commit}{dirty}"
